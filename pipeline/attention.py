@@ -1,0 +1,105 @@
+"""Attention maps of a few layers without running every layer in eager attention.
+
+Registers an attention implementation ("tcd_capture") with transformers' `AttentionInterface`:
+for the layers being recorded it calls the model's own `eager_attention_forward` (so the maps
+are exactly what `output_attentions=True` gives) and keeps the weights; every other layer runs
+`sdpa_attention_forward` with the SDPA mask, causal fast path included. Models whose attention
+modules do not dispatch through the interface are detected by `check_recorded` (no map came back).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import sys
+from contextlib import contextmanager
+
+import torch
+
+CAPTURE_IMPL = "tcd_capture"
+_ACTIVE: contextvars.ContextVar["AttentionRecorder | None"] = contextvars.ContextVar("tcd_attention", default=None)
+
+
+class AttentionRecorder:
+    """Collects (B, H_kept, L, L) maps for `layers` during one forward pass."""
+
+    def __init__(self, layers: list[int], heads: list[int] | None, reduce: str):
+        self.layers = set(layers)
+        self.heads = heads
+        self.reduce = reduce
+        self.maps: dict[int, torch.Tensor] = {}
+
+    def keep(self, layer: int, weights: torch.Tensor) -> None:
+        w = weights  # (B, H, Q, K)
+        if self.heads is not None:
+            w = w[:, self.heads]
+        if self.reduce == "mean":
+            w = w.float().mean(dim=1, keepdim=True)
+        self.maps[layer] = w
+
+    def stacked(self, order: list[int]) -> torch.Tensor:
+        """(B, n_layers, H_kept, L, L) in the order of `order`."""
+        missing = [i for i in order if i not in self.maps]
+        if missing:
+            raise RuntimeError(
+                f"no attention map was recorded for layers {missing}: this architecture's attention does not "
+                "dispatch through transformers' AttentionInterface, so attention capture is not supported for it"
+            )
+        return torch.stack([self.maps[i] for i in order], dim=1)
+
+
+def _eager_forward_for(module):
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward in its module")
+    return fn
+
+
+def _additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """The SDPA mask (None = plain causal, or bool True = attend) as the additive float mask eager expects."""
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    if mask is None:
+        keep = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+        keep = keep[None, None]
+    elif mask.dtype == torch.bool:
+        keep = mask
+    else:
+        return mask
+    zero = torch.zeros((), dtype=query.dtype, device=query.device)
+    neg = torch.tensor(torch.finfo(query.dtype).min, dtype=query.dtype, device=query.device)
+    return torch.where(keep, zero, neg)
+
+
+def _capture_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    rec = _ACTIVE.get()
+    layer = getattr(module, "layer_idx", None)
+    if rec is None or layer not in rec.layers:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    eager = _eager_forward_for(module)
+    out, weights = eager(module, query, key, value, _additive_mask(attention_mask, query, key), **kwargs)
+    rec.keep(layer, weights)
+    return out, None
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(CAPTURE_IMPL, _capture_attention)
+    AttentionMaskInterface.register(CAPTURE_IMPL, sdpa_mask)
+
+
+def enable(model) -> None:
+    """Switch `model` to the capture implementation (sdpa on every layer not being recorded)."""
+    register()
+    model.set_attn_implementation(CAPTURE_IMPL)
+
+
+@contextmanager
+def recording(recorder: AttentionRecorder | None):
+    token = _ACTIVE.set(recorder)
+    try:
+        yield recorder
+    finally:
+        _ACTIVE.reset(token)

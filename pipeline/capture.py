@@ -1,0 +1,351 @@
+"""Stage 1 end to end: settings -> checks -> prepared rows -> teacher targets -> finished cache.
+
+Everything that can be checked without the teacher's weights is checked first (settings
+against the model config, the dataset, the output directory, the disk), so bad input fails
+in seconds. Shards are computed in order; each is handed to a writer thread while the next
+one is computed, and committed when its files are on disk. A rerun of the same command
+resumes at the first uncommitted shard; batches never cross shards, so the bytes are the
+same as an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from filelock import FileLock, Timeout
+
+from . import cache as cache_fmt
+from . import data as data_mod
+from . import teacher as teacher_mod
+from .cache import CacheError, CacheWriter, FieldSpec
+from .config import TeacherCacheConfig
+from .targets import TargetComputer, TeacherTargets
+
+DISK_MARGIN_BYTES = 64 << 20
+
+
+class CaptureError(RuntimeError):
+    """Settings or an environment that a capture refuses, with the reason."""
+
+
+def _resolve_layers(indices: list[int], n: int, what: str, allowed: str) -> list[int]:
+    out = []
+    for i in indices:
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise CaptureError(f"{what} {i} does not exist: the teacher has {allowed}")
+        if j in out:
+            raise CaptureError(f"{what} {i} is listed twice")
+        out.append(j)
+    return out
+
+
+def check_settings(cfg: TeacherCacheConfig, spec: teacher_mod.TeacherSpec, tokenizer) -> tuple[list[int], list[int]]:
+    """Settings against the teacher's architecture; returns resolved (hidden, attention) layers."""
+    c = cfg.capture
+    if c.top_k > spec.vocab_size:
+        raise CaptureError(f"capture.top_k={c.top_k} is larger than the teacher's vocabulary ({spec.vocab_size})")
+    if spec.max_positions is not None and cfg.data.seq_len > spec.max_positions:
+        raise CaptureError(f"data.seq_len={cfg.data.seq_len} exceeds the teacher's {spec.max_positions} positions")
+    if len(tokenizer) > spec.vocab_size:
+        raise CaptureError(f"the tokenizer has {len(tokenizer)} tokens but the teacher's head only {spec.vocab_size}")
+    n_hs = spec.num_layers + 1
+    hidden = _resolve_layers(c.hidden_layers, n_hs, "capture.hidden_layers index",
+                             f"{n_hs} hidden states (0 = embeddings .. {n_hs - 1} = final, or -{n_hs}..-1)")
+    attn = _resolve_layers(c.attention_layers, spec.num_layers, "capture.attention_layers index",
+                           f"{spec.num_layers} layers (0..{spec.num_layers - 1}, or -{spec.num_layers}..-1)")
+    if c.attention_heads is not None:
+        if not attn:
+            raise CaptureError("capture.attention_heads is set but capture.attention_layers is empty")
+        bad = [h for h in c.attention_heads if not 0 <= h < spec.num_heads]
+        if bad or not c.attention_heads:
+            raise CaptureError(f"capture.attention_heads {bad or '[]'} invalid: the teacher has heads "
+                               f"0..{spec.num_heads - 1}")
+    return hidden, attn
+
+
+def check_output_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CaptureError(f"output directory {out} is not writable: {e.strerror or e}") from None
+
+
+def estimate_bytes(specs: list[FieldSpec], n_rows: int, seq_len: int) -> dict[str, float]:
+    """Uncompressed bytes per token per field (an upper bound: zstd only shrinks them)."""
+    est = {s.name: s.bytes_per_row / seq_len for s in specs}
+    est["rows.parquet"] = 4 + 8 / seq_len
+    return est
+
+
+def check_disk(out: Path, need: int) -> None:
+    free = shutil.disk_usage(out).free
+    if free < need + DISK_MARGIN_BYTES:
+        raise CaptureError(f"not enough disk at {out}: the cache needs up to {need / 2**20:.1f} MiB "
+                           f"(+{DISK_MARGIN_BYTES >> 20} MiB margin), {free / 2**20:.1f} MiB free")
+
+
+def _software() -> dict:
+    import datasets
+    import torch
+    import transformers
+    import zarr
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "zarr": zarr.__version__,
+            "datasets": datasets.__version__, "pyarrow": __import__("pyarrow").__version__,
+            "python": sys.version.split()[0]}
+
+
+def build_plan(cfg: TeacherCacheConfig, spec, tokenizer, prepared, hidden, attn, specs, device: str) -> dict:
+    """Everything that determines the cache's bytes; the manifest minus shards and stats."""
+    split_rows = {s: len(r) for s, r in prepared.splits.items()}
+    heads = (1 if cfg.capture.attention_head_reduce == "mean"
+             else len(cfg.capture.attention_heads or range(spec.num_heads)))
+    fields = {s.name: s.to_dict(split_rows, cfg.capture.rows_per_chunk, cfg.capture.rows_per_shard) for s in specs}
+    fields["input_ids"] = {"path": "{split}/rows.parquet", "format": "parquet", "column": "input_ids",
+                           "dtype": "int32", "dims": ["row", "position"],
+                           "shape": {s: [n, cfg.data.seq_len] for s, n in split_rows.items()},
+                           "description": "token ids; positions >= length are padding"}
+    fields["length"] = {"path": "{split}/rows.parquet", "format": "parquet", "column": "length", "dtype": "int32",
+                        "dims": ["row"], "shape": {s: [n] for s, n in split_rows.items()},
+                        "description": "real tokens in the row (the mask is position < length)"}
+    fields["key"] = {"path": "{split}/rows.parquet", "format": "parquet", "column": "key", "dtype": "string",
+                     "dims": ["row"], "shape": {s: [n] for s, n in split_rows.items()},
+                     "description": "blake2b-128 hex of the row's real token ids as little-endian int32"}
+    return {
+        "format": cache_fmt.FORMAT_NAME,
+        "format_version": cache_fmt.FORMAT_VERSION,
+        "teacher": {
+            "model": cfg.teacher.model, "gguf_file": cfg.teacher.gguf_file, "revision": cfg.teacher.revision,
+            "weights_sha256": teacher_mod.weights_fingerprint(cfg.teacher), "dtype": cfg.teacher.dtype,
+            "device_type": device, **spec.to_dict(),
+        },
+        "tokenizer": {
+            "fingerprint": teacher_mod.tokenizer_fingerprint(tokenizer), "class": type(tokenizer).__name__,
+            "size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        "dataset": prepared.info,
+        "preparation": cfg.data.model_dump(include={"seq_len", "packing", "add_special_tokens", "max_documents",
+                                                    "max_tokens", "validation_fraction", "sample_by"}),
+        "capture": {
+            **cfg.capture.model_dump(exclude={"batch_size", "position_chunk", "hidden_layers", "attention_layers"}),
+            "hidden_layers": hidden, "attention_layers": attn, "attention_heads_stored": heads,
+            "temperatures_all": [1.0, *cfg.capture.temperatures],
+            "batch_size": cfg.capture.batch_size, "position_chunk": cfg.capture.position_chunk,
+        },
+        "splits": {s: {"rows": n, "tokens": prepared.splits[s].n_tokens,
+                       "shards": len(cache_fmt.shard_ranges(n, cfg.capture.rows_per_shard))}
+                   for s, n in split_rows.items()},
+        "fields": fields,
+        "software": _software(),
+    }
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
+
+
+def _wipe(out: Path, keep: Path) -> None:
+    for p in out.iterdir():
+        if p == keep.parent or p == keep:
+            continue
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for p in (out / cache_fmt.WORK_DIR).iterdir():
+        if p != keep:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+@dataclass
+class CaptureResult:
+    root: Path
+    manifest: dict
+    resumed_shards: int
+    computed_shards: int
+
+
+def run_capture(cfg: TeacherCacheConfig, log: Callable[[str], None] = print, progress: bool = True) -> CaptureResult:
+    out = Path(cfg.output.dir)
+    tokenizer = teacher_mod.load_tokenizer(cfg.teacher)
+    spec = teacher_mod.TeacherSpec.from_config(teacher_mod.load_model_config(cfg.teacher))
+    hidden, attn = check_settings(cfg, spec, tokenizer)
+    device = teacher_mod.resolve_device(cfg.teacher.device)
+    check_output_dir(out)
+    (out / cache_fmt.WORK_DIR).mkdir(exist_ok=True)
+    lock_path = out / cache_fmt.WORK_DIR / "lock"
+    lock = FileLock(str(lock_path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise CaptureError(f"another capture is writing {out} (lock {lock_path} is held)") from None
+    try:
+        return _locked_capture(cfg, out, lock_path, tokenizer, spec, hidden, attn, device, log, progress)
+    finally:
+        lock.release()
+
+
+def _locked_capture(cfg, out, lock_path, tokenizer, spec, hidden, attn, device, log, progress) -> CaptureResult:
+    prepared = data_mod.prepare(cfg.data, tokenizer)
+    n_heads = 1 if cfg.capture.attention_head_reduce == "mean" else len(cfg.capture.attention_heads or
+                                                                          range(spec.num_heads))
+    specs = cache_fmt.field_specs(
+        seq_len=cfg.data.seq_len, top_k=cfg.capture.top_k, n_temperatures=len(cfg.capture.temperatures),
+        hidden=(len(hidden), spec.hidden_size) if hidden else None, hidden_dtype=cfg.capture.hidden_dtype,
+        attention=(len(attn), n_heads) if attn else None)
+    plan = build_plan(cfg, spec, tokenizer, prepared, hidden, attn, specs, device.type)
+
+    manifest_path = out / cache_fmt.MANIFEST
+    plan_path = out / cache_fmt.WORK_DIR / "plan.json"
+    if manifest_path.exists():
+        old = cache_fmt.read_manifest(out)
+        changes = _diff({k: old.get(k) for k in plan}, plan)
+        if not changes:
+            log(f"{out} is already a finished cache with these settings; nothing to do")
+            _wipe_work(out, lock_path)
+            return CaptureResult(out, old, resumed_shards=sum(v["shards"] for v in plan["splits"].values()),
+                                 computed_shards=0)
+        if not cfg.output.overwrite:
+            raise CaptureError(f"{out} holds a finished cache with other settings; pass output.overwrite=true to "
+                               "replace it. Differences:\n  " + "\n  ".join(changes[:20]))
+        log(f"overwriting the finished cache at {out}")
+        _wipe(out, lock_path)
+    elif plan_path.exists():
+        old_plan = json.loads(plan_path.read_text())
+        changes = _diff(old_plan, plan)
+        if changes:
+            if not cfg.output.overwrite:
+                raise CaptureError(f"{out} holds an unfinished capture with other settings; rerun with the same "
+                                   "settings to resume, or pass output.overwrite=true to start over. Differences:\n  "
+                                   + "\n  ".join(changes[:20]))
+            log(f"discarding the unfinished capture at {out}")
+            _wipe(out, lock_path)
+    elif any(p.name != cache_fmt.WORK_DIR for p in out.iterdir()):
+        if not cfg.output.overwrite:
+            raise CaptureError(f"{out} is not empty and is not a cache; choose an empty directory or pass "
+                               "output.overwrite=true")
+        _wipe(out, lock_path)
+
+    total_rows = sum(len(r) for r in prepared.splits.values())
+    per_token = estimate_bytes(specs, total_rows, cfg.data.seq_len)
+    n_pos = total_rows * cfg.data.seq_len
+    need = int(sum(per_token.values()) * n_pos)
+    log(f"cache {out}: {total_rows} rows x {cfg.data.seq_len} positions "
+        + ", ".join(f"{s}={len(r)}" for s, r in prepared.splits.items()))
+    log("estimated size (uncompressed upper bound), bytes/token: "
+        + ", ".join(f"{k}={v:,.1f}" for k, v in per_token.items())
+        + f"; total {need / 2**20:,.1f} MiB")
+    check_disk(out, need)
+
+    if not plan_path.exists():
+        cache_fmt.atomic_write_json(plan_path, plan)
+    split_rows = {s: len(r) for s, r in prepared.splits.items()}
+    writer = CacheWriter(out, plan, specs, split_rows)
+    for split, rows in prepared.splits.items():
+        rows_path = out / split / "rows.parquet"
+        if not rows_path.exists():
+            rows_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = rows_path.with_name("rows.parquet.tmp")
+            cache_fmt.write_rows(tmp, rows.input_ids, rows.lengths, rows.keys)
+            tmp.replace(rows_path)
+    writer.create_arrays()
+    committed = writer.committed()
+    todo = [(s, i, a, b) for s, n in split_rows.items()
+            for i, (a, b) in enumerate(cache_fmt.shard_ranges(n, cfg.capture.rows_per_shard))
+            if (s, i) not in committed]
+    if committed:
+        log(f"resuming: {len(committed)} shards already committed, {len(todo)} to go")
+
+    if todo:
+        t0 = time.perf_counter()
+        model = teacher_mod.load_model(cfg.teacher, device)
+        log(f"teacher loaded on {device} in {time.perf_counter() - t0:.1f}s")
+        computer = TargetComputer(model, spec, cfg.capture, hidden, attn)
+        _run_shards(computer, prepared, todo, writer, cfg.capture.batch_size, progress)
+    stats = _statistics(writer, plan, out)
+    manifest = writer.finalize(stats)
+    log(f"finished {out}: {stats['tokens']:,} tokens, {stats['timing']['tokens_per_second']:,.0f} tokens/s, "
+        f"mean top-{cfg.capture.top_k} mass {stats['mean_topk_mass']:.4f}")
+    return CaptureResult(out, manifest, resumed_shards=len(committed), computed_shards=len(todo))
+
+
+def _wipe_work(out: Path, lock_path: Path) -> None:
+    for p in (out / cache_fmt.WORK_DIR).iterdir():
+        if p != lock_path:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _run_shards(computer, prepared, todo, writer: CacheWriter, batch_size: int, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    total = sum(int(prepared.splits[s].lengths[a:b].sum()) for s, _, a, b in todo)
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="capture", disable=not progress, smoothing=0.1)
+    pending: Future | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer") as pool:
+        try:
+            for split, index, a, b in todo:
+                rows = prepared.splits[split]
+                t0 = time.perf_counter()
+                parts = []
+                for s in range(a, b, batch_size):
+                    e = min(s + batch_size, b)
+                    parts.append(computer(rows.input_ids[s:e], rows.lengths[s:e]))
+                    bar.update(int(rows.lengths[s:e].sum()))
+                targets = TeacherTargets.concat(parts)
+                stats = _shard_stats(targets, rows.lengths[a:b], time.perf_counter() - t0)
+                if pending is not None:
+                    pending.result()  # at most one shard in flight; surfaces write errors
+                pending = pool.submit(writer.write_shard, split, index, targets, stats)
+            if pending is not None:
+                pending.result()
+        except OSError as e:
+            raise CaptureError(f"writing the cache failed ({e.strerror or e}); committed shards are kept: fix the "
+                               "cause and rerun the same command to resume") from e
+        finally:
+            bar.close()
+
+
+def _shard_stats(t: TeacherTargets, lengths: np.ndarray, seconds: float) -> dict:
+    L = t.logsumexp.shape[1]
+    valid = np.arange(L)[None, :] < lengths[:, None]
+    mass = np.exp(t.topk_logprobs.astype(np.float64)).sum(-1)  # (B, L)
+    return {"tokens": int(lengths.sum()), "seconds": seconds, "topk_mass_sum": float(mass[valid].sum())}
+
+
+def _statistics(writer: CacheWriter, plan: dict, out: Path) -> dict:
+    commits = writer.committed().values()
+    tokens = sum(c["tokens"] for c in commits)
+    seconds = sum(c["seconds"] for c in commits)
+    per_field: dict[str, int] = {}
+    for c in commits:
+        for rel, d in c["files"].items():
+            name = rel.split("/")[1]
+            per_field[name] = per_field.get(name, 0) + d["bytes"]
+    for split in plan["splits"]:
+        per_field["rows.parquet"] = per_field.get("rows.parquet", 0) + (out / split / "rows.parquet").stat().st_size
+    return {
+        "tokens": tokens,
+        "rows": sum(v["rows"] for v in plan["splits"].values()),
+        "mean_topk_mass": sum(c["topk_mass_sum"] for c in commits) / max(tokens, 1),
+        "bytes_on_disk": sum(per_field.values()),
+        "bytes_per_token": {k: v / max(tokens, 1) for k, v in per_field.items()},
+        "timing": {"seconds": seconds, "tokens_per_second": tokens / seconds if seconds else 0.0,
+                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    }

