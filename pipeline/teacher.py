@@ -57,26 +57,28 @@ def _check_local(cfg: TeacherConfig) -> None:
         raise TeacherError(f"teacher path {p} does not exist")
 
 
+def _from_pretrained(auto_cls, cfg: TeacherConfig, **extra):
+    _check_local(cfg)
+    gguf = _gguf_location(cfg)
+    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **extra)
+    try:
+        if gguf:
+            return auto_cls.from_pretrained(gguf[0], gguf_file=gguf[1], **kwargs)
+        return auto_cls.from_pretrained(cfg.model, **kwargs)
+    except (OSError, ValueError) as e:
+        raise TeacherError(f"cannot load teacher {cfg.model!r} ({auto_cls.__name__}): {e}") from e
+
+
 def load_tokenizer(cfg: TeacherConfig):
     from transformers import AutoTokenizer
 
-    _check_local(cfg)
-    gguf = _gguf_location(cfg)
-    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    if gguf:
-        return AutoTokenizer.from_pretrained(gguf[0], gguf_file=gguf[1], **kwargs)
-    return AutoTokenizer.from_pretrained(cfg.model, **kwargs)
+    return _from_pretrained(AutoTokenizer, cfg)
 
 
 def load_model_config(cfg: TeacherConfig):
     from transformers import AutoConfig
 
-    _check_local(cfg)
-    gguf = _gguf_location(cfg)
-    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    if gguf:
-        return AutoConfig.from_pretrained(gguf[0], gguf_file=gguf[1], **kwargs)
-    return AutoConfig.from_pretrained(cfg.model, **kwargs)
+    return _from_pretrained(AutoConfig, cfg)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -91,13 +93,8 @@ def resolve_device(device: str) -> torch.device:
 def load_model(cfg: TeacherConfig, device: torch.device):
     from transformers import AutoModelForCausalLM
 
-    dtype = getattr(torch, cfg.dtype)
-    gguf = _gguf_location(cfg)
-    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
-    if gguf:
-        model = AutoModelForCausalLM.from_pretrained(gguf[0], gguf_file=gguf[1], **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, use_safetensors=True, **kwargs)
+    extra = {} if _gguf_location(cfg) else {"use_safetensors": True}
+    model = _from_pretrained(AutoModelForCausalLM, cfg, dtype=getattr(torch, cfg.dtype), **extra)
     return model.to(device).eval()
 
 

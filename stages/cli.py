@@ -1,0 +1,55 @@
+"""The `distill` command line. Each subcommand is a plain function in a stage module.
+
+Known failures (bad settings, bad data, a cache that cannot be used) print one clear
+`error:` message to stderr and exit 2; tracebacks are kept for real bugs.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from stages import teacher_cache as stage1
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Offline LLM distillation: a teacher cache once, students from it.")
+app.command("teacher-cache")(stage1.teacher_cache)
+app.command("inspect")(stage1.inspect)
+app.command("verify")(stage1.verify)
+app.command("convert-teacher")(stage1.convert_teacher)
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.cache import CacheError
+    from pipeline.capture import CaptureError
+    from pipeline.config import ConfigError
+    from pipeline.data import DataError
+    from pipeline.targets import CaptureOverflowError
+    from pipeline.teacher import TeacherError
+
+    return ConfigError, DataError, TeacherError, CaptureError, CacheError, CaptureOverflowError
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except _known_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # click's usage errors carry their own exit code
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

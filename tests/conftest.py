@@ -1,0 +1,124 @@
+"""Shared fixtures: an offline tokenizer, tiny random-init teachers saved as safetensors, corpora.
+
+Nothing here touches the network: the tokenizer is a byte-level BPE trained on a few
+standard-library files, and every model is built from a config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+CORPUS_FILES = ["json/decoder.py", "json/encoder.py", "json/scanner.py", "json/tool.py", "textwrap.py",
+                "colorsys.py", "bisect.py", "keyword.py", "fnmatch.py", "shlex.py"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(STDLIB / f) for f in CORPUS_FILES], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    out = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(out)
+    return out
+
+
+def _save(model, tokenizer_dir: Path, out: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+def make_llama(tokenizer_dir, out, vocab=512, hidden=32, layers=3, heads=4, kv_heads=2, positions=256, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=positions,
+                      eos_token_id=0, pad_token_id=1, bos_token_id=None, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    # random-init logits are nearly flat; spread them so top-K and tails are non-trivial
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    return _save(model, tokenizer_dir, out)
+
+
+def make_gpt2(tokenizer_dir, out, vocab=512, positions=128, seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=positions,
+                     eos_token_id=0, bos_token_id=0, pad_token_id=1)
+    model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(10.0)
+    return _save(model, tokenizer_dir, out)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    return make_llama(tokenizer_dir, tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    return make_gpt2(tokenizer_dir, tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="session")
+def bigvocab_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    """A Llama whose LM head has 70,000 rows: top-K ids above 65,535 must survive storage."""
+    return make_llama(tokenizer_dir, tmp_path_factory.mktemp("bigvocab"), vocab=70_000, hidden=16, layers=2,
+                      heads=2, kv_heads=1)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A jsonl corpus of real text: standard-library modules split into paragraphs."""
+    out = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    with open(out, "w") as f:
+        for name in CORPUS_FILES:
+            for para in (STDLIB / name).read_text().split("\n\n"):
+                if para.strip():
+                    f.write(json.dumps({"text": para, "source": name}) + "\n")
+    return out
+
+
+def settings(model_dir: Path, corpus: Path, out: Path, **sections) -> dict:
+    """A small capture config as a dict; `sections` update the defaults section by section."""
+    cfg = {
+        "teacher": {"model": str(model_dir)},
+        "data": {"source": "json", "data_files": [str(corpus)], "seq_len": 32, "max_tokens": 3000,
+                 "validation_fraction": 0.2},
+        "capture": {"top_k": 8, "batch_size": 3, "rows_per_shard": 8, "rows_per_chunk": 2},
+        "output": {"dir": str(out)},
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values}
+    return cfg
+
+
+def capture(cfg: dict):
+    from pipeline.capture import run_capture
+    from pipeline.config import TeacherCacheConfig
+
+    return run_capture(TeacherCacheConfig.model_validate(cfg), log=lambda m: None, progress=False)
