@@ -2,8 +2,7 @@
 
     CACHE/
       manifest.json          written last, atomically: a cache without it is unfinished
-      _capture/              only while a capture runs or after it was killed:
-        lock                   held by the one writer
+      _capture/              only while a capture runs or after it was killed
         plan.json              the settings the partial cache was started with
         commits/<split>-<shard>.json   one per committed shard (files, sizes, sha256)
       <split>/               "train", "validation"
@@ -11,7 +10,7 @@
         zarr.json              a Zarr v3 group; one array per field, sharded along rows
         <field>/zarr.json, <field>/c/<shard>/0/...
 
-A shard (`rows_per_shard` rows of every field) is written at once, checksummed and then
+The one writer holds an exclusive flock on CACHE itself. A shard (`rows_per_shard` rows of every field) is written at once, checksummed and then
 committed by an atomic rename of its record; a shard without a record is redone.
 """
 

@@ -10,17 +10,19 @@ same as an uninterrupted run's.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from filelock import FileLock, Timeout
 
 from . import cache as cache_fmt
 from . import data as data_mod
@@ -138,7 +140,8 @@ def build_plan(cfg: TeacherCacheConfig, spec, tokenizer, prepared, hidden, attn,
         },
         "dataset": prepared.info,
         "preparation": cfg.data.model_dump(include={"seq_len", "packing", "add_special_tokens", "max_documents",
-                                                    "max_tokens", "validation_fraction", "sample_by"}),
+                                                    "max_tokens", "validation_fraction", "sample_by",
+                                                    "shuffle_seed"}),
         "capture": {
             **cfg.capture.model_dump(exclude={"batch_size", "position_chunk", "hidden_layers", "attention_layers"}),
             "hidden_layers": hidden, "attention_layers": attn, "attention_heads_stored": heads,
@@ -164,14 +167,9 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _wipe(out: Path, keep: Path) -> None:
+def _wipe(out: Path) -> None:
     for p in out.iterdir():
-        if p == keep.parent or p == keep:
-            continue
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-    for p in (out / cache_fmt.WORK_DIR).iterdir():
-        if p != keep:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 @dataclass
@@ -189,20 +187,26 @@ def run_capture(cfg: TeacherCacheConfig, log: Callable[[str], None] = print, pro
     hidden, attn = check_settings(cfg, spec, tokenizer)
     device = teacher_mod.resolve_device(cfg.teacher.device)
     check_output_dir(out)
-    (out / cache_fmt.WORK_DIR).mkdir(exist_ok=True)
-    lock_path = out / cache_fmt.WORK_DIR / "lock"
-    lock = FileLock(str(lock_path), timeout=0)
+    with writer_lock(out):
+        return _locked_capture(cfg, out, tokenizer, spec, hidden, attn, device, log, progress)
+
+
+@contextmanager
+def writer_lock(out: Path):
+    """An exclusive flock on the cache directory itself: no lock file is left behind, and the
+    kernel drops the lock when the holder dies (kill -9 included)."""
+    fd = os.open(out, os.O_RDONLY)
     try:
-        lock.acquire()
-    except Timeout:
-        raise CaptureError(f"another capture is writing {out} (lock {lock_path} is held)") from None
-    try:
-        return _locked_capture(cfg, out, lock_path, tokenizer, spec, hidden, attn, device, log, progress)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CaptureError(f"another capture is writing {out} (its directory lock is held)") from None
+        yield
     finally:
-        lock.release()
+        os.close(fd)
 
 
-def _locked_capture(cfg, out, lock_path, tokenizer, spec, hidden, attn, device, log, progress) -> CaptureResult:
+def _locked_capture(cfg, out, tokenizer, spec, hidden, attn, device, log, progress) -> CaptureResult:
     prepared = data_mod.prepare(cfg.data, tokenizer)
     n_heads = 1 if cfg.capture.attention_head_reduce == "mean" else len(cfg.capture.attention_heads or
                                                                           range(spec.num_heads))
@@ -219,14 +223,14 @@ def _locked_capture(cfg, out, lock_path, tokenizer, spec, hidden, attn, device, 
         changes = _diff({k: old.get(k) for k in plan}, plan)
         if not changes:
             log(f"{out} is already a finished cache with these settings; nothing to do")
-            _wipe_work(out, lock_path)
+            shutil.rmtree(out / cache_fmt.WORK_DIR, ignore_errors=True)
             return CaptureResult(out, old, resumed_shards=sum(v["shards"] for v in plan["splits"].values()),
                                  computed_shards=0)
         if not cfg.output.overwrite:
             raise CaptureError(f"{out} holds a finished cache with other settings; pass output.overwrite=true to "
                                "replace it. Differences:\n  " + "\n  ".join(changes[:20]))
         log(f"overwriting the finished cache at {out}")
-        _wipe(out, lock_path)
+        _wipe(out)
     elif plan_path.exists():
         old_plan = json.loads(plan_path.read_text())
         changes = _diff(old_plan, plan)
@@ -236,12 +240,12 @@ def _locked_capture(cfg, out, lock_path, tokenizer, spec, hidden, attn, device, 
                                    "settings to resume, or pass output.overwrite=true to start over. Differences:\n  "
                                    + "\n  ".join(changes[:20]))
             log(f"discarding the unfinished capture at {out}")
-            _wipe(out, lock_path)
-    elif any(p.name != cache_fmt.WORK_DIR for p in out.iterdir()):
+            _wipe(out)
+    elif any(out.iterdir()):
         if not cfg.output.overwrite:
             raise CaptureError(f"{out} is not empty and is not a cache; choose an empty directory or pass "
                                "output.overwrite=true")
-        _wipe(out, lock_path)
+        _wipe(out)
 
     total_rows = sum(len(r) for r in prepared.splits.values())
     per_token = estimate_bytes(specs, total_rows, cfg.data.seq_len)
@@ -255,6 +259,7 @@ def _locked_capture(cfg, out, lock_path, tokenizer, spec, hidden, attn, device, 
     check_disk(out, need)
 
     if not plan_path.exists():
+        plan_path.parent.mkdir(exist_ok=True)
         cache_fmt.atomic_write_json(plan_path, plan)
     split_rows = {s: len(r) for s, r in prepared.splits.items()}
     writer = CacheWriter(out, plan, specs, split_rows)
@@ -284,12 +289,6 @@ def _locked_capture(cfg, out, lock_path, tokenizer, spec, hidden, attn, device, 
     log(f"finished {out}: {stats['tokens']:,} tokens, {stats['timing']['tokens_per_second']:,.0f} tokens/s, "
         f"mean top-{cfg.capture.top_k} mass {stats['mean_topk_mass']:.4f}")
     return CaptureResult(out, manifest, resumed_shards=len(committed), computed_shards=len(todo))
-
-
-def _wipe_work(out: Path, lock_path: Path) -> None:
-    for p in (out / cache_fmt.WORK_DIR).iterdir():
-        if p != lock_path:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def _run_shards(computer, prepared, todo, writer: CacheWriter, batch_size: int, progress: bool) -> None:

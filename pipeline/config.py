@@ -52,6 +52,7 @@ class DataConfig(_Strict):
         True, description="join documents with EOS into full rows; false: one document per row, padded"
     )
     add_special_tokens: bool = Field(False, description="let the tokenizer add BOS/EOS of its own")
+    shuffle_seed: int | None = Field(None, description="shuffle documents with this seed before the caps apply")
     max_documents: int | None = Field(None, gt=0, description="read at most this many documents")
     max_tokens: int | None = Field(None, gt=0, description="stop after this many tokens (before splitting)")
     validation_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of rows, chosen by content key")

@@ -93,8 +93,9 @@ def load_documents(cfg: DataConfig):
         kwargs["data_files"] = files
     try:
         ds = datasets.load_dataset(cfg.source, cfg.config_name, **kwargs)
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise DataError(f"cannot load dataset {cfg.source!r}: {e}") from e
+    except Exception as e:  # datasets raises many types (StopIteration for an empty json file)
+        raise DataError(f"cannot load dataset {cfg.source!r} {files[:3] or ''}: "
+                        f"{type(e).__name__}: {e or 'no data'}") from e
     if cfg.text_column not in ds.column_names:
         raise DataError(
             f"text column {cfg.text_column!r} not in dataset {cfg.source!r} (columns: {', '.join(ds.column_names)})"
@@ -127,6 +128,8 @@ def _pad_id(tokenizer) -> int:
 
 def _token_docs(ds, tokenizer, cfg: DataConfig):
     """Yield token id lists per non-empty document, in dataset order, up to the caps."""
+    if cfg.shuffle_seed is not None:
+        ds = ds.shuffle(seed=cfg.shuffle_seed)
     n_docs = len(ds) if cfg.max_documents is None else min(len(ds), cfg.max_documents)
     for start in range(0, n_docs, _DOC_BATCH):
         texts = ds[start : min(start + _DOC_BATCH, n_docs)][cfg.text_column]

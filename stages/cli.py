@@ -33,7 +33,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # click returns typer.Exit's code here instead of raising
+        sys.exit(rc if isinstance(rc, int) else 0)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except _known_errors() as e:

@@ -1,0 +1,53 @@
+"""FORMAT.md is enough: its reader, using only zarr + pyarrow + numpy, runs against a real cache."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import capture, settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _reader_code() -> str:
+    text = (REPO / "FORMAT.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 1, "FORMAT.md should hold exactly one python block"
+    code = blocks[0]
+    assert not re.search(r"^\s*(from|import)\s+(pipeline|stages|torch|transformers)\b", code, flags=re.M)
+    return code
+
+
+@pytest.mark.parametrize("capture_cfg", [
+    {"top_k": 8, "temperatures": [2.0], "hidden_layers": [0, -1], "attention_layers": [1]},
+    {"top_k": 4, "hidden_layers": [2], "hidden_dtype": "bfloat16"},
+])
+def test_format_md_reader_runs_on_a_cache(llama_dir, corpus, tmp_path, capture_cfg):
+    capture(settings(llama_dir, corpus, tmp_path / "c", data={"packing": False}, capture=capture_cfg))
+    script = tmp_path / "reader.py"
+    script.write_text(_reader_code())
+    env = {**os.environ, "CACHE": str(tmp_path / "c")}
+    # -I: isolated mode, the repository is not on sys.path
+    res = subprocess.run([sys.executable, "-I", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "ok train" in res.stdout
+
+
+def test_format_md_reader_rejects_a_flipped_byte(llama_dir, corpus, tmp_path):
+    capture(settings(llama_dir, corpus, tmp_path / "c"))
+    victim = next((tmp_path / "c" / "train" / "logsumexp" / "c").rglob("0"))
+    victim = [p for p in victim.parent.rglob("*") if p.is_file()][0]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    script = tmp_path / "reader.py"
+    script.write_text(_reader_code())
+    res = subprocess.run([sys.executable, "-I", str(script)], env={**os.environ, "CACHE": str(tmp_path / "c")},
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode != 0 and "logsumexp" in res.stderr
