@@ -283,7 +283,7 @@ def _locked_capture(cfg, out, tokenizer, spec, hidden, attn, device, log, progre
         model = teacher_mod.load_model(cfg.teacher, device)
         log(f"teacher loaded on {device} in {time.perf_counter() - t0:.1f}s")
         computer = TargetComputer(model, spec, cfg.capture, hidden, attn)
-        _run_shards(computer, prepared, todo, writer, cfg.capture.batch_size, progress)
+        _run_shards(computer, prepared, todo, writer, cfg.capture.batch_size, progress, overlap_writes(device))
     stats = _statistics(writer, plan, out)
     manifest = writer.finalize(stats)
     log(f"finished {out}: {stats['tokens']:,} tokens, {stats['timing']['tokens_per_second']:,.0f} tokens/s, "
@@ -291,7 +291,18 @@ def _locked_capture(cfg, out, tokenizer, spec, hidden, attn, device, log, progre
     return CaptureResult(out, manifest, resumed_shards=len(committed), computed_shards=len(todo))
 
 
-def _run_shards(computer, prepared, todo, writer: CacheWriter, batch_size: int, progress: bool) -> None:
+def overlap_writes(device) -> bool:
+    """Write shards in a background thread only when that thread does not take a core from the
+    teacher: on a GPU, or when torch leaves CPU cores idle. On a CPU whose cores all run torch's
+    OpenMP threads, a competing writer stalls every parallel region, which costs far more than
+    writing in line (measured: see README)."""
+    import torch
+
+    return device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads()
+
+
+def _run_shards(computer, prepared, todo, writer: CacheWriter, batch_size: int, progress: bool,
+                overlap: bool) -> None:
     from tqdm.auto import tqdm
 
     total = sum(int(prepared.splits[s].lengths[a:b].sum()) for s, _, a, b in todo)
@@ -311,7 +322,11 @@ def _run_shards(computer, prepared, todo, writer: CacheWriter, batch_size: int, 
                 stats = _shard_stats(targets, rows.lengths[a:b], time.perf_counter() - t0)
                 if pending is not None:
                     pending.result()  # at most one shard in flight; surfaces write errors
-                pending = pool.submit(writer.write_shard, split, index, targets, stats)
+                if overlap:
+                    pending = pool.submit(writer.write_shard, split, index, targets, stats)
+                else:
+                    pending = None
+                    writer.write_shard(split, index, targets, stats)
             if pending is not None:
                 pending.result()
         except OSError as e:

@@ -73,7 +73,7 @@ class CaptureConfig(_Strict):
     batch_size: int = Field(8, gt=0)
     rows_per_shard: int = Field(64, gt=0, description="rows written (and committed) together")
     rows_per_chunk: int = Field(8, gt=0, description="rows a reader decompresses together")
-    position_chunk: int = Field(2048, gt=0, description="positions per LM-head block (bounds peak memory)")
+    position_chunk: int = Field(128, gt=0, description="positions per LM-head block (bounds peak memory)")
     compression_level: int = Field(3, ge=0, le=22, description="zstd level for dense fields; 0 = uncompressed")
 
     @field_validator("temperatures")

@@ -64,17 +64,20 @@ def logit_targets(
     nxt = next_ids.reshape(B * L)
     out_ids, out_lp, out_lse, out_tgt, out_lse_t = [], [], [], [], []
     for s in range(0, B * L, position_chunk):
-        z = head(flat[s : s + position_chunk])  # (P, V) float32
-        lse = torch.logsumexp(z, dim=-1)  # (P,)
-        vals, ids = torch.topk(z, k, dim=-1)  # (P, K)
+        z = head(flat[s : s + position_chunk])  # (P, V) float32, the only (P, V) buffer
+        vals, ids = torch.topk(z, k, dim=-1)  # (P, K), descending
         n = nxt[s : s + position_chunk]
-        tgt = z.gather(1, n.clamp(min=0)[:, None])[:, 0] - lse
+        z_tgt = z.gather(1, n.clamp(min=0)[:, None])[:, 0]  # (P,)
+        m = vals[:, :1]  # (P, 1) the row max: the logsumexp shift, for free from top-k
+        z.sub_(m)  # z - max <= 0, in place
+        if temperatures:  # logsumexp(z / T) = max / T + log sum exp((z - max) / T)
+            out_lse_t.append(torch.stack([m[:, 0] / t + (z / t).exp_().sum(-1).log() for t in temperatures]))
+        lse = m[:, 0] + z.exp_().sum(-1).log()  # (P,) same maths as torch.logsumexp, no second buffer
+        tgt = z_tgt - lse
         out_tgt.append(torch.where(n >= 0, tgt, torch.full_like(tgt, float("nan"))))
         out_ids.append(ids.to(torch.int32))
         out_lp.append(vals - lse[:, None])
         out_lse.append(lse)
-        if temperatures:
-            out_lse_t.append(torch.stack([torch.logsumexp(z / t, dim=-1) for t in temperatures], dim=0))
     res = {
         "topk_ids": torch.cat(out_ids).reshape(B, L, k),
         "topk_logprobs": torch.cat(out_lp).reshape(B, L, k),

@@ -16,7 +16,7 @@ def _reference(model_dir, input_ids: np.ndarray, lengths: np.ndarray, eager: boo
     kwargs = {"attn_implementation": "eager"} if eager else {}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs).eval()
     ids = torch.from_numpy(input_ids).long()
-    mask = (torch.arange(ids.shape[1])[None] < torch.from_numpy(lengths)[:, None]).long()
+    mask = (torch.arange(ids.shape[1])[None] < torch.from_numpy(lengths.copy())[:, None]).long()
     with torch.no_grad():
         out = model(ids, attention_mask=mask, output_hidden_states=eager, output_attentions=eager)
     return out, mask.bool().numpy()

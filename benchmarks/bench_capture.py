@@ -1,0 +1,110 @@
+"""Capture overhead and storage for the default teacher (SmolLM2-135M) on this machine.
+
+    make bench            (or: python benchmarks/bench_capture.py --tokens 8192 --repeats 3)
+
+In one process, over the same rows and batch size, it times
+  bare     the teacher's plain forward, `model(input_ids).logits` (what a hand-rolled dump starts from)
+  topk     the whole capture of top-64 + logsumexp (targets, shard writes, checksums, commit)
+  full     the same plus 3 hidden-state layers and 1 attention layer (the default config)
+and prints capture / bare for each (runs interleaved, each ratio from the median of its repeats),
+then the bytes per token of every field as stored. Figures only; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from pipeline import capture as capture_mod  # noqa: E402
+from pipeline import data as data_mod  # noqa: E402
+from pipeline import teacher as teacher_mod  # noqa: E402
+from pipeline.config import TeacherCacheConfig, load_config  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=str(REPO / "data/configs/teacher_cache.toml"))
+    ap.add_argument("--tokens", type=int, default=8192, help="tokens per timed run")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    base = [f"data.max_tokens={args.tokens}", "data.validation_fraction=0.0"]
+    modes = {
+        "topk": base + ["capture.temperatures=[]", "capture.hidden_layers=[]", "capture.attention_layers=[]"],
+        "full": base + ["capture.temperatures=[]"],  # + 3 hidden layers + 1 attention layer (all heads)
+        "full_T2": base,  # the default config as shipped: full + logsumexp at T=2
+    }
+    cfgs = {m: load_config(TeacherCacheConfig, args.config, o) for m, o in modes.items()}
+    cfg0 = cfgs["topk"]
+    tok = teacher_mod.load_tokenizer(cfg0.teacher)
+    rows = data_mod.prepare(cfg0.data, tok).splits["train"]
+    device = teacher_mod.resolve_device(cfg0.teacher.device)
+    model = teacher_mod.load_model(cfg0.teacher, device)
+    bs = cfg0.capture.batch_size
+    print(f"device {device}, torch threads {torch.get_num_threads()}, writes overlapped: "
+          f"{capture_mod.overlap_writes(device)}, {len(rows)} rows x {rows.input_ids.shape[1]} "
+          f"tokens = {rows.n_tokens} tokens per run, batch {bs}, {args.repeats} repeats", flush=True)
+
+    def bare() -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for s in range(0, len(rows), bs):
+                ids = torch.from_numpy(rows.input_ids[s : s + bs]).to(device, torch.long)
+                model(input_ids=ids).logits
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    shard_time: list[float] = []
+    real_run_shards = capture_mod._run_shards
+
+    def timed_run_shards(*a, **k):  # the shard loop only: not model loading or tokenisation
+        t0 = time.perf_counter()
+        real_run_shards(*a, **k)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        shard_time.append(time.perf_counter() - t0)
+
+    capture_mod._run_shards = timed_run_shards
+    capture_mod.teacher_mod.load_model = lambda cfg, dev: model  # same weights, loaded once
+
+    times: dict[str, list[float]] = {"bare": [], **{m: [] for m in modes}}
+    manifests = {}
+    bare()  # warm-up
+    with tempfile.TemporaryDirectory(dir=REPO / "data") as tmp:
+        for r in range(args.repeats):
+            times["bare"].append(bare())
+            for m, cfg in cfgs.items():
+                out = Path(tmp) / f"{m}-{r}"
+                cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(out)})})
+                res = capture_mod.run_capture(cfg, log=lambda s: None, progress=False)
+                times[m].append(shard_time.pop())
+                manifests[m] = res.manifest
+            print(f"repeat {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    n = rows.n_tokens
+    print("\n| run | median s | tokens/s | / bare |")
+    print("|---|---|---|---|")
+    for k, v in med.items():
+        print(f"| {k} | {v:.2f} | {n / v:,.0f} | {v / med['bare']:.3f} |")
+    for m, man in manifests.items():
+        bpt = man["stats"]["bytes_per_token"]
+        print(f"\nbytes per token, {m} ({man['stats']['bytes_on_disk'] / n:,.1f} total):")
+        for field, b in sorted(bpt.items(), key=lambda kv: -kv[1]):
+            print(f"  {field:20s} {b:10.1f}")
+
+
+if __name__ == "__main__":
+    main()
