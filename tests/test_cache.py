@@ -225,3 +225,50 @@ def test_shard_files_follow_the_zarr_layout(tmp_path):
     spec = cache_mod.FieldSpec("topk_ids", ("row", "position", "k"), (4, 2), "int32", "x")
     assert cache_mod.shard_file("train", spec, 7) == "train/topk_ids/c/7/0/0"
     assert cache_mod.shard_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_local_parquet_and_text_sources_give_the_same_rows(tokenizer_dir, corpus, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from pipeline.config import DataConfig
+    from pipeline.data import prepare
+
+    docs = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    pq.write_table(pa.table({"content": docs}), tmp_path / "docs.parquet")
+    (tmp_path / "txt").mkdir()
+    for i, d in enumerate(docs):
+        (tmp_path / "txt" / f"{i:04d}.txt").write_text(d)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    common = {"seq_len": 32, "max_tokens": 1500}
+    ref = prepare(DataConfig(source="json", data_files=[str(corpus)], **common), tok)
+    par = prepare(DataConfig(source="parquet", data_files=[str(tmp_path / "docs.parquet")], text_column="content",
+                             **common), tok)
+    txt = prepare(DataConfig(source="text", data_files=[str(tmp_path / "txt" / "*.txt")], **common), tok)
+    for other in (par, txt):
+        for split in ref.splits:
+            assert other.splits[split].keys == ref.splits[split].keys
+    shuffled = prepare(DataConfig(source="json", data_files=[str(corpus)], shuffle_seed=3, **common), tok)
+    again = prepare(DataConfig(source="json", data_files=[str(corpus)], shuffle_seed=3, **common), tok)
+    assert shuffled.splits["train"].keys == again.splits["train"].keys != ref.splits["train"].keys
+
+
+def test_disk_full_mid_capture_keeps_committed_shards(llama_dir, corpus, tmp_path, monkeypatch):
+    import errno
+
+    out = tmp_path / "c"
+    real = CacheWriter.write_shard
+
+    def full_disk(self, split, index, targets, stats):
+        if index == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, split, index, targets, stats)
+
+    monkeypatch.setattr(CacheWriter, "write_shard", full_disk)
+    with pytest.raises(CaptureError, match="No space left on device.*rerun the same command to resume"):
+        capture(settings(llama_dir, corpus, out))
+    assert len(list((out / "_capture" / "commits").glob("*.json"))) >= 1
+    monkeypatch.setattr(CacheWriter, "write_shard", real)
+    assert capture(settings(llama_dir, corpus, out)).resumed_shards >= 1
+    assert verify(out) == []
