@@ -5,6 +5,7 @@
       _capture/              only while a capture runs or after it was killed
         plan.json              the settings the partial cache was started with
         commits/<split>-<shard>.json   one per committed shard (files, sizes, sha256)
+      tokenizer/             the teacher's tokenizer (save_pretrained: JSON and text files)
       <split>/               "train", "validation"
         rows.parquet           key, input_ids, length per row (row order = array order)
         zarr.json              a Zarr v3 group; one array per field, sharded along rows
@@ -31,6 +32,7 @@ FORMAT_NAME = "teacher-cache"
 FORMAT_VERSION = "1.0"
 MANIFEST = "manifest.json"
 WORK_DIR = "_capture"
+TOKENIZER_DIR = "tokenizer"
 
 
 class CacheError(RuntimeError):
@@ -242,6 +244,9 @@ class CacheWriter:
         shards = [{k: commits[key][k] for k in ("split", "index", "row_start", "row_end", "files")}
                   for key in sorted(commits, key=lambda k: (list(self.split_rows).index(k[0]), k[1]))]
         meta = {}
+        for p in sorted((self.root / TOKENIZER_DIR).rglob("*")):
+            if p.is_file():
+                meta[p.relative_to(self.root).as_posix()] = file_digest(p)
         for split in self.split_rows:
             for p in sorted((self.root / split).rglob("zarr.json")) + [self.root / split / "rows.parquet"]:
                 meta[p.relative_to(self.root).as_posix()] = file_digest(p)
@@ -284,6 +289,17 @@ class Cache:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
+
+    def tokenizer(self):
+        """The tokenizer the rows were made with, from the cache itself; checked against the manifest."""
+        from transformers import AutoTokenizer
+
+        from .teacher import tokenizer_fingerprint
+
+        tok = AutoTokenizer.from_pretrained(self.root / TOKENIZER_DIR)
+        if tokenizer_fingerprint(tok) != self.manifest["tokenizer"]["fingerprint"]:
+            raise CacheError(f"{self.root / TOKENIZER_DIR}: tokenizer does not match the manifest's fingerprint")
+        return tok
 
     @property
     def splits(self) -> list[str]:

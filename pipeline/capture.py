@@ -84,7 +84,7 @@ def check_output_dir(out: Path) -> None:
         raise CaptureError(f"output directory {out} is not writable: {e.strerror or e}") from None
 
 
-def estimate_bytes(specs: list[FieldSpec], n_rows: int, seq_len: int) -> dict[str, float]:
+def estimate_bytes(specs: list[FieldSpec], seq_len: int) -> dict[str, float]:
     """Uncompressed bytes per token per field (an upper bound: zstd only shrinks them)."""
     est = {s.name: s.bytes_per_row / seq_len for s in specs}
     est["rows.parquet"] = 4 + 8 / seq_len
@@ -248,7 +248,7 @@ def _locked_capture(cfg, out, tokenizer, spec, hidden, attn, device, log, progre
         _wipe(out)
 
     total_rows = sum(len(r) for r in prepared.splits.values())
-    per_token = estimate_bytes(specs, total_rows, cfg.data.seq_len)
+    per_token = estimate_bytes(specs, cfg.data.seq_len)
     n_pos = total_rows * cfg.data.seq_len
     need = int(sum(per_token.values()) * n_pos)
     log(f"cache {out}: {total_rows} rows x {cfg.data.seq_len} positions "
@@ -270,6 +270,12 @@ def _locked_capture(cfg, out, tokenizer, spec, hidden, attn, device, log, progre
             tmp = rows_path.with_name("rows.parquet.tmp")
             cache_fmt.write_rows(tmp, rows.input_ids, rows.lengths, rows.keys)
             tmp.replace(rows_path)
+    tok_dir = out / cache_fmt.TOKENIZER_DIR
+    if not tok_dir.exists():  # students read the tokenizer from the cache, never from the teacher
+        tmp = out / (cache_fmt.TOKENIZER_DIR + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(tok_dir)
     writer.create_arrays()
     committed = writer.committed()
     todo = [(s, i, a, b) for s, n in split_rows.items()

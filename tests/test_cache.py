@@ -272,3 +272,20 @@ def test_disk_full_mid_capture_keeps_committed_shards(llama_dir, corpus, tmp_pat
     monkeypatch.setattr(CacheWriter, "write_shard", real)
     assert capture(settings(llama_dir, corpus, out)).resumed_shards >= 1
     assert verify(out) == []
+
+
+def test_cache_carries_its_tokenizer(llama_dir, corpus, tmp_path):
+    from transformers import AutoTokenizer
+
+    capture(settings(llama_dir, corpus, tmp_path / "c"))
+    c = Cache(tmp_path / "c")
+    tok = c.tokenizer()
+    rows = c.rows("train")
+    first = rows.column("input_ids")[0].as_py()[: rows.column("length")[0].as_py()]
+    assert tok.decode(first) == AutoTokenizer.from_pretrained(llama_dir).decode(first)
+    assert any(k.startswith("tokenizer/") for k in c.manifest["metadata_files"])
+    victim = tmp_path / "c" / "tokenizer" / "tokenizer.json"
+    victim.write_text(victim.read_text().replace('"<|pad|>"', '"<|PAD|>"'))
+    assert any("tokenizer/tokenizer.json" in p for p in verify(tmp_path / "c"))
+    with pytest.raises(CacheError, match="does not match the manifest"):
+        c.tokenizer()
