@@ -1,0 +1,204 @@
+"""Distillation losses: pure functions over tensors, each with a float64 reference in the tests.
+
+Conventions
+- Shapes: B rows, L positions, V student vocabulary, K cached teacher ids per position.
+- Every loss is a per-token mean over the positions where `mask` is True.
+- KD terms compare distributions at temperature T and are multiplied by T**2 (Hinton et al.,
+  2015), so their gradient scale does not shrink as T grows; CE is never scaled.
+- The support of the top-K losses is the K cached ids plus one "tail" bucket holding all other
+  mass. The teacher's tail is exact: 1 - sum(p_topk), p from the cached log-probs, which the
+  cached logsumexp makes exact at T=1 and at every captured temperature. The student's tail is
+  1 - sum of its own probabilities at the same ids. `forward_kl_renormalized` drops the tail and
+  renormalises both sides over the K ids: biased (over-confident students), an explicit option.
+- Memory: the only (B, L, V) tensors are the student's logits and their gradient. The student's
+  logsumexp is computed in blocks of positions, forward and backward (`logsumexp_t`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """Accumulation dtype: float64 stays float64 (references, gradcheck), anything else -> float32."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# student side
+
+
+class _LogSumExpT(torch.autograd.Function):
+    """logsumexp(z / T) over the last axis in float32, blockwise over positions."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, temperature: float, block: int) -> torch.Tensor:
+        flat = logits.reshape(-1, logits.shape[-1])  # (N, V) view
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        out = torch.empty(flat.shape[0], dtype=acc, device=logits.device)
+        for s in range(0, flat.shape[0], block):
+            out[s : s + block] = torch.logsumexp(_acc(flat[s : s + block]) / temperature, dim=-1)
+        ctx.save_for_backward(logits, out)
+        ctx.temperature, ctx.block = temperature, block
+        return out.reshape(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, lse = ctx.saved_tensors
+        T, block = ctx.temperature, ctx.block
+        flat = logits.reshape(-1, logits.shape[-1])
+        g = grad.reshape(-1).to(lse.dtype) / T
+        out = torch.empty_like(flat)
+        for s in range(0, flat.shape[0], block):  # d lse / d z = softmax(z / T) / T
+            p = torch.exp(_acc(flat[s : s + block]) / T - lse[s : s + block, None])
+            out[s : s + block] = (p * g[s : s + block, None]).to(out.dtype)
+        return out.reshape(logits.shape), None, None
+
+
+def logsumexp_t(logits: torch.Tensor, temperature: float = 1.0, block: int = 1024) -> torch.Tensor:
+    """(..., V) -> (...) float32 logsumexp(logits / T), never holding a float32 copy of the logits."""
+    return _LogSumExpT.apply(logits, float(temperature), block)
+
+
+def student_topk_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
+                          lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student log-probs at the teacher's ids and of its tail bucket.
+
+    logits (B, L, V), ids (B, L, K) -> (log p_s(ids) (B, L, K) float32, log p_s(tail) (B, L)).
+    """
+    if lse is None:
+        lse = logsumexp_t(logits, temperature)  # (B, L)
+    lp = _acc(logits.gather(-1, ids)) / temperature - lse[..., None]  # (B, L, K)
+    return lp, log1mexp(torch.logsumexp(lp, dim=-1))
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate on both sides of -log 2 (Maechler 2012).
+
+    x is clamped just below 0: a top-K that holds all the mass to rounding leaves a tail of
+    ~1e-7, not log(0).
+    """
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher side
+
+
+def teacher_topk_logprobs(topk_logprobs: torch.Tensor, logsumexp: torch.Tensor, temperature: float = 1.0,
+                          logsumexp_tempered: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher log-probs at its cached ids and of its tail bucket, at temperature T.
+
+    topk_logprobs (B, L, K) at T=1, logsumexp (B, L) at T=1, logsumexp_tempered (B, L) at T when
+    it was captured. Exact at T=1 and at a captured T. Otherwise (warned): the tail is treated as
+    a single token whose logit carries the tail's whole T=1 mass; this underestimates the tail's
+    share when T > 1 (the tail is many small logits, each raised) and overestimates it when T < 1.
+    """
+    lp = _acc(topk_logprobs)
+    if temperature == 1.0:
+        return lp, log1mexp(torch.logsumexp(lp, dim=-1))
+    z = lp + _acc(logsumexp)[..., None]  # raw teacher logits at the ids, (B, L, K)
+    if logsumexp_tempered is not None:
+        lp_t = z / temperature - _acc(logsumexp_tempered)[..., None]
+        return lp_t, log1mexp(torch.logsumexp(lp_t, dim=-1))
+    warnings.warn(f"temperature {temperature} was not captured: the teacher's tempered tail is approximated "
+                  "(see pipeline.losses.teacher_topk_logprobs)", stacklevel=2)
+    tail = log1mexp(torch.logsumexp(lp, dim=-1)) + _acc(logsumexp)  # log of the tail's summed exp(z)
+    both = torch.cat([z, tail[..., None]], dim=-1) / temperature  # (B, L, K + 1)
+    lp_all = both - torch.logsumexp(both, dim=-1, keepdim=True)
+    return lp_all[..., :-1], lp_all[..., -1]
+
+
+# ---------------------------------------------------------------------------------------------
+# the losses (each: per-token mean over mask)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp(min=1)
+
+
+def _with_tail(lp: torch.Tensor, log_tail: torch.Tensor) -> torch.Tensor:
+    return torch.cat([lp, log_tail[..., None]], dim=-1)  # (B, L, K + 1)
+
+
+def _kl(lp_p: torch.Tensor, lp_q: torch.Tensor) -> torch.Tensor:
+    """sum_i p_i (log p_i - log q_i) over the last axis; 0 * log 0 = 0."""
+    p = lp_p.exp()
+    return (p * (lp_p - lp_q)).masked_fill(p == 0, 0.0).sum(-1)
+
+
+def forward_kl(t_lp, t_log_tail, s_lp, s_log_tail, mask, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) over the K ids + tail bucket, times T^2."""
+    kl = _kl(_with_tail(t_lp, t_log_tail), _with_tail(s_lp, s_log_tail))
+    return masked_mean(kl, mask) * temperature**2
+
+
+def forward_kl_renormalized(t_lp, s_lp, mask, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) with both renormalised over the K ids alone (tail ignored), times T^2."""
+    t = t_lp - torch.logsumexp(t_lp, -1, keepdim=True)
+    s = s_lp - torch.logsumexp(s_lp, -1, keepdim=True)
+    return masked_mean(_kl(t, s), mask) * temperature**2
+
+
+def reverse_kl(t_lp, t_log_tail, s_lp, s_log_tail, mask, temperature: float = 1.0) -> torch.Tensor:
+    """KL(student || teacher) over the K ids + tail bucket, times T^2."""
+    kl = _kl(_with_tail(s_lp, s_log_tail), _with_tail(t_lp, t_log_tail))
+    return masked_mean(kl, mask) * temperature**2
+
+
+def jsd(t_lp, t_log_tail, s_lp, s_log_tail, mask, beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """Generalised JSD: beta KL(t || m) + (1 - beta) KL(s || m), m = beta t + (1 - beta) s; times T^2.
+
+    beta = 0.5 is the symmetric JSD; beta -> 0 approaches forward KL's gradient, beta -> 1 reverse.
+    """
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd beta must be in (0, 1), got {beta}")
+    t, s = _with_tail(t_lp, t_log_tail), _with_tail(s_lp, s_log_tail)
+    m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), dim=0)
+    return masked_mean(beta * _kl(t, m) + (1 - beta) * _kl(s, m), mask) * temperature**2
+
+
+def mse_logprobs(t_lp, s_lp, mask) -> torch.Tensor:
+    """Mean over the K ids of (log p_s - log p_t)^2, per token."""
+    return masked_mean(((s_lp - t_lp) ** 2).mean(-1), mask)
+
+
+def mse_logits(t_logits, s_logits, mask) -> torch.Tensor:
+    """Mean over the K ids of (z_s - z_t)^2 with each side centred over the K ids (logits are
+    defined up to a constant per position; centring removes it), per token."""
+    t = t_logits - t_logits.mean(-1, keepdim=True)
+    s = s_logits - s_logits.mean(-1, keepdim=True)
+    return masked_mean(((s - t) ** 2).mean(-1), mask)
+
+
+def cross_entropy(s_target_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Hard-label next-token cross-entropy: -log p_s(true next token), per token."""
+    return masked_mean(-s_target_lp, mask)
+
+
+def full_forward_kl(t_logits: torch.Tensor, s_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
+                    block: int = 512) -> torch.Tensor:
+    """KL(teacher || student) over the whole vocabulary (online KD with a live teacher), times T^2.
+
+    Blockwise over positions under activation checkpointing, so only one (block, V) float32 pair
+    is alive at a time. Vocabularies must match (the student may be padded beyond the teacher).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    V = t_logits.shape[-1]
+
+    def block_kl(t, s):
+        t_lp = torch.log_softmax(_acc(t) / temperature, -1)
+        s_lp = torch.log_softmax(_acc(s) / temperature, -1)  # over the student's (maybe padded) vocabulary
+        return (t_lp.exp() * (t_lp - s_lp[..., :V])).sum(-1)
+
+    tf, sf, mf = (x.reshape(-1, *x.shape[2:]) for x in (t_logits, s_logits, mask))
+    parts = [checkpoint(block_kl, tf[i : i + block], sf[i : i + block], use_reentrant=False)
+             for i in range(0, tf.shape[0], block)]
+    return masked_mean(torch.cat(parts), mf) * temperature**2
