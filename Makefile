@@ -1,4 +1,4 @@
-# Two commands on a fresh machine:  make teacher-cache   and   make test
+# Two commands on a fresh machine:  make teacher-cache student   and   make test
 PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -9,7 +9,7 @@ BIN        := $(VENV)/bin
 DISTILL    := HF_HUB_OFFLINE=1 $(BIN)/distill
 TEACHER    := data/teachers/SmolLM2-135M-Instruct
 
-.PHONY: setup teacher-cache inspect verify test bench clean
+.PHONY: setup teacher-cache student inspect verify test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ teacher-cache: $(VENV)/.installed $(TEACHER)/model.safetensors
 	$(DISTILL) teacher-cache --config $(CONFIG) $(ARGS)
 	$(DISTILL) verify $(CACHE)
 	$(DISTILL) inspect $(CACHE)
+
+STUDENT_CONFIG ?= data/configs/student.toml
+
+# trains from the cache built by teacher-cache (run both: make teacher-cache student)
+student: $(VENV)/.installed $(CACHE)/manifest.json
+	$(DISTILL) student --config $(STUDENT_CONFIG) $(ARGS)
+
+$(CACHE)/manifest.json:
+	$(MAKE) teacher-cache
 
 inspect verify: $(VENV)/.installed
 	$(DISTILL) $@ $(CACHE)

@@ -109,6 +109,85 @@ class TeacherCacheConfig(_Strict):
     output: OutputConfig
 
 
+LOSS_TERMS = ("ce", "kd_forward", "kd_forward_renorm", "kd_reverse", "kd_jsd", "mse_logprobs", "mse_logits")
+
+
+class StudentArch(_Strict):
+    """A smaller model of the teacher's family, random-initialised."""
+
+    num_layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int | None = Field(None, gt=0, description="grouped-query attention; None = num_heads")
+    intermediate_size: int | None = Field(None, gt=0, description="FFN width; None = the family's default ratio")
+    tie_word_embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "StudentArch":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_kv_heads and self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        return self
+
+
+class StudentConfig(_Strict):
+    """One student: its model, its losses, its optimiser."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="also the output folder's name")
+    arch: StudentArch | None = Field(None, description="build from the teacher's family with this shape")
+    pretrained: str | None = Field(None, description="or start from this checkpoint (hub id or local dir)")
+    losses: dict[str, float] = Field(default_factory=lambda: {"kd_forward": 1.0},
+                                     description=f"weighted sum of named terms: {', '.join(LOSS_TERMS)}")
+    temperature: float = Field(1.0, gt=0, description="KD temperature; KD terms are multiplied by T^2")
+    jsd_beta: float = Field(0.5, gt=0, lt=1)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * this")
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = Field(1.0, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "StudentConfig":
+        if (self.arch is None) == (self.pretrained is None):
+            raise ValueError(f"student {self.name!r}: give exactly one of arch or pretrained")
+        unknown = [k for k in self.losses if k not in LOSS_TERMS]
+        if unknown:
+            raise ValueError(f"student {self.name!r}: unknown loss terms {unknown} (known: {', '.join(LOSS_TERMS)})")
+        if not self.losses or not any(w > 0 for w in self.losses.values()):
+            raise ValueError(f"student {self.name!r}: losses need at least one positive weight")
+        return self
+
+
+class StudentRunConfig(_Strict):
+    """All settings of `distill student`: one read of the cache feeds every student."""
+
+    cache: str = Field(description="a finished teacher cache")
+    students: list[StudentConfig] = Field(min_length=1)
+    output_dir: str = Field(description="each student writes to output_dir/<name>/")
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimiser step")
+    max_steps: int = Field(200, gt=0, description="optimiser steps")
+    eval_every: int = Field(50, gt=0)
+    eval_rows: int | None = Field(None, gt=0, description="validation rows per evaluation (None: all)")
+    early_stopping_metric: Literal["nll", "kl", "top1_agreement"] = "nll"
+    patience: int | None = Field(None, gt=0, description="evaluations without improvement before stopping")
+    checkpoint_every: int | None = Field(None, gt=0, description="None: at every evaluation")
+    num_workers: int = Field(0, ge=0, description="DataLoader workers reading the cache")
+    seed: int = Field(0, description="data order")
+    device: str = "auto"
+    log_every: int = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "StudentRunConfig":
+        names = [s.name for s in self.students]
+        if len(set(names)) != len(names):
+            raise ValueError(f"student names must be unique: {names}")
+        return self
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'capture.top_k=32' -> (['capture', 'top_k'], 32)."""
     if "=" not in text:
@@ -131,12 +210,32 @@ def merge_overrides(raw: dict, overrides: list[str]) -> dict:
         path, value = parse_override(text)
         node = out
         for part in path[:-1]:
+            if isinstance(node, list):
+                node = _list_item(node, part, text)
+                continue
             child = node.setdefault(part, {})
-            if not isinstance(child, dict):
+            if not isinstance(child, (dict, list)):
                 raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
             node = child
-        node[path[-1]] = value
+        if isinstance(node, list):
+            idx = _index(node, path[-1], text)
+            node[idx] = value
+        else:
+            node[path[-1]] = value
     return out
+
+
+def _index(items: list, part: str, text: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"override {text!r}: {part!r} is not an index of a list of {len(items)}")
+    return int(part)
+
+
+def _list_item(items: list, part: str, text: str) -> dict:
+    item = items[_index(items, part, text)]
+    if not isinstance(item, dict):
+        raise ConfigError(f"override {text!r}: item {part} is a value, not a section")
+    return item
 
 
 def _deepcopy(d: Any) -> Any:

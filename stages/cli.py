@@ -10,6 +10,7 @@ import sys
 
 import typer
 
+from stages import student as stage2
 from stages import teacher_cache as stage1
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -18,6 +19,7 @@ app.command("teacher-cache")(stage1.teacher_cache)
 app.command("inspect")(stage1.inspect)
 app.command("verify")(stage1.verify)
 app.command("convert-teacher")(stage1.convert_teacher)
+app.command("student")(stage2.student)
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -25,10 +27,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from pipeline.capture import CaptureError
     from pipeline.config import ConfigError
     from pipeline.data import DataError
+    from pipeline.student import StudentError
     from pipeline.targets import CaptureOverflowError
     from pipeline.teacher import TeacherError
 
-    return ConfigError, DataError, TeacherError, CaptureError, CacheError, CaptureOverflowError
+    return ConfigError, DataError, TeacherError, CaptureError, CacheError, CaptureOverflowError, StudentError
 
 
 def main() -> None:

@@ -86,7 +86,35 @@ def test_unfinished_cache_is_refused_by_readers(tmp_path):
         assert res.returncode == 2 and "unfinished cache" in res.stderr
 
 
-@pytest.mark.parametrize("cmd", [[], ["teacher-cache"], ["inspect"], ["verify"], ["convert-teacher"]])
+def test_student_from_the_cli(config_file, tmp_path):
+    assert distill("teacher-cache", "--config", str(config_file)).returncode == 0
+    f = tmp_path / "student.toml"
+    f.write_text(f"""
+cache = "{tmp_path / 'cache'}"
+output_dir = "{tmp_path / 'students'}"
+batch_size = 4
+max_steps = 3
+eval_every = 3
+device = "cpu"
+[[students]]
+name = "tiny"
+losses = {{ kd_forward = 1.0 }}
+  [students.arch]
+  num_layers = 1
+  hidden_size = 16
+  num_heads = 2
+""")
+    res = distill("student", "--config", str(f), "-s", "students.0.lr=0.002")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(tmp_path / "students" / "tiny" / "model")
+    assert "best at step 3: NLL" in res.stderr
+    bad = distill("student", "--config", str(f), "-s", f"cache={tmp_path / 'nowhere'}")
+    assert bad.returncode == 2 and "not a teacher cache" in bad.stderr
+    bad = distill("student", "--config", str(f), "-s", "students.0.losses={kd_sideways=1.0}")
+    assert bad.returncode == 2 and "unknown loss terms ['kd_sideways']" in bad.stderr
+
+
+@pytest.mark.parametrize("cmd", [[], ["teacher-cache"], ["inspect"], ["verify"], ["convert-teacher"], ["student"]])
 def test_help_for_every_command(cmd):
     res = distill(*cmd, "--help")
     assert res.returncode == 0 and "Usage" in res.stdout

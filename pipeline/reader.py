@@ -1,0 +1,140 @@
+"""Reading a finished cache as training batches: only the needed fields, deterministic, resumable.
+
+Order for epoch e with seed s: the shards are permuted, and within each shard its rows are
+permuted (the shard is the shuffle buffer: it is read and decompressed once, whole). Shard i of
+that order goes to DataLoader worker i % num_workers, each worker cuts its rows into batches,
+and the loader takes one batch from each worker in turn. `batch_plan` computes that global
+order without touching the data, so a run resumes at batch b of epoch e by skipping plan
+entries, not by reading them. Rows can be restricted to a set of content keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .cache import Cache, CacheError, shard_ranges
+
+ALWAYS = ("input_ids", "length")
+FLOAT_FIELDS = {"topk_logprobs", "logsumexp", "target_logprob", "logsumexp_tempered", "hidden_states", "attentions"}
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Rows of a batch, as index arrays; `worker` produces it, `index` is its place in the epoch."""
+
+    index: int
+    worker: int
+    rows: np.ndarray  # (B,) row indices into the split
+
+
+def batch_plan(shards: list[np.ndarray], batch_size: int, num_workers: int, seed: int, epoch: int,
+               shuffle: bool, drop_last: bool = False) -> list[Batch]:
+    """The epoch's batches in the order a DataLoader with `num_workers` yields them."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(shards)) if shuffle else np.arange(len(shards))
+    nw = max(num_workers, 1)
+    per_worker: list[list[np.ndarray]] = [[] for _ in range(nw)]
+    for i, sh in enumerate(order):
+        rows = shards[sh]
+        per_worker[i % nw].append(rng.permutation(rows) if shuffle else rows)
+    batches: list[list[np.ndarray]] = []
+    for rows_list in per_worker:
+        rows = np.concatenate(rows_list) if rows_list else np.zeros(0, dtype=np.int64)
+        cut = [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
+        if drop_last and cut and len(cut[-1]) < batch_size:
+            cut.pop()
+        batches.append(cut)
+    out, k = [], 0
+    for j in range(max((len(b) for b in batches), default=0)):  # round robin, exhausted workers skipped
+        for w in range(nw):
+            if j < len(batches[w]):
+                out.append(Batch(k, w, batches[w][j]))
+                k += 1
+    return out
+
+
+class CacheBatches(torch.utils.data.IterableDataset):
+    """Batches of one split: dicts of CPU tensors holding `input_ids`, `length`, `row` and `fields`.
+
+    Set `epoch` and `start` (the first batch index to yield) before iterating; the same values
+    give the same batches, with any number of workers as long as it is the same number.
+    """
+
+    def __init__(self, root, split: str, fields: list[str], batch_size: int, seed: int = 0, shuffle: bool = True,
+                 keys: list[str] | None = None, num_workers: int = 0, drop_last: bool = False):
+        self.cache = Cache(root)
+        if split not in self.cache.splits:
+            raise CacheError(f"{root}: no split {split!r} (has: {', '.join(self.cache.splits)})")
+        missing = [f for f in fields if f not in self.cache.dense_fields]
+        if missing:
+            raise CacheError(f"{root}: the cache has no field {', '.join(missing)} "
+                             f"(captured: {', '.join(self.cache.dense_fields)})")
+        self.root, self.split, self.fields = root, split, list(fields)
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.num_workers, self.drop_last = num_workers, drop_last
+        self.epoch, self.start = 0, 0
+        n = self.cache.manifest["splits"][split]["rows"]
+        self.shard_rows = self.cache.manifest["capture"]["rows_per_shard"]
+        self.ranges = shard_ranges(n, self.shard_rows)
+        keep = None
+        if keys is not None:
+            all_keys = self.cache.rows(split).column("key").to_pylist()
+            where = {k: i for i, k in enumerate(all_keys)}
+            unknown = [k for k in keys if k not in where]
+            if unknown:
+                raise CacheError(f"{len(unknown)} requested keys are not in {root}/{split} (first: {unknown[0]})")
+            keep = np.zeros(n, dtype=bool)
+            keep[[where[k] for k in keys]] = True
+        self.shards = [np.arange(a, b)[keep[a:b]] if keep is not None else np.arange(a, b) for a, b in self.ranges]
+        self.shards = [s for s in self.shards if len(s)]
+
+    def plan(self) -> list[Batch]:
+        return batch_plan(self.shards, self.batch_size, self.num_workers, self.seed, self.epoch, self.shuffle,
+                          self.drop_last)
+
+    def __len__(self) -> int:
+        return len(self.plan())
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 0)
+        if n_workers != self.num_workers:
+            raise RuntimeError(f"CacheBatches was planned for {self.num_workers} workers but runs in {n_workers}")
+        plan = self.plan()
+        if n_workers and self.start < len(plan):
+            # the DataLoader asks worker 0 first: rotate so that it serves the plan's batch `start`
+            worker = (worker + plan[self.start].worker) % n_workers
+        rows_tab = self.cache.rows(self.split)
+        ids = np.stack(rows_tab.column("input_ids").to_numpy(zero_copy_only=False)).astype(np.int64)
+        lengths = rows_tab.column("length").to_numpy().astype(np.int64)
+        arrays = {f: self.cache.array(self.split, f) for f in self.fields}
+        loaded: dict[int, dict[str, np.ndarray]] = {}
+        for b in plan:
+            if b.worker != worker or b.index < self.start:
+                continue
+            out = {"input_ids": torch.from_numpy(ids[b.rows]), "length": torch.from_numpy(lengths[b.rows]),
+                   "row": torch.from_numpy(b.rows.astype(np.int64)), "batch_index": b.index}
+            parts: dict[str, list[np.ndarray]] = {f: [] for f in self.fields}
+            shard_of = b.rows // self.shard_rows
+            for sh in np.unique(shard_of):  # rows of a batch lie in one shard, two at a seam
+                if sh not in loaded:
+                    a, e = self.ranges[sh]
+                    loaded.clear()  # one shard held at a time per worker
+                    loaded[sh] = {f: arr[a:e] for f, arr in arrays.items()}
+                local = b.rows[shard_of == sh] - self.ranges[sh][0]
+                for f in self.fields:
+                    parts[f].append(loaded[sh][f][local])
+            sel = np.argsort(np.argsort(shard_of, kind="stable"), kind="stable")  # back to the batch's row order
+            for f in self.fields:
+                arr = np.concatenate(parts[f])[sel] if len(parts[f]) > 1 else parts[f][0]
+                t = torch.from_numpy(np.ascontiguousarray(arr))
+                out[f] = t.float() if f in FLOAT_FIELDS and f != "hidden_states" else t
+            yield out
+
+
+def make_loader(ds: CacheBatches) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=ds.num_workers,
+                                       persistent_workers=False, prefetch_factor=4 if ds.num_workers else None)

@@ -1,0 +1,93 @@
+"""Students: built from a shape in the teacher's family or from a checkpoint, checked against the cache.
+
+The teacher is never loaded: the family, vocabulary and special tokens come from the cache's
+manifest and its tokenizer. A student whose tokenizer differs from the cache's is refused with
+what differs (cross-tokenizer distillation is a separate mode). A student whose embedding matrix
+is padded beyond the teacher's vocabulary is fine: the padded ids are part of its tail.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import StudentConfig
+from .teacher import tokenizer_fingerprint
+
+
+class StudentError(ValueError):
+    """A student that cannot be trained from this cache."""
+
+
+def describe_tokenizer_difference(ours, theirs) -> str:
+    """A short human account of how two tokenizers differ."""
+    va, vb = ours.get_vocab(), theirs.get_vocab()
+    if len(va) != len(vb):
+        return f"vocabulary sizes differ ({len(vb)} vs the cache's {len(va)})"
+    moved = [(t, vb.get(t), i) for t, i in va.items() if vb.get(t) != i]
+    if moved:
+        t, j, i = sorted(moved, key=lambda x: x[2])[0]
+        return f"{len(moved)} tokens have other ids (e.g. {t!r}: {j} vs the cache's {i})"
+    sa, sb = ours.special_tokens_map, theirs.special_tokens_map
+    if sa != sb:
+        keys = sorted(k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k))
+        return "special tokens differ: " + ", ".join(f"{k} {sb.get(k)!r} vs {sa.get(k)!r}" for k in keys)
+    return "added tokens or tokenizer class differ"
+
+
+def build_student(spec: StudentConfig, manifest: dict, tokenizer, device: torch.device):
+    """A causal LM ready to train, with vocabulary >= the teacher's; teacher weights never read."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    t = manifest["teacher"]
+    if spec.pretrained is not None:
+        src = spec.pretrained
+        local = Path(src)
+        has_tokenizer = not local.is_dir() or any((local / f).exists() for f in
+                                                  ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+        if has_tokenizer:  # a bare local checkpoint is checked by its vocabulary size alone, below
+            try:
+                theirs = AutoTokenizer.from_pretrained(src)
+            except (OSError, ValueError) as e:
+                raise StudentError(f"student {spec.name!r}: cannot load the tokenizer of {src}: {e}") from e
+            if tokenizer_fingerprint(theirs) != manifest["tokenizer"]["fingerprint"]:
+                raise StudentError(
+                    f"student {spec.name!r} ({src}) uses another tokenizer than the cache: "
+                    f"{describe_tokenizer_difference(tokenizer, theirs)}; cross-tokenizer distillation is not "
+                    "supported")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise StudentError(f"student {spec.name!r}: cannot load {src}: {e}") from e
+    else:
+        a = spec.arch
+        kwargs = dict(vocab_size=t["vocab_size"], hidden_size=a.hidden_size, num_hidden_layers=a.num_layers,
+                      num_attention_heads=a.num_heads, tie_word_embeddings=a.tie_word_embeddings,
+                      eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+        cfg = AutoConfig.for_model(t["model_type"], **kwargs)
+        if a.num_kv_heads is not None:
+            if not hasattr(cfg, "num_key_value_heads"):
+                raise StudentError(f"student {spec.name!r}: the {t['model_type']} family has no num_kv_heads")
+            cfg.num_key_value_heads = a.num_kv_heads
+        if a.intermediate_size is not None:
+            cfg.__setattr__("n_inner" if hasattr(cfg, "n_inner") else "intermediate_size", a.intermediate_size)
+        if t.get("max_positions") and hasattr(cfg, "max_position_embeddings"):
+            cfg.max_position_embeddings = t["max_positions"]
+        elif t.get("max_positions") and hasattr(cfg, "n_positions"):
+            cfg.n_positions = t["max_positions"]
+        for drop in ("attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout"):
+            if hasattr(cfg, drop):
+                setattr(cfg, drop, 0.0)  # deterministic steps: resume reproduces an uninterrupted run
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    v_student = model.get_output_embeddings().weight.shape[0]
+    if v_student < t["vocab_size"]:
+        raise StudentError(f"student {spec.name!r}: its output layer has {v_student} rows, fewer than the cache's "
+                           f"vocabulary ({t['vocab_size']}); the teacher's ids would not exist in it")
+    return model.to(device)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,404 @@
+"""Stage 2: train one or more students from a finished cache; the teacher is never loaded.
+
+One pass over the cache feeds every student: each batch is read once and each active student
+takes a forward/backward step on it. Per student: AdamW, linear warmup then cosine decay, gradient
+clipping, the run's gradient accumulation; bf16 autocast on GPU, fp32 on CPU. Every `eval_every`
+steps each student is evaluated on the cache's validation split against the cached teacher
+outputs (NLL/perplexity, top-1 agreement, KL with the tail, ECE); the best model so far is saved
+with `save_pretrained`; early stopping on a chosen metric. Checkpoints hold model, optimiser,
+scheduler and the data position, so a killed run resumes to the same result.
+
+Output per student, in `output_dir/<name>/`: `model/` (plain transformers model + tokenizer),
+`checkpoint/state.pt`, `metrics.jsonl`, `curves.png`, `report.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import losses as L
+from .cache import Cache
+from .config import StudentConfig, StudentRunConfig
+from .reader import CacheBatches, make_loader
+from .student import StudentError, build_student, count_parameters
+
+KD_TERMS = {"kd_forward", "kd_forward_renorm", "kd_reverse", "kd_jsd", "mse_logprobs", "mse_logits"}
+TOPK_FIELDS = ["topk_ids", "topk_logprobs", "logsumexp"]
+LOWER_IS_BETTER = {"nll": True, "kl": True, "top1_agreement": False}
+ECE_BINS = 15
+
+
+# ---------------------------------------------------------------------------------------------
+# what each student needs from the cache
+
+
+def fields_for(spec: StudentConfig, manifest: dict) -> list[str]:
+    """The cache fields this student's losses read; refuses a loss whose field the cache lacks."""
+    need = []
+    kd = [t for t in spec.losses if t in KD_TERMS and spec.losses[t] != 0]
+    if kd:
+        need += TOPK_FIELDS
+        if spec.temperature != 1.0 and spec.temperature in manifest["capture"]["temperatures"]:
+            need.append("logsumexp_tempered")
+    have = set(manifest["fields"])
+    missing = [f for f in need if f not in have]
+    if missing:
+        raise StudentError(f"student {spec.name!r}: loss {kd[0]} needs field {missing[0]!r}, which the cache "
+                           f"does not hold (captured: {', '.join(sorted(have))})")
+    return need
+
+
+def _temperature_index(spec: StudentConfig, manifest: dict) -> int | None:
+    temps = manifest["capture"]["temperatures"]
+    return temps.index(spec.temperature) if spec.temperature in temps else None
+
+
+# ---------------------------------------------------------------------------------------------
+# one step's losses
+
+
+def _masks(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ids = batch["input_ids"]
+    pos = torch.arange(ids.shape[1], device=device)
+    length = batch["length"].to(device)
+    valid = pos[None] < length[:, None]  # (B, L) a real token: KD positions
+    has_next = pos[None] < (length[:, None] - 1)  # (B, L) a real next token: CE positions
+    attn = None if bool(valid.all()) else valid.long()
+    return valid, has_next, attn
+
+
+def student_losses(model, batch: dict, spec: StudentConfig, t_index: int | None, device) -> dict[str, torch.Tensor]:
+    """Named loss terms (unweighted) and 'total' (weighted sum) for one batch."""
+    ids = batch["input_ids"].to(device)
+    valid, has_next, attn = _masks(batch, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(input_ids=ids, attention_mask=attn).logits  # (B, L, V)
+    terms: dict[str, torch.Tensor] = {}
+    T = spec.temperature
+    lse1 = L.logsumexp_t(logits, 1.0) if ("ce" in spec.losses or T == 1.0) else None
+    if "ce" in spec.losses:
+        nxt = torch.roll(ids, -1, dims=1)[..., None]
+        s_tgt = logits.gather(-1, nxt)[..., 0].float() - lse1
+        terms["ce"] = L.cross_entropy(s_tgt, has_next)
+    kd = [t for t in spec.losses if t in KD_TERMS]
+    if kd:
+        topk_ids = batch["topk_ids"].to(device).long()
+        t_lse = batch["logsumexp"].to(device)
+        t_lse_T = batch["logsumexp_tempered"][:, t_index].to(device) if t_index is not None else None
+        lseT = lse1 if T == 1.0 else L.logsumexp_t(logits, T)
+        s_lp, s_tail = L.student_topk_logprobs(logits, topk_ids, T, lse=lseT)
+        t_lp, t_tail = L.teacher_topk_logprobs(batch["topk_logprobs"].to(device), t_lse, T, t_lse_T)
+        for name in kd:
+            if name == "kd_forward":
+                terms[name] = L.forward_kl(t_lp, t_tail, s_lp, s_tail, valid, T)
+            elif name == "kd_forward_renorm":
+                terms[name] = L.forward_kl_renormalized(t_lp, s_lp, valid, T)
+            elif name == "kd_reverse":
+                terms[name] = L.reverse_kl(t_lp, t_tail, s_lp, s_tail, valid, T)
+            elif name == "kd_jsd":
+                terms[name] = L.jsd(t_lp, t_tail, s_lp, s_tail, valid, spec.jsd_beta, T)
+            elif name == "mse_logprobs":
+                terms[name] = L.mse_logprobs(t_lp, s_lp, valid)
+            elif name == "mse_logits":
+                t_logits = batch["topk_logprobs"].to(device) + t_lse[..., None]
+                terms[name] = L.mse_logits(t_logits, logits.gather(-1, topk_ids).float(), valid)
+    terms["total"] = sum(spec.losses[k] * v for k, v in terms.items())
+    return terms
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation against the cached teacher
+
+
+@torch.no_grad()
+def evaluate(model, loader, device) -> dict[str, float]:
+    """NLL/perplexity on true next tokens, top-1 agreement with the teacher, KL(teacher || student)
+    over the cached top-K + tail, and expected calibration error (15 equal-width bins)."""
+    model.eval()
+    s = {"nll": 0.0, "n_next": 0, "agree": 0.0, "kl": 0.0, "n_valid": 0}
+    bins_n = torch.zeros(ECE_BINS, dtype=torch.float64)
+    bins_conf = torch.zeros(ECE_BINS, dtype=torch.float64)
+    bins_acc = torch.zeros(ECE_BINS, dtype=torch.float64)
+    for batch in loader:
+        ids = batch["input_ids"].to(device)
+        valid, has_next, attn = _masks(batch, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=ids, attention_mask=attn).logits
+        lse = L.logsumexp_t(logits)
+        nxt = torch.roll(ids, -1, dims=1)
+        tgt_lp = logits.gather(-1, nxt[..., None])[..., 0].float() - lse
+        s["nll"] += float(-(tgt_lp[has_next]).sum())
+        s["n_next"] += int(has_next.sum())
+        top_val, top_id = logits.max(-1)
+        topk_ids = batch["topk_ids"].to(device).long()
+        s["agree"] += float((top_id == topk_ids[..., 0])[valid].sum())
+        s_lp, s_tail = L.student_topk_logprobs(logits, topk_ids, 1.0, lse=lse)
+        t_lp, t_tail = L.teacher_topk_logprobs(batch["topk_logprobs"].to(device), batch["logsumexp"].to(device))
+        s["kl"] += float(L.forward_kl(t_lp, t_tail, s_lp, s_tail, valid) * valid.sum())
+        s["n_valid"] += int(valid.sum())
+        conf = torch.exp(top_val.float() - lse)[has_next].double().cpu()
+        correct = (top_id == nxt)[has_next].double().cpu()
+        b = torch.clamp((conf * ECE_BINS).long(), max=ECE_BINS - 1)
+        bins_n += torch.bincount(b, minlength=ECE_BINS).double()
+        bins_conf += torch.bincount(b, weights=conf, minlength=ECE_BINS)
+        bins_acc += torch.bincount(b, weights=correct, minlength=ECE_BINS)
+    model.train()
+    n = max(s["n_next"], 1)
+    ece = float((bins_acc - bins_conf).abs().sum() / max(bins_n.sum(), 1))
+    nll = s["nll"] / n
+    return {"nll": nll, "ppl": math.exp(min(nll, 50)), "top1_agreement": s["agree"] / max(s["n_valid"], 1),
+            "kl": s["kl"] / max(s["n_valid"], 1), "ece": ece, "tokens": s["n_next"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class _Student:
+    spec: StudentConfig
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    out: Path
+    t_index: int | None
+    best: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    stopped: bool = False
+    last_eval: dict = field(default_factory=dict)
+    best_eval: dict = field(default_factory=dict)
+    running: dict = field(default_factory=dict)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine from 1 down to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _optimizer(model, spec: StudentConfig, total: int):
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=spec.betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, spec.warmup_steps, total, spec.min_lr_ratio))
+    return opt, sched
+
+
+def _append_jsonl(path: Path, rec: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def save_checkpoint(st: _Student, run: dict) -> None:
+    path = st.out / "checkpoint" / "state.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": st.model.state_dict(), "optimizer": st.opt.state_dict(), "scheduler": st.sched.state_dict(),
+                "run": run, "best": st.best, "best_step": st.best_step, "bad_evals": st.bad_evals,
+                "stopped": st.stopped, "last_eval": st.last_eval, "best_eval": st.best_eval}, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(st: _Student) -> dict:
+    state = torch.load(st.out / "checkpoint" / "state.pt", map_location="cpu", weights_only=True)
+    st.model.load_state_dict(state["model"])
+    st.opt.load_state_dict(state["optimizer"])
+    st.sched.load_state_dict(state["scheduler"])
+    st.best, st.best_step, st.bad_evals = state["best"], state["best_step"], state["bad_evals"]
+    st.stopped, st.last_eval, st.best_eval = state["stopped"], state["last_eval"], state["best_eval"]
+    return state["run"]
+
+
+def _save_model(st: _Student, tokenizer) -> None:
+    d = st.out / "model"
+    st.model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+
+
+def plot_curves(metrics_path: Path, out_png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+    tr = [(r["step"], r["loss"]) for r in recs if r["split"] == "train"]
+    va = [(r["step"], r["nll"]) for r in recs if r["split"] == "validation"]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    if tr:
+        ax[0].plot(*zip(*tr), label="train loss (weighted total)")
+    if va:
+        ax[1].plot(*zip(*va), marker="o", label="validation NLL")
+    for a in ax:
+        a.set_xlabel("step")
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+
+
+def train_students(cfg: StudentRunConfig, log: Callable[[str], None] = print, progress: bool = True,
+                   after_step: Callable[[int], None] | None = None) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    from .teacher import resolve_device
+
+    cache = Cache(cfg.cache)
+    manifest = cache.manifest
+    tokenizer = cache.tokenizer()
+    device = resolve_device(cfg.device)
+    fields = sorted({f for s in cfg.students for f in fields_for(s, manifest)})
+    for s in cfg.students:
+        if s.temperature != 1.0 and _temperature_index(s, manifest) is None and any(t in KD_TERMS for t in s.losses):
+            warnings.warn(f"student {s.name!r}: temperature {s.temperature} was not captured in {cfg.cache} "
+                          f"(captured: {manifest['capture']['temperatures_all']}); the teacher's tail is approximated")
+    has_val = "validation" in cache.splits
+    if not has_val:
+        log(f"{cfg.cache} has no validation split: no evaluation, no early stopping")
+
+    students: list[_Student] = []
+    for spec in cfg.students:
+        model = build_student(spec, manifest, tokenizer, device)
+        model.train()
+        opt, sched = _optimizer(model, spec, cfg.max_steps)
+        out = Path(cfg.output_dir) / spec.name
+        out.mkdir(parents=True, exist_ok=True)
+        students.append(_Student(spec, model, opt, sched, out, _temperature_index(spec, manifest)))
+        log(f"student {spec.name}: {count_parameters(model) / 1e6:.2f}M parameters, losses {spec.losses}, "
+            f"T={spec.temperature}")
+
+    run = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "seconds": 0.0}
+    have = [(st.out / "checkpoint" / "state.pt").exists() for st in students]
+    if any(have):
+        if not all(have):
+            raise StudentError("some students of this run have checkpoints and others do not: "
+                               f"{[st.spec.name for st, h in zip(students, have) if not h]} lack one")
+        runs = [_load_checkpoint(st) for st in students]
+        if any(r != runs[0] for r in runs):
+            raise StudentError("the students' checkpoints are at different steps; cannot resume them together")
+        run = runs[0]
+        log(f"resuming at step {run['step']} (epoch {run['epoch']}, batch {run['batch']})")
+    else:
+        for st in students:
+            (st.out / "metrics.jsonl").unlink(missing_ok=True)
+
+    train_ds = CacheBatches(cfg.cache, "train", fields, cfg.batch_size, seed=cfg.seed, shuffle=True,
+                            num_workers=cfg.num_workers)
+    val_ds = None
+    if has_val:
+        val_keys = None
+        if cfg.eval_rows is not None:
+            val_keys = cache.rows("validation").column("key").to_pylist()[: cfg.eval_rows]
+        val_ds = CacheBatches(cfg.cache, "validation", TOPK_FIELDS, cfg.batch_size, shuffle=False, keys=val_keys)
+
+    def do_eval(st: _Student, step: int) -> None:
+        m = evaluate(st.model, make_loader(val_ds), device)
+        st.last_eval = {**m, "step": step}
+        _append_jsonl(st.out / "metrics.jsonl", {"split": "validation", "step": step, **m})
+        key = cfg.early_stopping_metric
+        better = st.best is None or (m[key] < st.best if LOWER_IS_BETTER[key] else m[key] > st.best)
+        if better:
+            st.best, st.best_step, st.bad_evals, st.best_eval = m[key], step, 0, st.last_eval
+            _save_model(st, tokenizer)
+        else:
+            st.bad_evals += 1
+            if cfg.patience is not None and st.bad_evals >= cfg.patience:
+                st.stopped = True
+                log(f"student {st.spec.name}: early stop at step {step} (best {key} {st.best:.4f} at step "
+                    f"{st.best_step})")
+
+    ckpt_every = cfg.checkpoint_every or cfg.eval_every
+    bar = tqdm(total=cfg.max_steps, initial=run["step"], desc="students", unit="step", disable=not progress)
+    t_start = time.perf_counter() - run["seconds"]
+    micro = 0
+    tokens_at_log, t_at_log = run["tokens"], time.perf_counter()
+    while run["step"] < cfg.max_steps and not all(st.stopped for st in students):
+        train_ds.epoch, train_ds.start = run["epoch"], run["batch"]
+        for batch in make_loader(train_ds):
+            active = [st for st in students if not st.stopped]
+            for st in active:
+                terms = student_losses(st.model, batch, st.spec, st.t_index, device)
+                (terms["total"] / cfg.grad_accum).backward()
+                for k, v in terms.items():
+                    st.running[k] = st.running.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            run["batch"] += 1
+            run["tokens"] += int(batch["length"].sum())
+            micro += 1
+            if micro < cfg.grad_accum:
+                continue
+            micro = 0
+            for st in active:
+                if st.spec.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(st.model.parameters(), st.spec.grad_clip)
+                st.opt.step()
+                st.sched.step()
+                st.opt.zero_grad(set_to_none=True)
+            run["step"] += 1
+            step = run["step"]
+            run["seconds"] = time.perf_counter() - t_start
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                now = time.perf_counter()
+                tps = (run["tokens"] - tokens_at_log) / max(now - t_at_log, 1e-9)
+                tokens_at_log, t_at_log = run["tokens"], now
+                bar.set_postfix(tokens_per_s=f"{tps:,.0f}")
+            for st in active:
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+                    rec = {"split": "train", "step": step, "loss": st.running.get("total", 0.0) / n,
+                           **{k: v / n for k, v in st.running.items() if k != "total"},
+                           "lr": st.sched.get_last_lr()[0], "tokens": run["tokens"], "seconds": run["seconds"]}
+                    _append_jsonl(st.out / "metrics.jsonl", rec)
+                    st.running = {}
+                if val_ds is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                    do_eval(st, step)
+            if step % ckpt_every == 0 or step == cfg.max_steps:
+                for st in students:
+                    save_checkpoint(st, run)
+            if after_step is not None:
+                after_step(step)
+            if step >= cfg.max_steps or all(st.stopped for st in students):
+                break
+        else:
+            run["epoch"] += 1
+            run["batch"] = 0
+            continue
+        break
+    bar.close()
+
+    reports = []
+    for st in students:
+        if val_ds is None:
+            _save_model(st, tokenizer)
+        elif st.last_eval.get("step") != run["step"] and not st.stopped:
+            do_eval(st, run["step"])
+        save_checkpoint(st, run)
+        report = {"name": st.spec.name, "parameters": count_parameters(st.model), "steps": run["step"],
+                  "tokens_seen": run["tokens"], "wall_seconds": run["seconds"], "stopped_early": st.stopped,
+                  "best_step": st.best_step, "metric": cfg.early_stopping_metric, "final": st.best_eval,
+                  "last_eval": st.last_eval, "losses": st.spec.losses, "temperature": st.spec.temperature,
+                  "cache": str(cfg.cache), "cache_digest": manifest["digest"], "device": device.type}
+        (st.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        plot_curves(st.out / "metrics.jsonl", st.out / "curves.png", f"{st.spec.name}: {st.spec.losses}")
+        reports.append(report)
+        if st.best_eval:
+            log(f"student {st.spec.name}: best at step {st.best_step}: NLL {st.best_eval['nll']:.4f} "
+                f"(ppl {st.best_eval['ppl']:.1f}), top-1 agreement {st.best_eval['top1_agreement']:.3f}, "
+                f"KL {st.best_eval['kl']:.4f}, ECE {st.best_eval['ece']:.4f} -> {st.out / 'model'}")
+    return reports

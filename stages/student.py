@@ -1,0 +1,29 @@
+"""Stage 2 command: train students from a finished teacher cache (the teacher is never loaded).
+
+    distill student --config data/configs/student.toml [-s max_steps=400 -s students.0.lr=5e-4 ...]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.config import StudentRunConfig, load_config
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML settings file")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="override a setting: -s max_steps=400, -s students.0.lr=5e-4 (repeatable)"),
+]
+
+
+def student(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Train, evaluate and save one or more students from a teacher cache (one read feeds all)."""
+    from pipeline.train import train_students
+
+    cfg = load_config(StudentRunConfig, config, set_ or [])
+    reports = train_students(cfg, log=lambda m: typer.echo(m, err=True))
+    for r in reports:
+        typer.echo(f"{cfg.output_dir}/{r['name']}/model")

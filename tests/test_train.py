@@ -1,0 +1,234 @@
+"""Stage 2: the reader, student checks, the trainer (one read, resume, early stop), save/load."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import capture, make_llama, settings
+from pipeline.cache import Cache, CacheError
+from pipeline.config import StudentRunConfig
+from pipeline.reader import CacheBatches, batch_plan, make_loader
+from pipeline.student import StudentError
+from pipeline.train import evaluate, fields_for, train_students
+
+ARCH = {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 64}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(llama_dir, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "cache"
+    capture(settings(llama_dir, corpus, out, data={"max_tokens": 4000, "validation_fraction": 0.15},
+                     capture={"top_k": 16, "temperatures": [2.0], "rows_per_shard": 8, "rows_per_chunk": 4}))
+    return out
+
+
+def run_cfg(cache_dir, out, students=None, **kw) -> StudentRunConfig:
+    students = students or [{"name": "s", "arch": ARCH, "losses": {"kd_forward": 0.5, "ce": 0.5}, "lr": 3e-3,
+                             "warmup_steps": 2}]
+    return StudentRunConfig.model_validate({"cache": str(cache_dir), "output_dir": str(out), "students": students,
+                                            "batch_size": 4, "max_steps": 6, "eval_every": 3, "log_every": 2,
+                                            "device": "cpu", **kw})
+
+
+def _train(cfg, **kw):
+    return train_students(cfg, log=lambda m: None, progress=False, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- reader
+
+
+def test_batch_plan_is_deterministic_and_covers_every_row():
+    shards = [np.arange(s, min(s + 8, 30)) for s in range(0, 30, 8)]
+    a = batch_plan(shards, 4, 2, seed=1, epoch=0, shuffle=True)
+    b = batch_plan(shards, 4, 2, seed=1, epoch=0, shuffle=True)
+    c = batch_plan(shards, 4, 2, seed=1, epoch=1, shuffle=True)
+    assert [x.rows.tolist() for x in a] == [x.rows.tolist() for x in b]
+    assert [x.rows.tolist() for x in a] != [x.rows.tolist() for x in c]
+    assert sorted(np.concatenate([x.rows for x in a]).tolist()) == list(range(30))
+    assert [x.index for x in a] == list(range(len(a)))
+    for x in a:  # a batch draws from at most two shards of one worker
+        assert len(set((x.rows // 8).tolist())) <= 2
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_reader_batches_match_the_cache_and_resume(cache_dir, workers):
+    c = Cache(cache_dir)
+    ds = CacheBatches(cache_dir, "train", ["topk_ids", "logsumexp_tempered"], 4, seed=3, num_workers=workers)
+    got = list(make_loader(ds))
+    assert [b["batch_index"] for b in got] == list(range(len(ds)))  # the loader yields the plan's order
+    rows = c.rows("train")
+    ids = np.stack(rows.column("input_ids").to_numpy(zero_copy_only=False))
+    topk = c.array("train", "topk_ids")[:]
+    for b in got:
+        r = b["row"].numpy()
+        np.testing.assert_array_equal(b["input_ids"].numpy(), ids[r])
+        np.testing.assert_array_equal(b["topk_ids"].numpy(), topk[r])
+        assert b["logsumexp_tempered"].dtype == torch.float32
+    for start in (3, 4, len(got) - 1):
+        ds.start = start
+        again = list(make_loader(ds))
+        assert [b["row"].tolist() for b in again] == [b["row"].tolist() for b in got[start:]]
+
+
+def test_reader_subset_by_key_and_unknown_field(cache_dir):
+    keys = Cache(cache_dir).rows("train").column("key").to_pylist()
+    pick = keys[5:12][::-1]
+    ds = CacheBatches(cache_dir, "train", ["logsumexp"], 3, shuffle=False, keys=pick)
+    seen = [r for b in make_loader(ds) for r in b["row"].tolist()]
+    assert sorted(seen) == list(range(5, 12))
+    with pytest.raises(CacheError, match="no field hidden_states"):
+        CacheBatches(cache_dir, "train", ["hidden_states"], 3)
+    with pytest.raises(CacheError, match="keys are not in"):
+        CacheBatches(cache_dir, "train", ["logsumexp"], 3, keys=["0" * 32])
+
+
+def test_loss_needing_a_missing_field_is_refused(cache_dir):
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    spec = run_cfg(cache_dir, "x").students[0]
+    assert fields_for(spec, manifest) == ["topk_ids", "topk_logprobs", "logsumexp"]
+    del manifest["fields"]["topk_logprobs"]
+    with pytest.raises(StudentError, match="loss kd_forward needs field 'topk_logprobs'"):
+        fields_for(spec, manifest)
+    ce_only = spec.model_copy(update={"losses": {"ce": 1.0}})
+    assert fields_for(ce_only, manifest) == []
+
+
+# ---------------------------------------------------------------------------------------------- students
+
+
+def test_two_students_one_read_and_outputs(cache_dir, tmp_path, monkeypatch):
+    reads = []
+    real_iter = CacheBatches.__iter__
+
+    def counting(self):
+        for b in real_iter(self):
+            if self.split == "train":
+                reads.append(b["batch_index"])
+            yield b
+
+    monkeypatch.setattr(CacheBatches, "__iter__", counting)
+    students = [
+        {"name": "kd", "arch": ARCH, "losses": {"kd_forward": 1.0}, "lr": 3e-3},
+        {"name": "ce-wide", "arch": {**ARCH, "hidden_size": 48, "intermediate_size": 96}, "losses": {"ce": 1.0},
+         "lr": 1e-3, "temperature": 2.0},
+    ]
+    reports = _train(run_cfg(cache_dir, tmp_path, students, max_steps=5))
+    assert len(reads) == 5  # five batches read for five steps of two students
+    assert [r["name"] for r in reports] == ["kd", "ce-wide"]
+    for name in ("kd", "ce-wide"):
+        out = tmp_path / name
+        assert (out / "model" / "model.safetensors").is_file() and (out / "curves.png").stat().st_size > 1000
+        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert {r["split"] for r in recs} == {"train", "validation"}
+        rep = json.loads((out / "report.json").read_text())
+        assert rep["steps"] == 5 and rep["tokens_seen"] > 0 and "nll" in rep["final"]
+
+
+def test_saved_student_loads_with_plain_transformers_and_generates(cache_dir, tmp_path):
+    _train(run_cfg(cache_dir, tmp_path, max_steps=3, eval_every=3))
+    d = tmp_path / "s" / "model"
+    model = AutoModelForCausalLM.from_pretrained(d)
+    tok = AutoTokenizer.from_pretrained(d)
+    enc = tok("def f(x):", return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] == enc["input_ids"].shape[1] + 5
+    state = torch.load(tmp_path / "s" / "checkpoint" / "state.pt", weights_only=True)["model"]
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state[k])
+
+
+def test_student_with_another_tokenizer_is_refused(cache_dir, tmp_path, tokenizer_dir):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["other text entirely " * 50], trainers.BpeTrainer(vocab_size=300, special_tokens=["<e>"]))
+    other = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<e>")
+    d = tmp_path / "other"
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(d)
+    other.save_pretrained(d)
+    cfg = run_cfg(cache_dir, tmp_path / "o", [{"name": "p", "pretrained": str(d)}])
+    with pytest.raises(StudentError, match=r"uses another tokenizer than the cache: vocabulary sizes differ"):
+        _train(cfg)
+
+
+def test_padded_student_vocabulary_trains_and_smaller_is_refused(cache_dir, tmp_path, tokenizer_dir):
+    padded = make_llama(tokenizer_dir, tmp_path / "padded", vocab=576, hidden=16, layers=1, heads=2, kv_heads=1)
+    reports = _train(run_cfg(cache_dir, tmp_path / "o", [{"name": "p", "pretrained": str(padded)}], max_steps=2))
+    assert reports[0]["steps"] == 2
+    small = make_llama(tokenizer_dir, tmp_path / "small", vocab=450, hidden=16, layers=1, heads=2, kv_heads=1)
+    with pytest.raises(StudentError, match=r"450 rows, fewer than the cache's vocabulary \(512\)"):
+        _train(run_cfg(cache_dir, tmp_path / "o2", [{"name": "p", "pretrained": str(small)}]))
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_killed_run_resumes_to_the_same_weights(cache_dir, tmp_path):
+    full = run_cfg(cache_dir, tmp_path / "full", max_steps=8, eval_every=4, checkpoint_every=2, num_workers=1)
+    _train(full)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(step):
+        if step == 5:
+            raise Killed
+
+    part = run_cfg(cache_dir, tmp_path / "part", max_steps=8, eval_every=4, checkpoint_every=2, num_workers=1)
+    with pytest.raises(Killed):
+        _train(part, after_step=kill_at_5)
+    _train(part)  # resumes from the step-4 checkpoint
+    a = torch.load(tmp_path / "full" / "s" / "checkpoint" / "state.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "s" / "checkpoint" / "state.pt", weights_only=True)
+    assert a["run"]["step"] == b["run"]["step"] == 8 and a["run"]["tokens"] == b["run"]["tokens"]
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+
+
+def test_validation_loss_falls_and_eval_matches_reference(cache_dir, tmp_path):
+    from pipeline.student import build_student
+
+    cfg = run_cfg(cache_dir, tmp_path, max_steps=40, eval_every=10)
+    cache = Cache(cache_dir)
+    untrained = build_student(cfg.students[0], cache.manifest, cache.tokenizer(), torch.device("cpu"))
+    val = CacheBatches(cache_dir, "validation", ["topk_ids", "topk_logprobs", "logsumexp"], 4, shuffle=False)
+    before = evaluate(untrained, make_loader(val), torch.device("cpu"))
+    # the evaluation's NLL and top-1 agreement against a direct computation
+    nll, n, agree, nv = 0.0, 0, 0, 0
+    with torch.no_grad():
+        for b in make_loader(val):
+            logits = untrained(b["input_ids"]).logits.double()
+            lp = torch.log_softmax(logits, -1)
+            pos = torch.arange(logits.shape[1])
+            has_next = pos[None] < b["length"][:, None] - 1
+            tgt = lp[:, :-1].gather(-1, b["input_ids"][:, 1:, None])[..., 0]
+            nll -= float(tgt[has_next[:, :-1]].sum())
+            n += int(has_next.sum())
+            valid = pos[None] < b["length"][:, None]
+            agree += int((logits.argmax(-1) == b["topk_ids"][..., 0])[valid].sum())
+            nv += int(valid.sum())
+    assert before["nll"] == pytest.approx(nll / n, rel=1e-5)
+    assert before["top1_agreement"] == pytest.approx(agree / nv)
+    assert 0 <= before["ece"] <= 1 and before["kl"] > 0
+    report = _train(cfg)[0]
+    evals = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()
+             if '"validation"' in x]
+    assert [e["step"] for e in evals] == [10, 20, 30, 40]
+    assert report["final"]["nll"] < before["nll"] - 0.5
+    assert evals[-1]["nll"] < evals[0]["nll"]
+    assert report["final"]["kl"] < before["kl"]
+
+
+def test_early_stopping_keeps_the_best(cache_dir, tmp_path):
+    students = [{"name": "s", "arch": ARCH, "losses": {"ce": 1.0}, "lr": 1e-9, "warmup_steps": 0}]
+    rep = _train(run_cfg(cache_dir, tmp_path, students, max_steps=30, eval_every=2, patience=2))[0]
+    assert rep["stopped_early"] and rep["steps"] < 30
+    assert rep["best_step"] == 2  # nothing improves after the first evaluation at lr 1e-9
