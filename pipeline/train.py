@@ -171,6 +171,7 @@ class _Student:
     sched: torch.optim.lr_scheduler.LambdaLR
     out: Path
     t_index: int | None
+    identity: dict = field(default_factory=dict)
     best: float | None = None
     best_step: int | None = None
     bad_evals: int = 0
@@ -203,18 +204,31 @@ def _append_jsonl(path: Path, rec: dict) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
+def resume_identity(st: _Student, cfg: StudentRunConfig, manifest: dict) -> dict:
+    """What must not change between a run and its resumption."""
+    return {"student": st.spec.model_dump(mode="json"), "cache_digest": manifest["digest"],
+            **cfg.model_dump(mode="json", include={"batch_size", "grad_accum", "max_steps", "seed", "num_workers"})}
+
+
 def save_checkpoint(st: _Student, run: dict) -> None:
     path = st.out / "checkpoint" / "state.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"model": st.model.state_dict(), "optimizer": st.opt.state_dict(), "scheduler": st.sched.state_dict(),
                 "run": run, "best": st.best, "best_step": st.best_step, "bad_evals": st.bad_evals,
-                "stopped": st.stopped, "last_eval": st.last_eval, "best_eval": st.best_eval}, tmp)
+                "stopped": st.stopped, "last_eval": st.last_eval, "best_eval": st.best_eval,
+                "identity": st.identity}, tmp)
     os.replace(tmp, path)
 
 
 def _load_checkpoint(st: _Student) -> dict:
-    state = torch.load(st.out / "checkpoint" / "state.pt", map_location="cpu", weights_only=True)
+    path = st.out / "checkpoint" / "state.pt"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("identity") != st.identity:
+        old, new = state.get("identity") or {}, st.identity
+        diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        raise StudentError(f"{path} was written by a run with other settings ({', '.join(diffs)} differ); "
+                           "resume with the same settings, or choose another output_dir")
     st.model.load_state_dict(state["model"])
     st.opt.load_state_dict(state["optimizer"])
     st.sched.load_state_dict(state["scheduler"])
@@ -279,7 +293,9 @@ def train_students(cfg: StudentRunConfig, log: Callable[[str], None] = print, pr
         opt, sched = _optimizer(model, spec, cfg.max_steps)
         out = Path(cfg.output_dir) / spec.name
         out.mkdir(parents=True, exist_ok=True)
-        students.append(_Student(spec, model, opt, sched, out, _temperature_index(spec, manifest)))
+        st = _Student(spec, model, opt, sched, out, _temperature_index(spec, manifest))
+        st.identity = resume_identity(st, cfg, manifest)
+        students.append(st)
         log(f"student {spec.name}: {count_parameters(model) / 1e6:.2f}M parameters, losses {spec.losses}, "
             f"T={spec.temperature}")
 

@@ -232,3 +232,12 @@ def test_early_stopping_keeps_the_best(cache_dir, tmp_path):
     rep = _train(run_cfg(cache_dir, tmp_path, students, max_steps=30, eval_every=2, patience=2))[0]
     assert rep["stopped_early"] and rep["steps"] < 30
     assert rep["best_step"] == 2  # nothing improves after the first evaluation at lr 1e-9
+
+
+def test_resume_with_other_settings_is_refused(cache_dir, tmp_path):
+    _train(run_cfg(cache_dir, tmp_path, max_steps=2, eval_every=2))
+    students = [{"name": "s", "arch": ARCH, "losses": {"kd_forward": 0.5, "ce": 0.5}, "lr": 1e-2, "warmup_steps": 2}]
+    with pytest.raises(StudentError, match=r"other settings \(student differ\)"):
+        _train(run_cfg(cache_dir, tmp_path, students, max_steps=2, eval_every=2))
+    with pytest.raises(StudentError, match=r"other settings \(batch_size differ\)"):
+        _train(run_cfg(cache_dir, tmp_path, max_steps=2, eval_every=2, batch_size=3))
