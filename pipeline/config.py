@@ -109,7 +109,9 @@ class TeacherCacheConfig(_Strict):
     output: OutputConfig
 
 
-LOSS_TERMS = ("ce", "kd_forward", "kd_forward_renorm", "kd_reverse", "kd_jsd", "mse_logprobs", "mse_logits")
+LOSS_TERMS = ("ce", "kd_forward", "kd_forward_renorm", "kd_reverse", "kd_jsd", "mse_logprobs", "mse_logits",
+              "hidden_mse", "hidden_cosine", "attn_kl", "attn_mse", "nll_match")
+LayerMap = Literal["uniform", "last_k"] | list[tuple[int, int]]
 
 
 class StudentArch(_Strict):
@@ -137,6 +139,12 @@ class StudentConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="also the output folder's name")
     arch: StudentArch | None = Field(None, description="build from the teacher's family with this shape")
     pretrained: str | None = Field(None, description="or start from this checkpoint (hub id or local dir)")
+    from_teacher: int | list[int] | None = Field(
+        None, description="or copy the teacher's own layers: every n-th (an int) or these indices (a list)")
+    hidden_map: LayerMap = Field("uniform", description="student <-> cached teacher hidden layers")
+    attention_map: LayerMap = Field("uniform", description="student <-> cached teacher attention layers")
+    attention_heads: Literal["group", "mean"] = Field(
+        "group", description="'group': teacher heads averaged into one group per student head; 'mean': all heads")
     losses: dict[str, float] = Field(default_factory=lambda: {"kd_forward": 1.0},
                                      description=f"weighted sum of named terms: {', '.join(LOSS_TERMS)}")
     temperature: float = Field(1.0, gt=0, description="KD temperature; KD terms are multiplied by T^2")
@@ -151,8 +159,10 @@ class StudentConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "StudentConfig":
-        if (self.arch is None) == (self.pretrained is None):
-            raise ValueError(f"student {self.name!r}: give exactly one of arch or pretrained")
+        if sum(x is not None for x in (self.arch, self.pretrained, self.from_teacher)) != 1:
+            raise ValueError(f"student {self.name!r}: give exactly one of arch, pretrained or from_teacher")
+        if isinstance(self.from_teacher, int) and self.from_teacher < 1:
+            raise ValueError(f"student {self.name!r}: from_teacher={self.from_teacher} must be >= 1")
         unknown = [k for k in self.losses if k not in LOSS_TERMS]
         if unknown:
             raise ValueError(f"student {self.name!r}: unknown loss terms {unknown} (known: {', '.join(LOSS_TERMS)})")

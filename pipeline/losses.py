@@ -20,6 +20,7 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 
 
@@ -202,3 +203,50 @@ def full_forward_kl(t_logits: torch.Tensor, s_logits: torch.Tensor, mask: torch.
     parts = [checkpoint(block_kl, tf[i : i + block], sf[i : i + block], use_reentrant=False)
              for i in range(0, tf.shape[0], block)]
     return masked_mean(torch.cat(parts), mf) * temperature**2
+
+
+# ---------------------------------------------------------------------------------------------
+# representation, attention and self-supervised terms (issue: intermediate-layer distillation)
+
+
+def hidden_mse(h_s: torch.Tensor, h_t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, d) projected student vs teacher hidden states: mean over d of the squared error, per token."""
+    return masked_mean(((_acc(h_s) - _acc(h_t)) ** 2).mean(-1), mask)
+
+
+def hidden_cosine(h_s: torch.Tensor, h_t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - cosine similarity of (B, L, d) student (projected) and teacher hidden states, per token."""
+    return masked_mean(1 - F.cosine_similarity(_acc(h_s), _acc(h_t), dim=-1, eps=1e-8), mask)
+
+
+def _attention_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) token mask -> (B, 1, L, L) valid (query, key) pairs: both real, key <= query."""
+    L_ = mask.shape[1]
+    causal = torch.ones(L_, L_, dtype=torch.bool, device=mask.device).tril()
+    return (mask[:, :, None] & mask[:, None, :] & causal)[:, None]
+
+
+def attention_kl(a_t: torch.Tensor, a_s: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KL(teacher || student) between attention distributions of each query row (MiniLM).
+
+    a_t, a_s (B, H, L, L) probabilities over keys; mask (B, L). Keys above the diagonal and padding
+    carry no loss; mean over heads and real query rows.
+    """
+    pair = _attention_mask(mask)
+    t, s = _acc(a_t), _acc(a_s)
+    kl = torch.where(pair & (t > 0), t * (torch.log(t.clamp(min=eps)) - torch.log(s.clamp(min=eps))),
+                     torch.zeros_like(t)).sum(-1)  # (B, H, L)
+    q = mask[:, None, :].expand_as(kl)
+    return masked_mean(kl, q)
+
+
+def attention_mse(a_t: torch.Tensor, a_s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of attention probabilities over valid (query, key <= query) pairs (TinyBERT)."""
+    pair = _attention_mask(mask).expand(a_t.shape)
+    return masked_mean((_acc(a_s) - _acc(a_t)) ** 2, pair)
+
+
+def nll_match(s_target_lp: torch.Tensor, t_target_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Self-supervised matching: squared difference of the student's and the teacher's per-token
+    negative log-likelihood of the true next token (both (B, L)); NaN teacher values must be masked."""
+    return masked_mean((_acc(s_target_lp) - torch.nan_to_num(_acc(t_target_lp))) ** 2, mask)

@@ -41,6 +41,8 @@ def build_student(spec: StudentConfig, manifest: dict, tokenizer, device: torch.
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     t = manifest["teacher"]
+    if spec.from_teacher is not None:
+        return init_from_teacher(spec, manifest).to(device)
     if spec.pretrained is not None:
         src = spec.pretrained
         local = Path(src)
@@ -91,3 +93,48 @@ def build_student(spec: StudentConfig, manifest: dict, tokenizer, device: torch.
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def init_from_teacher(spec: StudentConfig, manifest: dict):
+    """DistilBERT-style: the teacher's embeddings, norms, LM head and a subset of its layers.
+
+    The teacher's weights are read once, here, from the path the manifest records; the choice of
+    layers is stored in the student's config (`distill_init`) and so travels with the saved model.
+    """
+    import re
+
+    from .config import TeacherConfig
+    from .teacher import TeacherError, load_model
+
+    t = manifest["teacher"]
+    n_t = t["num_layers"]
+    layers = list(range(0, n_t, spec.from_teacher)) if isinstance(spec.from_teacher, int) else list(spec.from_teacher)
+    bad = [i for i in layers if not 0 <= i < n_t]
+    if bad or not layers or len(set(layers)) != len(layers):
+        raise StudentError(f"student {spec.name!r}: from_teacher layers {spec.from_teacher} invalid for a teacher of "
+                           f"{n_t} layers (0..{n_t - 1}, distinct)")
+    try:
+        teacher = load_model(TeacherConfig(model=t["model"], gguf_file=t.get("gguf_file"), revision=t.get("revision"),
+                                           dtype="float32"), torch.device("cpu"))
+    except TeacherError as e:
+        raise StudentError(f"student {spec.name!r}: from_teacher reads the teacher's weights once, at creation, "
+                           f"from {t['model']!r}: {e}") from e
+    cfg = teacher.config.__class__.from_dict(teacher.config.to_dict())
+    cfg.num_hidden_layers = len(layers)
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [cfg.layer_types[i] for i in layers]
+    cfg.distill_init = {"from_teacher": t["model"], "teacher_weights_sha256": t.get("weights_sha256"),
+                        "layers": layers}
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    src = teacher.state_dict()
+    pattern = re.compile(r"\.(layers|h)\.(\d+)\.")
+    new = {}
+    for key in student.state_dict():
+        m = pattern.search(key)
+        tk = key if m is None else key[: m.start()] + f".{m[1]}.{layers[int(m[2])]}." + key[m.end():]
+        new[key] = src[tk].clone()
+    student.load_state_dict(new)
+    del teacher, src
+    return student

@@ -41,20 +41,55 @@ ECE_BINS = 15
 # what each student needs from the cache
 
 
+FIELD_OF_TERM = {"hidden_mse": "hidden_states", "hidden_cosine": "hidden_states", "attn_kl": "attentions",
+                 "attn_mse": "attentions", "nll_match": "target_logprob"}
+
+
 def fields_for(spec: StudentConfig, manifest: dict) -> list[str]:
     """The cache fields this student's losses read; refuses a loss whose field the cache lacks."""
-    need = []
-    kd = [t for t in spec.losses if t in KD_TERMS and spec.losses[t] != 0]
-    if kd:
-        need += TOPK_FIELDS
-        if spec.temperature != 1.0 and spec.temperature in manifest["capture"]["temperatures"]:
-            need.append("logsumexp_tempered")
+    need: list[tuple[str, str]] = []  # (loss term, field)
+    for term, w in spec.losses.items():
+        if w == 0:
+            continue
+        if term in KD_TERMS:
+            need += [(term, f) for f in TOPK_FIELDS]
+            if spec.temperature != 1.0 and spec.temperature in manifest["capture"]["temperatures"]:
+                need.append((term, "logsumexp_tempered"))
+        elif term in FIELD_OF_TERM:
+            need.append((term, FIELD_OF_TERM[term]))
     have = set(manifest["fields"])
-    missing = [f for f in need if f not in have]
-    if missing:
-        raise StudentError(f"student {spec.name!r}: loss {kd[0]} needs field {missing[0]!r}, which the cache "
-                           f"does not hold (captured: {', '.join(sorted(have))})")
-    return need
+    for term, f in need:
+        if f not in have:
+            raise StudentError(f"student {spec.name!r}: loss {term} needs field {f!r}, which the cache does not "
+                               f"hold (captured: {', '.join(sorted(have))})")
+    return list(dict.fromkeys(f for _, f in need))
+
+
+@dataclass
+class Rep:
+    """A student's representation-distillation wiring (empty when it uses none)."""
+
+    hidden: list[tuple[int, int]] = field(default_factory=list)  # (student hidden index, cached position)
+    attention: list[tuple[int, int]] = field(default_factory=list)  # (student layer, cached position)
+    projections: torch.nn.ModuleList = field(default_factory=torch.nn.ModuleList)
+    hidden_encoding: str | None = None
+
+
+def build_rep(spec: StudentConfig, model, manifest: dict, device) -> Rep:
+    from . import attention as attn_mod
+    from .representation import attention_pairs, hidden_pairs, make_projections
+
+    rep = Rep()
+    n_s = model.config.num_hidden_layers
+    if any(spec.losses.get(t) for t in ("hidden_mse", "hidden_cosine")):
+        rep.hidden = hidden_pairs(spec, manifest, n_s)
+        d_s = model.config.hidden_size
+        rep.projections = make_projections(rep.hidden, d_s, manifest["teacher"]["hidden_size"]).to(device)
+        rep.hidden_encoding = manifest["fields"]["hidden_states"].get("encoding")
+    if any(spec.losses.get(t) for t in ("attn_kl", "attn_mse")):
+        rep.attention = attention_pairs(spec, manifest, n_s)
+        attn_mod.enable(model)  # eager attention on the mapped layers only, sdpa elsewhere
+    return rep
 
 
 def _temperature_index(spec: StudentConfig, manifest: dict) -> int | None:
@@ -76,19 +111,58 @@ def _masks(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return valid, has_next, attn
 
 
-def student_losses(model, batch: dict, spec: StudentConfig, t_index: int | None, device) -> dict[str, torch.Tensor]:
+def student_losses(model, batch: dict, spec: StudentConfig, t_index: int | None, device,
+                   rep: Rep | None = None) -> dict[str, torch.Tensor]:
     """Named loss terms (unweighted) and 'total' (weighted sum) for one batch."""
+    from . import attention as attn_mod
+    from .representation import decode_hidden, map_heads
+
+    rep = rep or Rep()
     ids = batch["input_ids"].to(device)
     valid, has_next, attn = _masks(batch, device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(input_ids=ids, attention_mask=attn).logits  # (B, L, V)
+    recorder = attn_mod.AttentionRecorder([s for s, _ in rep.attention], None, "none") if rep.attention else None
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), \
+            attn_mod.recording(recorder):
+        out = model(input_ids=ids, attention_mask=attn, output_hidden_states=bool(rep.hidden))
+    logits = out.logits  # (B, L, V)
     terms: dict[str, torch.Tensor] = {}
     T = spec.temperature
-    lse1 = L.logsumexp_t(logits, 1.0) if ("ce" in spec.losses or T == 1.0) else None
-    if "ce" in spec.losses:
+    lse1 = L.logsumexp_t(logits, 1.0) if ({"ce", "nll_match"} & set(spec.losses) or T == 1.0) else None
+    if {"ce", "nll_match"} & set(spec.losses):
         nxt = torch.roll(ids, -1, dims=1)[..., None]
-        s_tgt = logits.gather(-1, nxt)[..., 0].float() - lse1
-        terms["ce"] = L.cross_entropy(s_tgt, has_next)
+        s_tgt = logits.gather(-1, nxt)[..., 0].float() - lse1  # (B, L) student log p(next)
+        if "ce" in spec.losses:
+            terms["ce"] = L.cross_entropy(s_tgt, has_next)
+        if "nll_match" in spec.losses:
+            t_tgt = batch["target_logprob"].to(device)
+            terms["nll_match"] = L.nll_match(s_tgt, t_tgt, has_next & torch.isfinite(t_tgt))
+    if rep.hidden:
+        h_t_all = batch["hidden_states"].to(device)  # (B, n_cached, L, d_t) stored dtype
+        parts_mse, parts_cos = [], []
+        for i, (s_idx, j) in enumerate(rep.hidden):
+            h_s = out.hidden_states[s_idx].float()
+            if len(rep.projections):
+                h_s = rep.projections[i](h_s)
+            h_t = decode_hidden(h_t_all[:, j], rep.hidden_encoding)
+            parts_mse.append(L.hidden_mse(h_s, h_t, valid) if "hidden_mse" in spec.losses else None)
+            parts_cos.append(L.hidden_cosine(h_s, h_t, valid) if "hidden_cosine" in spec.losses else None)
+        if "hidden_mse" in spec.losses:
+            terms["hidden_mse"] = torch.stack(parts_mse).mean()
+        if "hidden_cosine" in spec.losses:
+            terms["hidden_cosine"] = torch.stack(parts_cos).mean()
+    if rep.attention:
+        a_all = batch["attentions"].to(device)  # (B, n_cached, H_t, L, L)
+        kl, mse = [], []
+        for s_idx, j in rep.attention:
+            a_t, a_s = map_heads(a_all[:, j].float(), recorder.maps[s_idx].float(), spec.attention_heads, spec.name)
+            if "attn_kl" in spec.losses:
+                kl.append(L.attention_kl(a_t, a_s, valid))
+            if "attn_mse" in spec.losses:
+                mse.append(L.attention_mse(a_t, a_s, valid))
+        if kl:
+            terms["attn_kl"] = torch.stack(kl).mean()
+        if mse:
+            terms["attn_mse"] = torch.stack(mse).mean()
     kd = [t for t in spec.losses if t in KD_TERMS]
     if kd:
         topk_ids = batch["topk_ids"].to(device).long()
@@ -171,6 +245,7 @@ class _Student:
     sched: torch.optim.lr_scheduler.LambdaLR
     out: Path
     t_index: int | None
+    rep: Rep = field(default_factory=Rep)
     identity: dict = field(default_factory=dict)
     best: float | None = None
     best_step: int | None = None
@@ -189,9 +264,10 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _optimizer(model, spec: StudentConfig, total: int):
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+def _optimizer(model, spec: StudentConfig, total: int, extra: list | None = None):
+    params = list(model.parameters()) + list(extra or [])
+    decay = [p for p in params if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in params if p.requires_grad and p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=spec.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -217,7 +293,7 @@ def save_checkpoint(st: _Student, run: dict) -> None:
     torch.save({"model": st.model.state_dict(), "optimizer": st.opt.state_dict(), "scheduler": st.sched.state_dict(),
                 "run": run, "best": st.best, "best_step": st.best_step, "bad_evals": st.bad_evals,
                 "stopped": st.stopped, "last_eval": st.last_eval, "best_eval": st.best_eval,
-                "identity": st.identity}, tmp)
+                "identity": st.identity, "projections": st.rep.projections.state_dict()}, tmp)
     os.replace(tmp, path)
 
 
@@ -230,6 +306,7 @@ def _load_checkpoint(st: _Student) -> dict:
         raise StudentError(f"{path} was written by a run with other settings ({', '.join(diffs)} differ); "
                            "resume with the same settings, or choose another output_dir")
     st.model.load_state_dict(state["model"])
+    st.rep.projections.load_state_dict(state["projections"])
     st.opt.load_state_dict(state["optimizer"])
     st.sched.load_state_dict(state["scheduler"])
     st.best, st.best_step, st.bad_evals = state["best"], state["best_step"], state["bad_evals"]
@@ -290,10 +367,11 @@ def train_students(cfg: StudentRunConfig, log: Callable[[str], None] = print, pr
     for spec in cfg.students:
         model = build_student(spec, manifest, tokenizer, device)
         model.train()
-        opt, sched = _optimizer(model, spec, cfg.max_steps)
+        rep = build_rep(spec, model, manifest, device)
+        opt, sched = _optimizer(model, spec, cfg.max_steps, list(rep.projections.parameters()))
         out = Path(cfg.output_dir) / spec.name
         out.mkdir(parents=True, exist_ok=True)
-        st = _Student(spec, model, opt, sched, out, _temperature_index(spec, manifest))
+        st = _Student(spec, model, opt, sched, out, _temperature_index(spec, manifest), rep)
         st.identity = resume_identity(st, cfg, manifest)
         students.append(st)
         log(f"student {spec.name}: {count_parameters(model) / 1e6:.2f}M parameters, losses {spec.losses}, "
@@ -349,7 +427,7 @@ def train_students(cfg: StudentRunConfig, log: Callable[[str], None] = print, pr
         for batch in make_loader(train_ds):
             active = [st for st in students if not st.stopped]
             for st in active:
-                terms = student_losses(st.model, batch, st.spec, st.t_index, device)
+                terms = student_losses(st.model, batch, st.spec, st.t_index, device, st.rep)
                 (terms["total"] / cfg.grad_accum).backward()
                 for k, v in terms.items():
                     st.running[k] = st.running.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
@@ -361,7 +439,8 @@ def train_students(cfg: StudentRunConfig, log: Callable[[str], None] = print, pr
             micro = 0
             for st in active:
                 if st.spec.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(st.model.parameters(), st.spec.grad_clip)
+                    params = list(st.model.parameters()) + list(st.rep.projections.parameters())
+                    torch.nn.utils.clip_grad_norm_(params, st.spec.grad_clip)
                 st.opt.step()
                 st.sched.step()
                 st.opt.zero_grad(set_to_none=True)

@@ -1,0 +1,199 @@
+"""Intermediate-layer distillation: hidden-state and attention losses, maps, projections,
+teacher-initialised students, the self-supervised term, and a run that uses them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import capture, settings
+from pipeline import losses as Lo
+from pipeline.config import StudentConfig, StudentRunConfig
+from pipeline.representation import _resolve, make_projections, map_heads
+from pipeline.student import StudentError
+from pipeline.train import train_students
+
+B, L, D = 2, 6, 5
+
+
+def _mask():
+    m = torch.ones(B, L, dtype=torch.bool)
+    m[1, 4:] = False
+    return m
+
+
+def _attn(seed, H=4):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(B, H, L, L, generator=g, dtype=torch.float64)
+    z = z.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+    return torch.softmax(z, -1)
+
+
+def test_hidden_losses_match_reference_and_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    hs, ht = (torch.randn(B, L, D, generator=g, dtype=torch.float64) for _ in range(2))
+    m = _mask()
+    ref_mse = sum(((hs[b, t] - ht[b, t]) ** 2).mean() for b in range(B) for t in range(L) if m[b, t]) / m.sum()
+    torch.testing.assert_close(Lo.hidden_mse(hs, ht, m), ref_mse)
+    cos = lambda a, b: (a @ b) / (a.norm() * b.norm())  # noqa: E731
+    ref_cos = sum(1 - cos(hs[b, t], ht[b, t]) for b in range(B) for t in range(L) if m[b, t]) / m.sum()
+    torch.testing.assert_close(Lo.hidden_cosine(hs, ht, m), ref_cos)
+    x = hs.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda h: Lo.hidden_mse(h, ht, m), (x,))
+    assert torch.autograd.gradcheck(lambda h: Lo.hidden_cosine(h, ht, m), (x,))
+
+
+def test_attention_losses_match_reference_and_ignore_masked_pairs():
+    at, as_ = _attn(1), _attn(2)
+    m = _mask()
+    kl_rows, sq = [], []
+    for b in range(B):
+        for h in range(4):
+            for q in range(L):
+                if not m[b, q]:
+                    continue
+                ks = [k for k in range(q + 1) if m[b, k]]
+                kl_rows.append(sum(at[b, h, q, k] * (at[b, h, q, k].log() - as_[b, h, q, k].log()) for k in ks))
+                sq += [(as_[b, h, q, k] - at[b, h, q, k]) ** 2 for k in ks]
+    torch.testing.assert_close(Lo.attention_kl(at, as_, m), torch.stack(kl_rows).mean())
+    torch.testing.assert_close(Lo.attention_mse(at, as_, m), torch.stack(sq).mean())
+    noisy = as_.clone()
+    noisy[..., ~torch.ones(L, L, dtype=torch.bool).tril()] = 0.7  # above the diagonal
+    noisy[1, :, 4:] = 0.3  # padded queries
+    torch.testing.assert_close(Lo.attention_kl(at, noisy, m), Lo.attention_kl(at, as_, m))
+    torch.testing.assert_close(Lo.attention_mse(at, noisy, m), Lo.attention_mse(at, as_, m))
+    x = as_.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a: Lo.attention_kl(at, a, m), (x,))
+    assert torch.autograd.gradcheck(lambda a: Lo.attention_mse(at, a, m), (x,))
+
+
+def test_nll_match_reference_and_nan_teacher_positions():
+    g = torch.Generator().manual_seed(3)
+    s, t = (-torch.rand(B, L, generator=g, dtype=torch.float64) * 5 for _ in range(2))
+    t[0, -1] = float("nan")
+    m = _mask() & torch.isfinite(t)
+    ref = sum((s[b, i] - t[b, i]) ** 2 for b in range(B) for i in range(L) if m[b, i]) / m.sum()
+    torch.testing.assert_close(Lo.nll_match(s, t, m), ref)
+    x = s.clone().requires_grad_(True)
+    Lo.nll_match(x, t, m).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_layer_maps_and_refusals():
+    # teacher of 12 layers; hidden states cached at 4, 8, 12; student of 3 layers
+    assert _resolve("uniform", [4, 8, 12], 3, 12, False, "hidden-state", "s") == [(1, 0), (2, 1), (3, 2)]
+    assert _resolve("last_k", [4, 8, 12], 1, 12, False, "hidden-state", "s") == [(0, 1), (1, 2)]
+    assert _resolve("last_k", [4, 8, 12], 3, 12, False, "hidden-state", "s") == [(1, 0), (2, 1), (3, 2)]
+    assert _resolve([[0, 8], [-1, -1]], [4, 8, 12], 3, 12, False, "hidden-state", "s") == [(0, 1), (3, 2)]
+    # attention: decoder layers 5 and 11 of 12, student of 2 layers
+    assert _resolve("uniform", [5, 11], 2, 12, True, "attention", "s") == [(0, 0), (1, 1)]
+    with pytest.raises(StudentError, match=r"names teacher layer 6, which the cache does not hold \(cached: \[4, 8, 12\]\)"):
+        _resolve([[1, 6]], [4, 8, 12], 3, 12, False, "hidden-state", "s")
+    with pytest.raises(StudentError, match="names student layer 7, which does not exist"):
+        _resolve([[7, 4]], [4, 8, 12], 3, 12, False, "hidden-state", "s")
+    with pytest.raises(StudentError, match="needs teacher attention in the cache; it holds none"):
+        _resolve("uniform", [], 3, 12, True, "attention", "s")
+
+
+def test_projection_shapes_and_head_mapping():
+    proj = make_projections([(1, 0), (2, 1)], 16, 32)
+    assert len(proj) == 2 and proj[0].weight.shape == (32, 16) and proj[0].bias is None
+    assert len(make_projections([(1, 0)], 32, 32)) == 0
+    at, as_ = _attn(1, H=4), _attn(2, H=2)
+    gt, gs = map_heads(at, as_, "group", "s")
+    torch.testing.assert_close(gt, at.reshape(B, 2, 2, L, L).mean(2))
+    assert gs is as_
+    mt, ms = map_heads(at, as_, "mean", "s")
+    assert mt.shape == ms.shape == (B, 1, L, L)
+    with pytest.raises(StudentError, match="4 cached teacher heads do not split into 3 student groups"):
+        map_heads(at, _attn(2, H=3), "group", "s")
+
+
+@pytest.fixture(scope="module")
+def sharp_teacher(llama_dir, tmp_path_factory):
+    """The tiny teacher with sharpened attention (random init attends almost uniformly)."""
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    out = tmp_path_factory.mktemp("sharp")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(llama_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rich_cache(sharp_teacher, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rep") / "cache"
+    capture(settings(sharp_teacher, corpus, out, data={"max_tokens": 3000, "validation_fraction": 0.15},
+                     capture={"top_k": 16, "hidden_layers": [1, 3], "attention_layers": [0, 2],
+                              "rows_per_shard": 8, "rows_per_chunk": 4}))
+    return out
+
+
+def _run(cache, out, students, **kw):
+    cfg = StudentRunConfig.model_validate({"cache": str(cache), "output_dir": str(out), "students": students,
+                                           "batch_size": 4, "max_steps": 12, "eval_every": 12, "log_every": 1,
+                                           "device": "cpu", **kw})
+    return train_students(cfg, log=lambda m: None, progress=False)
+
+
+def test_student_learns_hidden_states_and_attention(rich_cache, tmp_path):
+    arch = {"num_layers": 2, "hidden_size": 16, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 32}
+    students = [{"name": "rep", "arch": arch, "lr": 5e-3, "warmup_steps": 0,
+                 "losses": {"kd_forward": 1.0, "hidden_mse": 1.0, "attn_kl": 1.0, "nll_match": 0.1}}]
+    _run(rich_cache, tmp_path, students, max_steps=30)
+    recs = [json.loads(x) for x in (tmp_path / "rep" / "metrics.jsonl").read_text().splitlines()
+            if '"train"' in x]
+    terms = ("hidden_mse", "attn_kl", "nll_match", "kd_forward")
+    first = {k: sum(r[k] for r in recs[:3]) / 3 for k in terms}  # smooth the noise of single steps
+    last = {k: sum(r[k] for r in recs[-3:]) / 3 for k in terms}
+    assert first["attn_kl"] > 0.05  # the teacher's attention is far from the student's at the start
+    for term in terms:
+        assert last[term] < first[term], term
+    state = torch.load(tmp_path / "rep" / "checkpoint" / "state.pt", weights_only=True)
+    assert set(state["projections"]) == {"0.weight", "1.weight"}  # 16 -> 32 for both mapped layers
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "rep" / "model")
+    assert not any("projection" in k for k in exported.state_dict())
+
+
+def test_missing_field_refused_before_training(llama_dir, corpus, tmp_path):
+    plain = tmp_path / "plain"
+    capture(settings(llama_dir, corpus, plain, data={"max_tokens": 800}))
+    arch = {"num_layers": 1, "hidden_size": 16, "num_heads": 2}
+    with pytest.raises(StudentError, match="loss hidden_mse needs field 'hidden_states'"):
+        _run(plain, tmp_path / "o", [{"name": "h", "arch": arch, "losses": {"hidden_mse": 1.0}}])
+    with pytest.raises(StudentError, match="loss attn_kl needs field 'attentions'"):
+        _run(plain, tmp_path / "o", [{"name": "a", "arch": arch, "losses": {"attn_kl": 1.0}}])
+    assert not (tmp_path / "o" / "h" / "checkpoint").exists()
+
+
+def test_teacher_initialised_student_equals_chosen_layers(rich_cache, sharp_teacher, tmp_path):
+    from pipeline.cache import Cache
+    from pipeline.student import build_student
+
+    c = Cache(rich_cache)
+    spec = StudentConfig(name="t", from_teacher=[0, 2], losses={"kd_forward": 1.0})
+    student = build_student(spec, c.manifest, c.tokenizer(), torch.device("cpu"))
+    teacher = AutoModelForCausalLM.from_pretrained(sharp_teacher)
+    ts, ss = teacher.state_dict(), student.state_dict()
+    assert student.config.num_hidden_layers == 2 and student.config.distill_init["layers"] == [0, 2]
+    for k, v in ss.items():
+        tk = k.replace("layers.1.", "layers.2.")
+        torch.testing.assert_close(v, ts[tk], rtol=0, atol=0)
+    every = build_student(StudentConfig(name="e", from_teacher=2, losses={"ce": 1.0}), c.manifest, c.tokenizer(),
+                          torch.device("cpu"))
+    assert every.config.distill_init["layers"] == [0, 2]
+    with pytest.raises(StudentError, match=r"from_teacher layers \[0, 5\] invalid for a teacher of 3 layers"):
+        build_student(StudentConfig(name="x", from_teacher=[0, 5], losses={"ce": 1.0}), c.manifest, c.tokenizer(),
+                      torch.device("cpu"))
+    rep = _run(rich_cache, tmp_path, [{"name": "t", "from_teacher": [0, 2], "losses": {"kd_forward": 1.0}}],
+               max_steps=2)
+    saved = json.loads((tmp_path / "t" / "model" / "config.json").read_text())
+    assert saved["distill_init"]["layers"] == [0, 2] and rep[0]["steps"] == 2
