@@ -171,10 +171,22 @@ class StudentConfig(_Strict):
         return self
 
 
+class TaskConfig(_Strict):
+    """One cache of a multi-task run."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    cache: str
+    weight: float = Field(1.0, gt=0, description="share of training batches drawn from this cache")
+
+
 class StudentRunConfig(_Strict):
     """All settings of `distill student`: one read of the cache feeds every student."""
 
-    cache: str = Field(description="a finished teacher cache")
+    cache: str | None = Field(None, description="a finished teacher cache")
+    tasks: list[TaskConfig] = Field(default_factory=list, description="or several caches mixed by weight")
+    mutual_weight: float = Field(0.0, ge=0, description="deep mutual learning: weight of each student's KL to "
+                                                         "the others' predictions (needs >= 2 students)")
+    mutual_temperature: float = Field(1.0, gt=0)
     students: list[StudentConfig] = Field(min_length=1)
     output_dir: str = Field(description="each student writes to output_dir/<name>/")
     batch_size: int = Field(8, gt=0)
@@ -195,7 +207,17 @@ class StudentRunConfig(_Strict):
         names = [s.name for s in self.students]
         if len(set(names)) != len(names):
             raise ValueError(f"student names must be unique: {names}")
+        if (self.cache is None) == (not self.tasks):
+            raise ValueError("give exactly one of cache or tasks")
+        tasks = [t.name for t in self.tasks]
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"task names must be unique: {tasks}")
+        if self.mutual_weight > 0 and len(self.students) < 2:
+            raise ValueError("mutual_weight needs at least two students")
         return self
+
+    def task_list(self) -> list[TaskConfig]:
+        return self.tasks or [TaskConfig(name="default", cache=self.cache)]
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

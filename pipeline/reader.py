@@ -138,3 +138,50 @@ class CacheBatches(torch.utils.data.IterableDataset):
 def make_loader(ds: CacheBatches) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=ds.num_workers,
                                        persistent_workers=False, prefetch_factor=4 if ds.num_workers else None)
+
+
+class TaskStream:
+    """Training batches from one or more caches ("tasks") mixed by weight, endlessly, resumably.
+
+    The task of draw m is a function of (seed, m) alone; each task walks its own epochs. `state`
+    (draws so far, each task's epoch and next batch) is all a checkpoint needs to resume.
+    """
+
+    def __init__(self, tasks: dict[str, tuple[CacheBatches, float]], seed: int, state: dict | None = None):
+        self.tasks = tasks
+        self.names = list(tasks)
+        w = np.asarray([tasks[n][1] for n in self.names], dtype=np.float64)
+        self.p = w / w.sum()
+        self.seed = seed
+        self.state = state or {"draws": 0, "tasks": {n: {"epoch": 0, "batch": 0} for n in self.names}}
+        self._iters: dict[str, object] = {}
+
+    def choose(self, draw: int) -> str:
+        if len(self.names) == 1:
+            return self.names[0]
+        return self.names[int(np.random.default_rng([self.seed, 1, draw]).choice(len(self.names), p=self.p))]
+
+    def _start(self, name: str):
+        ds = self.tasks[name][0]
+        pos = self.state["tasks"][name]
+        ds.epoch, ds.start = pos["epoch"], pos["batch"]
+        self._iters[name] = iter(make_loader(ds))
+
+    def __iter__(self):
+        while True:
+            name = self.choose(self.state["draws"])
+            if name not in self._iters:
+                self._start(name)
+            try:
+                batch = next(self._iters[name])
+            except StopIteration:  # that task's epoch is over: the next one, reshuffled
+                pos = self.state["tasks"][name]
+                pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
+                self._start(name)
+                try:
+                    batch = next(self._iters[name])
+                except StopIteration:
+                    raise CacheError(f"task {name!r}: its train split yields no batch") from None
+            self.state["tasks"][name]["batch"] += 1
+            self.state["draws"] += 1
+            yield name, batch

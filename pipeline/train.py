@@ -112,7 +112,7 @@ def _masks(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def student_losses(model, batch: dict, spec: StudentConfig, t_index: int | None, device,
-                   rep: Rep | None = None) -> dict[str, torch.Tensor]:
+                   rep: Rep | None = None, keep_logits: bool = False) -> dict[str, torch.Tensor]:
     """Named loss terms (unweighted) and 'total' (weighted sum) for one batch."""
     from . import attention as attn_mod
     from .representation import decode_hidden, map_heads
@@ -186,6 +186,8 @@ def student_losses(model, batch: dict, spec: StudentConfig, t_index: int | None,
                 t_logits = batch["topk_logprobs"].to(device) + t_lse[..., None]
                 terms[name] = L.mse_logits(t_logits, logits.gather(-1, topk_ids).float(), valid)
     terms["total"] = sum(spec.losses[k] * v for k, v in terms.items())
+    if keep_logits:
+        terms["logits"] = logits  # for the mutual term; not part of total
     return terms
 
 
@@ -283,7 +285,8 @@ def _append_jsonl(path: Path, rec: dict) -> None:
 def resume_identity(st: _Student, cfg: StudentRunConfig, manifest: dict) -> dict:
     """What must not change between a run and its resumption."""
     return {"student": st.spec.model_dump(mode="json"), "cache_digest": manifest["digest"],
-            **cfg.model_dump(mode="json", include={"batch_size", "grad_accum", "max_steps", "seed", "num_workers"})}
+            **cfg.model_dump(mode="json", include={"batch_size", "grad_accum", "max_steps", "seed", "num_workers",
+                                                   "tasks", "cache", "mutual_weight", "mutual_temperature"})}
 
 
 def save_checkpoint(st: _Student, run: dict) -> None:
@@ -328,7 +331,7 @@ def plot_curves(metrics_path: Path, out_png: Path, title: str) -> None:
 
     recs = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
     tr = [(r["step"], r["loss"]) for r in recs if r["split"] == "train"]
-    va = [(r["step"], r["nll"]) for r in recs if r["split"] == "validation"]
+    va = [(r["step"], r["nll"]) for r in recs if r["split"] == "validation" and "task" not in r]
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     if tr:
         ax[0].plot(*zip(*tr), label="train loss (weighted total)")
@@ -344,28 +347,66 @@ def plot_curves(metrics_path: Path, out_png: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _open_tasks(cfg: StudentRunConfig) -> dict[str, tuple[Cache, float]]:
+    """Every task's cache, checked to share one tokenizer (and, for representation terms, one capture)."""
+    tasks = {t.name: (Cache(t.cache), t.weight) for t in cfg.task_list()}
+    first_name, (first, _) = next(iter(tasks.items()))
+    for name, (c, _) in tasks.items():
+        if c.manifest["tokenizer"]["fingerprint"] != first.manifest["tokenizer"]["fingerprint"]:
+            raise StudentError(f"task {name!r} ({c.root}) was made with another tokenizer than task {first_name!r} "
+                               f"({first.root}); tasks of one run must share a tokenizer")
+        for key in ("hidden_layers", "attention_layers", "attention_heads_stored", "hidden_dtype"):
+            uses = {"hidden_layers": ("hidden_mse", "hidden_cosine"), "hidden_dtype": ("hidden_mse", "hidden_cosine"),
+                    "attention_layers": ("attn_kl", "attn_mse"),
+                    "attention_heads_stored": ("attn_kl", "attn_mse")}[key]
+            if any(s.losses.get(u) for s in cfg.students for u in uses) and \
+                    c.manifest["capture"][key] != first.manifest["capture"][key]:
+                raise StudentError(f"task {name!r}: capture.{key} {c.manifest['capture'][key]} differs from task "
+                                   f"{first_name!r}'s {first.manifest['capture'][key]}")
+    return tasks
+
+
+def mutual_terms(logits: dict[str, torch.Tensor], masks: torch.Tensor, vocab: int, temperature: float
+                 ) -> dict[str, torch.Tensor]:
+    """Deep mutual learning: for each student, mean over the others of KL(other || self) on the
+    shared vocabulary, the other's prediction taken as a fixed target (detached)."""
+    out = {}
+    for name, mine in logits.items():
+        others = [L.full_forward_kl(o.detach()[..., :vocab], mine, masks, temperature)
+                  for n, o in logits.items() if n != name]
+        out[name] = torch.stack(others).mean()
+    return out
+
+
 def train_students(cfg: StudentRunConfig, log: Callable[[str], None] = print, progress: bool = True,
                    after_step: Callable[[int], None] | None = None) -> list[dict]:
     from tqdm.auto import tqdm
 
+    from .reader import TaskStream
     from .teacher import resolve_device
 
-    cache = Cache(cfg.cache)
+    tasks = _open_tasks(cfg)
+    cache = next(iter(tasks.values()))[0]
     manifest = cache.manifest
     tokenizer = cache.tokenizer()
     device = resolve_device(cfg.device)
-    fields = sorted({f for s in cfg.students for f in fields_for(s, manifest)})
+    fields = sorted({f for c, _ in tasks.values() for s in cfg.students for f in fields_for(s, c.manifest)})
     for s in cfg.students:
         if s.temperature != 1.0 and _temperature_index(s, manifest) is None and any(t in KD_TERMS for t in s.losses):
-            warnings.warn(f"student {s.name!r}: temperature {s.temperature} was not captured in {cfg.cache} "
+            warnings.warn(f"student {s.name!r}: temperature {s.temperature} was not captured in {cache.root} "
                           f"(captured: {manifest['capture']['temperatures_all']}); the teacher's tail is approximated")
-    has_val = "validation" in cache.splits
-    if not has_val:
-        log(f"{cfg.cache} has no validation split: no evaluation, no early stopping")
+    val_tasks = {n: (c, w) for n, (c, w) in tasks.items() if "validation" in c.splits}
+    if not val_tasks:
+        log("no cache of this run has a validation split: no evaluation, no early stopping")
 
     students: list[_Student] = []
     for spec in cfg.students:
         model = build_student(spec, manifest, tokenizer, device)
+        rows = model.get_output_embeddings().weight.shape[0]
+        for name, (c, _) in tasks.items():
+            if rows < c.manifest["teacher"]["vocab_size"]:
+                raise StudentError(f"student {spec.name!r}: {rows} output rows < task {name!r}'s vocabulary "
+                                   f"({c.manifest['teacher']['vocab_size']})")
         model.train()
         rep = build_rep(spec, model, manifest, device)
         opt, sched = _optimizer(model, spec, cfg.max_steps, list(rep.projections.parameters()))
@@ -377,7 +418,7 @@ def train_students(cfg: StudentRunConfig, log: Callable[[str], None] = print, pr
         log(f"student {spec.name}: {count_parameters(model) / 1e6:.2f}M parameters, losses {spec.losses}, "
             f"T={spec.temperature}")
 
-    run = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "seconds": 0.0}
+    run = {"step": 0, "tokens": 0, "seconds": 0.0, "stream": None}
     have = [(st.out / "checkpoint" / "state.pt").exists() for st in students]
     if any(have):
         if not all(have):
@@ -387,24 +428,36 @@ def train_students(cfg: StudentRunConfig, log: Callable[[str], None] = print, pr
         if any(r != runs[0] for r in runs):
             raise StudentError("the students' checkpoints are at different steps; cannot resume them together")
         run = runs[0]
-        log(f"resuming at step {run['step']} (epoch {run['epoch']}, batch {run['batch']})")
+        log(f"resuming at step {run['step']}")
     else:
         for st in students:
             (st.out / "metrics.jsonl").unlink(missing_ok=True)
 
-    train_ds = CacheBatches(cfg.cache, "train", fields, cfg.batch_size, seed=cfg.seed, shuffle=True,
-                            num_workers=cfg.num_workers)
-    val_ds = None
-    if has_val:
-        val_keys = None
-        if cfg.eval_rows is not None:
-            val_keys = cache.rows("validation").column("key").to_pylist()[: cfg.eval_rows]
-        val_ds = CacheBatches(cfg.cache, "validation", TOPK_FIELDS, cfg.batch_size, shuffle=False, keys=val_keys)
+    stream = TaskStream({n: (CacheBatches(c.root, "train", fields, cfg.batch_size, seed=cfg.seed, shuffle=True,
+                                          num_workers=cfg.num_workers), w) for n, (c, w) in tasks.items()},
+                        cfg.seed, run["stream"])
+    run["stream"] = stream.state
+    val_sets = {}
+    for n, (c, w) in val_tasks.items():
+        keys = None if cfg.eval_rows is None else c.rows("validation").column("key").to_pylist()[: cfg.eval_rows]
+        val_sets[n] = (CacheBatches(c.root, "validation", TOPK_FIELDS, cfg.batch_size, shuffle=False, keys=keys), w)
 
     def do_eval(st: _Student, step: int) -> None:
-        m = evaluate(st.model, make_loader(val_ds), device)
+        per_task = {n: evaluate(st.model, make_loader(ds), device) for n, (ds, _) in val_sets.items()}
+        if len(per_task) == 1:
+            m = next(iter(per_task.values()))
+        else:
+            total_w = sum(w for _, w in val_sets.values())
+            m = {k: sum(per_task[n][k] * w for n, (_, w) in val_sets.items()) / total_w
+                 for k in ("nll", "top1_agreement", "kl", "ece")}
+            m["ppl"] = math.exp(min(m["nll"], 50))
+            m["tokens"] = sum(x["tokens"] for x in per_task.values())
+            for n, x in per_task.items():
+                _append_jsonl(st.out / "metrics.jsonl", {"split": "validation", "task": n, "step": step, **x})
+            m["tasks"] = per_task
         st.last_eval = {**m, "step": step}
-        _append_jsonl(st.out / "metrics.jsonl", {"split": "validation", "step": step, **m})
+        _append_jsonl(st.out / "metrics.jsonl", {"split": "validation", "step": step,
+                                                 **{k: v for k, v in m.items() if k != "tasks"}})
         key = cfg.early_stopping_metric
         better = st.best is None or (m[key] < st.best if LOWER_IS_BETTER[key] else m[key] > st.best)
         if better:
@@ -422,64 +475,69 @@ def train_students(cfg: StudentRunConfig, log: Callable[[str], None] = print, pr
     t_start = time.perf_counter() - run["seconds"]
     micro = 0
     tokens_at_log, t_at_log = run["tokens"], time.perf_counter()
+    vocab = manifest["teacher"]["vocab_size"]
+    batches = iter(stream)
     while run["step"] < cfg.max_steps and not all(st.stopped for st in students):
-        train_ds.epoch, train_ds.start = run["epoch"], run["batch"]
-        for batch in make_loader(train_ds):
-            active = [st for st in students if not st.stopped]
-            for st in active:
-                terms = student_losses(st.model, batch, st.spec, st.t_index, device, st.rep)
+        task, batch = next(batches)
+        active = [st for st in students if not st.stopped]
+        mutual = cfg.mutual_weight > 0 and len(active) > 1
+        all_terms = {}
+        for st in active:
+            terms = student_losses(st.model, batch, st.spec, st.t_index, device, st.rep, keep_logits=mutual)
+            if not mutual:
                 (terms["total"] / cfg.grad_accum).backward()
-                for k, v in terms.items():
-                    st.running[k] = st.running.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-            run["batch"] += 1
-            run["tokens"] += int(batch["length"].sum())
-            micro += 1
-            if micro < cfg.grad_accum:
-                continue
-            micro = 0
+            all_terms[st.spec.name] = terms
+        if mutual:  # every student's graph is alive at once: memory grows with the number of students
+            valid, _, _ = _masks(batch, device)
+            mt = mutual_terms({n: t.pop("logits") for n, t in all_terms.items()}, valid, vocab, cfg.mutual_temperature)
             for st in active:
-                if st.spec.grad_clip is not None:
-                    params = list(st.model.parameters()) + list(st.rep.projections.parameters())
-                    torch.nn.utils.clip_grad_norm_(params, st.spec.grad_clip)
-                st.opt.step()
-                st.sched.step()
-                st.opt.zero_grad(set_to_none=True)
-            run["step"] += 1
-            step = run["step"]
-            run["seconds"] = time.perf_counter() - t_start
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                now = time.perf_counter()
-                tps = (run["tokens"] - tokens_at_log) / max(now - t_at_log, 1e-9)
-                tokens_at_log, t_at_log = run["tokens"], now
-                bar.set_postfix(tokens_per_s=f"{tps:,.0f}")
-            for st in active:
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-                    rec = {"split": "train", "step": step, "loss": st.running.get("total", 0.0) / n,
-                           **{k: v / n for k, v in st.running.items() if k != "total"},
-                           "lr": st.sched.get_last_lr()[0], "tokens": run["tokens"], "seconds": run["seconds"]}
-                    _append_jsonl(st.out / "metrics.jsonl", rec)
-                    st.running = {}
-                if val_ds is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                    do_eval(st, step)
-            if step % ckpt_every == 0 or step == cfg.max_steps:
-                for st in students:
-                    save_checkpoint(st, run)
-            if after_step is not None:
-                after_step(step)
-            if step >= cfg.max_steps or all(st.stopped for st in students):
-                break
-        else:
-            run["epoch"] += 1
-            run["batch"] = 0
+                terms = all_terms[st.spec.name]
+                terms["mutual"] = mt[st.spec.name] * cfg.mutual_temperature**2
+                terms["total"] = terms["total"] + cfg.mutual_weight * terms["mutual"]
+                (terms["total"] / cfg.grad_accum).backward()
+        for st in active:
+            for k, v in all_terms[st.spec.name].items():
+                st.running[k] = st.running.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        run["tokens"] += int(batch["length"].sum())
+        micro += 1
+        if micro < cfg.grad_accum:
             continue
-        break
+        micro = 0
+        for st in active:
+            if st.spec.grad_clip is not None:
+                params = list(st.model.parameters()) + list(st.rep.projections.parameters())
+                torch.nn.utils.clip_grad_norm_(params, st.spec.grad_clip)
+            st.opt.step()
+            st.sched.step()
+            st.opt.zero_grad(set_to_none=True)
+        run["step"] += 1
+        step = run["step"]
+        run["seconds"] = time.perf_counter() - t_start
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            now = time.perf_counter()
+            bar.set_postfix(tokens_per_s=f"{(run['tokens'] - tokens_at_log) / max(now - t_at_log, 1e-9):,.0f}")
+            tokens_at_log, t_at_log = run["tokens"], now
+        for st in active:
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+                rec = {"split": "train", "step": step, "loss": st.running.get("total", 0.0) / n,
+                       **{k: v / n for k, v in st.running.items() if k != "total"},
+                       "lr": st.sched.get_last_lr()[0], "tokens": run["tokens"], "seconds": run["seconds"]}
+                _append_jsonl(st.out / "metrics.jsonl", rec)
+                st.running = {}
+            if val_sets and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                do_eval(st, step)
+        if step % ckpt_every == 0 or step == cfg.max_steps:
+            for st in students:
+                save_checkpoint(st, run)
+        if after_step is not None:
+            after_step(step)
     bar.close()
 
     reports = []
     for st in students:
-        if val_ds is None:
+        if not val_sets:
             _save_model(st, tokenizer)
         elif st.last_eval.get("step") != run["step"] and not st.stopped:
             do_eval(st, run["step"])
@@ -488,7 +546,10 @@ def train_students(cfg: StudentRunConfig, log: Callable[[str], None] = print, pr
                   "tokens_seen": run["tokens"], "wall_seconds": run["seconds"], "stopped_early": st.stopped,
                   "best_step": st.best_step, "metric": cfg.early_stopping_metric, "final": st.best_eval,
                   "last_eval": st.last_eval, "losses": st.spec.losses, "temperature": st.spec.temperature,
-                  "cache": str(cfg.cache), "cache_digest": manifest["digest"], "device": device.type}
+                  "tasks": {n: {"cache": str(c.root), "cache_digest": c.manifest["digest"], "weight": w}
+                            for n, (c, w) in tasks.items()},
+                  "mutual_weight": cfg.mutual_weight, "device": device.type,
+                  "init": getattr(st.model.config, "distill_init", None)}
         (st.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         plot_curves(st.out / "metrics.jsonl", st.out / "curves.png", f"{st.spec.name}: {st.spec.losses}")
         reports.append(report)

@@ -197,3 +197,74 @@ def test_teacher_initialised_student_equals_chosen_layers(rich_cache, sharp_teac
                max_steps=2)
     saved = json.loads((tmp_path / "t" / "model" / "config.json").read_text())
     assert saved["distill_init"]["layers"] == [0, 2] and rep[0]["steps"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- multi-task, mutual
+
+
+def test_task_stream_draws_follow_weights():
+    from pipeline.reader import TaskStream
+
+    stream = TaskStream({"a": (None, 3.0), "b": (None, 1.0)}, seed=5)
+    draws = [stream.choose(m) for m in range(2000)]
+    assert draws == [TaskStream({"a": (None, 3.0), "b": (None, 1.0)}, seed=5).choose(m) for m in range(2000)]
+    assert 0.70 < draws.count("a") / 2000 < 0.80
+
+
+def test_multi_task_run_evaluates_each_task(llama_dir, corpus, tmp_path, rich_cache):
+    import sysconfig
+
+    other = tmp_path / "other-cache"
+    capture(settings(llama_dir, corpus, other, data={"source": "text", "data_files": [
+        sysconfig.get_paths()["stdlib"] + "/textwrap.py"], "max_tokens": 2000, "validation_fraction": 0.2},
+        capture={"top_k": 16, "rows_per_shard": 8, "rows_per_chunk": 4}))
+    cfg = StudentRunConfig.model_validate({
+        "tasks": [{"name": "code", "cache": str(rich_cache), "weight": 3}, {"name": "wrap", "cache": str(other)}],
+        "output_dir": str(tmp_path / "o"), "batch_size": 4, "max_steps": 8, "eval_every": 4, "device": "cpu",
+        "students": [{"name": "s", "arch": {"num_layers": 1, "hidden_size": 16, "num_heads": 2},
+                      "losses": {"kd_forward": 1.0}}]})
+    rep = train_students(cfg, log=lambda m: None, progress=False)[0]
+    assert set(rep["tasks"]) == {"code", "wrap"} and set(rep["final"]["tasks"]) == {"code", "wrap"}
+    recs = [json.loads(x) for x in (tmp_path / "o" / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert {r.get("task") for r in recs if r["split"] == "validation"} == {None, "code", "wrap"}
+    state = torch.load(tmp_path / "o" / "s" / "checkpoint" / "state.pt", weights_only=True)["run"]["stream"]
+    assert state["draws"] == 8 and sum(t["batch"] for t in state["tasks"].values()) >= 8 - 2
+
+
+def test_caches_with_other_tokenizers_are_refused_together(rich_cache, corpus, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train([str(corpus)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    d = tmp_path / "t2"
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=64)).save_pretrained(d)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(d)
+    capture(settings(d, corpus, tmp_path / "c2", data={"max_tokens": 500}))
+    cfg = StudentRunConfig.model_validate({
+        "tasks": [{"name": "a", "cache": str(rich_cache)}, {"name": "b", "cache": str(tmp_path / "c2")}],
+        "output_dir": str(tmp_path / "o"), "device": "cpu",
+        "students": [{"name": "s", "arch": {"num_layers": 1, "hidden_size": 16, "num_heads": 2}}]})
+    with pytest.raises(StudentError, match="task 'b' .* was made with another tokenizer than task 'a'"):
+        train_students(cfg, log=lambda m: None, progress=False)
+
+
+def test_mutual_learning_of_two_students(rich_cache, tmp_path):
+    arch = {"num_layers": 1, "hidden_size": 16, "num_heads": 2}
+    students = [{"name": "a", "arch": arch, "losses": {"ce": 1.0}, "lr": 5e-3, "warmup_steps": 0, "seed": 1},
+                {"name": "b", "arch": {**arch, "hidden_size": 24}, "losses": {"ce": 1.0}, "lr": 5e-3,
+                 "warmup_steps": 0, "seed": 2}]
+    _run(rich_cache, tmp_path, students, max_steps=20, mutual_weight=0.5)
+    for name in ("a", "b"):
+        recs = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                if '"train"' in x]
+        assert all("mutual" in r for r in recs)
+        first = sum(r["loss"] for r in recs[:3]) / 3
+        last = sum(r["loss"] for r in recs[-3:]) / 3
+        assert last < first
+    with pytest.raises(ValueError, match="mutual_weight needs at least two students"):
+        StudentRunConfig.model_validate({"cache": "c", "output_dir": "o", "mutual_weight": 1.0,
+                                         "students": [{"name": "a", "arch": arch}]})
