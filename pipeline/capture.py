@@ -27,7 +27,7 @@ import numpy as np
 from . import cache as cache_fmt
 from . import data as data_mod
 from . import teacher as teacher_mod
-from .cache import CacheError, CacheWriter, FieldSpec
+from .cache import CacheWriter, FieldSpec
 from .config import TeacherCacheConfig
 from .targets import TargetComputer, TeacherTargets
 

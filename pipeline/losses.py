@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 def _acc(x: torch.Tensor) -> torch.Tensor:
     """Accumulation dtype: float64 stays float64 (references, gradcheck), anything else -> float32."""
     return x if x.dtype == torch.float64 else x.float()

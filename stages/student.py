@@ -5,18 +5,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Optional
-
 import typer
 
 from pipeline.config import StudentRunConfig, load_config
-
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML settings file")]
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", "-s", help="override a setting: -s max_steps=400, -s students.0.lr=5e-4 (repeatable)"),
-]
+from stages.options import ConfigOpt, SetOpt
 
 
 def student(config: ConfigOpt = None, set_: SetOpt = None) -> None:

@@ -14,14 +14,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cache import Cache, verify as verify_cache
+from pipeline.cache import Cache
+from pipeline.cache import verify as verify_cache
 from pipeline.config import TeacherCacheConfig, load_config
-
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML settings file")]
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", "-s", help="override a setting: -s capture.top_k=32 (repeatable; TOML values)"),
-]
+from stages.options import ConfigOpt, SetOpt
 
 
 def teacher_cache(config: ConfigOpt = None, set_: SetOpt = None) -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import capture, settings
+
 from pipeline import cache as cache_mod
 from pipeline.cache import Cache, CacheError, CacheWriter, verify
 from pipeline.capture import CaptureError

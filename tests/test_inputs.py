@@ -6,8 +6,8 @@ import json
 from collections import namedtuple
 
 import pytest
-
 from conftest import capture, settings
+
 from pipeline import capture as capture_mod
 from pipeline.capture import CaptureError
 from pipeline.config import ConfigError, TeacherCacheConfig, load_config, merge_overrides

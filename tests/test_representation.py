@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from conftest import capture, settings
 from transformers import AutoModelForCausalLM
 
-from conftest import capture, settings
 from pipeline import losses as Lo
 from pipeline.config import StudentConfig, StudentRunConfig
 from pipeline.representation import _resolve, make_projections, map_heads

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import capture, settings
 from transformers import AutoModelForCausalLM
 
-from conftest import capture, settings
 from pipeline.cache import Cache
 
 

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import capture, make_llama, settings
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import capture, make_llama, settings
 from pipeline.cache import Cache, CacheError
 from pipeline.config import StudentRunConfig
 from pipeline.reader import CacheBatches, batch_plan, make_loader
