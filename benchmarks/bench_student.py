@@ -167,13 +167,14 @@ def quality(args):
         print(f"online student: {time.perf_counter() - t0:.0f}s", flush=True)
     print(f"\n{spec.name}, {steps} steps x batch {cfg.batch_size} x {cache.manifest['preparation']['seq_len']} tokens, "
           f"seed {spec.seed}, lr {spec.lr}; validation split of {cfg.cache}")
-    print("| training signal | val NLL | val ppl | top-1 agreement | KL(teacher||student) |")
-    print("|---|---|---|---|---|")
+    print("| training signal | val NLL | val ppl | top-1 agreement | KL(teacher||student) | ECE |")
+    print("|---|---|---|---|---|---|")
     names = {"ce": "CE only", "kd_tail": "cached top-64 KD, tail bucket (+CE, 0.5/0.5)",
              "kd_renorm": "cached top-64 KD, renormalised (+CE)", "online_full": "online full-vocabulary KD (+CE)"}
     for k, label in names.items():
         m = reports[k]
-        print(f"| {label} | {m['nll']:.4f} | {m['ppl']:.1f} | {m['top1_agreement']:.3f} | {m['kl']:.4f} |")
+        print(f"| {label} | {m['nll']:.4f} | {m['ppl']:.1f} | {m['top1_agreement']:.3f} | {m['kl']:.4f} | "
+              f"{m['ece']:.4f} |")
 
 
 def main():
