@@ -144,3 +144,20 @@ def test_capture_settings_validated(capture_cfg, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(TeacherCacheConfig, None, [f"capture.{k}={json.dumps(v)}" for k, v in capture_cfg.items()]
                     + [f"{s}.{k}={json.dumps(v)}" for s, d in base.items() for k, v in d.items()])
+
+
+def test_shipped_configs_and_readme_examples_validate():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from pipeline.config import StudentRunConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    load_config(TeacherCacheConfig, repo / "data/configs/teacher_cache.toml")
+    for name in ("student.toml", "methods.toml"):
+        load_config(StudentRunConfig, repo / "data/configs" / name)
+    blocks = re.findall(r"```toml\n(.*?)```", (repo / "README.md").read_text(), flags=re.S)
+    assert blocks
+    for b in blocks:
+        StudentRunConfig.model_validate(tomllib.loads(b))
