@@ -57,8 +57,7 @@ def online_step_losses(student, teacher, batch, ce_weight: float = 0.5):
     t_logits = t_logits.clone()  # leave inference mode: usable in autograd as a constant
     s_logits = student(input_ids=ids, attention_mask=attn).logits
     kd = L.full_forward_kl(t_logits, s_logits, valid)
-    lse = L.logsumexp_t(s_logits)
-    tgt = s_logits.gather(-1, torch.roll(ids, -1, 1)[..., None])[..., 0] - lse
+    tgt = L.next_token_logprobs(s_logits, ids, L.logsumexp_t(s_logits))
     return ce_weight * L.cross_entropy(tgt, has_next) + (1 - ce_weight) * kd
 
 

@@ -76,6 +76,13 @@ def student_topk_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: 
     return lp, log1mexp(torch.logsumexp(lp, dim=-1))
 
 
+def next_token_logprobs(logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """log p(ids[:, t + 1]) at each position t, (B, L); the last position's value wraps around and
+    must be masked by the caller (positions without a next token)."""
+    nxt = torch.roll(ids, -1, dims=1)[..., None]
+    return _acc(logits.gather(-1, nxt)[..., 0]) - lse
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x <= 0, accurate on both sides of -log 2 (Maechler 2012).
 

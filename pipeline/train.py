@@ -129,8 +129,7 @@ def student_losses(model, batch: dict, spec: StudentConfig, t_index: int | None,
     T = spec.temperature
     lse1 = L.logsumexp_t(logits, 1.0) if ({"ce", "nll_match"} & set(spec.losses) or T == 1.0) else None
     if {"ce", "nll_match"} & set(spec.losses):
-        nxt = torch.roll(ids, -1, dims=1)[..., None]
-        s_tgt = logits.gather(-1, nxt)[..., 0].float() - lse1  # (B, L) student log p(next)
+        s_tgt = L.next_token_logprobs(logits, ids, lse1)  # (B, L) student log p(next)
         if "ce" in spec.losses:
             terms["ce"] = L.cross_entropy(s_tgt, has_next)
         if "nll_match" in spec.losses:
@@ -211,7 +210,7 @@ def evaluate(model, loader, device) -> dict[str, float]:
             logits = model(input_ids=ids, attention_mask=attn).logits
         lse = L.logsumexp_t(logits)
         nxt = torch.roll(ids, -1, dims=1)
-        tgt_lp = logits.gather(-1, nxt[..., None])[..., 0].float() - lse
+        tgt_lp = L.next_token_logprobs(logits, ids, lse)
         s["nll"] += float(-(tgt_lp[has_next]).sum())
         s["n_next"] += int(has_next.sum())
         top_val, top_id = logits.max(-1)
@@ -347,6 +346,12 @@ def plot_curves(metrics_path: Path, out_png: Path, title: str) -> None:
     plt.close(fig)
 
 
+CAPTURE_KEYS_USED_BY = {  # capture settings that must agree across the caches of one run, and the terms reading them
+    "hidden_layers": ("hidden_mse", "hidden_cosine"), "hidden_dtype": ("hidden_mse", "hidden_cosine"),
+    "attention_layers": ("attn_kl", "attn_mse"), "attention_heads_stored": ("attn_kl", "attn_mse"),
+}
+
+
 def _open_tasks(cfg: StudentRunConfig) -> dict[str, tuple[Cache, float]]:
     """Every task's cache, checked to share one tokenizer (and, for representation terms, one capture)."""
     tasks = {t.name: (Cache(t.cache), t.weight) for t in cfg.task_list()}
@@ -355,10 +360,7 @@ def _open_tasks(cfg: StudentRunConfig) -> dict[str, tuple[Cache, float]]:
         if c.manifest["tokenizer"]["fingerprint"] != first.manifest["tokenizer"]["fingerprint"]:
             raise StudentError(f"task {name!r} ({c.root}) was made with another tokenizer than task {first_name!r} "
                                f"({first.root}); tasks of one run must share a tokenizer")
-        for key in ("hidden_layers", "attention_layers", "attention_heads_stored", "hidden_dtype"):
-            uses = {"hidden_layers": ("hidden_mse", "hidden_cosine"), "hidden_dtype": ("hidden_mse", "hidden_cosine"),
-                    "attention_layers": ("attn_kl", "attn_mse"),
-                    "attention_heads_stored": ("attn_kl", "attn_mse")}[key]
+        for key, uses in CAPTURE_KEYS_USED_BY.items():
             if any(s.losses.get(u) for s in cfg.students for u in uses) and \
                     c.manifest["capture"][key] != first.manifest["capture"][key]:
                 raise StudentError(f"task {name!r}: capture.{key} {c.manifest['capture'][key]} differs from task "

@@ -148,8 +148,9 @@ def test_capture_settings_validated(capture_cfg, pattern):
 
 def test_shipped_configs_and_readme_examples_validate():
     import re
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     from pipeline.config import StudentRunConfig
 
