@@ -48,4 +48,4 @@ bench: $(VENV)/.installed $(TEACHER)/model.safetensors
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_capture.py
 
 clean:
-	rm -rf data/caches
+	rm -rf data/caches data/students
