@@ -74,6 +74,13 @@ def check_settings(cfg: TeacherCacheConfig, spec: teacher_mod.TeacherSpec, token
     return hidden, attn
 
 
+def stored_heads(capture, spec: teacher_mod.TeacherSpec) -> int:
+    """Attention heads stored per captured layer: the kept heads, or 1 when they are averaged."""
+    if capture.attention_head_reduce == "mean":
+        return 1
+    return len(capture.attention_heads or range(spec.num_heads))
+
+
 def check_output_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -112,8 +119,7 @@ def _software() -> dict:
 def build_plan(cfg: TeacherCacheConfig, spec, tokenizer, prepared, hidden, attn, specs, device: str) -> dict:
     """Everything that determines the cache's bytes; the manifest minus shards and stats."""
     split_rows = {s: len(r) for s, r in prepared.splits.items()}
-    heads = (1 if cfg.capture.attention_head_reduce == "mean"
-             else len(cfg.capture.attention_heads or range(spec.num_heads)))
+    heads = stored_heads(cfg.capture, spec)
     fields = {s.name: s.to_dict(split_rows, cfg.capture.rows_per_chunk, cfg.capture.rows_per_shard) for s in specs}
     fields["input_ids"] = {"path": "{split}/rows.parquet", "format": "parquet", "column": "input_ids",
                            "dtype": "int32", "dims": ["row", "position"],
@@ -208,8 +214,7 @@ def writer_lock(out: Path):
 
 def _locked_capture(cfg, out, tokenizer, spec, hidden, attn, device, log, progress) -> CaptureResult:
     prepared = data_mod.prepare(cfg.data, tokenizer)
-    n_heads = 1 if cfg.capture.attention_head_reduce == "mean" else len(cfg.capture.attention_heads or
-                                                                          range(spec.num_heads))
+    n_heads = stored_heads(cfg.capture, spec)
     specs = cache_fmt.field_specs(
         seq_len=cfg.data.seq_len, top_k=cfg.capture.top_k, n_temperatures=len(cfg.capture.temperatures),
         hidden=(len(hidden), spec.hidden_size) if hidden else None, hidden_dtype=cfg.capture.hidden_dtype,

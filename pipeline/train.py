@@ -41,6 +41,11 @@ ECE_BINS = 15
 # what each student needs from the cache
 
 
+def _temperature_index(spec: StudentConfig, manifest: dict) -> int | None:
+    temps = manifest["capture"]["temperatures"]
+    return temps.index(spec.temperature) if spec.temperature in temps else None
+
+
 FIELD_OF_TERM = {"hidden_mse": "hidden_states", "hidden_cosine": "hidden_states", "attn_kl": "attentions",
                  "attn_mse": "attentions", "nll_match": "target_logprob"}
 
@@ -53,7 +58,7 @@ def fields_for(spec: StudentConfig, manifest: dict) -> list[str]:
             continue
         if term in KD_TERMS:
             need += [(term, f) for f in TOPK_FIELDS]
-            if spec.temperature != 1.0 and spec.temperature in manifest["capture"]["temperatures"]:
+            if spec.temperature != 1.0 and _temperature_index(spec, manifest) is not None:
                 need.append((term, "logsumexp_tempered"))
         elif term in FIELD_OF_TERM:
             need.append((term, FIELD_OF_TERM[term]))
@@ -90,11 +95,6 @@ def build_rep(spec: StudentConfig, model, manifest: dict, device) -> Rep:
         rep.attention = attention_pairs(spec, manifest, n_s)
         attn_mod.enable(model)  # eager attention on the mapped layers only, sdpa elsewhere
     return rep
-
-
-def _temperature_index(spec: StudentConfig, manifest: dict) -> int | None:
-    temps = manifest["capture"]["temperatures"]
-    return temps.index(spec.temperature) if spec.temperature in temps else None
 
 
 # ---------------------------------------------------------------------------------------------
