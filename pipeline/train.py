@@ -365,6 +365,14 @@ def _open_tasks(cfg: StudentRunConfig) -> dict[str, tuple[Cache, float]]:
                     c.manifest["capture"][key] != first.manifest["capture"][key]:
                 raise StudentError(f"task {name!r}: capture.{key} {c.manifest['capture'][key]} differs from task "
                                    f"{first_name!r}'s {first.manifest['capture'][key]}")
+    for s in cfg.students:  # a tempered KD target is read at one index for every task: it must mean one T
+        if s.temperature == 1.0 or not any(t in KD_TERMS for t in s.losses):
+            continue
+        where = {name: _temperature_index(s, c.manifest) for name, (c, _) in tasks.items()}
+        if len(set(where.values())) > 1:
+            caps = "; ".join(f"{n}: {c.manifest['capture']['temperatures']}" for n, (c, _) in tasks.items())
+            raise StudentError(f"student {s.name!r}: temperature {s.temperature} is not captured alike by every "
+                               f"task (extra temperatures {caps}); capture the same temperatures in every cache")
     return tasks
 
 

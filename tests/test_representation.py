@@ -268,3 +268,18 @@ def test_mutual_learning_of_two_students(rich_cache, tmp_path):
     with pytest.raises(ValueError, match="mutual_weight needs at least two students"):
         StudentRunConfig.model_validate({"cache": "c", "output_dir": "o", "mutual_weight": 1.0,
                                          "students": [{"name": "a", "arch": arch}]})
+
+
+def test_tasks_must_capture_a_student_temperature_alike(llama_dir, corpus, tmp_path):
+    for name, temps in (("a", [2.0, 4.0]), ("b", [4.0, 2.0])):
+        capture(settings(llama_dir, corpus, tmp_path / name, data={"max_tokens": 600},
+                         capture={"temperatures": temps}))
+    arch = {"num_layers": 1, "hidden_size": 16, "num_heads": 2}
+    base = {"tasks": [{"name": "a", "cache": str(tmp_path / "a")}, {"name": "b", "cache": str(tmp_path / "b")}],
+            "output_dir": str(tmp_path / "o"), "device": "cpu", "max_steps": 2, "eval_every": 2}
+    hot = StudentRunConfig.model_validate({**base, "students": [{"name": "s", "arch": arch, "temperature": 2.0}]})
+    with pytest.raises(StudentError, match=r"temperature 2.0 is not captured alike by every task .*a: \[2.0, 4.0\]; "
+                                           r"b: \[4.0, 2.0\]"):
+        train_students(hot, log=lambda m: None, progress=False)
+    cold = StudentRunConfig.model_validate({**base, "students": [{"name": "s", "arch": arch}]})  # T=1 reads neither
+    assert train_students(cold, log=lambda m: None, progress=False)[0]["steps"] == 2
