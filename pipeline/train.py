@@ -25,10 +25,12 @@ from typing import Callable
 
 import torch
 
+from . import attention as attn_mod
 from . import losses as L
 from .cache import Cache
 from .config import StudentConfig, StudentRunConfig
 from .reader import CacheBatches, make_loader
+from .representation import attention_pairs, decode_hidden, hidden_pairs, make_projections, map_heads
 from .student import StudentError, build_student, count_parameters
 
 KD_TERMS = {"kd_forward", "kd_forward_renorm", "kd_reverse", "kd_jsd", "mse_logprobs", "mse_logits"}
@@ -81,9 +83,6 @@ class Rep:
 
 
 def build_rep(spec: StudentConfig, model, manifest: dict, device) -> Rep:
-    from . import attention as attn_mod
-    from .representation import attention_pairs, hidden_pairs, make_projections
-
     rep = Rep()
     n_s = model.config.num_hidden_layers
     if any(spec.losses.get(t) for t in ("hidden_mse", "hidden_cosine")):
@@ -114,9 +113,6 @@ def _masks(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 def student_losses(model, batch: dict, spec: StudentConfig, t_index: int | None, device,
                    rep: Rep | None = None, keep_logits: bool = False) -> dict[str, torch.Tensor]:
     """Named loss terms (unweighted) and 'total' (weighted sum) for one batch."""
-    from . import attention as attn_mod
-    from .representation import decode_hidden, map_heads
-
     rep = rep or Rep()
     ids = batch["input_ids"].to(device)
     valid, has_next, attn = _masks(batch, device)
