@@ -35,7 +35,7 @@ from pipeline.config import StudentRunConfig, TeacherConfig, load_config  # noqa
 from pipeline.reader import CacheBatches, make_loader  # noqa: E402
 from pipeline.student import build_student  # noqa: E402
 from pipeline.teacher import load_model  # noqa: E402
-from pipeline.train import TOPK_FIELDS, _masks, _optimizer, evaluate, student_losses, train_students  # noqa: E402
+from pipeline.train import TOPK_FIELDS, _optimizer, batch_masks, evaluate, student_losses, train_students  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -51,14 +51,14 @@ def _setup(args):
 def online_step_losses(student, teacher, batch, ce_weight: float = 0.5):
     """Full-distribution KD with a live teacher: KL over the whole vocabulary, mixed with CE."""
     ids = batch["input_ids"]
-    valid, has_next, attn = _masks(batch, CPU)
+    masks = batch_masks(batch, CPU)
     with torch.inference_mode():
-        t_logits = teacher(input_ids=ids, attention_mask=attn).logits  # (B, L, V)
+        t_logits = teacher(input_ids=ids, **masks.forward).logits  # (B, L, V)
     t_logits = t_logits.clone()  # leave inference mode: usable in autograd as a constant
-    s_logits = student(input_ids=ids, attention_mask=attn).logits
-    kd = L.full_forward_kl(t_logits, s_logits, valid)
+    s_logits = student(input_ids=ids, **masks.forward).logits
+    kd = L.full_forward_kl(t_logits, s_logits, masks.kd)
     tgt = L.next_token_logprobs(s_logits, ids, L.logsumexp_t(s_logits))
-    return ce_weight * L.cross_entropy(tgt, has_next) + (1 - ce_weight) * kd
+    return ce_weight * L.cross_entropy(tgt, masks.ce) + (1 - ce_weight) * kd
 
 
 def speed(args):

@@ -103,3 +103,30 @@ def recording(recorder: AttentionRecorder | None):
         yield recorder
     finally:
         _ACTIVE.reset(token)
+
+
+class DocumentMaskError(RuntimeError):
+    """A model whose attention does not keep packed documents apart."""
+
+
+@torch.no_grad()
+def check_document_masking(run, vocab_size: int, device, what: str, rel_tol: float = 1e-3) -> None:
+    """Refuse a model that does not keep packed documents apart.
+
+    `run(ids (1, n), position_ids (1, n) | None) -> outputs (1, n, X)`. Two documents are packed
+    with restarting position ids: the second document's outputs must not change when the first one
+    does, and must equal those of the second document run alone.
+    """
+    g = torch.Generator().manual_seed(0)
+    first, other_first, second = (torch.randint(0, vocab_size, (1, n), generator=g) for n in (5, 5, 6))
+    pos = torch.cat([torch.arange(5), torch.arange(6)])[None].to(device)
+    a = run(torch.cat([first, second], 1).to(device), pos)[:, 5:].float()
+    b = run(torch.cat([other_first, second], 1).to(device), pos)[:, 5:].float()
+    alone = run(second.to(device), None).float()
+    scale = alone.abs().max().clamp(min=1e-6)
+    worst = max(float((a - b).abs().max() / scale), float((a - alone).abs().max() / scale))
+    if worst > rel_tol:
+        raise DocumentMaskError(
+            f"{what} does not keep packed documents apart (a document's outputs change by {worst:.3g} relative "
+            "when the document before it changes): its attention ignores the restarting position_ids that "
+            "transformers uses for packed sequences, so data.document_mask is not supported for it")

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 FORMAT_NAME = "teacher-cache"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 MANIFEST = "manifest.json"
 WORK_DIR = "_capture"
 TOKENIZER_DIR = "tokenizer"
@@ -143,15 +143,29 @@ def shard_ranges(n_rows: int, shard_rows: int) -> list[tuple[int, int]]:
 # writing
 
 
-def write_rows(path: Path, input_ids: np.ndarray, lengths: np.ndarray, keys: list[str]) -> None:
-    L = input_ids.shape[1]
-    flat = pa.array(input_ids.reshape(-1), type=pa.int32())
-    table = pa.table({
-        "key": pa.array(keys, type=pa.string()),
-        "input_ids": pa.FixedSizeListArray.from_arrays(flat, L),
-        "length": pa.array(lengths, type=pa.int32()),
-    })
-    pq.write_table(table, path, compression="zstd")
+def write_rows(path: Path, rows) -> None:
+    """`rows.parquet` of one split: key, input_ids, length, and loss_mask / position_ids when present."""
+    L = rows.input_ids.shape[1]
+
+    def fixed(a: np.ndarray, typ) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), type=typ), L)
+
+    cols = {
+        "key": pa.array(rows.keys, type=pa.string()),
+        "input_ids": fixed(rows.input_ids, pa.int32()),
+        "length": pa.array(rows.lengths, type=pa.int32()),
+    }
+    if rows.loss_mask is not None:
+        cols["loss_mask"] = fixed(rows.loss_mask, pa.uint8())
+    if rows.position_ids is not None:
+        cols["position_ids"] = fixed(rows.position_ids, pa.int32())
+    pq.write_table(pa.table(cols), path, compression="zstd")
+
+
+def row_column(table: pa.Table, name: str, dtype) -> np.ndarray:
+    """A fixed-size-list column of rows.parquet as an (N, L) array."""
+    col = table.column(name).combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(len(col), -1)
 
 
 class CacheWriter:

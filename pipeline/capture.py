@@ -131,6 +131,19 @@ def build_plan(cfg: TeacherCacheConfig, spec, tokenizer, prepared, hidden, attn,
     fields["key"] = {"path": "{split}/rows.parquet", "format": "parquet", "column": "key", "dtype": "string",
                      "dims": ["row"], "shape": {s: [n] for s, n in split_rows.items()},
                      "description": "blake2b-128 hex of the row's real token ids as little-endian int32"}
+    first = next(iter(prepared.splits.values()))
+    if first.loss_mask is not None:
+        fields["loss_mask"] = {"path": "{split}/rows.parquet", "format": "parquet", "column": "loss_mask",
+                               "dtype": "uint8", "dims": ["row", "position"],
+                               "shape": {s: [n, cfg.data.seq_len] for s, n in split_rows.items()},
+                               "description": "1 where the targets at position t train (the token t+1 they "
+                                              "predict is an assistant/response token); 0 elsewhere"}
+    if first.position_ids is not None:
+        fields["position_ids"] = {"path": "{split}/rows.parquet", "format": "parquet", "column": "position_ids",
+                                  "dtype": "int32", "dims": ["row", "position"],
+                                  "shape": {s: [n, cfg.data.seq_len] for s, n in split_rows.items()},
+                                  "description": "0 where a document starts, +1 per token within it; padding is a "
+                                                 "segment of its own. Attention is causal within a segment only"}
     return {
         "format": cache_fmt.FORMAT_NAME,
         "format_version": cache_fmt.FORMAT_VERSION,
@@ -145,9 +158,10 @@ def build_plan(cfg: TeacherCacheConfig, spec, tokenizer, prepared, hidden, attn,
             "pad_token_id": tokenizer.pad_token_id,
         },
         "dataset": prepared.info,
-        "preparation": cfg.data.model_dump(include={"seq_len", "packing", "add_special_tokens", "max_documents",
-                                                    "max_tokens", "validation_fraction", "sample_by",
-                                                    "shuffle_seed"}),
+        "preparation": {**cfg.data.model_dump(include={"seq_len", "packing", "add_special_tokens", "max_documents",
+                                                       "max_tokens", "validation_fraction", "sample_by",
+                                                       "shuffle_seed", "format", "loss_mask", "document_mask"}),
+                        **prepared.convention},
         "capture": {
             **cfg.capture.model_dump(exclude={"batch_size", "position_chunk", "hidden_layers", "attention_layers"}),
             "hidden_layers": hidden, "attention_layers": attn, "attention_heads_stored": heads,
@@ -273,7 +287,7 @@ def _locked_capture(cfg, out, tokenizer, spec, hidden, attn, device, log, progre
         if not rows_path.exists():
             rows_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = rows_path.with_name("rows.parquet.tmp")
-            cache_fmt.write_rows(tmp, rows.input_ids, rows.lengths, rows.keys)
+            cache_fmt.write_rows(tmp, rows)
             tmp.replace(rows_path)
     tok_dir = out / cache_fmt.TOKENIZER_DIR
     if not tok_dir.exists():  # students read the tokenizer from the cache, never from the teacher
@@ -294,12 +308,75 @@ def _locked_capture(cfg, out, tokenizer, spec, hidden, attn, device, log, progre
         model = teacher_mod.load_model(cfg.teacher, device)
         log(f"teacher loaded on {device} in {time.perf_counter() - t0:.1f}s")
         computer = TargetComputer(model, spec, cfg.capture, hidden, attn)
+        if cfg.data.document_mask:
+            check_teacher_document_masking(computer, spec, cfg.teacher.dtype)
+        for line in first_rows_check(computer, prepared.splits["train"], tokenizer, prepared.convention, spec):
+            log(line)
         _run_shards(computer, prepared, todo, writer, cfg.capture.batch_size, progress, overlap_writes(device))
     stats = _statistics(writer, plan, out)
     manifest = writer.finalize(stats)
     log(f"finished {out}: {stats['tokens']:,} tokens, {stats['timing']['tokens_per_second']:,.0f} tokens/s, "
         f"mean top-{cfg.capture.top_k} mass {stats['mean_topk_mass']:.4f}")
     return CaptureResult(out, manifest, resumed_shards=len(committed), computed_shards=len(todo))
+
+
+def check_teacher_document_masking(computer: TargetComputer, spec, dtype: str) -> None:
+    from .attention import DocumentMaskError, check_document_masking
+
+    def run(ids, pos):
+        kw = {} if pos is None else {"position_ids": pos}
+        return computer.base(input_ids=ids, use_cache=False, **kw).last_hidden_state
+
+    try:
+        check_document_masking(run, spec.vocab_size, computer.device, f"teacher {spec.model_type!r}",
+                               rel_tol=1e-3 if dtype == "float32" else 5e-2)
+    except DocumentMaskError as e:
+        raise CaptureError(str(e)) from None
+
+
+NEAR_UNIFORM = 0.9  # a teacher NLL above this share of log(V) is close to a uniform guess
+BOS_GAIN_NATS = 0.05  # the other BOS choice must beat the rows' by this much (and 2%) to be flagged
+
+
+def first_rows_check(computer: TargetComputer, rows, tokenizer, convention: dict, spec, n_rows: int = 4
+                     ) -> list[str]:
+    """Is the teacher in distribution on the rows it is about to label? Its mean NLL on the first
+    rows, against a uniform guess (log V) and, when its tokenizer has a BOS token, against the same
+    rows with the other BOS choice (same predicted tokens). Returns log lines, warnings first."""
+    import math
+
+    k = min(n_rows, len(rows))
+    ids, lens = rows.input_ids[:k], rows.lengths[:k]
+    nll = float(np.nanmean(-computer(ids, lens).target_logprob))
+    lines, note = [], ""
+    log_v = math.log(spec.vocab_size)
+    if nll > NEAR_UNIFORM * log_v:
+        lines.append(f"warning: the teacher's NLL on the first {k} rows is {nll:.3f} nats/token, close to a uniform "
+                     f"guess over its vocabulary (log V = {log_v:.3f}): check that the teacher, its tokenizer and "
+                     "the data belong together")
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids.shape[1] > 2:
+        applied = convention["bos"]["applied"]
+        L = ids.shape[1]
+        content = np.full_like(ids, ids[0, -1])
+        m = lens - 1 if applied else lens.copy()
+        for i in range(k):
+            row = ids[i, 1 : lens[i]] if applied else ids[i, : lens[i]]
+            content[i, : len(row)] = row
+        with_bos = np.concatenate([np.full((k, 1), bos, dtype=ids.dtype), content[:, :-1]], 1)
+        lp_with = computer(with_bos, np.minimum(m + 1, L).astype(np.int32)).target_logprob[:, 1 : L - 1]
+        lp_without = computer(content, m.astype(np.int32)).target_logprob[:, : L - 2]
+        both = np.isfinite(lp_with) & np.isfinite(lp_without)  # the same tokens, predicted both ways
+        if both.any():
+            nll_with, nll_without = float(-lp_with[both].mean()), float(-lp_without[both].mean())
+            ours, other = (nll_with, nll_without) if applied else (nll_without, nll_with)
+            note = f"; on the same tokens {nll_with:.3f} with BOS, {nll_without:.3f} without"
+            if other < ours - max(BOS_GAIN_NATS, 0.02 * ours):
+                lines.append(f"warning: the teacher predicts the first rows better {'without' if applied else 'with'} "
+                             f"a leading BOS ({other:.3f} vs {ours:.3f} nats/token as prepared): the rows may not be "
+                             f"what it expects; see data.bos (now {convention['bos']['setting']!r})")
+    lines.append(f"first-rows check: teacher NLL {nll:.3f} nats/token on {k} rows{note}")
+    return lines
 
 
 def overlap_writes(device) -> bool:
@@ -327,7 +404,8 @@ def _run_shards(computer, prepared, todo, writer: CacheWriter, batch_size: int, 
                 parts = []
                 for s in range(a, b, batch_size):
                     e = min(s + batch_size, b)
-                    parts.append(computer(rows.input_ids[s:e], rows.lengths[s:e]))
+                    pos = None if rows.position_ids is None else rows.position_ids[s:e]
+                    parts.append(computer(rows.input_ids[s:e], rows.lengths[s:e], pos))
                     bar.update(int(rows.lengths[s:e].sum()))
                 targets = TeacherTargets.concat(parts)
                 stats = _shard_stats(targets, rows.lengths[a:b], time.perf_counter() - t0)

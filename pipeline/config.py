@@ -52,10 +52,38 @@ class DataConfig(_Strict):
         True, description="join documents with EOS into full rows; false: one document per row, padded"
     )
     add_special_tokens: bool = Field(False, description="let the tokenizer add BOS/EOS of its own")
+    bos: Literal["auto"] | bool = Field(
+        "auto", description="rows begin with the teacher's BOS token: 'auto' when its tokenizer adds one "
+                            "(as tokenizer('x') does), true/false to force it")
+    format: Literal["text", "messages", "prompt_response"] = Field(
+        "text", description="'text': a text column; 'messages': a column of [{role, content}] conversations; "
+                            "'prompt_response': prompt and response columns; both rendered with the chat template")
+    messages_column: str = Field("messages", description="format='messages': the conversations column")
+    prompt_column: str = Field("prompt", description="format='prompt_response': the prompt (user turn) column")
+    response_column: str = Field("response", description="format='prompt_response': the response column")
+    chat_template: str | None = Field(
+        None, description="a Jinja chat template (or a path to a file holding one); None: the tokenizer's own")
+    loss_mask: Literal["all", "assistant"] = Field(
+        "all", description="'all': every real position trains; 'assistant': only positions that predict an "
+                           "assistant (or response) token, stored with the rows")
+    document_mask: bool = Field(
+        False, description="packed rows: each document attends only to itself (block-diagonal causal attention, "
+                           "positions restarting per document), at capture and in training")
     shuffle_seed: int | None = Field(None, description="shuffle documents with this seed before the caps apply")
     max_documents: int | None = Field(None, gt=0, description="read at most this many documents")
     max_tokens: int | None = Field(None, gt=0, description="stop after this many tokens (before splitting)")
     validation_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of rows, chosen by content key")
+
+    @model_validator(mode="after")
+    def _format_rules(self) -> "DataConfig":
+        if self.loss_mask == "assistant" and self.format == "text":
+            raise ValueError("loss_mask='assistant' needs chat data: set data.format to 'messages' or "
+                             "'prompt_response'")
+        if self.chat_template is not None and self.format == "text":
+            raise ValueError("chat_template is set but data.format is 'text' (nothing is rendered with it)")
+        if self.document_mask and not self.packing:
+            raise ValueError("document_mask separates the documents of packed rows: it needs packing = true")
+        return self
 
 
 class CaptureConfig(_Strict):
@@ -201,6 +229,9 @@ class StudentRunConfig(_Strict):
     seed: int = Field(0, description="data order")
     device: str = "auto"
     log_every: int = Field(10, gt=0)
+    document_mask: bool | None = Field(
+        None, description="None: attend as the cache's teacher did; true/false: require that masking (a cache made "
+                          "with other masking is refused)")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "StudentRunConfig":

@@ -1,11 +1,23 @@
 """Step 1, prepare: documents -> fixed-length token rows with content keys and a split.
 
-Documents come through `datasets` (a hub id, or local txt/jsonl/parquet/arrow files).
-Rows are `seq_len` tokens: documents joined with EOS and cut (packing), or one document
-per row, truncated and right-padded. Each row's key is blake2b-128 of its real tokens
-(int32 little-endian), so students can join, subset and reorder rows; identical rows are
-dropped (keys are unique). The validation split is chosen by key, so it does not depend
-on row order and a subset of a corpus keeps its rows' assignment.
+Documents come through `datasets` (a hub id, or local txt/jsonl/parquet/arrow files): a text
+column, or chat data (a `messages` column of [{role, content}] conversations, or prompt/response
+columns) rendered with the teacher's chat template. Rows are `seq_len` tokens: documents joined
+and cut (packing), or one document per row, truncated and right-padded.
+
+Rows are what the teacher expects (`RowConvention`): when its tokenizer adds a BOS token (as
+`tokenizer("x")` does), every document starts with it and so does every packed row, even one that
+starts mid-document (the BOS is inserted, the row then holds seq_len - 1 stream tokens). Text
+documents end with EOS; chat documents end where their template ends them.
+
+Optional per-position columns travel with the rows: `loss_mask` (position t trains iff the token
+it predicts, t + 1, is an assistant/response token; the last position of a row looks at the
+stream's next token) and `position_ids` (document_mask: positions restart at 0 at each document,
+and the padding of a row is a segment of its own, so attention is block-diagonal causal).
+
+Each row's key is blake2b-128 of its real tokens (int32 little-endian), so students can join,
+subset and reorder rows; identical rows are dropped (keys are unique). The validation split is
+chosen by key, so it does not depend on row order and a subset of a corpus keeps its rows' assignment.
 """
 
 from __future__ import annotations
@@ -36,6 +48,8 @@ class Rows:
     input_ids: np.ndarray  # (N, L) int32
     lengths: np.ndarray  # (N,) int32
     keys: list[str]  # (N,) 32 hex chars
+    loss_mask: np.ndarray | None = None  # (N, L) uint8: 1 where the prediction of token t+1 trains
+    position_ids: np.ndarray | None = None  # (N, L) int32: restart at 0 per document (document_mask)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -44,11 +58,84 @@ class Rows:
     def n_tokens(self) -> int:
         return int(self.lengths.sum())
 
+    def take(self, idx: np.ndarray) -> "Rows":
+        return Rows(self.input_ids[idx], self.lengths[idx], [self.keys[i] for i in idx],
+                    None if self.loss_mask is None else self.loss_mask[idx],
+                    None if self.position_ids is None else self.position_ids[idx])
+
 
 @dataclass
 class Prepared:
     splits: dict[str, Rows]
     info: dict = field(default_factory=dict)  # dataset identity and preparation statistics
+    convention: dict = field(default_factory=dict)  # RowConvention.to_dict(): what position 0 is, the template
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS token first when asked to add special tokens."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return len(ids) > 0 and ids[0] == bos
+
+
+def missing_bos_warning(tokenizer, first_tokens: np.ndarray, lengths: np.ndarray, where: str) -> str | None:
+    """A warning when the tokenizer puts BOS first but rows of a cache do not start with it."""
+    if not tokenizer_adds_bos(tokenizer):
+        return None
+    bos = tokenizer.bos_token_id
+    missing = int(((first_tokens != bos) & (lengths > 0)).sum())
+    if not missing:
+        return None
+    return (f"warning: {where}: the teacher's tokenizer puts BOS (id {bos}) first, but {missing} of {len(lengths)} "
+            "rows do not start with it; the teacher labelled them without the context it expects (recapture "
+            "with data.bos = \"auto\")")
+
+
+@dataclass(frozen=True)
+class RowConvention:
+    """How rows are made for this teacher: BOS first or not, and the chat template used (if any)."""
+
+    bos_setting: str | bool  # data.bos as configured
+    tokenizer_adds_bos: bool
+    bos_token_id: int | None  # the id put first in every row, or None
+    chat_template: str | None
+    chat_template_source: str | None  # "tokenizer" or "config"
+
+    @classmethod
+    def resolve(cls, cfg: DataConfig, tokenizer) -> "RowConvention":
+        adds = tokenizer_adds_bos(tokenizer)
+        want = adds if cfg.bos == "auto" else bool(cfg.bos)
+        if want and tokenizer.bos_token_id is None:
+            raise DataError("data.bos = true, but the teacher's tokenizer has no BOS token (bos_token_id is None)")
+        template, source = (None, None) if cfg.format == "text" else _chat_template(cfg, tokenizer)
+        return cls(cfg.bos, adds, int(tokenizer.bos_token_id) if want else None, template, source)
+
+    def to_dict(self) -> dict:
+        d = {"bos": {"setting": self.bos_setting, "tokenizer_adds_bos": self.tokenizer_adds_bos,
+                     "applied": self.bos_token_id is not None, "token_id": self.bos_token_id}}
+        if self.chat_template is not None:
+            d["chat_template"] = {"source": self.chat_template_source, "text": self.chat_template,
+                                  "sha256": hashlib.sha256(self.chat_template.encode()).hexdigest()}
+        return d
+
+
+def _chat_template(cfg: DataConfig, tokenizer) -> tuple[str, str]:
+    if cfg.chat_template is not None:
+        t = cfg.chat_template
+        if "{" not in t:  # not a template: a file holding one
+            if not Path(t).is_file():
+                raise DataError(f"data.chat_template {t!r} is neither a Jinja template nor an existing file")
+            t = Path(t).read_text()
+        return t, "config"
+    t = tokenizer.chat_template
+    if isinstance(t, dict):
+        t = t.get("default")
+    if not t:
+        raise DataError(f"data.format = {cfg.format!r} renders conversations with the chat template, but the "
+                        "teacher's tokenizer has none: set data.chat_template")
+    return t, "tokenizer"
 
 
 def content_key(ids: np.ndarray) -> str:
@@ -96,10 +183,10 @@ def load_documents(cfg: DataConfig):
     except Exception as e:  # datasets raises many types (StopIteration for an empty json file)
         raise DataError(f"cannot load dataset {cfg.source!r} {files[:3] or ''}: "
                         f"{type(e).__name__}: {e or 'no data'}") from e
-    if cfg.text_column not in ds.column_names:
-        raise DataError(
-            f"text column {cfg.text_column!r} not in dataset {cfg.source!r} (columns: {', '.join(ds.column_names)})"
-        )
+    for what, col in _columns(cfg):
+        if col not in ds.column_names:
+            raise DataError(f"{what} column {col!r} not in dataset {cfg.source!r} "
+                            f"(columns: {', '.join(ds.column_names)})")
     if len(ds) == 0:
         raise DataError(f"dataset {cfg.source!r} split {cfg.split!r} is empty")
     info = {
@@ -107,11 +194,21 @@ def load_documents(cfg: DataConfig):
         "config_name": cfg.config_name,
         "split": cfg.split,
         "text_column": cfg.text_column,
+        "format": cfg.format,
+        "columns": {what: col for what, col in _columns(cfg)},
         "data_files": [_portable(f) for f in files],
         "datasets_fingerprint": getattr(ds, "_fingerprint", None),
         "documents_available": len(ds),
     }
     return ds, info
+
+
+def _columns(cfg: DataConfig) -> list[tuple[str, str]]:
+    if cfg.format == "messages":
+        return [("messages", cfg.messages_column)]
+    if cfg.format == "prompt_response":
+        return [("prompt", cfg.prompt_column), ("response", cfg.response_column)]
+    return [("text", cfg.text_column)]
 
 
 def _portable(path: str) -> str:
@@ -126,71 +223,236 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _token_docs(ds, tokenizer, cfg: DataConfig):
-    """Yield token id lists per non-empty document, in dataset order, up to the caps."""
+# ---------------------------------------------------------------------------------------------
+# documents -> token lists (with a per-token "trained" flag for chat data)
+
+
+def _conversations(batch: dict, cfg: DataConfig, first_index: int) -> list[list[dict]]:
+    """The batch's conversations as lists of {role, content}; bad items are refused by row index."""
+    if cfg.format == "prompt_response":
+        convs = []
+        for i, (p, r) in enumerate(zip(batch[cfg.prompt_column], batch[cfg.response_column])):
+            if not isinstance(p, str) or not isinstance(r, str):
+                raise DataError(f"row {first_index + i}: prompt/response columns must hold strings, got "
+                                f"{type(p).__name__}/{type(r).__name__}")
+            convs.append([{"role": "user", "content": p}, {"role": "assistant", "content": r}])
+        return convs
+    convs = []
+    for i, msgs in enumerate(batch[cfg.messages_column]):
+        if msgs is None:
+            msgs = []
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content"), str) for m in msgs):
+            raise DataError(f"row {first_index + i}: column {cfg.messages_column!r} must hold a list of "
+                            "{role: str, content: str} messages")
+        convs.append([{"role": m["role"], "content": m["content"]} for m in msgs])
+    return convs
+
+
+def render_conversation(tokenizer, template: str, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation as the template renders it, and the character spans of its assistant turns.
+
+    An assistant turn spans from the end of the prompt the template renders before it (with the
+    generation prompt) to the end of the rendering that includes it, so it covers the template's
+    end-of-turn tokens too. A template that renders earlier turns differently once later ones
+    exist falls back to locating the message's content.
+    """
+    def render(msgs, gen=False) -> str:
+        return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
+                                             add_generation_prompt=gen)
+
+    full = render(messages)
+    spans, cursor = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, through = render(messages[:i], gen=True), render(messages[: i + 1])
+        if through.startswith(before) and full.startswith(through) and len(before) >= cursor:
+            span = (len(before), len(through))
+        else:
+            at = full.find(m["content"], cursor)
+            if at < 0:
+                raise DataError(f"cannot find assistant message {i} in the rendered conversation (the chat "
+                                "template changes it): its loss mask cannot be built")
+            span = (at, at + len(m["content"]))
+        spans.append(span)
+        cursor = span[1]
+    return full, spans
+
+
+def _trained_flags(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token whose characters overlap an assistant span."""
+    flags = [0] * len(offsets)
+    j = 0
+    for t, (a, b) in enumerate(offsets):
+        while j < len(spans) and spans[j][1] <= a:
+            j += 1
+        if j < len(spans) and b > spans[j][0] and a < spans[j][1] and b > a:
+            flags[t] = 1
+    return flags
+
+
+def _token_docs(ds, tokenizer, cfg: DataConfig, conv: RowConvention):
+    """Yield (token ids, trained flags or None) per non-empty document, in dataset order, up to the caps.
+
+    Text documents: tokens (+ BOS first when the convention says so) + EOS. Chat documents: the
+    rendered conversation (+ BOS first when the template did not put it there); flags mark
+    assistant tokens when data.loss_mask = 'assistant'.
+    """
     if cfg.shuffle_seed is not None:
         ds = ds.shuffle(seed=cfg.shuffle_seed)
     n_docs = len(ds) if cfg.max_documents is None else min(len(ds), cfg.max_documents)
+    bos, eos = conv.bos_token_id, tokenizer.eos_token_id
+    want_flags = cfg.loss_mask == "assistant"
+    if want_flags and not getattr(tokenizer, "is_fast", False):
+        raise DataError("data.loss_mask = 'assistant' needs a fast tokenizer (character offsets per token)")
     for start in range(0, n_docs, _DOC_BATCH):
-        texts = ds[start : min(start + _DOC_BATCH, n_docs)][cfg.text_column]
-        texts = [t for t in texts if isinstance(t, str) and t.strip()]
-        if not texts:
+        batch = ds[start : min(start + _DOC_BATCH, n_docs)]
+        if cfg.format == "text":
+            texts = [t for t in batch[cfg.text_column] if isinstance(t, str) and t.strip()]
+            if not texts:
+                continue
+            for ids in tokenizer(texts, add_special_tokens=cfg.add_special_tokens)["input_ids"]:
+                if bos is not None and (not ids or ids[0] != bos):
+                    ids = [bos] + ids
+                if eos is not None and (not ids or ids[-1] != eos):
+                    ids = ids + [eos]
+                yield ids, None
             continue
-        for ids in tokenizer(texts, add_special_tokens=cfg.add_special_tokens)["input_ids"]:
-            yield ids
+        rendered = [render_conversation(tokenizer, conv.chat_template, m)
+                    for m in _conversations(batch, cfg, start) if m]
+        if not rendered:
+            continue
+        enc = tokenizer([text for text, _ in rendered], add_special_tokens=False,
+                        return_offsets_mapping=want_flags)
+        for i, ids in enumerate(enc["input_ids"]):
+            flags = _trained_flags(enc["offset_mapping"][i], rendered[i][1]) if want_flags else None
+            if bos is not None and (not ids or ids[0] != bos):
+                ids = [bos] + ids
+                flags = None if flags is None else [0] + flags
+            yield ids, flags
 
 
-def tokenize_rows(ds, tokenizer, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, dict]:
-    """All rows, in order: (input_ids (N, L) int32, lengths (N,) int32, stats)."""
+# ---------------------------------------------------------------------------------------------
+# token lists -> rows
+
+
+@dataclass
+class _RowBuilder:
+    """Collects rows: token ids, lengths and, as configured, prediction masks and position ids."""
+
+    seq_len: int
+    pad: int
+    with_mask: bool
+    with_positions: bool
+    ids: list = field(default_factory=list)
+    lengths: list = field(default_factory=list)
+    masks: list = field(default_factory=list)
+    positions: list = field(default_factory=list)
+
+    def add(self, toks: list[int], flags: list[int], starts: list[bool], next_flag: int) -> None:
+        """One row of n <= seq_len tokens; flags[t] = token t trains, starts[t] = a document starts at t."""
+        L, n = self.seq_len, len(toks)
+        row = np.full(L, self.pad, dtype=np.int32)
+        row[:n] = toks
+        self.ids.append(row)
+        self.lengths.append(n)
+        if self.with_mask:  # position t trains iff the token it predicts (t + 1) does
+            m = np.zeros(L, dtype=np.uint8)
+            m[: n - 1] = flags[1:n]
+            m[n - 1] = next_flag
+            self.masks.append(m)
+        if self.with_positions:
+            pos = np.empty(L, dtype=np.int32)
+            p = 0
+            for t in range(n):
+                p = 0 if (t == 0 or starts[t]) else p + 1
+                pos[t] = p
+            pos[n:] = np.arange(L - n)  # the padding is a segment of its own
+            self.positions.append(pos)
+
+    def arrays(self) -> dict:
+        return {"input_ids": np.stack(self.ids), "lengths": np.asarray(self.lengths, dtype=np.int32),
+                "loss_mask": np.stack(self.masks) if self.with_mask else None,
+                "position_ids": np.stack(self.positions) if self.with_positions else None}
+
+
+def tokenize_rows(ds, tokenizer, cfg: DataConfig, conv: RowConvention | None = None) -> tuple[dict, dict]:
+    """All rows, in order: ({input_ids (N, L) int32, lengths (N,), loss_mask, position_ids}, stats)."""
+    conv = conv or RowConvention.resolve(cfg, tokenizer)
     L = cfg.seq_len
     eos = tokenizer.eos_token_id
-    if cfg.packing and eos is None:
+    if cfg.packing and cfg.format == "text" and eos is None:
         raise DataError("packing joins documents with EOS, but the tokenizer has no eos_token_id")
-    pad = _pad_id(tokenizer)
+    bos = conv.bos_token_id
+    if bos is not None and L < 2:
+        raise DataError("rows begin with BOS: data.seq_len must be at least 2")
+    out = _RowBuilder(L, _pad_id(tokenizer), cfg.loss_mask == "assistant", cfg.document_mask)
     budget = cfg.max_tokens if cfg.max_tokens is not None else float("inf")
-    rows: list[np.ndarray] = []
-    lengths: list[int] = []
-    stats = {"documents": 0, "documents_truncated": 0, "tokens_read": 0}
-    stream: list[int] = []
-    for ids in _token_docs(ds, tokenizer, cfg):
+    stats = {"documents": 0, "documents_truncated": 0, "tokens_read": 0, "rows_bos_inserted": 0}
+    toks: list[int] = []  # the packing stream: tokens, their trained flags, document starts
+    flags: list[int] = []
+    starts: list[bool] = []
+
+    def cut(final: bool) -> None:
+        """Emit full rows from the stream; keep one token of look-ahead (the last position's mask)
+        unless the stream has ended."""
+        while toks:
+            insert = bos is not None and not starts[0]  # a row that starts mid-document gets BOS first
+            take = L - insert
+            if len(toks) < take or (len(toks) == take and not final):
+                return
+            nxt = flags[take] if len(toks) > take else 0
+            out.add([bos] * insert + toks[:take], [0] * insert + flags[:take], [True] * insert + starts[:take], nxt)
+            stats["rows_bos_inserted"] += int(insert)
+            del toks[:take], flags[:take], starts[:take]
+
+    for ids, doc_flags in _token_docs(ds, tokenizer, cfg, conv):
         if stats["tokens_read"] >= budget:
             break
+        if not ids:
+            continue
         stats["documents"] += 1
+        doc_flags = doc_flags if doc_flags is not None else [1] * len(ids)
         if cfg.packing:
-            doc = ids + [eos]
-            take = int(min(len(doc), budget - stats["tokens_read"]))
-            stream.extend(doc[:take])
+            take = int(min(len(ids), budget - stats["tokens_read"]))
+            toks.extend(ids[:take])
+            flags.extend(doc_flags[:take])
+            starts.extend([True] + [False] * (take - 1))
             stats["tokens_read"] += take
-            while len(stream) >= L:
-                rows.append(np.asarray(stream[:L], dtype=np.int32))
-                lengths.append(L)
-                del stream[:L]
+            cut(final=False)
         else:
-            doc = ids + ([eos] if eos is not None else [])
-            if len(doc) > L:
+            nxt = doc_flags[L] if len(ids) > L else 0
+            if len(ids) > L:
                 stats["documents_truncated"] += 1
-                doc = doc[:L]
-            take = int(min(len(doc), budget - stats["tokens_read"]))
-            doc = doc[:take]
+                ids, doc_flags = ids[:L], doc_flags[:L]
+            take = int(min(len(ids), budget - stats["tokens_read"]))
+            if take < len(ids):
+                nxt = doc_flags[take]
             stats["tokens_read"] += take
-            row = np.full(L, pad, dtype=np.int32)
-            row[: len(doc)] = doc
-            rows.append(row)
-            lengths.append(len(doc))
-    if cfg.packing and stream:  # the tail: one last, padded row
-        row = np.full(L, pad, dtype=np.int32)
-        row[: len(stream)] = stream
-        rows.append(row)
-        lengths.append(len(stream))
-    if not rows:
+            out.add(ids[:take], doc_flags[:take], [True] + [False] * (take - 1), nxt)
+    if cfg.packing:
+        cut(final=True)
+        if toks:  # the tail: one last, padded row
+            insert = bos is not None and not starts[0]
+            out.add([bos] * insert + toks, [0] * insert + flags, [True] * insert + starts, 0)
+            stats["rows_bos_inserted"] += int(insert)
+    if not out.ids:
         raise DataError("the dataset produced no tokens (every document empty?)")
-    return np.stack(rows), np.asarray(lengths, dtype=np.int32), stats
+    arrays = out.arrays()
+    if arrays["loss_mask"] is not None:
+        stats["trained_positions"] = int(arrays["loss_mask"].sum())
+        if stats["trained_positions"] == 0:
+            raise DataError("data.loss_mask = 'assistant' left no position to train on (no assistant tokens?)")
+    return arrays, stats
 
 
 def prepare(cfg: DataConfig, tokenizer) -> Prepared:
     """Load, tokenize, key, deduplicate and split. Deterministic for the same inputs."""
+    conv = RowConvention.resolve(cfg, tokenizer)  # before the dataset: a bad setting fails at once
     ds, info = load_documents(cfg)
-    input_ids, lengths, stats = tokenize_rows(ds, tokenizer, cfg)
+    arrays, stats = tokenize_rows(ds, tokenizer, cfg, conv)
+    input_ids, lengths = arrays["input_ids"], arrays["lengths"]
     keys = [content_key(r[:n]) for r, n in zip(input_ids, lengths)]
     seen: set[str] = set()
     keep = []
@@ -205,12 +467,9 @@ def prepare(cfg: DataConfig, tokenizer) -> Prepared:
     train = [i for i in keep if i not in val_set]
     if not train:
         raise DataError("no training rows left after the validation split; add data or lower validation_fraction")
-    splits = {}
-    for name, idx in (("train", train), ("validation", val)):
-        if idx:
-            ix = np.asarray(idx)
-            splits[name] = Rows(input_ids[ix], lengths[ix], [keys[i] for i in idx])
+    every = Rows(input_ids, lengths, keys, arrays["loss_mask"], arrays["position_ids"])
+    splits = {name: every.take(np.asarray(idx)) for name, idx in (("train", train), ("validation", val)) if idx}
     stats["rows"] = len(keys)
     stats["duplicate_rows_dropped"] = len(keys) - len(keep)
     info["statistics"] = stats
-    return Prepared(splits=splits, info=info)
+    return Prepared(splits=splits, info=info, convention=conv.to_dict())

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .cache import Cache, CacheError, shard_ranges
+from .cache import Cache, CacheError, row_column, shard_ranges
 
-ALWAYS = ("input_ids", "length")
+ROW_FIELDS = {"loss_mask": np.bool_, "position_ids": np.int64}  # optional rows.parquet columns, in every batch
 FLOAT_FIELDS = {"topk_logprobs", "logsumexp", "target_logprob", "logsumexp_tempered", "hidden_states", "attentions"}
 
 
@@ -57,7 +57,8 @@ def batch_plan(shards: list[np.ndarray], batch_size: int, num_workers: int, seed
 
 
 class CacheBatches(torch.utils.data.IterableDataset):
-    """Batches of one split: dicts of CPU tensors holding `input_ids`, `length`, `row` and `fields`.
+    """Batches of one split: dicts of CPU tensors holding `input_ids`, `length`, `row`, `fields` and,
+    when the cache has them, `loss_mask` (B, L) bool and `position_ids` (B, L).
 
     Set `epoch` and `start` (the first batch index to yield) before iterating; the same values
     give the same batches, with any number of workers as long as it is the same number.
@@ -108,15 +109,18 @@ class CacheBatches(torch.utils.data.IterableDataset):
             # the DataLoader asks worker 0 first: rotate so that it serves the plan's batch `start`
             worker = (worker + plan[self.start].worker) % n_workers
         rows_tab = self.cache.rows(self.split)
-        ids = np.stack(rows_tab.column("input_ids").to_numpy(zero_copy_only=False)).astype(np.int64)
+        ids = row_column(rows_tab, "input_ids", np.int64)
         lengths = rows_tab.column("length").to_numpy().astype(np.int64)
+        per_row = {name: row_column(rows_tab, name, dtype) for name, dtype in ROW_FIELDS.items()
+                   if name in self.cache.manifest["fields"]}
         arrays = {f: self.cache.array(self.split, f) for f in self.fields}
         loaded: dict[int, dict[str, np.ndarray]] = {}
         for b in plan:
             if b.worker != worker or b.index < self.start:
                 continue
             out = {"input_ids": torch.from_numpy(ids[b.rows]), "length": torch.from_numpy(lengths[b.rows]),
-                   "row": torch.from_numpy(b.rows.astype(np.int64)), "batch_index": b.index}
+                   "row": torch.from_numpy(b.rows.astype(np.int64)), "batch_index": b.index,
+                   **{name: torch.from_numpy(a[b.rows]) for name, a in per_row.items()}}
             parts: dict[str, list[np.ndarray]] = {f: [] for f in self.fields}
             shard_of = b.rows // self.shard_rows
             for sh in np.unique(shard_of):  # rows of a batch lie in one shard, two at a seam

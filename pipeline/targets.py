@@ -117,13 +117,19 @@ class TargetComputer:
             attention.enable(model)
 
     @torch.inference_mode()
-    def __call__(self, input_ids: np.ndarray, lengths: np.ndarray) -> TeacherTargets:
+    def __call__(self, input_ids: np.ndarray, lengths: np.ndarray,
+                 position_ids: np.ndarray | None = None) -> TeacherTargets:
+        """`position_ids` (B, L): documents kept apart (restarting positions, padding a segment of its own)."""
         B, L = input_ids.shape
         ids = torch.from_numpy(input_ids).to(self.device, torch.long)  # (B, L)
         lens = torch.from_numpy(lengths).to(self.device, torch.long)
         pos = torch.arange(L, device=self.device)
         valid = pos[None, :] < lens[:, None]  # (B, L)
         mask = None if bool(valid.all()) else valid.long()
+        extra = {}
+        if position_ids is not None:  # transformers reads packed documents from the restarts when mask is None
+            mask = None
+            extra["position_ids"] = torch.from_numpy(position_ids).to(self.device, torch.long)
         recorder = (
             attention.AttentionRecorder(self.attention_layers, self.cfg.attention_heads, self.cfg.attention_head_reduce)
             if self.attention_layers
@@ -135,6 +141,7 @@ class TargetComputer:
                 attention_mask=mask,
                 output_hidden_states=bool(self.hidden_layers),
                 use_cache=False,
+                **extra,
             )
         nxt = torch.full_like(ids, -1)
         nxt[:, :-1] = ids[:, 1:]

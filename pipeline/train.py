@@ -100,14 +100,30 @@ def build_rep(spec: StudentConfig, model, manifest: dict, device) -> Rep:
 # one step's losses
 
 
-def _masks(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+@dataclass
+class Masks:
+    """Which positions of a batch count for what, and how the student attends."""
+
+    real: torch.Tensor  # (B, L) a real token: representation terms (hidden states, attention maps)
+    kd: torch.Tensor  # (B, L) real and trained (loss_mask): KD terms, top-1 agreement, KL
+    ce: torch.Tensor  # (B, L) trained with a real next token: CE, NLL, calibration
+    forward: dict  # attention_mask or position_ids for the student's forward pass
+
+
+def batch_masks(batch: dict, device) -> Masks:
     ids = batch["input_ids"]
     pos = torch.arange(ids.shape[1], device=device)
     length = batch["length"].to(device)
-    valid = pos[None] < length[:, None]  # (B, L) a real token: KD positions
-    has_next = pos[None] < (length[:, None] - 1)  # (B, L) a real next token: CE positions
-    attn = None if bool(valid.all()) else valid.long()
-    return valid, has_next, attn
+    real = pos[None] < length[:, None]  # (B, L)
+    has_next = pos[None] < (length[:, None] - 1)  # (B, L)
+    trained = batch.get("loss_mask")
+    kd, ce = (real, has_next) if trained is None else (real & trained.to(device), has_next & trained.to(device))
+    # use_cache=False: training needs no KV cache, and transformers ignores packed position_ids when one exists
+    if "position_ids" in batch:  # documents kept apart, as the teacher saw them; padding is its own segment
+        forward = {"position_ids": batch["position_ids"].to(device), "use_cache": False}
+    else:
+        forward = {"attention_mask": None if bool(real.all()) else real.long(), "use_cache": False}
+    return Masks(real, kd, ce, forward)
 
 
 def student_losses(model, batch: dict, spec: StudentConfig, t_index: int | None, device,
@@ -115,11 +131,12 @@ def student_losses(model, batch: dict, spec: StudentConfig, t_index: int | None,
     """Named loss terms (unweighted) and 'total' (weighted sum) for one batch."""
     rep = rep or Rep()
     ids = batch["input_ids"].to(device)
-    valid, has_next, attn = _masks(batch, device)
+    masks = batch_masks(batch, device)
+    valid, has_next = masks.kd, masks.ce
     recorder = attn_mod.AttentionRecorder([s for s, _ in rep.attention], None, "none") if rep.attention else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), \
             attn_mod.recording(recorder):
-        out = model(input_ids=ids, attention_mask=attn, output_hidden_states=bool(rep.hidden))
+        out = model(input_ids=ids, output_hidden_states=bool(rep.hidden), **masks.forward)
     logits = out.logits  # (B, L, V)
     terms: dict[str, torch.Tensor] = {}
     T = spec.temperature
@@ -139,8 +156,8 @@ def student_losses(model, batch: dict, spec: StudentConfig, t_index: int | None,
             if len(rep.projections):
                 h_s = rep.projections[i](h_s)
             h_t = decode_hidden(h_t_all[:, j], rep.hidden_encoding)
-            parts_mse.append(L.hidden_mse(h_s, h_t, valid) if "hidden_mse" in spec.losses else None)
-            parts_cos.append(L.hidden_cosine(h_s, h_t, valid) if "hidden_cosine" in spec.losses else None)
+            parts_mse.append(L.hidden_mse(h_s, h_t, masks.real) if "hidden_mse" in spec.losses else None)
+            parts_cos.append(L.hidden_cosine(h_s, h_t, masks.real) if "hidden_cosine" in spec.losses else None)
         if "hidden_mse" in spec.losses:
             terms["hidden_mse"] = torch.stack(parts_mse).mean()
         if "hidden_cosine" in spec.losses:
@@ -151,9 +168,9 @@ def student_losses(model, batch: dict, spec: StudentConfig, t_index: int | None,
         for s_idx, j in rep.attention:
             a_t, a_s = map_heads(a_all[:, j].float(), recorder.maps[s_idx].float(), spec.attention_heads, spec.name)
             if "attn_kl" in spec.losses:
-                kl.append(L.attention_kl(a_t, a_s, valid))
+                kl.append(L.attention_kl(a_t, a_s, masks.real))
             if "attn_mse" in spec.losses:
-                mse.append(L.attention_mse(a_t, a_s, valid))
+                mse.append(L.attention_mse(a_t, a_s, masks.real))
         if kl:
             terms["attn_kl"] = torch.stack(kl).mean()
         if mse:
@@ -201,9 +218,10 @@ def evaluate(model, loader, device) -> dict[str, float]:
     bins_acc = torch.zeros(ECE_BINS, dtype=torch.float64)
     for batch in loader:
         ids = batch["input_ids"].to(device)
-        valid, has_next, attn = _masks(batch, device)
+        masks = batch_masks(batch, device)
+        valid, has_next = masks.kd, masks.ce
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(input_ids=ids, attention_mask=attn).logits
+            logits = model(input_ids=ids, **masks.forward).logits
         lse = L.logsumexp_t(logits)
         nxt = torch.roll(ids, -1, dims=1)
         tgt_lp = L.next_token_logprobs(logits, ids, lse)
@@ -361,6 +379,13 @@ def _open_tasks(cfg: StudentRunConfig) -> dict[str, tuple[Cache, float]]:
                     c.manifest["capture"][key] != first.manifest["capture"][key]:
                 raise StudentError(f"task {name!r}: capture.{key} {c.manifest['capture'][key]} differs from task "
                                    f"{first_name!r}'s {first.manifest['capture'][key]}")
+    for name, (c, _) in tasks.items():  # the student attends as the teacher did when it made the targets
+        made_with = bool(c.manifest["preparation"].get("document_mask", False))
+        if cfg.document_mask is not None and cfg.document_mask != made_with:
+            raise StudentError(f"document_mask = {cfg.document_mask} asked for, but task {name!r} ({c.root}) was "
+                               f"captured with document_mask = {made_with}: its targets were made with "
+                               f"{'block-diagonal' if made_with else 'plain causal'} attention over packed rows, "
+                               "and a student must train with the same masking")
     for s in cfg.students:  # a tempered KD target is read at one index for every task: it must mean one T
         if s.temperature == 1.0 or not any(t in KD_TERMS for t in s.losses):
             continue
@@ -370,6 +395,22 @@ def _open_tasks(cfg: StudentRunConfig) -> dict[str, tuple[Cache, float]]:
             raise StudentError(f"student {s.name!r}: temperature {s.temperature} is not captured alike by every "
                                f"task (extra temperatures {caps}); capture the same temperatures in every cache")
     return tasks
+
+
+def check_student_document_masking(model, name: str, device) -> None:
+    """Refuse a student whose architecture would attend across the documents of a packed row."""
+    def run(ids, pos):
+        kw = {} if pos is None else {"position_ids": pos}
+        return model(input_ids=ids, use_cache=False, **kw).logits
+
+    was_training = model.training
+    model.eval()
+    try:
+        attn_mod.check_document_masking(run, model.config.vocab_size, device, f"student {name!r}")
+    except attn_mod.DocumentMaskError as e:
+        raise StudentError(str(e)) from None
+    finally:
+        model.train(was_training)
 
 
 def mutual_terms(logits: dict[str, torch.Tensor], masks: torch.Tensor, vocab: int, temperature: float
@@ -413,6 +454,8 @@ def train_students(cfg: StudentRunConfig, log: Callable[[str], None] = print, pr
             if rows < c.manifest["teacher"]["vocab_size"]:
                 raise StudentError(f"student {spec.name!r}: {rows} output rows < task {name!r}'s vocabulary "
                                    f"({c.manifest['teacher']['vocab_size']})")
+        if any(c.manifest["preparation"].get("document_mask") for c, _ in tasks.values()):
+            check_student_document_masking(model, spec.name, device)
         model.train()
         rep = build_rep(spec, model, manifest, device)
         opt, sched = _optimizer(model, spec, cfg.max_steps, list(rep.projections.parameters()))
@@ -494,8 +537,8 @@ def train_students(cfg: StudentRunConfig, log: Callable[[str], None] = print, pr
                 (terms["total"] / cfg.grad_accum).backward()
             all_terms[st.spec.name] = terms
         if mutual:  # every student's graph is alive at once: memory grows with the number of students
-            valid, _, _ = _masks(batch, device)
-            mt = mutual_terms({n: t.pop("logits") for n, t in all_terms.items()}, valid, vocab, cfg.mutual_temperature)
+            mt = mutual_terms({n: t.pop("logits") for n, t in all_terms.items()}, batch_masks(batch, device).kd, vocab,
+                              cfg.mutual_temperature)
             for st in active:
                 terms = all_terms[st.spec.name]
                 terms["mutual"] = mt[st.spec.name] * cfg.mutual_temperature**2

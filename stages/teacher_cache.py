@@ -12,11 +12,13 @@ import json
 from pathlib import Path
 from typing import Annotated, Optional
 
+import numpy as np
 import typer
 
-from pipeline.cache import Cache
+from pipeline.cache import Cache, row_column
 from pipeline.cache import verify as verify_cache
 from pipeline.config import TeacherCacheConfig, load_config
+from pipeline.data import missing_bos_warning
 from stages.options import ConfigOpt, SetOpt
 
 
@@ -53,6 +55,14 @@ def inspect(
     echo(f"rows         seq_len {p['seq_len']}, {'packed' if p['packing'] else 'one document per row'}; "
          + ", ".join(f"{s}: {v['rows']} rows / {v['tokens']:,} tokens / {v['shards']} shards"
                      for s, v in m["splits"].items()))
+    bos = p.get("bos")
+    echo(f"row start    {'BOS (id %s)' % bos['token_id'] if bos and bos['applied'] else 'no BOS'}"
+         + (f"; tokenizer adds BOS: {bos['tokenizer_adds_bos']}, data.bos = {bos['setting']!r}" if bos else
+            " (cache made before BOS conventions were recorded)")
+         + f"; data {p.get('format', 'text')}" + (f", template {p['chat_template']['source']} "
+                                                  f"sha256 {p['chat_template']['sha256'][:12]}"
+                                                  if p.get("chat_template") else "")
+         + f"; loss mask {p.get('loss_mask', 'all')}; document mask {p.get('document_mask', False)}")
     echo(f"captured     top-{cap['top_k']}, temperatures {cap['temperatures_all']}, hidden layers "
          f"{cap['hidden_layers'] or '-'} ({cap['hidden_dtype']}), attention layers {cap['attention_layers'] or '-'}")
     echo("fields:")
@@ -64,6 +74,13 @@ def inspect(
         echo(f"  {name:20s} {f['format']:8s} {f['dtype']:8s} {str(f['shape'][first]):22s} {extra}  "
              f"{f['description']}")
     echo(f"  rows.parquet (input_ids, length, key) {per_tok['rows.parquet']:.1f} B/token")
+    tok = c.tokenizer()
+    for split in c.splits:
+        rows = c.rows(split)
+        first = row_column(rows, "input_ids", np.int64)[:, 0]
+        warning = missing_bos_warning(tok, first, rows.column("length").to_numpy(), f"split {split}")
+        if warning:
+            typer.echo(warning, err=True)
     echo(f"stats        {st['tokens']:,} tokens, {st['bytes_on_disk'] / 2**20:,.1f} MiB on disk "
          f"({st['bytes_on_disk'] / max(st['tokens'], 1):,.1f} B/token), mean top-{cap['top_k']} mass "
          f"{st['mean_topk_mass']:.4f}, {st['timing']['tokens_per_second']:,.0f} tokens/s "

@@ -23,21 +23,52 @@ CORPUS_FILES = ["json/decoder.py", "json/encoder.py", "json/scanner.py", "json/t
                 "colorsys.py", "bisect.py", "keyword.py", "fnmatch.py", "shlex.py"]
 
 
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_tokenizer(out: Path, bos: bool = False, chat: bool = False) -> Path:
+    """A byte-level BPE over a few standard-library files. `bos`: a `<s>` token that the tokenizer puts
+    first (as Llama's and Gemma's do); `chat`: ChatML turn tokens and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    specials = ["<|endoftext|>", "<|pad|>"] + (["<s>"] if bos else []) + (["<|im_start|>", "<|im_end|>"] if chat
+                                                                            else [])
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|pad|>"],
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train([str(STDLIB / f) for f in CORPUS_FILES], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
-    out = tmp_path_factory.mktemp("tokenizer")
+    kwargs = {}
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        kwargs["bos_token"] = "<s>"
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>", **kwargs)
+    if chat:
+        fast.chat_template = CHATML
+    out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer_dir(tmp_path_factory) -> Path:
+    """Adds BOS like Llama/Gemma tokenizers, and has a ChatML template."""
+    return make_tokenizer(tmp_path_factory.mktemp("bos_tokenizer"), bos=True, chat=True)
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_dir(tmp_path_factory) -> Path:
+    """No BOS (like SmolLM2's), a ChatML template."""
+    return make_tokenizer(tmp_path_factory.mktemp("chat_tokenizer"), chat=True)
 
 
 def _save(model, tokenizer_dir: Path, out: Path) -> Path:
@@ -89,6 +120,34 @@ def bigvocab_dir(tokenizer_dir, tmp_path_factory) -> Path:
     """A Llama whose LM head has 70,000 rows: top-K ids above 65,535 must survive storage."""
     return make_llama(tokenizer_dir, tmp_path_factory.mktemp("bigvocab"), vocab=70_000, hidden=16, layers=2,
                       heads=2, kv_heads=1)
+
+
+@pytest.fixture(scope="session")
+def bos_llama_dir(bos_tokenizer_dir, tmp_path_factory) -> Path:
+    return make_llama(bos_tokenizer_dir, tmp_path_factory.mktemp("bos_llama"))
+
+
+@pytest.fixture(scope="session")
+def chat_llama_dir(chat_tokenizer_dir, tmp_path_factory) -> Path:
+    return make_llama(chat_tokenizer_dir, tmp_path_factory.mktemp("chat_llama"))
+
+
+@pytest.fixture(scope="session")
+def conversations(tmp_path_factory) -> Path:
+    """A jsonl of chat data: `messages` (system/user/assistant turns) and `prompt`/`response` columns."""
+    out = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    paras = [p.strip() for name in CORPUS_FILES for p in (STDLIB / name).read_text().split("\n\n") if p.strip()]
+    with open(out, "w") as f:
+        for i in range(0, min(len(paras), 240) - 3, 3):
+            msgs = [{"role": "user", "content": f"Explain this:\n{paras[i][:120]}"},
+                    {"role": "assistant", "content": paras[i + 1][: 30 + 40 * (i % 4)]},
+                    {"role": "user", "content": "And this?"},
+                    {"role": "assistant", "content": paras[i + 2][:60]}]
+            if i % 2:
+                msgs.insert(0, {"role": "system", "content": "You read Python."})
+            f.write(json.dumps({"messages": msgs, "prompt": msgs[-4]["content"], "response": msgs[-3]["content"]})
+                    + "\n")
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -50,3 +50,14 @@ def test_format_md_reader_rejects_a_flipped_byte(llama_dir, corpus, tmp_path):
     res = subprocess.run([sys.executable, "-I", str(script)], env={**os.environ, "CACHE": str(tmp_path / "c")},
                          cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode != 0 and "logsumexp" in res.stderr
+
+
+def test_format_md_reader_runs_on_a_chat_cache_with_masks(bos_llama_dir, conversations, tmp_path):
+    capture(settings(bos_llama_dir, conversations, tmp_path / "c",
+                     data={"format": "messages", "loss_mask": "assistant", "document_mask": True, "seq_len": 64}))
+    script = tmp_path / "reader.py"
+    script.write_text(_reader_code())
+    res = subprocess.run([sys.executable, "-I", str(script)], env={**os.environ, "CACHE": str(tmp_path / "c")},
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "ok train" in res.stdout
