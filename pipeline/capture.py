@@ -338,43 +338,46 @@ NEAR_UNIFORM = 0.9  # a teacher NLL above this share of log(V) is close to a uni
 BOS_GAIN_NATS = 0.05  # the other BOS choice must beat the rows' by this much (and 2%) to be flagged
 
 
-def first_rows_check(computer: TargetComputer, rows, tokenizer, convention: dict, spec, n_rows: int = 4
+def first_rows_check(computer: TargetComputer, rows, tokenizer, convention: dict, spec, n_rows: int = 2
                      ) -> list[str]:
     """Is the teacher in distribution on the rows it is about to label? Its mean NLL on the first
     rows, against a uniform guess (log V) and, when its tokenizer has a BOS token, against the same
-    rows with the other BOS choice (same predicted tokens). Returns log lines, warnings first."""
+    rows with the other BOS choice (the same tokens predicted). Returns log lines, warnings first."""
     import math
 
     k = min(n_rows, len(rows))
     ids, lens = rows.input_ids[:k], rows.lengths[:k]
-    nll = float(np.nanmean(-computer(ids, lens).target_logprob))
-    lines, note = [], ""
-    log_v = math.log(spec.vocab_size)
-    if nll > NEAR_UNIFORM * log_v:
-        lines.append(f"warning: the teacher's NLL on the first {k} rows is {nll:.3f} nats/token, close to a uniform "
-                     f"guess over its vocabulary (log V = {log_v:.3f}): check that the teacher, its tokenizer and "
-                     "the data belong together")
     bos = tokenizer.bos_token_id
-    if bos is not None and ids.shape[1] > 2:
-        applied = convention["bos"]["applied"]
-        L = ids.shape[1]
-        content = np.full_like(ids, ids[0, -1])
+    applied = convention["bos"]["applied"]
+    L = ids.shape[1]
+    lines, note = [], ""
+    if bos is None or L <= 2:
+        nll = float(np.nanmean(-computer(ids, lens).target_logprob))
+    else:  # the rows' content with and without a leading BOS; the prepared rows are one of the two
+        content = np.zeros_like(ids)
         m = lens - 1 if applied else lens.copy()
         for i in range(k):
             row = ids[i, 1 : lens[i]] if applied else ids[i, : lens[i]]
             content[i, : len(row)] = row
         with_bos = np.concatenate([np.full((k, 1), bos, dtype=ids.dtype), content[:, :-1]], 1)
-        lp_with = computer(with_bos, np.minimum(m + 1, L).astype(np.int32)).target_logprob[:, 1 : L - 1]
-        lp_without = computer(content, m.astype(np.int32)).target_logprob[:, : L - 2]
-        both = np.isfinite(lp_with) & np.isfinite(lp_without)  # the same tokens, predicted both ways
+        lp_with = computer(with_bos, np.minimum(m + 1, L).astype(np.int32)).target_logprob
+        lp_without = computer(content, m.astype(np.int32)).target_logprob
+        nll = float(np.nanmean(-(lp_with if applied else lp_without)))
+        a, b = lp_with[:, 1 : L - 1], lp_without[:, : L - 2]  # both predict content[1 : L - 1]
+        both = np.isfinite(a) & np.isfinite(b)
         if both.any():
-            nll_with, nll_without = float(-lp_with[both].mean()), float(-lp_without[both].mean())
+            nll_with, nll_without = float(-a[both].mean()), float(-b[both].mean())
             ours, other = (nll_with, nll_without) if applied else (nll_without, nll_with)
             note = f"; on the same tokens {nll_with:.3f} with BOS, {nll_without:.3f} without"
             if other < ours - max(BOS_GAIN_NATS, 0.02 * ours):
                 lines.append(f"warning: the teacher predicts the first rows better {'without' if applied else 'with'} "
                              f"a leading BOS ({other:.3f} vs {ours:.3f} nats/token as prepared): the rows may not be "
                              f"what it expects; see data.bos (now {convention['bos']['setting']!r})")
+    log_v = math.log(spec.vocab_size)
+    if nll > NEAR_UNIFORM * log_v:
+        lines.insert(0, f"warning: the teacher's NLL on the first {k} rows is {nll:.3f} nats/token, close to a "
+                        f"uniform guess over its vocabulary (log V = {log_v:.3f}): check that the teacher, its "
+                        "tokenizer and the data belong together")
     lines.append(f"first-rows check: teacher NLL {nll:.3f} nats/token on {k} rows{note}")
     return lines
 

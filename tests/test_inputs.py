@@ -161,4 +161,5 @@ def test_shipped_configs_and_readme_examples_validate():
     blocks = re.findall(r"```toml\n(.*?)```", (repo / "README.md").read_text(), flags=re.S)
     assert blocks
     for b in blocks:
-        StudentRunConfig.model_validate(tomllib.loads(b))
+        raw = tomllib.loads(b)
+        (TeacherCacheConfig if "teacher" in raw else StudentRunConfig).model_validate(raw)
