@@ -28,6 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .storage import BLOCK, Storage, StorageError, fetch_verified
+
 FORMAT_NAME = "teacher-cache"
 FORMAT_VERSION = "1.1"
 MANIFEST = "manifest.json"
@@ -109,8 +111,13 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def file_digest(path: Path) -> dict:
-    data = path.read_bytes()
-    return {"bytes": len(data), "sha256": sha256_bytes(data)}
+    """{"bytes", "sha256"} of a local file, read in blocks."""
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(BLOCK):
+            h.update(block)
+            n += len(block)
+    return {"bytes": n, "sha256": h.hexdigest()}
 
 
 def atomic_write_json(path: Path, obj: dict) -> None:
@@ -275,34 +282,104 @@ class CacheWriter:
 # reading
 
 
-def read_manifest(root: str | Path) -> dict:
-    """The manifest of a finished cache; refuses unfinished, foreign or newer-format caches."""
-    root = Path(root)
-    path = root / MANIFEST
-    if not path.is_file():
-        if (root / WORK_DIR).is_dir():
-            raise CacheError(f"{root} is an unfinished cache (no {MANIFEST}; a capture is running or was "
+def read_manifest(root: str | Path | Storage) -> dict:
+    """The manifest of a finished cache (local path, URL or Storage); refuses unfinished, foreign or
+    newer-format caches."""
+    st = root if isinstance(root, Storage) else Storage(root)
+    where = st.location
+    if not st.exists(MANIFEST):
+        if st.has(WORK_DIR):
+            raise CacheError(f"{where} is an unfinished cache (no {MANIFEST}; a capture is running or was "
                              "interrupted: rerun the same teacher-cache command to resume)")
-        raise CacheError(f"{root} is not a teacher cache (no {MANIFEST})")
+        raise CacheError(f"{where} is not a teacher cache (no {MANIFEST})")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CacheError(f"{path} is not valid JSON: {e}") from e
-    if manifest.get("format") != FORMAT_NAME:
-        raise CacheError(f"{path}: format is {manifest.get('format')!r}, not {FORMAT_NAME!r}")
+        manifest = json.loads(st.read_bytes(MANIFEST))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheError(f"{where}/{MANIFEST} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CacheError(f"{where}/{MANIFEST}: format is {fmt!r}, not {FORMAT_NAME!r}")
     major = str(manifest.get("format_version", "")).split(".")[0]
     if major != FORMAT_VERSION.split(".")[0]:
-        raise CacheError(f"{path}: format version {manifest.get('format_version')} is not readable by this "
-                         f"version (reads {FORMAT_VERSION.split('.')[0]}.x)")
+        raise CacheError(f"{where}/{MANIFEST}: format version {manifest.get('format_version')} is not readable by "
+                         f"this version (reads {FORMAT_VERSION.split('.')[0]}.x)")
     return manifest
 
 
-class Cache:
-    """Read access to a finished cache."""
+def manifest_files(manifest: dict) -> dict[str, dict]:
+    """Every file a finished cache holds but its manifest: {relative path: {bytes, sha256}}."""
+    files = dict(manifest["metadata_files"])
+    for sh in manifest["shards"]:
+        files.update(sh["files"])
+    return files
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.manifest = read_manifest(self.root)
+
+def default_mirror(location: str, digest: str) -> Path:
+    """Where a remote cache's files are kept once fetched: $TEACHER_CACHE_MIRROR or
+    ~/.cache/teacher-cache-distill, one folder per (location, manifest digest)."""
+    base = Path(os.environ.get("TEACHER_CACHE_MIRROR") or Path.home() / ".cache" / "teacher-cache-distill")
+    return base / f"{hashlib.sha256(location.encode()).hexdigest()[:16]}-{digest[:16]}"
+
+
+def _mirror_store(cache: "Cache"):
+    """A read-only zarr LocalStore over the mirror that fetches (and verifies) a file on its first access."""
+    import asyncio
+
+    from zarr.storage import LocalStore
+
+    class MirrorStore(LocalStore):
+        async def get(self, key, prototype=None, byte_range=None):
+            await asyncio.to_thread(cache.local_file, key, True)
+            return await super().get(key, prototype, byte_range)
+
+        async def get_partial_values(self, prototype, key_ranges):
+            key_ranges = list(key_ranges)
+            for key in {k for k, _ in key_ranges}:
+                await asyncio.to_thread(cache.local_file, key, True)
+            return await super().get_partial_values(prototype, key_ranges)
+
+        async def exists(self, key):
+            return key in cache.files or await super().exists(key)
+
+    cache.mirror.mkdir(parents=True, exist_ok=True)
+    return MirrorStore(cache.mirror, read_only=True)
+
+
+class Cache:
+    """Read access to a finished cache on local disk or at any fsspec URL.
+
+    A remote cache is read through a local mirror folder (`mirror`, default `default_mirror`):
+    each file is fetched the first time it is needed and its sha256 checked against the manifest
+    as it arrives, so every shard a student reads is verified once, and read from disk after.
+    """
+
+    def __init__(self, root: str | Path | Storage, mirror: str | Path | None = None):
+        self.storage = root if isinstance(root, Storage) else Storage(root)
+        self.remote = not self.storage.is_local
+        self.root: Path | str = self.storage.location if self.remote else self.storage.local_path()
+        self.manifest = read_manifest(self.storage)
+        self.files = manifest_files(self.manifest)
+        self.mirror = Path(mirror) if mirror else default_mirror(self.storage.location, self.manifest["digest"])
+
+    def __getstate__(self):  # DataLoader workers: the fsspec filesystem is rebuilt from the location
+        return {k: v for k, v in self.__dict__.items() if k != "storage"} | {"location": self.storage.location}
+
+    def __setstate__(self, state):
+        self.storage = Storage(state.pop("location"))
+        self.__dict__.update(state)
+
+    def local_file(self, rel: str, missing_ok: bool = False) -> Path | None:
+        """A local path holding `rel`: the file itself on local disk, else the mirror's verified copy."""
+        if not self.remote:
+            return self.storage.local_path(rel)
+        dest = self.mirror / rel
+        if not dest.exists():
+            if rel not in self.files:
+                if missing_ok:
+                    return None
+                raise CacheError(f"{self.root}: {rel} is not a file of this cache")
+            fetch_verified(self.storage, rel, self.files[rel], dest)
+        return dest
 
     def tokenizer(self):
         """The tokenizer the rows were made with, from the cache itself; checked against the manifest."""
@@ -310,9 +387,13 @@ class Cache:
 
         from .teacher import tokenizer_fingerprint
 
-        tok = AutoTokenizer.from_pretrained(self.root / TOKENIZER_DIR)
+        for rel in self.files:
+            if rel.startswith(TOKENIZER_DIR + "/"):
+                self.local_file(rel)
+        folder = self.local_file(TOKENIZER_DIR) if not self.remote else self.mirror / TOKENIZER_DIR
+        tok = AutoTokenizer.from_pretrained(folder)
         if tokenizer_fingerprint(tok) != self.manifest["tokenizer"]["fingerprint"]:
-            raise CacheError(f"{self.root / TOKENIZER_DIR}: tokenizer does not match the manifest's fingerprint")
+            raise CacheError(f"{self.root}/{TOKENIZER_DIR}: tokenizer does not match the manifest's fingerprint")
         return tok
 
     @property
@@ -321,7 +402,7 @@ class Cache:
 
     def rows(self, split: str) -> pa.Table:
         self._check_split(split)
-        return pq.read_table(self.root / split / "rows.parquet")
+        return pq.read_table(self.local_file(f"{split}/rows.parquet"))
 
     def array(self, split: str, field: str):
         import zarr
@@ -329,7 +410,9 @@ class Cache:
         self._check_split(split)
         if field not in self.manifest["fields"] or self.manifest["fields"][field]["format"] != "zarr-v3":
             raise CacheError(f"{self.root}: no dense field {field!r} (has: {', '.join(self.dense_fields)})")
-        return zarr.open_array(str(self.root / split / field), mode="r")
+        if not self.remote:
+            return zarr.open_array(str(self.storage.local_path(f"{split}/{field}")), mode="r")
+        return zarr.open_array(store=_mirror_store(self), path=f"{split}/{field}", mode="r")
 
     @property
     def dense_fields(self) -> list[str]:
@@ -340,10 +423,11 @@ class Cache:
             raise CacheError(f"{self.root}: no split {split!r} (has: {', '.join(self.splits)})")
 
 
-def verify(root: str | Path) -> list[str]:
-    """Recompute every checksum; returns one line per problem (empty: the cache is intact)."""
-    root = Path(root)
-    manifest = read_manifest(root)
+def verify(root: str | Path | Storage) -> list[str]:
+    """Recompute every checksum (streamed) wherever the cache lives; one line per problem: a changed,
+    missing or unlisted file, or an edited manifest (empty: the cache is intact)."""
+    st = root if isinstance(root, Storage) else Storage(root)
+    manifest = read_manifest(st)
     problems = []
     if manifest.get("digest") != manifest_digest(manifest):
         problems.append(f"{MANIFEST}: contents do not match its digest (the manifest was edited or damaged)")
@@ -353,16 +437,22 @@ def verify(root: str | Path) -> list[str]:
             expected[rel] = (f"shard {sh['split']}/{sh['index']} (rows {sh['row_start']}-{sh['row_end']})", dig)
     for rel, dig in manifest["metadata_files"].items():
         expected[rel] = ("metadata", dig)
+    try:
+        present = st.files()
+    except StorageError:  # a web server without directory listings: check the listed files one by one
+        present = None
     bad_shards: dict[str, list[str]] = {}
     for rel, (owner, dig) in expected.items():
-        p = root / rel
-        if not p.is_file():
+        if present is not None and rel not in present or present is None and not st.exists(rel):
             bad_shards.setdefault(owner, []).append(f"{rel} missing")
             continue
-        got = file_digest(p)
+        size = None if present is None else present[rel]
+        got = st.digest(rel) if size in (None, dig["bytes"]) else {"bytes": size}
         if got != dig:
             what = "size" if got["bytes"] != dig["bytes"] else "checksum"
             bad_shards.setdefault(owner, []).append(f"{rel} {what} mismatch")
     for owner, items in bad_shards.items():
         problems.append(f"{owner}: " + "; ".join(items))
+    for rel in sorted(set(present or ()) - set(expected) - {MANIFEST}):
+        problems.append(f"{rel}: a file the manifest does not list")
     return problems

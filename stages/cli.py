@@ -10,6 +10,7 @@ import sys
 
 import typer
 
+from stages import share
 from stages import student as stage2
 from stages import teacher_cache as stage1
 
@@ -20,6 +21,9 @@ app.command("inspect")(stage1.inspect)
 app.command("verify")(stage1.verify)
 app.command("convert-teacher")(stage1.convert_teacher)
 app.command("student")(stage2.student)
+app.command("push")(share.push)
+app.command("pull")(share.pull)
+app.command("ls")(share.ls)
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -27,11 +31,13 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from pipeline.capture import CaptureError
     from pipeline.config import ConfigError
     from pipeline.data import DataError
+    from pipeline.storage import StorageError
     from pipeline.student import StudentError
     from pipeline.targets import CaptureOverflowError
     from pipeline.teacher import TeacherError
 
-    return ConfigError, DataError, TeacherError, CaptureError, CacheError, CaptureOverflowError, StudentError
+    return (ConfigError, DataError, TeacherError, CaptureError, CacheError, CaptureOverflowError, StudentError,
+            StorageError)
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ def teacher_cache(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 def inspect(
-    cache: Annotated[Path, typer.Argument(help="cache directory")],
+    cache: Annotated[str, typer.Argument(help="cache directory or URL (s3://, https://, ...)")],
     as_json: Annotated[bool, typer.Option("--json", help="print the whole manifest")] = False,
 ) -> None:
     """Show what a finished cache holds: teacher, data, fields, sizes, statistics."""
@@ -87,7 +87,7 @@ def inspect(
          f"({st['timing']['seconds']:.1f} s)")
 
 
-def verify(cache: Annotated[Path, typer.Argument(help="cache directory")]) -> None:
+def verify(cache: Annotated[str, typer.Argument(help="cache directory or URL (s3://, https://, ...)")]) -> None:
     """Recompute every checksum; name each corrupt or missing shard; exit 1 if any."""
     problems = verify_cache(cache)
     if problems:
