@@ -110,12 +110,15 @@ class DocumentMaskError(RuntimeError):
 
 
 @torch.no_grad()
-def check_document_masking(run, vocab_size: int, device, what: str, rel_tol: float = 1e-3) -> None:
+def check_document_masking(run, vocab_size: int, device, what: str, rel_tol: float = 1e-3,
+                           leak_tol: float = 1e-5) -> None:
     """Refuse a model that does not keep packed documents apart.
 
     `run(ids (1, n), position_ids (1, n) | None) -> outputs (1, n, X)`. Two documents are packed
     with restarting position ids: the second document's outputs must not change when the first one
-    does, and must equal those of the second document run alone.
+    does (within `leak_tol`, in any dtype: masked keys get exactly zero weight, so a model that keeps
+    documents apart gives the same numbers), and must equal those of the second document run alone
+    (within `rel_tol`: other kernels may run for another length).
     """
     g = torch.Generator().manual_seed(0)
     first, other_first, second = (torch.randint(0, vocab_size, (1, n), generator=g) for n in (5, 5, 6))
@@ -124,8 +127,9 @@ def check_document_masking(run, vocab_size: int, device, what: str, rel_tol: flo
     b = run(torch.cat([other_first, second], 1).to(device), pos)[:, 5:].float()
     alone = run(second.to(device), None).float()
     scale = alone.abs().max().clamp(min=1e-6)
-    worst = max(float((a - b).abs().max() / scale), float((a - alone).abs().max() / scale))
-    if worst > rel_tol:
+    leak, apart = float((a - b).abs().max() / scale), float((a - alone).abs().max() / scale)
+    worst = max(leak, apart)
+    if leak > leak_tol or apart > rel_tol:
         raise DocumentMaskError(
             f"{what} does not keep packed documents apart (a document's outputs change by {worst:.3g} relative "
             "when the document before it changes): its attention ignores the restarting position_ids that "

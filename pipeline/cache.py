@@ -120,6 +120,15 @@ def file_digest(path: Path) -> dict:
     return {"bytes": n, "sha256": h.hexdigest()}
 
 
+def sync_file(path: Path) -> None:
+    """fsync a file or a directory (its entries) on local disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -250,6 +259,9 @@ class CacheWriter:
             if not path.is_file():
                 raise CacheError(f"shard {split}/{index}: zarr wrote no file at {rel} (layout changed?)")
             files[rel] = file_digest(path)
+            sync_file(path)
+        for d in {(self.root / shard_file(split, spec, index)).parent for spec in self.specs}:
+            sync_file(d)  # the directory entries too, before the commit record says the shard is there
         rec = {"split": split, "index": index, "row_start": start, "row_end": end, "files": files, **stats}
         atomic_write_json(self.work / "commits" / f"{split}-{index:05d}.json", rec)
         return rec
@@ -400,9 +412,14 @@ class Cache:
     def splits(self) -> list[str]:
         return list(self.manifest["splits"])
 
-    def rows(self, split: str) -> pa.Table:
+    def rows(self, split: str, columns: list[str] | None = None, max_rows: int | None = None) -> pa.Table:
+        """The split's rows.parquet (or some columns of its first `max_rows` rows)."""
         self._check_split(split)
-        return pq.read_table(self.local_file(f"{split}/rows.parquet"))
+        path = self.local_file(f"{split}/rows.parquet")
+        if max_rows is None:
+            return pq.read_table(path, columns=columns)
+        batches = pq.ParquetFile(path).iter_batches(batch_size=max_rows, columns=columns)
+        return pa.Table.from_batches([next(batches)])
 
     def array(self, split: str, field: str):
         import zarr

@@ -91,10 +91,12 @@ def check_output_dir(out: Path) -> None:
         raise CaptureError(f"output directory {out} is not writable: {e.strerror or e}") from None
 
 
-def estimate_bytes(specs: list[FieldSpec], seq_len: int) -> dict[str, float]:
+def estimate_bytes(specs: list[FieldSpec], seq_len: int, data=None) -> dict[str, float]:
     """Uncompressed bytes per token per field (an upper bound: zstd only shrinks them)."""
     est = {s.name: s.bytes_per_row / seq_len for s in specs}
-    est["rows.parquet"] = 4 + 8 / seq_len
+    est["rows.parquet"] = 4 + 24 / seq_len  # input_ids, length, key
+    if data is not None:
+        est["rows.parquet"] += (data.loss_mask != "all") * 1 + data.document_mask * 4  # loss_mask, position_ids
     return est
 
 
@@ -103,6 +105,22 @@ def check_disk(out: Path, need: int) -> None:
     if free < need + DISK_MARGIN_BYTES:
         raise CaptureError(f"not enough disk at {out}: the cache needs up to {need / 2**20:.1f} MiB "
                            f"(+{DISK_MARGIN_BYTES >> 20} MiB margin), {free / 2**20:.1f} MiB free")
+
+
+def committed_rows(out: Path) -> int:
+    """Rows of the shards an earlier run of this capture committed."""
+    commits = out / cache_fmt.WORK_DIR / "commits"
+    if not commits.is_dir():
+        return 0
+    return sum(r["row_end"] - r["row_start"] for r in (json.loads(p.read_text()) for p in commits.glob("*.json")))
+
+
+def sweep_temporary(out: Path) -> int:
+    """Remove the temporary files (`*.tmp`, `*.partial`) a killed capture can leave; returns how many."""
+    stale = [p for pattern in ("*.tmp", "*.partial") for p in out.rglob(pattern)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return len(stale)
 
 
 def _software() -> dict:
@@ -121,29 +139,26 @@ def build_plan(cfg: TeacherCacheConfig, spec, tokenizer, prepared, hidden, attn,
     split_rows = {s: len(r) for s, r in prepared.splits.items()}
     heads = stored_heads(cfg.capture, spec)
     fields = {s.name: s.to_dict(split_rows, cfg.capture.rows_per_chunk, cfg.capture.rows_per_shard) for s in specs}
-    fields["input_ids"] = {"path": "{split}/rows.parquet", "format": "parquet", "column": "input_ids",
-                           "dtype": "int32", "dims": ["row", "position"],
-                           "shape": {s: [n, cfg.data.seq_len] for s, n in split_rows.items()},
-                           "description": "token ids; positions >= length are padding"}
-    fields["length"] = {"path": "{split}/rows.parquet", "format": "parquet", "column": "length", "dtype": "int32",
-                        "dims": ["row"], "shape": {s: [n] for s, n in split_rows.items()},
-                        "description": "real tokens in the row (the mask is position < length)"}
-    fields["key"] = {"path": "{split}/rows.parquet", "format": "parquet", "column": "key", "dtype": "string",
-                     "dims": ["row"], "shape": {s: [n] for s, n in split_rows.items()},
-                     "description": "blake2b-128 hex of the row's real token ids as little-endian int32"}
+    L = cfg.data.seq_len
+
+    def row_field(column: str, dtype: str, per_position: bool, description: str) -> dict:
+        return {"path": "{split}/rows.parquet", "format": "parquet", "column": column, "dtype": dtype,
+                "dims": ["row", "position"] if per_position else ["row"],
+                "shape": {s: [n, L] if per_position else [n] for s, n in split_rows.items()},
+                "description": description}
+
+    fields["input_ids"] = row_field("input_ids", "int32", True, "token ids; positions >= length are padding")
+    fields["length"] = row_field("length", "int32", False, "real tokens in the row (the mask is position < length)")
+    fields["key"] = row_field("key", "string", False,
+                              "blake2b-128 hex of the row's real token ids as little-endian int32")
     first = next(iter(prepared.splits.values()))
     if first.loss_mask is not None:
-        fields["loss_mask"] = {"path": "{split}/rows.parquet", "format": "parquet", "column": "loss_mask",
-                               "dtype": "uint8", "dims": ["row", "position"],
-                               "shape": {s: [n, cfg.data.seq_len] for s, n in split_rows.items()},
-                               "description": "1 where the targets at position t train (the token t+1 they "
-                                              "predict is an assistant/response token); 0 elsewhere"}
+        fields["loss_mask"] = row_field("loss_mask", "uint8", True, "1 where the targets at position t train (the "
+                                        "token t+1 they predict is an assistant/response token); 0 elsewhere")
     if first.position_ids is not None:
-        fields["position_ids"] = {"path": "{split}/rows.parquet", "format": "parquet", "column": "position_ids",
-                                  "dtype": "int32", "dims": ["row", "position"],
-                                  "shape": {s: [n, cfg.data.seq_len] for s, n in split_rows.items()},
-                                  "description": "0 where a document starts, +1 per token within it; padding is a "
-                                                 "segment of its own. Attention is causal within a segment only"}
+        fields["position_ids"] = row_field("position_ids", "int32", True, "0 where a document starts, +1 per token "
+                                           "within it; padding is a segment of its own. Attention is causal "
+                                           "within a segment only")
     return {
         "format": cache_fmt.FORMAT_NAME,
         "format_version": cache_fmt.FORMAT_VERSION,
@@ -266,15 +281,20 @@ def _locked_capture(cfg, out, tokenizer, spec, hidden, attn, device, log, progre
                                "output.overwrite=true")
         _wipe(out)
 
+    if plan_path.exists():
+        swept = sweep_temporary(out)
+        if swept:
+            log(f"removed {swept} temporary files left by an interrupted capture")
     total_rows = sum(len(r) for r in prepared.splits.values())
-    per_token = estimate_bytes(specs, cfg.data.seq_len)
-    n_pos = total_rows * cfg.data.seq_len
-    need = int(sum(per_token.values()) * n_pos)
+    per_token = estimate_bytes(specs, cfg.data.seq_len, cfg.data)
+    left_rows = total_rows - committed_rows(out)  # a resume needs room only for what is left to write
+    need = int(sum(per_token.values()) * left_rows * cfg.data.seq_len)
     log(f"cache {out}: {total_rows} rows x {cfg.data.seq_len} positions "
         + ", ".join(f"{s}={len(r)}" for s, r in prepared.splits.items()))
     log("estimated size (uncompressed upper bound), bytes/token: "
         + ", ".join(f"{k}={v:,.1f}" for k, v in per_token.items())
-        + f"; total {need / 2**20:,.1f} MiB")
+        + f"; {need / 2**20:,.1f} MiB to write" + (f" ({left_rows} of {total_rows} rows left)"
+                                                     if left_rows < total_rows else ""))
     check_disk(out, need)
 
     if not plan_path.exists():

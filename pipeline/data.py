@@ -258,16 +258,21 @@ def render_conversation(tokenizer, template: str, messages: list[dict]) -> tuple
     exist falls back to locating the message's content.
     """
     def render(msgs, gen=False) -> str:
-        return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
-                                             add_generation_prompt=gen)
+        try:
+            return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=gen)
+        except Exception as e:  # jinja's TemplateError, raise_exception(...) in the template, ValueError
+            raise DataError(f"the chat template cannot render this conversation ({type(e).__name__}: {e}); "
+                            f"roles: {[m['role'] for m in messages]}") from e
 
     full = render(messages)
     spans, cursor = [], 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before, through = render(messages[:i], gen=True), render(messages[: i + 1])
-        if through.startswith(before) and full.startswith(through) and len(before) >= cursor:
+        before = render(messages[:i], gen=True) if i else None  # nothing to render before a first turn
+        through = render(messages[: i + 1])
+        if before is not None and through.startswith(before) and full.startswith(through) and len(before) >= cursor:
             span = (len(before), len(through))
         else:
             at = full.find(m["content"], cursor)
@@ -287,15 +292,16 @@ def _trained_flags(offsets: list[tuple[int, int]], spans: list[tuple[int, int]])
     for t, (a, b) in enumerate(offsets):
         while j < len(spans) and spans[j][1] <= a:
             j += 1
-        if j < len(spans) and b > spans[j][0] and a < spans[j][1] and b > a:
-            flags[t] = 1
+        if j < len(spans) and a < spans[j][1] and (b > spans[j][0] or (a == b and a >= spans[j][0])):
+            flags[t] = 1  # overlaps the span; a token with trimmed (empty) offsets counts where it starts
     return flags
 
 
 def _token_docs(ds, tokenizer, cfg: DataConfig, conv: RowConvention):
     """Yield (token ids, trained flags or None) per non-empty document, in dataset order, up to the caps.
 
-    Text documents: tokens (+ BOS first when the convention says so) + EOS. Chat documents: the
+    Text documents: tokens (+ BOS first when the convention says so) + EOS (always appended, as
+    before BOS conventions existed, so a tokenizer without BOS keeps its rows). Chat documents: the
     rendered conversation (+ BOS first when the template did not put it there); flags mark
     assistant tokens when data.loss_mask = 'assistant'.
     """
@@ -315,9 +321,7 @@ def _token_docs(ds, tokenizer, cfg: DataConfig, conv: RowConvention):
             for ids in tokenizer(texts, add_special_tokens=cfg.add_special_tokens)["input_ids"]:
                 if bos is not None and (not ids or ids[0] != bos):
                     ids = [bos] + ids
-                if eos is not None and (not ids or ids[-1] != eos):
-                    ids = ids + [eos]
-                yield ids, None
+                yield (ids + [eos] if eos is not None else ids), None
             continue
         rendered = [render_conversation(tokenizer, conv.chat_template, m)
                     for m in _conversations(batch, cfg, start) if m]

@@ -21,6 +21,8 @@ from pipeline.config import TeacherCacheConfig, load_config
 from pipeline.data import missing_bos_warning
 from stages.options import ConfigOpt, SetOpt
 
+INSPECT_ROWS = 1024
+
 
 def teacher_cache(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Run the teacher once over a dataset and write (or resume) a teacher cache."""
@@ -75,10 +77,11 @@ def inspect(
              f"{f['description']}")
     echo(f"  rows.parquet (input_ids, length, key) {per_tok['rows.parquet']:.1f} B/token")
     tok = c.tokenizer()
-    for split in c.splits:
-        rows = c.rows(split)
+    for split in c.splits:  # the first rows of each split: enough to see a convention, cheap on any cache
+        rows = c.rows(split, columns=["input_ids", "length"], max_rows=INSPECT_ROWS)
         first = row_column(rows, "input_ids", np.int64)[:, 0]
-        warning = missing_bos_warning(tok, first, rows.column("length").to_numpy(), f"split {split}")
+        warning = missing_bos_warning(tok, first, rows.column("length").to_numpy(),
+                                      f"split {split} (first {len(first)} rows)")
         if warning:
             typer.echo(warning, err=True)
     echo(f"stats        {st['tokens']:,} tokens, {st['bytes_on_disk'] / 2**20:,.1f} MiB on disk "

@@ -274,6 +274,36 @@ def test_disk_full_mid_capture_keeps_committed_shards(llama_dir, corpus, tmp_pat
     assert verify(out) == []
 
 
+def test_resume_after_a_full_disk_needs_room_for_what_is_left_and_sweeps_temporaries(llama_dir, corpus, tmp_path,
+                                                                                     monkeypatch):
+    import errno
+
+    from pipeline import capture as capture_mod
+
+    out = tmp_path / "c"
+    real_write, real_check = CacheWriter.write_shard, capture_mod.check_disk
+    asked = []
+    monkeypatch.setattr(capture_mod, "check_disk", lambda where, need: asked.append(need) or real_check(where, need))
+
+    def full_disk(self, split, index, targets, stats):
+        if index == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, split, index, targets, stats)
+
+    monkeypatch.setattr(CacheWriter, "write_shard", full_disk)
+    with pytest.raises(CaptureError, match="No space left on device"):
+        capture(settings(llama_dir, corpus, out))
+    commits = [json.loads(p.read_text()) for p in (out / "_capture" / "commits").glob("*.json")]
+    done = sum(r["row_end"] - r["row_start"] for r in commits)
+    (out / "train" / "stray.tmp").write_bytes(b"left by a kill")
+    (out / "train" / "logsumexp" / "c" / "9.0b1c.partial").write_bytes(b"half a shard")
+    monkeypatch.setattr(CacheWriter, "write_shard", real_write)
+    capture(settings(llama_dir, corpus, out))
+    total = sum(v["rows"] for v in Cache(out).manifest["splits"].values())
+    assert asked[1] == pytest.approx(asked[0] * (total - done) / total, rel=1e-6) and asked[1] < asked[0]
+    assert verify(out) == []  # the temporaries are gone (verify reports files the manifest does not list)
+
+
 def test_cache_carries_its_tokenizer(llama_dir, corpus, tmp_path):
     from transformers import AutoTokenizer
 

@@ -104,13 +104,14 @@ def test_first_rows_check_reports_the_teachers_nll(bos_llama_dir, corpus, tmp_pa
 
 
 class _FakeComputer:
-    """target log-prob -1 per token when the row starts with BOS, -3 otherwise."""
+    """target log-prob of token t+1: -1 when the row starts with BOS, -3 otherwise, minus 0.01 * its id."""
 
     def __init__(self, bos: int):
         self.bos = bos
 
     def __call__(self, ids, lengths, position_ids=None):
-        lp = np.where(ids[:, :1] == self.bos, -1.0, -3.0) * np.ones(ids.shape)
+        nxt = np.roll(ids, -1, axis=1).astype(np.float64)
+        lp = np.where(ids[:, :1] == self.bos, -1.0, -3.0) - 0.01 * nxt
         lp[np.arange(ids.shape[1])[None] >= lengths[:, None] - 1] = np.nan
         return type("T", (), {"target_logprob": lp})()
 
@@ -125,11 +126,12 @@ def test_first_rows_check_warns_when_the_other_bos_choice_is_better():
     ids = np.tile(np.arange(10, 26, dtype=np.int32), (3, 1))
     rows = Rows(ids, np.full(3, 16, dtype=np.int32), ["a", "b", "c"])
     without = {"bos": {"applied": False, "setting": False}}
+    # both variants predict the same tokens, ids 11..24: mean id 17.5
     lines = first_rows_check(_FakeComputer(7), rows, tok, without, spec)
-    assert lines[0].startswith("warning: the teacher predicts the first rows better with a leading BOS (1.000 vs 3.000")
+    assert lines[0].startswith("warning: the teacher predicts the first rows better with a leading BOS (1.175 vs 3.175")
     with_bos = Rows(np.concatenate([np.full((3, 1), 7, np.int32), ids[:, :-1]], 1), rows.lengths, rows.keys)
     lines = first_rows_check(_FakeComputer(7), with_bos, tok, {"bos": {"applied": True, "setting": "auto"}}, spec)
-    assert not any(x.startswith("warning") for x in lines) and "1.000 with BOS, 3.000 without" in lines[-1]
+    assert not any(x.startswith("warning") for x in lines) and "1.175 with BOS, 3.175 without" in lines[-1]
 
 
 def test_a_model_that_attends_across_documents_is_refused():
@@ -151,6 +153,12 @@ def test_a_model_that_attends_across_documents_is_refused():
         return torch.cat([leaky(ids[:, a:b], None) for a, b in zip(starts[:-1], starts[1:])], 1)
 
     check_document_masking(per_document, 50, "cpu", "toy model")  # no error
+
+    def slightly_leaky(ids, pos):  # 0.1% of the previous documents' mean leaks in: refused at any tolerance
+        return per_document(ids, pos) + 1e-3 * leaky(ids, None)
+
+    with pytest.raises(DocumentMaskError):
+        check_document_masking(slightly_leaky, 50, "cpu", "toy model", rel_tol=5e-2)
 
 
 # ------------------------------------------------------------------------------------------ students

@@ -129,6 +129,45 @@ def test_assistant_mask_on_a_hand_checked_conversation(chat_tokenizer_dir):
     assert mask[n - 1] == 0 and not mask[n:].any() and stats["trained_positions"] == len(predicted)
 
 
+def test_masks_survive_truncation_and_the_token_budget(chat_tokenizer_dir):
+    """A row cut by seq_len or by max_tokens keeps, at its last position, whether the cut-off next token trains."""
+    tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    msgs = [{"role": "user", "content": "Sort [3, 1]?"}, {"role": "assistant", "content": "It is [1, 3] once sorted."}]
+    path = _jsonl([{"messages": msgs}])
+    full, _ = rows_of(data_cfg(path, format="messages", loss_mask="assistant", packing=False, seq_len=256), tok)
+    n = int(full["lengths"][0])
+    for cut in (n - 3, n - 6):
+        for kw in ({"seq_len": cut}, {"seq_len": 256, "max_tokens": cut}):
+            part, _ = rows_of(data_cfg(path, format="messages", loss_mask="assistant", packing=False, **kw), tok)
+            assert part["lengths"][0] == cut
+            assert part["loss_mask"][0][:cut].tolist() == full["loss_mask"][0][:cut].tolist()
+            assert part["loss_mask"][0][cut - 1] == 1  # the cut falls inside the answer
+
+
+def test_whitespace_tokens_with_trimmed_offsets_are_trained(chat_tokenizer_dir):
+    """Tokenizers that trim offsets give whitespace tokens empty spans; indentation in answers still trains."""
+    from tokenizers import processors
+
+    tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    tok.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    answer = "for i in x:\n    if i:\n        print(i)  # two  spaces"
+    msgs = [{"role": "user", "content": "Loop?"}, {"role": "assistant", "content": answer}]
+    arrays, _ = rows_of(data_cfg(_jsonl([{"messages": msgs}]), format="messages", loss_mask="assistant",
+                                 packing=False, seq_len=256), tok)
+    ids, mask, n = arrays["input_ids"][0], arrays["loss_mask"][0], arrays["lengths"][0]
+    assert tok.decode([int(ids[t + 1]) for t in range(n - 1) if mask[t]]) == answer + "<|im_end|>\n"
+
+
+def test_a_conversation_may_open_with_the_assistant(chat_tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    msgs = [{"role": "assistant", "content": "Hello, ask me."}, {"role": "user", "content": "Sum 1 2?"},
+            {"role": "assistant", "content": "3"}]
+    text, spans = render_conversation(tok, CHATML, msgs)
+    assert [text[a:b] for a, b in spans] == ["Hello, ask me.", "3<|im_end|>\n"]
+    with pytest.raises(DataError, match="the chat template cannot render this conversation"):
+        render_conversation(tok, "{{ raise_exception('no system turns') }}", msgs)
+
+
 def test_prompt_response_masks_the_response_only(chat_tokenizer_dir, conversations):
     tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
     rec = [json.loads(x) for x in conversations.read_text().splitlines()][:5]
