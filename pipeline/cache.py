@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import BLOCK, Storage, StorageError, fetch_verified
+from .storage import Storage, StorageError, fetch_verified, stream_digest
 
 FORMAT_NAME = "teacher-cache"
 FORMAT_VERSION = "1.1"
@@ -112,12 +112,8 @@ def sha256_bytes(data: bytes) -> str:
 
 def file_digest(path: Path) -> dict:
     """{"bytes", "sha256"} of a local file, read in blocks."""
-    h, n = hashlib.sha256(), 0
     with open(path, "rb") as f:
-        while block := f.read(BLOCK):
-            h.update(block)
-            n += len(block)
-    return {"bytes": n, "sha256": h.hexdigest()}
+        return stream_digest(f)
 
 
 def sync_file(path: Path) -> None:
@@ -157,6 +153,15 @@ def shard_ranges(n_rows: int, shard_rows: int) -> list[tuple[int, int]]:
 
 # ---------------------------------------------------------------------------------------------
 # writing
+
+
+def read_commits(root: Path) -> dict[tuple[str, int], dict]:
+    """The commit records of an unfinished capture at `root`: {(split, shard index): record}."""
+    out = {}
+    for p in sorted((root / WORK_DIR / "commits").glob("*.json")):
+        rec = json.loads(p.read_text())
+        out[(rec["split"], rec["index"])] = rec
+    return out
 
 
 def write_rows(path: Path, rows) -> None:
@@ -235,11 +240,7 @@ class CacheWriter:
                 self._arrays[(split, spec.name)] = arr
 
     def committed(self) -> dict[tuple[str, int], dict]:
-        out = {}
-        for p in sorted((self.work / "commits").glob("*.json")):
-            rec = json.loads(p.read_text())
-            out[(rec["split"], rec["index"])] = rec
-        return out
+        return read_commits(self.root)
 
     # -- shards -----------------------------------------------------------------------------
     def write_shard(self, split: str, index: int, targets, stats: dict) -> dict:

@@ -109,10 +109,7 @@ def check_disk(out: Path, need: int) -> None:
 
 def committed_rows(out: Path) -> int:
     """Rows of the shards an earlier run of this capture committed."""
-    commits = out / cache_fmt.WORK_DIR / "commits"
-    if not commits.is_dir():
-        return 0
-    return sum(r["row_end"] - r["row_start"] for r in (json.loads(p.read_text()) for p in commits.glob("*.json")))
+    return sum(r["row_end"] - r["row_start"] for r in cache_fmt.read_commits(out).values())
 
 
 def sweep_temporary(out: Path) -> int:
@@ -344,8 +341,7 @@ def check_teacher_document_masking(computer: TargetComputer, spec, dtype: str) -
     from .attention import DocumentMaskError, check_document_masking
 
     def run(ids, pos):
-        kw = {} if pos is None else {"position_ids": pos}
-        return computer.base(input_ids=ids, use_cache=False, **kw).last_hidden_state
+        return computer.base(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
 
     try:
         check_document_masking(run, spec.vocab_size, computer.device, f"teacher {spec.model_type!r}",

@@ -399,12 +399,12 @@ def tokenize_rows(ds, tokenizer, cfg: DataConfig, conv: RowConvention | None = N
     starts: list[bool] = []
 
     def cut(final: bool) -> None:
-        """Emit full rows from the stream; keep one token of look-ahead (the last position's mask)
-        unless the stream has ended."""
+        """Emit full rows from the stream, keeping one token of look-ahead (the last position's mask);
+        once the stream has ended, also the rest as one last, padded row."""
         while toks:
             insert = bos is not None and not starts[0]  # a row that starts mid-document gets BOS first
             take = L - insert
-            if len(toks) < take or (len(toks) == take and not final):
+            if len(toks) <= take and not final:
                 return
             nxt = flags[take] if len(toks) > take else 0
             out.add([bos] * insert + toks[:take], [0] * insert + flags[:take], [True] * insert + starts[:take], nxt)
@@ -437,10 +437,6 @@ def tokenize_rows(ds, tokenizer, cfg: DataConfig, conv: RowConvention | None = N
             out.add(ids[:take], doc_flags[:take], [True] + [False] * (take - 1), nxt)
     if cfg.packing:
         cut(final=True)
-        if toks:  # the tail: one last, padded row
-            insert = bos is not None and not starts[0]
-            out.add([bos] * insert + toks, [0] * insert + flags, [True] * insert + starts, 0)
-            stats["rows_bos_inserted"] += int(insert)
     if not out.ids:
         raise DataError("the dataset produced no tokens (every document empty?)")
     arrays = out.arrays()

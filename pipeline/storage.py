@@ -31,6 +31,15 @@ def is_url(location: str | Path) -> bool:
     return "://" in str(location)
 
 
+def stream_digest(f) -> dict:
+    """{"bytes", "sha256"} of what an open binary file yields, read in blocks."""
+    h, n = hashlib.sha256(), 0
+    while block := f.read(BLOCK):
+        h.update(block)
+        n += len(block)
+    return {"bytes": n, "sha256": h.hexdigest()}
+
+
 @contextmanager
 def storage_errors(location: str, doing: str):
     """Turn whatever a storage backend raises (OSError, botocore and aiohttp errors, ...) into one
@@ -94,12 +103,8 @@ class Storage:
 
     def digest(self, rel: str) -> dict:
         """{"bytes", "sha256"} of one file, read in blocks."""
-        h, n = hashlib.sha256(), 0
         with storage_errors(f"{self.location}/{rel}", "cannot read"), self.fs.open(self.path(rel), "rb") as f:
-            while block := f.read(BLOCK):
-                h.update(block)
-                n += len(block)
-        return {"bytes": n, "sha256": h.hexdigest()}
+            return stream_digest(f)
 
     def files(self) -> dict[str, int | None]:
         """Every file under the root: {relative path: size, None where the backend does not say}."""

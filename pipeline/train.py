@@ -400,8 +400,7 @@ def _open_tasks(cfg: StudentRunConfig) -> dict[str, tuple[Cache, float]]:
 def check_student_document_masking(model, name: str, device) -> None:
     """Refuse a student whose architecture would attend across the documents of a packed row."""
     def run(ids, pos):
-        kw = {} if pos is None else {"position_ids": pos}
-        return model(input_ids=ids, use_cache=False, **kw).logits
+        return model(input_ids=ids, position_ids=pos, use_cache=False).logits
 
     was_training = model.training
     model.eval()

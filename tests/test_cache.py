@@ -254,18 +254,24 @@ def test_local_parquet_and_text_sources_give_the_same_rows(tokenizer_dir, corpus
     assert shuffled.splits["train"].keys == again.splits["train"].keys != ref.splits["train"].keys
 
 
-def test_disk_full_mid_capture_keeps_committed_shards(llama_dir, corpus, tmp_path, monkeypatch):
+def _disk_full_at(shard: int):
+    """CacheWriter.write_shard as on a disk that fills up when shard `shard` is written."""
     import errno
 
-    out = tmp_path / "c"
     real = CacheWriter.write_shard
 
-    def full_disk(self, split, index, targets, stats):
-        if index == 1:
+    def write_shard(self, split, index, targets, stats):
+        if index == shard:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, split, index, targets, stats)
 
-    monkeypatch.setattr(CacheWriter, "write_shard", full_disk)
+    return write_shard
+
+
+def test_disk_full_mid_capture_keeps_committed_shards(llama_dir, corpus, tmp_path, monkeypatch):
+    out = tmp_path / "c"
+    real = CacheWriter.write_shard
+    monkeypatch.setattr(CacheWriter, "write_shard", _disk_full_at(1))
     with pytest.raises(CaptureError, match="No space left on device.*rerun the same command to resume"):
         capture(settings(llama_dir, corpus, out))
     assert len(list((out / "_capture" / "commits").glob("*.json"))) >= 1
@@ -276,21 +282,13 @@ def test_disk_full_mid_capture_keeps_committed_shards(llama_dir, corpus, tmp_pat
 
 def test_resume_after_a_full_disk_needs_room_for_what_is_left_and_sweeps_temporaries(llama_dir, corpus, tmp_path,
                                                                                      monkeypatch):
-    import errno
-
     from pipeline import capture as capture_mod
 
     out = tmp_path / "c"
     real_write, real_check = CacheWriter.write_shard, capture_mod.check_disk
     asked = []
     monkeypatch.setattr(capture_mod, "check_disk", lambda where, need: asked.append(need) or real_check(where, need))
-
-    def full_disk(self, split, index, targets, stats):
-        if index == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(self, split, index, targets, stats)
-
-    monkeypatch.setattr(CacheWriter, "write_shard", full_disk)
+    monkeypatch.setattr(CacheWriter, "write_shard", _disk_full_at(2))
     with pytest.raises(CaptureError, match="No space left on device"):
         capture(settings(llama_dir, corpus, out))
     commits = [json.loads(p.read_text()) for p in (out / "_capture" / "commits").glob("*.json")]
