@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from pipeline import losses as L  # noqa: E402
-from pipeline.cache import Cache  # noqa: E402
+from pipeline.format.cache import Cache  # noqa: E402
 from pipeline.config import StudentRunConfig, TeacherConfig, load_config  # noqa: E402
 from pipeline.reader import CacheBatches, make_loader  # noqa: E402
 from pipeline.student import build_student  # noqa: E402

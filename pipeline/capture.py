@@ -24,10 +24,10 @@ from typing import Callable
 
 import numpy as np
 
-from . import cache as cache_fmt
+from .format import cache as cache_fmt
 from . import data as data_mod
 from . import teacher as teacher_mod
-from .cache import CacheWriter, FieldSpec
+from .format.cache import CacheWriter, FieldSpec
 from .config import TeacherCacheConfig
 from .targets import TargetComputer, TeacherTargets
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .config import StudentConfig
-from .teacher import tokenizer_fingerprint
+from .format.cache import tokenizer_fingerprint
 
 
 class StudentError(ValueError):

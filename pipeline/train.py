@@ -27,7 +27,7 @@ import torch
 
 from . import attention as attn_mod
 from . import losses as L
-from .cache import Cache
+from .format.cache import Cache
 from .config import StudentConfig, StudentRunConfig
 from .reader import CacheBatches, make_loader
 from .representation import attention_pairs, decode_hidden, hidden_pairs, make_projections, map_heads

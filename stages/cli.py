@@ -27,11 +27,11 @@ app.command("ls")(share.ls)
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from pipeline.cache import CacheError
+    from pipeline.format.cache import CacheError
     from pipeline.capture import CaptureError
     from pipeline.config import ConfigError
     from pipeline.data import DataError
-    from pipeline.storage import StorageError
+    from pipeline.format.storage import StorageError
     from pipeline.student import StudentError
     from pipeline.targets import CaptureOverflowError
     from pipeline.teacher import TeacherError

@@ -26,7 +26,7 @@ def push(
     force: Annotated[bool, typer.Option("--force", help="replace a different cache at URL")] = False,
 ) -> None:
     """Publish a verified cache: data first, manifest last; a rerun resumes."""
-    from pipeline.share import push as do_push
+    from pipeline.format.share import push as do_push
 
     do_push(cache, url, force=force, log=lambda m: typer.echo(m, err=True))
     typer.echo(url)
@@ -39,7 +39,7 @@ def pull(
     splits: Annotated[Optional[str], typer.Option(help="splits to fetch, comma-separated (default: all)")] = None,
 ) -> None:
     """Fetch a cache, or only some fields and splits, verifying every file as it arrives."""
-    from pipeline.share import pull as do_pull
+    from pipeline.format.share import pull as do_pull
 
     do_pull(url, dest, _names(fields), _names(splits), log=lambda m: typer.echo(m, err=True))
     typer.echo(dest)
@@ -50,7 +50,7 @@ def ls(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per cache")] = False,
 ) -> None:
     """One line per finished cache under ROOT: teacher, data, tokens, fields, size, digest."""
-    from pipeline.share import list_caches
+    from pipeline.format.share import list_caches
 
     for c in list_caches(root):
         if as_json:

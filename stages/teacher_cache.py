@@ -15,8 +15,8 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from pipeline.cache import Cache, row_column
-from pipeline.cache import verify as verify_cache
+from pipeline.format.cache import Cache, row_column
+from pipeline.format.cache import verify as verify_cache
 from pipeline.config import TeacherCacheConfig, load_config
 from pipeline.data import missing_bos_warning
 from stages.options import ConfigOpt, SetOpt

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from conftest import capture, settings
 
-from pipeline import cache as cache_mod
-from pipeline.cache import Cache, CacheError, CacheWriter, verify
+from pipeline.format import cache as cache_mod
+from pipeline.format.cache import Cache, CacheError, CacheWriter, verify
 from pipeline.capture import CaptureError
 from pipeline.data import content_key, is_validation
 

@@ -61,3 +61,21 @@ def test_format_md_reader_runs_on_a_chat_cache_with_masks(bos_llama_dir, convers
                          cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "ok train" in res.stdout
+
+
+def test_the_format_package_needs_no_training_stack(llama_dir, corpus, tmp_path):
+    """pipeline.format reads, verifies and moves caches without importing torch or transformers."""
+    cache_dir = tmp_path / "c"
+    capture(settings(llama_dir, corpus, cache_dir, data={"max_tokens": 600}))
+    code = (
+        "import sys\n"
+        "from pipeline.format import Cache, verify, pull, list_caches\n"
+        f"c = Cache({str(cache_dir)!r})\n"
+        "assert c.array('train', 'topk_ids')[:2].shape[0] == 2 and verify(c.storage) == []\n"
+        f"pull({str(cache_dir)!r}, {str(tmp_path / 'p')!r}, fields=['topk_ids'], log=lambda m: None)\n"
+        f"assert len(list_caches({str(tmp_path)!r})) == 2\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import capture, settings
 
-from pipeline.cache import Cache
+from pipeline.format.cache import Cache
 from pipeline.config import TeacherConfig
 from pipeline.teacher import TeacherSpec, convert_gguf, load_model, load_model_config, load_tokenizer, smollm2_gguf_path
 

@@ -14,7 +14,7 @@ import torch
 from conftest import capture, settings
 from transformers import AutoModelForCausalLM
 
-from pipeline.cache import Cache, row_column
+from pipeline.format.cache import Cache, row_column
 from pipeline.config import StudentRunConfig
 from pipeline.reader import CacheBatches, make_loader
 from pipeline.student import StudentError

@@ -175,7 +175,7 @@ def test_missing_field_refused_before_training(llama_dir, corpus, tmp_path):
 
 
 def test_teacher_initialised_student_equals_chosen_layers(rich_cache, sharp_teacher, tmp_path):
-    from pipeline.cache import Cache
+    from pipeline.format.cache import Cache
     from pipeline.student import build_student
 
     c = Cache(rich_cache)

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from conftest import capture, settings
 
-from pipeline.cache import Cache, CacheError, verify
-from pipeline.share import list_caches, pull, push
-from pipeline.storage import Storage, StorageError
+from pipeline.format.cache import Cache, CacheError, verify
+from pipeline.format.share import list_caches, pull, push
+from pipeline.format.storage import Storage, StorageError
 
 REPO = Path(__file__).resolve().parents[1]
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

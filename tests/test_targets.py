@@ -8,7 +8,7 @@ import torch
 from conftest import capture, settings
 from transformers import AutoModelForCausalLM
 
-from pipeline.cache import Cache
+from pipeline.format.cache import Cache
 
 
 def _reference(model_dir, input_ids: np.ndarray, lengths: np.ndarray, eager: bool = False, dtype=torch.float64):

@@ -10,7 +10,7 @@ import torch
 from conftest import capture, make_llama, settings
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.cache import Cache, CacheError
+from pipeline.format.cache import Cache, CacheError
 from pipeline.config import StudentRunConfig
 from pipeline.reader import CacheBatches, batch_plan, make_loader
 from pipeline.student import StudentError

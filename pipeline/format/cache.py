@@ -106,6 +106,17 @@ def field_specs(*, seq_len: int, top_k: int, n_temperatures: int, hidden: tuple[
 # small file helpers
 
 
+def tokenizer_fingerprint(tok) -> str:
+    """sha256 of the vocabulary, added tokens and special tokens: equal iff tokenisation agrees."""
+    payload = {
+        "vocab": sorted(tok.get_vocab().items()),
+        "added": sorted((str(k), str(v)) for k, v in tok.added_tokens_decoder.items()),
+        "special": sorted((k, str(v)) for k, v in tok.special_tokens_map.items()),
+        "class": type(tok).__name__,
+    }
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -397,8 +408,6 @@ class Cache:
     def tokenizer(self):
         """The tokenizer the rows were made with, from the cache itself; checked against the manifest."""
         from transformers import AutoTokenizer
-
-        from .teacher import tokenizer_fingerprint
 
         for rel in self.files:
             if rel.startswith(TOKENIZER_DIR + "/"):
