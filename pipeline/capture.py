@@ -139,7 +139,7 @@ def build_plan(cfg: TeacherCacheConfig, spec, tokenizer, prepared, hidden, attn,
     L = cfg.data.seq_len
 
     def row_field(column: str, dtype: str, per_position: bool, description: str) -> dict:
-        return {"path": "{split}/rows.parquet", "format": "parquet", "column": column, "dtype": dtype,
+        return {"path": "{part}/rows.parquet", "format": "parquet", "column": column, "dtype": dtype,
                 "dims": ["row", "position"] if per_position else ["row"],
                 "shape": {s: [n, L] if per_position else [n] for s, n in split_rows.items()},
                 "description": description}
@@ -180,12 +180,95 @@ def build_plan(cfg: TeacherCacheConfig, spec, tokenizer, prepared, hidden, attn,
             "temperatures_all": [1.0, *cfg.capture.temperatures],
             "batch_size": cfg.capture.batch_size, "position_chunk": cfg.capture.position_chunk,
         },
-        "splits": {s: {"rows": n, "tokens": prepared.splits[s].n_tokens,
-                       "shards": len(cache_fmt.shard_ranges(n, cfg.capture.rows_per_shard))}
-                   for s, n in split_rows.items()},
+        "splits": {s: _part(s, prepared.splits[s], cfg.capture.rows_per_shard) | {"parts": [
+                       {"path": s, "row_start": 0, **_part(s, prepared.splits[s], cfg.capture.rows_per_shard)}]}
+                   for s in split_rows},
         "fields": fields,
         "software": _software(),
     }
+
+
+def _part(split: str, rows, shard_rows: int) -> dict:
+    return {"rows": len(rows), "tokens": rows.n_tokens, "shards": len(cache_fmt.shard_ranges(len(rows), shard_rows))}
+
+
+# What an append may change: which documents, and where and with what software it ran. Everything
+# else that determines the cache's bytes must be what the cache was made with.
+APPEND_FREE = {"dataset", "software", "splits", "fields", "format_version", "grown", "teacher.device_type",
+               "capture.batch_size", "capture.position_chunk", "preparation.max_documents",
+               "preparation.max_tokens", "preparation.sample_by", "preparation.shuffle_seed"}
+
+
+def append_differences(base: dict, plan: dict) -> list[str]:
+    """Why the rows of `plan` cannot join the finished cache `base` (empty: they can)."""
+    changes = _diff({k: base.get(k) for k in plan}, plan)
+    out = [c for c in changes if not any(c.startswith(f + ".") or c.startswith(f + ":") for f in APPEND_FREE)]
+    if base["format_version"].split(".")[0] != plan["format_version"].split(".")[0]:
+        out.append(f"format_version: {base['format_version']} -> {plan['format_version']}")
+    return out
+
+
+def grown_plan(base: dict, plan: dict, prepared, shard_rows: int, duplicates: int) -> dict:
+    """The plan of `base` grown by the rows of `prepared`, each split's new rows a new part."""
+    number = len(base.get("grown", [])) + 1
+    g = {k: v for k, v in base.items() if k not in ("shards", "metadata_files", "stats", "digest")}
+    g["format_version"] = plan["format_version"]
+    g["splits"] = {}
+    for split in list(base["splits"]) + [s for s in prepared.splits if s not in base["splits"]]:
+        parts = split_parts_of(base, split)
+        if split in prepared.splits:
+            start = sum(p["rows"] for p in parts)
+            parts.append({"path": cache_fmt.part_path(split, number), "row_start": start,
+                          **_part(split, prepared.splits[split], shard_rows)})
+        g["splits"][split] = {k: sum(p[k] for p in parts) for k in ("rows", "tokens", "shards")} | {"parts": parts}
+    g["fields"] = {}
+    for name, f in plan["fields"].items():
+        tail = next(iter(f["shape"].values()))[1:]
+        g["fields"][name] = {**f, "shape": {s: [v["rows"], *tail] for s, v in g["splits"].items()}}
+    g["grown"] = [*base.get("grown", []), {
+        "number": number, "parent_digest": base["digest"], "dataset": plan["dataset"],
+        "rows": {s: len(r) for s, r in prepared.splits.items()},
+        "tokens": sum(r.n_tokens for r in prepared.splits.values()), "duplicate_rows_skipped": duplicates,
+        "parts": [cache_fmt.part_path(s, number) for s in prepared.splits],
+        "device_type": plan["teacher"]["device_type"], "software": plan["software"]}]
+    return g
+
+
+def _plan_append(out: Path, plan: dict, prepared, cfg: TeacherCacheConfig, log):
+    """(base manifest, grown plan, the new rows) for output.mode=append; (None, base, None) when every
+    row is already in the cache."""
+    if not (out / cache_fmt.MANIFEST).exists():
+        raise CaptureError(f"output.mode=append: there is no finished cache at {out} to append to; make (or finish) "
+                           "it with output.mode=create first")
+    base = cache_fmt.read_manifest(out)
+    changes = append_differences(base, plan)
+    if changes:
+        raise CaptureError(f"cannot append to {out}: it was made with another teacher, tokenizer or settings. "
+                           "Differences (cache -> now):\n  " + "\n  ".join(changes[:20]))
+    cache = cache_fmt.Cache(out)
+    have = {k for split in cache.splits for k in cache.rows(split, columns=["key"]).column("key").to_pylist()}
+    new, duplicates = {}, 0
+    for split, rows in prepared.splits.items():
+        keep = np.asarray([i for i, k in enumerate(rows.keys) if k not in have], dtype=np.int64)
+        duplicates += len(rows) - len(keep)
+        if len(keep):
+            new[split] = rows.take(keep)
+    if not new:
+        log(f"nothing to append: all {duplicates} rows of these documents are already in {out}")
+        return None, base, None
+    prepared = data_mod.Prepared(splits=new, info=prepared.info, convention=prepared.convention)
+    log(f"appending to {out}: " + ", ".join(f"{s} +{len(r)} rows" for s, r in new.items())
+        + f"; {duplicates} rows already in the cache skipped")
+    return base, grown_plan(base, plan, prepared, cfg.capture.rows_per_shard, duplicates), prepared
+
+
+def split_parts_of(base: dict, split: str) -> list[dict]:
+    """A finished cache's parts of a split, with rows/tokens/shards filled in for 1.0/1.1 caches."""
+    if split not in base["splits"]:
+        return []
+    info = base["splits"][split]
+    return [p if "shards" in p else {**p, "tokens": info["tokens"], "shards": info["shards"]}
+            for p in cache_fmt.split_parts(base, split)]
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -249,7 +332,21 @@ def _locked_capture(cfg, out, tokenizer, spec, hidden, attn, device, log, progre
 
     manifest_path = out / cache_fmt.MANIFEST
     plan_path = out / cache_fmt.WORK_DIR / "plan.json"
-    if manifest_path.exists():
+    base = None
+    if cfg.output.mode == "append":
+        base, plan, prepared = _plan_append(out, plan, prepared, cfg, log)
+        if base is None:
+            return CaptureResult(out, plan, resumed_shards=0, computed_shards=0)
+        if plan_path.exists():
+            changes = _diff(json.loads(plan_path.read_text()), plan)
+            if changes:
+                raise CaptureError(f"{out} holds an unfinished append of other data or settings; rerun that command "
+                                   f"to finish it (or remove {out / cache_fmt.WORK_DIR} to abandon it). Differences:"
+                                   "\n  " + "\n  ".join(changes[:20]))
+        else:  # a fresh append: folders an abandoned one left are not in the manifest; clear them
+            for split in prepared.splits:
+                shutil.rmtree(out / plan["splits"][split]["parts"][-1]["path"], ignore_errors=True)
+    elif manifest_path.exists():
         old = cache_fmt.read_manifest(out)
         changes = _diff({k: old.get(k) for k in plan}, plan)
         if not changes:
@@ -298,9 +395,9 @@ def _locked_capture(cfg, out, tokenizer, spec, hidden, attn, device, log, progre
         plan_path.parent.mkdir(exist_ok=True)
         cache_fmt.atomic_write_json(plan_path, plan)
     split_rows = {s: len(r) for s, r in prepared.splits.items()}
-    writer = CacheWriter(out, plan, specs, split_rows)
+    writer = CacheWriter(out, plan, specs, split_rows, base)
     for split, rows in prepared.splits.items():
-        rows_path = out / split / "rows.parquet"
+        rows_path = out / writer.parts[split]["path"] / "rows.parquet"
         if not rows_path.exists():
             rows_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = rows_path.with_name("rows.parquet.tmp")
@@ -327,10 +424,11 @@ def _locked_capture(cfg, out, tokenizer, spec, hidden, attn, device, log, progre
         computer = TargetComputer(model, spec, cfg.capture, hidden, attn)
         if cfg.data.document_mask:
             check_teacher_document_masking(computer, spec, cfg.teacher.dtype)
-        for line in first_rows_check(computer, prepared.splits["train"], tokenizer, prepared.convention, spec):
+        first = prepared.splits.get("train") or next(iter(prepared.splits.values()))
+        for line in first_rows_check(computer, first, tokenizer, prepared.convention, spec):
             log(line)
         _run_shards(computer, prepared, todo, writer, cfg.capture.batch_size, progress, overlap_writes(device))
-    stats = _statistics(writer, plan, out)
+    stats = _statistics(writer, out, base)
     manifest = writer.finalize(stats)
     log(f"finished {out}: {stats['tokens']:,} tokens, {stats['timing']['tokens_per_second']:,.0f} tokens/s, "
         f"mean top-{cfg.capture.top_k} mass {stats['mean_topk_mass']:.4f}")
@@ -451,22 +549,29 @@ def _shard_stats(t: TeacherTargets, lengths: np.ndarray, seconds: float) -> dict
     return {"tokens": int(lengths.sum()), "seconds": seconds, "topk_mass_sum": float(mass[valid].sum())}
 
 
-def _statistics(writer: CacheWriter, plan: dict, out: Path) -> dict:
+def _statistics(writer: CacheWriter, out: Path, base: dict | None = None) -> dict:
+    """Statistics of the cache the writer finishes: its new shards, plus `base`'s when it grows one."""
     commits = writer.committed().values()
     tokens = sum(c["tokens"] for c in commits)
     seconds = sum(c["seconds"] for c in commits)
-    per_field: dict[str, int] = {}
+    mass = sum(c["topk_mass_sum"] for c in commits)
+    per_field: dict[str, float] = {}
+    if base is not None:
+        old = base["stats"]
+        per_field = {k: v * old["tokens"] for k, v in old["bytes_per_token"].items()}
+        tokens, seconds, mass = tokens + old["tokens"], seconds + old["timing"]["seconds"], \
+            mass + old["mean_topk_mass"] * old["tokens"]
     for c in commits:
         for rel, d in c["files"].items():
-            name = rel.split("/")[1]
+            name = rel[len(c.get("part", c["split"])) + 1:].split("/")[0]
             per_field[name] = per_field.get(name, 0) + d["bytes"]
-    for split in plan["splits"]:
-        per_field["rows.parquet"] = per_field.get("rows.parquet", 0) + (out / split / "rows.parquet").stat().st_size
+    for part in writer.parts.values():
+        per_field["rows.parquet"] = per_field.get("rows.parquet", 0) + (out / part["path"] / "rows.parquet").stat().st_size
     return {
         "tokens": tokens,
-        "rows": sum(v["rows"] for v in plan["splits"].values()),
-        "mean_topk_mass": sum(c["topk_mass_sum"] for c in commits) / max(tokens, 1),
-        "bytes_on_disk": sum(per_field.values()),
+        "rows": sum(v["rows"] for v in writer.plan["splits"].values()),
+        "mean_topk_mass": mass / max(tokens, 1),
+        "bytes_on_disk": round(sum(per_field.values())),
         "bytes_per_token": {k: v / max(tokens, 1) for k, v in per_field.items()},
         "timing": {"seconds": seconds, "tokens_per_second": tokens / seconds if seconds else 0.0,
                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},

@@ -126,6 +126,15 @@ class CaptureConfig(_Strict):
 class OutputConfig(_Strict):
     dir: str = Field(description="cache directory to write")
     overwrite: bool = Field(False, description="replace a finished cache whose settings differ")
+    mode: Literal["create", "append"] = Field(
+        "create", description="create: write (or resume) a cache; append: add the rows of new documents to the finished "
+        "cache at dir, made with the same teacher, tokenizer and settings (rows already in it are skipped)")
+
+    @model_validator(mode="after")
+    def _append_never_overwrites(self):
+        if self.mode == "append" and self.overwrite:
+            raise ValueError("output.mode=append adds to a cache and never replaces it: drop output.overwrite")
+        return self
 
 
 class TeacherCacheConfig(_Strict):
@@ -226,6 +235,9 @@ class StudentRunConfig(_Strict):
     patience: int | None = Field(None, gt=0, description="evaluations without improvement before stopping")
     checkpoint_every: int | None = Field(None, gt=0, description="None: at every evaluation")
     num_workers: int = Field(0, ge=0, description="DataLoader workers reading the cache")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for remote caches, e.g. {client_kwargs = {endpoint_url = "
+        "\"http://minio:9000\"}} for s3://; credentials are better left to the environment (AWS_*, ~/.aws)")
     seed: int = Field(0, description="data order")
     device: str = "auto"
     log_every: int = Field(10, gt=0)

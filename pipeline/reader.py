@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .format.cache import Cache, CacheError, row_column, shard_ranges
+from .format.cache import Cache, CacheError, row_column
 
 ROW_FIELDS = {"loss_mask": np.bool_, "position_ids": np.int64}  # optional rows.parquet columns, in every batch
 FLOAT_FIELDS = {"topk_logprobs", "logsumexp", "target_logprob", "logsumexp_tempered", "hidden_states", "attentions"}
@@ -66,7 +66,8 @@ class CacheBatches(torch.utils.data.IterableDataset):
 
     def __init__(self, root, split: str, fields: list[str], batch_size: int, seed: int = 0, shuffle: bool = True,
                  keys: list[str] | None = None, num_workers: int = 0, drop_last: bool = False):
-        self.cache = Cache(root)
+        self.cache = root if isinstance(root, Cache) else Cache(root)
+        root = self.cache.root
         if split not in self.cache.splits:
             raise CacheError(f"{root}: no split {split!r} (has: {', '.join(self.cache.splits)})")
         missing = [f for f in fields if f not in self.cache.dense_fields]
@@ -78,8 +79,8 @@ class CacheBatches(torch.utils.data.IterableDataset):
         self.num_workers, self.drop_last = num_workers, drop_last
         self.epoch, self.start = 0, 0
         n = self.cache.manifest["splits"][split]["rows"]
-        self.shard_rows = self.cache.manifest["capture"]["rows_per_shard"]
-        self.ranges = shard_ranges(n, self.shard_rows)
+        self.ranges = self.cache.shard_ranges(split)  # rows numbered across the split's parts (a grown cache)
+        self.starts = np.asarray([a for a, _ in self.ranges])
         keep = None
         if keys is not None:
             all_keys = self.cache.rows(split).column("key").to_pylist()
@@ -122,7 +123,7 @@ class CacheBatches(torch.utils.data.IterableDataset):
                    "row": torch.from_numpy(b.rows.astype(np.int64)), "batch_index": b.index,
                    **{name: torch.from_numpy(a[b.rows]) for name, a in per_row.items()}}
             parts: dict[str, list[np.ndarray]] = {f: [] for f in self.fields}
-            shard_of = b.rows // self.shard_rows
+            shard_of = np.searchsorted(self.starts, b.rows, side="right") - 1
             for sh in np.unique(shard_of):  # rows of a batch lie in one shard, two at a seam
                 if sh not in loaded:
                     a, e = self.ranges[sh]

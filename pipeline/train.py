@@ -295,11 +295,31 @@ def _append_jsonl(path: Path, rec: dict) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
-def resume_identity(st: _Student, cfg: StudentRunConfig, manifest: dict) -> dict:
-    """What must not change between a run and its resumption."""
-    return {"student": st.spec.model_dump(mode="json"), "cache_digest": manifest["digest"],
+def resume_identity(st: _Student, cfg: StudentRunConfig, tasks: dict) -> dict:
+    """What must not change between a run and its resumption, except that a cache may have grown
+    (its new manifest descends from the checkpoint's) and max_steps may be raised: see `grown_tasks`."""
+    return {"student": st.spec.model_dump(mode="json"),
+            "cache_digests": {name: c.manifest["digest"] for name, (c, _) in tasks.items()},
             **cfg.model_dump(mode="json", include={"batch_size", "grad_accum", "max_steps", "seed", "num_workers",
                                                    "tasks", "cache", "mutual_weight", "mutual_temperature"})}
+
+
+def grown_tasks(old: dict, new: dict, tasks: dict) -> list[str] | None:
+    """The tasks whose cache grew since the checkpoint with identity `old`, when that and a raised
+    max_steps are the only differences from `new`; None when the run cannot continue from `old`."""
+    if {k: v for k, v in old.items() if k not in ("cache_digests", "max_steps")} != \
+            {k: v for k, v in new.items() if k not in ("cache_digests", "max_steps")}:
+        return None
+    if old.get("max_steps", 0) > new["max_steps"] or set(old.get("cache_digests", {})) != set(new["cache_digests"]):
+        return None
+    grew = []
+    for name, digest in old["cache_digests"].items():
+        if digest != new["cache_digests"][name]:
+            ancestors = [g["parent_digest"] for g in tasks[name][0].manifest.get("grown", [])]
+            if digest not in ancestors:
+                return None
+            grew.append(name)
+    return grew
 
 
 def save_checkpoint(st: _Student, run: dict) -> None:
@@ -313,21 +333,24 @@ def save_checkpoint(st: _Student, run: dict) -> None:
     os.replace(tmp, path)
 
 
-def _load_checkpoint(st: _Student) -> dict:
+def _load_checkpoint(st: _Student, tasks: dict) -> tuple[dict, list[str]]:
+    """The run state of a student's checkpoint and the tasks whose cache grew since it was written."""
     path = st.out / "checkpoint" / "state.pt"
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("identity") != st.identity:
-        old, new = state.get("identity") or {}, st.identity
+    old, new = state.get("identity") or {}, st.identity
+    grew = [] if old == new else grown_tasks(old, new, tasks)
+    if grew is None:
         diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         raise StudentError(f"{path} was written by a run with other settings ({', '.join(diffs)} differ); "
-                           "resume with the same settings, or choose another output_dir")
+                           "resume with the same settings (a cache that grew by appends and a larger max_steps are "
+                           "fine), or choose another output_dir")
     st.model.load_state_dict(state["model"])
     st.rep.projections.load_state_dict(state["projections"])
     st.opt.load_state_dict(state["optimizer"])
     st.sched.load_state_dict(state["scheduler"])
     st.best, st.best_step, st.bad_evals = state["best"], state["best_step"], state["bad_evals"]
     st.stopped, st.last_eval, st.best_eval = state["stopped"], state["last_eval"], state["best_eval"]
-    return state["run"]
+    return state["run"], grew
 
 
 def _save_model(st: _Student, tokenizer) -> None:
@@ -368,7 +391,7 @@ CAPTURE_KEYS_USED_BY = {  # capture settings that must agree across the caches o
 
 def _open_tasks(cfg: StudentRunConfig) -> dict[str, tuple[Cache, float]]:
     """Every task's cache, checked to share one tokenizer (and, for representation terms, one capture)."""
-    tasks = {t.name: (Cache(t.cache), t.weight) for t in cfg.task_list()}
+    tasks = {t.name: (Cache(t.cache, storage_options=cfg.storage_options), t.weight) for t in cfg.task_list()}
     first_name, (first, _) = next(iter(tasks.items()))
     for name, (c, _) in tasks.items():
         if c.manifest["tokenizer"]["fingerprint"] != first.manifest["tokenizer"]["fingerprint"]:
@@ -461,7 +484,7 @@ def train_students(cfg: StudentRunConfig, log: Callable[[str], None] = print, pr
         out = Path(cfg.output_dir) / spec.name
         out.mkdir(parents=True, exist_ok=True)
         st = _Student(spec, model, opt, sched, out, _temperature_index(spec, manifest), rep)
-        st.identity = resume_identity(st, cfg, manifest)
+        st.identity = resume_identity(st, cfg, tasks)
         students.append(st)
         log(f"student {spec.name}: {count_parameters(model) / 1e6:.2f}M parameters, losses {spec.losses}, "
             f"T={spec.temperature}")
@@ -472,23 +495,29 @@ def train_students(cfg: StudentRunConfig, log: Callable[[str], None] = print, pr
         if not all(have):
             raise StudentError("some students of this run have checkpoints and others do not: "
                                f"{[st.spec.name for st, h in zip(students, have) if not h]} lack one")
-        runs = [_load_checkpoint(st) for st in students]
+        loaded = [_load_checkpoint(st, tasks) for st in students]
+        runs = [r for r, _ in loaded]
         if any(r != runs[0] for r in runs):
             raise StudentError("the students' checkpoints are at different steps; cannot resume them together")
         run = runs[0]
         log(f"resuming at step {run['step']}")
+        for name in loaded[0][1]:  # a grown cache: its next epoch, whose order covers the new shards, starts now
+            pos = run["stream"]["tasks"][name]
+            pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
+            log(f"task {name!r}: the cache grew since the checkpoint ({tasks[name][0].manifest['splits']['train']['rows']}"
+                f" train rows now); training goes on with epoch {pos['epoch']} over all of them")
     else:
         for st in students:
             (st.out / "metrics.jsonl").unlink(missing_ok=True)
 
-    stream = TaskStream({n: (CacheBatches(c.root, "train", fields, cfg.batch_size, seed=cfg.seed, shuffle=True,
+    stream = TaskStream({n: (CacheBatches(c, "train", fields, cfg.batch_size, seed=cfg.seed, shuffle=True,
                                           num_workers=cfg.num_workers), w) for n, (c, w) in tasks.items()},
                         cfg.seed, run["stream"])
     run["stream"] = stream.state
     val_sets = {}
     for n, (c, w) in val_tasks.items():
         keys = None if cfg.eval_rows is None else c.rows("validation").column("key").to_pylist()[: cfg.eval_rows]
-        val_sets[n] = (CacheBatches(c.root, "validation", TOPK_FIELDS, cfg.batch_size, shuffle=False, keys=keys), w)
+        val_sets[n] = (CacheBatches(c, "validation", TOPK_FIELDS, cfg.batch_size, shuffle=False, keys=keys), w)
 
     def do_eval(st: _Student, step: int) -> None:
         per_task = {n: evaluate(st.model, make_loader(ds), device) for n, (ds, _) in val_sets.items()}

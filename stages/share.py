@@ -63,4 +63,5 @@ def ls(
                    + f" tokens  fields {','.join(c['fields'])}  K={c['top_k']} T={c['temperatures']}  "
                    f"{c['bytes'] / 2**20:.1f} MiB ({c['bytes'] / max(tokens, 1):.1f} B/token)  v{c['format_version']}  "
                    f"{c['finished_at']}  digest {c['digest'][:16]}"
-                   + (f"  subset of {c['subset_of'][:16]}" if c["subset_of"] else ""))
+                   + (f"  subset of {c['subset_of'][:16]}" if c["subset_of"] else "")
+                   + (f"  grown x{c['appends']} (parent {c['parent_digest'][:16]})" if c["appends"] else ""))

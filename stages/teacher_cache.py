@@ -65,6 +65,10 @@ def inspect(
                                                   f"sha256 {p['chat_template']['sha256'][:12]}"
                                                   if p.get("chat_template") else "")
          + f"; loss mask {p.get('loss_mask', 'all')}; document mask {p.get('document_mask', False)}")
+    for g in m.get("grown", []):
+        echo(f"grown        #{g['number']}: +" + ", ".join(f"{k} {v}" for k, v in g["rows"].items())
+             + f" rows ({g['tokens']:,} tokens) from {g['dataset']['source']} {len(g['dataset']['data_files'])} files, "
+             f"{g['duplicate_rows_skipped']} rows already cached skipped; parent {g['parent_digest'][:16]}")
     echo(f"captured     top-{cap['top_k']}, temperatures {cap['temperatures_all']}, hidden layers "
          f"{cap['hidden_layers'] or '-'} ({cap['hidden_dtype']}), attention layers {cap['attention_layers'] or '-'}")
     echo("fields:")

@@ -20,6 +20,8 @@ from conftest import capture, settings
 from pipeline.format.cache import Cache, CacheError, verify
 from pipeline.format.share import list_caches, pull, push
 from pipeline.format.storage import Storage, StorageError
+from pipeline.config import StudentRunConfig
+from pipeline.train import train_students
 
 REPO = Path(__file__).resolve().parents[1]
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -225,3 +227,25 @@ def test_storage_errors_name_the_location():
     with pytest.raises(StorageError, match="nosuchproto"):
         Storage("nosuchproto://x")
     assert json.loads(json.dumps({"ok": True}))
+
+
+def test_storage_options_in_the_config_reach_the_bucket(local_cache, s3, tmp_path, monkeypatch):
+    """Endpoint and credentials as fsspec storage options, with nothing in the environment."""
+    url = "s3://team/caches/options"
+    push(str(local_cache), url, log=lambda m: None)
+    options = {"key": s3["AWS_ACCESS_KEY_ID"], "secret": s3["AWS_SECRET_ACCESS_KEY"],
+               "client_kwargs": {"endpoint_url": s3["AWS_ENDPOINT_URL"], "region_name": "us-east-1"}}
+    for k in s3:
+        monkeypatch.delenv(k)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    monkeypatch.setenv("TEACHER_CACHE_MIRROR", str(tmp_path / "mirror"))
+    cfg = StudentRunConfig.model_validate({
+        "cache": url, "storage_options": options, "output_dir": str(tmp_path / "s"), "batch_size": 4,
+        "max_steps": 2, "eval_every": 2, "device": "cpu", "num_workers": 1,
+        "students": [{"name": "s", "arch": ARCH, "losses": {"kd_forward": 1.0}}]})
+    train_students(cfg, log=lambda m: None, progress=False)  # a DataLoader worker rebuilds the filesystem too
+    assert (tmp_path / "s" / "s" / "model" / "config.json").exists()
+    assert Cache(url, storage_options=options).manifest == Cache(local_cache).manifest
+    s3fs.S3FileSystem.clear_instance_cache()

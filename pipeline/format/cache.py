@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from .storage import Storage, StorageError, fetch_verified, stream_digest
 
 FORMAT_NAME = "teacher-cache"
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 MANIFEST = "manifest.json"
 WORK_DIR = "_capture"
 TOKENIZER_DIR = "tokenizer"
@@ -58,7 +58,7 @@ class FieldSpec:
 
     def to_dict(self, split_rows: dict[str, int], chunk_rows: int, shard_rows: int) -> dict:
         d = {
-            "path": "{split}/" + self.name,
+            "path": "{part}/" + self.name,
             "format": "zarr-v3",
             "dtype": self.dtype,
             "dims": list(self.dims),
@@ -154,8 +154,41 @@ def manifest_digest(manifest: dict) -> str:
     return sha256_bytes(canonical({k: v for k, v in manifest.items() if k != "digest"}).encode())
 
 
-def shard_file(split: str, field: FieldSpec, shard: int) -> str:
-    return "/".join([split, field.name, "c", str(shard)] + ["0"] * len(field.tail))
+def shard_file(part: str, field: FieldSpec, shard: int) -> str:
+    """The file of shard `shard` (counted within the part) of one field."""
+    return "/".join([part, field.name, "c", str(shard)] + ["0"] * len(field.tail))
+
+
+GROW_DIR = "grow-"
+
+
+def part_path(split: str, number: int) -> str:
+    """Where part `number` of a split lives: the split's folder for the first, a subfolder for each append."""
+    return split if number == 0 else f"{split}/{GROW_DIR}{number:04d}"
+
+
+def split_parts(manifest: dict, split: str) -> list[dict]:
+    """A split's parts in row order, each {"path", "rows", "row_start", ...}. A split's rows are its parts'
+    rows one after the other; a cache never grown (and any 1.0/1.1 cache) has one part, the split's folder."""
+    info = manifest["splits"][split]
+    parts = info.get("parts") or [{"path": split, "rows": info["rows"], "row_start": 0}]
+    return [dict(p) for p in parts]
+
+
+def split_shards(manifest: dict, split: str) -> list[tuple[int, int]]:
+    """(row_start, row_end) of each shard of a split, in row order (rows numbered across parts)."""
+    return sorted((sh["row_start"], sh["row_end"]) for sh in manifest["shards"] if sh["split"] == split)
+
+
+def file_owner(manifest: dict, rel: str) -> tuple[str | None, str | None]:
+    """(split, dense field) a cache file belongs to: (None, None) for cache-wide files (tokenizer/),
+    (split, None) for a part's rows.parquet and group metadata."""
+    for split in manifest["splits"]:
+        for p in sorted(split_parts(manifest, split), key=lambda p: -len(p["path"])):
+            if rel.startswith(p["path"] + "/"):
+                rest = rel[len(p["path"]) + 1:].split("/")
+                return split, (rest[0] if len(rest) > 1 else None)
+    return None, None
 
 
 def shard_ranges(n_rows: int, shard_rows: int) -> list[tuple[int, int]]:
@@ -203,30 +236,40 @@ def row_column(table: pa.Table, name: str, dtype) -> np.ndarray:
 class CacheWriter:
     """Creates a cache's arrays, writes and commits shards, and finalizes the manifest.
 
-    `plan` holds every setting and identity that determines the cache's bytes; resuming
-    with a different plan is refused by the caller before a writer is made.
+    `plan` holds every setting and identity that determines the cache's bytes (the manifest less
+    shards, metadata_files and stats); resuming with a different plan is refused by the caller
+    before a writer is made. The writer fills the last part of each split in `split_rows`
+    (`plan["splits"][split]["parts"][-1]`): the split's folder for a new cache, a new
+    `<split>/grow-NNNN` folder when `base` (the finished manifest being grown) is given. Nothing
+    `base` lists is touched, so its readers keep reading it until the new manifest replaces it.
     """
 
-    def __init__(self, root: Path, plan: dict, specs: list[FieldSpec], split_rows: dict[str, int]):
+    def __init__(self, root: Path, plan: dict, specs: list[FieldSpec], split_rows: dict[str, int],
+                 base: dict | None = None):
         self.root = root
         self.plan = plan
         self.specs = specs
         self.split_rows = split_rows
+        self.base = base
         self.chunk_rows = plan["capture"]["rows_per_chunk"]
         self.shard_rows = plan["capture"]["rows_per_shard"]
         self.level = plan["capture"]["compression_level"]
+        self.parts = {}
+        for split in split_rows:
+            parts = plan["splits"][split]["parts"]
+            self.parts[split] = {**parts[-1], "shard_start": sum(p["shards"] for p in parts[:-1])}
         self.work = root / WORK_DIR
         (self.work / "commits").mkdir(parents=True, exist_ok=True)
         self._arrays: dict[tuple[str, str], object] = {}
 
     # -- setup ------------------------------------------------------------------------------
     def create_arrays(self) -> None:
-        """Create (or open, when resuming) every split's group and arrays."""
+        """Create (or open, when resuming) every written part's group and arrays."""
         import zarr
         from zarr.codecs import ZstdCodec
 
         for split, n in self.split_rows.items():
-            group_path = self.root / split
+            group_path = self.root / self.parts[split]["path"]
             if (group_path / "zarr.json").exists():
                 group = zarr.open_group(str(group_path), mode="r+")
             else:
@@ -251,11 +294,13 @@ class CacheWriter:
                 self._arrays[(split, spec.name)] = arr
 
     def committed(self) -> dict[tuple[str, int], dict]:
-        return read_commits(self.root)
+        """{(split, shard index within the written part): record} of the shards committed so far."""
+        return {(s, rec["index"] - self.parts[s]["shard_start"]): rec for (s, _), rec in read_commits(self.root).items()}
 
     # -- shards -----------------------------------------------------------------------------
     def write_shard(self, split: str, index: int, targets, stats: dict) -> dict:
-        """Write one shard of every field, checksum its files, commit it. Returns the record."""
+        """Write shard `index` (within the part) of every field, checksum its files, commit it."""
+        part = self.parts[split]
         start, end = shard_ranges(self.split_rows[split], self.shard_rows)[index]
         fields = targets.fields()
         for spec in self.specs:
@@ -266,34 +311,41 @@ class CacheWriter:
             self._arrays[(split, spec.name)][start:end] = data.view(spec.dtype)
         files = {}
         for spec in self.specs:
-            rel = shard_file(split, spec, index)
+            rel = shard_file(part["path"], spec, index)
             path = self.root / rel
             if not path.is_file():
                 raise CacheError(f"shard {split}/{index}: zarr wrote no file at {rel} (layout changed?)")
             files[rel] = file_digest(path)
             sync_file(path)
-        for d in {(self.root / shard_file(split, spec, index)).parent for spec in self.specs}:
+        for d in {(self.root / rel).parent for rel in files}:
             sync_file(d)  # the directory entries too, before the commit record says the shard is there
-        rec = {"split": split, "index": index, "row_start": start, "row_end": end, "files": files, **stats}
-        atomic_write_json(self.work / "commits" / f"{split}-{index:05d}.json", rec)
+        g = part["shard_start"] + index  # shards and rows are numbered across a split's parts
+        rec = {"split": split, "part": part["path"], "index": g, "row_start": part["row_start"] + start,
+               "row_end": part["row_start"] + end, "files": files, **stats}
+        atomic_write_json(self.work / "commits" / f"{split}-{g:05d}.json", rec)
         return rec
 
     # -- the end ----------------------------------------------------------------------------
     def finalize(self, stats: dict) -> dict:
-        """Check every shard is committed, write manifest.json, drop the work folder."""
+        """Check every shard is committed, write manifest.json (replacing `base`'s), drop the work folder."""
         commits = self.committed()
         missing = [(s, i) for s, n in self.split_rows.items()
                    for i in range(len(shard_ranges(n, self.shard_rows))) if (s, i) not in commits]
         if missing:
             raise CacheError(f"cannot finalize {self.root}: shards not committed: {missing}")
-        shards = [{k: commits[key][k] for k in ("split", "index", "row_start", "row_end", "files")}
-                  for key in sorted(commits, key=lambda k: (list(self.split_rows).index(k[0]), k[1]))]
-        meta = {}
-        for p in sorted((self.root / TOKENIZER_DIR).rglob("*")):
-            if p.is_file():
-                meta[p.relative_to(self.root).as_posix()] = file_digest(p)
+        order = list(self.plan["splits"])
+        shards = [{k: rec[k] for k in ("split", "part", "index", "row_start", "row_end", "files")}
+                  for rec in commits.values()]
+        shards = sorted((self.base or {}).get("shards", []) + shards,
+                        key=lambda sh: (order.index(sh["split"]), sh["index"]))
+        meta = dict(self.base["metadata_files"]) if self.base else {}
+        written = [] if self.base else sorted((self.root / TOKENIZER_DIR).rglob("*"))
         for split in self.split_rows:
-            for p in sorted((self.root / split).rglob("zarr.json")) + [self.root / split / "rows.parquet"]:
+            folder = self.root / self.parts[split]["path"]
+            written += [folder / "zarr.json", folder / "rows.parquet"]
+            written += sorted(p for spec in self.specs for p in (folder / spec.name).rglob("zarr.json"))
+        for p in written:
+            if p.is_file():
                 meta[p.relative_to(self.root).as_posix()] = file_digest(p)
         manifest = {**self.plan, "shards": shards, "metadata_files": meta, "stats": stats}
         manifest["digest"] = manifest_digest(manifest)
@@ -369,6 +421,39 @@ def _mirror_store(cache: "Cache"):
     return MirrorStore(cache.mirror, read_only=True)
 
 
+class PartsArray:
+    """The arrays of a split's parts as one array along rows: `shape`, `dtype`, and reading with a row
+    index or slice (step 1) first, then any index for the other axes (`a[10:20]`, `a[:]`, `a[3, :, 0]`)."""
+
+    def __init__(self, arrays: list):
+        self.arrays = arrays
+        self.starts = np.cumsum([0] + [a.shape[0] for a in arrays])
+        self.shape = (int(self.starts[-1]), *arrays[0].shape[1:])
+        self.dtype = arrays[0].dtype
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if isinstance(first, (int, np.integer)):
+            i = range(self.shape[0])[first]
+            p = int(np.searchsorted(self.starts, i, side="right")) - 1
+            return self.arrays[p][(i - int(self.starts[p]), *rest)]
+        if not isinstance(first, slice) or first.step not in (None, 1):
+            raise TypeError("PartsArray reads a row index or a row slice with step 1")
+        lo, hi, _ = first.indices(self.shape[0])
+        out = []
+        for p, a in enumerate(self.arrays):
+            s, e = max(lo, int(self.starts[p])), min(hi, int(self.starts[p + 1]))
+            if s < e:
+                out.append(a[(slice(s - int(self.starts[p]), e - int(self.starts[p])), *rest)])
+        if not out:
+            return self.arrays[0][(slice(0, 0), *rest)]
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+
 class Cache:
     """Read access to a finished cache on local disk or at any fsspec URL.
 
@@ -377,20 +462,32 @@ class Cache:
     as it arrives, so every shard a student reads is verified once, and read from disk after.
     """
 
-    def __init__(self, root: str | Path | Storage, mirror: str | Path | None = None):
-        self.storage = root if isinstance(root, Storage) else Storage(root)
+    def __init__(self, root: str | Path | Storage, mirror: str | Path | None = None,
+                 storage_options: dict | None = None):
+        self._storage = root if isinstance(root, Storage) else Storage(root, storage_options)
+        self._pid = os.getpid()
         self.remote = not self.storage.is_local
         self.root: Path | str = self.storage.location if self.remote else self.storage.local_path()
         self.manifest = read_manifest(self.storage)
         self.files = manifest_files(self.manifest)
         self.mirror = Path(mirror) if mirror else default_mirror(self.storage.location, self.manifest["digest"])
 
-    def __getstate__(self):  # DataLoader workers: the fsspec filesystem is rebuilt from the location
-        return {k: v for k, v in self.__dict__.items() if k != "storage"} | {"location": self.storage.location}
+    @property
+    def storage(self) -> Storage:
+        """The cache's storage; a forked or spawned DataLoader worker gets a filesystem instance of its own."""
+        if self._pid != os.getpid():
+            self._storage = Storage(self._storage.location, self._storage.options, fresh=True)
+            self._pid = os.getpid()
+        return self._storage
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_storage"} | {
+            "location": self._storage.location, "storage_options": self._storage.options, "_pid": None}
 
     def __setstate__(self, state):
-        self.storage = Storage(state.pop("location"))
+        self._storage = Storage(state.pop("location"), state.pop("storage_options"), fresh=True)
         self.__dict__.update(state)
+        self._pid = os.getpid()
 
     def local_file(self, rel: str, missing_ok: bool = False) -> Path | None:
         """A local path holding `rel`: the file itself on local disk, else the mirror's verified copy."""
@@ -422,24 +519,41 @@ class Cache:
     def splits(self) -> list[str]:
         return list(self.manifest["splits"])
 
-    def rows(self, split: str, columns: list[str] | None = None, max_rows: int | None = None) -> pa.Table:
-        """The split's rows.parquet (or some columns of its first `max_rows` rows)."""
+    def parts(self, split: str) -> list[dict]:
         self._check_split(split)
-        path = self.local_file(f"{split}/rows.parquet")
-        if max_rows is None:
-            return pq.read_table(path, columns=columns)
-        batches = pq.ParquetFile(path).iter_batches(batch_size=max_rows, columns=columns)
-        return pa.Table.from_batches([next(batches)])
+        return split_parts(self.manifest, split)
+
+    def shard_ranges(self, split: str) -> list[tuple[int, int]]:
+        """(row_start, row_end) of each shard of the split, rows numbered across its parts."""
+        self._check_split(split)
+        return split_shards(self.manifest, split)
+
+    def rows(self, split: str, columns: list[str] | None = None, max_rows: int | None = None) -> pa.Table:
+        """The split's rows (every part's rows.parquet, in order), or some columns of its first `max_rows`."""
+        tables, left = [], max_rows
+        for part in self.parts(split):
+            path = self.local_file(f"{part['path']}/rows.parquet")
+            if left is None:
+                tables.append(pq.read_table(path, columns=columns))
+                continue
+            batches = pq.ParquetFile(path).iter_batches(batch_size=left, columns=columns)
+            tables.append(pa.Table.from_batches([next(batches)]))
+            left -= tables[-1].num_rows
+            if left <= 0:
+                break
+        return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
     def array(self, split: str, field: str):
+        """A dense field of a split: a zarr array (a `PartsArray` over them when the cache grew)."""
         import zarr
 
-        self._check_split(split)
+        parts = self.parts(split)
         if field not in self.manifest["fields"] or self.manifest["fields"][field]["format"] != "zarr-v3":
             raise CacheError(f"{self.root}: no dense field {field!r} (has: {', '.join(self.dense_fields)})")
-        if not self.remote:
-            return zarr.open_array(str(self.storage.local_path(f"{split}/{field}")), mode="r")
-        return zarr.open_array(store=_mirror_store(self), path=f"{split}/{field}", mode="r")
+        store = None if not self.remote else _mirror_store(self)
+        arrays = [zarr.open_array(str(self.storage.local_path(f"{p['path']}/{field}")), mode="r") if store is None
+                  else zarr.open_array(store=store, path=f"{p['path']}/{field}", mode="r") for p in parts]
+        return arrays[0] if len(arrays) == 1 else PartsArray(arrays)
 
     @property
     def dense_fields(self) -> list[str]:
@@ -480,6 +594,9 @@ def verify(root: str | Path | Storage) -> list[str]:
             bad_shards.setdefault(owner, []).append(f"{rel} {what} mismatch")
     for owner, items in bad_shards.items():
         problems.append(f"{owner}: " + "; ".join(items))
+    appending = present is not None and f"{WORK_DIR}/plan.json" in present
     for rel in sorted(set(present or ()) - set(expected) - {MANIFEST}):
+        if appending and (rel.startswith(WORK_DIR + "/") or f"/{GROW_DIR}" in rel):
+            continue  # an append under way: its files join the manifest when it finishes
         problems.append(f"{rel}: a file the manifest does not list")
     return problems

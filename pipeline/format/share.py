@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .cache import MANIFEST, CacheError, file_digest, manifest_digest, manifest_files, read_manifest, verify
+from .cache import (MANIFEST, CacheError, file_digest, file_owner, manifest_digest, manifest_files, read_manifest,
+                    verify)
 from .storage import Storage, fetch_verified
 
 PULL_MARKER = ".pull.json"  # in DEST while a pull is under way
@@ -85,12 +86,10 @@ def _selection(manifest: dict, fields: list[str] | None, splits: list[str] | Non
 def subset_manifest(manifest: dict, fields: list[str], splits: list[str], source: str) -> dict:
     """The manifest of the part of a cache holding only these dense fields and splits."""
     def wanted(rel: str) -> bool:
-        parts = rel.split("/")
-        if parts[0] not in manifest["splits"]:
+        split, field = file_owner(manifest, rel)
+        if split is None:
             return True  # tokenizer/ and other cache-wide files
-        if parts[0] not in splits:
-            return False
-        return len(parts) == 2 or parts[1] in fields  # split-level files, or a kept field's files
+        return split in splits and (field is None or field in fields)  # a part's rows and group, or a kept field
 
     sub = dict(manifest)
     sub["fields"] = {k: v for k, v in manifest["fields"].items() if v["format"] != "zarr-v3" or k in fields}
@@ -170,5 +169,7 @@ def list_caches(root: str) -> list[dict]:
             "bytes": size, "bytes_per_token": size / max(tokens, 1), "format_version": m["format_version"],
             "finished_at": m["stats"]["timing"].get("finished_at"), "digest": m["digest"],
             "subset_of": m.get("subset", {}).get("of_digest"),
+            "appends": len(m.get("grown", [])),
+            "parent_digest": m["grown"][-1]["parent_digest"] if m.get("grown") else None,
         })
     return out

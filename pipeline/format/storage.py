@@ -59,12 +59,16 @@ def storage_errors(location: str, doing: str):
 class Storage:
     """A cache root on any fsspec filesystem; paths below it are relative, '/'-separated."""
 
-    def __init__(self, location: str | Path, storage_options: dict | None = None):
+    def __init__(self, location: str | Path, storage_options: dict | None = None, fresh: bool = False):
+        """`fresh`: a filesystem instance of this process's own, not fsspec's cached one (in a forked
+        DataLoader worker the parent's s3fs instance, with its event loop, must not be reused)."""
         import fsspec
 
         self.location = str(location).rstrip("/") or str(location)
+        self.options = dict(storage_options or {})
         with storage_errors(self.location, "cannot open"):
-            self.fs, root = fsspec.core.url_to_fs(self.location, **(storage_options or {}))
+            self.fs, root = fsspec.core.url_to_fs(self.location, **self.options,
+                                                  **({"skip_instance_cache": True} if fresh else {}))
         self.root = root.rstrip("/") if root not in ("/", "") else root
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.is_local = protocol in ("file", "local")
@@ -81,7 +85,7 @@ class Storage:
         return Path(self.path(rel))
 
     def child(self, rel: str) -> "Storage":
-        return Storage(self.location + "/" + rel, dict(self.fs.storage_options))
+        return Storage(self.location + "/" + rel, self.options)
 
     # -- reading ------------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
