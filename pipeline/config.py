@@ -130,6 +130,16 @@ class OutputConfig(_Strict):
         "create", description="create: write (or resume) a cache; append: add the rows of new documents to the finished "
         "cache at dir, made with the same teacher, tokenizer and settings (rows already in it are skipped)")
 
+    @field_validator("dir")
+    @classmethod
+    def _local(cls, v: str) -> str:
+        if v.startswith("file://"):
+            return v[len("file://"):]
+        if "://" in v:
+            raise ValueError(f"{v} is a URL: a capture writes to a local directory (one writer, under a lock); "
+                             f"publish the finished cache with `distill push DIR {v}`")
+        return v
+
     @model_validator(mode="after")
     def _append_never_overwrites(self):
         if self.mode == "append" and self.overwrite:

@@ -249,3 +249,14 @@ def test_storage_options_in_the_config_reach_the_bucket(local_cache, s3, tmp_pat
     assert (tmp_path / "s" / "s" / "model" / "config.json").exists()
     assert Cache(url, storage_options=options).manifest == Cache(local_cache).manifest
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_capture_to_a_url_is_refused_before_any_work(tmp_path):
+    from pipeline.config import ConfigError, TeacherCacheConfig, load_config
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[teacher]\nmodel = "x"\n[data]\nsource = "json"\n[output]\ndir = "s3://team/caches/new"\n')
+    with pytest.raises(ConfigError, match="distill push DIR s3://team/caches/new"):
+        load_config(TeacherCacheConfig, cfg, [])
+    res = distill("teacher-cache", "--config", str(cfg))
+    assert res.returncode == 2 and "a capture writes to a local directory" in res.stderr
