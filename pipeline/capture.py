@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from .format import cache as cache_fmt
 from . import data as data_mod
 from . import teacher as teacher_mod
 from .format.cache import CacheWriter, FieldSpec
+from .format.storage import Storage, StorageError
 from .config import TeacherCacheConfig
 from .targets import TargetComputer, TeacherTargets
 
@@ -81,14 +83,15 @@ def stored_heads(capture, spec: teacher_mod.TeacherSpec) -> int:
     return len(capture.attention_heads or range(spec.num_heads))
 
 
-def check_output_dir(out: Path) -> None:
+def check_output_dir(st: Storage) -> None:
+    """The output location takes a write (on object storage: a probe object, removed again)."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise CaptureError(f"output directory {out} is not writable: {e.strerror or e}") from None
+        if st.is_local:
+            st.local_path().mkdir(parents=True, exist_ok=True)
+        st.write_bytes(".write-test", b"")
+        st.remove(".write-test")
+    except (OSError, StorageError) as e:
+        raise CaptureError(f"output {st.location} is not writable: {getattr(e, 'strerror', None) or e}") from None
 
 
 def estimate_bytes(specs: list[FieldSpec], seq_len: int, data=None) -> dict[str, float]:
@@ -107,7 +110,7 @@ def check_disk(out: Path, need: int) -> None:
                            f"(+{DISK_MARGIN_BYTES >> 20} MiB margin), {free / 2**20:.1f} MiB free")
 
 
-def committed_rows(out: Path) -> int:
+def committed_rows(out: Path | Storage) -> int:
     """Rows of the shards an earlier run of this capture committed."""
     return sum(r["row_end"] - r["row_start"] for r in cache_fmt.read_commits(out).values())
 
@@ -234,18 +237,19 @@ def grown_plan(base: dict, plan: dict, prepared, shard_rows: int, duplicates: in
     return g
 
 
-def _plan_append(out: Path, plan: dict, prepared, cfg: TeacherCacheConfig, log):
+def _plan_append(st: Storage, plan: dict, prepared, cfg: TeacherCacheConfig, log):
     """(base manifest, grown plan, the new rows) for output.mode=append; (None, base, None) when every
     row is already in the cache."""
-    if not (out / cache_fmt.MANIFEST).exists():
+    out = st.location
+    if not st.exists(cache_fmt.MANIFEST):
         raise CaptureError(f"output.mode=append: there is no finished cache at {out} to append to; make (or finish) "
                            "it with output.mode=create first")
-    base = cache_fmt.read_manifest(out)
+    base = cache_fmt.read_manifest(st)
     changes = append_differences(base, plan)
     if changes:
         raise CaptureError(f"cannot append to {out}: it was made with another teacher, tokenizer or settings. "
                            "Differences (cache -> now):\n  " + "\n  ".join(changes[:20]))
-    cache = cache_fmt.Cache(out)
+    cache = cache_fmt.Cache(st)
     have = {k for split in cache.splits for k in cache.rows(split, columns=["key"]).column("key").to_pylist()}
     new, duplicates = {}, 0
     for split, rows in prepared.splits.items():
@@ -282,28 +286,35 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _wipe(out: Path) -> None:
-    for p in out.iterdir():
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+def _wipe(st: Storage) -> None:
+    """Everything under the output location (the location itself stays)."""
+    if st.is_local:
+        for p in st.local_path().iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    else:
+        for rel in st.files():
+            st.remove(rel)
 
 
 @dataclass
 class CaptureResult:
-    root: Path
+    root: Path | str  # a local directory, or the URL captured to
     manifest: dict
     resumed_shards: int
     computed_shards: int
 
 
 def run_capture(cfg: TeacherCacheConfig, log: Callable[[str], None] = print, progress: bool = True) -> CaptureResult:
-    out = Path(cfg.output.dir)
+    st = Storage(cfg.output.dir, cfg.output.storage_options)
     tokenizer = teacher_mod.load_tokenizer(cfg.teacher)
     spec = teacher_mod.TeacherSpec.from_config(teacher_mod.load_model_config(cfg.teacher))
     hidden, attn = check_settings(cfg, spec, tokenizer)
     device = teacher_mod.resolve_device(cfg.teacher.device)
-    check_output_dir(out)
-    with writer_lock(out):
-        return _locked_capture(cfg, out, tokenizer, spec, hidden, attn, device, log, progress)
+    check_output_dir(st)
+    if not st.is_local:  # object stores have no lock: one capture per URL is the user's to ensure
+        return _locked_capture(cfg, st, tokenizer, spec, hidden, attn, device, log, progress)
+    with writer_lock(st.local_path()):
+        return _locked_capture(cfg, st, tokenizer, spec, hidden, attn, device, log, progress)
 
 
 @contextmanager
@@ -321,7 +332,8 @@ def writer_lock(out: Path):
         os.close(fd)
 
 
-def _locked_capture(cfg, out, tokenizer, spec, hidden, attn, device, log, progress) -> CaptureResult:
+def _locked_capture(cfg, st: Storage, tokenizer, spec, hidden, attn, device, log, progress) -> CaptureResult:
+    out = st.local_path() if st.is_local else st.location
     prepared = data_mod.prepare(cfg.data, tokenizer)
     n_heads = stored_heads(cfg.capture, spec)
     specs = cache_fmt.field_specs(
@@ -330,37 +342,38 @@ def _locked_capture(cfg, out, tokenizer, spec, hidden, attn, device, log, progre
         attention=(len(attn), n_heads) if attn else None)
     plan = build_plan(cfg, spec, tokenizer, prepared, hidden, attn, specs, device.type)
 
-    manifest_path = out / cache_fmt.MANIFEST
-    plan_path = out / cache_fmt.WORK_DIR / "plan.json"
+    plan_rel = f"{cache_fmt.WORK_DIR}/plan.json"
+    has_plan = st.exists(plan_rel)
     base = None
     if cfg.output.mode == "append":
-        base, plan, prepared = _plan_append(out, plan, prepared, cfg, log)
+        base, plan, prepared = _plan_append(st, plan, prepared, cfg, log)
         if base is None:
             return CaptureResult(out, plan, resumed_shards=0, computed_shards=0)
-        if plan_path.exists():
-            changes = _diff(json.loads(plan_path.read_text()), plan)
+        if has_plan:
+            changes = _diff(json.loads(st.read_bytes(plan_rel)), plan)
             if changes:
                 raise CaptureError(f"{out} holds an unfinished append of other data or settings; rerun that command "
-                                   f"to finish it (or remove {out / cache_fmt.WORK_DIR} to abandon it). Differences:"
+                                   f"to finish it (or remove {out}/{cache_fmt.WORK_DIR} to abandon it). Differences:"
                                    "\n  " + "\n  ".join(changes[:20]))
         else:  # a fresh append: folders an abandoned one left are not in the manifest; clear them
             for split in prepared.splits:
-                shutil.rmtree(out / plan["splits"][split]["parts"][-1]["path"], ignore_errors=True)
-    elif manifest_path.exists():
-        old = cache_fmt.read_manifest(out)
+                st.remove_tree(plan["splits"][split]["parts"][-1]["path"])
+    elif st.exists(cache_fmt.MANIFEST):
+        old = cache_fmt.read_manifest(st)
         changes = _diff({k: old.get(k) for k in plan}, plan)
         if not changes:
             log(f"{out} is already a finished cache with these settings; nothing to do")
-            shutil.rmtree(out / cache_fmt.WORK_DIR, ignore_errors=True)
+            st.remove_tree(cache_fmt.WORK_DIR)
             return CaptureResult(out, old, resumed_shards=sum(v["shards"] for v in plan["splits"].values()),
                                  computed_shards=0)
         if not cfg.output.overwrite:
             raise CaptureError(f"{out} holds a finished cache with other settings; pass output.overwrite=true to "
                                "replace it. Differences:\n  " + "\n  ".join(changes[:20]))
         log(f"overwriting the finished cache at {out}")
-        _wipe(out)
-    elif plan_path.exists():
-        old_plan = json.loads(plan_path.read_text())
+        _wipe(st)
+        has_plan = False
+    elif has_plan:
+        old_plan = json.loads(st.read_bytes(plan_rel))
         changes = _diff(old_plan, plan)
         if changes:
             if not cfg.output.overwrite:
@@ -368,20 +381,21 @@ def _locked_capture(cfg, out, tokenizer, spec, hidden, attn, device, log, progre
                                    "settings to resume, or pass output.overwrite=true to start over. Differences:\n  "
                                    + "\n  ".join(changes[:20]))
             log(f"discarding the unfinished capture at {out}")
-            _wipe(out)
-    elif any(out.iterdir()):
+            _wipe(st)
+            has_plan = False
+    elif st.files():
         if not cfg.output.overwrite:
             raise CaptureError(f"{out} is not empty and is not a cache; choose an empty directory or pass "
                                "output.overwrite=true")
-        _wipe(out)
+        _wipe(st)
 
-    if plan_path.exists():
+    if has_plan and st.is_local:
         swept = sweep_temporary(out)
         if swept:
             log(f"removed {swept} temporary files left by an interrupted capture")
     total_rows = sum(len(r) for r in prepared.splits.values())
     per_token = estimate_bytes(specs, cfg.data.seq_len, cfg.data)
-    left_rows = total_rows - committed_rows(out)  # a resume needs room only for what is left to write
+    left_rows = total_rows - committed_rows(st)  # a resume needs room only for what is left to write
     need = int(sum(per_token.values()) * left_rows * cfg.data.seq_len)
     log(f"cache {out}: {total_rows} rows x {cfg.data.seq_len} positions "
         + ", ".join(f"{s}={len(r)}" for s, r in prepared.splits.items()))
@@ -389,26 +403,23 @@ def _locked_capture(cfg, out, tokenizer, spec, hidden, attn, device, log, progre
         + ", ".join(f"{k}={v:,.1f}" for k, v in per_token.items())
         + f"; {need / 2**20:,.1f} MiB to write" + (f" ({left_rows} of {total_rows} rows left)"
                                                      if left_rows < total_rows else ""))
-    check_disk(out, need)
+    if st.is_local:
+        check_disk(out, need)
 
-    if not plan_path.exists():
-        plan_path.parent.mkdir(exist_ok=True)
-        cache_fmt.atomic_write_json(plan_path, plan)
+    if not has_plan:
+        cache_fmt.write_json(st, plan_rel, plan)
     split_rows = {s: len(r) for s, r in prepared.splits.items()}
-    writer = CacheWriter(out, plan, specs, split_rows, base)
+    writer = CacheWriter(st, plan, specs, split_rows, base)
     for split, rows in prepared.splits.items():
-        rows_path = out / writer.parts[split]["path"] / "rows.parquet"
-        if not rows_path.exists():
-            rows_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = rows_path.with_name("rows.parquet.tmp")
-            cache_fmt.write_rows(tmp, rows)
-            tmp.replace(rows_path)
-    tok_dir = out / cache_fmt.TOKENIZER_DIR
-    if not tok_dir.exists():  # students read the tokenizer from the cache, never from the teacher
-        tmp = out / (cache_fmt.TOKENIZER_DIR + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(tok_dir)
+        rel = f"{writer.parts[split]['path']}/rows.parquet"
+        if not st.exists(rel):  # written whole under a temporary name, then renamed (or uploaded: one PUT)
+            with tempfile.TemporaryDirectory(dir=out if st.is_local else None) as tmp:
+                cache_fmt.write_rows(Path(tmp) / "rows.parquet", rows)
+                st.upload(Path(tmp) / "rows.parquet", rel) if not st.is_local else \
+                    (st.local_path(rel).parent.mkdir(parents=True, exist_ok=True),
+                     os.replace(Path(tmp) / "rows.parquet", st.local_path(rel)))
+    if base is None:  # students read the tokenizer from the cache, never from the teacher
+        _store_tokenizer(st, tokenizer)
     writer.create_arrays()
     committed = writer.committed()
     todo = [(s, i, a, b) for s, n in split_rows.items()
@@ -428,11 +439,30 @@ def _locked_capture(cfg, out, tokenizer, spec, hidden, attn, device, log, progre
         for line in first_rows_check(computer, first, tokenizer, prepared.convention, spec):
             log(line)
         _run_shards(computer, prepared, todo, writer, cfg.capture.batch_size, progress, overlap_writes(device))
-    stats = _statistics(writer, out, base)
+    stats = _statistics(writer, base)
     manifest = writer.finalize(stats)
     log(f"finished {out}: {stats['tokens']:,} tokens, {stats['timing']['tokens_per_second']:,.0f} tokens/s, "
         f"mean top-{cfg.capture.top_k} mass {stats['mean_topk_mass']:.4f}")
     return CaptureResult(out, manifest, resumed_shards=len(committed), computed_shards=len(todo))
+
+
+def _store_tokenizer(st: Storage, tokenizer) -> None:
+    """The teacher's tokenizer files under tokenizer/: on local disk a folder renamed into place once;
+    on object storage uploaded file by file (again on a resume: they are small)."""
+    if st.is_local:
+        final = st.local_path(cache_fmt.TOKENIZER_DIR)
+        if final.exists():
+            return
+        tmp = final.with_name(cache_fmt.TOKENIZER_DIR + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(final)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        for p in sorted(Path(tmp).rglob("*")):
+            if p.is_file():
+                st.upload(p, f"{cache_fmt.TOKENIZER_DIR}/{p.relative_to(tmp).as_posix()}")
 
 
 def check_teacher_document_masking(computer: TargetComputer, spec, dtype: str) -> None:
@@ -549,7 +579,7 @@ def _shard_stats(t: TeacherTargets, lengths: np.ndarray, seconds: float) -> dict
     return {"tokens": int(lengths.sum()), "seconds": seconds, "topk_mass_sum": float(mass[valid].sum())}
 
 
-def _statistics(writer: CacheWriter, out: Path, base: dict | None = None) -> dict:
+def _statistics(writer: CacheWriter, base: dict | None = None) -> dict:
     """Statistics of the cache the writer finishes: its new shards, plus `base`'s when it grows one."""
     commits = writer.committed().values()
     tokens = sum(c["tokens"] for c in commits)
@@ -566,7 +596,8 @@ def _statistics(writer: CacheWriter, out: Path, base: dict | None = None) -> dic
             name = rel[len(c.get("part", c["split"])) + 1:].split("/")[0]
             per_field[name] = per_field.get(name, 0) + d["bytes"]
     for part in writer.parts.values():
-        per_field["rows.parquet"] = per_field.get("rows.parquet", 0) + (out / part["path"] / "rows.parquet").stat().st_size
+        per_field["rows.parquet"] = per_field.get("rows.parquet", 0) + \
+            writer.st.digest(f"{part['path']}/rows.parquet")["bytes"]
     return {
         "tokens": tokens,
         "rows": sum(v["rows"] for v in writer.plan["splits"].values()),

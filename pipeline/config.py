@@ -124,21 +124,12 @@ class CaptureConfig(_Strict):
 
 
 class OutputConfig(_Strict):
-    dir: str = Field(description="cache directory to write")
+    dir: str = Field(description="cache directory to write: a local path, or any fsspec URL (s3://bucket/prefix, ...)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for a URL dir")
     overwrite: bool = Field(False, description="replace a finished cache whose settings differ")
     mode: Literal["create", "append"] = Field(
         "create", description="create: write (or resume) a cache; append: add the rows of new documents to the finished "
         "cache at dir, made with the same teacher, tokenizer and settings (rows already in it are skipped)")
-
-    @field_validator("dir")
-    @classmethod
-    def _local(cls, v: str) -> str:
-        if v.startswith("file://"):
-            return v[len("file://"):]
-        if "://" in v:
-            raise ValueError(f"{v} is a URL: a capture writes to a local directory (one writer, under a lock); "
-                             f"publish the finished cache with `distill push DIR {v}`")
-        return v
 
     @model_validator(mode="after")
     def _append_never_overwrites(self):

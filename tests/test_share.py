@@ -251,12 +251,36 @@ def test_storage_options_in_the_config_reach_the_bucket(local_cache, s3, tmp_pat
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-def test_a_capture_to_a_url_is_refused_before_any_work(tmp_path):
-    from pipeline.config import ConfigError, TeacherCacheConfig, load_config
+def test_capture_straight_into_the_bucket_resumes_and_grows(llama_dir, corpus, local_cache, s3, tmp_path,
+                                                            monkeypatch):
+    """output.dir = s3://...: every write through the storage layer; a crash resumes; an append grows it."""
+    from pipeline.format.cache import CacheWriter, manifest_files
 
-    cfg = tmp_path / "c.toml"
-    cfg.write_text('[teacher]\nmodel = "x"\n[data]\nsource = "json"\n[output]\ndir = "s3://team/caches/new"\n')
-    with pytest.raises(ConfigError, match="distill push DIR s3://team/caches/new"):
-        load_config(TeacherCacheConfig, cfg, [])
-    res = distill("teacher-cache", "--config", str(cfg))
-    assert res.returncode == 2 and "a capture writes to a local directory" in res.stderr
+    monkeypatch.setenv("TEACHER_CACHE_MIRROR", str(tmp_path / "mirror"))
+    url = "s3://team/caches/direct"
+    cfg = settings(llama_dir, corpus, url, data={"max_tokens": 2500, "validation_fraction": 0.2},
+                   capture={"top_k": 8, "hidden_layers": [-1], "rows_per_shard": 8, "rows_per_chunk": 4})
+    real, calls = CacheWriter.write_shard, []
+
+    def crashing(self, *a):
+        calls.append(a[1])
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(self, *a)
+
+    monkeypatch.setattr(CacheWriter, "write_shard", crashing)
+    with pytest.raises(RuntimeError, match="killed"):
+        capture(cfg)
+    monkeypatch.setattr(CacheWriter, "write_shard", real)
+    with pytest.raises(CacheError, match="unfinished"):
+        Cache(url)
+    assert capture(cfg).resumed_shards == 1
+    assert verify(url) == []
+    # the same bytes as the same capture on local disk, file by file
+    assert manifest_files(Cache(url).manifest) == manifest_files(Cache(local_cache).manifest)
+    more = {**cfg, "data": {**cfg["data"], "max_tokens": 3500}, "output": {"dir": url, "mode": "append"}}
+    capture(more)
+    grown = Cache(url)
+    assert verify(url) == [] and grown.manifest["grown"][0]["rows"]["train"] > 0
+    assert len(grown.array("train", "topk_ids")) == grown.manifest["splits"]["train"]["rows"] == \
+        grown.rows("train").num_rows

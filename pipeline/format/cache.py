@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,13 +198,28 @@ def shard_ranges(n_rows: int, shard_rows: int) -> list[tuple[int, int]]:
 # writing
 
 
-def read_commits(root: Path) -> dict[tuple[str, int], dict]:
+def read_commits(root: Path | Storage) -> dict[tuple[str, int], dict]:
     """The commit records of an unfinished capture at `root`: {(split, shard index): record}."""
+    st = root if isinstance(root, Storage) else Storage(root)
     out = {}
-    for p in sorted((root / WORK_DIR / "commits").glob("*.json")):
-        rec = json.loads(p.read_text())
+    for rel in st.glob(f"{WORK_DIR}/commits/*.json"):
+        rec = json.loads(st.read_bytes(rel))
         out[(rec["split"], rec["index"])] = rec
     return out
+
+
+def write_json(st: Storage, rel: str, obj: dict) -> None:
+    """A JSON file written at once: on local disk through a temporary name, fsynced, renamed."""
+    st.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def zarr_store(st: Storage, rel: str, read_only: bool = False):
+    """The zarr store for a folder of the cache: a LocalStore on local disk, else an FsspecStore."""
+    from zarr.storage import FsspecStore, LocalStore
+
+    if st.is_local:
+        return LocalStore(st.local_path(rel), read_only=read_only)
+    return FsspecStore.from_url(st.location + "/" + rel, storage_options=st.options or None, read_only=read_only)
 
 
 def write_rows(path: Path, rows) -> None:
@@ -244,9 +258,10 @@ class CacheWriter:
     `base` lists is touched, so its readers keep reading it until the new manifest replaces it.
     """
 
-    def __init__(self, root: Path, plan: dict, specs: list[FieldSpec], split_rows: dict[str, int],
+    def __init__(self, root: Path | Storage, plan: dict, specs: list[FieldSpec], split_rows: dict[str, int],
                  base: dict | None = None):
-        self.root = root
+        self.st = root if isinstance(root, Storage) else Storage(root)
+        self.root = self.st.location
         self.plan = plan
         self.specs = specs
         self.split_rows = split_rows
@@ -258,8 +273,6 @@ class CacheWriter:
         for split in split_rows:
             parts = plan["splits"][split]["parts"]
             self.parts[split] = {**parts[-1], "shard_start": sum(p["shards"] for p in parts[:-1])}
-        self.work = root / WORK_DIR
-        (self.work / "commits").mkdir(parents=True, exist_ok=True)
         self._arrays: dict[tuple[str, str], object] = {}
 
     # -- setup ------------------------------------------------------------------------------
@@ -269,13 +282,14 @@ class CacheWriter:
         from zarr.codecs import ZstdCodec
 
         for split, n in self.split_rows.items():
-            group_path = self.root / self.parts[split]["path"]
-            if (group_path / "zarr.json").exists():
-                group = zarr.open_group(str(group_path), mode="r+")
+            part = self.parts[split]["path"]
+            store = zarr_store(self.st, part)
+            if self.st.exists(f"{part}/zarr.json"):
+                group = zarr.open_group(store, mode="r+")
             else:
-                group = zarr.create_group(str(group_path), attributes={"split": split, "format": FORMAT_NAME})
+                group = zarr.create_group(store, attributes={"split": split, "format": FORMAT_NAME})
             for spec in self.specs:
-                if (group_path / spec.name / "zarr.json").exists():
+                if self.st.exists(f"{part}/{spec.name}/zarr.json"):
                     arr = group[spec.name]
                 else:
                     arr = group.create_array(
@@ -295,7 +309,7 @@ class CacheWriter:
 
     def committed(self) -> dict[tuple[str, int], dict]:
         """{(split, shard index within the written part): record} of the shards committed so far."""
-        return {(s, rec["index"] - self.parts[s]["shard_start"]): rec for (s, _), rec in read_commits(self.root).items()}
+        return {(s, rec["index"] - self.parts[s]["shard_start"]): rec for (s, _), rec in read_commits(self.st).items()}
 
     # -- shards -----------------------------------------------------------------------------
     def write_shard(self, split: str, index: int, targets, stats: dict) -> dict:
@@ -312,17 +326,18 @@ class CacheWriter:
         files = {}
         for spec in self.specs:
             rel = shard_file(part["path"], spec, index)
-            path = self.root / rel
-            if not path.is_file():
+            if not self.st.exists(rel):
                 raise CacheError(f"shard {split}/{index}: zarr wrote no file at {rel} (layout changed?)")
-            files[rel] = file_digest(path)
-            sync_file(path)
-        for d in {(self.root / rel).parent for rel in files}:
-            sync_file(d)  # the directory entries too, before the commit record says the shard is there
+            files[rel] = self.st.digest(rel)  # on object storage: read back, so the upload is checked too
+            if self.st.is_local:
+                sync_file(self.st.local_path(rel))
+        if self.st.is_local:
+            for d in {self.st.local_path(rel).parent for rel in files}:
+                sync_file(d)  # the directory entries too, before the commit record says the shard is there
         g = part["shard_start"] + index  # shards and rows are numbered across a split's parts
         rec = {"split": split, "part": part["path"], "index": g, "row_start": part["row_start"] + start,
                "row_end": part["row_start"] + end, "files": files, **stats}
-        atomic_write_json(self.work / "commits" / f"{split}-{g:05d}.json", rec)
+        write_json(self.st, f"{WORK_DIR}/commits/{split}-{g:05d}.json", rec)
         return rec
 
     # -- the end ----------------------------------------------------------------------------
@@ -339,18 +354,17 @@ class CacheWriter:
         shards = sorted((self.base or {}).get("shards", []) + shards,
                         key=lambda sh: (order.index(sh["split"]), sh["index"]))
         meta = dict(self.base["metadata_files"]) if self.base else {}
-        written = [] if self.base else sorted((self.root / TOKENIZER_DIR).rglob("*"))
+        written = [] if self.base else sorted(r for r in self.st.files() if r.startswith(TOKENIZER_DIR + "/"))
         for split in self.split_rows:
-            folder = self.root / self.parts[split]["path"]
-            written += [folder / "zarr.json", folder / "rows.parquet"]
-            written += sorted(p for spec in self.specs for p in (folder / spec.name).rglob("zarr.json"))
-        for p in written:
-            if p.is_file():
-                meta[p.relative_to(self.root).as_posix()] = file_digest(p)
+            folder = self.parts[split]["path"]
+            written += [f"{folder}/zarr.json", f"{folder}/rows.parquet"] + [f"{folder}/{spec.name}/zarr.json"
+                                                                            for spec in self.specs]
+        for rel in written:
+            meta[rel] = self.st.digest(rel)
         manifest = {**self.plan, "shards": shards, "metadata_files": meta, "stats": stats}
         manifest["digest"] = manifest_digest(manifest)
-        atomic_write_json(self.root / MANIFEST, manifest)
-        shutil.rmtree(self.work, ignore_errors=True)
+        write_json(self.st, MANIFEST, manifest)
+        self.st.remove_tree(WORK_DIR)
         return manifest
 
 

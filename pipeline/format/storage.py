@@ -159,6 +159,12 @@ class Storage:
             while block := fin.read(BLOCK):
                 fout.write(block)
 
+    def remove_tree(self, rel: str) -> None:
+        """A folder (a prefix, on object stores) and everything below it; nothing when absent."""
+        with storage_errors(f"{self.location}/{rel}", "cannot remove"):
+            if self.fs.exists(self.path(rel)):
+                self.fs.rm(self.path(rel), recursive=True)
+
     def remove(self, rel: str) -> None:
         with storage_errors(f"{self.location}/{rel}", "cannot remove"):
             if self.fs.exists(self.path(rel)):
