@@ -198,6 +198,7 @@ def _part(split: str, rows, shard_rows: int) -> dict:
 # What an append may change: which documents, and where and with what software it ran. Everything
 # else that determines the cache's bytes must be what the cache was made with.
 APPEND_FREE = {"dataset", "software", "splits", "fields", "format_version", "grown", "teacher.device_type",
+               "teacher.model", "teacher.revision", "teacher.gguf_file",  # weights_sha256 says which weights
                "capture.batch_size", "capture.position_chunk", "preparation.max_documents",
                "preparation.max_tokens", "preparation.sample_by", "preparation.shuffle_seed"}
 
@@ -205,17 +206,15 @@ APPEND_FREE = {"dataset", "software", "splits", "fields", "format_version", "gro
 def append_differences(base: dict, plan: dict) -> list[str]:
     """Why the rows of `plan` cannot join the finished cache `base` (empty: they can)."""
     changes = _diff({k: base.get(k) for k in plan}, plan)
-    out = [c for c in changes if not any(c.startswith(f + ".") or c.startswith(f + ":") for f in APPEND_FREE)]
-    if base["format_version"].split(".")[0] != plan["format_version"].split(".")[0]:
-        out.append(f"format_version: {base['format_version']} -> {plan['format_version']}")
-    return out
+    return [c for c in changes if not any(c.startswith(f + ".") or c.startswith(f + ":") for f in APPEND_FREE)]
 
 
 def grown_plan(base: dict, plan: dict, prepared, shard_rows: int, duplicates: int) -> dict:
     """The plan of `base` grown by the rows of `prepared`, each split's new rows a new part."""
     number = len(base.get("grown", [])) + 1
     g = {k: v for k, v in base.items() if k not in ("shards", "metadata_files", "stats", "digest")}
-    g["format_version"] = plan["format_version"]
+    g["format_version"] = cache_fmt.GROWN_FORMAT_VERSION
+    g["fields"] = {}
     g["splits"] = {}
     for split in list(base["splits"]) + [s for s in prepared.splits if s not in base["splits"]]:
         parts = split_parts_of(base, split)
@@ -224,7 +223,6 @@ def grown_plan(base: dict, plan: dict, prepared, shard_rows: int, duplicates: in
             parts.append({"path": cache_fmt.part_path(split, number), "row_start": start,
                           **_part(split, prepared.splits[split], shard_rows)})
         g["splits"][split] = {k: sum(p[k] for p in parts) for k in ("rows", "tokens", "shards")} | {"parts": parts}
-    g["fields"] = {}
     for name, f in plan["fields"].items():
         tail = next(iter(f["shape"].values()))[1:]
         g["fields"][name] = {**f, "shape": {s: [v["rows"], *tail] for s, v in g["splits"].items()}}
@@ -245,6 +243,10 @@ def _plan_append(st: Storage, plan: dict, prepared, cfg: TeacherCacheConfig, log
         raise CaptureError(f"output.mode=append: there is no finished cache at {out} to append to; make (or finish) "
                            "it with output.mode=create first")
     base = cache_fmt.read_manifest(st)
+    if base.get("subset"):
+        raise CaptureError(f"cannot append to {out}: it is a partial pull (fields {', '.join(base['subset']['fields'])}"
+                           f", splits {', '.join(base['subset']['splits'])}) of another cache; append to the whole "
+                           "cache, then pull again")
     changes = append_differences(base, plan)
     if changes:
         raise CaptureError(f"cannot append to {out}: it was made with another teacher, tokenizer or settings. "
@@ -264,6 +266,21 @@ def _plan_append(st: Storage, plan: dict, prepared, cfg: TeacherCacheConfig, log
     log(f"appending to {out}: " + ", ".join(f"{s} +{len(r)} rows" for s, r in new.items())
         + f"; {duplicates} rows already in the cache skipped")
     return base, grown_plan(base, plan, prepared, cfg.capture.rows_per_shard, duplicates), prepared
+
+
+def _finished_plan(st: Storage, plan: dict) -> bool:
+    """Whether `plan` is the plan of the finished manifest at `st` (its run ended but for the cleanup)."""
+    done = cache_fmt.read_manifest(st)
+    return plan == {k: v for k, v in done.items() if k not in ("shards", "metadata_files", "stats", "digest")}
+
+
+def _drop_unlisted_parts(st: Storage, manifest: dict) -> None:
+    """Remove the `<split>/grow-NNNN` folders of an abandoned append: parts the manifest does not list."""
+    listed = {p["path"] for s in manifest["splits"] for p in cache_fmt.split_parts(manifest, s)}
+    for split in manifest["splits"]:
+        for rel in st.glob(f"{split}/{cache_fmt.GROW_DIR}*"):
+            if rel not in listed:
+                st.remove_tree(rel)
 
 
 def split_parts_of(base: dict, split: str) -> list[dict]:
@@ -334,7 +351,7 @@ def writer_lock(out: Path):
 
 def _locked_capture(cfg, st: Storage, tokenizer, spec, hidden, attn, device, log, progress) -> CaptureResult:
     out = st.local_path() if st.is_local else st.location
-    prepared = data_mod.prepare(cfg.data, tokenizer)
+    prepared = data_mod.prepare(cfg.data, tokenizer, min_validation=cfg.output.mode != "append")
     n_heads = stored_heads(cfg.capture, spec)
     specs = cache_fmt.field_specs(
         seq_len=cfg.data.seq_len, top_k=cfg.capture.top_k, n_temperatures=len(cfg.capture.temperatures),
@@ -344,10 +361,15 @@ def _locked_capture(cfg, st: Storage, tokenizer, spec, hidden, attn, device, log
 
     plan_rel = f"{cache_fmt.WORK_DIR}/plan.json"
     has_plan = st.exists(plan_rel)
+    if has_plan and st.exists(cache_fmt.MANIFEST) and _finished_plan(st, json.loads(st.read_bytes(plan_rel))):
+        st.remove_tree(cache_fmt.WORK_DIR)  # a run wrote its manifest and was stopped before it cleaned up
+        has_plan = False
     base = None
     if cfg.output.mode == "append":
         base, plan, prepared = _plan_append(st, plan, prepared, cfg, log)
         if base is None:
+            if not has_plan:
+                _drop_unlisted_parts(st, plan)  # an abandoned append's folders
             return CaptureResult(out, plan, resumed_shards=0, computed_shards=0)
         if has_plan:
             changes = _diff(json.loads(st.read_bytes(plan_rel)), plan)
@@ -355,15 +377,16 @@ def _locked_capture(cfg, st: Storage, tokenizer, spec, hidden, attn, device, log
                 raise CaptureError(f"{out} holds an unfinished append of other data or settings; rerun that command "
                                    f"to finish it (or remove {out}/{cache_fmt.WORK_DIR} to abandon it). Differences:"
                                    "\n  " + "\n  ".join(changes[:20]))
-        else:  # a fresh append: folders an abandoned one left are not in the manifest; clear them
-            for split in prepared.splits:
-                st.remove_tree(plan["splits"][split]["parts"][-1]["path"])
+        else:  # a fresh append: what an abandoned one left is not in the manifest; clear it
+            st.remove_tree(cache_fmt.WORK_DIR)
+            _drop_unlisted_parts(st, base)
     elif st.exists(cache_fmt.MANIFEST):
         old = cache_fmt.read_manifest(st)
         changes = _diff({k: old.get(k) for k in plan}, plan)
         if not changes:
             log(f"{out} is already a finished cache with these settings; nothing to do")
             st.remove_tree(cache_fmt.WORK_DIR)
+            _drop_unlisted_parts(st, old)
             return CaptureResult(out, old, resumed_shards=sum(v["shards"] for v in plan["splits"].values()),
                                  computed_shards=0)
         if not cfg.output.overwrite:

@@ -447,8 +447,10 @@ def tokenize_rows(ds, tokenizer, cfg: DataConfig, conv: RowConvention | None = N
     return arrays, stats
 
 
-def prepare(cfg: DataConfig, tokenizer) -> Prepared:
-    """Load, tokenize, key, deduplicate and split. Deterministic for the same inputs."""
+def prepare(cfg: DataConfig, tokenizer, min_validation: bool = True) -> Prepared:
+    """Load, tokenize, key, deduplicate and split. Deterministic for the same inputs. `min_validation`:
+    a corpus whose keys put no row in validation still gives it one (not for an append: there the
+    split must follow the keys alone, as in the cache it grows)."""
     conv = RowConvention.resolve(cfg, tokenizer)  # before the dataset: a bad setting fails at once
     ds, info = load_documents(cfg)
     arrays, stats = tokenize_rows(ds, tokenizer, cfg, conv)
@@ -461,7 +463,7 @@ def prepare(cfg: DataConfig, tokenizer) -> Prepared:
             seen.add(k)
             keep.append(i)
     val = [i for i in keep if is_validation(keys[i], cfg.validation_fraction)]
-    if cfg.validation_fraction > 0 and not val and len(keep) > 1:
+    if min_validation and cfg.validation_fraction > 0 and not val and len(keep) > 1:
         val = [min(keep, key=lambda i: keys[i])]  # a tiny corpus still gets one validation row
     val_set = set(val)
     train = [i for i in keep if i not in val_set]

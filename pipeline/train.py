@@ -304,21 +304,28 @@ def resume_identity(st: _Student, cfg: StudentRunConfig, tasks: dict) -> dict:
                                                    "tasks", "cache", "mutual_weight", "mutual_temperature"})}
 
 
-def grown_tasks(old: dict, new: dict, tasks: dict) -> list[str] | None:
-    """The tasks whose cache grew since the checkpoint with identity `old`, when that and a raised
-    max_steps are the only differences from `new`; None when the run cannot continue from `old`."""
+def grown_tasks(old: dict, new: dict, tasks: dict) -> dict[str, bool] | None:
+    """{task: whether its train split grew} for the tasks whose cache grew since the checkpoint with
+    identity `old`, when that and a raised max_steps are the only differences from `new`; None when
+    the run cannot continue from `old`."""
+    if "cache_digest" in old:  # a checkpoint from before multi-cache identities: its first task's digest
+        old = {k: v for k, v in old.items() if k != "cache_digest"} | {
+            "cache_digests": {next(iter(tasks)): old["cache_digest"]}}
+    if old == new:
+        return {}
     if {k: v for k, v in old.items() if k not in ("cache_digests", "max_steps")} != \
             {k: v for k, v in new.items() if k not in ("cache_digests", "max_steps")}:
         return None
     if old.get("max_steps", 0) > new["max_steps"] or set(old.get("cache_digests", {})) != set(new["cache_digests"]):
         return None
-    grew = []
+    grew = {}
     for name, digest in old["cache_digests"].items():
         if digest != new["cache_digests"][name]:
-            ancestors = [g["parent_digest"] for g in tasks[name][0].manifest.get("grown", [])]
-            if digest not in ancestors:
+            records = tasks[name][0].manifest.get("grown", [])
+            since = [i for i, g in enumerate(records) if g["parent_digest"] == digest]
+            if not since:
                 return None
-            grew.append(name)
+            grew[name] = any(g["rows"].get("train") for g in records[since[0]:])
     return grew
 
 
@@ -333,12 +340,13 @@ def save_checkpoint(st: _Student, run: dict) -> None:
     os.replace(tmp, path)
 
 
-def _load_checkpoint(st: _Student, tasks: dict) -> tuple[dict, list[str]]:
-    """The run state of a student's checkpoint and the tasks whose cache grew since it was written."""
+def _load_checkpoint(st: _Student, tasks: dict) -> tuple[dict, dict[str, bool]]:
+    """The run state of a student's checkpoint and the tasks whose cache grew since it was written
+    ({task: whether its train split grew})."""
     path = st.out / "checkpoint" / "state.pt"
     state = torch.load(path, map_location="cpu", weights_only=True)
     old, new = state.get("identity") or {}, st.identity
-    grew = [] if old == new else grown_tasks(old, new, tasks)
+    grew = grown_tasks(old, new, tasks)
     if grew is None:
         diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         raise StudentError(f"{path} was written by a run with other settings ({', '.join(diffs)} differ); "
@@ -350,6 +358,8 @@ def _load_checkpoint(st: _Student, tasks: dict) -> tuple[dict, list[str]]:
     st.sched.load_state_dict(state["scheduler"])
     st.best, st.best_step, st.bad_evals = state["best"], state["best_step"], state["bad_evals"]
     st.stopped, st.last_eval, st.best_eval = state["stopped"], state["last_eval"], state["best_eval"]
+    if grew:  # the validation split may have grown too: earlier losses are not comparable, early stopping restarts
+        st.best, st.best_step, st.bad_evals, st.stopped, st.best_eval = None, None, 0, False, {}
     return state["run"], grew
 
 
@@ -501,11 +511,13 @@ def train_students(cfg: StudentRunConfig, log: Callable[[str], None] = print, pr
             raise StudentError("the students' checkpoints are at different steps; cannot resume them together")
         run = runs[0]
         log(f"resuming at step {run['step']}")
-        for name in loaded[0][1]:  # a grown cache: its next epoch, whose order covers the new shards, starts now
-            pos = run["stream"]["tasks"][name]
-            pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
-            log(f"task {name!r}: the cache grew since the checkpoint ({tasks[name][0].manifest['splits']['train']['rows']}"
-                f" train rows now); training goes on with epoch {pos['epoch']} over all of them")
+        for name, train_grew in loaded[0][1].items():
+            log(f"task {name!r}: the cache grew since the checkpoint; the best model and early stopping start over")
+            if train_grew:  # its next epoch, whose order covers the new shards, starts now
+                pos = run["stream"]["tasks"][name]
+                pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
+                log(f"task {name!r}: training goes on with epoch {pos['epoch']} over all "
+                    f"{tasks[name][0].manifest['splits']['train']['rows']} train rows")
     else:
         for st in students:
             (st.out / "metrics.jsonl").unlink(missing_ok=True)

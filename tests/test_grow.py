@@ -188,6 +188,7 @@ def test_student_continues_on_the_grown_cache(grown, tmp_path):
     train_students(cfg(10), log=logs.append, progress=False,
                    after_step=lambda step: rows_seen.append(step))
     assert any("resuming at step 4" in m for m in logs) and any("the cache grew" in m for m in logs), logs
+    assert any("training goes on with epoch 1 over all" in m for m in logs), logs
     assert rows_seen and rows_seen[0] == 5 and rows_seen[-1] == 10
     import torch
 
@@ -226,3 +227,41 @@ def test_ls_and_inspect_show_the_growth(grown):
     res = subprocess.run([sys.executable, "-m", "stages.cli", "ls", str(grown)], env=env, capture_output=True,
                          text=True)
     assert res.returncode == 0 and f"grown x1 (parent {found['base']['digest'][:16]})" in res.stdout, res.stderr
+
+
+def test_leftovers_of_stopped_or_abandoned_appends_are_cleared(llama_dir, corpora, grown, tmp_path):
+    out = tmp_path / "c"
+    subprocess.run(["cp", "-r", str(grown / "grown"), str(out)], check=True)
+    m = Cache(out).manifest
+    # a run stopped after writing its manifest but before removing its work folder ...
+    plan = {k: v for k, v in m.items() if k not in ("shards", "metadata_files", "stats", "digest")}
+    (out / "_capture" / "commits").mkdir(parents=True)
+    (out / "_capture" / "plan.json").write_text(json.dumps(plan))
+    (out / "_capture" / "commits" / "train-00099.json").write_text("{}")
+    # ... and an abandoned append's folder
+    (out / "validation" / "grow-0007").mkdir()
+    (out / "validation" / "grow-0007" / "rows.parquet").write_bytes(b"partial")
+    res = capture(grow_cfg(llama_dir, corpora["old"], out, mode="append"))  # nothing new: a no-op that cleans up
+    assert res.computed_shards == 0 and Cache(out).manifest == m
+    assert not (out / "_capture").exists() and not (out / "validation" / "grow-0007").exists()
+    assert verify(out) == []
+
+
+def test_append_to_a_partial_pull_is_refused(llama_dir, corpora, grown, tmp_path):
+    pull(str(grown / "base"), tmp_path / "p", fields=["topk_ids"], splits=["train"], log=lambda m: None)
+    with pytest.raises(CaptureError, match="partial pull"):
+        capture(grow_cfg(llama_dir, corpora["new"], tmp_path / "p", mode="append"))
+
+
+def test_push_of_a_grown_cache_over_its_parent_sends_only_the_growth(grown, tmp_path):
+    from pipeline.format.share import push
+
+    dest = tmp_path / "published"
+    push(str(grown / "base"), str(dest), log=lambda m: None)
+    res = push(str(grown / "grown"), str(dest), log=lambda m: None)  # no --force: it is the same cache, grown
+    new = set(manifest_files(Cache(grown / "grown").manifest)) - set(manifest_files(Cache(grown / "base").manifest))
+    assert res["sent"] == len(new) and verify(dest) == []
+    assert Cache(dest).manifest["digest"] == Cache(grown / "grown").manifest["digest"]
+    assert Cache(dest).manifest["format_version"] == "2.0"
+    with pytest.raises(CacheError, match="holds another cache"):  # the other way round is a different cache
+        push(str(grown / "base"), str(dest), log=lambda m: None)

@@ -31,6 +31,8 @@ from .storage import Storage, StorageError, fetch_verified, stream_digest
 
 FORMAT_NAME = "teacher-cache"
 FORMAT_VERSION = "1.2"
+GROWN_FORMAT_VERSION = "2.0"  # a cache with more than one part: a 1.x reader would see its first part only
+READABLE_MAJORS = ("1", "2")
 MANIFEST = "manifest.json"
 WORK_DIR = "_capture"
 TOKENIZER_DIR = "tokenizer"
@@ -309,7 +311,8 @@ class CacheWriter:
 
     def committed(self) -> dict[tuple[str, int], dict]:
         """{(split, shard index within the written part): record} of the shards committed so far."""
-        return {(s, rec["index"] - self.parts[s]["shard_start"]): rec for (s, _), rec in read_commits(self.st).items()}
+        return {(s, rec["index"] - self.parts[s]["shard_start"]): rec for (s, _), rec in read_commits(self.st).items()
+                if s in self.parts and rec.get("part", s) == self.parts[s]["path"]}
 
     # -- shards -----------------------------------------------------------------------------
     def write_shard(self, split: str, index: int, targets, stats: dict) -> dict:
@@ -351,7 +354,8 @@ class CacheWriter:
         order = list(self.plan["splits"])
         shards = [{k: rec[k] for k in ("split", "part", "index", "row_start", "row_end", "files")}
                   for rec in commits.values()]
-        shards = sorted((self.base or {}).get("shards", []) + shards,
+        older = [{**sh, "part": sh.get("part", sh["split"])} for sh in (self.base or {}).get("shards", [])]  # 1.0/1.1
+        shards = sorted(older + shards,
                         key=lambda sh: (order.index(sh["split"]), sh["index"]))
         meta = dict(self.base["metadata_files"]) if self.base else {}
         written = [] if self.base else sorted(r for r in self.st.files() if r.startswith(TOKENIZER_DIR + "/"))
@@ -361,6 +365,11 @@ class CacheWriter:
                                                                             for spec in self.specs]
         for rel in written:
             meta[rel] = self.st.digest(rel)
+            if self.st.is_local:
+                sync_file(self.st.local_path(rel))
+        if self.st.is_local:
+            for d in {self.st.local_path(rel).parent for rel in written}:
+                sync_file(d)  # everything the manifest lists is on disk before the manifest is
         manifest = {**self.plan, "shards": shards, "metadata_files": meta, "stats": stats}
         manifest["digest"] = manifest_digest(manifest)
         write_json(self.st, MANIFEST, manifest)
@@ -390,9 +399,9 @@ def read_manifest(root: str | Path | Storage) -> dict:
         fmt = manifest.get("format") if isinstance(manifest, dict) else None
         raise CacheError(f"{where}/{MANIFEST}: format is {fmt!r}, not {FORMAT_NAME!r}")
     major = str(manifest.get("format_version", "")).split(".")[0]
-    if major != FORMAT_VERSION.split(".")[0]:
+    if major not in READABLE_MAJORS:
         raise CacheError(f"{where}/{MANIFEST}: format version {manifest.get('format_version')} is not readable by "
-                         f"this version (reads {FORMAT_VERSION.split('.')[0]}.x)")
+                         f"this version (reads {', '.join(m + '.x' for m in READABLE_MAJORS)})")
     return manifest
 
 

@@ -28,6 +28,9 @@ PULL_MARKER = ".pull.json"  # in DEST while a pull is under way
 def push(src: str | Path, dest: str, force: bool = False, log: Callable[[str], None] = print) -> dict:
     source = Storage(src)
     manifest = read_manifest(source)
+    raw = source.read_bytes(MANIFEST)  # the version pushed: the source may grow meanwhile
+    if json.loads(raw).get("digest") != manifest["digest"]:
+        raise CacheError(f"{src} changed while it was being read (an append finished?); rerun")
     problems = verify(source)
     if problems:
         raise CacheError(f"{src} does not verify, so it is not pushed: " + "; ".join(problems[:3]))
@@ -37,7 +40,10 @@ def push(src: str | Path, dest: str, force: bool = False, log: Callable[[str], N
             theirs = json.loads(target.read_bytes(MANIFEST)).get("digest")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             theirs = None
-        if theirs != manifest["digest"]:
+        parents = [g["parent_digest"] for g in manifest.get("grown", [])]
+        if theirs in parents:
+            log(f"{dest} holds an earlier version of this cache; sending what it grew by")  # its files stay valid
+        elif theirs != manifest["digest"]:
             if not force:
                 raise CacheError(f"{dest} holds another cache (digest {str(theirs)[:16]}...); pass --force to "
                                  "replace it")
@@ -59,7 +65,7 @@ def push(src: str | Path, dest: str, force: bool = False, log: Callable[[str], N
     if wrong:
         raise CacheError(f"push to {dest}: {len(wrong)} objects have the wrong size after upload (first: {wrong[0]}); "
                          "rerun to retry")
-    target.write_bytes(MANIFEST, source.read_bytes(MANIFEST))
+    target.write_bytes(MANIFEST, raw)
     seconds = time.perf_counter() - t0
     log(f"pushed {src} -> {dest}: {sent} files ({sent_bytes / 2**20:.1f} MiB) sent, {skipped} already there, "
         f"{seconds:.1f}s")
@@ -107,6 +113,9 @@ def pull(url: str, dest: str | Path, fields: list[str] | None = None, splits: li
          log: Callable[[str], None] = print) -> dict:
     source = Storage(url)
     manifest = read_manifest(source)
+    raw = source.read_bytes(MANIFEST)  # the version pulled, written at the end: the source may grow meanwhile
+    if json.loads(raw).get("digest") != manifest["digest"]:
+        raise CacheError(f"{url} changed while it was being read (an append finished?); rerun")
     keep_fields, keep_splits = _selection(manifest, fields, splits)
     whole = keep_splits == list(manifest["splits"]) and \
         keep_fields == [k for k, v in manifest["fields"].items() if v["format"] == "zarr-v3"]
@@ -137,7 +146,7 @@ def pull(url: str, dest: str | Path, fields: list[str] | None = None, splits: li
         fetched += 1
         fetched_bytes += dig["bytes"]
     Storage(out).write_bytes(MANIFEST, json.dumps(target, indent=2, sort_keys=True).encode() + b"\n"
-                             if not whole else source.read_bytes(MANIFEST))
+                             if not whole else raw)
     marker.unlink()
     seconds = time.perf_counter() - t0
     log(f"pulled {url} -> {out}: {fetched} files ({fetched_bytes / 2**20:.1f} MiB) fetched and verified, "
