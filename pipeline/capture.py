@@ -91,7 +91,7 @@ def check_output_dir(st: Storage) -> None:
         st.write_bytes(".write-test", b"")
         st.remove(".write-test")
     except (OSError, StorageError) as e:
-        raise CaptureError(f"output {st.location} is not writable: {getattr(e, 'strerror', None) or e}") from None
+        raise CaptureError(f"output directory {st.location} is not writable: {getattr(e, 'strerror', None) or e}") from None
 
 
 def estimate_bytes(specs: list[FieldSpec], seq_len: int, data=None) -> dict[str, float]:
