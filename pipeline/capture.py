@@ -212,7 +212,7 @@ def append_differences(base: dict, plan: dict) -> list[str]:
 def grown_plan(base: dict, plan: dict, prepared, shard_rows: int, duplicates: int) -> dict:
     """The plan of `base` grown by the rows of `prepared`, each split's new rows a new part."""
     number = len(base.get("grown", [])) + 1
-    g = {k: v for k, v in base.items() if k not in ("shards", "metadata_files", "stats", "digest")}
+    g = cache_fmt.manifest_plan(base)
     g["format_version"] = cache_fmt.GROWN_FORMAT_VERSION
     g["fields"] = {}
     g["splits"] = {}
@@ -270,8 +270,7 @@ def _plan_append(st: Storage, plan: dict, prepared, cfg: TeacherCacheConfig, log
 
 def _finished_plan(st: Storage, plan: dict) -> bool:
     """Whether `plan` is the plan of the finished manifest at `st` (its run ended but for the cleanup)."""
-    done = cache_fmt.read_manifest(st)
-    return plan == {k: v for k, v in done.items() if k not in ("shards", "metadata_files", "stats", "digest")}
+    return plan == cache_fmt.manifest_plan(cache_fmt.read_manifest(st))
 
 
 def _drop_unlisted_parts(st: Storage, manifest: dict) -> None:
@@ -435,12 +434,10 @@ def _locked_capture(cfg, st: Storage, tokenizer, spec, hidden, attn, device, log
     writer = CacheWriter(st, plan, specs, split_rows, base)
     for split, rows in prepared.splits.items():
         rel = f"{writer.parts[split]['path']}/rows.parquet"
-        if not st.exists(rel):  # written whole under a temporary name, then renamed (or uploaded: one PUT)
-            with tempfile.TemporaryDirectory(dir=out if st.is_local else None) as tmp:
+        if not st.exists(rel):  # written whole, then put in place at once
+            with tempfile.TemporaryDirectory() as tmp:
                 cache_fmt.write_rows(Path(tmp) / "rows.parquet", rows)
-                st.upload(Path(tmp) / "rows.parquet", rel) if not st.is_local else \
-                    (st.local_path(rel).parent.mkdir(parents=True, exist_ok=True),
-                     os.replace(Path(tmp) / "rows.parquet", st.local_path(rel)))
+                st.upload(Path(tmp) / "rows.parquet", rel)
     if base is None:  # students read the tokenizer from the cache, never from the teacher
         _store_tokenizer(st, tokenizer)
     writer.create_arrays()
@@ -619,8 +616,7 @@ def _statistics(writer: CacheWriter, base: dict | None = None) -> dict:
             name = rel[len(c.get("part", c["split"])) + 1:].split("/")[0]
             per_field[name] = per_field.get(name, 0) + d["bytes"]
     for part in writer.parts.values():
-        per_field["rows.parquet"] = per_field.get("rows.parquet", 0) + \
-            writer.st.digest(f"{part['path']}/rows.parquet")["bytes"]
+        per_field["rows.parquet"] = per_field.get("rows.parquet", 0) + writer.st.size(f"{part['path']}/rows.parquet")
     return {
         "tokens": tokens,
         "rows": sum(v["rows"] for v in writer.plan["splits"].values()),

@@ -6,13 +6,16 @@
         plan.json              the settings the partial cache was started with
         commits/<split>-<shard>.json   one per committed shard (files, sizes, sha256)
       tokenizer/             the teacher's tokenizer (save_pretrained: JSON and text files)
-      <split>/               "train", "validation"
+      <split>/               "train", "validation": the split's first part
         rows.parquet           key, input_ids, length per row (row order = array order)
         zarr.json              a Zarr v3 group; one array per field, sharded along rows
         <field>/zarr.json, <field>/c/<shard>/0/...
+        grow-NNNN/             a part each append added, laid out like the split folder
 
-The one writer holds an exclusive flock on CACHE itself. A shard (`rows_per_shard` rows of every field) is written at once, checksummed and then
-committed by an atomic rename of its record; a shard without a record is redone.
+CACHE is a local path or any fsspec URL; every byte goes through `Storage`. A shard (`rows_per_shard`
+rows of every field) is written at once, checksummed (on object storage: read back) and then
+committed by writing its record (on local disk: renamed into place); a shard without a record is
+redone. On local disk the one writer holds an exclusive flock on CACHE itself.
 """
 
 from __future__ import annotations
@@ -137,22 +140,17 @@ def sync_file(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
 def manifest_digest(manifest: dict) -> str:
     return sha256_bytes(canonical({k: v for k, v in manifest.items() if k != "digest"}).encode())
+
+
+def manifest_plan(manifest: dict) -> dict:
+    """The plan a finished cache was written from: its manifest less shards, metadata_files, stats, digest."""
+    return {k: v for k, v in manifest.items() if k not in ("shards", "metadata_files", "stats", "digest")}
 
 
 def shard_file(part: str, field: FieldSpec, shard: int) -> str:
@@ -215,13 +213,13 @@ def write_json(st: Storage, rel: str, obj: dict) -> None:
     st.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def zarr_store(st: Storage, rel: str, read_only: bool = False):
-    """The zarr store for a folder of the cache: a LocalStore on local disk, else an FsspecStore."""
+def zarr_store(st: Storage, rel: str):
+    """The zarr store a writer uses for a folder of the cache: a LocalStore on local disk, else an FsspecStore."""
     from zarr.storage import FsspecStore, LocalStore
 
     if st.is_local:
-        return LocalStore(st.local_path(rel), read_only=read_only)
-    return FsspecStore.from_url(st.location + "/" + rel, storage_options=st.options or None, read_only=read_only)
+        return LocalStore(st.local_path(rel))
+    return FsspecStore.from_url(st.location + "/" + rel, storage_options=st.options or None)
 
 
 def write_rows(path: Path, rows) -> None:

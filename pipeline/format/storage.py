@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -144,11 +145,24 @@ class Storage:
             else:
                 self.fs.pipe_file(self.path(rel), data)
 
+    def size(self, rel: str) -> int:
+        with storage_errors(f"{self.location}/{rel}", "cannot look up"):
+            return int(self.fs.size(self.path(rel)))
+
     def upload(self, local: Path, rel: str) -> None:
+        """A local file to `rel`, appearing whole: on local disk copied under a temporary name, fsynced and
+        renamed; elsewhere one upload."""
         with storage_errors(f"{self.location}/{rel}", "cannot upload to"):
             if self.is_local:
-                self.local_path(rel).parent.mkdir(parents=True, exist_ok=True)
-            self.fs.put_file(str(local), self.path(rel))
+                path = self.local_path(rel)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp")
+                shutil.copyfile(local, tmp)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            else:
+                self.fs.put_file(str(local), self.path(rel))
 
     def copy_from(self, src: "Storage", rel: str) -> None:
         """One file from another storage, streamed in blocks."""
