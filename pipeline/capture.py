@@ -216,8 +216,9 @@ def grown_plan(base: dict, plan: dict, prepared, shard_rows: int, duplicates: in
     g["format_version"] = cache_fmt.GROWN_FORMAT_VERSION
     g["fields"] = {}
     g["splits"] = {}
+    layout = cache_fmt.current_layout(base)["splits"]  # a 1.0/1.1 base: one part per split, filled in
     for split in list(base["splits"]) + [s for s in prepared.splits if s not in base["splits"]]:
-        parts = split_parts_of(base, split)
+        parts = [dict(p) for p in layout[split]["parts"]] if split in layout else []
         if split in prepared.splits:
             start = sum(p["rows"] for p in parts)
             parts.append({"path": cache_fmt.part_path(split, number), "row_start": start,
@@ -280,15 +281,6 @@ def _drop_unlisted_parts(st: Storage, manifest: dict) -> None:
         for rel in st.glob(f"{split}/{cache_fmt.GROW_DIR}*"):
             if rel not in listed:
                 st.remove_tree(rel)
-
-
-def split_parts_of(base: dict, split: str) -> list[dict]:
-    """A finished cache's parts of a split, with rows/tokens/shards filled in for 1.0/1.1 caches."""
-    if split not in base["splits"]:
-        return []
-    info = base["splits"][split]
-    return [p if "shards" in p else {**p, "tokens": info["tokens"], "shards": info["shards"]}
-            for p in cache_fmt.split_parts(base, split)]
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -381,7 +373,8 @@ def _locked_capture(cfg, st: Storage, tokenizer, spec, hidden, attn, device, log
             _drop_unlisted_parts(st, base)
     elif st.exists(cache_fmt.MANIFEST):
         old = cache_fmt.read_manifest(st)
-        changes = _diff({k: old.get(k) for k in plan}, plan)
+        described = cache_fmt.current_layout(old)  # a cache of an earlier version with these settings is done
+        changes = _diff({k: described.get(k) for k in plan}, plan)
         if not changes:
             log(f"{out} is already a finished cache with these settings; nothing to do")
             st.remove_tree(cache_fmt.WORK_DIR)
@@ -395,7 +388,7 @@ def _locked_capture(cfg, st: Storage, tokenizer, spec, hidden, attn, device, log
         _wipe(st)
         has_plan = False
     elif has_plan:
-        old_plan = json.loads(st.read_bytes(plan_rel))
+        old_plan = cache_fmt.current_layout(json.loads(st.read_bytes(plan_rel)))  # resumable across versions
         changes = _diff(old_plan, plan)
         if changes:
             if not cfg.output.overwrite:

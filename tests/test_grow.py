@@ -265,3 +265,28 @@ def test_push_of_a_grown_cache_over_its_parent_sends_only_the_growth(grown, tmp_
     assert Cache(dest).manifest["format_version"] == "2.0"
     with pytest.raises(CacheError, match="holds another cache"):  # the other way round is a different cache
         push(str(grown / "base"), str(dest), log=lambda m: None)
+
+
+def test_a_cache_of_the_previous_format_is_done_and_grows(llama_dir, corpora, grown, tmp_path):
+    """A 1.1 cache (no parts) with the same settings is finished for a rerun, and an append grows it."""
+    from pipeline.format.cache import manifest_digest
+
+    out = tmp_path / "c"
+    subprocess.run(["cp", "-r", str(grown / "base"), str(out)], check=True)
+    m = json.loads((out / "manifest.json").read_text())
+    m["format_version"] = "1.1"
+    for f in m["fields"].values():
+        f["path"] = f["path"].replace("{part}", "{split}")
+    for v in m["splits"].values():
+        del v["parts"]
+    for sh in m["shards"]:
+        del sh["part"]
+    m["digest"] = manifest_digest(m)
+    (out / "manifest.json").write_text(json.dumps(m))
+    res = capture(grow_cfg(llama_dir, corpora["old"], out))
+    assert res.computed_shards == 0 and json.loads((out / "manifest.json").read_text()) == m
+    capture(grow_cfg(llama_dir, corpora["new"], out, mode="append"))
+    g = Cache(out)
+    assert verify(out) == [] and g.manifest["format_version"] == "2.0"
+    assert all(sh["part"] for sh in g.manifest["shards"])
+    assert manifest_files(g.manifest) == manifest_files(Cache(grown / "grown").manifest)

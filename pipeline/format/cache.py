@@ -148,6 +148,17 @@ def manifest_digest(manifest: dict) -> str:
     return sha256_bytes(canonical({k: v for k, v in manifest.items() if k != "digest"}).encode())
 
 
+def current_layout(plan: dict) -> dict:
+    """A 1.0/1.1 manifest or plan described as this version writes it (format 1.2: one part per split,
+    field paths per part). The bytes on disk are the same; only the description changed."""
+    if plan.get("format_version") not in ("1.0", "1.1"):
+        return plan
+    return {**plan, "format_version": FORMAT_VERSION,
+            "fields": {k: {**f, "path": f["path"].replace("{split}", "{part}")} for k, f in plan["fields"].items()},
+            "splits": {s: {**v, "parts": [{"path": s, "row_start": 0, "rows": v["rows"], "tokens": v["tokens"],
+                                            "shards": v["shards"]}]} for s, v in plan["splits"].items()}}
+
+
 def manifest_plan(manifest: dict) -> dict:
     """The plan a finished cache was written from: its manifest less shards, metadata_files, stats, digest."""
     return {k: v for k, v in manifest.items() if k not in ("shards", "metadata_files", "stats", "digest")}
