@@ -26,9 +26,9 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from pipeline import capture as capture_mod  # noqa: E402
-from pipeline import data as data_mod  # noqa: E402
-from pipeline import teacher as teacher_mod  # noqa: E402
+from pipeline.capture import run as capture_mod  # noqa: E402
+from pipeline.capture import data as data_mod  # noqa: E402
+from pipeline.capture import teacher as teacher_mod  # noqa: E402
 from pipeline.config import TeacherCacheConfig, load_config  # noqa: E402
 
 

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.config import StudentRunConfig, load_config  # noqa: E402
-from pipeline.train import train_students  # noqa: E402
+from pipeline.train.recipe import train_students  # noqa: E402
 
 
 def main() -> None:

@@ -30,9 +30,9 @@ import torch  # noqa: E402
 from pipeline.config import StudentRunConfig, load_config  # noqa: E402
 from pipeline.format.cache import Cache, manifest_files  # noqa: E402
 from pipeline.format.share import pull, push  # noqa: E402
-from pipeline.reader import CacheBatches, make_loader  # noqa: E402
-from pipeline.student import build_student  # noqa: E402
-from pipeline.train import _optimizer, fields_for, student_losses  # noqa: E402
+from pipeline.train.reader import CacheBatches, make_loader  # noqa: E402
+from pipeline.train.students import build_student  # noqa: E402
+from pipeline.train.recipe import _optimizer, fields_for, student_losses  # noqa: E402
 
 
 def start_s3() -> str:

@@ -29,13 +29,13 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from pipeline import losses as L  # noqa: E402
+from pipeline.train import losses as L  # noqa: E402
 from pipeline.format.cache import Cache  # noqa: E402
 from pipeline.config import StudentRunConfig, TeacherConfig, load_config  # noqa: E402
-from pipeline.reader import CacheBatches, make_loader  # noqa: E402
-from pipeline.student import build_student  # noqa: E402
-from pipeline.teacher import load_model  # noqa: E402
-from pipeline.train import TOPK_FIELDS, _optimizer, batch_masks, evaluate, student_losses, train_students  # noqa: E402
+from pipeline.train.reader import CacheBatches, make_loader  # noqa: E402
+from pipeline.train.students import build_student  # noqa: E402
+from pipeline.capture.teacher import load_model  # noqa: E402
+from pipeline.train.recipe import TOPK_FIELDS, _optimizer, batch_masks, evaluate, student_losses, train_students  # noqa: E402
 
 CPU = torch.device("cpu")
 

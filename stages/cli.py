@@ -28,13 +28,13 @@ app.command("ls")(share.ls)
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from pipeline.format.cache import CacheError
-    from pipeline.capture import CaptureError
+    from pipeline.capture.run import CaptureError
     from pipeline.config import ConfigError
-    from pipeline.data import DataError
+    from pipeline.capture.data import DataError
     from pipeline.format.storage import StorageError
-    from pipeline.student import StudentError
-    from pipeline.targets import CaptureOverflowError
-    from pipeline.teacher import TeacherError
+    from pipeline.train.students import StudentError
+    from pipeline.capture.targets import CaptureOverflowError
+    from pipeline.capture.teacher import TeacherError
 
     return (ConfigError, DataError, TeacherError, CaptureError, CacheError, CaptureOverflowError, StudentError,
             StorageError)

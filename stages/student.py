@@ -13,7 +13,7 @@ from stages.options import ConfigOpt, SetOpt
 
 def student(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Train, evaluate and save one or more students from a teacher cache (one read feeds all)."""
-    from pipeline.train import train_students
+    from pipeline.train.recipe import train_students
 
     cfg = load_config(StudentRunConfig, config, set_ or [])
     reports = train_students(cfg, log=lambda m: typer.echo(m, err=True))

@@ -18,7 +18,7 @@ import typer
 from pipeline.format.cache import Cache, row_column
 from pipeline.format.cache import verify as verify_cache
 from pipeline.config import TeacherCacheConfig, load_config
-from pipeline.data import missing_bos_warning
+from pipeline.capture.data import missing_bos_warning
 from stages.options import ConfigOpt, SetOpt
 
 INSPECT_ROWS = 1024
@@ -26,7 +26,7 @@ INSPECT_ROWS = 1024
 
 def teacher_cache(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Run the teacher once over a dataset and write (or resume) a teacher cache."""
-    from pipeline.capture import run_capture
+    from pipeline.capture.run import run_capture
 
     cfg = load_config(TeacherCacheConfig, config, set_ or [])
     res = run_capture(cfg, log=lambda m: typer.echo(m, err=True))
@@ -114,7 +114,7 @@ def convert_teacher(
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
 ) -> None:
     """Dequantise a GGUF model once into a safetensors directory usable as teacher.model."""
-    from pipeline.teacher import convert_gguf, smollm2_gguf_path
+    from pipeline.capture.teacher import convert_gguf, smollm2_gguf_path
 
     src = gguf or smollm2_gguf_path()
     info = convert_gguf(src, out, dtype=dtype)

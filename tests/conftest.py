@@ -177,7 +177,7 @@ def settings(model_dir: Path, corpus: Path, out: Path, **sections) -> dict:
 
 
 def capture(cfg: dict):
-    from pipeline.capture import run_capture
+    from pipeline.capture.run import run_capture
     from pipeline.config import TeacherCacheConfig
 
     return run_capture(TeacherCacheConfig.model_validate(cfg), log=lambda m: None, progress=False)

@@ -16,8 +16,8 @@ from conftest import capture, settings
 
 from pipeline.format import cache as cache_mod
 from pipeline.format.cache import Cache, CacheError, CacheWriter, verify
-from pipeline.capture import CaptureError
-from pipeline.data import content_key, is_validation
+from pipeline.capture.run import CaptureError
+from pipeline.capture.data import content_key, is_validation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,7 +164,7 @@ def test_verify_catches_edited_manifest_and_metadata(llama_dir, corpus, tmp_path
 
 
 def test_second_writer_is_refused(llama_dir, corpus, tmp_path):
-    from pipeline.capture import writer_lock
+    from pipeline.capture.run import writer_lock
 
     out = tmp_path / "c"
     out.mkdir()
@@ -233,7 +233,7 @@ def test_local_parquet_and_text_sources_give_the_same_rows(tokenizer_dir, corpus
     from transformers import AutoTokenizer
 
     from pipeline.config import DataConfig
-    from pipeline.data import prepare
+    from pipeline.capture.data import prepare
 
     docs = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
     pq.write_table(pa.table({"content": docs}), tmp_path / "docs.parquet")
@@ -282,7 +282,7 @@ def test_disk_full_mid_capture_keeps_committed_shards(llama_dir, corpus, tmp_pat
 
 def test_resume_after_a_full_disk_needs_room_for_what_is_left_and_sweeps_temporaries(llama_dir, corpus, tmp_path,
                                                                                      monkeypatch):
-    from pipeline import capture as capture_mod
+    from pipeline.capture import run as capture_mod
 
     out = tmp_path / "c"
     real_write, real_check = CacheWriter.write_shard, capture_mod.check_disk

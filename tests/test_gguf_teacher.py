@@ -15,7 +15,7 @@ from conftest import capture, settings
 
 from pipeline.format.cache import Cache
 from pipeline.config import TeacherConfig
-from pipeline.teacher import TeacherSpec, convert_gguf, load_model, load_model_config, load_tokenizer, smollm2_gguf_path
+from pipeline.capture.teacher import TeacherSpec, convert_gguf, load_model, load_model_config, load_tokenizer, smollm2_gguf_path
 
 
 @pytest.fixture(scope="module")

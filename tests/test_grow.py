@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from conftest import capture, make_llama, settings
 
-from pipeline.capture import CaptureError
+from pipeline.capture.run import CaptureError
 from pipeline.config import StudentRunConfig
 from pipeline.format.cache import Cache, CacheError, CacheWriter, manifest_files, verify
 from pipeline.format.share import pull
-from pipeline.reader import CacheBatches, make_loader
-from pipeline.train import train_students
+from pipeline.train.reader import CacheBatches, make_loader
+from pipeline.train.recipe import train_students
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = {"packing": False, "max_tokens": None, "validation_fraction": 0.2}

@@ -8,11 +8,11 @@ from collections import namedtuple
 import pytest
 from conftest import capture, settings
 
-from pipeline import capture as capture_mod
-from pipeline.capture import CaptureError
+from pipeline.capture import run as capture_mod
+from pipeline.capture.run import CaptureError
 from pipeline.config import ConfigError, TeacherCacheConfig, load_config, merge_overrides
-from pipeline.data import DataError
-from pipeline.teacher import TeacherError
+from pipeline.capture.data import DataError
+from pipeline.capture.teacher import TeacherError
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import losses as Lo
+from pipeline.train import losses as Lo
 
 B, L, V = 2, 5, 40
 

@@ -16,9 +16,9 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.format.cache import Cache, row_column
 from pipeline.config import StudentRunConfig
-from pipeline.reader import CacheBatches, make_loader
-from pipeline.student import StudentError
-from pipeline.train import batch_masks, build_rep, evaluate, student_losses, train_students
+from pipeline.train.reader import CacheBatches, make_loader
+from pipeline.train.students import StudentError
+from pipeline.train.recipe import batch_masks, build_rep, evaluate, student_losses, train_students
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 64}
@@ -91,7 +91,7 @@ def test_bos_teacher_cache_records_its_convention_and_inspect_warns_when_rows_la
 
 
 def test_first_rows_check_reports_the_teachers_nll(bos_llama_dir, corpus, tmp_path):
-    from pipeline.capture import run_capture
+    from pipeline.capture.run import run_capture
     from pipeline.config import TeacherCacheConfig
 
     lines = []
@@ -117,9 +117,9 @@ class _FakeComputer:
 
 
 def test_first_rows_check_warns_when_the_other_bos_choice_is_better():
-    from pipeline.capture import first_rows_check
-    from pipeline.data import Rows
-    from pipeline.teacher import TeacherSpec
+    from pipeline.capture.run import first_rows_check
+    from pipeline.capture.data import Rows
+    from pipeline.capture.teacher import TeacherSpec
 
     spec = TeacherSpec("llama", 1000, 8, 1, 1, None, None, None, None)
     tok = type("Tok", (), {"bos_token_id": 7})()
@@ -176,7 +176,7 @@ def chat_cache(chat_llama_dir, conversations, tmp_path_factory):
 
 def _student(cache_root, **kw):
     from pipeline.config import StudentConfig
-    from pipeline.student import build_student
+    from pipeline.train.students import build_student
 
     c = Cache(cache_root)
     spec = StudentConfig.model_validate({"name": "s", "arch": ARCH, **kw})

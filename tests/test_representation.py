@@ -10,11 +10,11 @@ import torch
 from conftest import capture, settings
 from transformers import AutoModelForCausalLM
 
-from pipeline import losses as Lo
+from pipeline.train import losses as Lo
 from pipeline.config import StudentConfig, StudentRunConfig
-from pipeline.representation import _resolve, make_projections, map_heads
-from pipeline.student import StudentError
-from pipeline.train import train_students
+from pipeline.train.representation import _resolve, make_projections, map_heads
+from pipeline.train.students import StudentError
+from pipeline.train.recipe import train_students
 
 B, L, D = 2, 6, 5
 
@@ -176,7 +176,7 @@ def test_missing_field_refused_before_training(llama_dir, corpus, tmp_path):
 
 def test_teacher_initialised_student_equals_chosen_layers(rich_cache, sharp_teacher, tmp_path):
     from pipeline.format.cache import Cache
-    from pipeline.student import build_student
+    from pipeline.train.students import build_student
 
     c = Cache(rich_cache)
     spec = StudentConfig(name="t", from_teacher=[0, 2], losses={"kd_forward": 1.0})
@@ -203,7 +203,7 @@ def test_teacher_initialised_student_equals_chosen_layers(rich_cache, sharp_teac
 
 
 def test_task_stream_draws_follow_weights():
-    from pipeline.reader import TaskStream
+    from pipeline.train.reader import TaskStream
 
     stream = TaskStream({"a": (None, 3.0), "b": (None, 1.0)}, seed=5)
     draws = [stream.choose(m) for m in range(2000)]

@@ -10,7 +10,7 @@ from conftest import CHATML
 from transformers import AutoTokenizer
 
 from pipeline.config import DataConfig
-from pipeline.data import DataError, RowConvention, load_documents, prepare, render_conversation, tokenize_rows
+from pipeline.capture.data import DataError, RowConvention, load_documents, prepare, render_conversation, tokenize_rows
 
 
 def data_cfg(path, **kw) -> DataConfig:

@@ -21,7 +21,7 @@ from pipeline.format.cache import Cache, CacheError, verify
 from pipeline.format.share import list_caches, pull, push
 from pipeline.format.storage import Storage, StorageError
 from pipeline.config import StudentRunConfig
-from pipeline.train import train_students
+from pipeline.train.recipe import train_students
 
 REPO = Path(__file__).resolve().parents[1]
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -103,7 +103,7 @@ def test_push_ls_pull_part_verify_and_train_from_the_bucket(local_cache, s3, tmp
         part.array("train", "hidden_states")
     # a student reads the bucket directly, through a verified local mirror
     from pipeline.config import StudentRunConfig
-    from pipeline.train import train_students
+    from pipeline.train.recipe import train_students
 
     monkeypatch.setenv("TEACHER_CACHE_MIRROR", str(tmp_path / "mirror"))
     cfg = StudentRunConfig.model_validate({"cache": url, "output_dir": str(tmp_path / "students"), "batch_size": 4,

@@ -174,8 +174,8 @@ def test_attention_capture_keeps_sdpa_for_other_layers(llama_dir):
 
 
 def test_chunked_head_matches_full_logits_and_bounds_blocks(llama_dir):
-    from pipeline.targets import logit_targets
-    from pipeline.teacher import TeacherSpec, output_logits
+    from pipeline.capture.targets import logit_targets
+    from pipeline.capture.teacher import TeacherSpec, output_logits
 
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float64).eval()
     spec = TeacherSpec.from_config(model.config)
@@ -197,7 +197,7 @@ def test_chunked_head_matches_full_logits_and_bounds_blocks(llama_dir):
 
 
 def test_fp16_overflow_is_an_error_not_inf():
-    from pipeline.targets import CaptureOverflowError, _to_storage
+    from pipeline.capture.targets import CaptureOverflowError, _to_storage
 
     x = torch.tensor([1.0, 7.0e4])
     with pytest.raises(CaptureOverflowError, match="overflows float16.*bfloat16"):
@@ -209,7 +209,7 @@ def test_fp16_overflow_is_an_error_not_inf():
 
 
 def test_softcap_and_logit_scaling_follow_the_config():
-    from pipeline.teacher import TeacherSpec, output_logits
+    from pipeline.capture.teacher import TeacherSpec, output_logits
 
     head = torch.nn.Linear(4, 6, bias=False)
     h = torch.randn(3, 4)

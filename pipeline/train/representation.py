@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .student import StudentError
+from .students import StudentError
 
 
 def _resolve(kind, cached: list[int], n_s: int, n_t: int, attention: bool, what: str, name: str) -> list[tuple[int, int]]:

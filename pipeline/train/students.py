@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .config import StudentConfig
-from .format.cache import tokenizer_fingerprint
+from ..config import StudentConfig
+from ..format.cache import tokenizer_fingerprint
 
 
 class StudentError(ValueError):
@@ -103,8 +103,8 @@ def init_from_teacher(spec: StudentConfig, manifest: dict):
     """
     import re
 
-    from .config import TeacherConfig
-    from .teacher import TeacherError, load_model
+    from ..config import TeacherConfig
+    from ..capture.teacher import TeacherError, load_model
 
     t = manifest["teacher"]
     n_t = t["num_layers"]

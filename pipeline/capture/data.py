@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DataConfig
+from ..config import DataConfig
 
 LOCAL_LOADERS = {"text", "json", "parquet", "arrow", "csv"}
 _DOC_BATCH = 256

@@ -25,13 +25,13 @@ from typing import Callable
 
 import torch
 
-from . import attention as attn_mod
+from .. import attention as attn_mod
 from . import losses as L
-from .format.cache import Cache
-from .config import StudentConfig, StudentRunConfig
+from ..format.cache import Cache
+from ..config import StudentConfig, StudentRunConfig
 from .reader import CacheBatches, make_loader
 from .representation import attention_pairs, decode_hidden, hidden_pairs, make_projections, map_heads
-from .student import StudentError, build_student, count_parameters
+from .students import StudentError, build_student, count_parameters
 
 KD_TERMS = {"kd_forward", "kd_forward_renorm", "kd_reverse", "kd_jsd", "mse_logprobs", "mse_logits"}
 TOPK_FIELDS = ["topk_ids", "topk_logprobs", "logsumexp"]
@@ -462,7 +462,7 @@ def train_students(cfg: StudentRunConfig, log: Callable[[str], None] = print, pr
     from tqdm.auto import tqdm
 
     from .reader import TaskStream
-    from .teacher import resolve_device
+    from ..capture.teacher import resolve_device
 
     tasks = _open_tasks(cfg)
     cache = next(iter(tasks.values()))[0]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .format.cache import Cache, CacheError, row_column
+from ..format.cache import Cache, CacheError, row_column
 
 ROW_FIELDS = {"loss_mask": np.bool_, "position_ids": np.int64}  # optional rows.parquet columns, in every batch
 FLOAT_FIELDS = {"topk_logprobs", "logsumexp", "target_logprob", "logsumexp_tempered", "hidden_states", "attentions"}

@@ -25,12 +25,12 @@ from typing import Callable
 
 import numpy as np
 
-from .format import cache as cache_fmt
+from ..format import cache as cache_fmt
 from . import data as data_mod
 from . import teacher as teacher_mod
-from .format.cache import CacheWriter, FieldSpec
-from .format.storage import Storage, StorageError
-from .config import TeacherCacheConfig
+from ..format.cache import CacheWriter, FieldSpec
+from ..format.storage import Storage, StorageError
+from ..config import TeacherCacheConfig
 from .targets import TargetComputer, TeacherTargets
 
 DISK_MARGIN_BYTES = 64 << 20
@@ -479,7 +479,7 @@ def _store_tokenizer(st: Storage, tokenizer) -> None:
 
 
 def check_teacher_document_masking(computer: TargetComputer, spec, dtype: str) -> None:
-    from .attention import DocumentMaskError, check_document_masking
+    from ..attention import DocumentMaskError, check_document_masking
 
     def run(ids, pos):
         return computer.base(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
