@@ -32,7 +32,8 @@ from pipeline.format.cache import Cache, manifest_files  # noqa: E402
 from pipeline.format.share import pull, push  # noqa: E402
 from pipeline.train.reader import CacheBatches, make_loader  # noqa: E402
 from pipeline.train.students import build_student  # noqa: E402
-from pipeline.train.recipe import _optimizer, fields_for, student_losses  # noqa: E402
+from pipeline.train.recipe import make_optimizer, step_losses  # noqa: E402
+from pipeline.train.terms import fields_for  # noqa: E402
 
 
 def start_s3() -> str:
@@ -57,12 +58,12 @@ def start_s3() -> str:
 def kd_rows_per_second(cfg: StudentRunConfig, cache: Cache, fields: list[str], batches: int = 3) -> float:
     spec = cfg.students[0]
     student = build_student(spec, cache.manifest, cache.tokenizer(), torch.device("cpu"))
-    opt = _optimizer(student, spec, 1000)[0]
+    opt = make_optimizer(student.parameters(), spec, 1000)[0]
     data = [b for _, b in zip(range(batches + 1), make_loader(CacheBatches(cache, "train", fields, cfg.batch_size)))]
     times = []
     for i, b in enumerate(data):
         t0 = time.perf_counter()
-        student_losses(student, b, spec, None, torch.device("cpu"))["total"].backward()
+        step_losses(student, b, spec, cache.manifest, torch.device("cpu"))["total"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i:  # the first step warms up

@@ -35,7 +35,9 @@ from pipeline.config import StudentRunConfig, TeacherConfig, load_config  # noqa
 from pipeline.train.reader import CacheBatches, make_loader  # noqa: E402
 from pipeline.train.students import build_student  # noqa: E402
 from pipeline.capture.teacher import load_model  # noqa: E402
-from pipeline.train.recipe import TOPK_FIELDS, _optimizer, batch_masks, evaluate, student_losses, train_students  # noqa: E402
+from pipeline.train.evaluate import evaluate  # noqa: E402
+from pipeline.train.recipe import make_optimizer, step_losses, train_students  # noqa: E402
+from pipeline.train.terms import TOPK_FIELDS, batch_masks  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -64,13 +66,13 @@ def online_step_losses(student, teacher, batch, ce_weight: float = 0.5):
 def speed(args):
     cfg, cache, spec, teacher_dir = _setup(args)
     tok = cache.tokenizer()
-    ds = CacheBatches(cfg.cache, "train", TOPK_FIELDS, cfg.batch_size, seed=0)
+    ds = CacheBatches(cfg.cache, "train", list(TOPK_FIELDS), cfg.batch_size, seed=0)
     batches = [b for _, b in zip(range(args.batches), make_loader(ds))]
     teacher = load_model(TeacherConfig(model=teacher_dir), CPU)
     modes = {"ce": spec.model_copy(update={"losses": {"ce": 1.0}}), "kd": spec}
     students = {m: build_student(s, cache.manifest, tok, CPU) for m, s in modes.items()}
     students["online"] = build_student(spec, cache.manifest, tok, CPU)
-    opts = {m: _optimizer(st, spec, 1000)[0] for m, st in students.items()}
+    opts = {m: make_optimizer(st.parameters(), spec, 1000)[0] for m, st in students.items()}
 
     def step(mode):
         t0 = time.perf_counter()
@@ -78,7 +80,7 @@ def speed(args):
             if mode == "online":
                 loss = online_step_losses(students[mode], teacher, b)
             else:
-                loss = student_losses(students[mode], b, modes[mode], None, CPU)["total"]
+                loss = step_losses(students[mode], b, modes[mode], cache.manifest, CPU)["total"]
             loss.backward()
             opts[mode].step()
             opts[mode].zero_grad(set_to_none=True)
@@ -116,7 +118,7 @@ def speed(args):
 
     consume = cfg.batch_size / med["kd"]
     for workers in (0, 1):
-        rd = CacheBatches(cfg.cache, "train", TOPK_FIELDS, cfg.batch_size, seed=1, num_workers=workers)
+        rd = CacheBatches(cfg.cache, "train", list(TOPK_FIELDS), cfg.batch_size, seed=1, num_workers=workers)
         t0 = time.perf_counter()
         n = sum(len(b["row"]) for b in make_loader(rd))
         rate = n / (time.perf_counter() - t0)
@@ -144,7 +146,7 @@ def quality(args):
         # online: same student, seed, data order, optimiser and steps; the teacher in the loop
         tok = cache.tokenizer()
         student = build_student(spec, cache.manifest, tok, CPU)
-        opt, sched = _optimizer(student, spec, steps)
+        opt, sched = make_optimizer(student.parameters(), spec, steps)
         teacher = load_model(TeacherConfig(model=teacher_dir), CPU)
         ds = CacheBatches(cfg.cache, "train", [], cfg.batch_size, seed=cfg.seed)
         done, epoch, t0 = 0, 0, time.perf_counter()
@@ -161,7 +163,7 @@ def quality(args):
                 if done >= steps:
                     break
             epoch += 1
-        val = CacheBatches(cfg.cache, "validation", TOPK_FIELDS, cfg.batch_size, shuffle=False)
+        val = CacheBatches(cfg.cache, "validation", list(TOPK_FIELDS), cfg.batch_size, shuffle=False)
         reports["online_full"] = evaluate(student, make_loader(val), CPU)
         print(f"online student: {time.perf_counter() - t0:.0f}s", flush=True)
     print(f"\n{spec.name}, {steps} steps x batch {cfg.batch_size} x {cache.manifest['preparation']['seq_len']} tokens, "

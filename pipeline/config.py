@@ -147,8 +147,14 @@ class TeacherCacheConfig(_Strict):
     output: OutputConfig
 
 
-LOSS_TERMS = ("ce", "kd_forward", "kd_forward_renorm", "kd_reverse", "kd_jsd", "mse_logprobs", "mse_logits",
-              "hidden_mse", "hidden_cosine", "attn_kl", "attn_mse", "nll_match")
+def loss_terms() -> tuple[str, ...]:
+    """The names a student's `losses` may use: the registry of pipeline.train.terms (imported on use,
+    so that reading settings needs no torch)."""
+    from .train.terms import TERMS
+
+    return tuple(TERMS)
+
+
 LayerMap = Literal["uniform", "last_k"] | list[tuple[int, int]]
 
 
@@ -159,7 +165,9 @@ class StudentArch(_Strict):
     hidden_size: int = Field(gt=0)
     num_heads: int = Field(gt=0)
     num_kv_heads: int | None = Field(None, gt=0, description="grouped-query attention; None = num_heads")
-    intermediate_size: int | None = Field(None, gt=0, description="FFN width; None = the family's default ratio")
+    intermediate_size: int | None = Field(
+        None, gt=0, description="FFN width; None: the teacher's FFN/width ratio (the family's default ratio for caches "
+                                "that do not record it) times hidden_size, a multiple of 8")
     tie_word_embeddings: bool = True
 
     @model_validator(mode="after")
@@ -184,7 +192,8 @@ class StudentConfig(_Strict):
     attention_heads: Literal["group", "mean"] = Field(
         "group", description="'group': teacher heads averaged into one group per student head; 'mean': all heads")
     losses: dict[str, float] = Field(default_factory=lambda: {"kd_forward": 1.0},
-                                     description=f"weighted sum of named terms: {', '.join(LOSS_TERMS)}")
+                                     description="weighted sum of named terms (pipeline.train.terms.TERMS); a term "
+                                                 "with weight 0 is not computed and its fields are not read")
     temperature: float = Field(1.0, gt=0, description="KD temperature; KD terms are multiplied by T^2")
     jsd_beta: float = Field(0.5, gt=0, lt=1)
     lr: float = Field(1e-3, gt=0)
@@ -201,9 +210,13 @@ class StudentConfig(_Strict):
             raise ValueError(f"student {self.name!r}: give exactly one of arch, pretrained or from_teacher")
         if isinstance(self.from_teacher, int) and self.from_teacher < 1:
             raise ValueError(f"student {self.name!r}: from_teacher={self.from_teacher} must be >= 1")
-        unknown = [k for k in self.losses if k not in LOSS_TERMS]
+        known = loss_terms()
+        unknown = [k for k in self.losses if k not in known]
         if unknown:
-            raise ValueError(f"student {self.name!r}: unknown loss terms {unknown} (known: {', '.join(LOSS_TERMS)})")
+            raise ValueError(f"student {self.name!r}: unknown loss terms {unknown} (known: {', '.join(known)})")
+        negative = [k for k, w in self.losses.items() if w < 0]
+        if negative:
+            raise ValueError(f"student {self.name!r}: loss weights must be >= 0 ({', '.join(negative)} < 0)")
         if not self.losses or not any(w > 0 for w in self.losses.values()):
             raise ValueError(f"student {self.name!r}: losses need at least one positive weight")
         return self

@@ -18,7 +18,9 @@ from pipeline.format.cache import Cache, row_column
 from pipeline.config import StudentRunConfig
 from pipeline.train.reader import CacheBatches, make_loader
 from pipeline.train.students import StudentError
-from pipeline.train.recipe import batch_masks, build_rep, evaluate, student_losses, train_students
+from pipeline.train.evaluate import evaluate
+from pipeline.train.recipe import step_losses, train_students
+from pipeline.train.terms import batch_masks
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 64}
@@ -190,7 +192,7 @@ def _first_batch(root, fields=("topk_ids", "topk_logprobs", "logsumexp", "target
 
 def _loss_and_grads(model, batch, spec):
     model.zero_grad()
-    terms = student_losses(model, batch, spec, None, torch.device("cpu"), build_rep(spec, model, {}, "cpu"))
+    terms = step_losses(model, batch, spec, {"capture": {"temperatures": []}}, torch.device("cpu"))
     terms["total"].backward()
     return {k: float(v.detach()) for k, v in terms.items()}, [p.grad.clone() for p in model.parameters()]
 

@@ -14,7 +14,9 @@ from pipeline.format.cache import Cache, CacheError
 from pipeline.config import StudentRunConfig
 from pipeline.train.reader import CacheBatches, batch_plan, make_loader
 from pipeline.train.students import StudentError
-from pipeline.train.recipe import evaluate, fields_for, train_students
+from pipeline.train.evaluate import evaluate
+from pipeline.train.recipe import train_students
+from pipeline.train.terms import fields_for
 
 ARCH = {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 64}
 
@@ -227,11 +229,30 @@ def test_validation_loss_falls_and_eval_matches_reference(cache_dir, tmp_path):
     assert report["final"]["kl"] < before["kl"]
 
 
-def test_early_stopping_keeps_the_best(cache_dir, tmp_path):
-    students = [{"name": "s", "arch": ARCH, "losses": {"ce": 1.0}, "lr": 1e-9, "warmup_steps": 0}]
-    rep = _train(run_cfg(cache_dir, tmp_path, students, max_steps=30, eval_every=2, patience=2))[0]
-    assert rep["stopped_early"] and rep["steps"] < 30
-    assert rep["best_step"] == 2  # nothing improves after the first evaluation at lr 1e-9
+def test_early_stopping_keeps_the_best_weights_in_model_dir(cache_dir, tmp_path, monkeypatch):
+    """Scripted validation NLLs (best at the second evaluation, then worse) drive early stopping; the
+    weights are real: model/ must hold the student as it was at the best step, not at the last."""
+    import pipeline.train.recipe as recipe
+
+    script = iter([5.0, 4.0, 4.5, 4.6, 4.7, 4.8])
+
+    def scripted(models, batches, device):
+        nll = next(script)
+        return {n: {"nll": nll, "ppl": float(np.exp(nll)), "top1_agreement": 0.1, "kl": 1.0, "ece": 0.1, "tokens": 1}
+                for n in models}
+
+    monkeypatch.setattr(recipe, "evaluate_all", scripted)
+    weights_at = {}
+    cfg = run_cfg(cache_dir, tmp_path, max_steps=30, eval_every=2, patience=2)
+    run = recipe.Recipe(cfg, log=lambda m: None, progress=False)
+    run.after_step = lambda step: weights_at.__setitem__(
+        step, {k: v.clone() for k, v in run.students[0].model.state_dict().items()})
+    rep = run.train()[0]
+    assert rep["stopped_early"] and rep["steps"] == 8 and rep["best_step"] == 4
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "s" / "model").state_dict()
+    for k, v in saved.items():
+        torch.testing.assert_close(v, weights_at[4][k], rtol=0, atol=0)
+    assert any(not torch.equal(saved[k], weights_at[8][k]) for k in saved)  # the last step's weights differ
 
 
 def test_resume_with_other_settings_is_refused(cache_dir, tmp_path):

@@ -203,8 +203,20 @@ APPEND_FREE = {"dataset", "software", "splits", "fields", "format_version", "gro
                "preparation.max_tokens", "preparation.sample_by", "preparation.shuffle_seed"}
 
 
+def described(old: dict, plan: dict) -> dict:
+    """An earlier manifest or plan in the current layout, for comparison with `plan`: a 1.0/1.1 layout
+    gets its parts, and architecture facts that newer versions record (e.g. teacher.intermediate_size)
+    are taken from `plan` when `old` lacks them: they follow from the weights, which
+    teacher.weights_sha256 compares."""
+    out = cache_fmt.current_layout(old)
+    if isinstance(out.get("teacher"), dict) and isinstance(plan.get("teacher"), dict):
+        out["teacher"] = {**{k: v for k, v in plan["teacher"].items() if k not in out["teacher"]}, **out["teacher"]}
+    return out
+
+
 def append_differences(base: dict, plan: dict) -> list[str]:
     """Why the rows of `plan` cannot join the finished cache `base` (empty: they can)."""
+    base = described(base, plan)
     changes = _diff({k: base.get(k) for k in plan}, plan)
     return [c for c in changes if not any(c.startswith(f + ".") or c.startswith(f + ":") for f in APPEND_FREE)]
 
@@ -373,8 +385,8 @@ def _locked_capture(cfg, st: Storage, tokenizer, spec, hidden, attn, device, log
             _drop_unlisted_parts(st, base)
     elif st.exists(cache_fmt.MANIFEST):
         old = cache_fmt.read_manifest(st)
-        described = cache_fmt.current_layout(old)  # a cache of an earlier version with these settings is done
-        changes = _diff({k: described.get(k) for k in plan}, plan)
+        done = described(old, plan)  # a cache of an earlier version with these settings is done
+        changes = _diff({k: done.get(k) for k in plan}, plan)
         if not changes:
             log(f"{out} is already a finished cache with these settings; nothing to do")
             st.remove_tree(cache_fmt.WORK_DIR)
@@ -388,7 +400,7 @@ def _locked_capture(cfg, st: Storage, tokenizer, spec, hidden, attn, device, log
         _wipe(st)
         has_plan = False
     elif has_plan:
-        old_plan = cache_fmt.current_layout(json.loads(st.read_bytes(plan_rel)))  # resumable across versions
+        old_plan = described(json.loads(st.read_bytes(plan_rel)), plan)  # resumable across versions
         changes = _diff(old_plan, plan)
         if changes:
             if not cfg.output.overwrite:

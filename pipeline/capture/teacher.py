@@ -155,6 +155,7 @@ class TeacherSpec:
     logit_softcap: float | None
     logit_scale: float | None  # logits multiplied by this (Cohere-style)
     logits_divisor: float | None  # logits divided by this (Granite-style `logits_scaling`)
+    intermediate_size: int | None = None  # FFN width (None where the family derives it, GPT-2's n_inner)
 
     @classmethod
     def from_config(cls, c) -> "TeacherSpec":
@@ -177,6 +178,7 @@ class TeacherSpec:
             logit_softcap=first("final_logit_softcapping"),
             logit_scale=first("logit_scale"),
             logits_divisor=first("logits_scaling"),
+            intermediate_size=first("intermediate_size", "n_inner", "ffn_dim"),
         )
 
     def to_dict(self) -> dict:

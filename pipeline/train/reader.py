@@ -61,12 +61,15 @@ class CacheBatches(torch.utils.data.IterableDataset):
     when the cache has them, `loss_mask` (B, L) bool and `position_ids` (B, L).
 
     Set `epoch` and `start` (the first batch index to yield) before iterating; the same values
-    give the same batches, with any number of workers as long as it is the same number.
+    give the same batches, with any number of workers as long as it is the same number. Or set
+    `indices`, the plan's batches to yield in that order (one rank's share of an epoch under DDP):
+    the other batches are never read, and the j-th listed batch is read by worker j % num_workers.
     """
 
     def __init__(self, root, split: str, fields: list[str], batch_size: int, seed: int = 0, shuffle: bool = True,
-                 keys: list[str] | None = None, num_workers: int = 0, drop_last: bool = False):
-        self.cache = root if isinstance(root, Cache) else Cache(root)
+                 keys: list[str] | None = None, num_workers: int = 0, drop_last: bool = False,
+                 storage_options: dict | None = None):
+        self.cache = root if isinstance(root, Cache) else Cache(root, storage_options=storage_options)
         root = self.cache.root
         if split not in self.cache.splits:
             raise CacheError(f"{root}: no split {split!r} (has: {', '.join(self.cache.splits)})")
@@ -78,6 +81,7 @@ class CacheBatches(torch.utils.data.IterableDataset):
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.num_workers, self.drop_last = num_workers, drop_last
         self.epoch, self.start = 0, 0
+        self.indices: list[int] | None = None
         n = self.cache.manifest["splits"][split]["rows"]
         self.ranges = self.cache.shard_ranges(split)  # rows numbered across the split's parts (a grown cache)
         self.starts = np.asarray([a for a, _ in self.ranges])
@@ -93,9 +97,9 @@ class CacheBatches(torch.utils.data.IterableDataset):
         self.shards = [np.arange(a, b)[keep[a:b]] if keep is not None else np.arange(a, b) for a, b in self.ranges]
         self.shards = [s for s in self.shards if len(s)]
 
-    def plan(self) -> list[Batch]:
-        return batch_plan(self.shards, self.batch_size, self.num_workers, self.seed, self.epoch, self.shuffle,
-                          self.drop_last)
+    def plan(self, epoch: int | None = None) -> list[Batch]:
+        return batch_plan(self.shards, self.batch_size, self.num_workers, self.seed,
+                          self.epoch if epoch is None else epoch, self.shuffle, self.drop_last)
 
     def __len__(self) -> int:
         return len(self.plan())
@@ -106,9 +110,14 @@ class CacheBatches(torch.utils.data.IterableDataset):
         if n_workers != self.num_workers:
             raise RuntimeError(f"CacheBatches was planned for {self.num_workers} workers but runs in {n_workers}")
         plan = self.plan()
-        if n_workers and self.start < len(plan):
-            # the DataLoader asks worker 0 first: rotate so that it serves the plan's batch `start`
-            worker = (worker + plan[self.start].worker) % n_workers
+        if self.indices is not None:  # an explicit list: its j-th batch is read by worker j % workers, in order
+            nw = max(n_workers, 1)
+            mine = [plan[i] for j, i in enumerate(self.indices) if j % nw == worker]
+        else:
+            if n_workers and self.start < len(plan):
+                # the DataLoader asks worker 0 first: rotate so that it serves the plan's batch `start`
+                worker = (worker + plan[self.start].worker) % n_workers
+            mine = [b for b in plan if b.worker == worker and b.index >= self.start]
         rows_tab = self.cache.rows(self.split)
         ids = row_column(rows_tab, "input_ids", np.int64)
         lengths = rows_tab.column("length").to_numpy().astype(np.int64)
@@ -116,9 +125,7 @@ class CacheBatches(torch.utils.data.IterableDataset):
                    if name in self.cache.manifest["fields"]}
         arrays = {f: self.cache.array(self.split, f) for f in self.fields}
         loaded: dict[int, dict[str, np.ndarray]] = {}
-        for b in plan:
-            if b.worker != worker or b.index < self.start:
-                continue
+        for b in mine:
             out = {"input_ids": torch.from_numpy(ids[b.rows]), "length": torch.from_numpy(lengths[b.rows]),
                    "row": torch.from_numpy(b.rows.astype(np.int64)), "batch_index": b.index,
                    **{name: torch.from_numpy(a[b.rows]) for name, a in per_row.items()}}
@@ -146,47 +153,111 @@ def make_loader(ds: CacheBatches) -> torch.utils.data.DataLoader:
 
 
 class TaskStream:
-    """Training batches from one or more caches ("tasks") mixed by weight, endlessly, resumably.
+    """Training batches from one or more caches ("tasks") mixed by weight, endlessly, resumably, and
+    split over ranks.
 
-    The task of draw m is a function of (seed, m) alone; each task walks its own epochs. `state`
-    (draws so far, each task's epoch and next batch) is all a checkpoint needs to resume.
+    The draws form one global sequence: the task of draw m is a function of (seed, m) alone, and
+    each task walks its own epochs, the k-th draw of a task being batch k of its epoch's plan.
+    Under DDP with W ranks, rank r trains on the draws m with m % W == r and reads only those
+    batches; `skip_to(m)` moves past the other ranks' draws without reading them. So W ranks with
+    a global batch of W x grad_accum micro-batches see exactly the batches one process sees with
+    grad_accum x W. `state` (draws so far, each task's epoch and next batch) is all a checkpoint
+    needs; it is the same on every rank after `skip_to`.
     """
 
-    def __init__(self, tasks: dict[str, tuple[CacheBatches, float]], seed: int, state: dict | None = None):
+    BLOCK = 4096  # task choices are drawn in blocks of this many draws
+
+    def __init__(self, tasks: dict[str, tuple[CacheBatches, float]], seed: int, state: dict | None = None,
+                 rank: int = 0, world: int = 1):
         self.tasks = tasks
         self.names = list(tasks)
         w = np.asarray([tasks[n][1] for n in self.names], dtype=np.float64)
         self.p = w / w.sum()
-        self.seed = seed
+        self.seed, self.rank, self.world = seed, rank, world
         self.state = state or {"draws": 0, "tasks": {n: {"epoch": 0, "batch": 0} for n in self.names}}
         self._iters: dict[str, object] = {}
+        self._blocks: dict[int, np.ndarray] = {}
+        self._sizes: dict[tuple[str, int], int] = {}
+
+    def _block(self, b: int) -> np.ndarray:
+        if b not in self._blocks:
+            if len(self._blocks) > 8:
+                self._blocks.clear()
+            rng = np.random.default_rng([self.seed, 1, b])
+            self._blocks[b] = rng.choice(len(self.names), size=self.BLOCK, p=self.p)
+        return self._blocks[b]
 
     def choose(self, draw: int) -> str:
         if len(self.names) == 1:
             return self.names[0]
-        return self.names[int(np.random.default_rng([self.seed, 1, draw]).choice(len(self.names), p=self.p))]
+        return self.names[int(self._block(draw // self.BLOCK)[draw % self.BLOCK])]
+
+    def epoch_batches(self, name: str, epoch: int) -> int:
+        """Batches in `name`'s plan for `epoch` (computed from the plan, nothing read)."""
+        if (name, epoch) not in self._sizes:
+            self._sizes[(name, epoch)] = len(self.tasks[name][0].plan(epoch))
+        return self._sizes[(name, epoch)]
+
+    def _mine(self, name: str, draw: int, batch: int, n: int) -> list[int]:
+        """The batches of `name`'s epoch from `batch` (drawn at `draw`) on that fall to this rank."""
+        if len(self.names) == 1:
+            return [k for k in range(batch, n) if (draw + k - batch) % self.world == self.rank]
+        t = self.names.index(name)
+        out, k, m = [], batch, draw
+        while k < n:
+            b = m // self.BLOCK
+            hits = np.nonzero(self._block(b)[m % self.BLOCK:] == t)[0] + m
+            for d in hits.tolist():
+                if d % self.world == self.rank:
+                    out.append(k)
+                k += 1
+                if k == n:
+                    break
+            m = (b + 1) * self.BLOCK
+        return out
 
     def _start(self, name: str):
         ds = self.tasks[name][0]
         pos = self.state["tasks"][name]
-        ds.epoch, ds.start = pos["epoch"], pos["batch"]
+        ds.epoch = pos["epoch"]
+        if self.world == 1:
+            ds.start, ds.indices = pos["batch"], None
+        else:
+            ds.start, ds.indices = 0, self._mine(name, self.state["draws"], pos["batch"],
+                                                 self.epoch_batches(name, pos["epoch"]))
         self._iters[name] = iter(make_loader(ds))
+
+    def _advance(self) -> tuple[str, bool]:
+        """The task of the next draw, rolling its epoch over when that epoch is spent; whether this rank reads it."""
+        name = self.choose(self.state["draws"])
+        pos = self.state["tasks"][name]
+        if pos["batch"] >= self.epoch_batches(name, pos["epoch"]):  # that task's epoch is over: the next, reshuffled
+            pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
+            self._iters.pop(name, None)
+            if self.epoch_batches(name, pos["epoch"]) == 0:
+                raise CacheError(f"task {name!r}: its train split yields no batch")
+        return name, self.state["draws"] % self.world == self.rank
+
+    def skip_to(self, draws: int) -> None:
+        """Move past draws (other ranks') up to `draws` without reading them."""
+        while self.state["draws"] < draws:
+            name, mine = self._advance()
+            if mine:
+                raise RuntimeError(f"rank {self.rank} would skip its own draw {self.state['draws']}")
+            self.state["tasks"][name]["batch"] += 1
+            self.state["draws"] += 1
 
     def __iter__(self):
         while True:
-            name = self.choose(self.state["draws"])
-            if name not in self._iters:
-                self._start(name)
-            try:
+            name, mine = self._advance()
+            if mine:
+                if name not in self._iters:
+                    self._start(name)
                 batch = next(self._iters[name])
-            except StopIteration:  # that task's epoch is over: the next one, reshuffled
-                pos = self.state["tasks"][name]
-                pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
-                self._start(name)
-                try:
-                    batch = next(self._iters[name])
-                except StopIteration:
-                    raise CacheError(f"task {name!r}: its train split yields no batch") from None
+                expected = self.state["tasks"][name]["batch"]
+                if batch["batch_index"] != expected:
+                    raise RuntimeError(f"task {name!r}: read batch {batch['batch_index']}, expected {expected}")
             self.state["tasks"][name]["batch"] += 1
             self.state["draws"] += 1
-            yield name, batch
+            if mine:
+                yield name, batch

@@ -73,22 +73,59 @@ def build_student(spec: StudentConfig, manifest: dict, tokenizer, device: torch.
             if not hasattr(cfg, "num_key_value_heads"):
                 raise StudentError(f"student {spec.name!r}: the {t['model_type']} family has no num_kv_heads")
             cfg.num_key_value_heads = a.num_kv_heads
-        if a.intermediate_size is not None:
-            cfg.__setattr__("n_inner" if hasattr(cfg, "n_inner") else "intermediate_size", a.intermediate_size)
+        ffn = a.intermediate_size or derived_ffn_width(t, cfg, a.hidden_size)
+        if ffn is not None:
+            cfg.__setattr__("n_inner" if hasattr(cfg, "n_inner") else "intermediate_size", ffn)
         if t.get("max_positions") and hasattr(cfg, "max_position_embeddings"):
             cfg.max_position_embeddings = t["max_positions"]
         elif t.get("max_positions") and hasattr(cfg, "n_positions"):
             cfg.n_positions = t["max_positions"]
-        for drop in ("attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout"):
-            if hasattr(cfg, drop):
-                setattr(cfg, drop, 0.0)  # deterministic steps: resume reproduces an uninterrupted run
         torch.manual_seed(spec.seed)
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     v_student = model.get_output_embeddings().weight.shape[0]
     if v_student < t["vocab_size"]:
         raise StudentError(f"student {spec.name!r}: its output layer has {v_student} rows, fewer than the cache's "
                            f"vocabulary ({t['vocab_size']}); the teacher's ids would not exist in it")
-    return model.to(device)
+    return disable_dropout(model).to(device)
+
+
+DROPOUT_SETTINGS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout",
+                    "activation_dropout", "summary_first_dropout", "classifier_dropout")
+
+
+def disable_dropout(model):
+    """Every student trains without dropout, whatever its source (arch, pretrained, from_teacher): the
+    targets are soft already, and a step without randomness is what makes a resumed run reproduce an
+    uninterrupted one. Both the config (what `save_pretrained` writes) and the live modules change."""
+    for name in DROPOUT_SETTINGS:
+        if isinstance(getattr(model.config, name, None), float):
+            setattr(model.config, name, 0.0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for name in ("attention_dropout", "dropout", "dropout_p"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
+    return model
+
+
+def derived_ffn_width(teacher: dict, cfg, hidden_size: int) -> int | None:
+    """An `arch` student's FFN width when none is given: the teacher's FFN/width ratio (recorded in the
+    manifest since format 1.2), else the family's default ratio, times the student's width, rounded to
+    a multiple of 8. None for families that derive it from the width themselves (GPT-2's n_inner)."""
+    if teacher.get("intermediate_size") and teacher.get("hidden_size"):
+        ratio = teacher["intermediate_size"] / teacher["hidden_size"]
+    else:
+        from transformers import AutoConfig
+
+        default = AutoConfig.for_model(teacher["model_type"])
+        ffn, width = getattr(default, "intermediate_size", None), getattr(default, "hidden_size", None)
+        if not (isinstance(ffn, int) and isinstance(width, int) and width):
+            return None
+        ratio = ffn / width
+    if not hasattr(cfg, "intermediate_size") and not hasattr(cfg, "n_inner"):
+        return None
+    return max(8, int(round(ratio * hidden_size / 8)) * 8)
 
 
 def count_parameters(model) -> int:
@@ -104,7 +141,7 @@ def init_from_teacher(spec: StudentConfig, manifest: dict):
     import re
 
     from ..config import TeacherConfig
-    from ..capture.teacher import TeacherError, load_model
+    from ..capture.teacher import TeacherError, load_model, weights_fingerprint
 
     t = manifest["teacher"]
     n_t = t["num_layers"]
@@ -113,9 +150,24 @@ def init_from_teacher(spec: StudentConfig, manifest: dict):
     if bad or not layers or len(set(layers)) != len(layers):
         raise StudentError(f"student {spec.name!r}: from_teacher layers {spec.from_teacher} invalid for a teacher of "
                            f"{n_t} layers (0..{n_t - 1}, distinct)")
+    source = TeacherConfig(model=t["model"], gguf_file=t.get("gguf_file"), revision=t.get("revision"),
+                           dtype="float32")
+    recorded = t.get("weights_sha256")
+    found = weights_fingerprint(source)
+    if recorded is not None and found != recorded:
+        raise StudentError(
+            f"student {spec.name!r}: from_teacher copies the weights at {t['model']!r}, but "
+            + (f"their sha256 {found} is not the {recorded} the cache was made with (the files changed since the "
+               "capture)" if found else "they cannot be hashed there any more (not a local safetensors or GGUF "
+               "teacher)")
+            + "; a student copied from other weights would not match the cached targets")
+    if recorded is None:
+        import warnings
+
+        warnings.warn(f"student {spec.name!r}: the cache records no weights hash for {t['model']!r} (a hub "
+                      "teacher): from_teacher cannot check that these are the weights the targets came from")
     try:
-        teacher = load_model(TeacherConfig(model=t["model"], gguf_file=t.get("gguf_file"), revision=t.get("revision"),
-                                           dtype="float32"), torch.device("cpu"))
+        teacher = load_model(source, torch.device("cpu"))
     except TeacherError as e:
         raise StudentError(f"student {spec.name!r}: from_teacher reads the teacher's weights once, at creation, "
                            f"from {t['model']!r}: {e}") from e
@@ -137,4 +189,4 @@ def init_from_teacher(spec: StudentConfig, manifest: dict):
         new[key] = src[tk].clone()
     student.load_state_dict(new)
     del teacher, src
-    return student
+    return disable_dropout(student)

@@ -1,0 +1,152 @@
+"""torch.distributed for both stages: one place that knows whether this process is one rank of many.
+
+Under `torchrun` (or `accelerate launch`, which wraps it) the environment carries RANK, WORLD_SIZE,
+LOCAL_RANK and the rendezvous address; `setup()` joins the process group once per process, with
+gloo for CPU tensors and NCCL for CUDA tensors when both exist. Without those variables every
+helper here is the trivial one-process version, so the stages call them unconditionally.
+
+Errors: a settings error found on one rank must stop every rank, not leave the others waiting in
+a collective. `on_main` runs a function on rank 0 and hands its result, or its exception, to all.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher speaking its protocol)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup() -> Ranks:
+    """Join the process group when launched as one of several ranks; a no-op otherwise."""
+    if not launched():
+        return Ranks()
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return ranks()
+
+
+def ranks() -> Ranks:
+    if not (dist.is_available() and dist.is_initialized()):
+        return Ranks()
+    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device_for(setting: str) -> torch.device:
+    """'auto' -> this rank's GPU (cuda:LOCAL_RANK) when there is one, else the CPU; 'cuda' -> this
+    rank's GPU; an explicit 'cuda:N' or 'cpu' as given."""
+    r = ranks()
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(setting)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {setting!r} asked for, but torch sees no CUDA device")
+        if dev.index is None:
+            dev = torch.device("cuda", r.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def barrier() -> None:
+    if ranks().active:
+        dist.barrier()
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """Run `fn` on rank 0 only; every rank returns its result or raises its exception."""
+    r = ranks()
+    if not r.active:
+        return fn()
+    box: list[Any] = [None]
+    if r.main:
+        try:
+            box[0] = ("ok", fn())
+        except BaseException as e:  # noqa: BLE001  handed to every rank, re-raised everywhere
+            box[0] = ("error", e)
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def all_agree(fn: Callable[[], Any]) -> Any:
+    """Run `fn` on every rank; if any rank raises, every rank raises the first failing rank's error."""
+    r = ranks()
+    if not r.active:
+        return fn()
+    try:
+        mine = ("ok", fn())
+    except Exception as e:  # noqa: BLE001
+        mine = ("error", e)
+    every: list[Any] = [None] * r.world
+    dist.all_gather_object(every, (mine[0], mine[1] if mine[0] == "error" else None))
+    for kind, err in every:
+        if kind == "error":
+            if mine[0] == "error":
+                raise mine[1]
+            raise err
+    return mine[1]
+
+
+def all_gather(obj: Any) -> list[Any]:
+    r = ranks()
+    if not r.active:
+        return [obj]
+    out: list[Any] = [None] * r.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sum_(t: torch.Tensor) -> torch.Tensor:
+    """The elementwise sum of `t` over ranks (in place, returned)."""
+    if ranks().active:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def store():
+    """The launcher's key-value store (torchrun's TCPStore), for counters that need no collective."""
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
+
+
+@contextmanager
+def maybe_no_sync(module, skip: bool):
+    """DDP's no_sync() when `skip` (a micro-batch that is not the last of its step), else nothing."""
+    if skip and hasattr(module, "no_sync"):
+        with module.no_sync():
+            yield
+    else:
+        yield

@@ -1,0 +1,322 @@
+"""The loss terms a student trains with, declared once each.
+
+A `Term` names itself, the cache fields it reads, what of the student it needs (logits, hidden
+states, attention maps), the capture settings whose values it depends on, and how it computes
+its value from a typed `StudentOutput` and a typed `TeacherSignal`. Everything else is derived
+from `TERMS`: the names a config may use, the fields a run reads, whether a student's forward
+pass records hidden states or attention maps, which capture settings several caches of one run
+must share. Adding a loss is one `@term(...)` function here.
+
+Per-batch work is shared: the teacher's top-K log-probs and tail at a temperature are computed
+once per batch (`TeacherSignal.topk`) for every term and student that asks; the student's
+logsumexp, its log-probs at the teacher's ids and its projected hidden states once per student
+and batch (`StudentOutput`). Terms with weight 0 are not computed and their fields not read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import losses as L
+from .representation import decode_hidden, map_heads
+from .students import StudentError
+
+TOPK_FIELDS = ("topk_ids", "topk_logprobs", "logsumexp")
+
+
+# ---------------------------------------------------------------------------------------------
+# masks
+
+
+@dataclass
+class Masks:
+    """Which positions of a batch count for what, and how the student attends."""
+
+    real: torch.Tensor  # (B, L) a real token: representation terms (hidden states, attention maps)
+    kd: torch.Tensor  # (B, L) real and trained (loss_mask): KD terms, top-1 agreement, KL
+    ce: torch.Tensor  # (B, L) trained with a real next token: CE, NLL, calibration
+    forward: dict  # attention_mask or position_ids for the student's forward pass
+
+
+def batch_masks(batch: dict, device) -> Masks:
+    ids = batch["input_ids"]
+    pos = torch.arange(ids.shape[1], device=device)
+    length = batch["length"].to(device)
+    real = pos[None] < length[:, None]  # (B, L)
+    has_next = pos[None] < (length[:, None] - 1)  # (B, L)
+    trained = batch.get("loss_mask")
+    kd, ce = (real, has_next) if trained is None else (real & trained.to(device), has_next & trained.to(device))
+    # use_cache=False: training needs no KV cache, and transformers ignores packed position_ids when one exists
+    if "position_ids" in batch:  # documents kept apart, as the teacher saw them; padding is its own segment
+        forward = {"position_ids": batch["position_ids"].to(device), "use_cache": False}
+    else:
+        forward = {"attention_mask": None if bool(real.all()) else real.long(), "use_cache": False}
+    return Masks(real, kd, ce, forward)
+
+
+# ---------------------------------------------------------------------------------------------
+# what the terms read
+
+
+class TeacherSignal:
+    """The cached teacher targets of one batch on the training device, as the terms read them.
+
+    `topk(T)` is the teacher's log-probs at its K ids and its tail bucket at temperature T: exact
+    at T=1 and at a captured temperature, computed once per batch and temperature.
+    """
+
+    def __init__(self, batch: dict, device, temperatures: list[float]):
+        self.batch, self.device = batch, device
+        self.temperatures = temperatures  # captured temperatures besides 1, in logsumexp_tempered's order
+        self._topk: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._fields: dict[str, torch.Tensor] = {}
+
+    def field(self, name: str) -> torch.Tensor:
+        if name not in self._fields:
+            self._fields[name] = self.batch[name].to(self.device, non_blocking=True)
+        return self._fields[name]
+
+    @property
+    def topk_ids(self) -> torch.Tensor:
+        if "topk_ids.long" not in self._fields:
+            self._fields["topk_ids.long"] = self.field("topk_ids").long()
+        return self._fields["topk_ids.long"]
+
+    def tempered_index(self, T: float) -> int | None:
+        return self.temperatures.index(T) if T in self.temperatures else None
+
+    def topk(self, T: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        if T not in self._topk:
+            i = self.tempered_index(T) if T != 1.0 else None
+            lse_T = self.field("logsumexp_tempered")[:, i] if i is not None else None
+            self._topk[T] = L.teacher_topk_logprobs(self.field("topk_logprobs"), self.field("logsumexp"), T, lse_T)
+        return self._topk[T]
+
+
+class StudentOutput:
+    """A student's forward pass on one batch and the quantities the terms derive from it."""
+
+    def __init__(self, logits: torch.Tensor, input_ids: torch.Tensor, masks: Masks,
+                 hidden: list[torch.Tensor] | None = None, attentions: dict | None = None):
+        self.logits, self.input_ids, self.masks = logits, input_ids, masks
+        self.hidden = hidden or []  # per hidden pair: the student's state, projected to the teacher's width
+        self.attentions = attentions or {}  # student layer -> (B, H_s, L, L) attention probabilities
+        self._lse: dict[float, torch.Tensor] = {}
+        self._topk: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._next: torch.Tensor | None = None
+
+    def lse(self, T: float = 1.0) -> torch.Tensor:
+        if T not in self._lse:
+            self._lse[T] = L.logsumexp_t(self.logits, T)
+        return self._lse[T]
+
+    def next_logprobs(self) -> torch.Tensor:
+        """(B, L) log p_student(true next token); the last position wraps and is masked by `masks.ce`."""
+        if self._next is None:
+            self._next = L.next_token_logprobs(self.logits, self.input_ids, self.lse(1.0))
+        return self._next
+
+    def topk(self, ids: torch.Tensor, T: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs at the teacher's ids and the student's tail bucket, at temperature T."""
+        if T not in self._topk:
+            self._topk[T] = L.student_topk_logprobs(self.logits, ids, T, lse=self.lse(T))
+        return self._topk[T]
+
+
+@dataclass
+class Wiring:
+    """A student's representation-distillation wiring (empty when it uses none)."""
+
+    hidden: list[tuple[int, int]] = field(default_factory=list)  # (student hidden index, cached position)
+    attention: list[tuple[int, int]] = field(default_factory=list)  # (student layer, cached position)
+    projections: torch.nn.ModuleList = field(default_factory=torch.nn.ModuleList)
+    hidden_encoding: str | None = None
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a term may know besides the two signals: the student's settings and its wiring."""
+
+    spec: object  # StudentConfig
+    wiring: Wiring
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry
+
+
+@dataclass(frozen=True)
+class Term:
+    name: str
+    description: str
+    fields: tuple[str, ...]  # cache fields read
+    student: frozenset[str]  # of the student: "logits", "hidden_states", "attentions"
+    tempered: bool  # reads the teacher's top-K at the student's temperature (logsumexp_tempered when captured)
+    capture_keys: tuple[str, ...]  # capture settings its values depend on (must agree across a run's caches)
+    compute: Callable[[StudentOutput, TeacherSignal, Context], torch.Tensor]
+
+
+TERMS: dict[str, Term] = {}
+
+
+def term(name: str, description: str, fields: tuple[str, ...] = (), student=("logits",), tempered: bool = False,
+         capture_keys: tuple[str, ...] = ()):
+    def register(fn):
+        if name in TERMS:
+            raise ValueError(f"loss term {name!r} registered twice")
+        TERMS[name] = Term(name, description, tuple(fields), frozenset(student), tempered, tuple(capture_keys), fn)
+        return fn
+    return register
+
+
+@term("ce", "cross-entropy on the true next token (hard labels)")
+def _ce(out, sig, ctx):
+    return L.cross_entropy(out.next_logprobs(), out.masks.ce)
+
+
+def _pair(out: StudentOutput, sig: TeacherSignal, ctx: Context):
+    T = ctx.spec.temperature
+    t_lp, t_tail = sig.topk(T)
+    s_lp, s_tail = out.topk(sig.topk_ids, T)
+    return t_lp, t_tail, s_lp, s_tail, T
+
+
+@term("kd_forward", "KL(teacher || student) over the top-K ids + exact tail bucket, x T^2", TOPK_FIELDS, tempered=True)
+def _kd_forward(out, sig, ctx):
+    t_lp, t_tail, s_lp, s_tail, T = _pair(out, sig, ctx)
+    return L.forward_kl(t_lp, t_tail, s_lp, s_tail, out.masks.kd, T)
+
+
+@term("kd_forward_renorm", "KL over the top-K ids renormalised, tail ignored (biased), x T^2", TOPK_FIELDS,
+      tempered=True)
+def _kd_forward_renorm(out, sig, ctx):
+    t_lp, _, s_lp, _, T = _pair(out, sig, ctx)
+    return L.forward_kl_renormalized(t_lp, s_lp, out.masks.kd, T)
+
+
+@term("kd_reverse", "KL(student || teacher) over the top-K ids + tail bucket, x T^2", TOPK_FIELDS, tempered=True)
+def _kd_reverse(out, sig, ctx):
+    t_lp, t_tail, s_lp, s_tail, T = _pair(out, sig, ctx)
+    return L.reverse_kl(t_lp, t_tail, s_lp, s_tail, out.masks.kd, T)
+
+
+@term("kd_jsd", "generalised Jensen-Shannon (jsd_beta) over the top-K ids + tail bucket, x T^2", TOPK_FIELDS,
+      tempered=True)
+def _kd_jsd(out, sig, ctx):
+    t_lp, t_tail, s_lp, s_tail, T = _pair(out, sig, ctx)
+    return L.jsd(t_lp, t_tail, s_lp, s_tail, out.masks.kd, ctx.spec.jsd_beta, T)
+
+
+@term("mse_logprobs", "squared error of log-probs at the top-K ids", TOPK_FIELDS, tempered=True)
+def _mse_logprobs(out, sig, ctx):
+    t_lp, _, s_lp, _, _ = _pair(out, sig, ctx)
+    return L.mse_logprobs(t_lp, s_lp, out.masks.kd)
+
+
+@term("mse_logits", "squared error of centred logits at the top-K ids", TOPK_FIELDS)
+def _mse_logits(out, sig, ctx):
+    t_logits = sig.field("topk_logprobs") + sig.field("logsumexp")[..., None]
+    return L.mse_logits(t_logits, out.logits.gather(-1, sig.topk_ids).float(), out.masks.kd)
+
+
+@term("nll_match", "squared difference of student and teacher NLL of the true next token", ("target_logprob",))
+def _nll_match(out, sig, ctx):
+    t_tgt = sig.field("target_logprob")
+    return L.nll_match(out.next_logprobs(), t_tgt, out.masks.ce & torch.isfinite(t_tgt))
+
+
+HIDDEN_KEYS = ("hidden_layers", "hidden_dtype")
+ATTENTION_KEYS = ("attention_layers", "attention_heads_stored")
+
+
+def _hidden(out: StudentOutput, sig: TeacherSignal, ctx: Context, fn) -> torch.Tensor:
+    cached = sig.field("hidden_states")  # (B, n_cached, L, d_t) in its stored dtype
+    parts = [fn(out.hidden[i], decode_hidden(cached[:, j], ctx.wiring.hidden_encoding), out.masks.real)
+             for i, (_, j) in enumerate(ctx.wiring.hidden)]
+    return torch.stack(parts).mean()
+
+
+@term("hidden_mse", "MSE of (projected) student and cached teacher hidden states, mapped layers",
+      ("hidden_states",), student=("hidden_states",), capture_keys=HIDDEN_KEYS)
+def _hidden_mse(out, sig, ctx):
+    return _hidden(out, sig, ctx, L.hidden_mse)
+
+
+@term("hidden_cosine", "1 - cosine of (projected) student and cached teacher hidden states, mapped layers",
+      ("hidden_states",), student=("hidden_states",), capture_keys=HIDDEN_KEYS)
+def _hidden_cosine(out, sig, ctx):
+    return _hidden(out, sig, ctx, L.hidden_cosine)
+
+
+def _attention(out: StudentOutput, sig: TeacherSignal, ctx: Context, fn) -> torch.Tensor:
+    cached = sig.field("attentions")  # (B, n_cached, H_t, L, L)
+    parts = []
+    for s, j in ctx.wiring.attention:
+        a_t, a_s = map_heads(cached[:, j].float(), out.attentions[s].float(), ctx.spec.attention_heads, ctx.spec.name)
+        parts.append(fn(a_t, a_s, out.masks.real))
+    return torch.stack(parts).mean()
+
+
+@term("attn_kl", "KL(teacher || student) of attention rows (MiniLM), mapped layers and head groups",
+      ("attentions",), student=("attentions",), capture_keys=ATTENTION_KEYS)
+def _attn_kl(out, sig, ctx):
+    return _attention(out, sig, ctx, L.attention_kl)
+
+
+@term("attn_mse", "MSE of attention probabilities (TinyBERT), mapped layers and head groups",
+      ("attentions",), student=("attentions",), capture_keys=ATTENTION_KEYS)
+def _attn_mse(out, sig, ctx):
+    return _attention(out, sig, ctx, L.attention_mse)
+
+
+# ---------------------------------------------------------------------------------------------
+# derived from the registry
+
+
+def active(spec) -> list[Term]:
+    """The terms a student computes: those with a positive weight."""
+    return [TERMS[n] for n, w in spec.losses.items() if w > 0]
+
+
+def student_needs(spec) -> set[str]:
+    return set().union(*(t.student for t in active(spec)))
+
+
+def reads_tempered(spec) -> bool:
+    return any(t.tempered for t in active(spec))
+
+
+def capture_keys(spec) -> set[str]:
+    return set().union(*(t.capture_keys for t in active(spec)))
+
+
+def tempered_index(spec, manifest: dict) -> int | None:
+    """Where the student's temperature sits in the cache's logsumexp_tempered (None: not captured)."""
+    temps = manifest["capture"]["temperatures"]
+    return temps.index(spec.temperature) if spec.temperature in temps else None
+
+
+def fields_for(spec, manifest: dict) -> list[str]:
+    """The cache fields this student's terms read; refuses a term whose field the cache lacks."""
+    need: list[tuple[str, str]] = []  # (term, field)
+    for t in active(spec):
+        need += [(t.name, f) for f in t.fields]
+        if t.tempered and spec.temperature != 1.0 and tempered_index(spec, manifest) is not None:
+            need.append((t.name, "logsumexp_tempered"))
+    have = set(manifest["fields"])
+    for name, f in need:
+        if f not in have:
+            raise StudentError(f"student {spec.name!r}: loss {name} needs field {f!r}, which the cache does not "
+                               f"hold (captured: {', '.join(sorted(have))})")
+    return list(dict.fromkeys(f for _, f in need))
+
+
+def compute(spec, out: StudentOutput, sig: TeacherSignal, wiring: Wiring) -> dict[str, torch.Tensor]:
+    """Named values of the student's active terms (unweighted) and 'total', their weighted sum."""
+    ctx = Context(spec, wiring)
+    values = {t.name: t.compute(out, sig, ctx) for t in active(spec)}
+    values["total"] = sum(spec.losses[k] * v for k, v in values.items())
+    return values
