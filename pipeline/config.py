@@ -28,7 +28,11 @@ class TeacherConfig(_Strict):
     gguf_file: str | None = Field(None, description="GGUF file name inside `model` (a folder or hub id)")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="teacher compute dtype")
-    device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    device: str = Field("auto", description="'auto' (this rank's GPU when present, else cpu), 'cpu', 'cuda', "
+                                            "'cuda:1', ...")
+    device_map: str | dict[str, int | str] | None = Field(
+        None, description="place one teacher over several devices (accelerate): 'auto', 'balanced', "
+                          "'sequential' or an explicit {module: device} map; one rank per node")
     trust_remote_code: bool = Field(False, description="run model code from the hub; off unless asked for")
 
 

@@ -40,14 +40,28 @@ def _known_errors() -> tuple[type[BaseException], ...]:
             StorageError)
 
 
+def _rank_prefix() -> str:
+    import os
+
+    return f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
+def _teardown() -> None:
+    if "torch.distributed" in sys.modules:  # joined by a stage run under torchrun
+        from pipeline import distributed
+
+        distributed.teardown()
+
+
 def main() -> None:
     try:
         rc = app(standalone_mode=False)  # click returns typer.Exit's code here instead of raising
+        _teardown()
         sys.exit(rc if isinstance(rc, int) else 0)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except _known_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         print("aborted", file=sys.stderr)

@@ -17,5 +17,8 @@ def student(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
     cfg = load_config(StudentRunConfig, config, set_ or [])
     reports = train_students(cfg, log=lambda m: typer.echo(m, err=True))
-    for r in reports:
-        typer.echo(f"{cfg.output_dir}/{r['name']}/model")
+    from pipeline.distributed import ranks
+
+    if ranks().main:
+        for r in reports:
+            typer.echo(f"{cfg.output_dir}/{r['name']}/model")

@@ -30,7 +30,10 @@ def teacher_cache(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
     cfg = load_config(TeacherCacheConfig, config, set_ or [])
     res = run_capture(cfg, log=lambda m: typer.echo(m, err=True))
-    typer.echo(str(res.root))
+    from pipeline.distributed import ranks
+
+    if ranks().main:
+        typer.echo(str(res.root))
 
 
 def inspect(

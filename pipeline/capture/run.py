@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from ..format import cache as cache_fmt
+from .. import distributed
 from . import data as data_mod
 from . import teacher as teacher_mod
 from ..format.cache import CacheWriter, FieldSpec
@@ -325,16 +326,41 @@ class CaptureResult:
 
 
 def run_capture(cfg: TeacherCacheConfig, log: Callable[[str], None] = print, progress: bool = True) -> CaptureResult:
+    """Capture (or resume, or grow) the cache of `cfg`: in this process, or as one rank of a torchrun
+    launch, where every rank loads the teacher, the ranks compute disjoint shards and rank 0 prepares
+    the output and finalizes the manifest once every shard is committed."""
+    ranks = distributed.setup()
+    if not ranks.main:
+        log, progress = (lambda m: None), False
     st = Storage(cfg.output.dir, cfg.output.storage_options)
     tokenizer = teacher_mod.load_tokenizer(cfg.teacher)
     spec = teacher_mod.TeacherSpec.from_config(teacher_mod.load_model_config(cfg.teacher))
     hidden, attn = check_settings(cfg, spec, tokenizer)
-    device = teacher_mod.resolve_device(cfg.teacher.device)
-    check_output_dir(st)
-    if not st.is_local:  # object stores have no lock: one capture per URL is the user's to ensure
+    device = teacher_device(cfg)
+    distributed.on_main(lambda: check_output_dir(st))
+    with ExitStack() as held:
+        if st.is_local:  # object stores have no lock: one capture per URL is the user's to ensure
+            distributed.on_main(lambda: held.enter_context(writer_lock(st.local_path())))  # rank 0 holds it
         return _locked_capture(cfg, st, tokenizer, spec, hidden, attn, device, log, progress)
-    with writer_lock(st.local_path()):
-        return _locked_capture(cfg, st, tokenizer, spec, hidden, attn, device, log, progress)
+
+
+def teacher_device(cfg: TeacherCacheConfig):
+    """The device this rank runs the teacher on (its first device under a device_map)."""
+    import torch
+
+    dm = cfg.teacher.device_map
+    if dm is not None:
+        if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+            raise CaptureError("teacher.device_map places one teacher over every device of a node: launch one rank "
+                               "per node (torchrun --nproc_per_node 1), not "
+                               f"{os.environ['LOCAL_WORLD_SIZE']}")
+        on_gpu = torch.cuda.is_available() and not (isinstance(dm, dict) and
+                                                    all(str(v) in ("cpu", "disk") for v in dm.values()))
+        return torch.device("cuda" if on_gpu else "cpu")  # where the layers go is accelerate's; inputs follow them
+    try:
+        return distributed.device_for(cfg.teacher.device)
+    except ValueError as e:
+        raise teacher_mod.TeacherError(str(e)) from None
 
 
 @contextmanager
@@ -361,15 +387,61 @@ def _locked_capture(cfg, st: Storage, tokenizer, spec, hidden, attn, device, log
         hidden=(len(hidden), spec.hidden_size) if hidden else None, hidden_dtype=cfg.capture.hidden_dtype,
         attention=(len(attn), n_heads) if attn else None)
     plan = build_plan(cfg, spec, tokenizer, prepared, hidden, attn, specs, device.type)
+    base = None
+    if cfg.output.mode == "append":  # read-only, on every rank: which rows are new
+        base, plan, prepared = _plan_append(st, plan, prepared, cfg, log)
+    # rank 0 alone checks and prepares the output; every rank gets its decision and the shards to do
+    outcome = distributed.on_main(lambda: _prepare_output(cfg, st, plan, base, prepared, specs, tokenizer, log))
+    if isinstance(outcome, CaptureResult):
+        return outcome
+    todo, committed = outcome
+    split_rows = {s: len(r) for s, r in prepared.splits.items()}
+    writer = CacheWriter(st, plan, specs, split_rows, base)
+    writer.create_arrays()  # opens what rank 0 created
+    ranks = distributed.ranks()
+    mine = todo[ranks.rank::ranks.world]
+    if todo:
+        t0 = time.perf_counter()
+        computer = None
+        if mine:
+            model = teacher_mod.load_model(cfg.teacher, device)
+            log(f"teacher loaded on {device} in {time.perf_counter() - t0:.1f}s"
+                + (f"; {ranks.world} ranks share {len(todo)} shards" if ranks.active else ""))
+            computer = TargetComputer(model, spec, cfg.capture, hidden, attn)
+            if cfg.data.document_mask:
+                check_teacher_document_masking(computer, spec, cfg.teacher.dtype)
+            if ranks.main:
+                first = prepared.splits.get("train") or next(iter(prepared.splits.values()))
+                for line in first_rows_check(computer, first, tokenizer, prepared.convention, spec):
+                    log(line)
+        total = sum(int(prepared.splits[s].lengths[a:b].sum()) for s, _, a, b in todo)
+        with Progress(total, progress) as bar:
+            if mine:
+                _run_shards(computer, prepared, mine, writer, cfg.capture.batch_size, bar, overlap_writes(device))
+            bar.wait_for_ranks()
 
+    def finish():
+        stats = _statistics(writer, base)
+        manifest = writer.finalize(stats)
+        log(f"finished {out}: {stats['tokens']:,} tokens, {stats['timing']['tokens_per_second']:,.0f} tokens/s"
+            f"{' per rank' if ranks.active else ''}, mean top-{cfg.capture.top_k} mass {stats['mean_topk_mass']:.4f}")
+        return manifest
+
+    manifest = distributed.on_main(finish)
+    return CaptureResult(out, manifest, resumed_shards=committed, computed_shards=len(todo))
+
+
+def _prepare_output(cfg, st: Storage, plan: dict, base: dict | None, prepared, specs, tokenizer, log):
+    """Rank 0: compare with what the output holds, clear or refuse, write the plan, rows, tokenizer and
+    arrays. Returns the finished CaptureResult when there is nothing to do, else (shards to compute
+    as (split, index, row start, row end), shards already committed)."""
+    out = st.local_path() if st.is_local else st.location
     plan_rel = f"{cache_fmt.WORK_DIR}/plan.json"
     has_plan = st.exists(plan_rel)
     if has_plan and st.exists(cache_fmt.MANIFEST) and _finished_plan(st, json.loads(st.read_bytes(plan_rel))):
         st.remove_tree(cache_fmt.WORK_DIR)  # a run wrote its manifest and was stopped before it cleaned up
         has_plan = False
-    base = None
     if cfg.output.mode == "append":
-        base, plan, prepared = _plan_append(st, plan, prepared, cfg, log)
         if base is None:
             if not has_plan:
                 _drop_unlisted_parts(st, plan)  # an abandoned append's folders
@@ -452,23 +524,7 @@ def _locked_capture(cfg, st: Storage, tokenizer, spec, hidden, attn, device, log
             if (s, i) not in committed]
     if committed:
         log(f"resuming: {len(committed)} shards already committed, {len(todo)} to go")
-
-    if todo:
-        t0 = time.perf_counter()
-        model = teacher_mod.load_model(cfg.teacher, device)
-        log(f"teacher loaded on {device} in {time.perf_counter() - t0:.1f}s")
-        computer = TargetComputer(model, spec, cfg.capture, hidden, attn)
-        if cfg.data.document_mask:
-            check_teacher_document_masking(computer, spec, cfg.teacher.dtype)
-        first = prepared.splits.get("train") or next(iter(prepared.splits.values()))
-        for line in first_rows_check(computer, first, tokenizer, prepared.convention, spec):
-            log(line)
-        _run_shards(computer, prepared, todo, writer, cfg.capture.batch_size, progress, overlap_writes(device))
-    stats = _statistics(writer, base)
-    manifest = writer.finalize(stats)
-    log(f"finished {out}: {stats['tokens']:,} tokens, {stats['timing']['tokens_per_second']:,.0f} tokens/s, "
-        f"mean top-{cfg.capture.top_k} mass {stats['mean_topk_mass']:.4f}")
-    return CaptureResult(out, manifest, resumed_shards=len(committed), computed_shards=len(todo))
+    return todo, len(committed)
 
 
 def _store_tokenizer(st: Storage, tokenizer) -> None:
@@ -561,12 +617,48 @@ def overlap_writes(device) -> bool:
     return device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads()
 
 
-def _run_shards(computer, prepared, todo, writer: CacheWriter, batch_size: int, progress: bool,
-                overlap: bool) -> None:
-    from tqdm.auto import tqdm
+class Progress:
+    """One progress bar for the whole capture, on rank 0: tokens computed by every rank, counted in
+    the launcher's key-value store (no collective, so ranks never wait on each other while working);
+    its rate is the job's tokens/s, summed over ranks."""
 
-    total = sum(int(prepared.splits[s].lengths[a:b].sum()) for s, _, a, b in todo)
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="capture", disable=not progress, smoothing=0.1)
+    KEY = "distill/capture/tokens"
+    DONE = "distill/capture/done"
+
+    def __init__(self, total: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.ranks = distributed.ranks()
+        self.store = distributed.store() if self.ranks.active else None
+        self.bar = tqdm(total=total, unit="tok", unit_scale=True, desc="capture", disable=not enabled, smoothing=0.1)
+
+    def update(self, n: int) -> None:
+        if self.store is None:
+            self.bar.update(n)
+            return
+        done = self.store.add(self.KEY, n)
+        if self.ranks.main:
+            self.bar.update(done - self.bar.n)
+
+    def wait_for_ranks(self, poll: float = 0.5) -> None:
+        """Until every rank has committed its shards (the bar moves on while others work)."""
+        if self.store is None:
+            return
+        self.store.add(self.DONE, 1)
+        while self.store.add(self.DONE, 0) < self.ranks.world:
+            self.update(0)
+            time.sleep(poll)
+        self.update(0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+
+def _run_shards(computer, prepared, todo, writer: CacheWriter, batch_size: int, bar: Progress,
+                overlap: bool) -> None:
     pending: Future | None = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer") as pool:
         try:
@@ -593,8 +685,6 @@ def _run_shards(computer, prepared, todo, writer: CacheWriter, batch_size: int, 
         except OSError as e:
             raise CaptureError(f"writing the cache failed ({e.strerror or e}); committed shards are kept: fix the "
                                "cause and rerun the same command to resume") from e
-        finally:
-            bar.close()
 
 
 def _shard_stats(t: TeacherTargets, lengths: np.ndarray, seconds: float) -> dict:

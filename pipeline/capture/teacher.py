@@ -95,6 +95,10 @@ def load_model(cfg: TeacherConfig, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     extra = {} if _gguf_location(cfg) else {"use_safetensors": True}
+    if cfg.device_map is not None:  # accelerate places the layers; inputs go to the first device
+        model = _from_pretrained(AutoModelForCausalLM, cfg, dtype=getattr(torch, cfg.dtype),
+                                 device_map=cfg.device_map, **extra)
+        return model.eval()
     model = _from_pretrained(AutoModelForCausalLM, cfg, dtype=getattr(torch, cfg.dtype), **extra)
     return model.to(device).eval()
 

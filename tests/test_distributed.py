@@ -1,0 +1,182 @@
+"""Both stages under torchrun: 2 ranks with gloo on CPU, tiny models, the real command line.
+
+- capture: 2 ranks write the same bytes as 1 process (every file; the manifest but for its timing),
+  also when a rank is killed mid-capture and the job is rerun (on 2 ranks, or on 1);
+- students: 2 DDP ranks reach the weights and metrics of 1 process with the same global batch
+  (two students, mutual learning, a hidden-state term through projections, two tasks), and a
+  2-rank run killed after a step resumes on 2 ranks to the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import capture, settings, write_toml
+
+from pipeline.config import StudentRunConfig
+from pipeline.format.cache import verify
+from pipeline.train.recipe import train_students
+
+ROOT = Path(__file__).resolve().parents[1]
+DISTILL = str(Path(sys.executable).with_name("distill"))
+ENTRY = str(ROOT / "tests" / "dist_entry.py")
+
+
+def torchrun(nproc: int, *args: str, env: dict | None = None, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node N ...` with one thread per rank (ranks x threads = cores)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    res = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
+    if expect_ok and res.returncode != 0:
+        raise AssertionError(f"torchrun failed ({res.returncode}):\n{res.stderr[-4000:]}")
+    return res
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def same_cache(a: Path, b: Path) -> None:
+    fa, fb = files(a), files(b)
+    assert sorted(fa) == sorted(fb)
+    for rel in fa:
+        if rel != "manifest.json":
+            assert fa[rel] == fb[rel], rel
+    ma, mb = json.loads(fa["manifest.json"]), json.loads(fb["manifest.json"])
+    for m in (ma, mb):  # timing and the digest over it are the only differences allowed
+        del m["stats"]["timing"], m["digest"]
+    assert ma == mb
+
+
+def _capture_cfg(llama_dir, corpus, out: Path) -> dict:
+    return settings(llama_dir, corpus, out, data={"max_tokens": 3000},
+                    capture={"top_k": 8, "temperatures": [2.0], "hidden_layers": [-1], "attention_layers": [0],
+                             "rows_per_shard": 4, "rows_per_chunk": 2})
+
+
+@pytest.fixture(scope="module")
+def one_rank(llama_dir, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "cache"
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same per-process numerics as each rank's
+    try:
+        capture(_capture_cfg(llama_dir, corpus, out))
+    finally:
+        torch.set_num_threads(torch_threads)
+    return out
+
+
+def test_two_rank_capture_writes_the_bytes_of_one(one_rank, llama_dir, corpus, tmp_path):
+    out = tmp_path / "two"
+    cfg = write_toml(tmp_path / "c.toml", _capture_cfg(llama_dir, corpus, out))
+    res = torchrun(2, "--no-python", DISTILL, "teacher-cache", "-c", str(cfg))
+    assert res.stdout.strip().splitlines() == [str(out)]  # rank 0 alone prints the result
+    assert "2 ranks share" in res.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert len(m["shards"]) >= 6 and verify(out) == []
+    same_cache(one_rank, out)
+
+
+@pytest.mark.parametrize("rerun_ranks", [2, 1])
+def test_killed_rank_loses_only_its_uncommitted_shards(one_rank, llama_dir, corpus, tmp_path, rerun_ranks):
+    out = tmp_path / "killed"
+    cfg = write_toml(tmp_path / "c.toml", _capture_cfg(llama_dir, corpus, out))
+    res = torchrun(2, ENTRY, "teacher-cache", "-c", str(cfg), expect_ok=False,
+                   env={"DISTILL_TEST_KILL_RANK": "1", "DISTILL_TEST_KILL_AFTER_SHARDS": "1"})
+    assert res.returncode != 0 and not (out / "manifest.json").exists()
+    commits = list((out / "_capture" / "commits").glob("*.json"))
+    total = len(json.loads((one_rank / "manifest.json").read_text())["shards"])
+    assert 1 <= len(commits) < total  # the dead rank's committed shard is kept, the rest is left to do
+    res = torchrun(rerun_ranks, "--no-python", DISTILL, "teacher-cache", "-c", str(cfg))
+    assert f"resuming: {len(commits)} shards already committed" in res.stderr
+    same_cache(one_rank, out)
+
+
+def test_a_second_launch_on_the_same_cache_is_refused(one_rank, llama_dir, corpus, tmp_path):
+    from pipeline.capture.run import writer_lock
+
+    out = tmp_path / "locked"
+    out.mkdir()
+    cfg = write_toml(tmp_path / "c.toml", _capture_cfg(llama_dir, corpus, out))
+    with writer_lock(out):  # another capture holds the cache
+        res = torchrun(2, "--no-python", DISTILL, "teacher-cache", "-c", str(cfg), expect_ok=False)
+    assert res.returncode != 0
+    assert res.stderr.count("another capture is writing") == 2  # rank 0's refusal reaches every rank
+
+
+# ---------------------------------------------------------------------------------------------- students
+
+ARCH = {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 64}
+
+
+def _student_cfg(cache: Path, out: Path, **kw) -> dict:
+    students = [
+        {"name": "kd", "arch": ARCH, "losses": {"kd_forward": 0.5, "ce": 0.5, "hidden_mse": 0.1}, "lr": 3e-3,
+         "warmup_steps": 2, "temperature": 2.0},
+        {"name": "ce", "arch": {**ARCH, "hidden_size": 16, "intermediate_size": 32}, "losses": {"ce": 1.0},
+         "lr": 3e-3, "warmup_steps": 2},
+    ]
+    return {"tasks": [{"name": "a", "cache": str(cache), "weight": 2.0}, {"name": "b", "cache": str(cache)}],
+            "output_dir": str(out), "students": students, "batch_size": 2, "max_steps": 6, "eval_every": 3,
+            "log_every": 2, "checkpoint_every": 2, "mutual_weight": 0.3, "device": "cpu", **kw}
+
+
+def _weights(out: Path, name: str) -> dict:
+    return torch.load(out / name / "checkpoint" / "state.pt", weights_only=True)
+
+
+def _metrics(out: Path, name: str) -> list[dict]:
+    recs = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+    return [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k not in ("seconds", "lr")}
+            for r in recs]
+
+
+@pytest.fixture(scope="module")
+def one_process(one_rank, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp-ref")
+    cfg = StudentRunConfig.model_validate(_student_cfg(one_rank, out, grad_accum=2))  # 2 micro-batches of 2 rows
+    train_students(cfg, log=lambda m: None, progress=False)
+    return out
+
+
+def _same_students(a: Path, b: Path) -> None:
+    for name in ("kd", "ce"):
+        wa, wb = _weights(a, name), _weights(b, name)
+        assert wa["run"]["step"] == wb["run"]["step"] == 6 and wa["run"]["tokens"] == wb["run"]["tokens"]
+        assert wa["run"]["stream"] == wb["run"]["stream"]
+        for k in wa["model"]:
+            torch.testing.assert_close(wa["model"][k], wb["model"][k], rtol=1e-4, atol=1e-5)
+        for k in wa["projections"]:
+            torch.testing.assert_close(wa["projections"][k], wb["projections"][k], rtol=1e-4, atol=1e-5)
+        ma, mb = _metrics(a, name), _metrics(b, name)
+        assert len(ma) == len(mb) and {r["split"] for r in ma} == {"train", "validation"}
+        for ra, rb in zip(ma, mb):
+            assert ra.keys() == rb.keys()
+            for k in ra:
+                assert ra[k] == pytest.approx(rb[k], abs=1.5e-4), (name, ra["step"], k)
+
+
+def test_ddp_students_match_one_process_with_the_same_global_batch(one_process, one_rank, tmp_path):
+    out = tmp_path / "ddp"
+    cfg = write_toml(tmp_path / "s.toml", _student_cfg(one_rank, out, grad_accum=1))  # 2 ranks x 2 rows
+    res = torchrun(2, "--no-python", DISTILL, "student", "-c", str(cfg))
+    assert res.stdout.strip().splitlines() == [f"{out}/kd/model", f"{out}/ce/model"]
+    assert json.loads((out / "kd" / "report.json").read_text())["ranks"] == 2
+    _same_students(one_process, out)
+
+
+def test_ddp_run_killed_after_a_step_resumes_on_two_ranks(one_process, one_rank, tmp_path):
+    out = tmp_path / "ddp-killed"
+    cfg = write_toml(tmp_path / "s.toml", _student_cfg(one_rank, out, grad_accum=1))
+    res = torchrun(2, ENTRY, "student", "-c", str(cfg), expect_ok=False,
+                   env={"DISTILL_TEST_KILL_RANK": "0", "DISTILL_TEST_KILL_AFTER_STEP": "5"})
+    assert res.returncode != 0 and _weights(out, "kd")["run"]["step"] == 4
+    res = torchrun(2, "--no-python", DISTILL, "student", "-c", str(cfg))
+    assert "resuming at step 4" in res.stderr
+    _same_students(one_process, out)
