@@ -126,8 +126,11 @@ def teacher_topk_logprobs(topk_logprobs: torch.Tensor, logsumexp: torch.Tensor, 
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.to(x.dtype)
-    return (x * m).sum() / m.sum().clamp(min=1)
+    """Mean of `x` where `mask`; masked positions are selected out, not multiplied by 0, so a NaN or
+    inf there (a padded position's garbage) reaches neither the value nor the gradient."""
+    mask = mask.expand_as(x) if mask.shape != x.shape else mask
+    kept = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return kept.sum() / mask.sum().clamp(min=1).to(x.dtype)
 
 
 def _with_tail(lp: torch.Tensor, log_tail: torch.Tensor) -> torch.Tensor:
