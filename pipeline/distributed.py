@@ -45,8 +45,12 @@ def setup() -> Ranks:
     if not launched():
         return Ranks()
     if not dist.is_initialized():
+        from datetime import timedelta
+
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        # rank 0 may prepare a large output (rows, uploads) while the others wait in a broadcast
+        minutes = float(os.environ.get("DISTILL_COLLECTIVE_TIMEOUT_MINUTES", "120"))
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=minutes))
     return ranks()
 
 

@@ -339,7 +339,17 @@ class Recipe:
 
     # -- setup ------------------------------------------------------------------------------
     def setup(self) -> None:
-        distributed.all_agree(self._setup)  # an error on any rank stops every rank, before any collective
+        """Each phase runs on every rank with no collective inside; an error on any rank is raised on all
+        of them (`all_agree`), so no rank is left waiting in a collective the others never reach."""
+        distributed.all_agree(self._setup)
+        have = distributed.all_gather([(st.out / "checkpoint" / "state.pt").exists() for st in self.students])
+        if any(h != have[0] for h in have):
+            raise StudentError(f"the ranks see different checkpoints under {self.cfg.output_dir} ({have}): "
+                               "output_dir must be on storage every rank shares")
+        distributed.all_agree(lambda: self._resume(have[0]))
+        for st in self.students:  # DDP broadcasts rank 0's weights: after resuming, identical anyway
+            st.engine = self._wrap(st.module, st.spec)
+        distributed.all_agree(self._data)
 
     def _setup(self) -> None:
         cfg = self.cfg
@@ -359,8 +369,9 @@ class Recipe:
             self.log("no cache of this run has a validation split: no evaluation, no early stopping")
         for spec in cfg.students:
             self.students.append(self._build(spec))
-        self._resume()
-        r = self.ranks
+
+    def _data(self) -> None:
+        cfg, r = self.cfg, self.ranks
         self.stream = TaskStream({n: (CacheBatches(c, "train", self.fields, cfg.batch_size, seed=cfg.seed, shuffle=True,
                                                    num_workers=cfg.num_workers), w) for n, (c, w) in self.tasks.items()},
                                  cfg.seed, self.run["stream"], rank=r.rank, world=r.world)
@@ -391,7 +402,7 @@ class Recipe:
         if self.main:
             out.mkdir(parents=True, exist_ok=True)
             recover_model_dir(out / "model")
-        st = Student(spec, model, module, self._wrap(module, spec), opt, sched, out, wiring)
+        st = Student(spec, model, module, module, opt, sched, out, wiring)
         st.identity = resume_identity(spec, cfg, self.tasks, self.ranks.world)
         self.log(f"student {spec.name}: {count_parameters(model) / 1e6:.2f}M parameters, losses {spec.losses}, "
                  f"T={spec.temperature}" + (f", DDP over {self.ranks.world} ranks" if self.ranks.active else ""))
@@ -409,8 +420,7 @@ class Recipe:
         return DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None,
                                        broadcast_buffers=False, find_unused_parameters=unused)
 
-    def _resume(self) -> None:
-        have = distributed.on_main(lambda: [(st.out / "checkpoint" / "state.pt").exists() for st in self.students])
+    def _resume(self, have: list[bool]) -> None:
         if not any(have):
             if self.main:
                 for st in self.students:
@@ -438,9 +448,6 @@ class Recipe:
 
     def _load(self, st: Student) -> tuple[dict, dict[str, bool]]:
         path = st.out / "checkpoint" / "state.pt"
-        if not path.exists():
-            raise StudentError(f"rank {self.ranks.rank} cannot see {path}, which rank 0 resumes from: output_dir must "
-                               "be on storage every rank shares")
         state = torch.load(path, map_location="cpu", weights_only=True)
         old, new = state.get("identity") or {}, st.identity
         grew = grown_tasks(old, new, self.tasks)
