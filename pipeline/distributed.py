@@ -77,6 +77,9 @@ def device_for(setting: str) -> torch.device:
             raise ValueError(f"device {setting!r} asked for, but torch sees no CUDA device")
         if dev.index is None:
             dev = torch.device("cuda", r.local_rank % torch.cuda.device_count())
+        elif r.active:
+            raise ValueError(f"device {setting!r} names one GPU for every rank of a torchrun launch; use 'cuda' "
+                             "or 'auto' (each rank takes cuda:LOCAL_RANK)")
         torch.cuda.set_device(dev)
     return dev
 

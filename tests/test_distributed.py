@@ -124,7 +124,7 @@ def _student_cfg(cache: Path, out: Path, **kw) -> dict:
     ]
     return {"tasks": [{"name": "a", "cache": str(cache), "weight": 2.0}, {"name": "b", "cache": str(cache)}],
             "output_dir": str(out), "students": students, "batch_size": 2, "max_steps": 6, "eval_every": 3,
-            "log_every": 2, "checkpoint_every": 2, "mutual_weight": 0.3, "device": "cpu", **kw}
+            "log_every": 2, "checkpoint_every": 2, "mutual_weight": 0.3, "num_workers": 2, "device": "cpu", **kw}
 
 
 def _weights(out: Path, name: str) -> dict:
@@ -171,12 +171,38 @@ def test_ddp_students_match_one_process_with_the_same_global_batch(one_process, 
     _same_students(one_process, out)
 
 
-def test_ddp_run_killed_after_a_step_resumes_on_two_ranks(one_process, one_rank, tmp_path):
+@pytest.mark.parametrize("resume_ranks", [2, 1])
+def test_ddp_run_killed_after_a_step_resumes(one_process, one_rank, tmp_path, resume_ranks):
+    """Killed after step 3 (its validation records written, its checkpoint not): resumed from step 2
+    on 2 ranks, or on 1 process with grad_accum 2 (the same micro-batches per step)."""
     out = tmp_path / "ddp-killed"
     cfg = write_toml(tmp_path / "s.toml", _student_cfg(one_rank, out, grad_accum=1))
     res = torchrun(2, ENTRY, "student", "-c", str(cfg), expect_ok=False,
-                   env={"DISTILL_TEST_KILL_RANK": "0", "DISTILL_TEST_KILL_AFTER_STEP": "5"})
-    assert res.returncode != 0 and _weights(out, "kd")["run"]["step"] == 4
-    res = torchrun(2, "--no-python", DISTILL, "student", "-c", str(cfg))
-    assert "resuming at step 4" in res.stderr
+                   env={"DISTILL_TEST_KILL_RANK": "0", "DISTILL_TEST_KILL_AFTER_STEP": "3"})
+    assert res.returncode != 0 and _weights(out, "kd")["run"]["step"] == 2
+    assert any(r["step"] == 3 for r in _metrics(out, "kd"))  # written after the checkpoint: cut on resume
+    if resume_ranks == 2:
+        res = torchrun(2, "--no-python", DISTILL, "student", "-c", str(cfg))
+        assert "resuming at step 2" in res.stderr
+    else:
+        train_students(StudentRunConfig.model_validate(_student_cfg(one_rank, out, grad_accum=2)),
+                       log=lambda m: None, progress=False)
     _same_students(one_process, out)
+
+
+def test_ddp_students_with_representation_terms_only(one_rank, tmp_path):
+    """A student whose loss never reads its logits (the head and the layers past the mapped one get
+    no gradient) trains under DDP as in one process."""
+    students = [{"name": "attn", "arch": ARCH, "losses": {"attn_kl": 1.0}, "lr": 3e-3},
+                {"name": "hid", "arch": ARCH, "losses": {"hidden_mse": 1.0}, "hidden_map": [[1, -1]], "lr": 3e-3}]
+    base = {"cache": str(one_rank), "students": students, "batch_size": 2, "max_steps": 3, "eval_every": 3,
+            "log_every": 1, "device": "cpu"}
+    train_students(StudentRunConfig.model_validate({**base, "output_dir": str(tmp_path / "one"), "grad_accum": 2}),
+                   log=lambda m: None, progress=False)
+    cfg = write_toml(tmp_path / "s.toml", {**base, "output_dir": str(tmp_path / "two")})
+    torchrun(2, "--no-python", DISTILL, "student", "-c", str(cfg))
+    for name in ("attn", "hid"):
+        a, b = _weights(tmp_path / "one", name), _weights(tmp_path / "two", name)
+        assert a["run"]["step"] == b["run"]["step"] == 3
+        for k in a["model"]:
+            torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)

@@ -135,7 +135,8 @@ def _software() -> dict:
             "python": sys.version.split()[0]}
 
 
-def build_plan(cfg: TeacherCacheConfig, spec, tokenizer, prepared, hidden, attn, specs, device: str) -> dict:
+def build_plan(cfg: TeacherCacheConfig, spec, tokenizer, prepared, hidden, attn, specs, device: str,
+               weights_sha256: str | None = None) -> dict:
     """Everything that determines the cache's bytes; the manifest minus shards and stats."""
     split_rows = {s: len(r) for s, r in prepared.splits.items()}
     heads = stored_heads(cfg.capture, spec)
@@ -165,7 +166,8 @@ def build_plan(cfg: TeacherCacheConfig, spec, tokenizer, prepared, hidden, attn,
         "format_version": cache_fmt.FORMAT_VERSION,
         "teacher": {
             "model": cfg.teacher.model, "gguf_file": cfg.teacher.gguf_file, "revision": cfg.teacher.revision,
-            "weights_sha256": teacher_mod.weights_fingerprint(cfg.teacher), "dtype": cfg.teacher.dtype,
+            "weights_sha256": weights_sha256 if weights_sha256 is not None else
+            teacher_mod.weights_fingerprint(cfg.teacher), "dtype": cfg.teacher.dtype,
             "device_type": device, **spec.to_dict(),
         },
         "tokenizer": {
@@ -386,10 +388,12 @@ def _locked_capture(cfg, st: Storage, tokenizer, spec, hidden, attn, device, log
         seq_len=cfg.data.seq_len, top_k=cfg.capture.top_k, n_temperatures=len(cfg.capture.temperatures),
         hidden=(len(hidden), spec.hidden_size) if hidden else None, hidden_dtype=cfg.capture.hidden_dtype,
         attention=(len(attn), n_heads) if attn else None)
-    plan = build_plan(cfg, spec, tokenizer, prepared, hidden, attn, specs, device.type)
+    weights = distributed.on_main(lambda: teacher_mod.weights_fingerprint(cfg.teacher))  # hashed once, not per rank
+    plan = build_plan(cfg, spec, tokenizer, prepared, hidden, attn, specs, device.type, weights)
     base = None
     if cfg.output.mode == "append":  # read-only, on every rank: which rows are new
         base, plan, prepared = _plan_append(st, plan, prepared, cfg, log)
+    _same_rows_on_every_rank(plan, prepared)
     # rank 0 alone checks and prepares the output; every rank gets its decision and the shards to do
     outcome = distributed.on_main(lambda: _prepare_output(cfg, st, plan, base, prepared, specs, tokenizer, log))
     if isinstance(outcome, CaptureResult):
@@ -429,6 +433,25 @@ def _locked_capture(cfg, st: Storage, tokenizer, spec, hidden, attn, device, log
 
     manifest = distributed.on_main(finish)
     return CaptureResult(out, manifest, resumed_shards=committed, computed_shards=len(todo))
+
+
+def _same_rows_on_every_rank(plan: dict, prepared) -> None:
+    """Every rank computes targets for the rows it prepared itself, and rank 0 alone stores them: refuse
+    a job whose ranks (nodes with other data files, library versions or tokenizer files) prepared
+    other rows or settings than rank 0."""
+    if not distributed.ranks().active:
+        return
+    import hashlib
+
+    h = hashlib.sha256(cache_fmt.canonical({k: v for k, v in plan.items() if k != "software"}).encode())
+    for split, rows in (prepared.splits.items() if prepared is not None else []):
+        h.update(split.encode())
+        h.update("".join(rows.keys).encode())
+    every = distributed.all_gather(h.hexdigest())
+    odd = [r for r, d in enumerate(every) if d != every[0]]
+    if odd:
+        raise CaptureError(f"ranks {odd} prepared other rows or settings than rank 0 (data files, library versions or "
+                           "tokenizer files differ between nodes?); every rank must see the same inputs")
 
 
 def _prepare_output(cfg, st: Storage, plan: dict, base: dict | None, prepared, specs, tokenizer, log):
@@ -622,12 +645,13 @@ class Progress:
     the launcher's key-value store (no collective, so ranks never wait on each other while working);
     its rate is the job's tokens/s, summed over ranks."""
 
-    KEY = "distill/capture/tokens"
-    DONE = "distill/capture/done"
+    runs = 0  # captures run in this process group so far: each counts under its own keys
 
     def __init__(self, total: int, enabled: bool):
         from tqdm.auto import tqdm
 
+        Progress.runs += 1
+        self.KEY, self.DONE = f"distill/capture/{Progress.runs}/tokens", f"distill/capture/{Progress.runs}/done"
         self.ranks = distributed.ranks()
         self.store = distributed.store() if self.ranks.active else None
         self.bar = tqdm(total=total, unit="tok", unit_scale=True, desc="capture", disable=not enabled, smoothing=0.1)

@@ -174,7 +174,10 @@ class TaskStream:
         w = np.asarray([tasks[n][1] for n in self.names], dtype=np.float64)
         self.p = w / w.sum()
         self.seed, self.rank, self.world = seed, rank, world
-        self.state = state or {"draws": 0, "tasks": {n: {"epoch": 0, "batch": 0} for n in self.names}}
+        self.state = state or {"draws": 0, "tasks": {n: {"epoch": 0, "batch": 0} for n in self.names},
+                               "scheme": "block"}
+        # a state from before block draws continues that run's sequence: one generator per draw
+        self.per_draw = self.state.get("scheme") != "block"
         self._iters: dict[str, object] = {}
         self._blocks: dict[int, np.ndarray] = {}
         self._sizes: dict[tuple[str, int], int] = {}
@@ -183,8 +186,12 @@ class TaskStream:
         if b not in self._blocks:
             if len(self._blocks) > 8:
                 self._blocks.clear()
-            rng = np.random.default_rng([self.seed, 1, b])
-            self._blocks[b] = rng.choice(len(self.names), size=self.BLOCK, p=self.p)
+            if self.per_draw:
+                self._blocks[b] = np.asarray([np.random.default_rng([self.seed, 1, m]).choice(len(self.names), p=self.p)
+                                              for m in range(b * self.BLOCK, (b + 1) * self.BLOCK)])
+            else:
+                rng = np.random.default_rng([self.seed, 1, b])
+                self._blocks[b] = rng.choice(len(self.names), size=self.BLOCK, p=self.p)
         return self._blocks[b]
 
     def choose(self, draw: int) -> str:

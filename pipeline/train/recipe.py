@@ -52,20 +52,24 @@ from .students import StudentError, build_student, count_parameters
 
 class StudentModule(torch.nn.Module):
     """Everything a student trains: the model and its hidden-state projections. Its forward pass
-    returns the model's output and the projected hidden states of the mapped layers, so that DDP
-    sees every trained parameter used inside one forward."""
+    returns exactly what the step's loss uses (logits only when a term or the mutual term reads
+    them, the projected hidden states, the recorded attention maps), so that DDP, which finds the
+    parameters that get no gradient by walking back from the outputs, sees the truth."""
 
     def __init__(self, model, wiring: T.Wiring):
         super().__init__()
         self.model, self.projections = model, wiring.projections
         self.hidden_indices = [s for s, _ in wiring.hidden]
+        self.attention_layers = [s for s, _ in wiring.attention]
 
-    def forward(self, input_ids, **kw):
-        out = self.model(input_ids=input_ids, output_hidden_states=bool(self.hidden_indices), **kw)
+    def forward(self, input_ids, want_logits: bool = True, **kw):
+        recorder = attn_mod.AttentionRecorder(self.attention_layers, None, "none") if self.attention_layers else None
+        with attn_mod.recording(recorder):
+            out = self.model(input_ids=input_ids, output_hidden_states=bool(self.hidden_indices), **kw)
         hidden = [out.hidden_states[s].float() for s in self.hidden_indices]
         if len(self.projections):
             hidden = [p(h) for p, h in zip(self.projections, hidden)]
-        return out.logits, hidden
+        return (out.logits if want_logits else None), hidden, (recorder.maps if recorder else {})
 
 
 def build_wiring(spec: StudentConfig, model, manifest: dict, device) -> T.Wiring:
@@ -82,15 +86,13 @@ def build_wiring(spec: StudentConfig, model, manifest: dict, device) -> T.Wiring
     return w
 
 
-def forward(engine, wiring: T.Wiring, batch: dict, device) -> T.StudentOutput:
+def forward(engine, wiring: T.Wiring, batch: dict, device, want_logits: bool = True) -> T.StudentOutput:
     """A student's forward pass on a batch (through DDP when wrapped), with what its terms need."""
     ids = batch["input_ids"].to(device, non_blocking=True)
     masks = T.batch_masks(batch, device)
-    recorder = attn_mod.AttentionRecorder([s for s, _ in wiring.attention], None, "none") if wiring.attention else None
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), \
-            attn_mod.recording(recorder):
-        logits, hidden = engine(ids, **masks.forward)
-    return T.StudentOutput(logits, ids, masks, hidden, recorder.maps if recorder else None)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits, hidden, maps = engine(ids, want_logits=want_logits, **masks.forward)
+    return T.StudentOutput(logits, ids, masks, hidden, maps)
 
 
 def step_losses(model, batch: dict, spec: StudentConfig, manifest: dict, device,
@@ -274,7 +276,13 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Keep the records of steps up to the checkpoint's: a resumed run writes the later ones again."""
     if not path.exists():
         return
-    keep = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError):  # a line cut short by the kill
+            return False
+
+    keep = [x for x in path.read_text().splitlines() if x.strip() and kept(x)]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(x + "\n" for x in keep))
     os.replace(tmp, path)
@@ -336,6 +344,7 @@ class Recipe:
         self.students: list[Student] = []
         self.run = {"step": 0, "tokens": 0, "seconds": 0.0, "stream": None}
         self._tokens_pending = 0
+        self._steps_since_log = 0
 
     # -- setup ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -457,7 +466,13 @@ class Recipe:
             raise StudentError(f"{path} was written by a run with other settings ({', '.join(diffs)} differ); "
                                "resume with the same settings (a cache that grew by appends and a larger max_steps are "
                                "fine; ranks x grad_accum must stay), or choose another output_dir")
-        st.model.load_state_dict(state["model"])
+        try:
+            st.model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise StudentError(
+                f"{path} holds weights of another shape than student {st.name!r} ({str(e).splitlines()[-1].strip()}). "
+                "A checkpoint written before FFN widths followed the teacher's ratio: set "
+                "students[].arch.intermediate_size to its width (Llama's default was 11008)") from None
         st.module.projections.load_state_dict(state["projections"])
         st.opt.load_state_dict(state["optimizer"])
         st.sched.load_state_dict(state["scheduler"])
@@ -483,7 +498,8 @@ class Recipe:
                 stack.enter_context(distributed.maybe_no_sync(st.engine, not last))
             values, logits, masks = {}, {}, None
             for st in active:
-                out = forward(st.engine, st.wiring, batch, device)
+                out = forward(st.engine, st.wiring, batch, device, want_logits=mutual or "logits" in
+                              T.student_needs(st.spec))
                 values[st.name] = T.compute(st.spec, out, sig, st.wiring)
                 masks = out.masks
                 if mutual:
@@ -520,8 +536,8 @@ class Recipe:
 
     def log_train(self, step: int) -> None:
         """Each active student's mean terms since the last log, averaged over ranks: one sync."""
-        cfg = self.cfg
-        n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+        n = max(self._steps_since_log, 1)  # steps accumulated since the last log (fewer after a resume)
+        self._steps_since_log = 0
         active = [st for st in self.students if not st.stopped and st.running]
         keys = [(st, k) for st in active for k in st.running]
         if keys:
@@ -612,6 +628,7 @@ class Recipe:
             self.stream.skip_to((run["step"] + 1) * per_step)  # past the other ranks' share of this step
             self.optimizer_step()
             run["step"] += 1
+            self._steps_since_log += 1
             step = run["step"]
             run["seconds"] = time.perf_counter() - t_start
             bar.update(1)

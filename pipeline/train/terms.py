@@ -53,7 +53,8 @@ def batch_masks(batch: dict, device) -> Masks:
     if "position_ids" in batch:  # documents kept apart, as the teacher saw them; padding is its own segment
         forward = {"position_ids": batch["position_ids"].to(device), "use_cache": False}
     else:
-        forward = {"attention_mask": None if bool(real.all()) else real.long(), "use_cache": False}
+        full = bool((batch["length"] == ids.shape[1]).all())  # on the CPU copy: no device sync
+        forward = {"attention_mask": None if full else real.long(), "use_cache": False}
     return Masks(real, kd, ce, forward)
 
 
