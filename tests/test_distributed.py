@@ -206,3 +206,36 @@ def test_ddp_students_with_representation_terms_only(one_rank, tmp_path):
         assert a["run"]["step"] == b["run"]["step"] == 3
         for k in a["model"]:
             torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_placed_by_a_device_map_writes_the_same_cache(one_rank, llama_dir, corpus, tmp_path, monkeypatch):
+    """teacher.device_map goes to transformers/accelerate's placement (here every module on the CPU, the
+    one device this machine has, so nothing is dispatched over devices): the targets are the plain
+    load's, byte for byte. Placement over several GPUs needs a machine with them."""
+    from pipeline.capture.run import CaptureError
+
+    out = tmp_path / "mapped"
+    cfg = _capture_cfg(llama_dir, corpus, out)
+    cfg["teacher"] = {**cfg["teacher"], "device_map": {"model.embed_tokens": "cpu", "model.layers": "cpu",
+                                                       "model.norm": "cpu", "model.rotary_emb": "cpu",
+                                                       "lm_head": "cpu"}}
+    from pipeline.capture import teacher as teacher_mod
+
+    placed, real_load = [], teacher_mod._from_pretrained
+
+    def load(auto_cls, c, **kw):  # what transformers is asked for (one device here: no multi-device dispatch)
+        placed.append(kw.get("device_map"))
+        return real_load(auto_cls, c, **kw)
+
+    monkeypatch.setattr(teacher_mod, "_from_pretrained", load)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        capture(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert cfg["teacher"]["device_map"] in placed  # the map went to from_pretrained
+    same_cache(one_rank, out)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # several ranks on one node would each claim every device
+    with pytest.raises(CaptureError, match="one rank per node"):
+        capture(_capture_cfg(llama_dir, corpus, tmp_path / "refused") | {"teacher": cfg["teacher"]})
