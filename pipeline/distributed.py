@@ -84,11 +84,6 @@ def device_for(setting: str) -> torch.device:
     return dev
 
 
-def barrier() -> None:
-    if ranks().active:
-        dist.barrier()
-
-
 def on_main(fn: Callable[[], Any]) -> Any:
     """Run `fn` on rank 0 only; every rank returns its result or raises its exception."""
     r = ranks()

@@ -359,10 +359,7 @@ def teacher_device(cfg: TeacherCacheConfig):
         on_gpu = torch.cuda.is_available() and not (isinstance(dm, dict) and
                                                     all(str(v) in ("cpu", "disk") for v in dm.values()))
         return torch.device("cuda" if on_gpu else "cpu")  # where the layers go is accelerate's; inputs follow them
-    try:
-        return distributed.device_for(cfg.teacher.device)
-    except ValueError as e:
-        raise teacher_mod.TeacherError(str(e)) from None
+    return teacher_mod.resolve_device(cfg.teacher.device)
 
 
 @contextmanager

@@ -83,12 +83,14 @@ def load_model_config(cfg: TeacherConfig):
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TeacherError(f"device {device!r} asked for, but torch sees no CUDA device")
-    return dev
+    """The teacher's device setting for this process: 'auto' and 'cuda' mean this rank's GPU under
+    torchrun (see pipeline.distributed.device_for), a TeacherError where it cannot be had."""
+    from .. import distributed
+
+    try:
+        return distributed.device_for(device)
+    except ValueError as e:
+        raise TeacherError(str(e)) from None
 
 
 def load_model(cfg: TeacherConfig, device: torch.device):
