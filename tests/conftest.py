@@ -176,6 +176,20 @@ def settings(model_dir: Path, corpus: Path, out: Path, **sections) -> dict:
     return cfg
 
 
+STUDENT_ARCH = {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 64}
+
+
+def student_run(cache_dir, out, students=None, **kw):
+    """A small stage-2 run on a test cache: one 2-layer student (0.5 KD + 0.5 CE) unless given, 6 steps."""
+    from pipeline.config import StudentRunConfig
+
+    students = students or [{"name": "s", "arch": STUDENT_ARCH, "losses": {"kd_forward": 0.5, "ce": 0.5},
+                             "lr": 3e-3, "warmup_steps": 2}]
+    return StudentRunConfig.model_validate({"cache": str(cache_dir), "output_dir": str(out), "students": students,
+                                            "batch_size": 4, "max_steps": 6, "eval_every": 3, "log_every": 2,
+                                            "device": "cpu", **kw})
+
+
 def capture(cfg: dict):
     from pipeline.capture.run import run_capture
     from pipeline.config import TeacherCacheConfig

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import STUDENT_ARCH as ARCH
 from conftest import capture, settings, write_toml
 
 from pipeline.config import StudentRunConfig
@@ -112,7 +113,6 @@ def test_a_second_launch_on_the_same_cache_is_refused(one_rank, llama_dir, corpu
 
 # ---------------------------------------------------------------------------------------------- students
 
-ARCH = {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 64}
 
 
 def _student_cfg(cache: Path, out: Path, **kw) -> dict:

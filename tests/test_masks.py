@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import capture, settings
+from conftest import STUDENT_ARCH as ARCH
 from transformers import AutoModelForCausalLM
 
 from pipeline.format.cache import Cache, row_column
@@ -23,7 +24,6 @@ from pipeline.train.recipe import step_losses, train_students
 from pipeline.train.terms import batch_masks
 
 REPO = Path(__file__).resolve().parents[1]
-ARCH = {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 64}
 
 
 def _split(root, split="train"):

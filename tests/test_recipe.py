@@ -13,16 +13,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import capture, settings
+from conftest import STUDENT_ARCH as ARCH
+from conftest import student_run as run_cfg
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.config import StudentConfig, StudentRunConfig
+from pipeline.config import StudentConfig
 from pipeline.format.cache import Cache
 from pipeline.train import recipe
 from pipeline.train import terms as T
 from pipeline.train.reader import CacheBatches
 from pipeline.train.students import StudentError, build_student
 
-ARCH = {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 64}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,14 +39,6 @@ def cache_dir(teacher, corpus, tmp_path_factory):
     capture(settings(teacher, corpus, out, data={"max_tokens": 3000, "validation_fraction": 0.15},
                      capture={"top_k": 16, "rows_per_shard": 8, "rows_per_chunk": 4}))
     return out
-
-
-def run_cfg(cache_dir, out, students=None, **kw) -> StudentRunConfig:
-    students = students or [{"name": "s", "arch": ARCH, "losses": {"kd_forward": 0.5, "ce": 0.5}, "lr": 3e-3,
-                             "warmup_steps": 2}]
-    return StudentRunConfig.model_validate({"cache": str(cache_dir), "output_dir": str(out), "students": students,
-                                            "batch_size": 4, "max_steps": 6, "eval_every": 3, "log_every": 2,
-                                            "device": "cpu", **kw})
 
 
 def _train(cfg, **kw):

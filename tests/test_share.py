@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import capture, settings
+from conftest import STUDENT_ARCH as ARCH
 
 from pipeline.format.cache import Cache, CacheError, verify
 from pipeline.format.share import list_caches, pull, push
@@ -25,7 +26,6 @@ from pipeline.train.recipe import train_students
 
 REPO = Path(__file__).resolve().parents[1]
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-ARCH = {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 64}
 
 
 def _free_port() -> int:

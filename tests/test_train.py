@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import capture, make_llama, settings
+from conftest import STUDENT_ARCH as ARCH
+from conftest import student_run as run_cfg
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.format.cache import Cache, CacheError
-from pipeline.config import StudentRunConfig
 from pipeline.train.reader import CacheBatches, batch_plan, make_loader
 from pipeline.train.students import StudentError
 from pipeline.train.evaluate import evaluate
 from pipeline.train.recipe import train_students
 from pipeline.train.terms import fields_for
 
-ARCH = {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 64}
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +27,6 @@ def cache_dir(llama_dir, corpus, tmp_path_factory):
     capture(settings(llama_dir, corpus, out, data={"max_tokens": 4000, "validation_fraction": 0.15},
                      capture={"top_k": 16, "temperatures": [2.0], "rows_per_shard": 8, "rows_per_chunk": 4}))
     return out
-
-
-def run_cfg(cache_dir, out, students=None, **kw) -> StudentRunConfig:
-    students = students or [{"name": "s", "arch": ARCH, "losses": {"kd_forward": 0.5, "ce": 0.5}, "lr": 3e-3,
-                             "warmup_steps": 2}]
-    return StudentRunConfig.model_validate({"cache": str(cache_dir), "output_dir": str(out), "students": students,
-                                            "batch_size": 4, "max_steps": 6, "eval_every": 3, "log_every": 2,
-                                            "device": "cpu", **kw})
 
 
 def _train(cfg, **kw):
