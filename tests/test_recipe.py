@@ -237,3 +237,41 @@ def test_masked_mean_ignores_nan_at_masked_positions():
     v.backward()
     assert torch.isfinite(x.grad).all() and x.grad.tolist() == [[0.5, 0.0, 0.5]]
     assert np.isfinite(float(masked_mean(torch.full((2, 2), float("inf")), torch.zeros(2, 2, dtype=torch.bool))))
+
+
+def test_a_device_that_cannot_be_had_is_refused_clearly(cache_dir, tmp_path, monkeypatch):
+    from pipeline import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(StudentError, match="torch sees no CUDA device"):
+        _train(run_cfg(cache_dir, tmp_path, device="cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a torchrun launch that names one GPU for all
+    monkeypatch.setattr(distributed, "ranks", lambda: distributed.Ranks(rank=1, world=2, local_rank=1))
+    with pytest.raises(ValueError, match="names one GPU for every rank"):
+        distributed.device_for("cuda:0")
+
+
+def test_a_checkpoint_of_another_ffn_width_is_refused_clearly(cache_dir, tmp_path, monkeypatch):
+    """A checkpoint written when an arch student without intermediate_size got another FFN width (before
+    widths followed the teacher's ratio): a StudentError naming the setting, not a raw shape error."""
+    from pipeline.train import students as students_mod
+
+    arch = {"num_layers": 1, "hidden_size": 32, "num_heads": 4}
+    cfg = run_cfg(cache_dir, tmp_path, [{"name": "s", "arch": arch, "losses": {"ce": 1.0}}], max_steps=2,
+                  eval_every=2)
+    _train(cfg)
+    monkeypatch.setattr(students_mod, "derived_ffn_width", lambda t, c, h: 11008)
+    with pytest.raises(StudentError, match="another shape .* set students\\[\\]\\.arch\\.intermediate_size"):
+        _train(cfg.model_copy(update={"max_steps": 4}))
+
+
+def test_capture_ranks_that_prepared_other_rows_are_refused(monkeypatch):
+    from pipeline import distributed
+    from pipeline.capture import run as capture_mod
+
+    monkeypatch.setattr(distributed, "ranks", lambda: distributed.Ranks(rank=0, world=2, local_rank=0))
+    monkeypatch.setattr(distributed, "all_gather", lambda digest: [digest, "0" * 64])  # rank 1 saw other data
+    with pytest.raises(capture_mod.CaptureError, match=r"ranks \[1\] prepared other rows or settings than rank 0"):
+        capture_mod._same_rows_on_every_rank({"capture": {}}, None)
+    monkeypatch.setattr(distributed, "all_gather", lambda digest: [digest, digest])
+    capture_mod._same_rows_on_every_rank({"capture": {}}, None)  # the same: no complaint

@@ -366,7 +366,10 @@ class Recipe:
         self.cache = next(iter(self.tasks.values()))[0]
         self.manifest = self.cache.manifest
         self.tokenizer = self.cache.tokenizer()
-        self.device = distributed.device_for(cfg.device)
+        try:
+            self.device = distributed.device_for(cfg.device)
+        except ValueError as e:
+            raise StudentError(str(e)) from None
         self.fields = sorted({f for c, _ in self.tasks.values() for s in cfg.students for f in T.fields_for(s, c.manifest)})
         for s in cfg.students:
             if s.temperature != 1.0 and T.reads_tempered(s) and T.tempered_index(s, self.manifest) is None:
