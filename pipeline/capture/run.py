@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -74,6 +75,12 @@ def check_settings(cfg: TeacherCacheConfig, spec: teacher_mod.TeacherSpec, token
         if bad or not c.attention_heads:
             raise CaptureError(f"capture.attention_heads {bad or '[]'} invalid: the teacher has heads "
                                f"0..{spec.num_heads - 1}")
+    if c.topk_codec == "pcodec":
+        try:
+            import numcodecs.pcodec  # noqa: F401  (needs the pcodec package: numcodecs[pcodec])
+        except ImportError:
+            raise CaptureError("capture.topk_codec='pcodec' needs the pcodec package (pip install 'numcodecs[pcodec]'),"
+                               " which is not installed; install it or set capture.topk_codec='zstd'") from None
     return hidden, attn
 
 
@@ -309,6 +316,15 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+ENCODINGS = ("capture.topk_codec:", "fields.topk_ids.dtype:", "fields.topk_ids.codec:", "fields.topk_logprobs.codec:")
+
+
+def _encoding_only(change: str) -> bool:
+    """A difference in how the top-K values are stored, not in the values: a finished cache written with the
+    older codec (zstd, int32 ids) holds the same values and is done."""
+    return change.startswith(ENCODINGS)
+
+
 def _wipe(st: Storage) -> None:
     """Everything under the output location (the location itself stays)."""
     if st.is_local:
@@ -384,7 +400,9 @@ def _locked_capture(cfg, st: Storage, tokenizer, spec, hidden, attn, device, log
     specs = cache_fmt.field_specs(
         seq_len=cfg.data.seq_len, top_k=cfg.capture.top_k, n_temperatures=len(cfg.capture.temperatures),
         hidden=(len(hidden), spec.hidden_size) if hidden else None, hidden_dtype=cfg.capture.hidden_dtype,
-        attention=(len(attn), n_heads) if attn else None)
+        attention=(len(attn), n_heads) if attn else None, vocab_size=spec.vocab_size,
+        topk_codec=cfg.capture.topk_codec, samples=cfg.capture.samples,
+        final_hidden=(spec.hidden_size, cfg.capture.final_hidden_dtype) if cfg.capture.final_hidden else None)
     weights = distributed.on_main(lambda: teacher_mod.weights_fingerprint(cfg.teacher))  # hashed once, not per rank
     plan = build_plan(cfg, spec, tokenizer, prepared, hidden, attn, specs, device.type, weights)
     base = None
@@ -401,9 +419,9 @@ def _locked_capture(cfg, st: Storage, tokenizer, spec, hidden, attn, device, log
     writer.create_arrays()  # opens what rank 0 created
     ranks = distributed.ranks()
     mine = todo[ranks.rank::ranks.world]
+    computer = None
     if todo:
         t0 = time.perf_counter()
-        computer = None
         if mine:
             model = teacher_mod.load_model(cfg.teacher, device)
             log(f"teacher loaded on {device} in {time.perf_counter() - t0:.1f}s"
@@ -422,6 +440,8 @@ def _locked_capture(cfg, st: Storage, tokenizer, spec, hidden, attn, device, log
             bar.wait_for_ranks()
 
     def finish():
+        if cfg.capture.final_hidden and base is None and not st.exists(cache_fmt.HEAD_FILE):
+            _store_head(st, cfg, computer.model if computer is not None else None)
         stats = _statistics(writer, base)
         manifest = writer.finalize(stats)
         log(f"finished {out}: {stats['tokens']:,} tokens, {stats['timing']['tokens_per_second']:,.0f} tokens/s"
@@ -478,7 +498,7 @@ def _prepare_output(cfg, st: Storage, plan: dict, base: dict | None, prepared, s
     elif st.exists(cache_fmt.MANIFEST):
         old = cache_fmt.read_manifest(st)
         done = described(old, plan)  # a cache of an earlier version with these settings is done
-        changes = _diff({k: done.get(k) for k in plan}, plan)
+        changes = [c for c in _diff({k: done.get(k) for k in plan}, plan) if not _encoding_only(c)]
         if not changes:
             log(f"{out} is already a finished cache with these settings; nothing to do")
             st.remove_tree(cache_fmt.WORK_DIR)
@@ -545,6 +565,23 @@ def _prepare_output(cfg, st: Storage, plan: dict, base: dict | None, prepared, s
     if committed:
         log(f"resuming: {len(committed)} shards already committed, {len(todo)} to go")
     return todo, len(committed)
+
+
+def _store_head(st: Storage, cfg: TeacherCacheConfig, model=None) -> None:
+    """The teacher's LM head (weight, and bias where it has one) in safetensors, in the dtype the teacher
+    computes with; the logit scale, divisor and softcap are in the manifest's `teacher`."""
+    import torch
+    from safetensors.torch import save_file
+
+    if model is None:
+        model = teacher_mod.load_model(cfg.teacher, torch.device("cpu"))
+    head = model.get_output_embeddings()
+    tensors = {"weight": head.weight.detach().cpu().contiguous()}
+    if getattr(head, "bias", None) is not None:
+        tensors["bias"] = head.bias.detach().cpu().contiguous()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(tensors, str(Path(tmp) / cache_fmt.HEAD_FILE), metadata={"format": "pt"})
+        st.upload(Path(tmp) / cache_fmt.HEAD_FILE, cache_fmt.HEAD_FILE)
 
 
 def _store_tokenizer(st: Storage, tokenizer) -> None:
@@ -690,7 +727,8 @@ def _run_shards(computer, prepared, todo, writer: CacheWriter, batch_size: int, 
                 for s in range(a, b, batch_size):
                     e = min(s + batch_size, b)
                     pos = None if rows.position_ids is None else rows.position_ids[s:e]
-                    parts.append(computer(rows.input_ids[s:e], rows.lengths[s:e], pos))
+                    seed = [zlib.crc32(split.encode()), writer.parts[split]["row_start"] + s]  # the draws' seed
+                    parts.append(computer(rows.input_ids[s:e], rows.lengths[s:e], pos, seed))
                     bar.update(int(rows.lengths[s:e].sum()))
                 targets = TeacherTargets.concat(parts)
                 stats = _shard_stats(targets, rows.lengths[a:b], time.perf_counter() - t0)
@@ -733,6 +771,8 @@ def _statistics(writer: CacheWriter, base: dict | None = None) -> dict:
             per_field[name] = per_field.get(name, 0) + d["bytes"]
     for part in writer.parts.values():
         per_field["rows.parquet"] = per_field.get("rows.parquet", 0) + writer.st.size(f"{part['path']}/rows.parquet")
+    if base is None and writer.st.exists(cache_fmt.HEAD_FILE):
+        per_field[cache_fmt.HEAD_FILE] = writer.st.size(cache_fmt.HEAD_FILE)  # once per cache
     return {
         "tokens": tokens,
         "rows": sum(v["rows"] for v in writer.plan["splits"].values()),

@@ -3,7 +3,8 @@
 The full (B, L, V) logits are never held: the decoder's last hidden state is pushed
 through the LM head in blocks of `position_chunk` positions, and each block yields its
 top-K, logsumexp (T=1 and any extra temperatures) and the log-prob of the true next
-token in one go. Peak memory is one (position_chunk, V) float32 block plus the model.
+token in one go (and, with `samples`, the draws of the sampled targets: a second block, the
+proposal's probabilities). Peak memory is one or two (position_chunk, V) float32 blocks plus the model.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 from .. import attention
 from .teacher import TeacherSpec, output_logits
 
-HIDDEN_DTYPES = {"float16": (torch.float16, np.float16), "bfloat16": (torch.bfloat16, None)}
+HIDDEN_DTYPES = {"float16": (torch.float16, np.float16), "bfloat16": (torch.bfloat16, None),
+                 "float32": (torch.float32, np.float32)}
 
 
 class CaptureOverflowError(RuntimeError):
@@ -31,13 +33,18 @@ class TeacherTargets:
     there is no next token (the last real position, and padding).
     """
 
-    topk_ids: np.ndarray  # (B, L, K) int32, descending log-prob
+    topk_ids: np.ndarray  # (B, L, K) int32 (written in the field's dtype), descending log-prob
     topk_logprobs: np.ndarray  # (B, L, K) float16, log p at T=1
     logsumexp: np.ndarray  # (B, L) float32, of the logits at T=1
     target_logprob: np.ndarray  # (B, L) float32, log p(next token)
     logsumexp_tempered: np.ndarray | None = None  # (B, n_T, L) float32, logsumexp(z / T)
     hidden_states: np.ndarray | None = None  # (B, n_hidden, L, d) float16 or bfloat16 (stored as uint16 bits)
     attentions: np.ndarray | None = None  # (B, n_attn, H_kept, L, L) float16
+    hidden_scale: np.ndarray | None = None  # (B, n_hidden, L) float32: int8 hidden_states times this
+    sample_ids: np.ndarray | None = None  # (B, L, N) distinct drawn ids, ascending, then 0 in empty slots
+    sample_counts: np.ndarray | None = None  # (B, L, N) draws of each id; 0 marks an empty slot
+    sample_logprobs: np.ndarray | None = None  # (B, L, N) float16 teacher log p at T=1 of sample_ids
+    final_hidden: np.ndarray | None = None  # (B, L, d) the LM head's input (float16/float32, or bfloat16 bits)
 
     def fields(self) -> dict[str, np.ndarray]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -58,14 +65,23 @@ def logit_targets(
     k: int,
     temperatures: list[float],
     position_chunk: int,
+    samples: int = 0,
+    sample_temperature: float = 1.0,
+    generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
+    """Per position: top-K ids and log-probs, logsumexp at T=1 and at `temperatures`, log p of the next
+    token, and with `samples` N: N draws from q = softmax(z / sample_temperature) as distinct ids
+    (ascending), their counts and their log p at T=1 (empty slots: id 0, count 0, log p 0)."""
     B, L, d = hidden.shape
     flat = hidden.reshape(B * L, d)
     nxt = next_ids.reshape(B * L)
     out_ids, out_lp, out_lse, out_tgt, out_lse_t = [], [], [], [], []
+    out_sid, out_scount, out_slp = [], [], []
     for s in range(0, B * L, position_chunk):
         z = head(flat[s : s + position_chunk])  # (P, V) float32, the only (P, V) buffer
         vals, ids = torch.topk(z, k, dim=-1)  # (P, K), descending
+        if samples:
+            sid, scount, sz = draw_samples(z, samples, sample_temperature, generator)
         n = nxt[s : s + position_chunk]
         z_tgt = z.gather(1, n.clamp(min=0)[:, None])[:, 0]  # (P,)
         m = vals[:, :1]  # (P, 1) the row max: the logsumexp shift, for free from top-k
@@ -78,6 +94,10 @@ def logit_targets(
         out_ids.append(ids.to(torch.int32))
         out_lp.append(vals - lse[:, None])
         out_lse.append(lse)
+        if samples:
+            out_sid.append(sid)
+            out_scount.append(scount)
+            out_slp.append(torch.where(scount > 0, sz - lse[:, None], 0.0))
     res = {
         "topk_ids": torch.cat(out_ids).reshape(B, L, k),
         "topk_logprobs": torch.cat(out_lp).reshape(B, L, k),
@@ -86,16 +106,45 @@ def logit_targets(
     }
     if temperatures:
         res["logsumexp_tempered"] = torch.cat(out_lse_t, dim=1).reshape(len(temperatures), B, L).transpose(0, 1)
+    if samples:
+        res["sample_ids"] = torch.cat(out_sid).reshape(B, L, samples)
+        res["sample_counts"] = torch.cat(out_scount).reshape(B, L, samples)
+        res["sample_logprobs"] = torch.cat(out_slp).reshape(B, L, samples)
     return res
 
 
-def _to_storage(x: torch.Tensor, dtype_name: str, what: str) -> np.ndarray:
+def draw_samples(z: torch.Tensor, n: int, temperature: float, generator: torch.Generator | None = None):
+    """`n` draws with replacement from softmax(z / temperature) per row of z (P, V): (distinct ids ascending,
+    their counts, their logits z), each (P, n), the slots past a row's distinct ids holding 0."""
+    probs = torch.softmax(z / temperature, dim=-1) if temperature != 1.0 else torch.softmax(z, dim=-1)
+    draws = torch.multinomial(probs, n, replacement=True, generator=generator)  # (P, n)
+    del probs
+    draws, _ = draws.sort(dim=-1)
+    new = torch.ones_like(draws, dtype=torch.bool)
+    new[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    slot = new.long().cumsum(1) - 1  # the slot of each draw: its id's rank among the row's distinct ids
+    counts = torch.zeros_like(draws).scatter_add_(1, slot, torch.ones_like(draws))
+    ids = torch.zeros_like(draws).scatter_(1, slot, draws)
+    zs = z.new_zeros(draws.shape).scatter_(1, slot, z.gather(1, draws))
+    return ids, counts, zs
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per vector of the last axis: (q int8, scale float32) with x ~ q * scale, scale =
+    max |x| / 127 (0 for an all-zero vector); the error of an element is at most scale / 2."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1) / 127.0
+    q = torch.where(scale[..., None] > 0, x / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None], 0.0)
+    return q.round_().clamp_(-127, 127).to(torch.int8), scale
+
+
+def _to_storage(x: torch.Tensor, dtype_name: str, what: str, setting: str = "hidden_dtype") -> np.ndarray:
     tdt, _ = HIDDEN_DTYPES[dtype_name]
     y = x.to(tdt)
     if torch.isinf(y).any() and not torch.isinf(x).any():
         big = x.abs().max().item()
         raise CaptureOverflowError(
-            f"{what}: a value of magnitude {big:.4g} overflows {dtype_name}; capture with hidden_dtype='bfloat16'"
+            f"{what}: a value of magnitude {big:.4g} overflows {dtype_name}; capture with {setting}='bfloat16'"
         )
     y = y.cpu()
     return y.view(torch.int16).numpy().view(np.uint16) if tdt == torch.bfloat16 else y.numpy()
@@ -118,8 +167,10 @@ class TargetComputer:
 
     @torch.inference_mode()
     def __call__(self, input_ids: np.ndarray, lengths: np.ndarray,
-                 position_ids: np.ndarray | None = None) -> TeacherTargets:
-        """`position_ids` (B, L): documents kept apart (restarting positions, padding a segment of its own)."""
+                 position_ids: np.ndarray | None = None, seed: list[int] | None = None) -> TeacherTargets:
+        """`position_ids` (B, L): documents kept apart (restarting positions, padding a segment of its own).
+        `seed` seeds the sampled targets' draws (with capture.samples): the same seed, rows and settings give
+        the same draws on the same device type."""
         B, L = input_ids.shape
         ids = torch.from_numpy(input_ids).to(self.device, torch.long)  # (B, L)
         lens = torch.from_numpy(lengths).to(self.device, torch.long)
@@ -146,8 +197,12 @@ class TargetComputer:
         nxt = torch.full_like(ids, -1)
         nxt[:, :-1] = ids[:, 1:]
         nxt = torch.where(pos[None, :] < (lens[:, None] - 1), nxt, torch.full_like(nxt, -1))
+        gen = None
+        if self.cfg.samples:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(int(np.random.SeedSequence([self.cfg.sample_seed, *(seed or [])]).generate_state(1, np.uint64)[0] >> 1))
         t = logit_targets(out.last_hidden_state, self.head, nxt, self.cfg.top_k, self.cfg.temperatures,
-                          self.cfg.position_chunk)
+                          self.cfg.position_chunk, self.cfg.samples, self.cfg.sample_temperature, gen)
         v3 = valid[:, :, None]
         res = TeacherTargets(
             topk_ids=torch.where(v3, t["topk_ids"], 0).cpu().numpy(),
@@ -157,10 +212,21 @@ class TargetComputer:
         )
         if "logsumexp_tempered" in t:
             res.logsumexp_tempered = torch.where(valid[:, None], t["logsumexp_tempered"], 0).cpu().numpy()
+        if self.cfg.samples:
+            res.sample_ids = torch.where(v3, t["sample_ids"], 0).cpu().numpy()
+            res.sample_counts = torch.where(v3, t["sample_counts"], 0).cpu().numpy()
+            res.sample_logprobs = torch.where(v3, t["sample_logprobs"], 0).to(torch.float16).cpu().numpy()
+        if self.cfg.final_hidden:
+            res.final_hidden = _to_storage(torch.where(v3, out.last_hidden_state, 0), self.cfg.final_hidden_dtype,
+                                           "final hidden state", "final_hidden_dtype")
         if self.hidden_layers:
             hs = torch.stack([out.hidden_states[i] for i in self.hidden_layers], dim=1)  # (B, n, L, d)
             hs = torch.where(valid[:, None, :, None], hs, 0)
-            res.hidden_states = _to_storage(hs, self.cfg.hidden_dtype, "hidden state")
+            if self.cfg.hidden_dtype == "int8":
+                q, scale = quantize_int8(hs)
+                res.hidden_states, res.hidden_scale = q.cpu().numpy(), scale.cpu().numpy()
+            else:
+                res.hidden_states = _to_storage(hs, self.cfg.hidden_dtype, "hidden state")
         if recorder is not None:
             att = recorder.stacked(self.attention_layers)  # (B, n, H, L, L)
             vv = valid[:, None, None, :, None] & valid[:, None, None, None, :]

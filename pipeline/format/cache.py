@@ -33,12 +33,13 @@ import pyarrow.parquet as pq
 from .storage import Storage, StorageError, fetch_verified, stream_digest
 
 FORMAT_NAME = "teacher-cache"
-FORMAT_VERSION = "1.2"
+FORMAT_VERSION = "1.3"
 GROWN_FORMAT_VERSION = "2.0"  # a cache with more than one part: a 1.x reader would see its first part only
 READABLE_MAJORS = ("1", "2")
 MANIFEST = "manifest.json"
 WORK_DIR = "_capture"
 TOKENIZER_DIR = "tokenizer"
+HEAD_FILE = "lm_head.safetensors"  # capture.final_hidden: the teacher's LM head, once per cache
 
 
 class CacheError(RuntimeError):
@@ -54,7 +55,9 @@ class FieldSpec:
     tail: tuple[int, ...]  # shape after the row axis
     dtype: str  # numpy dtype as stored
     description: str
-    encoding: str | None = None  # "bfloat16-bits": uint16 holding bfloat16 bit patterns
+    encoding: str | None = None  # "bfloat16-bits": uint16 holding bfloat16 bit patterns; "int8-scaled"
+    codec: str = "zstd"  # "zstd", or "pcodec" (numcodecs' PCodec at `level`: lossless, numeric)
+    level: int | None = None  # the codec's level; None: the capture's compression_level
 
     @property
     def bytes_per_row(self) -> int:
@@ -73,18 +76,57 @@ class FieldSpec:
         }
         if self.encoding:
             d["encoding"] = self.encoding
+        if self.codec != "zstd":
+            d["codec"] = self.codec
         return d
+
+    def compressors(self, zstd_level: int) -> dict:
+        """create_array keywords: the field's codecs."""
+        from zarr.codecs import ZstdCodec
+
+        if self.codec == "pcodec":
+            import warnings
+
+            from zarr.codecs.numcodecs import PCodec
+
+            with warnings.catch_warnings():  # "not in the Zarr v3 specification": FORMAT.md says what reads it
+                warnings.simplefilter("ignore")
+                codec = PCodec(level=self.level if self.level is not None else 8)
+            return {"serializer": codec, "compressors": None}
+        level = self.level if self.level is not None else zstd_level
+        return {"compressors": [ZstdCodec(level=level)] if level else None}
+
+
+# pcodec levels of the top-K fields, measured on the default cache (README, "Cache size"): the ids at 12
+# (entropy coding of 16/32-bit symbols; 8 gives 108 B/token, 12 gives 98-101), the sorted log-probs at 8
+# (pcodec's delta modes; 12 gains nothing)
+TOPK_LEVELS = {"topk_ids": 12, "topk_logprobs": 8, "sample_ids": 12, "sample_counts": 8, "sample_logprobs": 8}
+ID_DTYPE_LIMIT = 65536  # vocabularies up to this size store ids as uint16
+
+
+def id_dtype(vocab_size: int) -> str:
+    """The narrowest integer type that holds every id of a vocabulary (LM-head rows, padding included)."""
+    return "uint16" if vocab_size <= ID_DTYPE_LIMIT else "int32"
 
 
 def field_specs(*, seq_len: int, top_k: int, n_temperatures: int, hidden: tuple[int, int] | None,
-                hidden_dtype: str, attention: tuple[int, int] | None) -> list[FieldSpec]:
-    """The dense fields a capture writes; `hidden` = (n_layers, width), `attention` = (n_layers, heads kept)."""
+                hidden_dtype: str, attention: tuple[int, int] | None, vocab_size: int | None = None,
+                topk_codec: str = "zstd", samples: int = 0, final_hidden: tuple[int, str] | None = None
+                ) -> list[FieldSpec]:
+    """The dense fields a capture writes; `hidden` = (n_layers, width), `attention` = (n_layers, heads kept),
+    `final_hidden` = (width, dtype). `topk_codec` "zstd" with `vocab_size` None writes the 1.2 layout
+    (int32 ids, zstd); "pcodec" writes ids in the narrowest type and the K-wide fields with pcodec."""
     L, K = seq_len, top_k
+    pc = topk_codec == "pcodec"
+    ids = id_dtype(vocab_size) if (pc and vocab_size) else "int32"
+
+    def wide(name, dtype, desc, n):
+        return FieldSpec(name, ("row", "position", "k" if name.startswith("topk") else "slot"), (L, n), dtype, desc,
+                         codec="pcodec" if pc else "zstd", level=TOPK_LEVELS[name] if pc else None)
+
     specs = [
-        FieldSpec("topk_ids", ("row", "position", "k"), (L, K), "int32",
-                  "ids of the K most likely next tokens, most likely first"),
-        FieldSpec("topk_logprobs", ("row", "position", "k"), (L, K), "float16",
-                  "teacher log-probabilities of topk_ids at T=1"),
+        wide("topk_ids", ids, "ids of the K most likely next tokens, most likely first", K),
+        wide("topk_logprobs", "float16", "teacher log-probabilities of topk_ids at T=1", K),
         FieldSpec("logsumexp", ("row", "position"), (L,), "float32",
                   "logsumexp of the teacher logits at T=1: log p(i) = z_i - logsumexp"),
         FieldSpec("target_logprob", ("row", "position"), (L,), "float32",
@@ -93,12 +135,29 @@ def field_specs(*, seq_len: int, top_k: int, n_temperatures: int, hidden: tuple[
     if n_temperatures:
         specs.append(FieldSpec("logsumexp_tempered", ("row", "temperature", "position"), (n_temperatures, L),
                                "float32", "logsumexp(z / T) per extra temperature: log p_T(i) = z_i / T - value"))
+    if samples:
+        specs += [
+            wide("sample_ids", id_dtype(vocab_size) if vocab_size else "int32",
+                 "distinct ids drawn from the proposal, ascending; slots past the distinct ones hold 0", samples),
+            wide("sample_counts", "uint16",
+                 "times each id was drawn (they sum to capture.samples); 0 marks an empty slot", samples),
+            wide("sample_logprobs", "float16", "teacher log-probabilities of sample_ids at T=1", samples),
+        ]
     if hidden:
         n, d = hidden
-        bits = hidden_dtype == "bfloat16"
+        bits, q8 = hidden_dtype == "bfloat16", hidden_dtype == "int8"
         specs.append(FieldSpec("hidden_states", ("row", "layer", "position", "hidden"), (n, L, d),
-                               "uint16" if bits else "float16", "hidden states of the selected layers",
-                               "bfloat16-bits" if bits else None))
+                               "uint16" if bits else "int8" if q8 else "float16", "hidden states of the selected layers",
+                               "bfloat16-bits" if bits else "int8-scaled" if q8 else None))
+        if q8:
+            specs.append(FieldSpec("hidden_scale", ("row", "layer", "position"), (n, L), "float32",
+                                   "per-position scale of hidden_states: value = int8 * scale (max |h| / 127)"))
+    if final_hidden:
+        d, dtype = final_hidden
+        specs.append(FieldSpec("final_hidden", ("row", "position", "hidden"), (L, d),
+                               "uint16" if dtype == "bfloat16" else dtype,
+                               "the teacher's last hidden state (after the final norm): logits = lm_head(value)",
+                               "bfloat16-bits" if dtype == "bfloat16" else None))
     if attention:
         n, h = attention
         specs.append(FieldSpec("attentions", ("row", "layer", "head", "query", "key"), (n, h, L, L), "float16",
@@ -148,15 +207,25 @@ def manifest_digest(manifest: dict) -> str:
     return sha256_bytes(canonical({k: v for k, v in manifest.items() if k != "digest"}).encode())
 
 
+# capture settings 1.3 added, as every earlier cache was made
+LEGACY_CAPTURE = {"samples": 0, "sample_temperature": 1.0, "sample_seed": 0, "final_hidden": False,
+                  "final_hidden_dtype": "float16", "topk_codec": "zstd"}
+
+
 def current_layout(plan: dict) -> dict:
-    """A 1.0/1.1 manifest or plan described as this version writes it (format 1.2: one part per split,
-    field paths per part). The bytes on disk are the same; only the description changed."""
-    if plan.get("format_version") not in ("1.0", "1.1"):
-        return plan
-    return {**plan, "format_version": FORMAT_VERSION,
-            "fields": {k: {**f, "path": f["path"].replace("{split}", "{part}")} for k, f in plan["fields"].items()},
-            "splits": {s: {**v, "parts": [{"path": s, "row_start": 0, "rows": v["rows"], "tokens": v["tokens"],
-                                            "shards": v["shards"]}]} for s, v in plan["splits"].items()}}
+    """A 1.0-1.2 manifest or plan (or a 2.0 one grown before 1.3) described as this version writes it
+    (1.2: one part per split, field paths per part; 1.3: capture modes and codecs, off in earlier ones).
+    The bytes on disk are the same; only the description changed."""
+    out = dict(plan)
+    if isinstance(out.get("capture"), dict):
+        out["capture"] = {**LEGACY_CAPTURE, **out["capture"]}
+    if out.get("format_version") in ("1.0", "1.1"):
+        out["fields"] = {k: {**f, "path": f["path"].replace("{split}", "{part}")} for k, f in out["fields"].items()}
+        out["splits"] = {s: {**v, "parts": [{"path": s, "row_start": 0, "rows": v["rows"], "tokens": v["tokens"],
+                                              "shards": v["shards"]}]} for s, v in out["splits"].items()}
+    if out.get("format_version") in ("1.0", "1.1", "1.2"):
+        out["format_version"] = FORMAT_VERSION
+    return out
 
 
 def manifest_plan(manifest: dict) -> dict:
@@ -290,7 +359,6 @@ class CacheWriter:
     def create_arrays(self) -> None:
         """Create (or open, when resuming) every written part's group and arrays."""
         import zarr
-        from zarr.codecs import ZstdCodec
 
         for split, n in self.split_rows.items():
             part = self.parts[split]["path"]
@@ -309,7 +377,7 @@ class CacheWriter:
                         dtype=spec.dtype,
                         chunks=(self.chunk_rows, *spec.tail),
                         shards=(self.shard_rows, *spec.tail),
-                        compressors=[ZstdCodec(level=self.level)] if self.level else None,
+                        **spec.compressors(self.level),
                         fill_value=0,
                         dimension_names=spec.dims,
                         attributes={"description": spec.description, **({"encoding": spec.encoding}
@@ -334,7 +402,13 @@ class CacheWriter:
             if data.shape != (end - start, *spec.tail):
                 raise CacheError(f"shard {split}/{index}: {spec.name} has shape {data.shape}, "
                                  f"expected {(end - start, *spec.tail)}")
-            self._arrays[(split, spec.name)][start:end] = data.view(spec.dtype)
+            if data.dtype != np.dtype(spec.dtype):  # ids and counts narrowed to the field's type: check the range
+                info = np.iinfo(spec.dtype) if np.dtype(spec.dtype).kind in "iu" else None
+                if info is None or data.size and (data.min() < info.min or data.max() > info.max):
+                    raise CacheError(f"shard {split}/{index}: {spec.name} holds {data.dtype} values that "
+                                     f"{spec.dtype} cannot store")
+                data = data.astype(spec.dtype)
+            self._arrays[(split, spec.name)][start:end] = data
         files = {}
         for spec in self.specs:
             rel = shard_file(part["path"], spec, index)
@@ -367,7 +441,8 @@ class CacheWriter:
         shards = sorted(older + shards,
                         key=lambda sh: (order.index(sh["split"]), sh["index"]))
         meta = dict(self.base["metadata_files"]) if self.base else {}
-        written = [] if self.base else sorted(r for r in self.st.files() if r.startswith(TOKENIZER_DIR + "/"))
+        written = [] if self.base else sorted(r for r in self.st.files()
+                                              if r.startswith(TOKENIZER_DIR + "/") or r == HEAD_FILE)
         for split in self.split_rows:
             folder = self.parts[split]["path"]
             written += [f"{folder}/zarr.json", f"{folder}/rows.parquet"] + [f"{folder}/{spec.name}/zarr.json"

@@ -2,8 +2,10 @@
 evaluation, whatever the number of students, split over ranks and summed.
 
 Metrics: NLL and perplexity of the true next token, top-1 agreement with the teacher, KL(teacher
-|| student) over the cached top-K + exact tail, and expected calibration error (15 equal-width
-confidence bins). Every rank adds its batches into float64 sums; one all-reduce per evaluation
+|| student) and expected calibration error (15 equal-width confidence bins). KL is exact over the
+whole vocabulary when the cache holds the teacher's final hidden states and LM head
+(`capture.final_hidden`, `head` given), else over the cached top-K + exact tail bucket (a lower
+bound of the full KL). Every rank adds its batches into float64 sums; one all-reduce per evaluation
 gives every rank the same metrics, so early-stopping decisions agree.
 """
 
@@ -27,7 +29,7 @@ def _empty() -> torch.Tensor:
 
 
 @torch.no_grad()
-def _accumulate(acc: torch.Tensor, model, batch: dict, device) -> None:
+def _accumulate(acc: torch.Tensor, model, batch: dict, device, head=None) -> None:
     ids = batch["input_ids"].to(device)
     masks = batch_masks(batch, device)
     valid, has_next = masks.kd, masks.ce
@@ -39,8 +41,11 @@ def _accumulate(acc: torch.Tensor, model, batch: dict, device) -> None:
     top_val, top_id = logits.max(-1)
     topk_ids = batch["topk_ids"].to(device).long()
     s_lp, s_tail = L.student_topk_logprobs(logits, topk_ids, 1.0, lse=lse)
-    t_lp, t_tail = L.teacher_topk_logprobs(batch["topk_logprobs"].to(device), batch["logsumexp"].to(device))
-    kl = L.forward_kl(t_lp, t_tail, s_lp, s_tail, valid) * valid.sum()
+    if head is not None and "final_hidden" in batch:
+        kl = L.full_divergence(head, head.decode(batch["final_hidden"].to(device)), logits, valid) * valid.sum()
+    else:
+        t_lp, t_tail = L.teacher_topk_logprobs(batch["topk_logprobs"].to(device), batch["logsumexp"].to(device))
+        kl = L.forward_kl(t_lp, t_tail, s_lp, s_tail, valid) * valid.sum()
     conf = torch.exp(top_val.float() - lse)[has_next].double()
     correct = (top_id == nxt)[has_next].double()
     b = torch.clamp((conf * ECE_BINS).long(), max=ECE_BINS - 1)
@@ -62,9 +67,10 @@ def _metrics(acc: torch.Tensor) -> dict[str, float]:
             "tokens": int(s["n_next"])}
 
 
-def evaluate_all(models: dict[str, torch.nn.Module], batches, device) -> dict[str, dict[str, float]]:
+def evaluate_all(models: dict[str, torch.nn.Module], batches, device, head=None) -> dict[str, dict[str, float]]:
     """{name: metrics} for every model, reading `batches` once (this rank's share of them); the sums
-    are added over ranks when run under torch.distributed."""
+    are added over ranks when run under torch.distributed. `head`: the cache's TeacherHead, for an
+    exact KL from batches that hold final_hidden."""
     acc = {name: _empty() for name in models}
     was = {name: m.training for name, m in models.items()}
     for m in models.values():
@@ -72,7 +78,7 @@ def evaluate_all(models: dict[str, torch.nn.Module], batches, device) -> dict[st
     try:
         for batch in batches:
             for name, m in models.items():
-                _accumulate(acc[name], m, batch, device)
+                _accumulate(acc[name], m, batch, device, head)
     finally:
         for name, m in models.items():
             m.train(was[name])
@@ -82,6 +88,6 @@ def evaluate_all(models: dict[str, torch.nn.Module], batches, device) -> dict[st
     return {name: _metrics(stacked[i]) for i, name in enumerate(acc)}
 
 
-def evaluate(model, batches, device) -> dict[str, float]:
+def evaluate(model, batches, device, head=None) -> dict[str, float]:
     """One model's metrics (see `evaluate_all`)."""
-    return evaluate_all({"model": model}, batches, device)["model"]
+    return evaluate_all({"model": model}, batches, device, head)["model"]

@@ -192,26 +192,70 @@ def cross_entropy(s_target_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return masked_mean(-s_target_lp, mask)
 
 
-def full_forward_kl(t_logits: torch.Tensor, s_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
-                    block: int = 512) -> torch.Tensor:
-    """KL(teacher || student) over the whole vocabulary (online KD with a live teacher), times T^2.
+def divergence(t_lp: torch.Tensor, s_lp: torch.Tensor, kind: str = "forward", beta: float = 0.5) -> torch.Tensor:
+    """Per position, over the last axis of two full log-distributions: KL(t || s) ("forward"), KL(s || t)
+    ("reverse") or the generalised JSD ("jsd": beta KL(t || m) + (1 - beta) KL(s || m), m = beta t + (1 - beta) s)."""
+    if kind == "forward":
+        return _kl(t_lp, s_lp)
+    if kind == "reverse":
+        return _kl(s_lp, t_lp)
+    if kind == "jsd":
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"jsd beta must be in (0, 1), got {beta}")
+        m = torch.logaddexp(t_lp + math.log(beta), s_lp + math.log(1 - beta))
+        return beta * _kl(t_lp, m) + (1 - beta) * _kl(s_lp, m)
+    raise ValueError(f"unknown divergence {kind!r}")
 
-    Blockwise over positions under activation checkpointing, so only one (block, V) float32 pair
-    is alive at a time. Vocabularies must match (the student may be padded beyond the teacher).
+
+def full_divergence(teacher_logits, t_inputs: torch.Tensor, s_logits: torch.Tensor, mask: torch.Tensor,
+                    temperature: float = 1.0, kind: str = "forward", beta: float = 0.5,
+                    block: int = 512) -> torch.Tensor:
+    """A divergence between teacher and student over the whole vocabulary, masked mean over positions, x T^2.
+
+    `teacher_logits(x)` maps a block of `t_inputs` (B, L, ...) flattened to (P, ...) to the teacher's
+    (P, V) logits: the identity for stored logits (online KD), the teacher's LM head for its cached
+    final hidden states. Blockwise over positions under activation checkpointing, so only one
+    (block, V) float32 pair is alive at a time, in the forward and in the backward pass. A student with
+    more rows than the teacher (a padded vocabulary): they count in its softmax for forward KL, and are
+    left out for reverse KL and JSD (where the teacher's p = 0 on them would make KL(s || .) infinite).
     """
     from torch.utils.checkpoint import checkpoint
 
-    V = t_logits.shape[-1]
-
-    def block_kl(t, s):
+    def block_div(x, s):
+        t = teacher_logits(x)
+        V = t.shape[-1]
         t_lp = torch.log_softmax(_acc(t) / temperature, -1)
-        s_lp = torch.log_softmax(_acc(s) / temperature, -1)  # over the student's (maybe padded) vocabulary
-        return (t_lp.exp() * (t_lp - s_lp[..., :V])).sum(-1)
+        if kind == "forward":  # the student's extra rows count in its softmax: KL pushes their mass down
+            s_lp = torch.log_softmax(_acc(s) / temperature, -1)[..., :V]
+        else:  # KL(s || .) would be infinite on rows the teacher gives p = 0: the student's first V rows
+            s_lp = torch.log_softmax(_acc(s[..., :V]) / temperature, -1)
+        return divergence(t_lp, s_lp, kind, beta)
 
-    tf, sf, mf = (x.reshape(-1, *x.shape[2:]) for x in (t_logits, s_logits, mask))
-    parts = [checkpoint(block_kl, tf[i : i + block], sf[i : i + block], use_reentrant=False)
-             for i in range(0, tf.shape[0], block)]
+    xf = t_inputs.reshape(-1, *t_inputs.shape[2:])
+    sf, mf = s_logits.reshape(-1, s_logits.shape[-1]), mask.reshape(-1)
+    parts = [checkpoint(block_div, xf[i : i + block], sf[i : i + block], use_reentrant=False)
+             for i in range(0, xf.shape[0], block)]
     return masked_mean(torch.cat(parts), mf) * temperature**2
+
+
+def full_forward_kl(t_logits: torch.Tensor, s_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
+                    block: int = 512) -> torch.Tensor:
+    """KL(teacher || student) over the whole vocabulary from the teacher's logits (online KD), x T^2."""
+    return full_divergence(lambda t: t, t_logits, s_logits, mask, temperature, "forward", block=block)
+
+
+def sampled_kl(t_lp: torch.Tensor, s_lp: torch.Tensor, log_w: torch.Tensor, mask: torch.Tensor,
+               temperature: float = 1.0) -> torch.Tensor:
+    """Importance-sampled forward KL(teacher || student) at sampled ids, masked mean over positions, x T^2.
+
+    Per position, with the distinct drawn ids v, `log_w` = log(c_v / N) + log p_T(v) - log q(v) (-inf in
+    empty slots), `t_lp` = log p_T(v) and `s_lp` = log s_T(v) from the student's full softmax:
+    sum_v w_v (log p_T(v) - log s_T(v)). Over the draws, E[w_v] = p_T(v) for every v, so the value and
+    its gradient are unbiased estimates of the full KL and of its gradient.
+    """
+    w = log_w.exp()
+    per = (w * (t_lp - s_lp)).masked_fill(w == 0, 0.0).sum(-1)
+    return masked_mean(per, mask) * temperature**2
 
 
 # ---------------------------------------------------------------------------------------------

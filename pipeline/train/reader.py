@@ -18,7 +18,8 @@ import torch
 from ..format.cache import Cache, CacheError, row_column
 
 ROW_FIELDS = {"loss_mask": np.bool_, "position_ids": np.int64}  # optional rows.parquet columns, in every batch
-FLOAT_FIELDS = {"topk_logprobs", "logsumexp", "target_logprob", "logsumexp_tempered", "hidden_states", "attentions"}
+FLOAT_FIELDS = {"topk_logprobs", "logsumexp", "target_logprob", "logsumexp_tempered", "attentions", "sample_logprobs",
+                "hidden_scale"}  # to float32 here; hidden_states and final_hidden are decoded on the device
 
 
 @dataclass(frozen=True)
@@ -142,8 +143,10 @@ class CacheBatches(torch.utils.data.IterableDataset):
             sel = np.argsort(np.argsort(shard_of, kind="stable"), kind="stable")  # back to the batch's row order
             for f in self.fields:
                 arr = np.concatenate(parts[f])[sel] if len(parts[f]) > 1 else parts[f][0]
+                if arr.dtype == np.uint16 and f in ("topk_ids", "sample_ids"):
+                    arr = arr.astype(np.int32)  # ids of vocabularies <= 65,536 are stored as uint16
                 t = torch.from_numpy(np.ascontiguousarray(arr))
-                out[f] = t.float() if f in FLOAT_FIELDS and f != "hidden_states" else t
+                out[f] = t.float() if f in FLOAT_FIELDS else t
             yield out
 
 

@@ -42,6 +42,7 @@ from ..format.cache import Cache
 from . import losses as L
 from . import terms as T
 from .evaluate import LOWER_IS_BETTER, evaluate_all
+from .head import TeacherHead
 from .reader import CacheBatches, TaskStream, make_loader
 from .representation import attention_pairs, hidden_pairs, make_projections
 from .students import StudentError, build_student, count_parameters
@@ -96,11 +97,11 @@ def forward(engine, wiring: T.Wiring, batch: dict, device, want_logits: bool = T
 
 
 def step_losses(model, batch: dict, spec: StudentConfig, manifest: dict, device,
-                wiring: T.Wiring | None = None) -> dict[str, torch.Tensor]:
+                wiring: T.Wiring | None = None, head=None) -> dict[str, torch.Tensor]:
     """One batch's terms and total for a bare model (benchmarks, tests): the recipe's computation."""
     wiring = wiring or T.Wiring()
     out = forward(StudentModule(model, wiring), wiring, batch, device)
-    sig = T.TeacherSignal(batch, device, manifest["capture"]["temperatures"])
+    sig = T.TeacherSignal(batch, device, manifest["capture"]["temperatures"], manifest["capture"], head)
     return T.compute(spec, out, sig, wiring)
 
 
@@ -371,6 +372,9 @@ class Recipe:
         except ValueError as e:
             raise StudentError(str(e)) from None
         self.fields = sorted({f for c, _ in self.tasks.values() for s in cfg.students for f in T.fields_for(s, c.manifest)})
+        # the teacher's LM head, for the full-vocabulary terms and an exact validation KL
+        self.heads = {n: TeacherHead.from_cache(c, self.device) for n, (c, _) in self.tasks.items()
+                      if "final_hidden" in c.manifest["fields"]}
         for s in cfg.students:
             if s.temperature != 1.0 and T.reads_tempered(s) and T.tempered_index(s, self.manifest) is None:
                 warnings.warn(f"student {s.name!r}: temperature {s.temperature} was not captured in {self.cache.root} "
@@ -391,7 +395,8 @@ class Recipe:
         self.val_sets = {}
         for n, (c, w) in self.val_tasks.items():
             keys = None if cfg.eval_rows is None else c.rows("validation").column("key").to_pylist()[: cfg.eval_rows]
-            ds = CacheBatches(c, "validation", list(T.TOPK_FIELDS), cfg.batch_size, shuffle=False, keys=keys)
+            fields = list(T.TOPK_FIELDS) + (list(T.FULL_FIELDS) if n in self.heads else [])
+            ds = CacheBatches(c, "validation", fields, cfg.batch_size, shuffle=False, keys=keys)
             if r.active:  # this rank's share of the validation batches
                 ds.indices = [j for j in range(len(ds)) if j % r.world == r.rank]
             self.val_sets[n] = (ds, w)
@@ -489,13 +494,15 @@ class Recipe:
         return state["run"], grew
 
     # -- training ---------------------------------------------------------------------------
-    def micro_step(self, batch: dict, last: bool) -> None:
+    def micro_step(self, batch: dict, last: bool, task: str | None = None) -> None:
         """Forward and backward of every active student on one batch; gradients are averaged over
         ranks only on the last micro-batch of a step."""
         cfg, device = self.cfg, self.device
         active = [st for st in self.students if not st.stopped]
         mutual = cfg.mutual_weight > 0 and len(active) > 1
-        sig = T.TeacherSignal(batch, device, self.manifest["capture"]["temperatures"])
+        cache = self.tasks[task][0] if task is not None else self.cache
+        sig = T.TeacherSignal(batch, device, cache.manifest["capture"]["temperatures"], cache.manifest["capture"],
+                              self.heads.get(task if task is not None else next(iter(self.tasks))))
         with contextlib.ExitStack() as stack:
             for st in active:
                 stack.enter_context(distributed.maybe_no_sync(st.engine, not last))
@@ -561,7 +568,8 @@ class Recipe:
         active = [st for st in self.students if not st.stopped]
         if not active or not self.val_sets:
             return
-        per_task = {n: evaluate_all({st.name: st.model for st in active}, make_loader(ds), self.device)
+        per_task = {n: evaluate_all({st.name: st.model for st in active}, make_loader(ds), self.device,
+                                    self.heads.get(n))
                     for n, (ds, _) in self.val_sets.items()}
         for st in active:
             mine = {n: m[st.name] for n, m in per_task.items()}
@@ -626,8 +634,8 @@ class Recipe:
         batches = iter(self.stream)
         while run["step"] < cfg.max_steps and not all(st.stopped for st in self.students):
             for micro in range(cfg.grad_accum):
-                _, batch = next(batches)
-                self.micro_step(batch, last=micro == cfg.grad_accum - 1)
+                task, batch = next(batches)
+                self.micro_step(batch, last=micro == cfg.grad_accum - 1, task=task)
             self.stream.skip_to((run["step"] + 1) * per_step)  # past the other ranks' share of this step
             self.optimizer_step()
             run["step"] += 1

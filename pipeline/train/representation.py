@@ -84,8 +84,13 @@ def make_projections(pairs: list[tuple[int, int]], d_s: int, d_t: int) -> torch.
     return mods
 
 
-def decode_hidden(t: torch.Tensor, encoding: str | None) -> torch.Tensor:
-    """Cached hidden states (float16, or uint16 bfloat16 bits) -> float32."""
+def decode_hidden(t: torch.Tensor, encoding: str | None, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Cached hidden states (float16, float32, uint16 bfloat16 bits, or int8 with a per-position `scale`
+    of the shape of t less its last axis) -> float32."""
     if encoding == "bfloat16-bits":
         return t.view(torch.int16).view(torch.bfloat16).float()
+    if encoding == "int8-scaled":
+        if scale is None:
+            raise ValueError("int8 hidden states need their hidden_scale field")
+        return t.float() * scale.float()[..., None]
     return t.float()

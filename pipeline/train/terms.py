@@ -69,9 +69,11 @@ class TeacherSignal:
     at T=1 and at a captured temperature, computed once per batch and temperature.
     """
 
-    def __init__(self, batch: dict, device, temperatures: list[float]):
+    def __init__(self, batch: dict, device, temperatures: list[float], capture: dict | None = None, head=None):
         self.batch, self.device = batch, device
         self.temperatures = temperatures  # captured temperatures besides 1, in logsumexp_tempered's order
+        self.capture = capture or {}  # the cache's capture settings (sampled targets' proposal temperature)
+        self.head = head  # a TeacherHead, for the full-vocabulary terms
         self._topk: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
         self._fields: dict[str, torch.Tensor] = {}
 
@@ -88,6 +90,31 @@ class TeacherSignal:
 
     def tempered_index(self, T: float) -> int | None:
         return self.temperatures.index(T) if T in self.temperatures else None
+
+    def lse(self, T: float) -> torch.Tensor:
+        """The teacher's logsumexp(z / T) (B, L) at T = 1 or a captured temperature."""
+        if T == 1.0:
+            return self.field("logsumexp")
+        i = self.tempered_index(T)
+        if i is None:
+            raise StudentError(f"temperature {T} was not captured (captured: 1.0, {self.temperatures})")
+        return self.field("logsumexp_tempered")[:, i]
+
+    def sampled(self, T: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, log p_T at them, log importance weights) of the sampled targets, each (B, L, N); an empty
+        slot has weight 0 (log -inf). w_v = (c_v / N) p_T(v) / q(v), q = softmax(z / sample_temperature)."""
+        key = f"sampled@{T}"
+        if key not in self._fields:
+            lp1 = self.field("sample_logprobs")
+            counts = self.field("sample_counts").to(lp1.dtype)
+            z = lp1 + self.field("logsumexp")[..., None]  # the teacher's logits at the drawn ids
+            tau = self.capture.get("sample_temperature", 1.0)
+            lp_t = lp1 if T == 1.0 else z / T - self.lse(T)[..., None]
+            lq = lp1 if tau == 1.0 else z / tau - self.lse(tau)[..., None]
+            n = counts.sum(-1, keepdim=True).clamp(min=1)  # N at every real position
+            log_w = torch.where(counts > 0, (counts / n).log() + lp_t - lq, -torch.inf)
+            self._fields[key] = (self.field("sample_ids").long(), lp_t, log_w)
+        return self._fields[key]
 
     def topk(self, T: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         if T not in self._topk:
@@ -223,6 +250,45 @@ def _mse_logits(out, sig, ctx):
     return L.mse_logits(t_logits, out.logits.gather(-1, sig.topk_ids).float(), out.masks.kd)
 
 
+@term("kd_sampled", "KL(teacher || student) estimated from the sampled targets by importance sampling "
+      "(unbiased, full-vocabulary student softmax), x T^2", ("sample_ids", "sample_counts", "sample_logprobs",
+                                                             "logsumexp"), tempered=True,
+      capture_keys=("samples", "sample_temperature"))
+def _kd_sampled(out, sig, ctx):
+    T = ctx.spec.temperature
+    ids, t_lp, log_w = sig.sampled(T)
+    s_lp = out.logits.gather(-1, ids).float() / T - out.lse(T)[..., None]
+    return L.sampled_kl(t_lp, s_lp, log_w, out.masks.kd, T)
+
+
+def _full(out: StudentOutput, sig: TeacherSignal, ctx: Context, kind: str) -> torch.Tensor:
+    if sig.head is None:
+        raise StudentError(f"student {ctx.spec.name!r}: full-vocabulary terms need the cache's LM head (not loaded)")
+    h = sig.head.decode(sig.field("final_hidden"))  # (B, L, d) float32
+    return L.full_divergence(sig.head, h, out.logits, out.masks.kd, ctx.spec.temperature, kind, ctx.spec.jsd_beta)
+
+
+FULL_FIELDS = ("final_hidden",)
+
+
+@term("kd_full_forward", "KL(teacher || student) over the whole vocabulary, the teacher's distribution recomputed "
+      "from its cached final hidden state and LM head (exact), x T^2", FULL_FIELDS)
+def _kd_full_forward(out, sig, ctx):
+    return _full(out, sig, ctx, "forward")
+
+
+@term("kd_full_reverse", "KL(student || teacher) over the whole vocabulary (exact, from the cached final hidden "
+      "state and LM head), x T^2", FULL_FIELDS)
+def _kd_full_reverse(out, sig, ctx):
+    return _full(out, sig, ctx, "reverse")
+
+
+@term("kd_full_jsd", "generalised Jensen-Shannon (jsd_beta) over the whole vocabulary (exact, from the cached final "
+      "hidden state and LM head), x T^2", FULL_FIELDS)
+def _kd_full_jsd(out, sig, ctx):
+    return _full(out, sig, ctx, "jsd")
+
+
 @term("nll_match", "squared difference of student and teacher NLL of the true next token", ("target_logprob",))
 def _nll_match(out, sig, ctx):
     t_tgt = sig.field("target_logprob")
@@ -235,7 +301,9 @@ ATTENTION_KEYS = ("attention_layers", "attention_heads_stored")
 
 def _hidden(out: StudentOutput, sig: TeacherSignal, ctx: Context, fn) -> torch.Tensor:
     cached = sig.field("hidden_states")  # (B, n_cached, L, d_t) in its stored dtype
-    parts = [fn(out.hidden[i], decode_hidden(cached[:, j], ctx.wiring.hidden_encoding), out.masks.real)
+    scale = sig.field("hidden_scale") if ctx.wiring.hidden_encoding == "int8-scaled" else None  # (B, n_cached, L)
+    parts = [fn(out.hidden[i], decode_hidden(cached[:, j], ctx.wiring.hidden_encoding,
+                                             None if scale is None else scale[:, j]), out.masks.real)
              for i, (_, j) in enumerate(ctx.wiring.hidden)]
     return torch.stack(parts).mean()
 
@@ -276,6 +344,17 @@ def _attn_mse(out, sig, ctx):
 # ---------------------------------------------------------------------------------------------
 # derived from the registry
 
+# terms that see the teacher's top-K alone (its tail ignored: biased), and what anchors the student's whole
+# distribution besides them: the true next token, or a KD term that accounts for all of the teacher's mass
+TAIL_FREE = frozenset({"kd_forward_renorm", "mse_logprobs", "mse_logits"})
+ANCHORS = frozenset({"ce", "kd_forward", "kd_reverse", "kd_jsd", "kd_sampled", "kd_full_forward", "kd_full_reverse",
+                     "kd_full_jsd"})
+
+
+def anchored(names) -> bool:
+    return bool(set(names) & ANCHORS)
+
+
 
 def active(spec) -> list[Term]:
     """The terms a student computes: those with a positive weight."""
@@ -303,10 +382,21 @@ def tempered_index(spec, manifest: dict) -> int | None:
 def fields_for(spec, manifest: dict) -> list[str]:
     """The cache fields this student's terms read; refuses a term whose field the cache lacks."""
     need: list[tuple[str, str]] = []  # (term, field)
+    temps = manifest["capture"]["temperatures"]
     for t in active(spec):
         need += [(t.name, f) for f in t.fields]
         if t.tempered and spec.temperature != 1.0 and tempered_index(spec, manifest) is not None:
             need.append((t.name, "logsumexp_tempered"))
+        if "hidden_states" in t.fields and manifest["fields"].get("hidden_states", {}).get("encoding") == "int8-scaled":
+            need.append((t.name, "hidden_scale"))
+        if t.name == "kd_sampled" and "sample_ids" in manifest["fields"]:
+            tau = manifest["capture"].get("sample_temperature", 1.0)
+            if spec.temperature != 1.0 and spec.temperature not in temps:
+                raise StudentError(f"student {spec.name!r}: kd_sampled at temperature {spec.temperature} needs that "
+                                   f"temperature's logsumexp, which the cache did not capture (captured: "
+                                   f"{manifest['capture']['temperatures_all']}); use one of those")
+            if tau != 1.0:
+                need.append((t.name, "logsumexp_tempered"))
     have = set(manifest["fields"])
     for name, f in need:
         if f not in have:
