@@ -26,6 +26,8 @@ def _reader_code() -> str:
 @pytest.mark.parametrize("capture_cfg", [
     {"top_k": 8, "temperatures": [2.0], "hidden_layers": [0, -1], "attention_layers": [1]},
     {"top_k": 4, "hidden_layers": [2], "hidden_dtype": "bfloat16"},
+    {"top_k": 4, "topk_codec": "zstd", "hidden_layers": [1], "hidden_dtype": "int8"},
+    {"top_k": 8, "samples": 12, "final_hidden": True, "hidden_layers": [-1], "hidden_dtype": "int8"},
 ])
 def test_format_md_reader_runs_on_a_cache(llama_dir, corpus, tmp_path, capture_cfg):
     capture(settings(llama_dir, corpus, tmp_path / "c", data={"packing": False}, capture=capture_cfg))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .storage import Storage, StorageError, fetch_verified, stream_digest
+
+# zarr-python warns on every open of a numcodecs-coded array that other Zarr implementations may not read
+# it; FORMAT.md says what reads the pcodec fields, once
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
 FORMAT_NAME = "teacher-cache"
 FORMAT_VERSION = "1.3"
@@ -85,14 +90,9 @@ class FieldSpec:
         from zarr.codecs import ZstdCodec
 
         if self.codec == "pcodec":
-            import warnings
-
             from zarr.codecs.numcodecs import PCodec
 
-            with warnings.catch_warnings():  # "not in the Zarr v3 specification": FORMAT.md says what reads it
-                warnings.simplefilter("ignore")
-                codec = PCodec(level=self.level if self.level is not None else 8)
-            return {"serializer": codec, "compressors": None}
+            return {"serializer": PCodec(level=self.level if self.level is not None else 8), "compressors": None}
         level = self.level if self.level is not None else zstd_level
         return {"compressors": [ZstdCodec(level=level)] if level else None}
 
