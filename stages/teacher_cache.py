@@ -73,7 +73,12 @@ def inspect(
              + f" rows ({g['tokens']:,} tokens) from {g['dataset']['source']} {len(g['dataset']['data_files'])} files, "
              f"{g['duplicate_rows_skipped']} rows already cached skipped; parent {g['parent_digest'][:16]}")
     echo(f"captured     top-{cap['top_k']}, temperatures {cap['temperatures_all']}, hidden layers "
-         f"{cap['hidden_layers'] or '-'} ({cap['hidden_dtype']}), attention layers {cap['attention_layers'] or '-'}")
+         f"{cap['hidden_layers'] or '-'} ({cap['hidden_dtype']}), attention layers {cap['attention_layers'] or '-'}"
+         + (f"; sampled targets: {cap['samples']} draws at T={cap.get('sample_temperature', 1.0)}"
+            if cap.get("samples") else "")
+         + (f"; final hidden state ({cap.get('final_hidden_dtype')}) + LM head: exact full-vocabulary KD"
+            if cap.get("final_hidden") else "")
+         + f"; top-K codec {cap.get('topk_codec', 'zstd')}")
     echo("fields:")
     first = c.splits[0]
     per_tok = st["bytes_per_token"]
@@ -83,6 +88,11 @@ def inspect(
         echo(f"  {name:20s} {f['format']:8s} {f['dtype']:8s} {str(f['shape'][first]):22s} {extra}  "
              f"{f['description']}")
     echo(f"  rows.parquet (input_ids, length, key) {per_tok['rows.parquet']:.1f} B/token")
+    if "lm_head.safetensors" in per_tok:
+        echo(f"  lm_head.safetensors  {per_tok['lm_head.safetensors'] * st['tokens'] / 2**20:,.1f} MiB once per cache "
+             f"({per_tok['lm_head.safetensors']:.1f} B/token at this size)")
+    dense_total = sum(v for k, v in per_tok.items() if k not in ("rows.parquet", "lm_head.safetensors"))
+    echo(f"  total per token      {dense_total + per_tok['rows.parquet']:.1f} B/token (dense fields and rows)")
     tok = c.tokenizer()
     for split in c.splits:  # the first rows of each split: enough to see a convention, cheap on any cache
         rows = c.rows(split, columns=["input_ids", "length"], max_rows=INSPECT_ROWS)

@@ -290,3 +290,14 @@ def test_a_cache_of_the_previous_format_is_done_and_grows(llama_dir, corpora, gr
     assert verify(out) == [] and g.manifest["format_version"] == "2.0"
     assert all(sh["part"] for sh in g.manifest["shards"])
     assert manifest_files(g.manifest) == manifest_files(Cache(grown / "grown").manifest)
+
+
+def test_append_to_a_cache_of_the_older_codec_keeps_its_codec(llama_dir, corpora, tmp_path):
+    """A cache written with zstd (every cache before 1.3) grows with zstd: the values are the same either way,
+    and one field keeps one dtype across its parts."""
+    capture(grow_cfg(llama_dir, corpora["old"], tmp_path / "c", topk_codec="zstd"))
+    capture(grow_cfg(llama_dir, corpora["new"], tmp_path / "c", mode="append"))  # the default: pcodec
+    c = Cache(tmp_path / "c")
+    assert c.manifest["capture"]["topk_codec"] == "zstd" and len(c.parts("train")) == 2
+    assert c.array("train", "topk_ids")[:].dtype == np.int32
+    assert verify(tmp_path / "c") == []

@@ -395,6 +395,11 @@ def writer_lock(out: Path):
 
 def _locked_capture(cfg, st: Storage, tokenizer, spec, hidden, attn, device, log, progress) -> CaptureResult:
     out = st.local_path() if st.is_local else st.location
+    if cfg.output.mode == "append" and st.exists(cache_fmt.MANIFEST):
+        codec = cache_fmt.current_layout(cache_fmt.read_manifest(st))["capture"]["topk_codec"]
+        if codec != cfg.capture.topk_codec:  # how the values are stored follows the cache being grown
+            log(f"appending with capture.topk_codec={codec!r}, the codec of the cache at {out}")
+            cfg = cfg.model_copy(update={"capture": cfg.capture.model_copy(update={"topk_codec": codec})})
     prepared = data_mod.prepare(cfg.data, tokenizer, min_validation=cfg.output.mode != "append")
     n_heads = stored_heads(cfg.capture, spec)
     specs = cache_fmt.field_specs(
