@@ -115,7 +115,7 @@ class CaptureConfig(_Strict):
                                                         "(0 = off); stored as distinct ids, counts and log-probs")
     sample_temperature: float = Field(1.0, gt=0, description="proposal q = softmax(z / this): 1.0 or one of "
                                                              "temperatures (its logsumexp is stored)")
-    sample_seed: int = Field(0, description="seed of the draws (with the split and the batch's first row)")
+    sample_seed: int = Field(0, ge=0, description="seed of the draws (with the split and the batch's first row)")
     final_hidden: bool = Field(False, description="store the teacher's final hidden state per position and its LM "
                                                   "head once: exact full-vocabulary KD without the teacher")
     final_hidden_dtype: Literal["float16", "bfloat16", "float32"] = "float16"

@@ -88,10 +88,10 @@ def _check_samples(model_dir, root, n):
     return c, f
 
 
-def test_sampled_targets_match_the_teacher_and_repeat_exactly(llama_dir, corpus, tmp_path):
-    cap = {"top_k": 4, "samples": 24, "sample_seed": 3}
+def test_sampled_targets_match_the_teacher_and_a_rerun_draws_the_same(llama_dir, corpus, tmp_path):
+    cap = {"top_k": 4, "samples": 24, "sample_seed": 3}  # draws are seeded per batch: batch_size is in the plan
     capture(settings(llama_dir, corpus, tmp_path / "a", capture=cap))
-    capture(settings(llama_dir, corpus, tmp_path / "b", capture={**cap, "batch_size": 3}))
+    capture(settings(llama_dir, corpus, tmp_path / "b", capture=cap))
     _, fa = _check_samples(llama_dir, tmp_path / "a", 24)
     _, _, _, fb = _load_split(tmp_path / "b")
     for k in ("sample_ids", "sample_counts", "sample_logprobs"):
@@ -222,6 +222,21 @@ def test_full_vocabulary_kd_from_the_cache_equals_the_float64_teacher(llama_dir,
         torch.testing.assert_close(s32.grad.double(), gref, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
+def test_full_divergence_with_a_student_vocabulary_padded_beyond_the_teachers(kind):
+    """Forward KL counts the student's extra rows in its softmax (pushing their mass down); reverse KL and JSD
+    use its first V rows (the teacher's p = 0 there would make KL(s || .) infinite)."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 3, 10, generator=g, dtype=torch.float64) * 2
+    s = torch.randn(2, 3, 13, generator=g, dtype=torch.float64) * 2
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    got = Lo.full_divergence(lambda x: x, t, s, mask, 1.0, kind, 0.3, block=4)
+    s_lp = torch.log_softmax(s, -1)[..., :10] if kind == "forward" else torch.log_softmax(s[..., :10], -1)
+    ref = Lo.divergence(torch.log_softmax(t, -1), s_lp, kind, 0.3).mean()
+    torch.testing.assert_close(got, ref)
+    assert torch.isfinite(got)
+
+
 def test_full_vocabulary_fp16_storage_error_is_small_and_verify_covers_the_head(llama_dir, corpus, tmp_path):
     capture(settings(llama_dir, corpus, tmp_path / "c", capture={"final_hidden": True}))  # float16, the default
     c, ids, lengths, f = _load_split(tmp_path / "c")
@@ -314,3 +329,30 @@ def test_tail_free_kd_alone_is_refused_unless_allowed():
     StudentConfig.model_validate({**base, "losses": {"kd_forward_renorm": 1.0, "ce": 0.1}})
     StudentConfig.model_validate({**base, "losses": {"kd_forward_renorm": 1.0, "kd_sampled": 0.5}})
     StudentConfig.model_validate({**base, "losses": {"kd_forward_renorm": 1.0}, "allow_biased_kd": True})
+
+
+def test_a_checkpoint_from_before_allow_biased_kd_still_resumes(llama_dir, corpus, tmp_path):
+    """Identities written before the setting existed read as allow_biased_kd = false, not as another run."""
+    from conftest import student_run
+
+    from pipeline.train.recipe import grown_tasks, open_tasks, resume_identity
+
+    capture(settings(llama_dir, corpus, tmp_path / "c"))
+    cfg = student_run(tmp_path / "c", tmp_path / "o")
+    tasks = open_tasks(cfg)
+    new = resume_identity(cfg.students[0], cfg, tasks, 1)
+    old = {**new, "student": {k: v for k, v in new["student"].items() if k != "allow_biased_kd"}}
+    assert grown_tasks(old, new, tasks) == {}
+    changed = {**old, "student": {**old["student"], "lr": 1.0}}
+    assert grown_tasks(changed, new, tasks) is None
+
+
+def test_a_partial_pull_takes_the_lm_head_only_with_the_final_hidden_states(llama_dir, corpus, tmp_path):
+    from pipeline.format.share import pull
+
+    capture(settings(llama_dir, corpus, tmp_path / "c", capture={"final_hidden": True}))
+    pull(str(tmp_path / "c"), tmp_path / "p1", fields=["topk_ids", "topk_logprobs", "logsumexp"], log=lambda m: None)
+    pull(str(tmp_path / "c"), tmp_path / "p2", fields=["final_hidden"], log=lambda m: None)
+    assert not (tmp_path / "p1" / HEAD_FILE).exists() and verify(tmp_path / "p1") == []
+    assert (tmp_path / "p2" / HEAD_FILE).exists() and verify(tmp_path / "p2") == []
+    TeacherHead.from_cache(Cache(tmp_path / "p2"), "cpu")

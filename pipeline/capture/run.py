@@ -435,6 +435,8 @@ def _locked_capture(cfg, st: Storage, tokenizer, spec, hidden, attn, device, log
             if cfg.data.document_mask:
                 check_teacher_document_masking(computer, spec, cfg.teacher.dtype)
             if ranks.main:
+                if cfg.capture.final_hidden and base is None and not st.exists(cache_fmt.HEAD_FILE):
+                    _store_head(st, cfg, model)  # now, from the loaded model: a resume need not load it for this
                 first = prepared.splits.get("train") or next(iter(prepared.splits.values()))
                 for line in first_rows_check(computer, first, tokenizer, prepared.convention, spec):
                     log(line)
@@ -492,7 +494,7 @@ def _prepare_output(cfg, st: Storage, plan: dict, base: dict | None, prepared, s
                 _drop_unlisted_parts(st, plan)  # an abandoned append's folders
             return CaptureResult(out, plan, resumed_shards=0, computed_shards=0)
         if has_plan:
-            changes = _diff(json.loads(st.read_bytes(plan_rel)), plan)
+            changes = _diff(described(json.loads(st.read_bytes(plan_rel)), plan), plan)  # across versions
             if changes:
                 raise CaptureError(f"{out} holds an unfinished append of other data or settings; rerun that command "
                                    f"to finish it (or remove {out}/{cache_fmt.WORK_DIR} to abandon it). Differences:"

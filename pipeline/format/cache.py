@@ -90,7 +90,10 @@ class FieldSpec:
         from zarr.codecs import ZstdCodec
 
         if self.codec == "pcodec":
-            from zarr.codecs.numcodecs import PCodec
+            try:
+                from zarr.codecs.numcodecs import PCodec  # zarr >= 3.1.3
+            except ImportError:
+                from numcodecs.zarr3 import PCodec
 
             return {"serializer": PCodec(level=self.level if self.level is not None else 8), "compressors": None}
         level = self.level if self.level is not None else zstd_level
@@ -137,7 +140,7 @@ def field_specs(*, seq_len: int, top_k: int, n_temperatures: int, hidden: tuple[
                                "float32", "logsumexp(z / T) per extra temperature: log p_T(i) = z_i / T - value"))
     if samples:
         specs += [
-            wide("sample_ids", id_dtype(vocab_size) if vocab_size else "int32",
+            wide("sample_ids", ids,
                  "distinct ids drawn from the proposal, ascending; slots past the distinct ones hold 0", samples),
             wide("sample_counts", "uint16",
                  "times each id was drawn (they sum to capture.samples); 0 marks an empty slot", samples),

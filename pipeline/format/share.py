@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .cache import (MANIFEST, CacheError, file_digest, file_owner, manifest_digest, manifest_files, read_manifest,
-                    verify)
+from .cache import (HEAD_FILE, MANIFEST, CacheError, file_digest, file_owner, manifest_digest, manifest_files,
+                     read_manifest, verify)
 from .storage import Storage, fetch_verified
 
 PULL_MARKER = ".pull.json"  # in DEST while a pull is under way
@@ -93,8 +93,8 @@ def subset_manifest(manifest: dict, fields: list[str], splits: list[str], source
     """The manifest of the part of a cache holding only these dense fields and splits."""
     def wanted(rel: str) -> bool:
         split, field = file_owner(manifest, rel)
-        if split is None:
-            return True  # tokenizer/ and other cache-wide files
+        if split is None:  # tokenizer/ and other cache-wide files; the LM head only for its final hidden states
+            return rel != HEAD_FILE or "final_hidden" in fields
         return split in splits and (field is None or field in fields)  # a part's rows and group, or a kept field
 
     sub = dict(manifest)

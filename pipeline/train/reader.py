@@ -143,8 +143,8 @@ class CacheBatches(torch.utils.data.IterableDataset):
             sel = np.argsort(np.argsort(shard_of, kind="stable"), kind="stable")  # back to the batch's row order
             for f in self.fields:
                 arr = np.concatenate(parts[f])[sel] if len(parts[f]) > 1 else parts[f][0]
-                if arr.dtype == np.uint16 and f in ("topk_ids", "sample_ids"):
-                    arr = arr.astype(np.int32)  # ids of vocabularies <= 65,536 are stored as uint16
+                if arr.dtype == np.uint16 and f in ("topk_ids", "sample_ids", "sample_counts"):
+                    arr = arr.astype(np.int32)  # ids of vocabularies <= 65,536 (and counts) are stored as uint16
                 t = torch.from_numpy(np.ascontiguousarray(arr))
                 out[f] = t.float() if f in FLOAT_FIELDS else t
             yield out

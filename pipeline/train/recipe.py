@@ -172,9 +172,9 @@ def open_tasks(cfg: StudentRunConfig) -> dict[str, tuple[Cache, float]]:
             raise StudentError(f"task {name!r} ({c.root}) was made with another tokenizer than task {first_name!r} "
                                f"({first.root}); tasks of one run must share a tokenizer")
         for key in sorted(keys):
-            if c.manifest["capture"][key] != first.manifest["capture"][key]:
-                raise StudentError(f"task {name!r}: capture.{key} {c.manifest['capture'][key]} differs from task "
-                                   f"{first_name!r}'s {first.manifest['capture'][key]}")
+            if c.manifest["capture"].get(key) != first.manifest["capture"].get(key):
+                raise StudentError(f"task {name!r}: capture.{key} {c.manifest['capture'].get(key)} differs from task "
+                                   f"{first_name!r}'s {first.manifest['capture'].get(key)}")
     for name, (c, _) in tasks.items():  # the student attends as the teacher did when it made the targets
         made_with = bool(c.manifest["preparation"].get("document_mask", False))
         if cfg.document_mask is not None and cfg.document_mask != made_with:
@@ -211,6 +211,8 @@ def _upgrade_identity(old: dict, tasks: dict) -> dict:
         old["cache_digests"] = {next(iter(tasks)): old.pop("cache_digest")}
     if "grad_accum" in old:  # before DDP: one process
         old["micro_batches_per_step"] = old.pop("grad_accum")
+    if isinstance(old.get("student"), dict):  # settings added since, at the value every earlier run had
+        old["student"] = {"allow_biased_kd": False, **old["student"]}
     return old
 
 
