@@ -9,7 +9,7 @@ BIN        := $(VENV)/bin
 DISTILL    := HF_HUB_OFFLINE=1 $(BIN)/distill
 TEACHER    := data/teachers/SmolLM2-135M-Instruct
 
-.PHONY: setup teacher-cache student inspect verify test bench clean
+.PHONY: setup teacher-cache student inspect verify test bench clean bench-targets
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed $(TEACHER)/model.safetensors
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_capture.py
+
+# which target should a user pick: sizes, step times, students (about an hour on 2 CPU cores)
+bench-targets: $(VENV)/.installed $(TEACHER)/model.safetensors
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_targets.py
 
 clean:
 	rm -rf data/caches data/students
