@@ -196,13 +196,19 @@ def output_logits(model, spec: TeacherSpec):
     head = model.get_output_embeddings()
 
     def fn(h: torch.Tensor) -> torch.Tensor:
-        logits = head(h).float()
-        if spec.logit_scale is not None:
-            logits = logits * spec.logit_scale
-        if spec.logits_divisor is not None:
-            logits = logits / spec.logits_divisor
-        if spec.logit_softcap is not None:
-            logits = torch.tanh(logits / spec.logit_softcap) * spec.logit_softcap
-        return logits
+        return finish_logits(head(h).float(), spec.logit_scale, spec.logits_divisor, spec.logit_softcap)
 
     return fn
+
+
+def finish_logits(logits: torch.Tensor, scale: float | None, divisor: float | None,
+                  softcap: float | None) -> torch.Tensor:
+    """What a family does to its LM head's output: multiply by `scale` (Cohere), divide by `divisor`
+    (Granite), then softcap (Gemma 2), each where the config gives a value."""
+    if scale is not None:
+        logits = logits * scale
+    if divisor is not None:
+        logits = logits / divisor
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits

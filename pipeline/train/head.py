@@ -3,13 +3,14 @@
 With the teacher's final (normed) hidden state per position in the cache and its head here, the
 teacher's full distribution is recomputed exactly, block by block, during training: the teacher's
 body is never loaded. The logits are those of `pipeline.capture.teacher.output_logits`: the head,
-then the logit scale, divisor and final softcap the manifest records.
+then `finish_logits` with the logit scale, divisor and final softcap the manifest records.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..capture.teacher import finish_logits
 from ..format.cache import HEAD_FILE, Cache, CacheError
 from .representation import decode_hidden
 
@@ -47,10 +48,4 @@ class TeacherHead:
         logits = h.float() @ self.weight.T
         if self.bias is not None:
             logits = logits + self.bias
-        if self.scale is not None:
-            logits = logits * self.scale
-        if self.divisor is not None:
-            logits = logits / self.divisor
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return finish_logits(logits, self.scale, self.divisor, self.softcap)
