@@ -198,9 +198,9 @@ class TargetComputer:
         nxt[:, :-1] = ids[:, 1:]
         nxt = torch.where(pos[None, :] < (lens[:, None] - 1), nxt, torch.full_like(nxt, -1))
         gen = None
-        if self.cfg.samples:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(int(np.random.SeedSequence([self.cfg.sample_seed, *(seed or [])]).generate_state(1, np.uint64)[0] >> 1))
+        if self.cfg.samples:  # one 63-bit seed from (sample_seed, *seed)
+            state = np.random.SeedSequence([self.cfg.sample_seed, *(seed or [])]).generate_state(1, np.uint64)[0]
+            gen = torch.Generator(device=self.device).manual_seed(int(state >> 1))
         t = logit_targets(out.last_hidden_state, self.head, nxt, self.cfg.top_k, self.cfg.temperatures,
                           self.cfg.position_chunk, self.cfg.samples, self.cfg.sample_temperature, gen)
         v3 = valid[:, :, None]

@@ -40,10 +40,10 @@ def _accumulate(acc: torch.Tensor, model, batch: dict, device, head=None) -> Non
     tgt_lp = L.next_token_logprobs(logits, ids, lse)
     top_val, top_id = logits.max(-1)
     topk_ids = batch["topk_ids"].to(device).long()
-    s_lp, s_tail = L.student_topk_logprobs(logits, topk_ids, 1.0, lse=lse)
     if head is not None and "final_hidden" in batch:
         kl = L.full_divergence(head, head.decode(batch["final_hidden"].to(device)), logits, valid) * valid.sum()
     else:
+        s_lp, s_tail = L.student_topk_logprobs(logits, topk_ids, 1.0, lse=lse)
         t_lp, t_tail = L.teacher_topk_logprobs(batch["topk_logprobs"].to(device), batch["logsumexp"].to(device))
         kl = L.forward_kl(t_lp, t_tail, s_lp, s_tail, valid) * valid.sum()
     conf = torch.exp(top_val.float() - lse)[has_next].double()

@@ -502,9 +502,9 @@ class Recipe:
         cfg, device = self.cfg, self.device
         active = [st for st in self.students if not st.stopped]
         mutual = cfg.mutual_weight > 0 and len(active) > 1
-        cache = self.tasks[task][0] if task is not None else self.cache
-        sig = T.TeacherSignal(batch, device, cache.manifest["capture"]["temperatures"], cache.manifest["capture"],
-                              self.heads.get(task if task is not None else next(iter(self.tasks))))
+        task = task if task is not None else next(iter(self.tasks))
+        capture = self.tasks[task][0].manifest["capture"]
+        sig = T.TeacherSignal(batch, device, capture["temperatures"], capture, self.heads.get(task))
         with contextlib.ExitStack() as stack:
             for st in active:
                 stack.enter_context(distributed.maybe_no_sync(st.engine, not last))

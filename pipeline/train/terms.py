@@ -185,17 +185,21 @@ class Term:
     tempered: bool  # reads the teacher's top-K at the student's temperature (logsumexp_tempered when captured)
     capture_keys: tuple[str, ...]  # capture settings its values depend on (must agree across a run's caches)
     compute: Callable[[StudentOutput, TeacherSignal, Context], torch.Tensor]
+    # fields it reads besides `fields` that depend on how the cache was captured (spec, manifest) -> names;
+    # raises StudentError for a cache it cannot be computed from
+    cache_fields: Callable[[object, dict], list[str]] | None = None
 
 
 TERMS: dict[str, Term] = {}
 
 
 def term(name: str, description: str, fields: tuple[str, ...] = (), student=("logits",), tempered: bool = False,
-         capture_keys: tuple[str, ...] = ()):
+         capture_keys: tuple[str, ...] = (), cache_fields: Callable[[object, dict], list[str]] | None = None):
     def register(fn):
         if name in TERMS:
             raise ValueError(f"loss term {name!r} registered twice")
-        TERMS[name] = Term(name, description, tuple(fields), frozenset(student), tempered, tuple(capture_keys), fn)
+        TERMS[name] = Term(name, description, tuple(fields), frozenset(student), tempered, tuple(capture_keys), fn,
+                           cache_fields)
         return fn
     return register
 
@@ -250,10 +254,21 @@ def _mse_logits(out, sig, ctx):
     return L.mse_logits(t_logits, out.logits.gather(-1, sig.topk_ids).float(), out.masks.kd)
 
 
+def _sampled_fields(spec, manifest: dict) -> list[str]:
+    """The importance weights need logsumexp at the student's T and the proposal's: both exact, never
+    approximated, so T must be 1 or captured; the proposal's was captured by construction."""
+    cap = manifest["capture"]
+    if spec.temperature != 1.0 and spec.temperature not in cap["temperatures"]:
+        raise StudentError(f"student {spec.name!r}: kd_sampled at temperature {spec.temperature} needs that "
+                           f"temperature's logsumexp, which the cache did not capture (captured: "
+                           f"{cap['temperatures_all']}); use one of those")
+    return ["logsumexp_tempered"] if cap.get("sample_temperature", 1.0) != 1.0 else []
+
+
 @term("kd_sampled", "KL(teacher || student) estimated from the sampled targets by importance sampling "
       "(unbiased, full-vocabulary student softmax), x T^2", ("sample_ids", "sample_counts", "sample_logprobs",
                                                              "logsumexp"), tempered=True,
-      capture_keys=("samples", "sample_temperature"))
+      capture_keys=("samples", "sample_temperature"), cache_fields=_sampled_fields)
 def _kd_sampled(out, sig, ctx):
     T = ctx.spec.temperature
     ids, t_lp, log_w = sig.sampled(T)
@@ -308,14 +323,19 @@ def _hidden(out: StudentOutput, sig: TeacherSignal, ctx: Context, fn) -> torch.T
     return torch.stack(parts).mean()
 
 
+def _hidden_scale(spec, manifest: dict) -> list[str]:
+    """int8 hidden states come with their per-position scale."""
+    return ["hidden_scale"] if manifest["fields"].get("hidden_states", {}).get("encoding") == "int8-scaled" else []
+
+
 @term("hidden_mse", "MSE of (projected) student and cached teacher hidden states, mapped layers",
-      ("hidden_states",), student=("hidden_states",), capture_keys=HIDDEN_KEYS)
+      ("hidden_states",), student=("hidden_states",), capture_keys=HIDDEN_KEYS, cache_fields=_hidden_scale)
 def _hidden_mse(out, sig, ctx):
     return _hidden(out, sig, ctx, L.hidden_mse)
 
 
 @term("hidden_cosine", "1 - cosine of (projected) student and cached teacher hidden states, mapped layers",
-      ("hidden_states",), student=("hidden_states",), capture_keys=HIDDEN_KEYS)
+      ("hidden_states",), student=("hidden_states",), capture_keys=HIDDEN_KEYS, cache_fields=_hidden_scale)
 def _hidden_cosine(out, sig, ctx):
     return _hidden(out, sig, ctx, L.hidden_cosine)
 
@@ -382,22 +402,13 @@ def tempered_index(spec, manifest: dict) -> int | None:
 def fields_for(spec, manifest: dict) -> list[str]:
     """The cache fields this student's terms read; refuses a term whose field the cache lacks."""
     need: list[tuple[str, str]] = []  # (term, field)
-    temps = manifest["capture"]["temperatures"]
+    have = set(manifest["fields"])
     for t in active(spec):
         need += [(t.name, f) for f in t.fields]
         if t.tempered and spec.temperature != 1.0 and tempered_index(spec, manifest) is not None:
             need.append((t.name, "logsumexp_tempered"))
-        if "hidden_states" in t.fields and manifest["fields"].get("hidden_states", {}).get("encoding") == "int8-scaled":
-            need.append((t.name, "hidden_scale"))
-        if t.name == "kd_sampled" and "sample_ids" in manifest["fields"]:
-            tau = manifest["capture"].get("sample_temperature", 1.0)
-            if spec.temperature != 1.0 and spec.temperature not in temps:
-                raise StudentError(f"student {spec.name!r}: kd_sampled at temperature {spec.temperature} needs that "
-                                   f"temperature's logsumexp, which the cache did not capture (captured: "
-                                   f"{manifest['capture']['temperatures_all']}); use one of those")
-            if tau != 1.0:
-                need.append((t.name, "logsumexp_tempered"))
-    have = set(manifest["fields"])
+        if t.cache_fields is not None and set(t.fields) <= have:  # else its own fields are refused below
+            need += [(t.name, f) for f in t.cache_fields(spec, manifest)]
     for name, f in need:
         if f not in have:
             raise StudentError(f"student {spec.name!r}: loss {name} needs field {f!r}, which the cache does not "
