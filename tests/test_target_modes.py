@@ -356,3 +356,19 @@ def test_a_partial_pull_takes_the_lm_head_only_with_the_final_hidden_states(llam
     assert not (tmp_path / "p1" / HEAD_FILE).exists() and verify(tmp_path / "p1") == []
     assert (tmp_path / "p2" / HEAD_FILE).exists() and verify(tmp_path / "p2") == []
     TeacherHead.from_cache(Cache(tmp_path / "p2"), "cpu")
+
+
+def test_a_missing_pcodec_package_or_lm_head_is_a_clear_error(llama_dir, corpus, tmp_path, monkeypatch):
+    import sys
+
+    from pipeline.capture.run import CaptureError
+    from pipeline.format.cache import CacheError
+
+    capture(settings(llama_dir, corpus, tmp_path / "c", data={"max_tokens": 600}))
+    with pytest.raises(CacheError, match="no final hidden states"):
+        TeacherHead.from_cache(Cache(tmp_path / "c"), "cpu")
+    monkeypatch.setitem(sys.modules, "numcodecs.pcodec", None)  # as if the pcodec package were not installed
+    with pytest.raises(CaptureError, match="numcodecs\\[pcodec\\]"):
+        capture(settings(llama_dir, corpus, tmp_path / "d", data={"max_tokens": 600}))
+    assert not (tmp_path / "d" / "manifest.json").exists()
+    capture(settings(llama_dir, corpus, tmp_path / "d", data={"max_tokens": 600}, capture={"topk_codec": "zstd"}))
