@@ -54,10 +54,14 @@ def _eager_forward_for(module):
     return fn
 
 
-def _additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """The SDPA mask (None = plain causal, or bool True = attend) as the additive float mask eager expects."""
+def _additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor,
+                   causal: bool = True) -> torch.Tensor | None:
+    """The SDPA mask (None = plain causal for a causal module, attend everywhere for an encoder's; or bool
+    True = attend) as the additive float mask eager expects."""
     q_len, k_len = query.shape[-2], key.shape[-2]
     if mask is None:
+        if not causal:
+            return None
         keep = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
         keep = keep[None, None]
     elif mask.dtype == torch.bool:
@@ -77,7 +81,8 @@ def _capture_attention(module, query, key, value, attention_mask, **kwargs):
     if rec is None or layer not in rec.layers:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     eager = _eager_forward_for(module)
-    out, weights = eager(module, query, key, value, _additive_mask(attention_mask, query, key), **kwargs)
+    mask = _additive_mask(attention_mask, query, key, bool(getattr(module, "is_causal", True)))
+    out, weights = eager(module, query, key, value, mask, **kwargs)
     rec.keep(layer, weights)
     return out, None
 

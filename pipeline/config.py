@@ -23,6 +23,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+TASKS = ("causal-lm", "sequence-classification", "token-classification")
+Task = Literal["causal-lm", "sequence-classification", "token-classification"]
+
+
 class TeacherConfig(_Strict):
     model: str = Field(description="Hugging Face id, local directory (safetensors), or path to a .gguf file")
     gguf_file: str | None = Field(None, description="GGUF file name inside `model` (a folder or hub id)")
@@ -34,20 +38,30 @@ class TeacherConfig(_Strict):
         None, description="place one teacher over several devices (accelerate): 'auto', 'balanced', "
                           "'sequential' or an explicit {module: device} map; one rank per node")
     trust_remote_code: bool = Field(False, description="run model code from the hub; off unless asked for")
+    task: Task = Field("causal-lm", description="what the teacher predicts: the next token (causal-lm), one class per "
+                                               "row (sequence-classification) or one class per word "
+                                               "(token-classification)")
 
 
 class DataConfig(_Strict):
     source: str = Field(
         description="a datasets hub id, or a loader for local files: 'text', 'json', 'parquet', 'arrow'"
     )
-    data_files: list[str] = Field(
+    data_files: list[str] | dict[str, list[str]] = Field(
         default_factory=list,
-        description="local files or globs for a loader source; '{stdlib}' expands to Python's standard library",
+        description="local files or globs for a loader source; '{stdlib}' expands to Python's standard library; "
+                    "a table {train = [...], test = [...]} names the files of each dataset split",
     )
     exclude: list[str] = Field(default_factory=list, description="glob patterns (on file names) to leave out")
     config_name: str | None = Field(None, description="dataset configuration name (hub datasets)")
     split: str = Field("train", description="the dataset split to read")
-    text_column: str = Field("text", description="column holding the text")
+    text_column: str = Field("text", description="column holding the text (token-classification: a list of words)")
+    label_column: str = Field("label", description="classification tasks: the gold label column (class names or ids; "
+                                                   "token-classification: one per word)")
+    splits: dict[str, str] = Field(
+        default_factory=dict, description="more cache splits read from the dataset's own splits: {validation = "
+                                          "\"validation\", test = \"test\"}; a 'validation' entry replaces "
+                                          "validation_fraction")
     sample_by: Literal["document", "line", "paragraph"] = Field(
         "document", description="text loader only: one example per file, line or paragraph"
     )
@@ -87,6 +101,15 @@ class DataConfig(_Strict):
             raise ValueError("chat_template is set but data.format is 'text' (nothing is rendered with it)")
         if self.document_mask and not self.packing:
             raise ValueError("document_mask separates the documents of packed rows: it needs packing = true")
+        bad = [k for k in self.splits if k not in ("validation", "test")]
+        if bad:
+            raise ValueError(f"splits: cache split names are 'validation' and 'test' (train is data.split), not {bad}")
+        if isinstance(self.data_files, dict):
+            if self.split not in self.data_files:
+                raise ValueError(f"data_files names files per split but not for data.split {self.split!r}")
+            missing = [v for v in self.splits.values() if v not in self.data_files]
+            if missing:
+                raise ValueError(f"data_files names no files for the dataset splits {missing} (in data.splits)")
         return self
 
 
@@ -169,6 +192,32 @@ class TeacherCacheConfig(_Strict):
     capture: CaptureConfig = CaptureConfig()
     output: OutputConfig
 
+    @model_validator(mode="before")
+    @classmethod
+    def _classification_rows(cls, raw):
+        """A classification teacher reads one example per row: packing is off unless asked for (then refused)."""
+        if isinstance(raw, dict) and isinstance(raw.get("teacher"), dict) and isinstance(raw.get("data"), dict):
+            task = raw["teacher"].get("task", "causal-lm")
+            if task != "causal-lm" and "packing" not in raw["data"]:
+                raw = {**raw, "data": {**raw["data"], "packing": False}}
+        return raw
+
+    @model_validator(mode="after")
+    def _task_rules(self) -> "TeacherCacheConfig":
+        task, d, c = self.teacher.task, self.data, self.capture
+        if task == "causal-lm":
+            return self
+        if d.packing:
+            raise ValueError(f"teacher.task = {task!r} labels one example per row: data.packing must be false")
+        if d.format != "text" or d.loss_mask != "all":
+            raise ValueError(f"teacher.task = {task!r} reads a text column and labels (data.format = 'text', "
+                             "loss_mask = 'all')")
+        lm_only = [k for k, on in (("samples", c.samples), ("final_hidden", c.final_hidden)) if on]
+        if lm_only:
+            raise ValueError(f"capture.{', '.join(lm_only)}: next-token target modes, not for teacher.task = {task!r} "
+                             "(its class distribution is stored whole)")
+        return self
+
 
 def loss_terms() -> tuple[str, ...]:
     """The names a student's `losses` may use: the registry of pipeline.train.terms (imported on use,
@@ -210,6 +259,8 @@ class StudentConfig(_Strict):
     pretrained: str | None = Field(None, description="or start from this checkpoint (hub id or local dir)")
     from_teacher: int | list[int] | None = Field(
         None, description="or copy the teacher's own layers: every n-th (an int) or these indices (a list)")
+    task: Task | None = Field(None, description="what the student predicts; None: the cache's task (a student of "
+                                                "another task than its cache's is refused)")
     hidden_map: LayerMap = Field("uniform", description="student <-> cached teacher hidden layers")
     attention_map: LayerMap = Field("uniform", description="student <-> cached teacher attention layers")
     attention_heads: Literal["group", "mean"] = Field(
@@ -249,13 +300,13 @@ class StudentConfig(_Strict):
         from .train.terms import TAIL_FREE, anchored
 
         on = {k for k, w in self.losses.items() if w > 0}
-        if on & TAIL_FREE and not anchored(on) and not self.allow_biased_kd:
+        if on & TAIL_FREE and not anchored(on) and not self.allow_biased_kd and self.task in (None, "causal-lm"):
             raise ValueError(
                 f"student {self.name!r}: {', '.join(sorted(on & TAIL_FREE))} ignores the teacher's tail and nothing "
                 "anchors the student's full distribution (no ce, no tail-aware KD term): in benchmarks/bench_targets.py "
                 "a teacher-initialised student on kd_forward_renorm alone ended at validation NLL 11.9 and top-1 "
                 "agreement 0, against 6.0 with kd_forward. Add ce (or kd_forward), or set allow_biased_kd = true to "
-                "train it anyway")
+                "train it anyway (a classifier's class distribution is stored whole: set task for it)")
         return self
 
 
@@ -282,7 +333,9 @@ class StudentRunConfig(_Strict):
     max_steps: int = Field(200, gt=0, description="optimiser steps")
     eval_every: int = Field(50, gt=0)
     eval_rows: int | None = Field(None, gt=0, description="validation rows per evaluation (None: all)")
-    early_stopping_metric: Literal["nll", "kl", "top1_agreement"] = "nll"
+    early_stopping_metric: Literal["nll", "kl", "top1_agreement", "ece", "accuracy", "macro_f1", "entity_f1"] = Field(
+        "nll", description="validation metric that picks the best model; accuracy, macro_f1 (classification) and "
+                           "entity_f1 (token-classification) against the gold labels")
     patience: int | None = Field(None, gt=0, description="evaluations without improvement before stopping")
     checkpoint_every: int | None = Field(None, gt=0, description="None: at every evaluation")
     num_workers: int = Field(0, ge=0, description="DataLoader workers reading the cache")

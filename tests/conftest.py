@@ -224,3 +224,82 @@ def write_toml(path: Path, cfg: dict) -> Path:
                                              if b is not None]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# classification teachers and labelled data
+
+SEQ_LABELS = ["def", "import", "other"]
+TOKEN_LABELS = ["O", "B-KW", "B-CAP", "I-CAP"]
+
+
+def paragraph_label(text: str) -> str:
+    """A label a small model can learn from the tokens: does the paragraph define, import, or neither."""
+    return "def" if "def " in text else "import" if "import" in text else "other"
+
+
+def word_tags(words: list[str]) -> list[str]:
+    """BIO tags: Python keywords are KW entities, runs of capitalised words CAP entities."""
+    import keyword
+
+    tags, prev_cap = [], False
+    for w in words:
+        if keyword.iskeyword(w):
+            tags.append("B-KW")
+            prev_cap = False
+        elif w[:1].isupper():
+            tags.append("I-CAP" if prev_cap else "B-CAP")
+            prev_cap = True
+        else:
+            tags.append("O")
+            prev_cap = False
+    return tags
+
+
+@pytest.fixture(scope="session")
+def labelled(tmp_path_factory) -> Path:
+    """jsonl rows of real text with `label` (SEQ_LABELS), `words` and `tags` (TOKEN_LABELS per word)."""
+    out = tmp_path_factory.mktemp("labelled") / "labelled.jsonl"
+    with open(out, "w") as f:
+        for name in CORPUS_FILES:
+            for para in (STDLIB / name).read_text().split("\n\n"):
+                if para.strip():
+                    words = para.split()[:20]
+                    f.write(json.dumps({"text": para, "label": paragraph_label(para), "words": words,
+                                        "tags": word_tags(words)}) + "\n")
+    return out
+
+
+def make_classifier(tokenizer_dir, out, family: str, task: str, labels: list[str], seed: int = 0) -> Path:
+    """A tiny random-init classifier: family 'bert' (encoder) or 'llama' (decoder), task 'sequence' or 'token'."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
+                  pad_token_id=1)
+    if family == "bert":
+        cfg = transformers.BertConfig(vocab_size=512, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                      intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                                      attention_probs_dropout_prob=0.0, **common)
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                       eos_token_id=0, bos_token_id=None, **common)
+    head = "ForSequenceClassification" if task == "sequence" else "ForTokenClassification"
+    model = getattr(transformers, ("Bert" if family == "bert" else "Llama") + head)(cfg)
+    with torch.no_grad():  # spread the class logits so the distributions are not flat
+        for name, p in model.named_parameters():
+            if name.startswith(("classifier", "score")) and p.ndim == 2:
+                p.mul_(20.0)
+    return _save(model, tokenizer_dir, out)
+
+
+def classification_settings(model_dir: Path, data_file: Path, out: Path, task: str, **sections) -> dict:
+    """A small capture config of a classification teacher (task 'sequence' or 'token') over `labelled` rows."""
+    cfg = settings(model_dir, data_file, out, teacher={"model": str(model_dir), "task": f"{task}-classification"},
+                   data={"source": "json", "data_files": [str(data_file)], "seq_len": 24, "max_tokens": None,
+                         "max_documents": 120, "validation_fraction": 0.25,
+                         **({"text_column": "words", "label_column": "tags"} if task == "token" else {})})
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values}
+    return cfg

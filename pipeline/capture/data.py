@@ -35,6 +35,7 @@ from ..config import DataConfig
 
 LOCAL_LOADERS = {"text", "json", "parquet", "arrow", "csv"}
 _DOC_BATCH = 256
+IGNORE = -100  # token-classification: a position without a gold label (special tokens, a word's later pieces)
 
 
 class DataError(ValueError):
@@ -50,6 +51,7 @@ class Rows:
     keys: list[str]  # (N,) 32 hex chars
     loss_mask: np.ndarray | None = None  # (N, L) uint8: 1 where the prediction of token t+1 trains
     position_ids: np.ndarray | None = None  # (N, L) int32: restart at 0 per document (document_mask)
+    labels: np.ndarray | None = None  # classification: (N,) class ids, or (N, L) per token with IGNORE elsewhere
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -61,7 +63,8 @@ class Rows:
     def take(self, idx: np.ndarray) -> "Rows":
         return Rows(self.input_ids[idx], self.lengths[idx], [self.keys[i] for i in idx],
                     None if self.loss_mask is None else self.loss_mask[idx],
-                    None if self.position_ids is None else self.position_ids[idx])
+                    None if self.position_ids is None else self.position_ids[idx],
+                    None if self.labels is None else self.labels[idx])
 
 
 @dataclass
@@ -147,10 +150,14 @@ def is_validation(key: str, fraction: float) -> bool:
     return int(key[:8], 16) < fraction * 16**8
 
 
-def expand_data_files(cfg: DataConfig) -> list[str]:
+def expand_data_files(cfg: DataConfig, split: str | None = None) -> list[str]:
+    """The files of `split` (a dataset split; None: data.split) after globbing and excludes."""
+    patterns = cfg.data_files
+    if isinstance(patterns, dict):
+        patterns = patterns.get(split or cfg.split, [])
     stdlib = sysconfig.get_paths()["stdlib"]
     files: list[str] = []
-    for pattern in cfg.data_files:
+    for pattern in patterns:
         pattern = pattern.replace("{stdlib}", stdlib)
         matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         if not matches:
@@ -159,21 +166,22 @@ def expand_data_files(cfg: DataConfig) -> list[str]:
             if not Path(m).is_file():
                 raise DataError(f"data file {m} does not exist")
         files.extend(m for m in matches if not any(fnmatch.fnmatch(Path(m).name, ex) for ex in cfg.exclude))
-    if cfg.data_files and not files:
+    if patterns and not files:
         raise DataError(f"every data file was excluded by {cfg.exclude}")
     return files
 
 
-def load_documents(cfg: DataConfig):
-    """The configured split as a `datasets.Dataset` with a text column."""
+def load_documents(cfg: DataConfig, split: str | None = None, task: str = "causal-lm"):
+    """A dataset split (None: data.split) as a `datasets.Dataset` with the configured columns."""
     import datasets
 
-    files = expand_data_files(cfg)
-    kwargs: dict = {"split": cfg.split}
+    split = split or cfg.split
+    files = expand_data_files(cfg, split)
+    kwargs: dict = {"split": split}
     if cfg.source in LOCAL_LOADERS:
         if not files:
             raise DataError(f"data.source={cfg.source!r} reads local files: set data.data_files")
-        kwargs["data_files"] = {cfg.split: files}
+        kwargs["data_files"] = {split: files}
         if cfg.source == "text":
             kwargs["sample_by"] = cfg.sample_by
     elif files:
@@ -183,19 +191,21 @@ def load_documents(cfg: DataConfig):
     except Exception as e:  # datasets raises many types (StopIteration for an empty json file)
         raise DataError(f"cannot load dataset {cfg.source!r} {files[:3] or ''}: "
                         f"{type(e).__name__}: {e or 'no data'}") from e
-    for what, col in _columns(cfg):
+    for what, col in _columns(cfg, task):
         if col not in ds.column_names:
-            raise DataError(f"{what} column {col!r} not in dataset {cfg.source!r} "
-                            f"(columns: {', '.join(ds.column_names)})")
+            raise DataError(f"{what} column {col!r} not in dataset {cfg.source!r} split {split!r} "
+                            f"(columns: {', '.join(ds.column_names)})"
+                            + (": a classification teacher's rows need their gold labels (data.label_column)"
+                               if what == "label" else ""))
     if len(ds) == 0:
-        raise DataError(f"dataset {cfg.source!r} split {cfg.split!r} is empty")
+        raise DataError(f"dataset {cfg.source!r} split {split!r} is empty")
     info = {
         "source": cfg.source,
         "config_name": cfg.config_name,
-        "split": cfg.split,
+        "split": split,
         "text_column": cfg.text_column,
         "format": cfg.format,
-        "columns": {what: col for what, col in _columns(cfg)},
+        "columns": {what: col for what, col in _columns(cfg, task)},
         "data_files": [_portable(f) for f in files],
         "datasets_fingerprint": getattr(ds, "_fingerprint", None),
         "documents_available": len(ds),
@@ -203,7 +213,10 @@ def load_documents(cfg: DataConfig):
     return ds, info
 
 
-def _columns(cfg: DataConfig) -> list[tuple[str, str]]:
+def _columns(cfg: DataConfig, task: str = "causal-lm") -> list[tuple[str, str]]:
+    if task != "causal-lm":
+        return [("words" if task == "token-classification" else "text", cfg.text_column),
+                ("label", cfg.label_column)]
     if cfg.format == "messages":
         return [("messages", cfg.messages_column)]
     if cfg.format == "prompt_response":
@@ -447,31 +460,218 @@ def tokenize_rows(ds, tokenizer, cfg: DataConfig, conv: RowConvention | None = N
     return arrays, stats
 
 
-def prepare(cfg: DataConfig, tokenizer, min_validation: bool = True) -> Prepared:
-    """Load, tokenize, key, deduplicate and split. Deterministic for the same inputs. `min_validation`:
-    a corpus whose keys put no row in validation still gives it one (not for an append: there the
-    split must follow the keys alone, as in the cache it grows)."""
-    conv = RowConvention.resolve(cfg, tokenizer)  # before the dataset: a bad setting fails at once
-    ds, info = load_documents(cfg)
-    arrays, stats = tokenize_rows(ds, tokenizer, cfg, conv)
-    input_ids, lengths = arrays["input_ids"], arrays["lengths"]
-    keys = [content_key(r[:n]) for r, n in zip(input_ids, lengths)]
+# ---------------------------------------------------------------------------------------------
+# classification rows
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """A classification teacher's classes: names by id (config.id2label)."""
+
+    names: list[str]
+
+    @property
+    def ids(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.names)}
+
+    @property
+    def generic(self) -> bool:
+        """Names transformers makes up when none were given (LABEL_0, LABEL_1, ...)."""
+        return all(n == f"LABEL_{i}" for i, n in enumerate(self.names))
+
+    @classmethod
+    def from_config(cls, config) -> "LabelSet":
+        id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+        n = int(getattr(config, "num_labels", len(id2label)) or len(id2label))
+        return cls([id2label.get(i, f"LABEL_{i}") for i in range(n)])
+
+
+def _label_feature_names(ds, column: str) -> list[str] | None:
+    """Class names a datasets ClassLabel feature gives the column's ints (Sequence(ClassLabel) too)."""
+    feat = ds.features.get(column)
+    feat = getattr(feat, "feature", feat)  # Sequence(ClassLabel) / List(ClassLabel)
+    names = getattr(feat, "names", None)
+    return list(names) if names else None
+
+
+class _LabelMapper:
+    """Gold labels (names, or ids in the teacher's numbering, or a ClassLabel's ids mapped by name) -> teacher ids;
+    labels the teacher does not know are collected and refused together."""
+
+    def __init__(self, labels: LabelSet, feature_names: list[str] | None):
+        self.labels, self.ids = labels, labels.ids
+        self.feature_names = None if (feature_names is None or labels.generic) else feature_names
+        self.unknown: dict[str, int] = {}
+
+    def __call__(self, value) -> int:
+        if isinstance(value, (bool, np.bool_)) or value is None:
+            key = repr(value)
+        elif isinstance(value, (int, np.integer)):
+            if self.feature_names is not None and 0 <= value < len(self.feature_names):
+                return self(self.feature_names[int(value)])
+            if 0 <= value < len(self.labels.names):
+                return int(value)
+            key = str(int(value))
+        elif isinstance(value, str):
+            if value in self.ids:
+                return self.ids[value]
+            key = repr(value)
+        else:
+            key = f"{type(value).__name__} {value!r}"
+        self.unknown[key] = self.unknown.get(key, 0) + 1
+        return IGNORE
+
+    def check(self, where: str) -> None:
+        if self.unknown:
+            shown = ", ".join(f"{k} (x{n})" for k, n in list(self.unknown.items())[:8])
+            raise DataError(f"{where}: {sum(self.unknown.values())} labels are not in the teacher's label set "
+                            f"{self.labels.names} (ids 0..{len(self.labels.names) - 1}): {shown}")
+
+
+def classification_rows(ds, tokenizer, cfg: DataConfig, task: str, labels: LabelSet, pad_id: int,
+                        where: str) -> tuple[dict, dict]:
+    """One example per row, as the classifier reads it: tokenizer(text) with its special tokens, truncated to
+    seq_len and right-padded with `pad_id`. Sequence classification: one label per row; token classification:
+    `text_column` holds words, the label of each word goes to its first token, IGNORE elsewhere."""
+    L = cfg.seq_len
+    if cfg.shuffle_seed is not None:
+        ds = ds.shuffle(seed=cfg.shuffle_seed)
+    n_docs = len(ds) if cfg.max_documents is None else min(len(ds), cfg.max_documents)
+    mapper = _LabelMapper(labels, _label_feature_names(ds, cfg.label_column))
+    words = task == "token-classification"
+    if words and not getattr(tokenizer, "is_fast", False):
+        raise DataError("token-classification needs a fast tokenizer (which word each token comes from)")
+    ids_out, lens, labs = [], [], []
+    stats = {"documents": 0, "documents_truncated": 0, "tokens_read": 0, "documents_empty": 0}
+    budget = cfg.max_tokens if cfg.max_tokens is not None else float("inf")
+    for start in range(0, n_docs, _DOC_BATCH):
+        batch = ds[start : min(start + _DOC_BATCH, n_docs)]
+        texts, golds = [], []
+        for i, (text, gold) in enumerate(zip(batch[cfg.text_column], batch[cfg.label_column])):
+            if words:
+                ok = isinstance(text, list) and all(isinstance(w, str) for w in text)
+                if not ok or not isinstance(gold, list) or len(gold) != len(text):
+                    raise DataError(f"{where} row {start + i}: token-classification reads a list of words in "
+                                    f"{cfg.text_column!r} and one label per word in {cfg.label_column!r} (got "
+                                    f"{type(text).__name__} of {len(text) if isinstance(text, list) else '?'} and "
+                                    f"{type(gold).__name__} of {len(gold) if isinstance(gold, list) else '?'})")
+                empty = not text
+            else:
+                if text is not None and not isinstance(text, str):
+                    raise DataError(f"{where} row {start + i}: column {cfg.text_column!r} must hold text, got "
+                                    f"{type(text).__name__}")
+                empty = not text or not text.strip()
+            if empty:
+                stats["documents_empty"] += 1
+                continue
+            texts.append(text)
+            golds.append(gold)
+        if not texts:
+            continue
+        try:
+            enc = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=L, is_split_into_words=words)
+        except Exception as e:  # a byte-level BPE without add_prefix_space refuses pre-split words
+            raise DataError(f"the teacher's tokenizer cannot encode {'words' if words else 'the texts'}: "
+                            f"{type(e).__name__}: {e}") from e
+        for i, row in enumerate(enc["input_ids"]):
+            if stats["tokens_read"] >= budget:
+                break
+            stats["documents"] += 1
+            stats["tokens_read"] += len(row)
+            if words:
+                lab = np.full(L, IGNORE, dtype=np.int32)
+                seen = set()
+                for t, w in enumerate(enc.word_ids(i)):
+                    if w is not None and w not in seen:
+                        seen.add(w)
+                        lab[t] = mapper(golds[i][w])
+                stats["documents_truncated"] += int(len(seen) < len(golds[i]))
+                for w in range(len(seen), len(golds[i])):
+                    mapper(golds[i][w])  # a truncated word's label is still checked
+            else:
+                lab = mapper(golds[i])
+                full = tokenizer(texts[i], add_special_tokens=True)["input_ids"] if len(row) == L else row
+                stats["documents_truncated"] += int(len(full) > L)
+            padded = np.full(L, pad_id, dtype=np.int32)
+            padded[: len(row)] = row
+            ids_out.append(padded)
+            lens.append(len(row))
+            labs.append(lab)
+    mapper.check(where)
+    if not ids_out:
+        raise DataError(f"{where}: the dataset produced no example (every text empty?)")
+    arrays = {"input_ids": np.stack(ids_out), "lengths": np.asarray(lens, dtype=np.int32),
+              "labels": np.stack(labs).astype(np.int32) if words else np.asarray(labs, dtype=np.int32),
+              "loss_mask": None, "position_ids": None}
+    return arrays, stats
+
+
+def _dedup(keys: list[str]) -> list[int]:
     seen: set[str] = set()
     keep = []
     for i, k in enumerate(keys):
         if k not in seen:
             seen.add(k)
             keep.append(i)
-    val = [i for i in keep if is_validation(keys[i], cfg.validation_fraction)]
-    if min_validation and cfg.validation_fraction > 0 and not val and len(keep) > 1:
+    return keep
+
+
+def prepare(cfg: DataConfig, tokenizer, min_validation: bool = True, task: str = "causal-lm",
+            labels: LabelSet | None = None, pad_id: int | None = None) -> Prepared:
+    """Load, tokenize, key, deduplicate and split. Deterministic for the same inputs. `min_validation`:
+    a corpus whose keys put no row in validation still gives it one (not for an append: there the
+    split must follow the keys alone, as in the cache it grows). Classification tasks (`labels`: the
+    teacher's classes, `pad_id`: what the rows are padded with) keep one example per row with its labels.
+    Splits named in data.splits come from the dataset's own splits; a train row equal to one of theirs
+    is dropped from train."""
+    classify = task != "causal-lm"
+    if classify:
+        conv = {"rows": {"one_example_per_row": True, "special_tokens": "tokenizer", "truncation": True,
+                         "pad_token_id": pad_id}}
+    else:
+        conv = RowConvention.resolve(cfg, tokenizer)  # before the dataset: a bad setting fails at once
+
+    def rows_of(split: str | None, where: str):
+        ds, info = load_documents(cfg, split, task)
+        if classify:
+            arrays, stats = classification_rows(ds, tokenizer, cfg, task, labels, pad_id, where)
+        else:
+            arrays, stats = tokenize_rows(ds, tokenizer, cfg, conv)
+        keys = [content_key(r[:n]) for r, n in zip(arrays["input_ids"], arrays["lengths"])]
+        every = Rows(arrays["input_ids"], arrays["lengths"], keys, arrays["loss_mask"], arrays["position_ids"],
+                     arrays.get("labels"))
+        keep = _dedup(keys)
+        stats["rows"] = len(keys)
+        stats["duplicate_rows_dropped"] = len(keys) - len(keep)
+        return every, keep, info, stats
+
+    every, keep, info, stats = rows_of(None, f"dataset split {cfg.split!r}")
+    keys = every.keys
+    by_fraction = "validation" not in cfg.splits
+    val = [i for i in keep if is_validation(keys[i], cfg.validation_fraction)] if by_fraction else []
+    if by_fraction and min_validation and cfg.validation_fraction > 0 and not val and len(keep) > 1:
         val = [min(keep, key=lambda i: keys[i])]  # a tiny corpus still gets one validation row
     val_set = set(val)
     train = [i for i in keep if i not in val_set]
-    if not train:
-        raise DataError("no training rows left after the validation split; add data or lower validation_fraction")
-    every = Rows(input_ids, lengths, keys, arrays["loss_mask"], arrays["position_ids"])
-    splits = {name: every.take(np.asarray(idx)) for name, idx in (("train", train), ("validation", val)) if idx}
-    stats["rows"] = len(keys)
-    stats["duplicate_rows_dropped"] = len(keys) - len(keep)
+    splits = {"train": every.take(np.asarray(train, dtype=np.int64))}
+    if val:
+        splits["validation"] = every.take(np.asarray(val))
     info["statistics"] = stats
-    return Prepared(splits=splits, info=info, convention=conv.to_dict())
+    if cfg.splits:
+        info["splits"] = {}
+        for name in ("validation", "test"):
+            if name not in cfg.splits:
+                continue
+            rows, kept, sinfo, sstats = rows_of(cfg.splits[name], f"dataset split {cfg.splits[name]!r}")
+            splits[name] = rows.take(np.asarray(kept, dtype=np.int64))
+            info["splits"][name] = {"split": cfg.splits[name], "documents_available": sinfo["documents_available"],
+                                    "datasets_fingerprint": sinfo["datasets_fingerprint"],
+                                    "data_files": sinfo["data_files"], "statistics": sstats}
+        held_out = {k for name in ("validation", "test") if name in cfg.splits for k in splits[name].keys}
+        t = splits["train"]
+        clean = np.asarray([i for i, k in enumerate(t.keys) if k not in held_out], dtype=np.int64)
+        stats["train_rows_in_held_out_splits_dropped"] = len(t) - len(clean)
+        splits["train"] = t.take(clean)
+    if not len(splits["train"]):
+        raise DataError("no training rows left after the validation split; add data or lower validation_fraction")
+    return Prepared(splits=splits, info=info, convention=conv if classify else conv.to_dict())

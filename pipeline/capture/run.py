@@ -33,7 +33,7 @@ from . import teacher as teacher_mod
 from ..format.cache import CacheWriter, FieldSpec
 from ..format.storage import Storage, StorageError
 from ..config import TeacherCacheConfig
-from .targets import TargetComputer, TeacherTargets
+from .targets import ClassTargetComputer, TargetComputer, TeacherTargets
 
 DISK_MARGIN_BYTES = 64 << 20
 
@@ -54,10 +54,48 @@ def _resolve_layers(indices: list[int], n: int, what: str, allowed: str) -> list
     return out
 
 
+def check_task(cfg: TeacherCacheConfig, model_config) -> data_mod.LabelSet | None:
+    """teacher.task against the checkpoint: its head must be the task's (a classifier's trained head, not one
+    transformers would initialise at random), a decoder classifier must know its padding id. Returns the
+    classifier's labels (None for a causal LM)."""
+    task, saved = cfg.teacher.task, teacher_mod.checkpoint_task(model_config)
+    if saved is not None and saved != task:
+        arch = ", ".join(model_config.architectures)
+        if task == "causal-lm":
+            raise CaptureError(f"teacher {cfg.teacher.model!r} is a {arch} (a {saved} checkpoint): set "
+                               f"teacher.task = {saved!r}")
+        raise CaptureError(f"teacher.task = {task!r}, but {cfg.teacher.model!r} is a {arch} ({saved}): its "
+                           f"{task} head would be initialised at random; fine-tune a {task} model first")
+    if task == "causal-lm":
+        return None
+    labels = data_mod.LabelSet.from_config(model_config)
+    if len(labels.names) < 2:
+        raise CaptureError(f"teacher {cfg.teacher.model!r} has {len(labels.names)} labels (config.num_labels): "
+                           "a classifier needs at least 2")
+    if task == "sequence-classification" and _pad_id(model_config) is None:
+        raise CaptureError(f"teacher {cfg.teacher.model!r} has no pad_token_id in its config: a decoder classifier "
+                           "pools each row at its last token that is not padding, found by that id (and transformers "
+                           "refuses batches without it); set config.pad_token_id when saving the model")
+    return labels
+
+
+def _pad_id(model_config) -> int | None:
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    pad = getattr(text, "pad_token_id", None)
+    return None if pad is None else int(pad)
+
+
+def row_pad_id(model_config, tokenizer) -> int:
+    """What a classifier's rows are padded with: its config's pad_token_id (a decoder classifier pools at the
+    last token that is not it), else the tokenizer's."""
+    pad = _pad_id(model_config)
+    return pad if pad is not None else data_mod._pad_id(tokenizer)
+
+
 def check_settings(cfg: TeacherCacheConfig, spec: teacher_mod.TeacherSpec, tokenizer) -> tuple[list[int], list[int]]:
     """Settings against the teacher's architecture; returns resolved (hidden, attention) layers."""
     c = cfg.capture
-    if c.top_k > spec.vocab_size:
+    if cfg.teacher.task == "causal-lm" and c.top_k > spec.vocab_size:
         raise CaptureError(f"capture.top_k={c.top_k} is larger than the teacher's vocabulary ({spec.vocab_size})")
     if spec.max_positions is not None and cfg.data.seq_len > spec.max_positions:
         raise CaptureError(f"data.seq_len={cfg.data.seq_len} exceeds the teacher's {spec.max_positions} positions")
@@ -143,7 +181,7 @@ def _software() -> dict:
 
 
 def build_plan(cfg: TeacherCacheConfig, spec, tokenizer, prepared, hidden, attn, specs, device: str,
-               weights_sha256: str | None = None) -> dict:
+               weights_sha256: str | None = None, task: TaskInfo | None = None) -> dict:
     """Everything that determines the cache's bytes; the manifest minus shards and stats."""
     split_rows = {s: len(r) for s, r in prepared.splits.items()}
     heads = stored_heads(cfg.capture, spec)
@@ -164,11 +202,20 @@ def build_plan(cfg: TeacherCacheConfig, spec, tokenizer, prepared, hidden, attn,
     if first.loss_mask is not None:
         fields["loss_mask"] = row_field("loss_mask", "uint8", True, "1 where the targets at position t train (the "
                                         "token t+1 they predict is an assistant/response token); 0 elsewhere")
+    if first.labels is not None:
+        fields["labels"] = row_field("labels", "int32", first.labels.ndim == 2,
+                                     "gold class id per row" if first.labels.ndim == 1 else
+                                     f"gold class id of each word's first token; {data_mod.IGNORE} elsewhere")
     if first.position_ids is not None:
         fields["position_ids"] = row_field("position_ids", "int32", True, "0 where a document starts, +1 per token "
                                            "within it; padding is a segment of its own. Attention is causal "
                                            "within a segment only")
-    return {
+    preparation = cfg.data.model_dump(include={"seq_len", "packing", "add_special_tokens", "max_documents",
+                                               "max_tokens", "validation_fraction", "sample_by", "shuffle_seed",
+                                               "format", "loss_mask", "document_mask"})
+    if cfg.data.splits:  # recorded only where used, so that earlier caches' plans are unchanged
+        preparation["splits"] = dict(cfg.data.splits)
+    plan = {
         "format": cache_fmt.FORMAT_NAME,
         "format_version": cache_fmt.FORMAT_VERSION,
         "teacher": {
@@ -183,10 +230,7 @@ def build_plan(cfg: TeacherCacheConfig, spec, tokenizer, prepared, hidden, attn,
             "pad_token_id": tokenizer.pad_token_id,
         },
         "dataset": prepared.info,
-        "preparation": {**cfg.data.model_dump(include={"seq_len", "packing", "add_special_tokens", "max_documents",
-                                                       "max_tokens", "validation_fraction", "sample_by",
-                                                       "shuffle_seed", "format", "loss_mask", "document_mask"}),
-                        **prepared.convention},
+        "preparation": {**preparation, **prepared.convention},
         "capture": {
             **cfg.capture.model_dump(exclude={"batch_size", "position_chunk", "hidden_layers", "attention_layers"}),
             "hidden_layers": hidden, "attention_layers": attn, "attention_heads_stored": heads,
@@ -199,6 +243,9 @@ def build_plan(cfg: TeacherCacheConfig, spec, tokenizer, prepared, hidden, attn,
         "fields": fields,
         "software": _software(),
     }
+    if task is not None:  # a classification teacher: its task and labels (a causal LM's plan has no such key)
+        plan["task"] = task.to_dict(cfg.data.label_column)
+    return plan
 
 
 def _part(split: str, rows, shard_rows: int) -> dict:
@@ -335,6 +382,24 @@ def _wipe(st: Storage) -> None:
             st.remove(rel)
 
 
+@dataclass(frozen=True)
+class TaskInfo:
+    """A classification capture: the task, the teacher's labels, the id rows are padded with."""
+
+    task: str
+    labels: data_mod.LabelSet
+    pad_id: int
+
+    @property
+    def per_token(self) -> bool:
+        return self.task == "token-classification"
+
+    def to_dict(self, label_column: str) -> dict:
+        return {"type": self.task, "labels": self.labels.names, "label2id": self.labels.ids,
+                "label_column": label_column, "pad_token_id": self.pad_id,
+                "ignore_index": data_mod.IGNORE if self.per_token else None}
+
+
 @dataclass
 class CaptureResult:
     root: Path | str  # a local directory, or the URL captured to
@@ -352,14 +417,17 @@ def run_capture(cfg: TeacherCacheConfig, log: Callable[[str], None] = print, pro
         log, progress = (lambda m: None), False
     st = Storage(cfg.output.dir, cfg.output.storage_options)
     tokenizer = teacher_mod.load_tokenizer(cfg.teacher)
-    spec = teacher_mod.TeacherSpec.from_config(teacher_mod.load_model_config(cfg.teacher))
+    model_config = teacher_mod.load_model_config(cfg.teacher)
+    spec = teacher_mod.TeacherSpec.from_config(model_config)
+    labels = check_task(cfg, model_config)
     hidden, attn = check_settings(cfg, spec, tokenizer)
     device = teacher_device(cfg)
     distributed.on_main(lambda: check_output_dir(st))
     with ExitStack() as held:
         if st.is_local:  # object stores have no lock: one capture per URL is the user's to ensure
             distributed.on_main(lambda: held.enter_context(writer_lock(st.local_path())))  # rank 0 holds it
-        return _locked_capture(cfg, st, tokenizer, spec, hidden, attn, device, log, progress)
+        task = None if labels is None else TaskInfo(cfg.teacher.task, labels, row_pad_id(model_config, tokenizer))
+        return _locked_capture(cfg, st, tokenizer, spec, hidden, attn, device, log, progress, task)
 
 
 def teacher_device(cfg: TeacherCacheConfig):
@@ -393,23 +461,27 @@ def writer_lock(out: Path):
         os.close(fd)
 
 
-def _locked_capture(cfg, st: Storage, tokenizer, spec, hidden, attn, device, log, progress) -> CaptureResult:
+def _locked_capture(cfg, st: Storage, tokenizer, spec, hidden, attn, device, log, progress,
+                    task: TaskInfo | None = None) -> CaptureResult:
     out = st.local_path() if st.is_local else st.location
     if cfg.output.mode == "append" and st.exists(cache_fmt.MANIFEST):
         codec = cache_fmt.current_layout(cache_fmt.read_manifest(st))["capture"]["topk_codec"]
         if codec != cfg.capture.topk_codec:  # how the values are stored follows the cache being grown
             log(f"appending with capture.topk_codec={codec!r}, the codec of the cache at {out}")
             cfg = cfg.model_copy(update={"capture": cfg.capture.model_copy(update={"topk_codec": codec})})
-    prepared = data_mod.prepare(cfg.data, tokenizer, min_validation=cfg.output.mode != "append")
+    prepared = data_mod.prepare(cfg.data, tokenizer, min_validation=cfg.output.mode != "append",
+                                task=cfg.teacher.task, labels=task.labels if task else None,
+                                pad_id=task.pad_id if task else None)
     n_heads = stored_heads(cfg.capture, spec)
     specs = cache_fmt.field_specs(
         seq_len=cfg.data.seq_len, top_k=cfg.capture.top_k, n_temperatures=len(cfg.capture.temperatures),
         hidden=(len(hidden), spec.hidden_size) if hidden else None, hidden_dtype=cfg.capture.hidden_dtype,
         attention=(len(attn), n_heads) if attn else None, vocab_size=spec.vocab_size,
         topk_codec=cfg.capture.topk_codec, samples=cfg.capture.samples,
-        final_hidden=(spec.hidden_size, cfg.capture.final_hidden_dtype) if cfg.capture.final_hidden else None)
+        final_hidden=(spec.hidden_size, cfg.capture.final_hidden_dtype) if cfg.capture.final_hidden else None,
+        classes=len(task.labels.names) if task else None, per_token=bool(task and task.per_token))
     weights = distributed.on_main(lambda: teacher_mod.weights_fingerprint(cfg.teacher))  # hashed once, not per rank
-    plan = build_plan(cfg, spec, tokenizer, prepared, hidden, attn, specs, device.type, weights)
+    plan = build_plan(cfg, spec, tokenizer, prepared, hidden, attn, specs, device.type, weights, task)
     base = None
     if cfg.output.mode == "append":  # read-only, on every rank: which rows are new
         base, plan, prepared = _plan_append(st, plan, prepared, cfg, log)
@@ -431,10 +503,11 @@ def _locked_capture(cfg, st: Storage, tokenizer, spec, hidden, attn, device, log
             model = teacher_mod.load_model(cfg.teacher, device)
             log(f"teacher loaded on {device} in {time.perf_counter() - t0:.1f}s"
                 + (f"; {ranks.world} ranks share {len(todo)} shards" if ranks.active else ""))
-            computer = TargetComputer(model, spec, cfg.capture, hidden, attn)
+            computer = (TargetComputer(model, spec, cfg.capture, hidden, attn) if task is None else
+                        ClassTargetComputer(model, cfg.capture, hidden, attn, task.per_token))
             if cfg.data.document_mask:
                 check_teacher_document_masking(computer, spec, cfg.teacher.dtype)
-            if ranks.main:
+            if ranks.main and task is None:
                 if cfg.capture.final_hidden and base is None and not st.exists(cache_fmt.HEAD_FILE):
                     _store_head(st, cfg, model)  # now, from the loaded model: a resume need not load it for this
                 first = prepared.splits.get("train") or next(iter(prepared.splits.values()))
@@ -451,8 +524,10 @@ def _locked_capture(cfg, st: Storage, tokenizer, spec, hidden, attn, device, log
             _store_head(st, cfg, computer.model if computer is not None else None)
         stats = _statistics(writer, base)
         manifest = writer.finalize(stats)
+        quality = (f"mean top-{cfg.capture.top_k} mass {stats['mean_topk_mass']:.4f}" if task is None else
+                   "teacher accuracy " + ", ".join(f"{k} {v:.4f}" for k, v in stats["teacher_accuracy"].items()))
         log(f"finished {out}: {stats['tokens']:,} tokens, {stats['timing']['tokens_per_second']:,.0f} tokens/s"
-            f"{' per rank' if ranks.active else ''}, mean top-{cfg.capture.top_k} mass {stats['mean_topk_mass']:.4f}")
+            f"{' per rank' if ranks.active else ''}, {quality}")
         return manifest
 
     manifest = distributed.on_main(finish)
@@ -738,7 +813,8 @@ def _run_shards(computer, prepared, todo, writer: CacheWriter, batch_size: int, 
                     parts.append(computer(rows.input_ids[s:e], rows.lengths[s:e], pos, seed))
                     bar.update(int(rows.lengths[s:e].sum()))
                 targets = TeacherTargets.concat(parts)
-                stats = _shard_stats(targets, rows.lengths[a:b], time.perf_counter() - t0)
+                stats = _shard_stats(targets, rows.lengths[a:b], time.perf_counter() - t0,
+                                     None if rows.labels is None else rows.labels[a:b])
                 if pending is not None:
                     pending.result()  # at most one shard in flight; surfaces write errors
                 if overlap:
@@ -753,7 +829,12 @@ def _run_shards(computer, prepared, todo, writer: CacheWriter, batch_size: int, 
                                "cause and rerun the same command to resume") from e
 
 
-def _shard_stats(t: TeacherTargets, lengths: np.ndarray, seconds: float) -> dict:
+def _shard_stats(t: TeacherTargets, lengths: np.ndarray, seconds: float, labels: np.ndarray | None = None) -> dict:
+    if t.class_logprobs is not None:  # a classifier: how often it agrees with the gold labels
+        pred = t.class_logprobs.argmax(-1)
+        known = labels != data_mod.IGNORE
+        return {"tokens": int(lengths.sum()), "seconds": seconds, "topk_mass_sum": float(lengths.sum()),
+                "labelled": int(known.sum()), "teacher_correct": int((pred == labels)[known].sum())}
     L = t.logsumexp.shape[1]
     valid = np.arange(L)[None, :] < lengths[:, None]
     mass = np.exp(t.topk_logprobs.astype(np.float64)).sum(-1)  # (B, L)
@@ -780,7 +861,14 @@ def _statistics(writer: CacheWriter, base: dict | None = None) -> dict:
         per_field["rows.parquet"] = per_field.get("rows.parquet", 0) + writer.st.size(f"{part['path']}/rows.parquet")
     if base is None and writer.st.exists(cache_fmt.HEAD_FILE):
         per_field[cache_fmt.HEAD_FILE] = writer.st.size(cache_fmt.HEAD_FILE)  # once per cache
-    return {
+    extra = {}
+    if "task" in writer.plan:  # the teacher's accuracy on the gold labels, per split (a grown cache: its new rows)
+        right: dict[str, list[int]] = {}
+        for c in commits:
+            r = right.setdefault(c["split"], [0, 0])
+            r[0], r[1] = r[0] + c["teacher_correct"], r[1] + c["labelled"]
+        extra["teacher_accuracy"] = {s: a / max(n, 1) for s, (a, n) in right.items()}
+    return extra | {
         "tokens": tokens,
         "rows": sum(v["rows"] for v in writer.plan["splits"].values()),
         "mean_topk_mass": mass / max(tokens, 1),

@@ -33,10 +33,10 @@ class TeacherTargets:
     there is no next token (the last real position, and padding).
     """
 
-    topk_ids: np.ndarray  # (B, L, K) int32 (written in the field's dtype), descending log-prob
-    topk_logprobs: np.ndarray  # (B, L, K) float16, log p at T=1
-    logsumexp: np.ndarray  # (B, L) float32, of the logits at T=1
-    target_logprob: np.ndarray  # (B, L) float32, log p(next token)
+    topk_ids: np.ndarray | None = None  # (B, L, K) int32 (written in the field's dtype), descending log-prob
+    topk_logprobs: np.ndarray | None = None  # (B, L, K) float16, log p at T=1
+    logsumexp: np.ndarray | None = None  # (B, L) float32, of the logits at T=1
+    target_logprob: np.ndarray | None = None  # (B, L) float32, log p(next token)
     logsumexp_tempered: np.ndarray | None = None  # (B, n_T, L) float32, logsumexp(z / T)
     hidden_states: np.ndarray | None = None  # (B, n_hidden, L, d) float16 or bfloat16 (stored as uint16 bits)
     attentions: np.ndarray | None = None  # (B, n_attn, H_kept, L, L) float16
@@ -45,6 +45,10 @@ class TeacherTargets:
     sample_counts: np.ndarray | None = None  # (B, L, N) draws of each id; 0 marks an empty slot
     sample_logprobs: np.ndarray | None = None  # (B, L, N) float16 teacher log p at T=1 of sample_ids
     final_hidden: np.ndarray | None = None  # (B, L, d) the LM head's input (float16/float32, or bfloat16 bits)
+    # classification teachers: every class, (B, C) per row or (B, L, C) per token (zeros at padding)
+    class_logprobs: np.ndarray | None = None  # float32 log p at T=1
+    class_logsumexp: np.ndarray | None = None  # (B,) or (B, L) float32 logsumexp of the logits at T=1
+    class_logsumexp_tempered: np.ndarray | None = None  # (B, n_T) or (B, n_T, L) float32 logsumexp(z / T)
 
     def fields(self) -> dict[str, np.ndarray]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -150,6 +154,25 @@ def _to_storage(x: torch.Tensor, dtype_name: str, what: str, setting: str = "hid
     return y.view(torch.int16).numpy().view(np.uint16) if tdt == torch.bfloat16 else y.numpy()
 
 
+def add_representations(res: TeacherTargets, out, valid: torch.Tensor, recorder, cfg, hidden_layers: list[int],
+                        attention_layers: list[int]) -> TeacherTargets:
+    """`res` with the selected hidden states (B, n, L, d) and attention maps (B, n, H, L, L) of a forward pass
+    `out`, zero at padding, in their storage dtypes."""
+    if hidden_layers:
+        hs = torch.stack([out.hidden_states[i] for i in hidden_layers], dim=1)  # (B, n, L, d)
+        hs = torch.where(valid[:, None, :, None], hs, 0)
+        if cfg.hidden_dtype == "int8":
+            q, scale = quantize_int8(hs)
+            res.hidden_states, res.hidden_scale = q.cpu().numpy(), scale.cpu().numpy()
+        else:
+            res.hidden_states = _to_storage(hs, cfg.hidden_dtype, "hidden state")
+    if recorder is not None:
+        att = recorder.stacked(attention_layers)  # (B, n, H, L, L)
+        vv = valid[:, None, None, :, None] & valid[:, None, None, None, :]
+        res.attentions = torch.where(vv, att, 0).to(torch.float16).cpu().numpy()
+    return res
+
+
 class TargetComputer:
     """Runs the teacher on a batch of rows and returns `TeacherTargets` (numpy, on the CPU)."""
 
@@ -219,16 +242,52 @@ class TargetComputer:
         if self.cfg.final_hidden:
             res.final_hidden = _to_storage(torch.where(v3, out.last_hidden_state, 0), self.cfg.final_hidden_dtype,
                                            "final hidden state", "final_hidden_dtype")
-        if self.hidden_layers:
-            hs = torch.stack([out.hidden_states[i] for i in self.hidden_layers], dim=1)  # (B, n, L, d)
-            hs = torch.where(valid[:, None, :, None], hs, 0)
-            if self.cfg.hidden_dtype == "int8":
-                q, scale = quantize_int8(hs)
-                res.hidden_states, res.hidden_scale = q.cpu().numpy(), scale.cpu().numpy()
-            else:
-                res.hidden_states = _to_storage(hs, self.cfg.hidden_dtype, "hidden state")
-        if recorder is not None:
-            att = recorder.stacked(self.attention_layers)  # (B, n, H, L, L)
-            vv = valid[:, None, None, :, None] & valid[:, None, None, None, :]
-            res.attentions = torch.where(vv, att, 0).to(torch.float16).cpu().numpy()
-        return res
+        return add_representations(res, out, valid, recorder, self.cfg, self.hidden_layers, self.attention_layers)
+
+
+def class_targets(logits: torch.Tensor, temperatures: list[float]) -> dict[str, torch.Tensor]:
+    """(..., C) class logits -> log-probs at T=1 (..., C), logsumexp at T=1 (...) and at each extra temperature
+    (n_T, ...), all float32 from float32 (or float64) arithmetic: exact up to the storage rounding."""
+    z = logits.float() if logits.dtype != torch.float64 else logits
+    lse = torch.logsumexp(z, dim=-1)
+    out = {"class_logprobs": z - lse[..., None], "class_logsumexp": lse}
+    if temperatures:
+        out["class_logsumexp_tempered"] = torch.stack([torch.logsumexp(z / t, dim=-1) for t in temperatures])
+    return out
+
+
+class ClassTargetComputer:
+    """A classification teacher (sequence or token) on a batch of rows: its class distribution, exactly as the
+    model's own forward pass computes it, plus hidden states and attention maps as for a causal LM."""
+
+    def __init__(self, model, capture, hidden_layers: list[int], attention_layers: list[int], per_token: bool):
+        self.model, self.cfg, self.per_token = model, capture, per_token
+        self.hidden_layers, self.attention_layers = hidden_layers, attention_layers
+        self.device = next(model.parameters()).device
+        if attention_layers:
+            attention.enable(model)
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: np.ndarray, lengths: np.ndarray, position_ids=None, seed=None) -> TeacherTargets:
+        B, L = input_ids.shape
+        ids = torch.from_numpy(input_ids).to(self.device, torch.long)
+        lens = torch.from_numpy(lengths).to(self.device, torch.long)
+        valid = torch.arange(L, device=self.device)[None, :] < lens[:, None]
+        recorder = (attention.AttentionRecorder(self.attention_layers, self.cfg.attention_heads,
+                                                self.cfg.attention_head_reduce) if self.attention_layers else None)
+        with attention.recording(recorder):
+            out = self.model(input_ids=ids, attention_mask=valid.long(), output_hidden_states=bool(self.hidden_layers))
+        t = class_targets(out.logits, self.cfg.temperatures)
+        if self.per_token:
+            v3 = valid[:, :, None]
+            res = TeacherTargets(class_logprobs=torch.where(v3, t["class_logprobs"], 0).cpu().numpy(),
+                                 class_logsumexp=torch.where(valid, t["class_logsumexp"], 0).cpu().numpy())
+            if "class_logsumexp_tempered" in t:
+                res.class_logsumexp_tempered = torch.where(valid[:, None], t["class_logsumexp_tempered"].transpose(0, 1),
+                                                           0).cpu().numpy()
+        else:
+            res = TeacherTargets(class_logprobs=t["class_logprobs"].cpu().numpy(),
+                                 class_logsumexp=t["class_logsumexp"].cpu().numpy())
+            if "class_logsumexp_tempered" in t:
+                res.class_logsumexp_tempered = t["class_logsumexp_tempered"].transpose(0, 1).cpu().numpy()
+        return add_representations(res, out, valid, recorder, self.cfg, self.hidden_layers, self.attention_layers)

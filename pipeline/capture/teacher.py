@@ -93,15 +93,35 @@ def resolve_device(device: str) -> torch.device:
         raise TeacherError(str(e)) from None
 
 
-def load_model(cfg: TeacherConfig, device: torch.device):
-    from transformers import AutoModelForCausalLM
+def auto_class(task: str):
+    """The transformers auto class of a task."""
+    import transformers
 
+    return getattr(transformers, {"causal-lm": "AutoModelForCausalLM",
+                                  "sequence-classification": "AutoModelForSequenceClassification",
+                                  "token-classification": "AutoModelForTokenClassification"}[task])
+
+
+HEAD_SUFFIX = {"causal-lm": "ForCausalLM", "sequence-classification": "ForSequenceClassification",
+               "token-classification": "ForTokenClassification"}
+
+
+def checkpoint_task(config) -> str | None:
+    """The task a checkpoint was saved for, from its config's `architectures` (None: not recorded)."""
+    for arch in getattr(config, "architectures", None) or []:
+        for task, suffix in HEAD_SUFFIX.items():
+            if arch.endswith(suffix) or (task == "causal-lm" and arch.endswith("LMHeadModel")):
+                return task
+    return None
+
+
+def load_model(cfg: TeacherConfig, device: torch.device):
+    auto = auto_class(cfg.task)
     extra = {} if _gguf_location(cfg) else {"use_safetensors": True}
     if cfg.device_map is not None:  # accelerate places the layers; inputs go to the first device
-        model = _from_pretrained(AutoModelForCausalLM, cfg, dtype=getattr(torch, cfg.dtype),
-                                 device_map=cfg.device_map, **extra)
+        model = _from_pretrained(auto, cfg, dtype=getattr(torch, cfg.dtype), device_map=cfg.device_map, **extra)
         return model.eval()
-    model = _from_pretrained(AutoModelForCausalLM, cfg, dtype=getattr(torch, cfg.dtype), **extra)
+    model = _from_pretrained(auto, cfg, dtype=getattr(torch, cfg.dtype), **extra)
     return model.to(device).eval()
 
 

@@ -114,11 +114,13 @@ def id_dtype(vocab_size: int) -> str:
 
 def field_specs(*, seq_len: int, top_k: int, n_temperatures: int, hidden: tuple[int, int] | None,
                 hidden_dtype: str, attention: tuple[int, int] | None, vocab_size: int | None = None,
-                topk_codec: str = "zstd", samples: int = 0, final_hidden: tuple[int, str] | None = None
-                ) -> list[FieldSpec]:
+                topk_codec: str = "zstd", samples: int = 0, final_hidden: tuple[int, str] | None = None,
+                classes: int | None = None, per_token: bool = False) -> list[FieldSpec]:
     """The dense fields a capture writes; `hidden` = (n_layers, width), `attention` = (n_layers, heads kept),
     `final_hidden` = (width, dtype). `topk_codec` "zstd" with `vocab_size` None writes the 1.2 layout
-    (int32 ids, zstd); "pcodec" writes ids in the narrowest type and the K-wide fields with pcodec."""
+    (int32 ids, zstd); "pcodec" writes ids in the narrowest type and the K-wide fields with pcodec.
+    `classes` C: a classification teacher's fields instead of the next-token ones, per row or (`per_token`)
+    per position."""
     L, K = seq_len, top_k
     pc = topk_codec == "pcodec"
     ids = id_dtype(vocab_size) if (pc and vocab_size) else "int32"
@@ -126,6 +128,20 @@ def field_specs(*, seq_len: int, top_k: int, n_temperatures: int, hidden: tuple[
     def wide(name, dtype, desc, n):
         return FieldSpec(name, ("row", "position", "k" if name.startswith("topk") else "slot"), (L, n), dtype, desc,
                          codec="pcodec" if pc else "zstd", level=TOPK_LEVELS[name] if pc else None)
+
+    if classes:
+        pos_dims, pos_tail, where = (("position",), (L,), "per position") if per_token else ((), (), "per row")
+        specs = [
+            FieldSpec("class_logprobs", ("row", *pos_dims, "class"), (*pos_tail, classes), "float32",
+                      f"teacher log-probabilities of every class at T=1, {where} (class ids as in the manifest's task)"),
+            FieldSpec("class_logsumexp", ("row", *pos_dims), pos_tail, "float32",
+                      f"logsumexp of the teacher's class logits at T=1, {where}: logit = log p + logsumexp"),
+        ]
+        if n_temperatures:
+            specs.append(FieldSpec("class_logsumexp_tempered", ("row", "temperature", *pos_dims),
+                                   (n_temperatures, *pos_tail), "float32",
+                                   "logsumexp(z / T) of the class logits per extra temperature"))
+        return specs + _representation_specs(L, hidden, hidden_dtype, attention)
 
     specs = [
         wide("topk_ids", ids, "ids of the K most likely next tokens, most likely first", K),
@@ -146,6 +162,20 @@ def field_specs(*, seq_len: int, top_k: int, n_temperatures: int, hidden: tuple[
                  "times each id was drawn (they sum to capture.samples); 0 marks an empty slot", samples),
             wide("sample_logprobs", "float16", "teacher log-probabilities of sample_ids at T=1", samples),
         ]
+    hidden_specs = _representation_specs(L, hidden, hidden_dtype, None)
+    specs += hidden_specs
+    if final_hidden:
+        d, dtype = final_hidden
+        specs.append(FieldSpec("final_hidden", ("row", "position", "hidden"), (L, d),
+                               "uint16" if dtype == "bfloat16" else dtype,
+                               "the teacher's last hidden state (after the final norm): logits = lm_head(value)",
+                               "bfloat16-bits" if dtype == "bfloat16" else None))
+    return specs + _representation_specs(L, None, hidden_dtype, attention)
+
+
+def _representation_specs(L: int, hidden: tuple[int, int] | None, hidden_dtype: str,
+                          attention: tuple[int, int] | None) -> list[FieldSpec]:
+    specs = []
     if hidden:
         n, d = hidden
         bits, q8 = hidden_dtype == "bfloat16", hidden_dtype == "int8"
@@ -155,12 +185,6 @@ def field_specs(*, seq_len: int, top_k: int, n_temperatures: int, hidden: tuple[
         if q8:
             specs.append(FieldSpec("hidden_scale", ("row", "layer", "position"), (n, L), "float32",
                                    "per-position scale of hidden_states: value = int8 * scale (max |h| / 127)"))
-    if final_hidden:
-        d, dtype = final_hidden
-        specs.append(FieldSpec("final_hidden", ("row", "position", "hidden"), (L, d),
-                               "uint16" if dtype == "bfloat16" else dtype,
-                               "the teacher's last hidden state (after the final norm): logits = lm_head(value)",
-                               "bfloat16-bits" if dtype == "bfloat16" else None))
     if attention:
         n, h = attention
         specs.append(FieldSpec("attentions", ("row", "layer", "head", "query", "key"), (n, h, L, L), "float16",
@@ -321,6 +345,9 @@ def write_rows(path: Path, rows) -> None:
         cols["loss_mask"] = fixed(rows.loss_mask, pa.uint8())
     if rows.position_ids is not None:
         cols["position_ids"] = fixed(rows.position_ids, pa.int32())
+    if getattr(rows, "labels", None) is not None:  # classification: a class id per row, or per position (-100: none)
+        labels = rows.labels.astype(np.int32)
+        cols["labels"] = fixed(labels, pa.int32()) if labels.ndim == 2 else pa.array(labels, type=pa.int32())
     pq.write_table(pa.table(cols), path, compression="zstd")
 
 

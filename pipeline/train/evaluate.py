@@ -20,7 +20,9 @@ from . import losses as L
 from .terms import batch_masks
 
 ECE_BINS = 15
-LOWER_IS_BETTER = {"nll": True, "kl": True, "top1_agreement": False}
+LOWER_IS_BETTER = {"nll": True, "kl": True, "top1_agreement": False, "ece": True, "accuracy": False, "macro_f1": False,
+                   "entity_f1": False}
+CAUSAL_METRICS = ("nll", "kl", "top1_agreement", "ece")
 _SUMS = ("nll", "n_next", "agree", "kl", "n_valid")
 
 
@@ -67,10 +69,13 @@ def _metrics(acc: torch.Tensor) -> dict[str, float]:
             "tokens": int(s["n_next"])}
 
 
-def evaluate_all(models: dict[str, torch.nn.Module], batches, device, head=None) -> dict[str, dict[str, float]]:
+def evaluate_all(models: dict[str, torch.nn.Module], batches, device, head=None, task: dict | None = None
+                 ) -> dict[str, dict[str, float]]:
     """{name: metrics} for every model, reading `batches` once (this rank's share of them); the sums
     are added over ranks when run under torch.distributed. `head`: the cache's TeacherHead, for an
-    exact KL from batches that hold final_hidden."""
+    exact KL from batches that hold final_hidden. `task`: a classification cache's manifest task."""
+    if task is not None:
+        return _evaluate_classes(models, batches, device, task)
     acc = {name: _empty() for name in models}
     was = {name: m.training for name, m in models.items()}
     for m in models.values():
@@ -91,3 +96,125 @@ def evaluate_all(models: dict[str, torch.nn.Module], batches, device, head=None)
 def evaluate(model, batches, device, head=None) -> dict[str, float]:
     """One model's metrics (see `evaluate_all`)."""
     return evaluate_all({"model": model}, batches, device, head)["model"]
+
+
+# ---------------------------------------------------------------------------------------------
+# classification: against the gold labels and the teacher's cached class distribution
+
+
+def metrics_for(task: str) -> tuple[str, ...]:
+    """The validation metrics of a task (what early_stopping_metric may name)."""
+    if task == "causal-lm":
+        return CAUSAL_METRICS
+    return CAUSAL_METRICS + ("accuracy", "macro_f1") + (("entity_f1",) if task == "token-classification" else ())
+
+
+def _split_tag(tag: str) -> tuple[str, str]:
+    if tag == "O":
+        return "O", "_"
+    return tag[0], tag[1:].split("-", maxsplit=1)[-1] or "_"
+
+
+def _ends(prev_tag: str, tag: str, prev_type: str, type_: str) -> bool:
+    return (prev_tag in ("E", "S") or (prev_tag in ("B", "I") and tag in ("B", "S", "O"))
+            or (prev_tag not in ("O", ".") and prev_type != type_))
+
+
+def _starts(prev_tag: str, tag: str, prev_type: str, type_: str) -> bool:
+    return (tag in ("B", "S") or (prev_tag in ("E", "S", "O") and tag in ("E", "I"))
+            or (tag not in ("O", ".") and prev_type != type_))
+
+
+def entities(tags: list[str]) -> set[tuple[str, int, int]]:
+    """(type, first, last) of each entity in a tag sequence (IOB1, IOB2, IOE, IOBES), chunked as conlleval and
+    seqeval's default mode do: an entity starts at B/S, or at I/E after O or another type."""
+    out, prev_tag, prev_type, begin = set(), "O", "_", 0
+    for i, t in enumerate(list(tags) + ["O"]):
+        tag, type_ = _split_tag(t)
+        if _ends(prev_tag, tag, prev_type, type_):
+            out.add((prev_type, begin, i - 1))
+        if _starts(prev_tag, tag, prev_type, type_):
+            begin = i
+        prev_tag, prev_type = tag, type_
+    return out
+
+
+def entity_scheme(labels: list[str]) -> bool:
+    """Whether a label set tags entities (every label O or B-/I-/E-/S-<type>): entity F1 is defined for it."""
+    return any(n != "O" for n in labels) and all(n == "O" or (len(n) > 2 and n[0] in "BIES" and n[1] == "-")
+                                                  for n in labels)
+
+
+_CSUMS = ("nll", "n_labelled", "correct", "agree", "kl", "n_kd", "ent_tp", "ent_pred", "ent_gold")
+
+
+def _evaluate_classes(models, batches, device, task: dict) -> dict[str, dict[str, float]]:
+    names = task["labels"]
+    C = len(names)
+    tagged = task["type"] == "token-classification" and entity_scheme(names)
+    size = len(_CSUMS) + 3 * ECE_BINS + C * C
+    acc = {name: torch.zeros(size, dtype=torch.float64) for name in models}
+    was = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
+    try:
+        for batch in batches:
+            for name, m in models.items():
+                acc[name] += _class_sums(m, batch, device, C, names if tagged else None)
+    finally:
+        for name, m in models.items():
+            m.train(was[name])
+    if not acc:
+        return {}
+    stacked = distributed.sum_(torch.stack(list(acc.values())))
+    return {name: _class_metrics(stacked[i], C, tagged) for i, name in enumerate(acc)}
+
+
+@torch.no_grad()
+def _class_sums(model, batch: dict, device, C: int, tag_names: list[str] | None) -> torch.Tensor:
+    masks = batch_masks(batch, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(input_ids=batch["input_ids"].to(device), **masks.forward).logits
+    lp = torch.log_softmax(logits.double(), dim=-1)
+    labels = batch["labels"].to(device)
+    lab, kd = masks.ce, masks.kd
+    t_lp = batch["class_logprobs"].to(device).double()
+    pred, gold, t_pred = lp.argmax(-1), labels.clamp(min=0), t_lp.argmax(-1)
+    nll = -lp.gather(-1, gold[..., None])[..., 0]
+    kl = L.divergence(t_lp, lp, "forward")
+    conf = lp.max(-1).values.exp()[lab]
+    correct = (pred == gold)[lab].double()
+    b = torch.clamp((conf * ECE_BINS).long(), max=ECE_BINS - 1)
+    tp = n_pred = n_gold = 0
+    if tag_names is not None:  # entities over each row's labelled positions (each word's first token), in order
+        for i in range(labels.shape[0]):
+            keep = lab[i]
+            g = entities([tag_names[j] for j in gold[i][keep].tolist()])
+            p = entities([tag_names[j] for j in pred[i][keep].tolist()])
+            tp, n_pred, n_gold = tp + len(g & p), n_pred + len(p), n_gold + len(g)
+    sums = torch.tensor([nll[lab].sum().item(), lab.sum().item(), correct.sum().item(),
+                         (pred == t_pred)[kd].double().sum().item(), kl[kd].sum().item(), kd.sum().item(),
+                         tp, n_pred, n_gold], dtype=torch.float64)
+    bins = torch.cat([torch.bincount(b, minlength=ECE_BINS).double(), torch.bincount(b, weights=conf, minlength=ECE_BINS),
+                      torch.bincount(b, weights=correct, minlength=ECE_BINS)]).cpu()
+    confusion = torch.bincount(gold[lab] * C + pred[lab], minlength=C * C).double().cpu()
+    return torch.cat([sums, bins, confusion])
+
+
+def _class_metrics(acc: torch.Tensor, C: int, tagged: bool) -> dict[str, float]:
+    s = dict(zip(_CSUMS, acc[: len(_CSUMS)].tolist()))
+    n_bins, conf, correct = acc[len(_CSUMS): len(_CSUMS) + 3 * ECE_BINS].reshape(3, ECE_BINS)
+    cm = acc[len(_CSUMS) + 3 * ECE_BINS:].reshape(C, C)  # gold x predicted
+    tp, support, predicted = cm.diag(), cm.sum(1), cm.sum(0)
+    present = (support + predicted) > 0  # classes that occur in the gold labels or the predictions (as sklearn)
+    f1 = torch.where(support + predicted > 0, 2 * tp / (support + predicted).clamp(min=1), 0.0)
+    n = max(s["n_labelled"], 1)
+    out = {"nll": s["nll"] / n, "accuracy": s["correct"] / n,
+           "macro_f1": float(f1[present].mean()) if bool(present.any()) else 0.0,
+           "top1_agreement": s["agree"] / max(s["n_kd"], 1), "kl": s["kl"] / max(s["n_kd"], 1),
+           "ece": float((correct - conf).abs().sum() / max(n_bins.sum(), 1)), "examples": int(s["n_labelled"])}
+    if tagged:
+        p = s["ent_tp"] / s["ent_pred"] if s["ent_pred"] else 0.0
+        r = s["ent_tp"] / s["ent_gold"] if s["ent_gold"] else 0.0
+        out |= {"entity_precision": p, "entity_recall": r, "entity_f1": 2 * p * r / (p + r) if p + r else 0.0}
+    return out

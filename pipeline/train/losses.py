@@ -303,3 +303,35 @@ def nll_match(s_target_lp: torch.Tensor, t_target_lp: torch.Tensor, mask: torch.
     """Self-supervised matching: squared difference of the student's and the teacher's per-token
     negative log-likelihood of the true next token (both (B, L)); NaN teacher values must be masked."""
     return masked_mean((_acc(s_target_lp) - torch.nan_to_num(_acc(t_target_lp))) ** 2, mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# classification: the teacher's whole class distribution is cached, so every term is exact
+
+
+def class_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """-log p_s(gold class), mean over `mask`; logits (..., C), labels (...) (entries outside `mask` may be
+    any value, e.g. -100)."""
+    lp = torch.log_softmax(_acc(logits), dim=-1)
+    gold = lp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return masked_mean(-gold, mask)
+
+
+def teacher_class_logprobs(class_logprobs: torch.Tensor, class_logsumexp: torch.Tensor, temperature: float = 1.0,
+                           logsumexp_tempered: torch.Tensor | None = None) -> torch.Tensor:
+    """The teacher's log-probs over every class at temperature T: exact (all classes are cached), from the
+    captured logsumexp(z / T) when there is one."""
+    lp = _acc(class_logprobs)
+    if temperature == 1.0:
+        return lp
+    z = (lp + _acc(class_logsumexp)[..., None]) / temperature
+    lse = _acc(logsumexp_tempered) if logsumexp_tempered is not None else torch.logsumexp(z, dim=-1)
+    return z - lse[..., None]
+
+
+def class_divergence(t_lp: torch.Tensor, s_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
+                     kind: str = "forward", beta: float = 0.5) -> torch.Tensor:
+    """KL(teacher || student), KL(student || teacher) or the generalised JSD over the classes at temperature T,
+    times T^2; t_lp (..., C) the teacher's log-probs at T, s_logits (..., C) the student's logits."""
+    s_lp = torch.log_softmax(_acc(s_logits) / temperature, dim=-1)
+    return masked_mean(divergence(t_lp, s_lp, kind, beta), mask) * temperature**2

@@ -17,9 +17,11 @@ import torch
 
 from ..format.cache import Cache, CacheError, row_column
 
-ROW_FIELDS = {"loss_mask": np.bool_, "position_ids": np.int64}  # optional rows.parquet columns, in every batch
+# optional rows.parquet columns, in every batch (labels: a classifier's gold class per row, or per position)
+ROW_FIELDS = {"loss_mask": np.bool_, "position_ids": np.int64, "labels": np.int64}
 FLOAT_FIELDS = {"topk_logprobs", "logsumexp", "target_logprob", "logsumexp_tempered", "attentions", "sample_logprobs",
-                "hidden_scale"}  # to float32 here; hidden_states and final_hidden are decoded on the device
+                "hidden_scale", "class_logprobs", "class_logsumexp", "class_logsumexp_tempered"}
+# to float32 here; hidden_states and final_hidden are decoded on the device
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,7 @@ class CacheBatches(torch.utils.data.IterableDataset):
         rows_tab = self.cache.rows(self.split)
         ids = row_column(rows_tab, "input_ids", np.int64)
         lengths = rows_tab.column("length").to_numpy().astype(np.int64)
-        per_row = {name: row_column(rows_tab, name, dtype) for name, dtype in ROW_FIELDS.items()
+        per_row = {name: row_values(rows_tab, name, dtype) for name, dtype in ROW_FIELDS.items()
                    if name in self.cache.manifest["fields"]}
         arrays = {f: self.cache.array(self.split, f) for f in self.fields}
         loaded: dict[int, dict[str, np.ndarray]] = {}
@@ -148,6 +150,15 @@ class CacheBatches(torch.utils.data.IterableDataset):
                 t = torch.from_numpy(np.ascontiguousarray(arr))
                 out[f] = t.float() if f in FLOAT_FIELDS else t
             yield out
+
+
+def row_values(table, name: str, dtype) -> np.ndarray:
+    """A rows.parquet column: (N, L) for a per-position column, (N,) for a per-row one (a class label)."""
+    import pyarrow as pa
+
+    if pa.types.is_fixed_size_list(table.schema.field(name).type):
+        return row_column(table, name, dtype)
+    return table.column(name).to_numpy().astype(dtype)
 
 
 def make_loader(ds: CacheBatches) -> torch.utils.data.DataLoader:

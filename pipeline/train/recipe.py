@@ -41,7 +41,7 @@ from ..config import StudentConfig, StudentRunConfig
 from ..format.cache import Cache
 from . import losses as L
 from . import terms as T
-from .evaluate import LOWER_IS_BETTER, evaluate_all
+from .evaluate import LOWER_IS_BETTER, entity_scheme, evaluate_all, metrics_for
 from .head import TeacherHead
 from .reader import CacheBatches, TaskStream, make_loader
 from .representation import attention_pairs, hidden_pairs, make_projections
@@ -101,7 +101,8 @@ def step_losses(model, batch: dict, spec: StudentConfig, manifest: dict, device,
     """One batch's terms and total for a bare model (benchmarks, tests): the recipe's computation."""
     wiring = wiring or T.Wiring()
     out = forward(StudentModule(model, wiring), wiring, batch, device)
-    sig = T.TeacherSignal(batch, device, manifest["capture"]["temperatures"], manifest["capture"], head)
+    sig = T.TeacherSignal(batch, device, manifest["capture"]["temperatures"], manifest["capture"], head,
+                          T.task_of(manifest))
     return T.compute(spec, out, sig, wiring)
 
 
@@ -146,14 +147,19 @@ def make_optimizer(params, spec: StudentConfig, total: int):
     return opt, sched
 
 
-def mutual_terms(logits: dict[str, torch.Tensor], mask: torch.Tensor, vocab: int, temperature: float
-                 ) -> dict[str, torch.Tensor]:
+def mutual_terms(logits: dict[str, torch.Tensor], mask: torch.Tensor, vocab: int, temperature: float,
+                 classes: bool = False) -> dict[str, torch.Tensor]:
     """Deep mutual learning: for each student, mean over the others of KL(other || self) on the
-    shared vocabulary, the other's prediction taken as a fixed target (detached)."""
+    shared vocabulary (or the classes), the other's prediction taken as a fixed target (detached)."""
+    def kl(other, mine):
+        if classes:
+            t_lp = torch.log_softmax(other.detach().float() / temperature, dim=-1)
+            return L.class_divergence(t_lp, mine, mask, temperature)
+        return L.full_forward_kl(other.detach()[..., :vocab], mine, mask, temperature)
+
     out = {}
     for name, mine in logits.items():
-        others = [L.full_forward_kl(o.detach()[..., :vocab], mine, mask, temperature)
-                  for n, o in logits.items() if n != name]
+        others = [kl(o, mine) for n, o in logits.items() if n != name]
         out[name] = torch.stack(others).mean()
     return out
 
@@ -167,6 +173,15 @@ def open_tasks(cfg: StudentRunConfig) -> dict[str, tuple[Cache, float]]:
     tasks = {t.name: (Cache(t.cache, storage_options=cfg.storage_options), t.weight) for t in cfg.task_list()}
     first_name, (first, _) = next(iter(tasks.items()))
     keys = set().union(*(T.capture_keys(s) for s in cfg.students))
+    for name, (c, _) in tasks.items():  # one kind of teacher per run: the students have one head
+        theirs, ours = c.manifest.get("task"), first.manifest.get("task")
+        if T.task_of(c.manifest) != T.task_of(first.manifest) or (theirs or {}).get("labels") != (ours or {}).get(
+                "labels"):
+            raise StudentError(f"task {name!r} ({c.root}) holds a {T.task_of(c.manifest)} teacher's targets"
+                               + (f" with labels {theirs['labels']}" if theirs else "")
+                               + f", task {first_name!r} a {T.task_of(first.manifest)} teacher's"
+                               + (f" with labels {ours['labels']}" if ours else "")
+                               + "; the caches of one run must share the task and its labels")
     for name, (c, _) in tasks.items():
         if c.manifest["tokenizer"]["fingerprint"] != first.manifest["tokenizer"]["fingerprint"]:
             raise StudentError(f"task {name!r} ({c.root}) was made with another tokenizer than task {first_name!r} "
@@ -373,16 +388,28 @@ class Recipe:
             self.device = distributed.device_for(cfg.device)
         except ValueError as e:
             raise StudentError(str(e)) from None
+        self.task = T.task_of(self.manifest)  # one for every cache of the run (open_tasks)
+        allowed = metrics_for(self.task)
+        if cfg.early_stopping_metric not in allowed:
+            raise StudentError(f"early_stopping_metric = {cfg.early_stopping_metric!r} is not a metric of a {self.task} "
+                               f"cache (its metrics: {', '.join(allowed)})"
+                               + ("; its labels are not entity tags (B-/I-<type>)" if cfg.early_stopping_metric ==
+                                  "entity_f1" and self.task == "token-classification" else ""))
+        if cfg.early_stopping_metric == "entity_f1" and not entity_scheme(self.manifest["task"]["labels"]):
+            raise StudentError(f"early_stopping_metric = 'entity_f1', but the cache's labels {self.manifest['task']['labels']} "
+                               "are not entity tags (O, B-<type>, I-<type>, ...)")
         self.fields = sorted({f for c, _ in self.tasks.values() for s in cfg.students for f in T.fields_for(s, c.manifest)})
         # the teacher's LM head, for the full-vocabulary terms and an exact validation KL
         self.heads = {n: TeacherHead.from_cache(c, self.device) for n, (c, _) in self.tasks.items()
                       if "final_hidden" in c.manifest["fields"]}
         for s in cfg.students:
-            if s.temperature != 1.0 and T.reads_tempered(s) and T.tempered_index(s, self.manifest) is None:
+            if s.temperature != 1.0 and T.reads_tempered(s) and T.tempered_index(s, self.manifest) is None \
+                    and self.task == "causal-lm":  # a classifier's distributions are exact at any temperature
                 warnings.warn(f"student {s.name!r}: temperature {s.temperature} was not captured in {self.cache.root} "
                               f"(captured: {self.manifest['capture']['temperatures_all']}); the teacher's tail is "
                               "approximated")
         self.val_tasks = {n: (c, w) for n, (c, w) in self.tasks.items() if "validation" in c.splits}
+        self.test_tasks = {n: (c, w) for n, (c, w) in self.tasks.items() if "test" in c.splits}
         if not self.val_tasks:
             self.log("no cache of this run has a validation split: no evaluation, no early stopping")
         for spec in cfg.students:
@@ -394,21 +421,28 @@ class Recipe:
                                                    num_workers=cfg.num_workers), w) for n, (c, w) in self.tasks.items()},
                                  cfg.seed, self.run["stream"], rank=r.rank, world=r.world)
         self.run["stream"] = self.stream.state
-        self.val_sets = {}
-        for n, (c, w) in self.val_tasks.items():
-            keys = None if cfg.eval_rows is None else c.rows("validation").column("key").to_pylist()[: cfg.eval_rows]
-            fields = list(T.TOPK_FIELDS) + (list(T.FULL_FIELDS) if n in self.heads else [])
-            ds = CacheBatches(c, "validation", fields, cfg.batch_size, shuffle=False, keys=keys)
-            if r.active:  # this rank's share of the validation batches
-                ds.indices = [j for j in range(len(ds)) if j % r.world == r.rank]
-            self.val_sets[n] = (ds, w)
+        self.val_sets = {n: (self._eval_set(n, c, "validation", cfg.eval_rows), w)
+                         for n, (c, w) in self.val_tasks.items()}
+
+    def _eval_set(self, name: str, c: Cache, split: str, rows: int | None = None) -> CacheBatches:
+        """The batches of a held-out split that this rank evaluates (the first `rows` rows, or all)."""
+        r = self.ranks
+        keys = None if rows is None else c.rows(split).column("key").to_pylist()[:rows]
+        if self.task != "causal-lm":
+            fields = ["class_logprobs"]
+        else:
+            fields = list(T.TOPK_FIELDS) + (list(T.FULL_FIELDS) if name in self.heads else [])
+        ds = CacheBatches(c, split, fields, self.cfg.batch_size, shuffle=False, keys=keys)
+        if r.active:  # this rank's share of the batches
+            ds.indices = [j for j in range(len(ds)) if j % r.world == r.rank]
+        return ds
 
     def _build(self, spec: StudentConfig) -> Student:
         cfg, device = self.cfg, self.device
         model = build_student(spec, self.manifest, self.tokenizer, device)
-        rows = model.get_output_embeddings().weight.shape[0]
+        rows = model.get_output_embeddings().weight.shape[0] if self.task == "causal-lm" else None
         for name, (c, _) in self.tasks.items():
-            if rows < c.manifest["teacher"]["vocab_size"]:
+            if rows is not None and rows < c.manifest["teacher"]["vocab_size"]:
                 raise StudentError(f"student {spec.name!r}: {rows} output rows < task {name!r}'s vocabulary "
                                    f"({c.manifest['teacher']['vocab_size']})")
         if any(c.manifest["preparation"].get("document_mask") for c, _ in self.tasks.values()):
@@ -504,7 +538,7 @@ class Recipe:
         mutual = cfg.mutual_weight > 0 and len(active) > 1
         task = task if task is not None else next(iter(self.tasks))
         capture = self.tasks[task][0].manifest["capture"]
-        sig = T.TeacherSignal(batch, device, capture["temperatures"], capture, self.heads.get(task))
+        sig = T.TeacherSignal(batch, device, capture["temperatures"], capture, self.heads.get(task), self.task)
         with contextlib.ExitStack() as stack:
             for st in active:
                 stack.enter_context(distributed.maybe_no_sync(st.engine, not last))
@@ -519,7 +553,8 @@ class Recipe:
                 else:
                     (values[st.name]["total"] / cfg.grad_accum).backward()
             if mutual:  # every student's graph is alive at once: memory grows with the number of students
-                mt = mutual_terms(logits, masks.kd, self.manifest["teacher"]["vocab_size"], cfg.mutual_temperature)
+                mt = mutual_terms(logits, masks.kd, self.manifest["teacher"]["vocab_size"], cfg.mutual_temperature,
+                              classes=self.task != "causal-lm")
                 for st in active:
                     v = values[st.name]
                     v["mutual"] = mt[st.name] * cfg.mutual_temperature**2
@@ -570,23 +605,13 @@ class Recipe:
         active = [st for st in self.students if not st.stopped]
         if not active or not self.val_sets:
             return
-        per_task = {n: evaluate_all({st.name: st.model for st in active}, make_loader(ds), self.device,
-                                    self.heads.get(n))
-                    for n, (ds, _) in self.val_sets.items()}
+        per_task = self._evaluate_sets({st.name: st.model for st in active}, self.val_sets)
         for st in active:
             mine = {n: m[st.name] for n, m in per_task.items()}
-            if len(mine) == 1:
-                m = next(iter(mine.values()))
-            else:
-                total_w = sum(w for _, w in self.val_sets.values())
-                m = {k: sum(mine[n][k] * w for n, (_, w) in self.val_sets.items()) / total_w
-                     for k in ("nll", "top1_agreement", "kl", "ece")}
-                m["ppl"] = math.exp(min(m["nll"], 50))
-                m["tokens"] = sum(x["tokens"] for x in mine.values())
-                if self.main:
-                    for n, x in mine.items():
-                        _append_jsonl(st.out / "metrics.jsonl", {"split": "validation", "task": n, "step": step, **x})
-                m["tasks"] = mine
+            m = self._combine(mine, self.val_sets)
+            if self.main and len(mine) > 1:
+                for n, x in mine.items():
+                    _append_jsonl(st.out / "metrics.jsonl", {"split": "validation", "task": n, "step": step, **x})
             st.last_eval = {**m, "step": step}
             if self.main:
                 _append_jsonl(st.out / "metrics.jsonl", {"split": "validation", "step": step,
@@ -603,6 +628,51 @@ class Recipe:
                     st.stopped = True
                     self.log(f"student {st.name}: early stop at step {step} (best {key} {st.best:.4f} at step "
                              f"{st.best_step})")
+
+    def _evaluate_sets(self, models: dict, sets: dict) -> dict[str, dict[str, dict]]:
+        """{task: {student: metrics}} over the given evaluation sets."""
+        return {n: evaluate_all(models, make_loader(ds), self.device, self.heads.get(n), self.tasks[n][0].manifest.get("task"))
+                for n, (ds, _) in sets.items()}
+
+    @staticmethod
+    def _combine(mine: dict[str, dict], sets: dict) -> dict:
+        """One student's metrics of several tasks, weighted by task (counts added), with the per-task ones."""
+        if len(mine) == 1:
+            return dict(next(iter(mine.values())))
+        total_w = sum(w for _, w in sets.values())
+        first = next(iter(mine.values()))
+        counts = ("tokens", "examples")
+        m = {k: sum(mine[n][k] * w for n, (_, w) in sets.items()) / total_w for k in first if k not in counts
+             and k != "ppl" and all(k in x for x in mine.values())}
+        if "nll" in m and "ppl" in first:
+            m["ppl"] = math.exp(min(m["nll"], 50))
+        for k in counts:
+            if k in first:
+                m[k] = sum(x[k] for x in mine.values())
+        m["tasks"] = mine
+        return m
+
+    def test(self) -> dict[str, dict]:
+        """Each student's best model (as saved) on the caches' test splits: {student: metrics}, written to its
+        metrics.jsonl. The saved model is read back on every rank, so every rank evaluates the same weights."""
+        if not self.test_tasks:
+            return {}
+        from ..capture.teacher import auto_class
+
+        sets = {n: (self._eval_set(n, c, "test"), w) for n, (c, w) in self.test_tasks.items()}
+        models = {}
+        for st in self.students:
+            saved = st.out / "model"
+            models[st.name] = auto_class(self.task).from_pretrained(saved, dtype=torch.float32).to(self.device) \
+                if saved.exists() else st.model
+        per_task = self._evaluate_sets(models, sets)
+        out = {}
+        for st in self.students:
+            out[st.name] = self._combine({n: m[st.name] for n, m in per_task.items()}, sets)
+            if self.main:
+                _append_jsonl(st.out / "metrics.jsonl", {"split": "test", "step": st.best_step or self.run["step"],
+                                                         **{k: v for k, v in out[st.name].items() if k != "tasks"}})
+        return out
 
     def checkpoint(self) -> None:
         """Rank 0 writes each student's state; every rank's RNG state goes with it."""
@@ -671,6 +741,7 @@ class Recipe:
             for st in self.students:
                 save_model_atomically(st.model, self.tokenizer, st.out / "model")
         self.checkpoint()
+        tested = self.test()
         reports = []
         for st in self.students:
             report = {"name": st.name, "parameters": count_parameters(st.model), "steps": run["step"],
@@ -680,17 +751,30 @@ class Recipe:
                       "tasks": {n: {"cache": str(c.root), "cache_digest": c.manifest["digest"], "weight": w}
                                 for n, (c, w) in self.tasks.items()},
                       "mutual_weight": cfg.mutual_weight, "device": self.device.type, "ranks": self.ranks.world,
-                      "init": getattr(st.model.config, "distill_init", None)}
+                      "init": getattr(st.model.config, "distill_init", None), "task": self.task}
+            if st.name in tested:
+                report["test"] = tested[st.name]
             reports.append(report)
             if not self.main:
                 continue
             (st.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
             plot_curves(st.out / "metrics.jsonl", st.out / "curves.png", f"{st.name}: {st.spec.losses}")
             if st.best_eval:
-                self.log(f"student {st.name}: best at step {st.best_step}: NLL {st.best_eval['nll']:.4f} "
-                         f"(ppl {st.best_eval['ppl']:.1f}), top-1 agreement {st.best_eval['top1_agreement']:.3f}, "
-                         f"KL {st.best_eval['kl']:.4f}, ECE {st.best_eval['ece']:.4f} -> {st.out / 'model'}")
+                self.log(f"student {st.name}: best at step {st.best_step}: {describe(st.best_eval)} -> {st.out / 'model'}")
+            if st.name in tested:
+                self.log(f"student {st.name}: test: {describe(tested[st.name])}")
         return reports
+
+
+def describe(m: dict) -> str:
+    """A metrics record in one line."""
+    if "accuracy" in m:
+        return (f"accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}"
+                + (f", entity F1 {m['entity_f1']:.4f}" if "entity_f1" in m else "")
+                + f", agreement with the teacher {m['top1_agreement']:.3f}, KL {m['kl']:.4f}, NLL {m['nll']:.4f}, "
+                  f"ECE {m['ece']:.4f}")
+    return (f"NLL {m['nll']:.4f} (ppl {m['ppl']:.1f}), top-1 agreement {m['top1_agreement']:.3f}, KL {m['kl']:.4f}, "
+            f"ECE {m['ece']:.4f}")
 
 
 def train_students(cfg: StudentRunConfig, log: Callable[[str], None] = print, progress: bool = True,

@@ -36,11 +36,55 @@ def describe_tokenizer_difference(ours, theirs) -> str:
     return "added tokens or tokenizer class differ"
 
 
+def cache_task(manifest: dict) -> str:
+    return (manifest.get("task") or {}).get("type", "causal-lm")
+
+
+def label_settings(manifest: dict) -> dict:
+    """A classifier student's config settings: the cache's labels, and the id its rows are padded with (a decoder
+    classifier pools each row at its last token that is not padding)."""
+    task = manifest.get("task")
+    if not task:
+        return {}
+    names = task["labels"]
+    return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)},
+            "pad_token_id": task["pad_token_id"]}
+
+
+def check_task(spec: StudentConfig, manifest: dict, config=None, source: str | None = None) -> None:
+    """Refuse a student of another task than the cache's (its `task` setting, or what its checkpoint was saved
+    for) and a classifier checkpoint trained on other labels."""
+    from ..capture.data import LabelSet
+    from ..capture.teacher import checkpoint_task
+
+    task = cache_task(manifest)
+    if spec.task is not None and spec.task != task:
+        raise StudentError(f"student {spec.name!r}: task {spec.task!r}, but the cache holds a {task} teacher's targets")
+    if config is None:
+        return
+    saved = checkpoint_task(config)
+    if saved is not None and saved != task and not (task != "causal-lm" and saved == "causal-lm"):
+        raise StudentError(f"student {spec.name!r}: {source} is a {saved} checkpoint "
+                           f"({', '.join(config.architectures)}), the cache a {task} teacher's")
+    if task != "causal-lm" and saved == task:
+        theirs = LabelSet.from_config(config)
+        if not theirs.generic and theirs.names != manifest["task"]["labels"]:
+            raise StudentError(f"student {spec.name!r}: {source} classifies into {theirs.names}, the cache's teacher "
+                               f"into {manifest['task']['labels']}; a student must predict the cache's labels, in its "
+                               "order")
+
+
 def build_student(spec: StudentConfig, manifest: dict, tokenizer, device: torch.device):
-    """A causal LM ready to train, with vocabulary >= the teacher's; teacher weights never read."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """A model of the cache's task ready to train (a causal LM with vocabulary >= the teacher's, or a classifier
+    with the teacher's labels); teacher weights never read except by from_teacher."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..capture.teacher import auto_class
 
     t = manifest["teacher"]
+    task = cache_task(manifest)
+    auto, labels = auto_class(task), label_settings(manifest)
+    check_task(spec, manifest)
     if spec.from_teacher is not None:
         return init_from_teacher(spec, manifest).to(device)
     if spec.pretrained is not None:
@@ -59,7 +103,8 @@ def build_student(spec: StudentConfig, manifest: dict, tokenizer, device: torch.
                     f"{describe_tokenizer_difference(tokenizer, theirs)}; cross-tokenizer distillation is not "
                     "supported")
         try:
-            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+            check_task(spec, manifest, AutoConfig.from_pretrained(src), src)
+            model = auto.from_pretrained(src, dtype=torch.float32, **labels)
         except (OSError, ValueError) as e:
             raise StudentError(f"student {spec.name!r}: cannot load {src}: {e}") from e
     else:
@@ -67,7 +112,7 @@ def build_student(spec: StudentConfig, manifest: dict, tokenizer, device: torch.
         kwargs = dict(vocab_size=t["vocab_size"], hidden_size=a.hidden_size, num_hidden_layers=a.num_layers,
                       num_attention_heads=a.num_heads, tie_word_embeddings=a.tie_word_embeddings,
                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
+                      pad_token_id=tokenizer.pad_token_id) | labels
         cfg = AutoConfig.for_model(t["model_type"], **kwargs)
         if a.num_kv_heads is not None:
             if not hasattr(cfg, "num_key_value_heads"):
@@ -81,7 +126,9 @@ def build_student(spec: StudentConfig, manifest: dict, tokenizer, device: torch.
         elif t.get("max_positions") and hasattr(cfg, "n_positions"):
             cfg.n_positions = t["max_positions"]
         torch.manual_seed(spec.seed)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model = auto.from_config(cfg, dtype=torch.float32)
+    if task != "causal-lm":
+        return disable_dropout(model).to(device)
     v_student = model.get_output_embeddings().weight.shape[0]
     if v_student < t["vocab_size"]:
         raise StudentError(f"student {spec.name!r}: its output layer has {v_student} rows, fewer than the cache's "
@@ -151,7 +198,7 @@ def init_from_teacher(spec: StudentConfig, manifest: dict):
         raise StudentError(f"student {spec.name!r}: from_teacher layers {spec.from_teacher} invalid for a teacher of "
                            f"{n_t} layers (0..{n_t - 1}, distinct)")
     source = TeacherConfig(model=t["model"], gguf_file=t.get("gguf_file"), revision=t.get("revision"),
-                           dtype="float32")
+                           dtype="float32", task=cache_task(manifest))
     recorded = t.get("weights_sha256")
     found = weights_fingerprint(source)
     if recorded is not None and found != recorded:
@@ -177,11 +224,11 @@ def init_from_teacher(spec: StudentConfig, manifest: dict):
         cfg.layer_types = [cfg.layer_types[i] for i in layers]
     cfg.distill_init = {"from_teacher": t["model"], "teacher_weights_sha256": t.get("weights_sha256"),
                         "layers": layers}
-    from transformers import AutoModelForCausalLM
+    from ..capture.teacher import auto_class
 
-    student = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    student = auto_class(cache_task(manifest)).from_config(cfg, dtype=torch.float32)
     src = teacher.state_dict()
-    pattern = re.compile(r"\.(layers|h)\.(\d+)\.")
+    pattern = re.compile(r"\.(layers|h|layer)\.(\d+)\.")  # Llama-style, GPT-2, BERT
     new = {}
     for key in student.state_dict():
         m = pattern.search(key)

@@ -15,7 +15,7 @@ and batch (`StudentOutput`). Terms with weight 0 are not computed and their fiel
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -42,6 +42,8 @@ class Masks:
 
 
 def batch_masks(batch: dict, device) -> Masks:
+    if "labels" in batch:
+        return class_masks(batch, device)
     ids = batch["input_ids"]
     pos = torch.arange(ids.shape[1], device=device)
     length = batch["length"].to(device)
@@ -58,6 +60,23 @@ def batch_masks(batch: dict, device) -> Masks:
     return Masks(real, kd, ce, forward)
 
 
+def class_masks(batch: dict, device) -> Masks:
+    """A classification batch: `kd` and `ce` are per row (B,) for sequence classification (every row has the
+    teacher's distribution and a gold label), the labelled positions (B, L) for token classification (each
+    word's first token); the student always gets the attention mask (an encoder attends both ways)."""
+    ids, labels = batch["input_ids"], batch["labels"].to(device)
+    pos = torch.arange(ids.shape[1], device=device)
+    real = pos[None] < batch["length"].to(device)[:, None]
+    labelled = (labels >= 0) & (real if labels.ndim == 2 else True)
+    kd = labelled if labels.ndim == 2 else torch.ones_like(labelled)
+    return Masks(real, kd, labelled, {"attention_mask": real.long()})
+
+
+def task_of(manifest: dict) -> str:
+    """A cache's task: 'causal-lm' (every cache before classification), or its manifest's task type."""
+    return (manifest.get("task") or {}).get("type", "causal-lm")
+
+
 # ---------------------------------------------------------------------------------------------
 # what the terms read
 
@@ -69,8 +88,9 @@ class TeacherSignal:
     at T=1 and at a captured temperature, computed once per batch and temperature.
     """
 
-    def __init__(self, batch: dict, device, temperatures: list[float], capture: dict | None = None, head=None):
-        self.batch, self.device = batch, device
+    def __init__(self, batch: dict, device, temperatures: list[float], capture: dict | None = None, head=None,
+                 task: str = "causal-lm"):
+        self.batch, self.device, self.task = batch, device, task
         self.temperatures = temperatures  # captured temperatures besides 1, in logsumexp_tempered's order
         self.capture = capture or {}  # the cache's capture settings (sampled targets' proposal temperature)
         self.head = head  # a TeacherHead, for the full-vocabulary terms
@@ -114,6 +134,16 @@ class TeacherSignal:
             n = counts.sum(-1, keepdim=True).clamp(min=1)  # N at every real position
             log_w = torch.where(counts > 0, (counts / n).log() + lp_t - lq, -torch.inf)
             self._fields[key] = (self.field("sample_ids").long(), lp_t, log_w)
+        return self._fields[key]
+
+    def classes(self, T: float = 1.0) -> torch.Tensor:
+        """A classifier's log-probs over every class at temperature T, (B, C) or (B, L, C); exact at any T."""
+        key = f"classes@{T}"
+        if key not in self._fields:
+            i = self.tempered_index(T) if T != 1.0 else None
+            lse_T = None if i is None else self.field("class_logsumexp_tempered")[:, i]
+            self._fields[key] = L.teacher_class_logprobs(self.field("class_logprobs"), self.field("class_logsumexp"),
+                                                         T, lse_T)
         return self._fields[key]
 
     def topk(self, T: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,6 +218,15 @@ class Term:
     # fields it reads besides `fields` that depend on how the cache was captured (spec, manifest) -> names;
     # raises StudentError for a cache it cannot be computed from
     cache_fields: Callable[[object, dict], list[str]] | None = None
+    # on a classification cache (sequence or token): the fields read and the computation (None: not defined there)
+    class_fields: tuple[str, ...] | None = None
+    class_compute: Callable[[StudentOutput, TeacherSignal, Context], torch.Tensor] | None = None
+
+    def fields_for_task(self, task: str) -> tuple[str, ...]:
+        return self.fields if task == "causal-lm" else self.class_fields
+
+    def computes(self, task: str) -> bool:
+        return task == "causal-lm" or self.class_compute is not None
 
 
 TERMS: dict[str, Term] = {}
@@ -204,9 +243,33 @@ def term(name: str, description: str, fields: tuple[str, ...] = (), student=("lo
     return register
 
 
-@term("ce", "cross-entropy on the true next token (hard labels)")
+def for_classification(name: str, fields: tuple[str, ...] | None = None):
+    """What term `name` (registered above) computes on a classification cache; without a function (used as a
+    plain call), the same computation as on a causal LM (representation terms)."""
+    def register(fn=None):
+        t = TERMS[name]
+        TERMS[name] = replace(t, class_fields=t.fields if fields is None else tuple(fields),
+                              class_compute=fn or t.compute)
+        return fn
+    return register
+
+
+CLASS_FIELDS = ("class_logprobs", "class_logsumexp")
+
+
+@term("ce", "cross-entropy on the true next token (hard labels); classification: on the gold labels")
 def _ce(out, sig, ctx):
     return L.cross_entropy(out.next_logprobs(), out.masks.ce)
+
+
+@for_classification("ce", fields=())
+def _ce_classes(out, sig, ctx):
+    return L.class_cross_entropy(out.logits, sig.field("labels"), out.masks.ce)
+
+
+def _class_divergence(out, sig, ctx, kind: str) -> torch.Tensor:
+    T = ctx.spec.temperature
+    return L.class_divergence(sig.classes(T), out.logits, out.masks.kd, T, kind, ctx.spec.jsd_beta)
 
 
 def _pair(out: StudentOutput, sig: TeacherSignal, ctx: Context):
@@ -222,6 +285,11 @@ def _kd_forward(out, sig, ctx):
     return L.forward_kl(t_lp, t_tail, s_lp, s_tail, out.masks.kd, T)
 
 
+@for_classification("kd_forward", CLASS_FIELDS)
+def _kd_forward_classes(out, sig, ctx):
+    return _class_divergence(out, sig, ctx, "forward")
+
+
 @term("kd_forward_renorm", "KL over the top-K ids renormalised, tail ignored (biased), x T^2", TOPK_FIELDS,
       tempered=True)
 def _kd_forward_renorm(out, sig, ctx):
@@ -235,11 +303,21 @@ def _kd_reverse(out, sig, ctx):
     return L.reverse_kl(t_lp, t_tail, s_lp, s_tail, out.masks.kd, T)
 
 
+@for_classification("kd_reverse", CLASS_FIELDS)
+def _kd_reverse_classes(out, sig, ctx):
+    return _class_divergence(out, sig, ctx, "reverse")
+
+
 @term("kd_jsd", "generalised Jensen-Shannon (jsd_beta) over the top-K ids + tail bucket, x T^2", TOPK_FIELDS,
       tempered=True)
 def _kd_jsd(out, sig, ctx):
     t_lp, t_tail, s_lp, s_tail, T = _pair(out, sig, ctx)
     return L.jsd(t_lp, t_tail, s_lp, s_tail, out.masks.kd, ctx.spec.jsd_beta, T)
+
+
+@for_classification("kd_jsd", CLASS_FIELDS)
+def _kd_jsd_classes(out, sig, ctx):
+    return _class_divergence(out, sig, ctx, "jsd")
 
 
 @term("mse_logprobs", "squared error of log-probs at the top-K ids", TOPK_FIELDS, tempered=True)
@@ -252,6 +330,12 @@ def _mse_logprobs(out, sig, ctx):
 def _mse_logits(out, sig, ctx):
     t_logits = sig.field("topk_logprobs") + sig.field("logsumexp")[..., None]
     return L.mse_logits(t_logits, out.logits.gather(-1, sig.topk_ids).float(), out.masks.kd)
+
+
+@for_classification("mse_logits", CLASS_FIELDS)
+def _mse_logits_classes(out, sig, ctx):
+    t_logits = sig.field("class_logprobs") + sig.field("class_logsumexp")[..., None]
+    return L.mse_logits(t_logits, out.logits.float(), out.masks.kd)
 
 
 def _sampled_fields(spec, manifest: dict) -> list[str]:
@@ -361,6 +445,10 @@ def _attn_mse(out, sig, ctx):
     return _attention(out, sig, ctx, L.attention_mse)
 
 
+for _name in ("hidden_mse", "hidden_cosine", "attn_kl", "attn_mse"):  # positions of real tokens, any task
+    for_classification(_name)()
+
+
 # ---------------------------------------------------------------------------------------------
 # derived from the registry
 
@@ -400,14 +488,23 @@ def tempered_index(spec, manifest: dict) -> int | None:
 
 
 def fields_for(spec, manifest: dict) -> list[str]:
-    """The cache fields this student's terms read; refuses a term whose field the cache lacks."""
+    """The cache fields this student's terms read; refuses a term whose field the cache lacks, or a term not
+    defined for the cache's task."""
     need: list[tuple[str, str]] = []  # (term, field)
     have = set(manifest["fields"])
+    task = task_of(manifest)
+    wrong = [t.name for t in active(spec) if not t.computes(task)]
+    if wrong:
+        known = [n for n, t in TERMS.items() if t.computes(task)]
+        raise StudentError(f"student {spec.name!r}: {', '.join(wrong)} {'is a' if len(wrong) == 1 else 'are'} "
+                           f"next-token term{'s' if len(wrong) > 1 else ''}; a {task} cache trains with "
+                           f"{', '.join(known)}")
     for t in active(spec):
-        need += [(t.name, f) for f in t.fields]
+        fields = t.fields_for_task(task)
+        need += [(t.name, f) for f in fields]
         if t.tempered and spec.temperature != 1.0 and tempered_index(spec, manifest) is not None:
-            need.append((t.name, "logsumexp_tempered"))
-        if t.cache_fields is not None and set(t.fields) <= have:  # else its own fields are refused below
+            need.append((t.name, "logsumexp_tempered" if task == "causal-lm" else "class_logsumexp_tempered"))
+        if t.cache_fields is not None and set(fields) <= have:  # else its own fields are refused below
             need += [(t.name, f) for f in t.cache_fields(spec, manifest)]
     for name, f in need:
         if f not in have:
@@ -419,6 +516,7 @@ def fields_for(spec, manifest: dict) -> list[str]:
 def compute(spec, out: StudentOutput, sig: TeacherSignal, wiring: Wiring) -> dict[str, torch.Tensor]:
     """Named values of the student's active terms (unweighted) and 'total', their weighted sum."""
     ctx = Context(spec, wiring)
-    values = {t.name: t.compute(out, sig, ctx) for t in active(spec)}
+    classify = sig.task != "causal-lm"
+    values = {t.name: (t.class_compute if classify else t.compute)(out, sig, ctx) for t in active(spec)}
     values["total"] = sum(spec.losses[k] * v for k, v in values.items())
     return values
