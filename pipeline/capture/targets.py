@@ -267,8 +267,28 @@ class ClassTargetComputer:
         if attention_layers:
             attention.enable(model)
 
-    @torch.inference_mode()
+    # the position axes of each field (after the row axis), for padding a trimmed batch back to seq_len
+    POSITION_AXES = {"class_logprobs": (1,), "class_logsumexp": (1,), "class_logsumexp_tempered": (2,),
+                     "hidden_states": (2,), "hidden_scale": (2,), "attentions": (3, 4)}
+
     def __call__(self, input_ids: np.ndarray, lengths: np.ndarray, position_ids=None, seed=None) -> TeacherTargets:
+        """One example per row: the batch runs cut to its longest row (padding is masked, so the real positions
+        get the same values), and the per-position fields are padded back with zeros."""
+        L, n = input_ids.shape[1], max(int(lengths.max()), 1)
+        res = self._compute(input_ids[:, :n], lengths)
+        if n == L:
+            return res
+        for name, arr in res.fields().items():
+            axes = self.POSITION_AXES.get(name, ()) if (self.per_token or not name.startswith("class_")) else ()
+            if axes:
+                width = [(0, 0)] * arr.ndim
+                for a in axes:
+                    width[a] = (0, L - n)
+                setattr(res, name, np.pad(arr, width))
+        return res
+
+    @torch.inference_mode()
+    def _compute(self, input_ids: np.ndarray, lengths: np.ndarray) -> TeacherTargets:
         B, L = input_ids.shape
         ids = torch.from_numpy(input_ids).to(self.device, torch.long)
         lens = torch.from_numpy(lengths).to(self.device, torch.long)

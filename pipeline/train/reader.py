@@ -71,7 +71,7 @@ class CacheBatches(torch.utils.data.IterableDataset):
 
     def __init__(self, root, split: str, fields: list[str], batch_size: int, seed: int = 0, shuffle: bool = True,
                  keys: list[str] | None = None, num_workers: int = 0, drop_last: bool = False,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, trim: bool = False):
         self.cache = root if isinstance(root, Cache) else Cache(root, storage_options=storage_options)
         root = self.cache.root
         if split not in self.cache.splits:
@@ -83,6 +83,9 @@ class CacheBatches(torch.utils.data.IterableDataset):
         self.root, self.split, self.fields = root, split, list(fields)
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.num_workers, self.drop_last = num_workers, drop_last
+        # trim: cut every batch's position axes to its longest row (one example per padded row: classification)
+        self.position_axes = {name: [i for i, d in enumerate(f["dims"]) if d in ("position", "query", "key")]
+                              for name, f in self.cache.manifest["fields"].items()} if trim else None
         self.epoch, self.start = 0, 0
         self.indices: list[int] | None = None
         n = self.cache.manifest["splits"][split]["rows"]
@@ -149,7 +152,19 @@ class CacheBatches(torch.utils.data.IterableDataset):
                     arr = arr.astype(np.int32)  # ids of vocabularies <= 65,536 (and counts) are stored as uint16
                 t = torch.from_numpy(np.ascontiguousarray(arr))
                 out[f] = t.float() if f in FLOAT_FIELDS else t
-            yield out
+            yield out if self.position_axes is None else self._trimmed(out)
+
+    def _trimmed(self, batch: dict) -> dict:
+        """The batch with its padding past the longest row cut off, on every position axis of every field."""
+        n = int(batch["length"].max())
+        key = {"length": "length", "row": None, "batch_index": None}
+        for name, value in batch.items():
+            axes = self.position_axes.get(key.get(name, name)) or []
+            if axes and isinstance(value, torch.Tensor) and value.shape[axes[0]] > n:
+                for a in axes:
+                    value = value.narrow(a, 0, n)
+                batch[name] = value.contiguous()
+        return batch
 
 
 def row_values(table, name: str, dtype) -> np.ndarray:

@@ -417,8 +417,10 @@ class Recipe:
 
     def _data(self) -> None:
         cfg, r = self.cfg, self.ranks
+        trim = self.task != "causal-lm"  # one example per padded row: batches end at their longest row
         self.stream = TaskStream({n: (CacheBatches(c, "train", self.fields, cfg.batch_size, seed=cfg.seed, shuffle=True,
-                                                   num_workers=cfg.num_workers), w) for n, (c, w) in self.tasks.items()},
+                                                   num_workers=cfg.num_workers, trim=trim), w)
+                                  for n, (c, w) in self.tasks.items()},
                                  cfg.seed, self.run["stream"], rank=r.rank, world=r.world)
         self.run["stream"] = self.stream.state
         self.val_sets = {n: (self._eval_set(n, c, "validation", cfg.eval_rows), w)
@@ -432,7 +434,7 @@ class Recipe:
             fields = ["class_logprobs"]
         else:
             fields = list(T.TOPK_FIELDS) + (list(T.FULL_FIELDS) if name in self.heads else [])
-        ds = CacheBatches(c, split, fields, self.cfg.batch_size, shuffle=False, keys=keys)
+        ds = CacheBatches(c, split, fields, self.cfg.batch_size, shuffle=False, keys=keys, trim=self.task != "causal-lm")
         if r.active:  # this rank's share of the batches
             ds.indices = [j for j in range(len(ds)) if j % r.world == r.rank]
         return ds
