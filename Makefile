@@ -9,7 +9,7 @@ BIN        := $(VENV)/bin
 DISTILL    := HF_HUB_OFFLINE=1 $(BIN)/distill
 TEACHER    := data/teachers/SmolLM2-135M-Instruct
 
-.PHONY: setup teacher-cache student inspect verify test bench clean bench-targets
+.PHONY: setup teacher-cache student inspect verify test bench clean bench-targets fortunes-example
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,16 @@ bench: $(VENV)/.installed $(TEACHER)/model.safetensors
 # which target should a user pick: sizes, step times, students (about an hour on 2 CPU cores)
 bench-targets: $(VENV)/.installed $(TEACHER)/model.safetensors
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_targets.py
+
+# the classification worked example (README, "Task-specific distillation"): data, teacher fine-tuning
+# (once, ~10 min on 2 CPU cores), cache, 3 seeds x 3 students (about an hour on 2 CPU cores)
+FORTUNES_TEACHER := data/teachers/smollm2-fortunes
+fortunes-example: $(VENV)/.installed $(TEACHER)/model.safetensors
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/fortunes_example.py data
+	test -f $(FORTUNES_TEACHER)/model.safetensors || HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/fortunes_example.py teacher
+	$(DISTILL) teacher-cache --config data/configs/fortunes_cache.toml
+	$(DISTILL) verify data/caches/fortunes
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/fortunes_example.py students
 
 clean:
 	rm -rf data/caches data/students

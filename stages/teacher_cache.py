@@ -60,25 +60,36 @@ def inspect(
     echo(f"rows         seq_len {p['seq_len']}, {'packed' if p['packing'] else 'one document per row'}; "
          + ", ".join(f"{s}: {v['rows']} rows / {v['tokens']:,} tokens / {v['shards']} shards"
                      for s, v in m["splits"].items()))
+    task = m.get("task")
     bos = p.get("bos")
-    echo(f"row start    {'BOS (id %s)' % bos['token_id'] if bos and bos['applied'] else 'no BOS'}"
-         + (f"; tokenizer adds BOS: {bos['tokenizer_adds_bos']}, data.bos = {bos['setting']!r}" if bos else
-            " (cache made before BOS conventions were recorded)")
-         + f"; data {p.get('format', 'text')}" + (f", template {p['chat_template']['source']} "
-                                                  f"sha256 {p['chat_template']['sha256'][:12]}"
-                                                  if p.get("chat_template") else "")
-         + f"; loss mask {p.get('loss_mask', 'all')}; document mask {p.get('document_mask', False)}")
+    if task:
+        echo(f"task         {task['type']}: {len(task['labels'])} labels {task['labels']} (column "
+             f"{task['label_column']!r}); one example per row with the tokenizer's special tokens, padded with id "
+             f"{task['pad_token_id']}")
+    else:
+            echo(f"row start    {'BOS (id %s)' % bos['token_id'] if bos and bos['applied'] else 'no BOS'}"
+             + (f"; tokenizer adds BOS: {bos['tokenizer_adds_bos']}, data.bos = {bos['setting']!r}" if bos else
+                " (cache made before BOS conventions were recorded)")
+             + f"; data {p.get('format', 'text')}" + (f", template {p['chat_template']['source']} "
+                                                      f"sha256 {p['chat_template']['sha256'][:12]}"
+                                                      if p.get("chat_template") else "")
+             + f"; loss mask {p.get('loss_mask', 'all')}; document mask {p.get('document_mask', False)}")
     for g in m.get("grown", []):
         echo(f"grown        #{g['number']}: +" + ", ".join(f"{k} {v}" for k, v in g["rows"].items())
              + f" rows ({g['tokens']:,} tokens) from {g['dataset']['source']} {len(g['dataset']['data_files'])} files, "
              f"{g['duplicate_rows_skipped']} rows already cached skipped; parent {g['parent_digest'][:16]}")
-    echo(f"captured     top-{cap['top_k']}, temperatures {cap['temperatures_all']}, hidden layers "
-         f"{cap['hidden_layers'] or '-'} ({cap['hidden_dtype']}), attention layers {cap['attention_layers'] or '-'}"
-         + (f"; sampled targets: {cap['samples']} draws at T={cap.get('sample_temperature', 1.0)}"
-            if cap.get("samples") else "")
-         + (f"; final hidden state ({cap.get('final_hidden_dtype')}) + LM head: exact full-vocabulary KD"
-            if cap.get("final_hidden") else "")
-         + f"; top-K codec {cap.get('topk_codec', 'zstd')}")
+    if task:
+        echo(f"captured     every class's log-prob {'per token' if task['type'] == 'token-classification' else 'per row'}"
+             f", temperatures {cap['temperatures_all']}, hidden layers {cap['hidden_layers'] or '-'} "
+             f"({cap['hidden_dtype']}), attention layers {cap['attention_layers'] or '-'}")
+    else:
+        echo(f"captured     top-{cap['top_k']}, temperatures {cap['temperatures_all']}, hidden layers "
+             f"{cap['hidden_layers'] or '-'} ({cap['hidden_dtype']}), attention layers {cap['attention_layers'] or '-'}"
+             + (f"; sampled targets: {cap['samples']} draws at T={cap.get('sample_temperature', 1.0)}"
+                if cap.get("samples") else "")
+             + (f"; final hidden state ({cap.get('final_hidden_dtype')}) + LM head: exact full-vocabulary KD"
+                if cap.get("final_hidden") else "")
+             + f"; top-K codec {cap.get('topk_codec', 'zstd')}")
     echo("fields:")
     first = c.splits[0]
     per_tok = st["bytes_per_token"]
@@ -94,17 +105,19 @@ def inspect(
     dense_total = sum(v for k, v in per_tok.items() if k not in ("rows.parquet", "lm_head.safetensors"))
     echo(f"  total per token      {dense_total + per_tok['rows.parquet']:.1f} B/token (dense fields and rows)")
     tok = c.tokenizer()
-    for split in c.splits:  # the first rows of each split: enough to see a convention, cheap on any cache
+    for split in ([] if task else c.splits):  # the first rows of each split: enough to see a convention
         rows = c.rows(split, columns=["input_ids", "length"], max_rows=INSPECT_ROWS)
         first = row_column(rows, "input_ids", np.int64)[:, 0]
         warning = missing_bos_warning(tok, first, rows.column("length").to_numpy(),
                                       f"split {split} (first {len(first)} rows)")
         if warning:
             typer.echo(warning, err=True)
+    quality = ("teacher accuracy on the gold labels: " + ", ".join(f"{k} {v:.4f}" for k, v in
+                                                                   st["teacher_accuracy"].items()) if task else
+               f"mean top-{cap['top_k']} mass {st['mean_topk_mass']:.4f}")
     echo(f"stats        {st['tokens']:,} tokens, {st['bytes_on_disk'] / 2**20:,.1f} MiB on disk "
-         f"({st['bytes_on_disk'] / max(st['tokens'], 1):,.1f} B/token), mean top-{cap['top_k']} mass "
-         f"{st['mean_topk_mass']:.4f}, {st['timing']['tokens_per_second']:,.0f} tokens/s "
-         f"({st['timing']['seconds']:.1f} s)")
+         f"({st['bytes_on_disk'] / max(st['tokens'], 1):,.1f} B/token), {quality}, "
+         f"{st['timing']['tokens_per_second']:,.0f} tokens/s ({st['timing']['seconds']:.1f} s)")
 
 
 def verify(cache: Annotated[str, typer.Argument(help="cache directory or URL (s3://, https://, ...)")]) -> None:

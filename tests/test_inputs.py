@@ -155,8 +155,9 @@ def test_shipped_configs_and_readme_examples_validate():
     from pipeline.config import StudentRunConfig
 
     repo = Path(__file__).resolve().parents[1]
-    load_config(TeacherCacheConfig, repo / "data/configs/teacher_cache.toml")
-    for name in ("student.toml", "methods.toml"):
+    for name in ("teacher_cache.toml", "fortunes_cache.toml"):
+        load_config(TeacherCacheConfig, repo / "data/configs" / name)
+    for name in ("student.toml", "methods.toml", "fortunes_students.toml"):
         load_config(StudentRunConfig, repo / "data/configs" / name)
     blocks = re.findall(r"```toml\n(.*?)```", (repo / "README.md").read_text(), flags=re.S)
     assert blocks
