@@ -52,7 +52,7 @@ bench-targets: $(VENV)/.installed $(TEACHER)/model.safetensors
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_targets.py
 
 # the classification worked example (README, "Task-specific distillation"): data, teacher fine-tuning
-# (once, ~10 min on 2 CPU cores), cache, 3 seeds x 3 students (about an hour on 2 CPU cores)
+# (once, 15-20 min on 2 CPU cores), cache (~8 min), 3 seeds x 3 students (~30 min)
 FORTUNES_TEACHER := data/teachers/smollm2-fortunes
 fortunes-example: $(VENV)/.installed $(TEACHER)/model.safetensors
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/fortunes_example.py data

@@ -211,7 +211,9 @@ def run_students(seeds: int, steps: int) -> None:
     t0 = time.time()
     for seed in range(seeds):
         out = ROOT / "data" / "students" / "fortunes" / f"seed-{seed}"
-        cfg = load_config(StudentRunConfig, base, [f"seed={seed}", f"output_dir={out}", f"max_steps={steps}"])
+        cache = ROOT / "data" / "caches" / "fortunes"
+        cfg = load_config(StudentRunConfig, base, [f"seed={seed}", f"output_dir={out}", f"max_steps={steps}",
+                                                   f"cache={cache}"])
         cfg = cfg.model_copy(update={"students": [s.model_copy(update={"seed": seed}) for s in cfg.students]})
         for r in train_students(cfg, log=print, progress=False):
             results.setdefault(r["name"], []).append({"seed": seed, "best_step": r["best_step"], **r["test"]})

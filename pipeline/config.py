@@ -104,6 +104,10 @@ class DataConfig(_Strict):
         bad = [k for k in self.splits if k not in ("validation", "test")]
         if bad:
             raise ValueError(f"splits: cache split names are 'validation' and 'test' (train is data.split), not {bad}")
+        if self.splits and self.source in ("text", "json", "parquet", "arrow", "csv") and \
+                not isinstance(self.data_files, dict):
+            raise ValueError("splits reads more dataset splits: with local files, data_files must name each split's "
+                             "files, e.g. {train = [...], test = [...]}")
         if isinstance(self.data_files, dict):
             if self.split not in self.data_files:
                 raise ValueError(f"data_files names files per split but not for data.split {self.split!r}")

@@ -153,12 +153,16 @@ def conversations(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """A jsonl corpus of real text: standard-library modules split into paragraphs."""
-    out = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    return _paragraphs(tmp_path_factory.mktemp("corpus") / "docs.jsonl", lambda para, name: {"source": name})
+
+
+def _paragraphs(out: Path, columns) -> Path:
+    """A jsonl file of the corpus files' paragraphs: {"text": paragraph, **columns(paragraph, file name)}."""
     with open(out, "w") as f:
         for name in CORPUS_FILES:
             for para in (STDLIB / name).read_text().split("\n\n"):
                 if para.strip():
-                    f.write(json.dumps({"text": para, "source": name}) + "\n")
+                    f.write(json.dumps({"text": para, **columns(para, name)}) + "\n")
     return out
 
 
@@ -259,15 +263,11 @@ def word_tags(words: list[str]) -> list[str]:
 @pytest.fixture(scope="session")
 def labelled(tmp_path_factory) -> Path:
     """jsonl rows of real text with `label` (SEQ_LABELS), `words` and `tags` (TOKEN_LABELS per word)."""
-    out = tmp_path_factory.mktemp("labelled") / "labelled.jsonl"
-    with open(out, "w") as f:
-        for name in CORPUS_FILES:
-            for para in (STDLIB / name).read_text().split("\n\n"):
-                if para.strip():
-                    words = para.split()[:20]
-                    f.write(json.dumps({"text": para, "label": paragraph_label(para), "words": words,
-                                        "tags": word_tags(words)}) + "\n")
-    return out
+    def columns(para: str, name: str) -> dict:
+        words = para.split()[:20]
+        return {"label": paragraph_label(para), "words": words, "tags": word_tags(words)}
+
+    return _paragraphs(tmp_path_factory.mktemp("labelled") / "labelled.jsonl", columns)
 
 
 def make_classifier(tokenizer_dir, out, family: str, task: str, labels: list[str], seed: int = 0) -> Path:

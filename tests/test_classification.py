@@ -78,6 +78,8 @@ def test_cached_class_distribution_equals_the_teachers_float64_forward(caches, c
     assert m["task"]["labels"] == (SEQ_LABELS if task == "sequence" else TOKEN_LABELS)
     assert m["task"]["label2id"] == {n: i for i, n in enumerate(m["task"]["labels"])}
     assert not {"topk_ids", "logsumexp"} & set(m["fields"])  # next-token fields are not written
+    assert m["task"]["bidirectional"] == (family == "bert")  # an encoder's attention maps are full rows
+    assert m["preparation"]["add_special_tokens"] is True
     ids, lengths, labels = _rows(cache, "validation")
     out, mask = _float64_forward(classifiers[(family, task)], task, ids, lengths)
     z = out.logits  # (B, C) or (B, L, C) float64
@@ -189,6 +191,31 @@ def test_classification_losses_against_float64_references(shape, T):
     Lo.class_divergence(t_T, s, mask, T, "forward").backward()
     ref_grad = T * (q - p) * m[..., None] / m.sum()
     np.testing.assert_allclose(s.grad.numpy(), ref_grad, atol=1e-12)
+
+
+def test_attention_terms_of_an_encoder_cover_every_real_key():
+    """On an encoder's maps (bidirectional), attn_kl is the KL of whole rows over the real keys and attn_mse the
+    mean over every real (query, key) pair; on a decoder's, keys above the diagonal carry nothing."""
+    g = torch.Generator().manual_seed(0)
+    B, H, L = 2, 3, 5
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    key = mask[:, None, None, :]
+
+    def rows(x):  # softmax over the real keys only
+        return torch.softmax(torch.where(key, x, -torch.inf), -1).nan_to_num()
+
+    a_t = rows(torch.randn(B, H, L, L, generator=g, dtype=torch.float64))
+    a_s = rows(torch.randn(B, H, L, L, generator=g, dtype=torch.float64))
+    t, s = a_t.numpy(), a_s.numpy()
+    kl = (np.where(t > 0, t * (np.log(np.clip(t, 1e-300, None)) - np.log(np.clip(s, 1e-300, None))), 0)).sum(-1)
+    q = np.broadcast_to(mask.numpy()[:, None, :], kl.shape)
+    assert Lo.attention_kl(a_t, a_s, mask, causal=False).item() == pytest.approx(kl[q].mean(), rel=1e-9)
+    assert (kl[q] >= 0).all()
+    pair = np.broadcast_to((mask[:, :, None] & mask[:, None, :])[:, None].numpy(), t.shape)
+    assert Lo.attention_mse(a_t, a_s, mask, causal=False).item() == pytest.approx(((s - t) ** 2)[pair].mean(),
+                                                                                   rel=1e-9)
+    causal_pair = pair & np.tril(np.ones((L, L), dtype=bool))
+    assert Lo.attention_mse(a_t, a_s, mask).item() == pytest.approx(((s - t) ** 2)[causal_pair].mean(), rel=1e-9)
 
 
 def test_the_recipe_computes_each_term_on_a_cached_batch_as_the_references_do(caches):
@@ -400,6 +427,18 @@ def test_refusals_at_capture(classifiers, labelled, llama_dir, corpus, tmp_path)
         capture(classification_settings(llama_dir, labelled, tmp_path / "d", "sequence"))
     with pytest.raises(CaptureError, match="head would be initialised at random"):  # sequence head, token task
         capture(classification_settings(seq, labelled, tmp_path / "e", "token"))
+    import transformers
+
+    masked = tmp_path / "masked-lm"  # a pretrained encoder without a classification head
+    transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=512, hidden_size=16, num_hidden_layers=1,
+                                                         num_attention_heads=2, intermediate_size=32)
+                                 ).save_pretrained(masked)
+    transformers.AutoTokenizer.from_pretrained(seq).save_pretrained(masked)
+    with pytest.raises(CaptureError, match="is a BertForMaskedLM, not a sequence-classification checkpoint"):
+        capture(classification_settings(masked, labelled, tmp_path / "h", "sequence"))
+    with pytest.raises(ValueError, match="data_files must name each split's files"):
+        TeacherCacheConfig.model_validate(classification_settings(seq, labelled, tmp_path / "i", "sequence",
+                                                                  data={"splits": {"test": "test"}}))
     with pytest.raises(ValueError, match="data.packing must be false"):
         TeacherCacheConfig.model_validate(classification_settings(seq, labelled, tmp_path / "f", "sequence",
                                                                   data={"packing": True}))
@@ -438,7 +477,7 @@ def test_refusals_of_students(caches, classifiers, tokenizer_dir, tmp_path):
             {"name": "s", "pretrained": str(src), "losses": {"ce": 1.0}}], max_steps=1), log=lambda m: None,
             progress=False)
     # two caches of different tasks in one run
-    with pytest.raises(StudentError, match="the caches of one run must share the task and its labels"):
+    with pytest.raises(StudentError, match="the caches of one run must share the task, its labels and the id"):
         train_students(StudentRunConfig.model_validate({
             "tasks": [{"name": "a", "cache": str(seq_cache)}, {"name": "b", "cache": str(caches[("bert", "token")])}],
             "output_dir": str(tmp_path / "mix"), "device": "cpu", "max_steps": 1,

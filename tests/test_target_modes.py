@@ -332,7 +332,8 @@ def test_tail_free_kd_alone_is_refused_unless_allowed():
 
 
 def test_a_checkpoint_from_before_allow_biased_kd_still_resumes(llama_dir, corpus, tmp_path):
-    """Identities written before the setting existed read as allow_biased_kd = false, not as another run."""
+    """Identities written before the settings existed read as allow_biased_kd = false and task = None (the
+    cache's), not as another run."""
     from conftest import student_run
 
     from pipeline.train.recipe import grown_tasks, open_tasks, resume_identity
@@ -341,7 +342,7 @@ def test_a_checkpoint_from_before_allow_biased_kd_still_resumes(llama_dir, corpu
     cfg = student_run(tmp_path / "c", tmp_path / "o")
     tasks = open_tasks(cfg)
     new = resume_identity(cfg.students[0], cfg, tasks, 1)
-    old = {**new, "student": {k: v for k, v in new["student"].items() if k != "allow_biased_kd"}}
+    old = {**new, "student": {k: v for k, v in new["student"].items() if k not in ("allow_biased_kd", "task")}}
     assert grown_tasks(old, new, tasks) == {}
     changed = {**old, "student": {**old["student"], "lr": 1.0}}
     assert grown_tasks(changed, new, tasks) is None

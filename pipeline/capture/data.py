@@ -504,6 +504,8 @@ class _LabelMapper:
         self.unknown: dict[str, int] = {}
 
     def __call__(self, value) -> int:
+        if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value == IGNORE:
+            return IGNORE  # already "no label" (a word or row left out on purpose)
         if isinstance(value, (bool, np.bool_)) or value is None:
             key = repr(value)
         elif isinstance(value, (int, np.integer)):
@@ -545,6 +547,8 @@ def classification_rows(ds, tokenizer, cfg: DataConfig, task: str, labels: Label
     stats = {"documents": 0, "documents_truncated": 0, "tokens_read": 0, "documents_empty": 0}
     budget = cfg.max_tokens if cfg.max_tokens is not None else float("inf")
     for start in range(0, n_docs, _DOC_BATCH):
+        if stats["tokens_read"] >= budget:
+            break
         batch = ds[start : min(start + _DOC_BATCH, n_docs)]
         texts, golds = [], []
         for i, (text, gold) in enumerate(zip(batch[cfg.text_column], batch[cfg.label_column])):
@@ -673,5 +677,8 @@ def prepare(cfg: DataConfig, tokenizer, min_validation: bool = True, task: str =
         stats["train_rows_in_held_out_splits_dropped"] = len(t) - len(clean)
         splits["train"] = t.take(clean)
     if not len(splits["train"]):
+        if stats.get("train_rows_in_held_out_splits_dropped"):
+            raise DataError(f"every train row is also in a held-out split ({', '.join(cfg.splits.values())}): do "
+                            "data_files name each split's own files?")
         raise DataError("no training rows left after the validation split; add data or lower validation_fraction")
     return Prepared(splits=splits, info=info, convention=conv if classify else conv.to_dict())

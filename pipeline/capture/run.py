@@ -59,13 +59,14 @@ def check_task(cfg: TeacherCacheConfig, model_config) -> data_mod.LabelSet | Non
     transformers would initialise at random), a decoder classifier must know its padding id. Returns the
     classifier's labels (None for a causal LM)."""
     task, saved = cfg.teacher.task, teacher_mod.checkpoint_task(model_config)
-    if saved is not None and saved != task:
-        arch = ", ".join(model_config.architectures)
-        if task == "causal-lm":
-            raise CaptureError(f"teacher {cfg.teacher.model!r} is a {arch} (a {saved} checkpoint): set "
-                               f"teacher.task = {saved!r}")
-        raise CaptureError(f"teacher.task = {task!r}, but {cfg.teacher.model!r} is a {arch} ({saved}): its "
-                           f"{task} head would be initialised at random; fine-tune a {task} model first")
+    arch = ", ".join(getattr(model_config, "architectures", None) or []) or "checkpoint without recorded architecture"
+    if task == "causal-lm" and saved not in (None, task):
+        raise CaptureError(f"teacher {cfg.teacher.model!r} is a {arch} (a {saved} checkpoint): set "
+                           f"teacher.task = {saved!r}")
+    if task != "causal-lm" and saved != task:  # a base model, a masked LM, another head: a random classifier
+        raise CaptureError(f"teacher.task = {task!r}, but {cfg.teacher.model!r} is a {arch}, not a {task} "
+                           f"checkpoint: its {task} head would be initialised at random; fine-tune a {task} model "
+                           "first")
     if task == "causal-lm":
         return None
     labels = data_mod.LabelSet.from_config(model_config)
@@ -73,9 +74,9 @@ def check_task(cfg: TeacherCacheConfig, model_config) -> data_mod.LabelSet | Non
         raise CaptureError(f"teacher {cfg.teacher.model!r} has {len(labels.names)} labels (config.num_labels): "
                            "a classifier needs at least 2")
     if task == "sequence-classification" and _pad_id(model_config) is None:
-        raise CaptureError(f"teacher {cfg.teacher.model!r} has no pad_token_id in its config: a decoder classifier "
-                           "pools each row at its last token that is not padding, found by that id (and transformers "
-                           "refuses batches without it); set config.pad_token_id when saving the model")
+        raise CaptureError(f"teacher {cfg.teacher.model!r} has no pad_token_id in its config: transformers refuses "
+                           "batches of more than one row without it (a decoder classifier pools each row at its last "
+                           "token that is not padding, found by that id); set config.pad_token_id when saving it")
     return labels
 
 
@@ -215,6 +216,10 @@ def build_plan(cfg: TeacherCacheConfig, spec, tokenizer, prepared, hidden, attn,
                                                "format", "loss_mask", "document_mask"})
     if cfg.data.splits:  # recorded only where used, so that earlier caches' plans are unchanged
         preparation["splits"] = dict(cfg.data.splits)
+        if "validation" in cfg.data.splits:
+            preparation["validation_fraction"] = None  # the dataset's own validation split
+    if task is not None:
+        preparation["add_special_tokens"] = True  # a classifier's rows carry its tokenizer's special tokens
     plan = {
         "format": cache_fmt.FORMAT_NAME,
         "format_version": cache_fmt.FORMAT_VERSION,
@@ -389,6 +394,7 @@ class TaskInfo:
     task: str
     labels: data_mod.LabelSet
     pad_id: int
+    bidirectional: bool = False  # an encoder: every token attends to every real token (attention maps are full)
 
     @property
     def per_token(self) -> bool:
@@ -397,7 +403,7 @@ class TaskInfo:
     def to_dict(self, label_column: str) -> dict:
         return {"type": self.task, "labels": self.labels.names, "label2id": self.labels.ids,
                 "label_column": label_column, "pad_token_id": self.pad_id,
-                "ignore_index": data_mod.IGNORE if self.per_token else None}
+                "ignore_index": data_mod.IGNORE if self.per_token else None, "bidirectional": self.bidirectional}
 
 
 @dataclass
@@ -426,7 +432,8 @@ def run_capture(cfg: TeacherCacheConfig, log: Callable[[str], None] = print, pro
     with ExitStack() as held:
         if st.is_local:  # object stores have no lock: one capture per URL is the user's to ensure
             distributed.on_main(lambda: held.enter_context(writer_lock(st.local_path())))  # rank 0 holds it
-        task = None if labels is None else TaskInfo(cfg.teacher.task, labels, row_pad_id(model_config, tokenizer))
+        task = None if labels is None else TaskInfo(cfg.teacher.task, labels, row_pad_id(model_config, tokenizer),
+                                                    teacher_mod.bidirectional(model_config, cfg.teacher.task))
         return _locked_capture(cfg, st, tokenizer, spec, hidden, attn, device, log, progress, task)
 
 
@@ -862,11 +869,12 @@ def _statistics(writer: CacheWriter, base: dict | None = None) -> dict:
     if base is None and writer.st.exists(cache_fmt.HEAD_FILE):
         per_field[cache_fmt.HEAD_FILE] = writer.st.size(cache_fmt.HEAD_FILE)  # once per cache
     extra = {}
-    if "task" in writer.plan:  # the teacher's accuracy on the gold labels, per split (a grown cache: its new rows)
-        right: dict[str, list[int]] = {}
+    if "task" in writer.plan:  # the teacher's accuracy on the gold labels, per split, over every part
+        right = {s: list(v) for s, v in (base or {}).get("stats", {}).get("teacher_correct_labelled", {}).items()}
         for c in commits:
             r = right.setdefault(c["split"], [0, 0])
             r[0], r[1] = r[0] + c["teacher_correct"], r[1] + c["labelled"]
+        extra["teacher_correct_labelled"] = right
         extra["teacher_accuracy"] = {s: a / max(n, 1) for s, (a, n) in right.items()}
     return extra | {
         "tokens": tokens,

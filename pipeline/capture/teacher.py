@@ -115,6 +115,18 @@ def checkpoint_task(config) -> str | None:
     return None
 
 
+def bidirectional(config, task: str) -> bool:
+    """Whether a model attends both ways (an encoder: BERT, RoBERTa, ...): its attention modules, built on the
+    meta device from the config (no weights), all say `is_causal = False`."""
+    try:
+        with torch.device("meta"):
+            model = auto_class(task).from_config(config)
+    except Exception:  # a family that cannot be built from its config alone: treated as causal
+        return False
+    flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    return bool(flags) and not any(flags)
+
+
 def load_model(cfg: TeacherConfig, device: torch.device):
     auto = auto_class(cfg.task)
     extra = {} if _gguf_location(cfg) else {"use_safetensors": True}

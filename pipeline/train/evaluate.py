@@ -26,12 +26,8 @@ CAUSAL_METRICS = ("nll", "kl", "top1_agreement", "ece")
 _SUMS = ("nll", "n_next", "agree", "kl", "n_valid")
 
 
-def _empty() -> torch.Tensor:
-    return torch.zeros(len(_SUMS) + 3 * ECE_BINS, dtype=torch.float64)
-
-
 @torch.no_grad()
-def _accumulate(acc: torch.Tensor, model, batch: dict, device, head=None) -> None:
+def _accumulate(model, batch: dict, device, head=None) -> torch.Tensor:
     ids = batch["input_ids"].to(device)
     masks = batch_masks(batch, device)
     valid, has_next = masks.kd, masks.ce
@@ -56,7 +52,7 @@ def _accumulate(acc: torch.Tensor, model, batch: dict, device, head=None) -> Non
     bins = torch.cat([torch.bincount(b, minlength=ECE_BINS).double(),
                       torch.bincount(b, weights=conf, minlength=ECE_BINS),
                       torch.bincount(b, weights=correct, minlength=ECE_BINS)])
-    acc += torch.cat([sums, bins]).cpu()  # one device-to-host copy per batch
+    return torch.cat([sums, bins]).cpu()  # one device-to-host copy per batch
 
 
 def _metrics(acc: torch.Tensor) -> dict[str, float]:
@@ -76,26 +72,30 @@ def evaluate_all(models: dict[str, torch.nn.Module], batches, device, head=None,
     exact KL from batches that hold final_hidden. `task`: a classification cache's manifest task."""
     if task is not None:
         return _evaluate_classes(models, batches, device, task)
-    acc = {name: _empty() for name in models}
+    stacked = _sweep(models, batches, len(_SUMS) + 3 * ECE_BINS, lambda m, b: _accumulate(m, b, device, head))
+    return {name: _metrics(stacked[i]) for i, name in enumerate(models)}
+
+
+def _sweep(models: dict, batches, size: int, sums) -> torch.Tensor:
+    """(models, size) float64: each model's `sums(model, batch)` added over the batches, in eval mode, then over
+    ranks (one collective per evaluation)."""
+    acc = torch.zeros(len(models), size, dtype=torch.float64)
     was = {name: m.training for name, m in models.items()}
     for m in models.values():
         m.eval()
     try:
         for batch in batches:
-            for name, m in models.items():
-                _accumulate(acc[name], m, batch, device, head)
+            for i, m in enumerate(models.values()):
+                acc[i] += sums(m, batch)
     finally:
         for name, m in models.items():
             m.train(was[name])
-    if not acc:
-        return {}
-    stacked = distributed.sum_(torch.stack(list(acc.values())))  # one collective per evaluation
-    return {name: _metrics(stacked[i]) for i, name in enumerate(acc)}
+    return distributed.sum_(acc) if models else acc
 
 
-def evaluate(model, batches, device, head=None) -> dict[str, float]:
+def evaluate(model, batches, device, head=None, task: dict | None = None) -> dict[str, float]:
     """One model's metrics (see `evaluate_all`)."""
-    return evaluate_all({"model": model}, batches, device, head)["model"]
+    return evaluate_all({"model": model}, batches, device, head, task)["model"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,22 +152,9 @@ def _evaluate_classes(models, batches, device, task: dict) -> dict[str, dict[str
     names = task["labels"]
     C = len(names)
     tagged = task["type"] == "token-classification" and entity_scheme(names)
-    size = len(_CSUMS) + 3 * ECE_BINS + C * C
-    acc = {name: torch.zeros(size, dtype=torch.float64) for name in models}
-    was = {name: m.training for name, m in models.items()}
-    for m in models.values():
-        m.eval()
-    try:
-        for batch in batches:
-            for name, m in models.items():
-                acc[name] += _class_sums(m, batch, device, C, names if tagged else None)
-    finally:
-        for name, m in models.items():
-            m.train(was[name])
-    if not acc:
-        return {}
-    stacked = distributed.sum_(torch.stack(list(acc.values())))
-    return {name: _class_metrics(stacked[i], C, tagged) for i, name in enumerate(acc)}
+    stacked = _sweep(models, batches, len(_CSUMS) + 3 * ECE_BINS + C * C,
+                     lambda m, b: _class_sums(m, b, device, C, names if tagged else None))
+    return {name: _class_metrics(stacked[i], C, tagged) for i, name in enumerate(models)}
 
 
 @torch.no_grad()

@@ -272,20 +272,24 @@ def hidden_cosine(h_s: torch.Tensor, h_t: torch.Tensor, mask: torch.Tensor) -> t
     return masked_mean(1 - F.cosine_similarity(_acc(h_s), _acc(h_t), dim=-1, eps=1e-8), mask)
 
 
-def _attention_mask(mask: torch.Tensor) -> torch.Tensor:
-    """(B, L) token mask -> (B, 1, L, L) valid (query, key) pairs: both real, key <= query."""
-    L_ = mask.shape[1]
-    causal = torch.ones(L_, L_, dtype=torch.bool, device=mask.device).tril()
-    return (mask[:, :, None] & mask[:, None, :] & causal)[:, None]
+def _attention_mask(mask: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """(B, L) token mask -> (B, 1, L, L) valid (query, key) pairs: both real, and key <= query when `causal`
+    (an encoder's maps cover every real key)."""
+    pair = mask[:, :, None] & mask[:, None, :]
+    if causal:
+        L_ = mask.shape[1]
+        pair = pair & torch.ones(L_, L_, dtype=torch.bool, device=mask.device).tril()
+    return pair[:, None]
 
 
-def attention_kl(a_t: torch.Tensor, a_s: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def attention_kl(a_t: torch.Tensor, a_s: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8,
+                 causal: bool = True) -> torch.Tensor:
     """KL(teacher || student) between attention distributions of each query row (MiniLM).
 
-    a_t, a_s (B, H, L, L) probabilities over keys; mask (B, L). Keys above the diagonal and padding
-    carry no loss; mean over heads and real query rows.
+    a_t, a_s (B, H, L, L) probabilities over keys; mask (B, L). Padding keys (and, `causal`, keys above
+    the diagonal) carry no loss; mean over heads and real query rows.
     """
-    pair = _attention_mask(mask)
+    pair = _attention_mask(mask, causal)
     t, s = _acc(a_t), _acc(a_s)
     kl = torch.where(pair & (t > 0), t * (torch.log(t.clamp(min=eps)) - torch.log(s.clamp(min=eps))),
                      torch.zeros_like(t)).sum(-1)  # (B, H, L)
@@ -293,9 +297,10 @@ def attention_kl(a_t: torch.Tensor, a_s: torch.Tensor, mask: torch.Tensor, eps: 
     return masked_mean(kl, q)
 
 
-def attention_mse(a_t: torch.Tensor, a_s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of attention probabilities over valid (query, key <= query) pairs (TinyBERT)."""
-    pair = _attention_mask(mask).expand(a_t.shape)
+def attention_mse(a_t: torch.Tensor, a_s: torch.Tensor, mask: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """Mean squared error of attention probabilities over valid (query, key [<= query when `causal`]) pairs
+    (TinyBERT)."""
+    pair = _attention_mask(mask, causal).expand(a_t.shape)
     return masked_mean((_acc(a_s) - _acc(a_t)) ** 2, pair)
 
 

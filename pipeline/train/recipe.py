@@ -83,6 +83,7 @@ def build_wiring(spec: StudentConfig, model, manifest: dict, device) -> T.Wiring
         w.hidden_encoding = manifest["fields"]["hidden_states"].get("encoding")
     if "attentions" in needs:
         w.attention = attention_pairs(spec, manifest, n_s)
+        w.bidirectional = bool((manifest.get("task") or {}).get("bidirectional"))
         attn_mod.enable(model)  # eager attention on the mapped layers only, sdpa elsewhere
     return w
 
@@ -174,14 +175,16 @@ def open_tasks(cfg: StudentRunConfig) -> dict[str, tuple[Cache, float]]:
     first_name, (first, _) = next(iter(tasks.items()))
     keys = set().union(*(T.capture_keys(s) for s in cfg.students))
     for name, (c, _) in tasks.items():  # one kind of teacher per run: the students have one head
-        theirs, ours = c.manifest.get("task"), first.manifest.get("task")
-        if T.task_of(c.manifest) != T.task_of(first.manifest) or (theirs or {}).get("labels") != (ours or {}).get(
-                "labels"):
+        theirs, ours = c.manifest.get("task") or {}, first.manifest.get("task") or {}
+        if T.task_of(c.manifest) != T.task_of(first.manifest) or theirs.get("labels") != ours.get("labels") or \
+                theirs.get("pad_token_id") != ours.get("pad_token_id"):
             raise StudentError(f"task {name!r} ({c.root}) holds a {T.task_of(c.manifest)} teacher's targets"
-                               + (f" with labels {theirs['labels']}" if theirs else "")
+                               + (f" with labels {theirs['labels']} (padding {theirs['pad_token_id']})"
+                                  if theirs else "")
                                + f", task {first_name!r} a {T.task_of(first.manifest)} teacher's"
-                               + (f" with labels {ours['labels']}" if ours else "")
-                               + "; the caches of one run must share the task and its labels")
+                               + (f" with labels {ours['labels']} (padding {ours['pad_token_id']})" if ours else "")
+                               + "; the caches of one run must share the task, its labels and the id their rows "
+                                 "are padded with (a decoder classifier pools at the last token that is not it)")
     for name, (c, _) in tasks.items():
         if c.manifest["tokenizer"]["fingerprint"] != first.manifest["tokenizer"]["fingerprint"]:
             raise StudentError(f"task {name!r} ({c.root}) was made with another tokenizer than task {first_name!r} "
@@ -227,7 +230,7 @@ def _upgrade_identity(old: dict, tasks: dict) -> dict:
     if "grad_accum" in old:  # before DDP: one process
         old["micro_batches_per_step"] = old.pop("grad_accum")
     if isinstance(old.get("student"), dict):  # settings added since, at the value every earlier run had
-        old["student"] = {"allow_biased_kd": False, **old["student"]}
+        old["student"] = {"allow_biased_kd": False, "task": None, **old["student"]}
     return old
 
 
@@ -296,7 +299,8 @@ def truncate_metrics(path: Path, step: int) -> None:
         return
     def kept(line: str) -> bool:
         try:
-            return json.loads(line)["step"] <= step
+            rec = json.loads(line)
+            return rec["step"] <= step and rec.get("split") != "test"  # a test record: written again at the end
         except (ValueError, KeyError):  # a line cut short by the kill
             return False
 
@@ -392,9 +396,7 @@ class Recipe:
         allowed = metrics_for(self.task)
         if cfg.early_stopping_metric not in allowed:
             raise StudentError(f"early_stopping_metric = {cfg.early_stopping_metric!r} is not a metric of a {self.task} "
-                               f"cache (its metrics: {', '.join(allowed)})"
-                               + ("; its labels are not entity tags (B-/I-<type>)" if cfg.early_stopping_metric ==
-                                  "entity_f1" and self.task == "token-classification" else ""))
+                               f"cache (its metrics: {', '.join(allowed)})")
         if cfg.early_stopping_metric == "entity_f1" and not entity_scheme(self.manifest["task"]["labels"]):
             raise StudentError(f"early_stopping_metric = 'entity_f1', but the cache's labels {self.manifest['task']['labels']} "
                                "are not entity tags (O, B-<type>, I-<type>, ...)")
@@ -559,7 +561,7 @@ class Recipe:
                               classes=self.task != "causal-lm")
                 for st in active:
                     v = values[st.name]
-                    v["mutual"] = mt[st.name] * cfg.mutual_temperature**2
+                    v["mutual"] = mt[st.name]  # x T^2 already (L.full_forward_kl, L.class_divergence)
                     v["total"] = v["total"] + cfg.mutual_weight * v["mutual"]
                     (v["total"] / cfg.grad_accum).backward()
         for st in active:  # detached sums on the device: read at log steps only, no sync per micro-batch
@@ -662,17 +664,17 @@ class Recipe:
         from ..capture.teacher import auto_class
 
         sets = {n: (self._eval_set(n, c, "test"), w) for n, (c, w) in self.test_tasks.items()}
-        models = {}
-        for st in self.students:
-            saved = st.out / "model"
-            models[st.name] = auto_class(self.task).from_pretrained(saved, dtype=torch.float32).to(self.device) \
-                if saved.exists() else st.model
-        per_task = self._evaluate_sets(models, sets)
         out = {}
-        for st in self.students:
+        for st in self.students:  # one at a time: a best model beside the training ones, then freed
+            saved = st.out / "model"
+            model = auto_class(self.task).from_pretrained(saved, dtype=torch.float32).to(self.device) \
+                if (saved / "config.json").exists() else st.model
+            per_task = self._evaluate_sets({st.name: model}, sets)
+            del model
             out[st.name] = self._combine({n: m[st.name] for n, m in per_task.items()}, sets)
             if self.main:
-                _append_jsonl(st.out / "metrics.jsonl", {"split": "test", "step": st.best_step or self.run["step"],
+                _append_jsonl(st.out / "metrics.jsonl", {"split": "test", "step": self.run["step"],
+                                                         "best_step": st.best_step,
                                                          **{k: v for k, v in out[st.name].items() if k != "tasks"}})
         return out
 

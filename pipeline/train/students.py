@@ -103,7 +103,11 @@ def build_student(spec: StudentConfig, manifest: dict, tokenizer, device: torch.
                     f"{describe_tokenizer_difference(tokenizer, theirs)}; cross-tokenizer distillation is not "
                     "supported")
         try:
-            check_task(spec, manifest, AutoConfig.from_pretrained(src), src)
+            config = AutoConfig.from_pretrained(src)
+        except (OSError, ValueError) as e:
+            raise StudentError(f"student {spec.name!r}: cannot load {src}: {e}") from e
+        check_task(spec, manifest, config, src)
+        try:
             model = auto.from_pretrained(src, dtype=torch.float32, **labels)
         except (OSError, ValueError) as e:
             raise StudentError(f"student {spec.name!r}: cannot load {src}: {e}") from e

@@ -192,6 +192,7 @@ class Wiring:
     attention: list[tuple[int, int]] = field(default_factory=list)  # (student layer, cached position)
     projections: torch.nn.ModuleList = field(default_factory=torch.nn.ModuleList)
     hidden_encoding: str | None = None
+    bidirectional: bool = False  # an encoder cache: attention maps cover every real key, not only key <= query
 
 
 @dataclass(frozen=True)
@@ -429,7 +430,7 @@ def _attention(out: StudentOutput, sig: TeacherSignal, ctx: Context, fn) -> torc
     parts = []
     for s, j in ctx.wiring.attention:
         a_t, a_s = map_heads(cached[:, j].float(), out.attentions[s].float(), ctx.spec.attention_heads, ctx.spec.name)
-        parts.append(fn(a_t, a_s, out.masks.real))
+        parts.append(fn(a_t, a_s, out.masks.real, causal=not ctx.wiring.bidirectional))
     return torch.stack(parts).mean()
 
 
