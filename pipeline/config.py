@@ -23,7 +23,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-TASKS = ("causal-lm", "sequence-classification", "token-classification")
+LOCAL_LOADERS = {"text", "json", "parquet", "arrow", "csv"}  # datasets loaders that read data.data_files
 Task = Literal["causal-lm", "sequence-classification", "token-classification"]
 
 
@@ -104,7 +104,7 @@ class DataConfig(_Strict):
         bad = [k for k in self.splits if k not in ("validation", "test")]
         if bad:
             raise ValueError(f"splits: cache split names are 'validation' and 'test' (train is data.split), not {bad}")
-        if self.splits and self.source in ("text", "json", "parquet", "arrow", "csv") and \
+        if self.splits and self.source in LOCAL_LOADERS and \
                 not isinstance(self.data_files, dict):
             raise ValueError("splits reads more dataset splits: with local files, data_files must name each split's "
                              "files, e.g. {train = [...], test = [...]}")

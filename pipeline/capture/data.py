@@ -31,9 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import DataConfig
-
-LOCAL_LOADERS = {"text", "json", "parquet", "arrow", "csv"}
+from ..config import LOCAL_LOADERS, DataConfig
 _DOC_BATCH = 256
 IGNORE = -100  # token-classification: a position without a gold label (special tokens, a word's later pieces)
 

@@ -840,8 +840,8 @@ def _shard_stats(t: TeacherTargets, lengths: np.ndarray, seconds: float, labels:
     if t.class_logprobs is not None:  # a classifier: how often it agrees with the gold labels
         pred = t.class_logprobs.argmax(-1)
         known = labels != data_mod.IGNORE
-        return {"tokens": int(lengths.sum()), "seconds": seconds, "topk_mass_sum": float(lengths.sum()),
-                "labelled": int(known.sum()), "teacher_correct": int((pred == labels)[known].sum())}
+        return {"tokens": int(lengths.sum()), "seconds": seconds, "labelled": int(known.sum()),
+                "teacher_correct": int((pred == labels)[known].sum())}
     L = t.logsumexp.shape[1]
     valid = np.arange(L)[None, :] < lengths[:, None]
     mass = np.exp(t.topk_logprobs.astype(np.float64)).sum(-1)  # (B, L)
@@ -851,15 +851,10 @@ def _shard_stats(t: TeacherTargets, lengths: np.ndarray, seconds: float, labels:
 def _statistics(writer: CacheWriter, base: dict | None = None) -> dict:
     """Statistics of the cache the writer finishes: its new shards, plus `base`'s when it grows one."""
     commits = writer.committed().values()
-    tokens = sum(c["tokens"] for c in commits)
-    seconds = sum(c["seconds"] for c in commits)
-    mass = sum(c["topk_mass_sum"] for c in commits)
-    per_field: dict[str, float] = {}
-    if base is not None:
-        old = base["stats"]
-        per_field = {k: v * old["tokens"] for k, v in old["bytes_per_token"].items()}
-        tokens, seconds, mass = tokens + old["tokens"], seconds + old["timing"]["seconds"], \
-            mass + old["mean_topk_mass"] * old["tokens"]
+    old = base["stats"] if base is not None else {"tokens": 0, "timing": {"seconds": 0.0}, "bytes_per_token": {}}
+    tokens = sum(c["tokens"] for c in commits) + old["tokens"]
+    seconds = sum(c["seconds"] for c in commits) + old["timing"]["seconds"]
+    per_field = {k: v * old["tokens"] for k, v in old["bytes_per_token"].items()}
     for c in commits:
         for rel, d in c["files"].items():
             name = rel[len(c.get("part", c["split"])) + 1:].split("/")[0]
@@ -868,18 +863,19 @@ def _statistics(writer: CacheWriter, base: dict | None = None) -> dict:
         per_field["rows.parquet"] = per_field.get("rows.parquet", 0) + writer.st.size(f"{part['path']}/rows.parquet")
     if base is None and writer.st.exists(cache_fmt.HEAD_FILE):
         per_field[cache_fmt.HEAD_FILE] = writer.st.size(cache_fmt.HEAD_FILE)  # once per cache
-    extra = {}
-    if "task" in writer.plan:  # the teacher's accuracy on the gold labels, per split, over every part
-        right = {s: list(v) for s, v in (base or {}).get("stats", {}).get("teacher_correct_labelled", {}).items()}
+    if "task" in writer.plan:  # a classifier: its accuracy on the gold labels, per split, over every part
+        right = {s: list(v) for s, v in old.get("teacher_correct_labelled", {}).items()}
         for c in commits:
             r = right.setdefault(c["split"], [0, 0])
             r[0], r[1] = r[0] + c["teacher_correct"], r[1] + c["labelled"]
-        extra["teacher_correct_labelled"] = right
-        extra["teacher_accuracy"] = {s: a / max(n, 1) for s, (a, n) in right.items()}
-    return extra | {
+        quality = {"teacher_correct_labelled": right,
+                   "teacher_accuracy": {s: a / max(n, 1) for s, (a, n) in right.items()}}
+    else:  # a causal LM: the share of its probability mass its top-K hold
+        mass = sum(c["topk_mass_sum"] for c in commits) + old.get("mean_topk_mass", 0.0) * old["tokens"]
+        quality = {"mean_topk_mass": mass / max(tokens, 1)}
+    return quality | {
         "tokens": tokens,
         "rows": sum(v["rows"] for v in writer.plan["splits"].values()),
-        "mean_topk_mass": mass / max(tokens, 1),
         "bytes_on_disk": round(sum(per_field.values())),
         "bytes_per_token": {k: v / max(tokens, 1) for k, v in per_field.items()},
         "timing": {"seconds": seconds, "tokens_per_second": tokens / seconds if seconds else 0.0,

@@ -36,7 +36,8 @@ def describe_tokenizer_difference(ours, theirs) -> str:
     return "added tokens or tokenizer class differ"
 
 
-def cache_task(manifest: dict) -> str:
+def task_of(manifest: dict) -> str:
+    """A cache's task: 'causal-lm' (every cache before classification), or its manifest's task type."""
     return (manifest.get("task") or {}).get("type", "causal-lm")
 
 
@@ -57,7 +58,7 @@ def check_task(spec: StudentConfig, manifest: dict, config=None, source: str | N
     from ..capture.data import LabelSet
     from ..capture.teacher import checkpoint_task
 
-    task = cache_task(manifest)
+    task = task_of(manifest)
     if spec.task is not None and spec.task != task:
         raise StudentError(f"student {spec.name!r}: task {spec.task!r}, but the cache holds a {task} teacher's targets")
     if config is None:
@@ -82,7 +83,7 @@ def build_student(spec: StudentConfig, manifest: dict, tokenizer, device: torch.
     from ..capture.teacher import auto_class
 
     t = manifest["teacher"]
-    task = cache_task(manifest)
+    task = task_of(manifest)
     auto, labels = auto_class(task), label_settings(manifest)
     check_task(spec, manifest)
     if spec.from_teacher is not None:
@@ -202,7 +203,7 @@ def init_from_teacher(spec: StudentConfig, manifest: dict):
         raise StudentError(f"student {spec.name!r}: from_teacher layers {spec.from_teacher} invalid for a teacher of "
                            f"{n_t} layers (0..{n_t - 1}, distinct)")
     source = TeacherConfig(model=t["model"], gguf_file=t.get("gguf_file"), revision=t.get("revision"),
-                           dtype="float32", task=cache_task(manifest))
+                           dtype="float32", task=task_of(manifest))
     recorded = t.get("weights_sha256")
     found = weights_fingerprint(source)
     if recorded is not None and found != recorded:
@@ -230,7 +231,7 @@ def init_from_teacher(spec: StudentConfig, manifest: dict):
                         "layers": layers}
     from ..capture.teacher import auto_class
 
-    student = auto_class(cache_task(manifest)).from_config(cfg, dtype=torch.float32)
+    student = auto_class(task_of(manifest)).from_config(cfg, dtype=torch.float32)
     src = teacher.state_dict()
     pattern = re.compile(r"\.(layers|h|layer)\.(\d+)\.")  # Llama-style, GPT-2, BERT
     new = {}

@@ -22,7 +22,7 @@ import torch
 
 from . import losses as L
 from .representation import decode_hidden, map_heads
-from .students import StudentError
+from .students import StudentError, task_of
 
 TOPK_FIELDS = ("topk_ids", "topk_logprobs", "logsumexp")
 
@@ -70,11 +70,6 @@ def class_masks(batch: dict, device) -> Masks:
     labelled = (labels >= 0) & (real if labels.ndim == 2 else True)
     kd = labelled if labels.ndim == 2 else torch.ones_like(labelled)
     return Masks(real, kd, labelled, {"attention_mask": real.long()})
-
-
-def task_of(manifest: dict) -> str:
-    """A cache's task: 'causal-lm' (every cache before classification), or its manifest's task type."""
-    return (manifest.get("task") or {}).get("type", "causal-lm")
 
 
 # ---------------------------------------------------------------------------------------------
