@@ -265,6 +265,10 @@ class StudentConfig(_Strict):
         None, description="or copy the teacher's own layers: every n-th (an int) or these indices (a list)")
     task: Task | None = Field(None, description="what the student predicts; None: the cache's task (a student of "
                                                 "another task than its cache's is refused)")
+    tokenizer: str | None = Field(
+        None, description="the student's own tokenizer (a folder or hub id) when it differs from the cache's: rows "
+                          "are re-tokenised for it and positions aligned by text (README, 'Students with another "
+                          "tokenizer'); default: the tokenizer of `pretrained`, else the cache's")
     hidden_map: LayerMap = Field("uniform", description="student <-> cached teacher hidden layers")
     attention_map: LayerMap = Field("uniform", description="student <-> cached teacher attention layers")
     attention_heads: Literal["group", "mean"] = Field(
@@ -290,6 +294,9 @@ class StudentConfig(_Strict):
     def _one_source(self) -> "StudentConfig":
         if sum(x is not None for x in (self.arch, self.pretrained, self.from_teacher)) != 1:
             raise ValueError(f"student {self.name!r}: give exactly one of arch, pretrained or from_teacher")
+        if self.tokenizer is not None and self.from_teacher is not None:
+            raise ValueError(f"student {self.name!r}: from_teacher copies the teacher's embeddings, which are its "
+                             "tokenizer's; a student with its own tokenizer is built with arch or pretrained")
         if isinstance(self.from_teacher, int) and self.from_teacher < 1:
             raise ValueError(f"student {self.name!r}: from_teacher={self.from_teacher} must be >= 1")
         known = loss_terms()

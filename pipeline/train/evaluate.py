@@ -1,8 +1,13 @@
 """Students against the cached teacher on held-out rows: one read of the validation batches per
 evaluation, whatever the number of students, split over ranks and summed.
 
-Metrics: NLL and perplexity of the true next token, top-1 agreement with the teacher, KL(teacher
-|| student) and expected calibration error (15 equal-width confidence bins). KL is exact over the
+Metrics: NLL and perplexity of the true next token, NLL per character of text (comparable across
+tokenizers: the NLL of the predicted tokens over the characters they hold), top-1 agreement with
+the teacher, KL(teacher || student) and expected calibration error (15 equal-width confidence bins).
+A student with another tokenizer than the cache's is read on its own re-tokenised rows (`Reading`):
+its agreement and KL are taken at the positions aligned with the teacher's, through the vocabulary
+map (`kd_mapped`'s KL), and `aligned_share` and `mapped_mass` (the teacher's top-K mass its
+vocabulary map carries) are reported beside them. KL is exact over the
 whole vocabulary when the cache holds the teacher's final hidden states and LM head
 (`capture.final_hidden`, `head` given), else over the cached top-K + exact tail bucket (a lower
 bound of the full KL). Every rank adds its batches into float64 sums; one all-reduce per evaluation
@@ -12,24 +17,49 @@ gives every rank the same metrics, so early-stopping decisions agree.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .. import distributed
 from . import losses as L
-from .terms import batch_masks
+from .terms import TeacherSignal, aligned_masks, batch_masks
 
 ECE_BINS = 15
 LOWER_IS_BETTER = {"nll": True, "kl": True, "top1_agreement": False, "ece": True, "accuracy": False, "macro_f1": False,
                    "entity_f1": False}
 CAUSAL_METRICS = ("nll", "kl", "top1_agreement", "ece")
-_SUMS = ("nll", "n_next", "agree", "kl", "n_valid")
+_SUMS = ("nll", "n_next", "agree", "kl", "n_valid", "chars", "n_real", "n_aligned", "mapped_mass")
+
+
+@dataclass
+class Reading:
+    """How a student reads a split's batches: the cache's own tokens (`rows` None; `chars`: characters per
+    cached token, (N, L), for NLL per character), or its re-tokenised rows and vocabulary map."""
+
+    chars: np.ndarray | None = None
+    rows: object = None  # crosstok.StudentRows
+    vocab_map: object = None  # crosstok.VocabMap
+    dims: dict | None = None  # the cache's field dims (manifest), to take its fields at aligned positions
 
 
 @torch.no_grad()
-def _accumulate(model, batch: dict, device, head=None) -> torch.Tensor:
-    ids = batch["input_ids"].to(device)
-    masks = batch_masks(batch, device)
+def _accumulate(model, batch: dict, device, head=None, reading: Reading | None = None) -> torch.Tensor:
+    reading = reading or Reading()
+    chars = None
+    if reading.rows is not None:  # another tokenizer: its own rows, the teacher at the aligned positions
+        view = reading.rows.batch(batch["row"])
+        ids = view["input_ids"].to(device)
+        masks = aligned_masks(view, device)
+        chars = view["chars"].to(device)
+        sig = TeacherSignal(batch, device, []).aligned(view["align"], reading.dims)
+    else:
+        ids = batch["input_ids"].to(device)
+        masks = batch_masks(batch, device)
+        if reading.chars is not None:
+            chars = torch.from_numpy(reading.chars[batch["row"].numpy(), : ids.shape[1]]).to(device)
+        sig = TeacherSignal(batch, device, [])
     valid, has_next = masks.kd, masks.ce
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = model(input_ids=ids, **masks.forward).logits
@@ -37,18 +67,31 @@ def _accumulate(model, batch: dict, device, head=None) -> torch.Tensor:
     nxt = torch.roll(ids, -1, dims=1)
     tgt_lp = L.next_token_logprobs(logits, ids, lse)
     top_val, top_id = logits.max(-1)
-    topk_ids = batch["topk_ids"].to(device).long()
-    if head is not None and "final_hidden" in batch:
-        kl = L.full_divergence(head, head.decode(batch["final_hidden"].to(device)), logits, valid) * valid.sum()
+    topk_ids = sig.topk_ids
+    t_lp, t_tail = sig.topk(1.0)
+    mass = n_aligned = torch.tensor(float("nan"), dtype=torch.float64)  # NaN: not a cross-tokenizer student
+    if reading.rows is not None:
+        mapped = reading.vocab_map.ids.to(device)[topk_ids]  # (B, L_s, K) student ids, -1: none
+        s_lp = L._acc(logits.gather(-1, mapped.clamp(min=0))) - lse[..., None]
+        kl = L.mapped_forward_kl(t_lp, t_tail, mapped, s_lp, valid) * valid.sum()
+        agree = (top_id == mapped[..., 0])[valid].double().sum()
+        mass = torch.where(mapped >= 0, t_lp.exp(), 0.0).sum(-1)[valid].double().sum()
+        n_aligned = masks.rep.sum().double()
     else:
-        s_lp, s_tail = L.student_topk_logprobs(logits, topk_ids, 1.0, lse=lse)
-        t_lp, t_tail = L.teacher_topk_logprobs(batch["topk_logprobs"].to(device), batch["logsumexp"].to(device))
-        kl = L.forward_kl(t_lp, t_tail, s_lp, s_tail, valid) * valid.sum()
+        if head is not None and "final_hidden" in batch:
+            kl = L.full_divergence(head, head.decode(batch["final_hidden"].to(device)), logits, valid) * valid.sum()
+        else:
+            s_lp, s_tail = L.student_topk_logprobs(logits, topk_ids, 1.0, lse=lse)
+            kl = L.forward_kl(t_lp, t_tail, s_lp, s_tail, valid) * valid.sum()
+        agree = (top_id == topk_ids[..., 0])[valid].double().sum()
     conf = torch.exp(top_val.float() - lse)[has_next].double()
     correct = (top_id == nxt)[has_next].double()
     b = torch.clamp((conf * ECE_BINS).long(), max=ECE_BINS - 1)
-    sums = torch.stack([-(tgt_lp[has_next]).double().sum(), has_next.sum().double(),
-                        (top_id == topk_ids[..., 0])[valid].double().sum(), kl.double(), valid.sum().double()])
+    n_chars = torch.roll(chars, -1, dims=1)[has_next].double().sum() if chars is not None else \
+        torch.tensor(float("nan"), dtype=torch.float64)
+    sums = torch.stack([-(tgt_lp[has_next]).double().sum(), has_next.sum().double(), agree, kl.double(),
+                        valid.sum().double(), n_chars.to(device), masks.real.sum().double(),
+                        n_aligned.to(device), mass.to(device)])
     bins = torch.cat([torch.bincount(b, minlength=ECE_BINS).double(),
                       torch.bincount(b, weights=conf, minlength=ECE_BINS),
                       torch.bincount(b, weights=correct, minlength=ECE_BINS)])
@@ -60,20 +103,34 @@ def _metrics(acc: torch.Tensor) -> dict[str, float]:
     n_bins, conf, correct = acc[len(_SUMS):].reshape(3, ECE_BINS)
     n = max(s["n_next"], 1)
     nll = s["nll"] / n
-    return {"nll": nll, "ppl": math.exp(min(nll, 50)), "top1_agreement": s["agree"] / max(s["n_valid"], 1),
-            "kl": s["kl"] / max(s["n_valid"], 1), "ece": float((correct - conf).abs().sum() / max(n_bins.sum(), 1)),
-            "tokens": int(s["n_next"])}
+    out = {"nll": nll, "ppl": math.exp(min(nll, 50)), "top1_agreement": s["agree"] / max(s["n_valid"], 1),
+           "kl": s["kl"] / max(s["n_valid"], 1), "ece": float((correct - conf).abs().sum() / max(n_bins.sum(), 1)),
+           "tokens": int(s["n_next"])}
+    if math.isfinite(s["chars"]):
+        out["nll_per_char"] = s["nll"] / max(s["chars"], 1)
+        out["chars"] = int(s["chars"])
+    if math.isfinite(s["n_aligned"]):  # a student with another tokenizer
+        out["aligned_share"] = s["n_aligned"] / max(s["n_real"], 1)
+        out["mapped_mass"] = s["mapped_mass"] / max(s["n_valid"], 1)
+    return out
 
 
-def evaluate_all(models: dict[str, torch.nn.Module], batches, device, head=None, task: dict | None = None
-                 ) -> dict[str, dict[str, float]]:
+def evaluate_all(models: dict[str, torch.nn.Module], batches, device, head=None, task: dict | None = None,
+                 readings: dict[str, Reading] | None = None) -> dict[str, dict[str, float]]:
     """{name: metrics} for every model, reading `batches` once (this rank's share of them); the sums
     are added over ranks when run under torch.distributed. `head`: the cache's TeacherHead, for an
-    exact KL from batches that hold final_hidden. `task`: a classification cache's manifest task."""
+    exact KL from batches that hold final_hidden. `task`: a classification cache's manifest task.
+    `readings`: per model, how it reads the batches (default: the cache's tokens, no NLL per character)."""
     if task is not None:
         return _evaluate_classes(models, batches, device, task)
-    stacked = _sweep(models, batches, len(_SUMS) + 3 * ECE_BINS, lambda m, b: _accumulate(m, b, device, head))
+    readings = readings or {}
+    stacked = _sweep(models, batches, len(_SUMS) + 3 * ECE_BINS,
+                     lambda m, b: _accumulate(m, b, device, head, readings.get(_name_of(models, m))))
     return {name: _metrics(stacked[i]) for i, name in enumerate(models)}
+
+
+def _name_of(models: dict, model) -> str:
+    return next(n for n, m in models.items() if m is model)
 
 
 def _sweep(models: dict, batches, size: int, sums) -> torch.Tensor:
@@ -93,9 +150,11 @@ def _sweep(models: dict, batches, size: int, sums) -> torch.Tensor:
     return distributed.sum_(acc) if models else acc
 
 
-def evaluate(model, batches, device, head=None, task: dict | None = None) -> dict[str, float]:
+def evaluate(model, batches, device, head=None, task: dict | None = None, reading: Reading | None = None
+             ) -> dict[str, float]:
     """One model's metrics (see `evaluate_all`)."""
-    return evaluate_all({"model": model}, batches, device, head, task)["model"]
+    return evaluate_all({"model": model}, batches, device, head, task,
+                        {"model": reading} if reading is not None else None)["model"]
 
 
 # ---------------------------------------------------------------------------------------------

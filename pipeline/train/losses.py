@@ -340,3 +340,53 @@ def class_divergence(t_lp: torch.Tensor, s_logits: torch.Tensor, mask: torch.Ten
     times T^2; t_lp (..., C) the teacher's log-probs at T, s_logits (..., C) the student's logits."""
     s_lp = torch.log_softmax(_acc(s_logits) / temperature, dim=-1)
     return masked_mean(divergence(t_lp, s_lp, kind, beta), mask) * temperature**2
+
+
+# ---------------------------------------------------------------------------------------------
+# across tokenizers: the student's positions aligned with the teacher's, two vocabularies
+
+
+def uld(t_lp: torch.Tensor, t_log_tail: torch.Tensor, s_lp: torch.Tensor, s_log_tail: torch.Tensor,
+        mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Universal Logit Distillation (Boizard et al., 2024): the Wasserstein-1 distance between the teacher's
+    and the student's probability vectors, each sorted in decreasing order (vocabulary-agnostic), x T^2.
+
+    t_lp (..., K) the teacher's log-probs at its top-K ids, t_log_tail (...) its exact tail; s_lp (..., K_s) the
+    student's K_s largest log-probs and s_log_tail its mass beyond them (any order on both sides: both are
+    sorted here; the shorter is padded with zeros). The ranks up to K are compared one by one; the ranks beyond
+    K, whose teacher values are not cached, by their total mass: |tail_t - tail_s|. That is a lower bound of the
+    full-vocabulary sum over those ranks (triangle inequality), equal to it when one side's values beyond K are
+    all at least the other's, so the value is at most the full ULD and equal to it when every rank's mass is
+    inside the top-K on both sides.
+    """
+    t = _acc(t_lp).exp().sort(-1, descending=True).values
+    s = _acc(s_lp).exp().sort(-1, descending=True).values
+    k = max(t.shape[-1], s.shape[-1])
+    t, s = F.pad(t, (0, k - t.shape[-1])), F.pad(s, (0, k - s.shape[-1]))
+    w = (t - s).abs().sum(-1) + (_acc(t_log_tail).exp() - _acc(s_log_tail).exp()).abs()
+    return masked_mean(w, mask) * temperature**2
+
+
+def mapped_forward_kl(t_lp: torch.Tensor, t_log_tail: torch.Tensor, mapped: torch.Tensor, s_lp: torch.Tensor,
+                      mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) with the teacher's top-K carried into the student's vocabulary, x T^2.
+
+    t_lp (..., K) the teacher's log-probs at its ids, t_log_tail (...) its exact tail, mapped (..., K) the student
+    id each teacher id maps to (-1: none), s_lp (..., K) the student's log-probs at `mapped` (any finite value
+    where it is -1). Teacher ids mapped to one student id add their mass on it; the mass of unmapped ids joins
+    the teacher's tail bucket. The student's support is the distinct mapped ids plus its tail bucket (all its
+    other mass), as in `forward_kl`.
+    """
+    p = _acc(t_lp).exp()  # (..., K)
+    ok = mapped >= 0
+    same = (mapped[..., :, None] == mapped[..., None, :]) & ok[..., :, None]  # (..., K, K)
+    K = mapped.shape[-1]
+    earlier = torch.ones(K, K, dtype=torch.bool, device=mapped.device).tril(-1)
+    first = ok & ~(same & earlier).any(-1)  # the first teacher id of each distinct student id
+    q = torch.where(first, (same.to(p.dtype) * p[..., None, :]).sum(-1), torch.zeros((), dtype=p.dtype,
+                                                                                       device=p.device))
+    t_tail = _acc(t_log_tail).exp() + torch.where(ok, torch.zeros_like(p), p).sum(-1)
+    s = _acc(s_lp)
+    s_tail = log1mexp(torch.logsumexp(torch.where(first, s, torch.full_like(s, -torch.inf)), dim=-1))
+    kl = _kl(_with_tail(q.log(), t_tail.clamp(min=0).log()), _with_tail(s, s_tail))
+    return masked_mean(kl, mask) * temperature**2

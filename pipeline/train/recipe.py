@@ -33,19 +33,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .. import attention as attn_mod
 from .. import distributed
 from ..config import StudentConfig, StudentRunConfig
-from ..format.cache import Cache
+from ..format.cache import Cache, row_column
 from . import losses as L
 from . import terms as T
-from .evaluate import LOWER_IS_BETTER, entity_scheme, evaluate_all, metrics_for
+from .evaluate import LOWER_IS_BETTER, Reading, entity_scheme, evaluate_all, metrics_for
 from .head import TeacherHead
 from .reader import CacheBatches, TaskStream, make_loader
 from .representation import attention_pairs, hidden_pairs, make_projections
-from .students import StudentError, build_student, count_parameters
+from .students import StudentError, build_student, count_parameters, describe_tokenizer_difference, student_tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # one student
@@ -73,9 +74,9 @@ class StudentModule(torch.nn.Module):
         return (out.logits if want_logits else None), hidden, (recorder.maps if recorder else {})
 
 
-def build_wiring(spec: StudentConfig, model, manifest: dict, device) -> T.Wiring:
+def build_wiring(spec: StudentConfig, model, manifest: dict, device, vocab_map=None, cross: bool = False) -> T.Wiring:
     needs = T.student_needs(spec)
-    w = T.Wiring()
+    w = T.Wiring(cross=cross, vocab_map=vocab_map)
     n_s = model.config.num_hidden_layers
     if "hidden_states" in needs:
         w.hidden = hidden_pairs(spec, manifest, n_s)
@@ -88,10 +89,13 @@ def build_wiring(spec: StudentConfig, model, manifest: dict, device) -> T.Wiring
     return w
 
 
-def forward(engine, wiring: T.Wiring, batch: dict, device, want_logits: bool = True) -> T.StudentOutput:
-    """A student's forward pass on a batch (through DDP when wrapped), with what its terms need."""
-    ids = batch["input_ids"].to(device, non_blocking=True)
-    masks = T.batch_masks(batch, device)
+def forward(engine, wiring: T.Wiring, batch: dict, device, want_logits: bool = True,
+            view: dict | None = None) -> T.StudentOutput:
+    """A student's forward pass on a batch (through DDP when wrapped), with what its terms need; `view`: a
+    cross-tokenizer student's own rows for the batch (`crosstok.StudentRows.batch`)."""
+    src = view if view is not None else batch
+    ids = src["input_ids"].to(device, non_blocking=True)
+    masks = T.aligned_masks(view, device) if view is not None else T.batch_masks(batch, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits, hidden, maps = engine(ids, want_logits=want_logits, **masks.forward)
     return T.StudentOutput(logits, ids, masks, hidden, maps)
@@ -125,6 +129,12 @@ class Student:
     last_eval: dict = field(default_factory=dict)
     best_eval: dict = field(default_factory=dict)
     running: dict = field(default_factory=dict)  # term -> detached tensor sum since the last log
+    tokenizer: object = None  # what its saved model carries: its own, or the cache's
+    rows: dict = field(default_factory=dict)  # a cross-tokenizer student's re-tokenised splits: (task, split) -> rows
+
+    @property
+    def cross(self) -> bool:
+        return self.wiring.cross
 
     @property
     def name(self) -> str:
@@ -230,7 +240,7 @@ def _upgrade_identity(old: dict, tasks: dict) -> dict:
     if "grad_accum" in old:  # before DDP: one process
         old["micro_batches_per_step"] = old.pop("grad_accum")
     if isinstance(old.get("student"), dict):  # settings added since, at the value every earlier run had
-        old["student"] = {"allow_biased_kd": False, "task": None, **old["student"]}
+        old["student"] = {"allow_biased_kd": False, "task": None, "tokenizer": None, **old["student"]}
     return old
 
 
@@ -367,6 +377,8 @@ class Recipe:
         self.run = {"step": 0, "tokens": 0, "seconds": 0.0, "stream": None}
         self._tokens_pending = 0
         self._steps_since_log = 0
+        self.cross_stats: dict[str, dict] = {}
+        self._chars: dict[tuple[str, str], object] = {}  # (task, split) -> characters per cached token
 
     # -- setup ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -393,6 +405,7 @@ class Recipe:
         except ValueError as e:
             raise StudentError(str(e)) from None
         self.task = T.task_of(self.manifest)  # one for every cache of the run (open_tasks)
+        self.dims = {n: {f: spec["dims"] for f, spec in c.manifest["fields"].items()} for n, (c, _) in self.tasks.items()}
         allowed = metrics_for(self.task)
         if cfg.early_stopping_metric not in allowed:
             raise StudentError(f"early_stopping_metric = {cfg.early_stopping_metric!r} is not a metric of a {self.task} "
@@ -400,7 +413,14 @@ class Recipe:
         if cfg.early_stopping_metric == "entity_f1" and not entity_scheme(self.manifest["task"]["labels"]):
             raise StudentError(f"early_stopping_metric = 'entity_f1', but the cache's labels {self.manifest['task']['labels']} "
                                "are not entity tags (O, B-<type>, I-<type>, ...)")
-        self.fields = sorted({f for c, _ in self.tasks.values() for s in cfg.students for f in T.fields_for(s, c.manifest)})
+        self.student_tokenizers = {s.name: student_tokenizer(s, self.manifest, self.tokenizer) for s in cfg.students}
+        crossing = [n for n, (_, cross) in self.student_tokenizers.items() if cross]
+        if crossing and cfg.mutual_weight > 0:
+            raise StudentError(f"mutual_weight > 0 compares the students' distributions over one vocabulary, but "
+                               f"{', '.join(crossing)} {'has' if len(crossing) == 1 else 'have'} another tokenizer "
+                               "than the cache's")
+        self.fields = sorted({f for c, _ in self.tasks.values() for s in cfg.students
+                              for f in T.fields_for(s, c.manifest, self.student_tokenizers[s.name][1])})
         # the teacher's LM head, for the full-vocabulary terms and an exact validation KL
         self.heads = {n: TeacherHead.from_cache(c, self.device) for n, (c, _) in self.tasks.items()
                       if "final_hidden" in c.manifest["fields"]}
@@ -443,8 +463,9 @@ class Recipe:
 
     def _build(self, spec: StudentConfig) -> Student:
         cfg, device = self.cfg, self.device
-        model = build_student(spec, self.manifest, self.tokenizer, device)
-        rows = model.get_output_embeddings().weight.shape[0] if self.task == "causal-lm" else None
+        tokenizer, cross = self.student_tokenizers[spec.name]
+        model = build_student(spec, self.manifest, tokenizer, device, cross)
+        rows = model.get_output_embeddings().weight.shape[0] if self.task == "causal-lm" and not cross else None
         for name, (c, _) in self.tasks.items():
             if rows is not None and rows < c.manifest["teacher"]["vocab_size"]:
                 raise StudentError(f"student {spec.name!r}: {rows} output rows < task {name!r}'s vocabulary "
@@ -452,18 +473,47 @@ class Recipe:
         if any(c.manifest["preparation"].get("document_mask") for c, _ in self.tasks.values()):
             check_student_document_masking(model, spec.name, device)
         model.train()
-        wiring = build_wiring(spec, model, self.manifest, device)
+        out = Path(cfg.output_dir) / spec.name
+        vocab_map, student_rows = None, {}
+        if cross:
+            vocab_map, student_rows = self._cross(spec, tokenizer, model, out)
+        wiring = build_wiring(spec, model, self.manifest, device, vocab_map, cross)
         module = StudentModule(model, wiring)
         opt, sched = make_optimizer(module.parameters(), spec, cfg.max_steps)
-        out = Path(cfg.output_dir) / spec.name
         if self.main:
             out.mkdir(parents=True, exist_ok=True)
             recover_model_dir(out / "model")
-        st = Student(spec, model, module, module, opt, sched, out, wiring)
+        st = Student(spec, model, module, module, opt, sched, out, wiring, tokenizer=tokenizer, rows=student_rows)
         st.identity = resume_identity(spec, cfg, self.tasks, self.ranks.world)
         self.log(f"student {spec.name}: {count_parameters(model) / 1e6:.2f}M parameters, losses {spec.losses}, "
                  f"T={spec.temperature}" + (f", DDP over {self.ranks.world} ranks" if self.ranks.active else ""))
         return st
+
+    def _cross(self, spec: StudentConfig, tokenizer, model, out: Path) -> tuple:
+        """A student with another tokenizer: the teacher's vocabulary mapped into its own, and every split it reads
+        re-tokenised (once, kept in its output folder under the cache's and both tokenizers' digests)."""
+        from .crosstok import VocabMap, require_offsets, stored_rows
+
+        require_offsets(tokenizer, f"student {spec.name!r}'s tokenizer")
+        vocab_map = VocabMap.build(self.tokenizer, tokenizer, self.manifest["teacher"]["vocab_size"])
+        rows, longest = {}, 0
+        for name, (c, _) in self.tasks.items():
+            for split in c.splits:
+                rows[(name, split)] = stored_rows(c, split, tokenizer, out / "retokenized", spec.name,
+                                                  self.tokenizer if c is self.cache else None)
+                longest = max(longest, rows[(name, split)].input_ids.shape[1])
+        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        if limit is not None and longest > limit:
+            raise StudentError(f"student {spec.name!r}: its tokenizer writes the cache's rows in up to {longest} "
+                               f"tokens, more than its {limit} positions")
+        train = rows.get((next(iter(self.tasks)), "train"))
+        stats = train.stats() if train is not None else {}
+        self.log(f"student {spec.name}: its own tokenizer ({describe_tokenizer_difference(self.tokenizer, tokenizer)}): "
+                 f"{stats.get('aligned_share', 0):.1%} of its train positions aligned with the teacher's, "
+                 f"{stats.get('lossless_rows', 0):.1%} of rows decoded and encoded back losslessly; teacher tokens "
+                 f"mapped: {vocab_map.counts}")
+        self.cross_stats[spec.name] = {"train": stats, "vocab_map": vocab_map.counts}
+        return vocab_map, rows
 
     def _wrap(self, module: StudentModule, spec: StudentConfig) -> torch.nn.Module:
         """The one place that knows about DDP: a student trained on several ranks averages its gradients."""
@@ -548,9 +598,14 @@ class Recipe:
                 stack.enter_context(distributed.maybe_no_sync(st.engine, not last))
             values, logits, masks = {}, {}, None
             for st in active:
+                view = st.rows[(task, "train")].batch(batch["row"]) if st.cross else None
                 out = forward(st.engine, st.wiring, batch, device, want_logits=mutual or "logits" in
-                              T.student_needs(st.spec))
-                values[st.name] = T.compute(st.spec, out, sig, st.wiring)
+                              T.student_needs(st.spec), view=view)
+                mine = sig.aligned(view["align"], self.dims[task]) if st.cross else sig
+                values[st.name] = T.compute(st.spec, out, mine, st.wiring)
+                if st.cross:  # logged, not trained on: the share of its real positions with a teacher partner
+                    values[st.name]["aligned_share"] = (out.masks.rep.sum() / out.masks.real.sum().clamp(min=1)
+                                                        ).detach()
                 masks = out.masks
                 if mutual:
                     logits[st.name] = out.logits
@@ -625,7 +680,7 @@ class Recipe:
             if better:
                 st.best, st.best_step, st.bad_evals, st.best_eval = m[key], step, 0, st.last_eval
                 if self.main:
-                    save_model_atomically(st.model, self.tokenizer, st.out / "model")
+                    save_model_atomically(st.model, st.tokenizer, st.out / "model")
             else:
                 st.bad_evals += 1
                 if cfg.patience is not None and st.bad_evals >= cfg.patience:
@@ -633,10 +688,37 @@ class Recipe:
                     self.log(f"student {st.name}: early stop at step {step} (best {key} {st.best:.4f} at step "
                              f"{st.best_step})")
 
-    def _evaluate_sets(self, models: dict, sets: dict) -> dict[str, dict[str, dict]]:
-        """{task: {student: metrics}} over the given evaluation sets."""
-        return {n: evaluate_all(models, make_loader(ds), self.device, self.heads.get(n), self.tasks[n][0].manifest.get("task"))
+    def _evaluate_sets(self, models: dict, sets: dict, split: str = "validation") -> dict[str, dict[str, dict]]:
+        """{task: {student: metrics}} over the given evaluation sets (of `split`)."""
+        return {n: evaluate_all(models, make_loader(ds), self.device, self.heads.get(n),
+                                self.tasks[n][0].manifest.get("task"), self._readings(n, split, models))
                 for n, (ds, _) in sets.items()}
+
+    def _readings(self, task: str, split: str, models: dict) -> dict[str, Reading] | None:
+        """How each student reads a held-out split: its re-tokenised rows (another tokenizer), or the cache's tokens
+        with their character counts (NLL per character)."""
+        if self.task != "causal-lm":
+            return None
+        if (task, split) not in self._chars:
+            from .crosstok import teacher_chars
+
+            c = self.tasks[task][0]
+            try:
+                table = c.rows(split)
+                self._chars[(task, split)] = teacher_chars(c.tokenizer() if c is not self.cache else self.tokenizer,
+                                                           row_column(table, "input_ids", np.int64),
+                                                           table.column("length").to_numpy().astype(np.int64))
+            except StudentError:  # a slow cache tokenizer: no character offsets, no NLL per character
+                self._chars[(task, split)] = None
+        by_name = {st.name: st for st in self.students}
+        out = {}
+        for name in models:
+            st = by_name.get(name)
+            if st is not None and st.cross:
+                out[name] = Reading(rows=st.rows[(task, split)], vocab_map=st.wiring.vocab_map, dims=self.dims[task])
+            else:
+                out[name] = Reading(chars=self._chars[(task, split)])
+        return out
 
     @staticmethod
     def _combine(mine: dict[str, dict], sets: dict) -> dict:
@@ -669,7 +751,7 @@ class Recipe:
             saved = st.out / "model"
             model = auto_class(self.task).from_pretrained(saved, dtype=torch.float32).to(self.device) \
                 if (saved / "config.json").exists() else st.model
-            per_task = self._evaluate_sets({st.name: model}, sets)
+            per_task = self._evaluate_sets({st.name: model}, sets, "test")
             del model
             out[st.name] = self._combine({n: m[st.name] for n, m in per_task.items()}, sets)
             if self.main:
@@ -743,7 +825,7 @@ class Recipe:
             self.evaluate(run["step"])
         if not self.val_sets and self.main:
             for st in self.students:
-                save_model_atomically(st.model, self.tokenizer, st.out / "model")
+                save_model_atomically(st.model, st.tokenizer, st.out / "model")
         self.checkpoint()
         tested = self.test()
         reports = []
@@ -756,6 +838,8 @@ class Recipe:
                                 for n, (c, w) in self.tasks.items()},
                       "mutual_weight": cfg.mutual_weight, "device": self.device.type, "ranks": self.ranks.world,
                       "init": getattr(st.model.config, "distill_init", None), "task": self.task}
+            if st.name in self.cross_stats:
+                report["cross_tokenizer"] = self.cross_stats[st.name]
             if st.name in tested:
                 report["test"] = tested[st.name]
             reports.append(report)

@@ -1,9 +1,10 @@
 """Students: built from a shape in the teacher's family or from a checkpoint, checked against the cache.
 
 The teacher is never loaded: the family, vocabulary and special tokens come from the cache's
-manifest and its tokenizer. A student whose tokenizer differs from the cache's is refused with
-what differs (cross-tokenizer distillation is a separate mode). A student whose embedding matrix
-is padded beyond the teacher's vocabulary is fine: the padded ids are part of its tail.
+manifest and its tokenizer, or from the student's own tokenizer (`students[].tokenizer`, or its
+pretrained checkpoint's): a student whose tokenizer differs from the cache's is a cross-tokenizer
+student (`crosstok`), trained with the terms defined across tokenizers. A student whose embedding
+matrix is padded beyond its vocabulary is fine: the padded ids are part of its tail.
 """
 
 from __future__ import annotations
@@ -75,10 +76,36 @@ def check_task(spec: StudentConfig, manifest: dict, config=None, source: str | N
                                "order")
 
 
-def build_student(spec: StudentConfig, manifest: dict, tokenizer, device: torch.device):
+def student_tokenizer(spec: StudentConfig, manifest: dict, cache_tokenizer):
+    """(tokenizer, cross): the student's tokenizer (its `tokenizer` setting, else its pretrained checkpoint's, else
+    the cache's) and whether it differs from the cache's, which makes the student a cross-tokenizer one."""
+    from transformers import AutoTokenizer
+
+    src = spec.tokenizer
+    if src is None and spec.pretrained is not None:
+        local = Path(spec.pretrained)
+        if not local.is_dir() or any((local / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                     "tokenizer.model")):
+            src = spec.pretrained  # a bare local checkpoint is read with the cache's tokenizer
+    if src is None:
+        return cache_tokenizer, False
+    if spec.tokenizer is not None and not Path(src).expanduser().exists() and \
+            (src.startswith((".", "/", "~")) or src.count("/") > 1):
+        raise StudentError(f"student {spec.name!r}: tokenizer {src!r} does not exist")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(Path(src).expanduser()) if spec.tokenizer else src)
+    except (OSError, ValueError) as e:
+        raise StudentError(f"student {spec.name!r}: cannot load the tokenizer of {src}: {e}") from e
+    if tokenizer_fingerprint(tok) == manifest["tokenizer"]["fingerprint"]:
+        return cache_tokenizer, False
+    return tok, True
+
+
+def build_student(spec: StudentConfig, manifest: dict, tokenizer, device: torch.device, cross: bool = False):
     """A model of the cache's task ready to train (a causal LM with vocabulary >= the teacher's, or a classifier
-    with the teacher's labels); teacher weights never read except by from_teacher."""
-    from transformers import AutoConfig, AutoTokenizer
+    with the teacher's labels); teacher weights never read except by from_teacher. `tokenizer`: the student's
+    (`student_tokenizer`), another than the cache's when `cross`."""
+    from transformers import AutoConfig
 
     from ..capture.teacher import auto_class
 
@@ -86,23 +113,14 @@ def build_student(spec: StudentConfig, manifest: dict, tokenizer, device: torch.
     task = task_of(manifest)
     auto, labels = auto_class(task), label_settings(manifest)
     check_task(spec, manifest)
+    if cross and task != "causal-lm":
+        raise StudentError(f"student {spec.name!r} has another tokenizer than the cache: cross-tokenizer "
+                           f"distillation is for causal-LM caches, this one holds a {task} teacher's targets")
     if spec.from_teacher is not None:
         return init_from_teacher(spec, manifest).to(device)
+    vocab = len(tokenizer) if cross else t["vocab_size"]
     if spec.pretrained is not None:
         src = spec.pretrained
-        local = Path(src)
-        has_tokenizer = not local.is_dir() or any((local / f).exists() for f in
-                                                  ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-        if has_tokenizer:  # a bare local checkpoint is checked by its vocabulary size alone, below
-            try:
-                theirs = AutoTokenizer.from_pretrained(src)
-            except (OSError, ValueError) as e:
-                raise StudentError(f"student {spec.name!r}: cannot load the tokenizer of {src}: {e}") from e
-            if tokenizer_fingerprint(theirs) != manifest["tokenizer"]["fingerprint"]:
-                raise StudentError(
-                    f"student {spec.name!r} ({src}) uses another tokenizer than the cache: "
-                    f"{describe_tokenizer_difference(tokenizer, theirs)}; cross-tokenizer distillation is not "
-                    "supported")
         try:
             config = AutoConfig.from_pretrained(src)
         except (OSError, ValueError) as e:
@@ -114,7 +132,7 @@ def build_student(spec: StudentConfig, manifest: dict, tokenizer, device: torch.
             raise StudentError(f"student {spec.name!r}: cannot load {src}: {e}") from e
     else:
         a = spec.arch
-        kwargs = dict(vocab_size=t["vocab_size"], hidden_size=a.hidden_size, num_hidden_layers=a.num_layers,
+        kwargs = dict(vocab_size=vocab, hidden_size=a.hidden_size, num_hidden_layers=a.num_layers,
                       num_attention_heads=a.num_heads, tie_word_embeddings=a.tie_word_embeddings,
                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
                       pad_token_id=tokenizer.pad_token_id) | labels
@@ -135,9 +153,10 @@ def build_student(spec: StudentConfig, manifest: dict, tokenizer, device: torch.
     if task != "causal-lm":
         return disable_dropout(model).to(device)
     v_student = model.get_output_embeddings().weight.shape[0]
-    if v_student < t["vocab_size"]:
-        raise StudentError(f"student {spec.name!r}: its output layer has {v_student} rows, fewer than the cache's "
-                           f"vocabulary ({t['vocab_size']}); the teacher's ids would not exist in it")
+    if v_student < vocab:
+        whose = "its tokenizer's" if cross else "the cache's"
+        raise StudentError(f"student {spec.name!r}: its output layer has {v_student} rows, fewer than {whose} "
+                           f"vocabulary ({vocab}); {'its' if cross else 'the teacher'}'s ids would not exist in it")
     return disable_dropout(model).to(device)
 
 

@@ -39,6 +39,19 @@ class Masks:
     kd: torch.Tensor  # (B, L) real and trained (loss_mask): KD terms, top-1 agreement, KL
     ce: torch.Tensor  # (B, L) trained with a real next token: CE, NLL, calibration
     forward: dict  # attention_mask or position_ids for the student's forward pass
+    rep: torch.Tensor | None = None  # (B, L) representation terms' positions: `real`, or its aligned ones
+
+    def __post_init__(self):
+        if self.rep is None:
+            self.rep = self.real
+
+
+def aligned_masks(view: dict, device) -> Masks:
+    """A cross-tokenizer student's masks on its own positions (`view`: its re-tokenised rows): CE on every real
+    next token, teacher terms (KD and representations) on the positions aligned with a teacher position."""
+    m = batch_masks(view, device)
+    aligned = view["align"].to(device) >= 0
+    return Masks(m.real, m.kd & aligned, m.ce, m.forward, m.real & aligned)
 
 
 def batch_masks(batch: dict, device) -> Masks:
@@ -84,8 +97,11 @@ class TeacherSignal:
     """
 
     def __init__(self, batch: dict, device, temperatures: list[float], capture: dict | None = None, head=None,
-                 task: str = "causal-lm"):
+                 task: str = "causal-lm", align: torch.Tensor | None = None, dims: dict | None = None):
         self.batch, self.device, self.task = batch, device, task
+        # a cross-tokenizer student's view: every per-position field taken at the teacher position aligned with
+        # each student position (align (B, L_s), -1: none, read as position 0 and masked by the student's masks)
+        self.align, self.dims = align, dims or {}
         self.temperatures = temperatures  # captured temperatures besides 1, in logsumexp_tempered's order
         self.capture = capture or {}  # the cache's capture settings (sampled targets' proposal temperature)
         self.head = head  # a TeacherHead, for the full-vocabulary terms
@@ -94,8 +110,16 @@ class TeacherSignal:
 
     def field(self, name: str) -> torch.Tensor:
         if name not in self._fields:
-            self._fields[name] = self.batch[name].to(self.device, non_blocking=True)
+            x = self.batch[name].to(self.device, non_blocking=True)
+            if self.align is not None:
+                x = gather_positions(x, self.align.to(self.device).clamp(min=0), position_axes(self.dims, name))
+            self._fields[name] = x
         return self._fields[name]
+
+    def aligned(self, align: torch.Tensor, dims: dict) -> "TeacherSignal":
+        """This batch's targets on a cross-tokenizer student's positions (`align`: see __init__)."""
+        return TeacherSignal(self.batch, self.device, self.temperatures, self.capture, self.head, self.task,
+                             align, dims)
 
     @property
     def topk_ids(self) -> torch.Tensor:
@@ -149,6 +173,22 @@ class TeacherSignal:
         return self._topk[T]
 
 
+def position_axes(dims: dict, name: str) -> list[int]:
+    """The position axes (position, query, key) of a cache field, from its manifest dims (row first)."""
+    return [i for i, d in enumerate(dims.get(name, ())) if d in ("position", "query", "key")]
+
+
+def gather_positions(x: torch.Tensor, idx: torch.Tensor, axes: list[int]) -> torch.Tensor:
+    """x (B, ..., L_t, ...) at positions idx (B, L_s) on each of `axes`: (B, ..., L_s, ...)."""
+    for ax in axes:
+        shape = [1] * x.ndim
+        shape[0], shape[ax] = idx.shape[0], idx.shape[1]
+        size = list(x.shape)
+        size[ax] = idx.shape[1]
+        x = torch.gather(x, ax, idx.view(shape).expand(size))
+    return x
+
+
 class StudentOutput:
     """A student's forward pass on one batch and the quantities the terms derive from it."""
 
@@ -178,6 +218,19 @@ class StudentOutput:
             self._topk[T] = L.student_topk_logprobs(self.logits, ids, T, lse=self.lse(T))
         return self._topk[T]
 
+    def largest(self, k: int, T: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's own k largest log-probs (B, L, k) and the log of its mass beyond them, at T."""
+        key = ("largest", k, T)
+        if key not in self._topk:
+            z = self.logits.topk(min(k, self.logits.shape[-1]), dim=-1).values
+            lp = L._acc(z) / T - self.lse(T)[..., None]
+            self._topk[key] = lp, L.log1mexp(torch.logsumexp(lp, dim=-1))
+        return self._topk[key]
+
+    def at(self, ids: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+        """Log-probs (B, L, K) at student ids (-1 read as id 0), at T."""
+        return L._acc(self.logits.gather(-1, ids.clamp(min=0))) / T - self.lse(T)[..., None]
+
 
 @dataclass
 class Wiring:
@@ -188,6 +241,8 @@ class Wiring:
     projections: torch.nn.ModuleList = field(default_factory=torch.nn.ModuleList)
     hidden_encoding: str | None = None
     bidirectional: bool = False  # an encoder cache: attention maps cover every real key, not only key <= query
+    cross: bool = False  # the student has another tokenizer: its positions are aligned with the teacher's
+    vocab_map: object = None  # crosstok.VocabMap, teacher id -> student id (None: the same vocabulary)
 
 
 @dataclass(frozen=True)
@@ -217,6 +272,7 @@ class Term:
     # on a classification cache (sequence or token): the fields read and the computation (None: not defined there)
     class_fields: tuple[str, ...] | None = None
     class_compute: Callable[[StudentOutput, TeacherSignal, Context], torch.Tensor] | None = None
+    cross_tokenizer: bool = False  # defined for a student with another tokenizer than the cache's
 
     def fields_for_task(self, task: str) -> tuple[str, ...]:
         return self.fields if task == "causal-lm" else self.class_fields
@@ -229,12 +285,13 @@ TERMS: dict[str, Term] = {}
 
 
 def term(name: str, description: str, fields: tuple[str, ...] = (), student=("logits",), tempered: bool = False,
-         capture_keys: tuple[str, ...] = (), cache_fields: Callable[[object, dict], list[str]] | None = None):
+         capture_keys: tuple[str, ...] = (), cache_fields: Callable[[object, dict], list[str]] | None = None,
+         cross_tokenizer: bool = False):
     def register(fn):
         if name in TERMS:
             raise ValueError(f"loss term {name!r} registered twice")
         TERMS[name] = Term(name, description, tuple(fields), frozenset(student), tempered, tuple(capture_keys), fn,
-                           cache_fields)
+                           cache_fields, cross_tokenizer=cross_tokenizer)
         return fn
     return register
 
@@ -253,7 +310,8 @@ def for_classification(name: str, fields: tuple[str, ...] | None = None):
 CLASS_FIELDS = ("class_logprobs", "class_logsumexp")
 
 
-@term("ce", "cross-entropy on the true next token (hard labels); classification: on the gold labels")
+@term("ce", "cross-entropy on the true next token (hard labels); classification: on the gold labels",
+      cross_tokenizer=True)
 def _ce(out, sig, ctx):
     return L.cross_entropy(out.next_logprobs(), out.masks.ce)
 
@@ -314,6 +372,32 @@ def _kd_jsd(out, sig, ctx):
 @for_classification("kd_jsd", CLASS_FIELDS)
 def _kd_jsd_classes(out, sig, ctx):
     return _class_divergence(out, sig, ctx, "jsd")
+
+
+@term("uld", "Universal Logit Distillation: Wasserstein-1 between the sorted teacher (top-K + exact tail) and "
+      "student probability vectors, vocabulary-agnostic (any tokenizer), x T^2", TOPK_FIELDS, tempered=True,
+      cross_tokenizer=True)
+def _uld(out, sig, ctx):
+    T = ctx.spec.temperature
+    t_lp, t_tail = sig.topk(T)
+    s_lp, s_tail = out.largest(t_lp.shape[-1], T)
+    return L.uld(t_lp, t_tail, s_lp, s_tail, out.masks.kd, T)
+
+
+def mapped_ids(sig: TeacherSignal, ctx: Context) -> torch.Tensor:
+    """The student id of each of the teacher's top-K ids (-1: none): the ids themselves for the same vocabulary."""
+    vmap = ctx.wiring.vocab_map
+    return sig.topk_ids if vmap is None else vmap.ids.to(sig.device)[sig.topk_ids]
+
+
+@term("kd_mapped", "KL(teacher || student) with the teacher's top-K mapped into the student's vocabulary through "
+      "the tokens' text (GOLD's first-piece rule), unmapped mass in the tail bucket, x T^2", TOPK_FIELDS,
+      tempered=True, cross_tokenizer=True)
+def _kd_mapped(out, sig, ctx):
+    T = ctx.spec.temperature
+    t_lp, t_tail = sig.topk(T)
+    mapped = mapped_ids(sig, ctx)
+    return L.mapped_forward_kl(t_lp, t_tail, mapped, out.at(mapped, T), out.masks.kd, T)
 
 
 @term("mse_logprobs", "squared error of log-probs at the top-K ids", TOPK_FIELDS, tempered=True)
@@ -398,7 +482,7 @@ def _hidden(out: StudentOutput, sig: TeacherSignal, ctx: Context, fn) -> torch.T
     cached = sig.field("hidden_states")  # (B, n_cached, L, d_t) in its stored dtype
     scale = sig.field("hidden_scale") if ctx.wiring.hidden_encoding == "int8-scaled" else None  # (B, n_cached, L)
     parts = [fn(out.hidden[i], decode_hidden(cached[:, j], ctx.wiring.hidden_encoding,
-                                             None if scale is None else scale[:, j]), out.masks.real)
+                                             None if scale is None else scale[:, j]), out.masks.rep)
              for i, (_, j) in enumerate(ctx.wiring.hidden)]
     return torch.stack(parts).mean()
 
@@ -409,13 +493,15 @@ def _hidden_scale(spec, manifest: dict) -> list[str]:
 
 
 @term("hidden_mse", "MSE of (projected) student and cached teacher hidden states, mapped layers",
-      ("hidden_states",), student=("hidden_states",), capture_keys=HIDDEN_KEYS, cache_fields=_hidden_scale)
+      ("hidden_states",), student=("hidden_states",), capture_keys=HIDDEN_KEYS, cache_fields=_hidden_scale,
+      cross_tokenizer=True)
 def _hidden_mse(out, sig, ctx):
     return _hidden(out, sig, ctx, L.hidden_mse)
 
 
 @term("hidden_cosine", "1 - cosine of (projected) student and cached teacher hidden states, mapped layers",
-      ("hidden_states",), student=("hidden_states",), capture_keys=HIDDEN_KEYS, cache_fields=_hidden_scale)
+      ("hidden_states",), student=("hidden_states",), capture_keys=HIDDEN_KEYS, cache_fields=_hidden_scale,
+      cross_tokenizer=True)
 def _hidden_cosine(out, sig, ctx):
     return _hidden(out, sig, ctx, L.hidden_cosine)
 
@@ -425,18 +511,26 @@ def _attention(out: StudentOutput, sig: TeacherSignal, ctx: Context, fn) -> torc
     parts = []
     for s, j in ctx.wiring.attention:
         a_t, a_s = map_heads(cached[:, j].float(), out.attentions[s].float(), ctx.spec.attention_heads, ctx.spec.name)
-        parts.append(fn(a_t, a_s, out.masks.real, causal=not ctx.wiring.bidirectional))
+        if ctx.wiring.cross:  # each row as a distribution over the aligned keys, on both sides
+            a_t, a_s = over_keys(a_t, out.masks.rep), over_keys(a_s, out.masks.rep)
+        parts.append(fn(a_t, a_s, out.masks.rep, causal=not ctx.wiring.bidirectional))
     return torch.stack(parts).mean()
 
 
+def over_keys(a: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Attention rows (B, H, L, L) restricted to the keys where `keys` (B, L) and renormalised over them."""
+    a = a * keys[:, None, None, :].to(a.dtype)
+    return a / a.sum(-1, keepdim=True).clamp(min=1e-12)
+
+
 @term("attn_kl", "KL(teacher || student) of attention rows (MiniLM), mapped layers and head groups",
-      ("attentions",), student=("attentions",), capture_keys=ATTENTION_KEYS)
+      ("attentions",), student=("attentions",), capture_keys=ATTENTION_KEYS, cross_tokenizer=True)
 def _attn_kl(out, sig, ctx):
     return _attention(out, sig, ctx, L.attention_kl)
 
 
 @term("attn_mse", "MSE of attention probabilities (TinyBERT), mapped layers and head groups",
-      ("attentions",), student=("attentions",), capture_keys=ATTENTION_KEYS)
+      ("attentions",), student=("attentions",), capture_keys=ATTENTION_KEYS, cross_tokenizer=True)
 def _attn_mse(out, sig, ctx):
     return _attention(out, sig, ctx, L.attention_mse)
 
@@ -451,7 +545,7 @@ for _name in ("hidden_mse", "hidden_cosine", "attn_kl", "attn_mse"):  # position
 # terms that see the teacher's top-K alone (its tail ignored: biased), and what anchors the student's whole
 # distribution besides them: the true next token, or a KD term that accounts for all of the teacher's mass
 TAIL_FREE = frozenset({"kd_forward_renorm", "mse_logprobs", "mse_logits"})
-ANCHORS = frozenset({"ce", "kd_forward", "kd_reverse", "kd_jsd", "kd_sampled", "kd_full_forward", "kd_full_reverse",
+ANCHORS = frozenset({"ce", "uld", "kd_mapped", "kd_forward", "kd_reverse", "kd_jsd", "kd_sampled", "kd_full_forward", "kd_full_reverse",
                      "kd_full_jsd"})
 
 
@@ -483,12 +577,19 @@ def tempered_index(spec, manifest: dict) -> int | None:
     return temps.index(spec.temperature) if spec.temperature in temps else None
 
 
-def fields_for(spec, manifest: dict) -> list[str]:
-    """The cache fields this student's terms read; refuses a term whose field the cache lacks, or a term not
-    defined for the cache's task."""
+def fields_for(spec, manifest: dict, cross: bool = False) -> list[str]:
+    """The cache fields this student's terms read; refuses a term whose field the cache lacks, a term not
+    defined for the cache's task, or (`cross`: the student has another tokenizer) one that compares ids."""
     need: list[tuple[str, str]] = []  # (term, field)
     have = set(manifest["fields"])
     task = task_of(manifest)
+    if cross:
+        wrong = [t.name for t in active(spec) if not t.cross_tokenizer]
+        if wrong:
+            known = [n for n, t in TERMS.items() if t.cross_tokenizer]
+            raise StudentError(f"student {spec.name!r} has another tokenizer than the cache: {', '.join(wrong)} "
+                               f"compare{'s' if len(wrong) == 1 else ''} the teacher's token ids with the student's; "
+                               f"across tokenizers a student trains with {', '.join(known)}")
     wrong = [t.name for t in active(spec) if not t.computes(task)]
     if wrong:
         known = [n for n, t in TERMS.items() if t.computes(task)]
