@@ -398,3 +398,27 @@ def test_refusals(cache_dir, student_tok_dir, tmp_path):
 def test_corpus_files_are_not_the_student_tokenizers():
     """The student's tokenizer is trained on other files than the teacher's (the test would be weaker otherwise)."""
     assert not {"string.py", "calendar.py", "csv.py"} & set(CORPUS_FILES)
+
+
+def test_teacher_nll_per_character_against_its_own_forward_pass(cache_dir, llama_dir):
+    """The run's reference figure: the teacher's validation NLL per token and per character, checked against a
+    float64 forward pass of the teacher and the characters of the decoded rows."""
+    from pipeline.train.evaluate import teacher_metrics
+
+    c = Cache(cache_dir)
+    tok = c.tokenizer()
+    table = c.rows("validation")
+    ids, lengths = row_column(table, "input_ids", np.int64), table.column("length").to_numpy()
+    m = teacher_metrics(c, "validation", X.teacher_chars(tok, ids, lengths))
+    teacher = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float64).eval()
+    nll, n, chars = 0.0, 0, 0
+    with torch.no_grad():
+        for row, k in zip(ids, lengths):
+            lp = torch.log_softmax(teacher(torch.from_numpy(row[None, :k])).logits[0], -1)
+            nll -= lp[:-1].gather(-1, torch.from_numpy(row[1:k, None])).sum().item()
+            n += k - 1
+            chars += len(tok.decode(row[:k].tolist(), skip_special_tokens=True)) - \
+                len(tok.decode(row[:1].tolist(), skip_special_tokens=True))
+    assert m["tokens"] == n
+    assert m["nll"] == pytest.approx(nll / n, rel=1e-4)
+    assert m["nll_per_char"] == pytest.approx(nll / chars, rel=1e-4)

@@ -235,7 +235,7 @@ class StudentRows:
         return out
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp.npz")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # every rank writes its own, then renames
         arrays = {k: v for k, v in self.__dict__.items() if v is not None}
         np.savez(tmp, **arrays)
         os.replace(tmp, path)

@@ -264,3 +264,27 @@ def _class_metrics(acc: torch.Tensor, C: int, tagged: bool) -> dict[str, float]:
         r = s["ent_tp"] / s["ent_gold"] if s["ent_gold"] else 0.0
         out |= {"entity_precision": p, "entity_recall": r, "entity_f1": 2 * p * r / (p + r) if p + r else 0.0}
     return out
+
+
+def teacher_metrics(cache, split: str, chars: np.ndarray | None, rows: int | None = None) -> dict[str, float] | None:
+    """The teacher's own NLL of the true next token on a split (its first `rows` rows), per token and, with the
+    characters per cached token, per character: the figure students of any tokenizer are compared with. None
+    when the cache did not capture target_logprob."""
+    if "target_logprob" not in cache.manifest["fields"]:
+        return None
+    from ..format.cache import row_column
+
+    table = cache.rows(split, max_rows=rows)
+    n = len(table)
+    lp = np.asarray(cache.array(split, "target_logprob")[:n], dtype=np.float64)  # (N, L)
+    lengths = table.column("length").to_numpy()
+    pos = np.arange(lp.shape[1])[None]
+    has_next = pos < (lengths[:, None] - 1)
+    if "loss_mask" in cache.manifest["fields"]:
+        has_next &= row_column(table, "loss_mask", np.bool_)
+    has_next &= np.isfinite(lp)
+    nll = -lp[has_next].sum()
+    out = {"nll": nll / max(has_next.sum(), 1), "tokens": int(has_next.sum())}
+    if chars is not None:
+        out["nll_per_char"] = nll / max(np.roll(chars[:n], -1, axis=1)[has_next].sum(), 1)
+    return out

@@ -42,7 +42,7 @@ from ..config import StudentConfig, StudentRunConfig
 from ..format.cache import Cache, row_column
 from . import losses as L
 from . import terms as T
-from .evaluate import LOWER_IS_BETTER, Reading, entity_scheme, evaluate_all, metrics_for
+from .evaluate import LOWER_IS_BETTER, Reading, entity_scheme, evaluate_all, metrics_for, teacher_metrics
 from .head import TeacherHead
 from .reader import CacheBatches, TaskStream, make_loader
 from .representation import attention_pairs, hidden_pairs, make_projections
@@ -379,6 +379,7 @@ class Recipe:
         self._steps_since_log = 0
         self.cross_stats: dict[str, dict] = {}
         self._chars: dict[tuple[str, str], object] = {}  # (task, split) -> characters per cached token
+        self.teacher_eval: dict[str, dict] = {}  # task -> the teacher's validation NLL (per token, per character)
 
     # -- setup ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -447,6 +448,14 @@ class Recipe:
         self.run["stream"] = self.stream.state
         self.val_sets = {n: (self._eval_set(n, c, "validation", cfg.eval_rows), w)
                          for n, (c, w) in self.val_tasks.items()}
+        if self.task == "causal-lm":  # the teacher's own figures on the same rows, per token and per character
+            for n, (c, _) in self.val_tasks.items():
+                self._readings(n, "validation", {})
+                m = teacher_metrics(c, "validation", self._chars[(n, "validation")], cfg.eval_rows)
+                if m is not None:
+                    self.teacher_eval[n] = m
+                    self.log(f"teacher on task {n!r} validation: NLL {m['nll']:.4f} per token"
+                             + (f", {m['nll_per_char']:.4f} per character" if "nll_per_char" in m else ""))
 
     def _eval_set(self, name: str, c: Cache, split: str, rows: int | None = None) -> CacheBatches:
         """The batches of a held-out split that this rank evaluates (the first `rows` rows, or all)."""
@@ -840,6 +849,8 @@ class Recipe:
                       "init": getattr(st.model.config, "distill_init", None), "task": self.task}
             if st.name in self.cross_stats:
                 report["cross_tokenizer"] = self.cross_stats[st.name]
+            if self.teacher_eval:
+                report["teacher_validation"] = self.teacher_eval
             if st.name in tested:
                 report["test"] = tested[st.name]
             reports.append(report)
