@@ -116,7 +116,7 @@ def test_special_tokens_map_by_role_and_count_one_unit(tokenizer_dir, student_to
 def test_round_trip_of_a_row_that_starts_inside_a_character(tokenizer_dir, student_tok_dir):
     """A packed row can start with the last bytes of a character: its decode holds U+FFFD, encoding that back does
     not give the cached ids, and the boundaries come from decoding every prefix instead. The student reads the
-    decoded text; every aligned pair still read the same text."""
+    decoded text less that U+FFFD (bytes of a cut character are no text); every aligned pair read the same text."""
     t_tok, s_tok = _toks(tokenizer_dir, student_tok_dir)
     ids = t_tok("é and more text")["input_ids"]
     first = [i for i in range(1, len(ids)) if not _prefix(t_tok, ids[:i]).endswith(X.REPLACEMENT)][0]
@@ -125,12 +125,13 @@ def test_round_trip_of_a_row_that_starts_inside_a_character(tokenizer_dir, stude
     row = X.Retokenizer(t_tok, s_tok).row(cut)
     assert not row.lossless
     text = _prefix(t_tok, cut)
-    assert text.startswith(X.REPLACEMENT) and _prefix(s_tok, row.student_ids) == text
+    assert text.startswith(X.REPLACEMENT) and _prefix(s_tok, row.student_ids) == text[1:]
+    assert row.student_chars.sum() == len(text) - 1
     al = X.align(row.teacher_ends, row.student_ends)
     assert (al >= 0).sum() >= 3
     for s_pos, t_pos in enumerate(al):
         if t_pos >= 0:
-            assert _prefix(s_tok, row.student_ids[: s_pos + 1]) == _prefix(t_tok, cut[: t_pos + 1])
+            assert X.REPLACEMENT + _prefix(s_tok, row.student_ids[: s_pos + 1]) == _prefix(t_tok, cut[: t_pos + 1])
 
 
 def test_loss_mask_and_documents_follow_the_text():
@@ -422,3 +423,57 @@ def test_teacher_nll_per_character_against_its_own_forward_pass(cache_dir, llama
     assert m["tokens"] == n
     assert m["nll"] == pytest.approx(nll / n, rel=1e-4)
     assert m["nll_per_char"] == pytest.approx(nll / chars, rel=1e-4)
+
+
+def test_text_that_spells_a_special_token_stays_text(tokenizer_dir, student_tok_dir):
+    t_tok, s_tok = _toks(tokenizer_dir, student_tok_dir)
+    ids = t_tok('x = "</s><pad>"')["input_ids"]
+    row = X.Retokenizer(t_tok, s_tok).row(ids)
+    assert s_tok.eos_token_id not in row.student_ids.tolist() and s_tok.pad_token_id not in row.student_ids.tolist()
+    assert s_tok.decode(row.student_ids.tolist()) == 'x = "</s><pad>"'
+
+
+def test_a_dropped_special_token_leaves_the_position_before_it_unaligned(tokenizer_dir, student_tok_dir):
+    t_tok, s_tok = _toks(tokenizer_dir, student_tok_dir)
+    pad_t = t_tok.convert_tokens_to_ids("<|pad|>")
+    retok = X.Retokenizer(t_tok, s_tok)
+    retok.specials[pad_t] = None  # as if the student had no counterpart
+    a, b = t_tok("x = 1")["input_ids"], t_tok(" y")["input_ids"]
+    row = retok.row(a + [pad_t] + b)
+    al = X.align(row.teacher_ends, row.student_ends)
+    assert len(row.student_ids) == len(s_tok("x = 1 y")["input_ids"])
+    assert len(a) - 1 not in al.tolist() and len(a) not in al.tolist()  # the one that predicted it, and itself
+    assert al[-1] == len(a) + len(b)
+
+
+def test_teacher_targets_land_on_the_aligned_student_positions(cache_dir, student_tok_dir, tmp_path):
+    """The signal a cross-tokenizer student's terms read at student position s is the cached teacher's at
+    position align[s], on every per-position field: top-K ids (B, L, K), hidden states (B, n, L, d) and attention
+    maps on both their query and key axes (B, n, H, L, L)."""
+    from pipeline.train.reader import CacheBatches, make_loader
+    from pipeline.train.terms import TeacherSignal
+
+    c = Cache(cache_dir)
+    rows = X.stored_rows(c, "train", AutoTokenizer.from_pretrained(student_tok_dir), tmp_path, "s")
+    batch = next(iter(make_loader(CacheBatches(c, "train", ["topk_ids", "hidden_states", "attentions"], 3))))
+    view = rows.batch(batch["row"])
+    dims = {f: spec["dims"] for f, spec in c.manifest["fields"].items()}
+    sig = TeacherSignal(batch, torch.device("cpu"), []).aligned(view["align"], dims)
+    al = view["align"]
+    for b in range(al.shape[0]):
+        for s in range(al.shape[1]):
+            t = int(al[b, s])
+            if t < 0:
+                continue
+            assert torch.equal(sig.field("topk_ids")[b, s], batch["topk_ids"][b, t])
+            assert torch.equal(sig.field("hidden_states")[b, :, s], batch["hidden_states"][b, :, t])
+            for s2 in range(al.shape[1]):
+                if al[b, s2] >= 0:
+                    assert torch.equal(sig.field("attentions")[b, :, :, s, s2],
+                                       batch["attentions"][b, :, :, t, int(al[b, s2])])
+    bits = batch["hidden_states"].view(torch.int16).view(torch.uint16)  # bfloat16 bits, as a bf16 cache stores them
+    from pipeline.train.terms import gather_positions
+
+    got = gather_positions(bits, al.clamp(min=0), [2])
+    t0 = int(al[0, 0].clamp(min=0))
+    assert got.dtype == torch.uint16 and torch.equal(got.view(torch.int16)[0, :, 0], bits.view(torch.int16)[0, :, t0])

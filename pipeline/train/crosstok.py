@@ -18,10 +18,12 @@ Rows are cut into runs of ordinary tokens and single special tokens:
   position is never aligned. So is a boundary two positions of one side share.
 - A special token maps to the student's token of the same role (eos, bos, pad, unk, ...) or of the
   same text; it then counts as one unit of text on both sides, so the positions at and after it
-  align. A special token the student has no counterpart for is dropped from the student's row.
-- The student's text is the run's decoded text, so a run that was not lossless (a U+FFFD where a
-  row starts inside a character) reaches the student as that text: it trains on what the teacher
-  saw, as text.
+  align. A special token the student has no counterpart for is dropped from the student's row, and
+  the teacher position before it (which predicted it) is not aligned.
+- The student's text is the run's decoded text, less the U+FFFD a decode makes of a character cut
+  at the run's start or end (a row that starts inside a character): those bytes are no text.
+- Text that spells a special token ("</s>" in a string literal) is text on both sides, never that
+  special token.
 
 Per-position settings follow the text: a student position takes the loss mask of the teacher
 position whose boundary is the last at or before its own, and the document of the teacher token
@@ -46,7 +48,7 @@ from .students import StudentError
 
 REPLACEMENT = "\ufffd"
 SPECIAL_ROLES = ("eos_token", "bos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
-FORMAT = 1  # of the stored re-tokenisation: bump when what `retokenize_split` computes changes
+FORMAT = 2  # of the stored re-tokenisation: bump when what `retokenize_split` computes changes
 
 
 def _plain(tok):
@@ -56,6 +58,7 @@ def _plain(tok):
 
     t = Tokenizer.from_str(tok.backend_tokenizer.to_str())
     t.post_processor = None
+    t.encode_special_tokens = True  # text that spells a special token ("</s>" in a string) is text, not that token
     return t
 
 
@@ -141,6 +144,8 @@ class Retokenizer:
                 if s_id is not None:
                     base += 1
                     s_ids.append(s_id), s_ends.append(base), s_chars.append(0), s_last.append(base)
+                elif t_ends:  # the teacher position before a dropped special predicted it: no student partner
+                    t_ends[-1] = -1
                 t_ends.append(base if s_id is not None else -1), t_chars.append(0), t_last.append(base)
                 i += 1
                 continue
@@ -159,11 +164,16 @@ class Retokenizer:
             t_ends += np.where(valid, ends + base, -1).tolist()
             t_chars += chars.tolist()
             t_last += (ends + base).tolist()
-            enc_s = self.s.encode(text, add_special_tokens=False)
+            # the U+FFFD a decode makes of the bytes of a character cut at the run's edges are not text: the student
+            # does not read them (the teacher positions inside them are no boundaries anyway)
+            lead = 0 if enc.ids == run else len(text) - len(text.lstrip(REPLACEMENT))
+            trail = 0 if enc.ids == run else len(text[lead:]) - len(text[lead:].rstrip(REPLACEMENT))
+            enc_s = self.s.encode(text[lead: len(text) - trail], add_special_tokens=False)
             ends_s, valid_s = _boundaries_from_offsets(enc_s.offsets)
+            ends_s = ends_s + lead
             s_ids += enc_s.ids
             s_ends += np.where(valid_s, ends_s + base, -1).tolist()
-            s_chars += np.diff(ends_s, prepend=0).tolist()
+            s_chars += np.diff(ends_s, prepend=lead).tolist()
             s_last += (ends_s + base).tolist()
             base += len(text)
             i = j
@@ -235,9 +245,11 @@ class StudentRows:
         return out
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # every rank writes its own, then renames
-        arrays = {k: v for k, v in self.__dict__.items() if v is not None}
-        np.savez(tmp, **arrays)
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")  # each rank its own, renamed in
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **{k: v for k, v in self.__dict__.items() if v is not None})
         os.replace(tmp, path)
 
     @classmethod

@@ -712,12 +712,13 @@ class Recipe:
             from .crosstok import teacher_chars
 
             c = self.tasks[task][0]
-            try:
-                table = c.rows(split)
+            try:  # the rows evaluated: the first eval_rows of the validation split, every test row
+                table = c.rows(split, max_rows=self.cfg.eval_rows if split == "validation" else None)
                 self._chars[(task, split)] = teacher_chars(c.tokenizer() if c is not self.cache else self.tokenizer,
                                                            row_column(table, "input_ids", np.int64),
                                                            table.column("length").to_numpy().astype(np.int64))
-            except StudentError:  # a slow cache tokenizer: no character offsets, no NLL per character
+            except Exception as e:  # e.g. a slow cache tokenizer: no character offsets, no NLL per character
+                self.log(f"task {task!r}: no NLL per character ({e})")
                 self._chars[(task, split)] = None
         by_name = {st.name: st for st in self.students}
         out = {}
@@ -736,7 +737,7 @@ class Recipe:
             return dict(next(iter(mine.values())))
         total_w = sum(w for _, w in sets.values())
         first = next(iter(mine.values()))
-        counts = ("tokens", "examples")
+        counts = ("tokens", "examples", "chars")
         m = {k: sum(mine[n][k] * w for n, (_, w) in sets.items()) / total_w for k in first if k not in counts
              and k != "ppl" and all(k in x for x in mine.values())}
         if "nll" in m and "ppl" in first:

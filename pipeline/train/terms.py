@@ -180,6 +180,8 @@ def position_axes(dims: dict, name: str) -> list[int]:
 
 def gather_positions(x: torch.Tensor, idx: torch.Tensor, axes: list[int]) -> torch.Tensor:
     """x (B, ..., L_t, ...) at positions idx (B, L_s) on each of `axes`: (B, ..., L_s, ...)."""
+    if x.dtype == torch.uint16:  # bfloat16 bits as stored: gathered as int16 (gather has no uint16 kernel)
+        return gather_positions(x.view(torch.int16), idx, axes).view(torch.uint16)
     for ax in axes:
         shape = [1] * x.ndim
         shape[0], shape[ax] = idx.shape[0], idx.shape[1]
