@@ -65,12 +65,12 @@ def run_config(variant: str, seed: int, out: Path, max_steps: int | None = None)
     return StudentRunConfig.model_validate(base)
 
 
-def students() -> None:
+def students(seeds=SEEDS, variants=tuple(VARIANTS)) -> None:
     from pipeline.train.recipe import train_students
 
     results = {}
-    for seed in SEEDS:
-        for variant in VARIANTS:
+    for seed in seeds:
+        for variant in variants:
             t0 = time.perf_counter()
             report = train_students(run_config(variant, seed, OUT / f"seed{seed}"), progress=False,
                                     log=lambda m: print("  " + m))[0]
@@ -80,7 +80,9 @@ def students() -> None:
                                                      "teacher": report.get("teacher_validation")})
             print(f"{variant} seed {seed}: {report['final']}", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    name = "results.json" if (seeds, variants) == (SEEDS, tuple(VARIANTS)) else \
+        f"results-{'-'.join(map(str, seeds))}-{'-'.join(v.replace('+', '_') for v in variants)}.json"
+    (OUT / name).write_text(json.dumps(results, indent=2) + "\n")
     teacher = next(iter(results.values()))[0]["teacher"]
     print(f"\nteacher (SmolLM2-135M-Instruct) on the same validation rows: {json.dumps(teacher)}")
     print("\n| student | val NLL per char | val NLL per token | top-1 agreement | mapped KL | aligned share |")
@@ -92,6 +94,8 @@ def students() -> None:
         print(f"| {variant} | {ms('nll_per_char')} | {ms('nll')} | {ms('top1_agreement')} | {ms('kl')} | "
               f"{runs[0]['best']['aligned_share']:.3f} |")
     for variant, runs in results.items():
+        if "ce" not in results:
+            break
         wins = sum(r["best"]["nll_per_char"] < c["best"]["nll_per_char"] for r, c in zip(runs, results["ce"]))
         print(f"{variant}: lower NLL per char than CE in {wins} of {len(runs)} seeds (paired by seed)")
 
@@ -128,9 +132,14 @@ def timing(steps: int = 30, warmup: int = 5) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("step", choices=["tokenizer", "students", "timing"])
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
-    {"tokenizer": make_tokenizer, "students": students, "timing": timing}[args.step]()
+    if args.step == "students":
+        students(tuple(args.seeds), tuple(args.variants))
+    else:
+        {"tokenizer": make_tokenizer, "timing": timing}[args.step]()
 
 
 if __name__ == "__main__":
