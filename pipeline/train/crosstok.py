@@ -137,9 +137,9 @@ class Retokenizer:
     def row(self, ids: list[int]) -> Row:
         s_ids, s_ends, s_chars, s_last = [], [], [], []
         t_ends, t_chars, t_last = [], [], []
-        base, lossless, i = 0, True, 0
-        while i < len(ids):
-            if ids[i] in self.specials:
+        base, lossless = 0, True
+        for i, j, special in runs(ids, self.specials):
+            if special:
                 s_id = self.specials[ids[i]]
                 if s_id is not None:
                     base += 1
@@ -147,27 +147,16 @@ class Retokenizer:
                 elif t_ends:  # the teacher position before a dropped special predicted it: no student partner
                     t_ends[-1] = -1
                 t_ends.append(base if s_id is not None else -1), t_chars.append(0), t_last.append(base)
-                i += 1
                 continue
-            j = i
-            while j < len(ids) and ids[j] not in self.specials:
-                j += 1
-            run = ids[i:j]
-            text = self.t.decode(run, skip_special_tokens=False)
-            enc = self.t.encode(text, add_special_tokens=False)
-            if enc.ids == run:
-                ends, valid = _boundaries_from_offsets(enc.offsets)
-            else:
-                lossless = False
-                ends, valid = _boundaries_from_prefixes(self.t, run, text)
-            chars = np.diff(ends, prepend=0)
+            text, ends, valid, exact = teacher_run(self.t, ids[i:j])
+            lossless &= exact
             t_ends += np.where(valid, ends + base, -1).tolist()
-            t_chars += chars.tolist()
+            t_chars += np.diff(ends, prepend=0).tolist()
             t_last += (ends + base).tolist()
             # the U+FFFD a decode makes of the bytes of a character cut at the run's edges are not text: the student
             # does not read them (the teacher positions inside them are no boundaries anyway)
-            lead = 0 if enc.ids == run else len(text) - len(text.lstrip(REPLACEMENT))
-            trail = 0 if enc.ids == run else len(text[lead:]) - len(text[lead:].rstrip(REPLACEMENT))
+            lead = 0 if exact else len(text) - len(text.lstrip(REPLACEMENT))
+            trail = 0 if exact else len(text[lead:]) - len(text[lead:].rstrip(REPLACEMENT))
             enc_s = self.s.encode(text[lead: len(text) - trail], add_special_tokens=False)
             ends_s, valid_s = _boundaries_from_offsets(enc_s.offsets)
             ends_s = ends_s + lead
@@ -176,9 +165,31 @@ class Retokenizer:
             s_chars += np.diff(ends_s, prepend=lead).tolist()
             s_last += (ends_s + base).tolist()
             base += len(text)
-            i = j
         a = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
         return Row(a(s_ids), a(s_ends), a(s_chars), a(t_ends), a(t_chars), a(t_last), a(s_last), lossless)
+
+
+def runs(ids: list[int], specials) -> list[tuple[int, int, bool]]:
+    """A row cut into (start, end, is_special): runs of ordinary tokens and single special tokens."""
+    out, i = [], 0
+    while i < len(ids):
+        j = i + 1
+        if ids[i] not in specials:
+            while j < len(ids) and ids[j] not in specials:
+                j += 1
+        out.append((i, j, ids[i] in specials))
+        i = j
+    return out
+
+
+def teacher_run(t, run: list[int]) -> tuple[str, np.ndarray, np.ndarray, bool]:
+    """A run of ordinary cached tokens: its text, each token's boundary in it and whether that is one, and whether
+    the text encodes back to the run (lossless: the offsets are the boundaries; else decoded prefixes are)."""
+    text = t.decode(run, skip_special_tokens=False)
+    enc = t.encode(text, add_special_tokens=False)
+    if enc.ids == run:
+        return text, *_boundaries_from_offsets(enc.offsets), True
+    return text, *_boundaries_from_prefixes(t, run, text), False
 
 
 def align(teacher_ends: np.ndarray, student_ends: np.ndarray) -> np.ndarray:
@@ -288,8 +299,17 @@ def retokenize_split(retok: Retokenizer, input_ids: np.ndarray, lengths: np.ndar
 
 
 def teacher_chars(tok, input_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """(N, L) characters per cached token (the teacher's side of `retokenize_split`), for NLL per character."""
-    return retokenize_split(Retokenizer(tok, tok), input_ids, lengths, 0).teacher_chars
+    """(N, L) characters per cached token (the teacher's side of `Retokenizer.row`; 0 for special tokens), for NLL
+    per character."""
+    require_offsets(tok, "the cache's tokenizer")
+    t, specials = _plain(tok), set(tok.all_special_ids)
+    out = np.zeros(input_ids.shape, dtype=np.int32)
+    for r, (ids, n) in enumerate(zip(input_ids, lengths)):
+        ids = ids[:n].tolist()
+        for i, j, special in runs(ids, specials):
+            if not special:
+                out[r, i:j] = np.diff(teacher_run(t, ids[i:j])[1], prepend=0)
+    return out
 
 
 def stored_rows(cache, split: str, student_tok, folder: Path, name: str, teacher_tok=None) -> StudentRows:

@@ -125,16 +125,12 @@ def evaluate_all(models: dict[str, torch.nn.Module], batches, device, head=None,
         return _evaluate_classes(models, batches, device, task)
     readings = readings or {}
     stacked = _sweep(models, batches, len(_SUMS) + 3 * ECE_BINS,
-                     lambda m, b: _accumulate(m, b, device, head, readings.get(_name_of(models, m))))
+                     lambda name, m, b: _accumulate(m, b, device, head, readings.get(name)))
     return {name: _metrics(stacked[i]) for i, name in enumerate(models)}
 
 
-def _name_of(models: dict, model) -> str:
-    return next(n for n, m in models.items() if m is model)
-
-
 def _sweep(models: dict, batches, size: int, sums) -> torch.Tensor:
-    """(models, size) float64: each model's `sums(model, batch)` added over the batches, in eval mode, then over
+    """(models, size) float64: each model's `sums(name, model, batch)` added over the batches, in eval mode, then over
     ranks (one collective per evaluation)."""
     acc = torch.zeros(len(models), size, dtype=torch.float64)
     was = {name: m.training for name, m in models.items()}
@@ -142,8 +138,8 @@ def _sweep(models: dict, batches, size: int, sums) -> torch.Tensor:
         m.eval()
     try:
         for batch in batches:
-            for i, m in enumerate(models.values()):
-                acc[i] += sums(m, batch)
+            for i, (name, m) in enumerate(models.items()):
+                acc[i] += sums(name, m, batch)
     finally:
         for name, m in models.items():
             m.train(was[name])
@@ -212,7 +208,7 @@ def _evaluate_classes(models, batches, device, task: dict) -> dict[str, dict[str
     C = len(names)
     tagged = task["type"] == "token-classification" and entity_scheme(names)
     stacked = _sweep(models, batches, len(_CSUMS) + 3 * ECE_BINS + C * C,
-                     lambda m, b: _class_sums(m, b, device, C, names if tagged else None))
+                     lambda name, m, b: _class_sums(m, b, device, C, names if tagged else None))
     return {name: _class_metrics(stacked[i], C, tagged) for i, name in enumerate(models)}
 
 

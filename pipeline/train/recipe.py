@@ -450,8 +450,7 @@ class Recipe:
                          for n, (c, w) in self.val_tasks.items()}
         if self.task == "causal-lm":  # the teacher's own figures on the same rows, per token and per character
             for n, (c, _) in self.val_tasks.items():
-                self._readings(n, "validation", {})
-                m = teacher_metrics(c, "validation", self._chars[(n, "validation")], cfg.eval_rows)
+                m = teacher_metrics(c, "validation", self._char_counts(n, "validation"), cfg.eval_rows)
                 if m is not None:
                     self.teacher_eval[n] = m
                     self.log(f"teacher on task {n!r} validation: NLL {m['nll']:.4f} per token"
@@ -708,6 +707,18 @@ class Recipe:
         with their character counts (NLL per character)."""
         if self.task != "causal-lm":
             return None
+        by_name = {st.name: st for st in self.students}
+        out = {}
+        for name in models:
+            st = by_name.get(name)
+            if st is not None and st.cross:
+                out[name] = Reading(rows=st.rows[(task, split)], vocab_map=st.wiring.vocab_map, dims=self.dims[task])
+            else:
+                out[name] = Reading(chars=self._char_counts(task, split))
+        return out
+
+    def _char_counts(self, task: str, split: str):
+        """Characters per cached token of the rows of `split` that are evaluated (None: not available), once."""
         if (task, split) not in self._chars:
             from .crosstok import teacher_chars
 
@@ -720,15 +731,7 @@ class Recipe:
             except Exception as e:  # e.g. a slow cache tokenizer: no character offsets, no NLL per character
                 self.log(f"task {task!r}: no NLL per character ({e})")
                 self._chars[(task, split)] = None
-        by_name = {st.name: st for st in self.students}
-        out = {}
-        for name in models:
-            st = by_name.get(name)
-            if st is not None and st.cross:
-                out[name] = Reading(rows=st.rows[(task, split)], vocab_map=st.wiring.vocab_map, dims=self.dims[task])
-            else:
-                out[name] = Reading(chars=self._chars[(task, split)])
-        return out
+        return self._chars[(task, split)]
 
     @staticmethod
     def _combine(mine: dict[str, dict], sets: dict) -> dict:

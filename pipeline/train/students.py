@@ -154,9 +154,9 @@ def build_student(spec: StudentConfig, manifest: dict, tokenizer, device: torch.
         return disable_dropout(model).to(device)
     v_student = model.get_output_embeddings().weight.shape[0]
     if v_student < vocab:
-        whose = "its tokenizer's" if cross else "the cache's"
+        whose, ids = ("its tokenizer's", "its") if cross else ("the cache's", "the teacher's")
         raise StudentError(f"student {spec.name!r}: its output layer has {v_student} rows, fewer than {whose} "
-                           f"vocabulary ({vocab}); {'its' if cross else 'the teacher'}'s ids would not exist in it")
+                           f"vocabulary ({vocab}); {ids} ids would not exist in it")
     return disable_dropout(model).to(device)
 
 

@@ -547,8 +547,8 @@ for _name in ("hidden_mse", "hidden_cosine", "attn_kl", "attn_mse"):  # position
 # terms that see the teacher's top-K alone (its tail ignored: biased), and what anchors the student's whole
 # distribution besides them: the true next token, or a KD term that accounts for all of the teacher's mass
 TAIL_FREE = frozenset({"kd_forward_renorm", "mse_logprobs", "mse_logits"})
-ANCHORS = frozenset({"ce", "uld", "kd_mapped", "kd_forward", "kd_reverse", "kd_jsd", "kd_sampled", "kd_full_forward", "kd_full_reverse",
-                     "kd_full_jsd"})
+ANCHORS = frozenset({"ce", "uld", "kd_mapped", "kd_forward", "kd_reverse", "kd_jsd", "kd_sampled", "kd_full_forward",
+                     "kd_full_reverse", "kd_full_jsd"})
 
 
 def anchored(names) -> bool:
