@@ -26,9 +26,9 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from pipeline.capture import run as capture_mod  # noqa: E402
-from pipeline.capture import data as data_mod  # noqa: E402
-from pipeline.capture import teacher as teacher_mod  # noqa: E402
+from pipeline import models  # noqa: E402
+from pipeline.capture.rows import prepare  # noqa: E402
+from pipeline.capture.run import overlap_writes, run_capture, teacher_device  # noqa: E402
 from pipeline.config import TeacherCacheConfig, load_config  # noqa: E402
 
 
@@ -47,13 +47,13 @@ def main() -> None:
     }
     cfgs = {m: load_config(TeacherCacheConfig, args.config, o) for m, o in modes.items()}
     cfg0 = cfgs["topk"]
-    tok = teacher_mod.load_tokenizer(cfg0.teacher)
-    rows = data_mod.prepare(cfg0.data, tok).splits["train"]
-    device = teacher_mod.resolve_device(cfg0.teacher.device)
-    model = teacher_mod.load_model(cfg0.teacher, device)
+    tok = models.load_tokenizer(cfg0.teacher)
+    rows = prepare(cfg0.data, tok).splits["train"]
+    device = teacher_device(cfg0)
+    model = models.load_model(cfg0.teacher, device)  # loaded once, handed to every capture
     bs = cfg0.capture.batch_size
     print(f"device {device}, torch threads {torch.get_num_threads()}, writes overlapped: "
-          f"{capture_mod.overlap_writes(device)}, {len(rows)} rows x {rows.input_ids.shape[1]} "
+          f"{overlap_writes(device)}, {len(rows)} rows x {rows.input_ids.shape[1]} "
           f"tokens = {rows.n_tokens} tokens per run, batch {bs}, {args.repeats} repeats", flush=True)
 
     def bare() -> float:
@@ -66,19 +66,6 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    shard_time: list[float] = []
-    real_run_shards = capture_mod._run_shards
-
-    def timed_run_shards(*a, **k):  # the shard loop only: not model loading or tokenisation
-        t0 = time.perf_counter()
-        real_run_shards(*a, **k)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        shard_time.append(time.perf_counter() - t0)
-
-    capture_mod._run_shards = timed_run_shards
-    capture_mod.teacher_mod.load_model = lambda cfg, dev: model  # same weights, loaded once
-
     times: dict[str, list[float]] = {"bare": [], **{m: [] for m in modes}}
     manifests = {}
     bare()  # warm-up
@@ -88,8 +75,10 @@ def main() -> None:
             for m, cfg in cfgs.items():
                 out = Path(tmp) / f"{m}-{r}"
                 cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(out)})})
-                res = capture_mod.run_capture(cfg, log=lambda s: None, progress=False)
-                times[m].append(shard_time.pop())
+                res = run_capture(cfg, log=lambda s: None, progress=False, model=model)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[m].append(res.shard_seconds)  # the shard loop only: not tokenisation or set-up
                 manifests[m] = res.manifest
             print(f"repeat {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
 
@@ -100,8 +89,8 @@ def main() -> None:
     for k, v in med.items():
         print(f"| {k} | {v:.2f} | {n / v:,.0f} | {v / med['bare']:.3f} |")
     for m, man in manifests.items():
-        bpt = man["stats"]["bytes_per_token"]
-        print(f"\nbytes per token, {m} ({man['stats']['bytes_on_disk'] / n:,.1f} total):")
+        bpt = man.stats.bytes_per_token
+        print(f"\nbytes per token, {m} ({man.stats.bytes_on_disk / n:,.1f} total):")
         for field, b in sorted(bpt.items(), key=lambda kv: -kv[1]):
             print(f"  {field:20s} {b:10.1f}")
 

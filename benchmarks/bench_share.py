@@ -28,11 +28,11 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from pipeline.config import StudentRunConfig, load_config  # noqa: E402
-from pipeline.format.cache import Cache, manifest_files  # noqa: E402
+from pipeline.format import Cache  # noqa: E402
 from pipeline.format.share import pull, push  # noqa: E402
 from pipeline.train.reader import CacheBatches, make_loader  # noqa: E402
 from pipeline.train.students import build_student  # noqa: E402
-from pipeline.train.recipe import make_optimizer, step_losses  # noqa: E402
+from pipeline.train.step import make_optimizer, step_losses  # noqa: E402
 from pipeline.train.terms import fields_for  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def main():
     cfg = load_config(StudentRunConfig, args.config, [])
     local = Cache(args.cache)
     fields = sorted({f for s in cfg.students for f in fields_for(s, local.manifest)})
-    whole = sum(d["bytes"] for d in manifest_files(local.manifest).values())
+    whole = sum(d.bytes for d in local.manifest.files.values())
     endpoint = start_s3()
     url = "s3://bench/caches/default"
     print(f"cache {args.cache}: {whole / 2**20:.1f} MiB in {len(local.files)} files; S3 server {endpoint} (moto)")

@@ -29,15 +29,16 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from pipeline.train import losses as L  # noqa: E402
-from pipeline.format.cache import Cache  # noqa: E402
+from pipeline.train import losses  # noqa: E402
+from pipeline.format import Cache  # noqa: E402
 from pipeline.config import StudentRunConfig, TeacherConfig, load_config  # noqa: E402
 from pipeline.train.reader import CacheBatches, make_loader  # noqa: E402
 from pipeline.train.students import build_student  # noqa: E402
-from pipeline.capture.teacher import load_model  # noqa: E402
+from pipeline.models import load_model  # noqa: E402
 from pipeline.train.evaluate import evaluate  # noqa: E402
-from pipeline.train.recipe import make_optimizer, step_losses, train_students  # noqa: E402
-from pipeline.train.terms import TOPK_FIELDS, batch_masks  # noqa: E402
+from pipeline.train.step import make_optimizer, step_losses, train_students  # noqa: E402
+from pipeline.train.signal import batch_masks
+from pipeline.train.terms import TOPK_FIELDS  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -46,7 +47,7 @@ def _setup(args):
     cfg = load_config(StudentRunConfig, args.config, [])
     cache = Cache(cfg.cache)
     spec = cfg.students[0]
-    teacher_dir = cache.manifest["teacher"]["model"]
+    teacher_dir = cache.manifest.teacher.model
     return cfg, cache, spec, teacher_dir
 
 
@@ -58,9 +59,9 @@ def online_step_losses(student, teacher, batch, ce_weight: float = 0.5):
         t_logits = teacher(input_ids=ids, **masks.forward).logits  # (B, L, V)
     t_logits = t_logits.clone()  # leave inference mode: usable in autograd as a constant
     s_logits = student(input_ids=ids, **masks.forward).logits
-    kd = L.full_forward_kl(t_logits, s_logits, masks.kd)
-    tgt = L.next_token_logprobs(s_logits, ids, L.logsumexp_t(s_logits))
-    return ce_weight * L.cross_entropy(tgt, masks.ce) + (1 - ce_weight) * kd
+    kd = losses.full_forward_kl(t_logits, s_logits, masks.kd)
+    tgt = losses.next_token_logprobs(s_logits, ids, losses.logsumexp_t(s_logits))
+    return ce_weight * losses.cross_entropy(tgt, masks.ce) + (1 - ce_weight) * kd
 
 
 def speed(args):
@@ -104,7 +105,7 @@ def speed(args):
         print(f"repeat {r}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     tok_per_batch = sum(int(b["length"].sum()) for b in batches) / len(batches)
-    print(f"\nstudent {spec.name}, batch {cfg.batch_size} x {cache.manifest['preparation']['seq_len']} "
+    print(f"\nstudent {spec.name}, batch {cfg.batch_size} x {cache.manifest.preparation.seq_len} "
           f"({tok_per_batch:.0f} tokens), {args.batches} batches x {args.repeats} repeats, "
           f"torch threads {torch.get_num_threads()}")
     print("| step | median s/step | ratio |")
@@ -166,7 +167,7 @@ def quality(args):
         val = CacheBatches(cfg.cache, "validation", list(TOPK_FIELDS), cfg.batch_size, shuffle=False)
         reports["online_full"] = evaluate(student, make_loader(val), CPU)
         print(f"online student: {time.perf_counter() - t0:.0f}s", flush=True)
-    print(f"\n{spec.name}, {steps} steps x batch {cfg.batch_size} x {cache.manifest['preparation']['seq_len']} tokens, "
+    print(f"\n{spec.name}, {steps} steps x batch {cfg.batch_size} x {cache.manifest.preparation.seq_len} tokens, "
           f"seed {spec.seed}, lr {spec.lr}; validation split of {cfg.cache}")
     print("| training signal | val NLL | val ppl | top-1 agreement | KL(teacher||student) | ECE |")
     print("|---|---|---|---|---|---|")

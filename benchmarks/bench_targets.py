@@ -38,12 +38,13 @@ import torch  # noqa: E402
 
 from pipeline.capture.run import run_capture  # noqa: E402
 from pipeline.config import StudentConfig, StudentRunConfig, TeacherCacheConfig, load_config  # noqa: E402
-from pipeline.format.cache import Cache  # noqa: E402
-from pipeline.train import terms as T  # noqa: E402
+from pipeline.format import Cache  # noqa: E402
+from pipeline.train import terms  # noqa: E402
 from pipeline.train.evaluate import evaluate  # noqa: E402
 from pipeline.train.head import TeacherHead  # noqa: E402
 from pipeline.train.reader import CacheBatches, make_loader  # noqa: E402
-from pipeline.train.recipe import step_losses, train_students  # noqa: E402
+from pipeline.train.recipe import train_students
+from pipeline.train.step import step_losses  # noqa: E402
 from pipeline.train.students import build_student  # noqa: E402
 
 STUDENT = {"from_teacher": 6, "lr": 1e-3, "warmup_steps": 10}
@@ -70,14 +71,14 @@ def make_caches(args) -> tuple[Path, Path, Path]:
 
 def sizes(default: Path, a: Path, b: Path, small: int, large: int) -> None:
     d, ca, cb = Cache(default), Cache(a), Cache(b)
-    print(f"\n## Sizes (bytes per token as stored; {ca.manifest['stats']['tokens']:,} tokens)\n")
+    print(f"\n## Sizes (bytes per token as stored; {ca.manifest.stats.tokens:,} tokens)\n")
     print("| field | default cache (1.2 layout: int32 ids, zstd) | A (pcodec, int8 hidden, "
           f"N={large}) | B (N={small}) |")
     print("|---|---|---|---|")
-    names = dict.fromkeys(list(d.manifest["stats"]["bytes_per_token"]) + list(ca.manifest["stats"]["bytes_per_token"])
-                          + list(cb.manifest["stats"]["bytes_per_token"]))
+    names = dict.fromkeys(list(d.manifest.stats.bytes_per_token) + list(ca.manifest.stats.bytes_per_token)
+                          + list(cb.manifest.stats.bytes_per_token))
     for f in names:
-        vals = [c.manifest["stats"]["bytes_per_token"].get(f) for c in (d, ca, cb)]
+        vals = [c.manifest.stats.bytes_per_token.get(f) for c in (d, ca, cb)]
         print(f"| {f} | " + " | ".join("-" if v is None else f"{v:,.1f}" for v in vals) + " |")
     # the codec alone: A's own top-K values written in the 1.2 layout (int32, zstd 3) and read back
     import tempfile
@@ -85,7 +86,7 @@ def sizes(default: Path, a: Path, b: Path, small: int, large: int) -> None:
     import zarr
     from zarr.codecs import ZstdCodec
 
-    tokens = ca.manifest["splits"]["train"]["tokens"]
+    tokens = ca.manifest.splits["train"].tokens
     with tempfile.TemporaryDirectory() as tmp:
         for f, dt in (("topk_ids", "int32"), ("topk_logprobs", "float16")):
             y = ca.array("train", f)[:]
@@ -96,7 +97,7 @@ def sizes(default: Path, a: Path, b: Path, small: int, large: int) -> None:
                 np.array_equal(z[:].view(np.uint16), y.view(np.uint16))
             size = sum(p.stat().st_size for p in Path(tmp, f).rglob("*") if p.is_file() and p.name != "zarr.json")
             print(f"train/{f}: the same values in the 1.2 layout ({dt}, zstd 3): {size / tokens:.1f} B/token; "
-                  f"A's pcodec copy {ca.manifest['stats']['bytes_per_token'][f]:.1f}; identical after the round "
+                  f"A's pcodec copy {ca.manifest.stats.bytes_per_token[f]:.1f}; identical after the round "
                   f"trip: {same}")
     # against the default cache (an earlier capture of the same rows): float32 recomputation noise only
     for f in ("topk_ids", "topk_logprobs", "logsumexp"):
@@ -111,12 +112,12 @@ def sizes(default: Path, a: Path, b: Path, small: int, large: int) -> None:
         cnt = c.array("train", "sample_counts")[:]
         real = cnt.sum(-1) > 0
         u = (cnt > 0).sum(-1)[real]
-        per = sum(c.manifest["stats"]["bytes_per_token"][k] for k in ("sample_ids", "sample_counts",
+        per = sum(c.manifest.stats.bytes_per_token[k] for k in ("sample_ids", "sample_counts",
                                                                          "sample_logprobs"))
         print(f"sampled N={n}: {u.mean():.2f} distinct ids per position (median {np.median(u):.0f}, max {u.max()}), "
               f"{per:.1f} B/token for the three sampled fields")
     # int8 hidden states against the default cache's float16 ones (same rows)
-    layers = ca.manifest["capture"]["hidden_layers"]
+    layers = list(ca.manifest.capture.hidden_layers)
     q = ca.array("train", "hidden_states")[:64].astype(np.float64)
     s = ca.array("train", "hidden_scale")[:64].astype(np.float64)
     ref = d.array("train", "hidden_states")[:64].astype(np.float64)
@@ -137,9 +138,9 @@ def reader_speed(a: Path) -> None:
     print("\n## Reader (one epoch of the train split, batch 4, 0 DataLoader workers)\n")
     print("| fields | rows/s |")
     print("|---|---|")
-    for name, fields in (("top-64 (pcodec)", list(T.TOPK_FIELDS)),
+    for name, fields in (("top-64 (pcodec)", list(terms.TOPK_FIELDS)),
                          ("sampled", ["sample_ids", "sample_counts", "sample_logprobs", "logsumexp"]),
-                         ("final hidden", list(T.FULL_FIELDS))):
+                         ("final hidden", list(terms.FULL_FIELDS))):
         ds = CacheBatches(cache, "train", fields, 4, shuffle=True)
         t0, n = time.perf_counter(), 0
         for b in make_loader(ds):
@@ -162,7 +163,7 @@ def step_times(a: Path, repeats: int = 5) -> dict[str, float]:
     head = TeacherHead.from_cache(cache, device)
     tok = cache.tokenizer()
     batches = []
-    for batch in make_loader(CacheBatches(cache, "train", sorted({f for losses in LOSSES.values() for f in T.fields_for(
+    for batch in make_loader(CacheBatches(cache, "train", sorted({f for losses in LOSSES.values() for f in terms.fields_for(
             StudentConfig.model_validate({"name": "x", **STUDENT, "losses": losses, "allow_biased_kd": True}),
             cache.manifest)}), 4, shuffle=False)):
         batches.append(batch)
@@ -206,7 +207,7 @@ def students(a: Path, b: Path, small: int, large: int, steps: int, seeds: list[i
                 runs.append((r["name"], seed, r["final"]))
             print(f"seed {seed}, {cache.name}: {len(specs)} students in {time.perf_counter() - t0:.0f}s", flush=True)
     c = Cache(a)
-    ds = CacheBatches(c, "validation", list(T.TOPK_FIELDS) + list(T.FULL_FIELDS), 4, shuffle=False)
+    ds = CacheBatches(c, "validation", list(terms.TOPK_FIELDS) + list(terms.FULL_FIELDS), 4, shuffle=False)
     spec = StudentConfig.model_validate({"name": "init", **STUDENT})
     init = evaluate(build_student(spec, c.manifest, c.tokenizer(), torch.device("cpu")), make_loader(ds),
                     torch.device("cpu"), TeacherHead.from_cache(c, "cpu"))

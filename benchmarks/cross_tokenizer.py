@@ -1,4 +1,4 @@
-"""Cross-tokenizer distillation on the default cache (README, "Students with another tokenizer").
+"""Cross-tokenizer distillation on the default cache (docs/cross-tokenizer.md).
 
     python benchmarks/cross_tokenizer.py tokenizer   # a byte-level BPE of 8,192 tokens -> data/tokenizers/stdlib-bpe-8k
     python benchmarks/cross_tokenizer.py students    # CE | CE + uld | CE + kd_mapped, 3 seeds each: validation figures

@@ -1,4 +1,4 @@
-"""The classification worked example (README, "Task-specific distillation"), step by step:
+"""The classification worked example (docs/classification.md), step by step:
 
     python benchmarks/fortunes_example.py data       # Debian's fortunes -> data/fortunes/{train,validation,test}.jsonl
     python benchmarks/fortunes_example.py teacher    # fine-tune SmolLM2-135M into a topic classifier (once)
@@ -203,7 +203,7 @@ def run_students(seeds: int, steps: int) -> None:
     import statistics
 
     from pipeline.config import StudentRunConfig, load_config
-    from pipeline.format.cache import Cache
+    from pipeline.format import Cache
     from pipeline.train.recipe import train_students
 
     base = ROOT / "data" / "configs" / "fortunes_students.toml"
@@ -219,7 +219,7 @@ def run_students(seeds: int, steps: int) -> None:
             results.setdefault(r["name"], []).append({"seed": seed, "best_step": r["best_step"], **r["test"]})
         print(f"seed {seed} done, {time.time() - t0:.0f}s", flush=True)
     cache = Cache(ROOT / "data" / "caches" / "fortunes")
-    teacher = cache.manifest["stats"]["teacher_accuracy"]
+    teacher = cache.manifest.stats.teacher_accuracy
     params = {}
     for name in results:
         info = json.loads((ROOT / "data" / "students" / "fortunes" / "seed-0" / name / "report.json").read_text())

@@ -1,7 +1,7 @@
 """The `distill` command line. Each subcommand is a plain function in a stage module.
 
-Known failures (bad settings, bad data, a cache that cannot be used) print one clear
-`error:` message to stderr and exit 2; tracebacks are kept for real bugs.
+Known failures (`pipeline.errors.DistillError`: bad settings, bad data, a cache that cannot be
+used) print one clear `error:` message to stderr and exit 2; tracebacks are kept for real bugs.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import sys
 
 import typer
 
+from pipeline.errors import DistillError
+from stages import cache as cache_commands
 from stages import share
 from stages import student as stage2
 from stages import teacher_cache as stage1
@@ -17,27 +19,13 @@ from stages import teacher_cache as stage1
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Offline LLM distillation: a teacher cache once, students from it.")
 app.command("teacher-cache")(stage1.teacher_cache)
-app.command("inspect")(stage1.inspect)
-app.command("verify")(stage1.verify)
+app.command("inspect")(cache_commands.inspect)
+app.command("verify")(cache_commands.verify)
 app.command("convert-teacher")(stage1.convert_teacher)
 app.command("student")(stage2.student)
 app.command("push")(share.push)
 app.command("pull")(share.pull)
 app.command("ls")(share.ls)
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from pipeline.format.cache import CacheError
-    from pipeline.capture.run import CaptureError
-    from pipeline.config import ConfigError
-    from pipeline.capture.data import DataError
-    from pipeline.format.storage import StorageError
-    from pipeline.train.students import StudentError
-    from pipeline.capture.targets import CaptureOverflowError
-    from pipeline.capture.teacher import TeacherError
-
-    return (ConfigError, DataError, TeacherError, CaptureError, CacheError, CaptureOverflowError, StudentError,
-            StorageError)
 
 
 def _rank_prefix() -> str:
@@ -60,7 +48,7 @@ def main() -> None:
         sys.exit(rc if isinstance(rc, int) else 0)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except _known_errors() as e:
+    except DistillError as e:
         print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):

@@ -52,7 +52,10 @@ def ls(
     """One line per finished cache under ROOT: teacher, data, tokens, fields, size, digest."""
     from pipeline.format.share import list_caches
 
-    for c in list_caches(root):
+    found = list_caches(root)  # a ROOT that does not exist is an error (exit 2)
+    if not found:
+        typer.echo(f"no finished caches under {root}", err=True)
+    for c in found:
         if as_json:
             typer.echo(json.dumps(c, sort_keys=True))
             continue

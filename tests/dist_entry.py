@@ -10,7 +10,7 @@ import os
 
 if os.environ.get("DISTILL_TEST_KILL_RANK") == os.environ.get("RANK"):
     if "DISTILL_TEST_KILL_AFTER_SHARDS" in os.environ:
-        from pipeline.format.cache import CacheWriter
+        from pipeline.format import CacheWriter
 
         after, done, real = int(os.environ["DISTILL_TEST_KILL_AFTER_SHARDS"]), [0], CacheWriter.write_shard
 

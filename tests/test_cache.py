@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 from conftest import capture, settings
 
-from pipeline.format import cache as cache_mod
-from pipeline.format.cache import Cache, CacheError, CacheWriter, verify
-from pipeline.capture.run import CaptureError
-from pipeline.capture.data import content_key, is_validation
+from pipeline.format import Cache, CacheError, CacheWriter, verify
+from pipeline.errors import CaptureError
+from pipeline.capture.rows import content_key, is_validation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +57,7 @@ def test_rows_carry_content_keys_and_split_by_key(llama_dir, corpus, tmp_path):
         tl = c.array(split, "target_logprob")
         assert tl.shape == (len(keys), 32)
         all_keys += keys
-        assert c.manifest["splits"][split]["rows"] == len(keys)
+        assert c.manifest.splits[split].rows == len(keys)
     assert len(set(all_keys)) == len(all_keys)
     assert set(c.splits) == {"train", "validation"}
 
@@ -103,6 +102,7 @@ def test_resume_after_crash_mid_shard_gives_identical_bytes(llama_dir, corpus, t
     assert verify(tmp_path / "b") == []
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_resumes_to_identical_cache(llama_dir, corpus, tmp_path):
     """A real SIGKILL of the CLI mid-capture; the same command again finishes the same cache."""
     common = ["-s", f"teacher.model={llama_dir}", "-s", "data.source=json", "-s", f"data.data_files=['{corpus}']",
@@ -136,16 +136,16 @@ def test_verify_names_flipped_byte_and_missing_file(llama_dir, corpus, tmp_path)
     root = tmp_path / "c"
     assert verify(root) == []
     m = Cache(root).manifest
-    shard = m["shards"][1]
-    victim = next(f for f in shard["files"] if "/topk_logprobs/" in f)
+    shard = m.shards[1]
+    victim = next(f for f in shard.files if "/topk_logprobs/" in f)
     data = bytearray((root / victim).read_bytes())
     data[len(data) // 2] ^= 0x01
     (root / victim).write_bytes(bytes(data))
-    gone = next(f for f in m["shards"][3]["files"] if "/logsumexp/" in f)
+    gone = next(f for f in m.shards[3].files if "/logsumexp/" in f)
     (root / gone).unlink()
     problems = verify(root)
     assert len(problems) == 2
-    assert any(f"shard {shard['split']}/{shard['index']}" in p and victim in p and "checksum" in p for p in problems)
+    assert any(f"shard {shard.split}/{shard.index}" in p and victim in p and "checksum" in p for p in problems)
     assert any(gone in p and "missing" in p for p in problems)
 
 
@@ -186,7 +186,7 @@ def test_finished_cache_same_settings_is_a_no_op_other_settings_refused(llama_di
         capture(settings(llama_dir, corpus, out, capture={"top_k": 4}))
     assert _tree(out) == before
     res = capture(settings(llama_dir, corpus, out, capture={"top_k": 4}, output={"overwrite": True}))
-    assert res.manifest["capture"]["top_k"] == 4 and verify(out) == []
+    assert res.manifest.capture.top_k == 4 and verify(out) == []
 
 
 def test_unfinished_capture_with_other_settings_is_refused(llama_dir, corpus, tmp_path, monkeypatch):
@@ -218,13 +218,30 @@ def test_no_pickle_anywhere_in_a_cache(llama_dir, corpus, tmp_path):
             head = p.read_bytes()[:2]
             assert head != b"\x80\x04" and head != b"\x80\x05", f"{p} looks like a pickle"
     m = Cache(tmp_path / "c").manifest
-    assert {f["format"] for f in m["fields"].values()} == {"zarr-v3", "parquet"}
+    assert {f.format for f in m.fields.values()} == {"zarr-v3", "parquet"}
 
 
-def test_shard_files_follow_the_zarr_layout(tmp_path):
-    spec = cache_mod.FieldSpec("topk_ids", ("row", "position", "k"), (4, 2), "int32", "x")
-    assert cache_mod.shard_file("train", spec, 7) == "train/topk_ids/c/7/0/0"
-    assert cache_mod.shard_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
+def test_shard_files_follow_the_zarr_layout(llama_dir, corpus, tmp_path):
+    """The object of shard i of a field is the key zarr's own metadata gives its chunk (i, 0, ...): what docs/format.md
+    promises and what a reader without this project opens."""
+    import zarr
+
+    from pipeline.format.layout import shard_ranges
+
+    assert shard_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    capture(settings(llama_dir, corpus, tmp_path / "c", capture={"hidden_layers": [-1]}))
+    m = Cache(tmp_path / "c").manifest
+    for sh in m.shards:
+        for field in m.dense_fields:
+            arr = zarr.open_array(str(tmp_path / "c" / sh.part / field), mode="r")
+            tail = "/".join(["0"] * (arr.ndim - 1))
+            assert f"{sh.part}/{field}/c/{sh.index - _first_shard(m, sh)}/{tail}" in sh.files
+    assert {len(sh.files) for sh in m.shards} == {len(m.dense_fields)}
+
+
+def _first_shard(m, shard) -> int:
+    """Shards are numbered across a split's parts; within its part's array, shard i is chunk i - (the part's first)."""
+    return sum(p.shards for p in m.parts(shard.split)[: [p.path for p in m.parts(shard.split)].index(shard.part)])
 
 
 def test_local_parquet_and_text_sources_give_the_same_rows(tokenizer_dir, corpus, tmp_path):
@@ -233,7 +250,7 @@ def test_local_parquet_and_text_sources_give_the_same_rows(tokenizer_dir, corpus
     from transformers import AutoTokenizer
 
     from pipeline.config import DataConfig
-    from pipeline.capture.data import prepare
+    from pipeline.capture.rows import prepare
 
     docs = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
     pq.write_table(pa.table({"content": docs}), tmp_path / "docs.parquet")
@@ -282,12 +299,12 @@ def test_disk_full_mid_capture_keeps_committed_shards(llama_dir, corpus, tmp_pat
 
 def test_resume_after_a_full_disk_needs_room_for_what_is_left_and_sweeps_temporaries(llama_dir, corpus, tmp_path,
                                                                                      monkeypatch):
-    from pipeline.capture import run as capture_mod
+    from pipeline.capture import output as output_mod
 
     out = tmp_path / "c"
-    real_write, real_check = CacheWriter.write_shard, capture_mod.check_disk
+    real_write, real_check = CacheWriter.write_shard, output_mod.check_disk
     asked = []
-    monkeypatch.setattr(capture_mod, "check_disk", lambda where, need: asked.append(need) or real_check(where, need))
+    monkeypatch.setattr(output_mod, "check_disk", lambda where, need: asked.append(need) or real_check(where, need))
     monkeypatch.setattr(CacheWriter, "write_shard", _disk_full_at(2))
     with pytest.raises(CaptureError, match="No space left on device"):
         capture(settings(llama_dir, corpus, out))
@@ -297,7 +314,7 @@ def test_resume_after_a_full_disk_needs_room_for_what_is_left_and_sweeps_tempora
     (out / "train" / "logsumexp" / "c" / "9.0b1c.partial").write_bytes(b"half a shard")
     monkeypatch.setattr(CacheWriter, "write_shard", real_write)
     capture(settings(llama_dir, corpus, out))
-    total = sum(v["rows"] for v in Cache(out).manifest["splits"].values())
+    total = sum(v.rows for v in Cache(out).manifest.splits.values())
     assert asked[1] == pytest.approx(asked[0] * (total - done) / total, rel=1e-6) and asked[1] < asked[0]
     assert verify(out) == []  # the temporaries are gone (verify reports files the manifest does not list)
 
@@ -311,7 +328,7 @@ def test_cache_carries_its_tokenizer(llama_dir, corpus, tmp_path):
     rows = c.rows("train")
     first = rows.column("input_ids")[0].as_py()[: rows.column("length")[0].as_py()]
     assert tok.decode(first) == AutoTokenizer.from_pretrained(llama_dir).decode(first)
-    assert any(k.startswith("tokenizer/") for k in c.manifest["metadata_files"])
+    assert any(k.startswith("tokenizer/") for k in c.manifest.metadata_files)
     victim = tmp_path / "c" / "tokenizer" / "tokenizer.json"
     victim.write_text(victim.read_text().replace('"<|pad|>"', '"<|PAD|>"'))
     assert any("tokenizer/tokenizer.json" in p for p in verify(tmp_path / "c"))

@@ -1,4 +1,5 @@
-"""The `distill` CLI end to end on a tiny teacher: build, inspect, verify, and its failure exits."""
+"""The `distill` CLI end to end on a tiny teacher: build, inspect, verify, train, push, ls, pull, and its failure
+exits (one `error:` line, exit 2, no traceback)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.slow  # every test here runs the CLI in subprocesses
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,7 +117,81 @@ losses = {{ kd_forward = 1.0 }}
     assert bad.returncode == 2 and "unknown loss terms ['kd_sideways']" in bad.stderr
 
 
-@pytest.mark.parametrize("cmd", [[], ["teacher-cache"], ["inspect"], ["verify"], ["convert-teacher"], ["student"]])
+@pytest.mark.parametrize("cmd", [[], ["teacher-cache"], ["inspect"], ["verify"], ["convert-teacher"], ["student"],
+                                 ["push"], ["pull"], ["ls"]])
 def test_help_for_every_command(cmd):
     res = distill(*cmd, "--help")
     assert res.returncode == 0 and "Usage" in res.stdout
+
+
+def test_push_ls_pull_from_the_cli(config_file, tmp_path):
+    """The sharing commands end to end on local folders (the bucket and web-server paths are test_share's)."""
+    import json
+
+    assert distill("teacher-cache", "--config", str(config_file)).returncode == 0
+    cache, pub = tmp_path / "cache", tmp_path / "published"
+    res = distill("push", str(cache), str(pub / "c1"))
+    assert res.returncode == 0 and res.stdout.strip() == str(pub / "c1"), res.stderr
+    assert "pushed" in res.stderr
+    res = distill("ls", str(pub), "--json")
+    (line,) = [json.loads(x) for x in res.stdout.splitlines()]
+    assert res.returncode == 0 and line["location"] == str(pub / "c1") and "topk_ids" in line["fields"]
+    res = distill("ls", str(pub))
+    assert res.returncode == 0 and line["digest"][:16] in res.stdout and "K=8" in res.stdout
+    res = distill("pull", str(pub / "c1"), str(tmp_path / "part"), "--fields", "topk_ids", "--splits", "train")
+    assert res.returncode == 0 and "fetched and verified" in res.stderr, res.stderr
+    ok = distill("verify", str(tmp_path / "part"))
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    again = distill("pull", str(pub / "c1"), str(tmp_path / "part"), "--fields", "topk_ids", "--splits", "train")
+    assert again.returncode == 0 and "already holds this pull" in again.stderr
+    bad = distill("pull", str(pub / "c1"), str(tmp_path / "part2"), "--fields", "no_such_field")
+    assert bad.returncode == 2 and "--fields names no_such_field" in bad.stderr
+
+
+def test_ls_of_a_root_that_does_not_exist_says_so(tmp_path):
+    res = distill("ls", str(tmp_path / "nowhere"))
+    assert res.returncode == 2 and f"error: {tmp_path / 'nowhere'} does not exist" in res.stderr, res.stderr
+    (tmp_path / "empty").mkdir()
+    res = distill("ls", str(tmp_path / "empty"))  # an existing root without caches: nothing to list, no error
+    assert res.returncode == 0 and res.stdout == "" and "no finished caches" in res.stderr
+
+
+def test_pull_from_a_server_that_refuses_the_connection_names_the_failure(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = distill("pull", f"http://127.0.0.1:{port}/caches/c", str(tmp_path / "p"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "cannot reach" in res.stderr and "Cannot connect" in res.stderr, res.stderr
+    assert "not a teacher cache" not in res.stderr
+
+
+def test_student_refusals_name_the_bad_path(config_file, tmp_path):
+    assert distill("teacher-cache", "--config", str(config_file)).returncode == 0
+    f = tmp_path / "student.toml"
+    f.write_text(f"""
+cache = "{tmp_path / 'cache'}"
+output_dir = "{tmp_path / 'students'}"
+max_steps = 1
+device = "cpu"
+[[students]]
+name = "tiny"
+losses = {{ kd_forward = 1.0 }}
+  [students.arch]
+  num_layers = 1
+  hidden_size = 16
+  num_heads = 2
+""")
+    (tmp_path / "a-file").write_text("not a folder")
+    res = distill("student", "--config", str(f), "-s", f"output_dir={tmp_path / 'a-file'}")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"output_dir {tmp_path / 'a-file'}" in res.stderr and "is a file, not a directory" in res.stderr
+    f2 = tmp_path / "pretrained.toml"
+    f2.write_text(f.read_text().replace('  [students.arch]\n  num_layers = 1\n  hidden_size = 16\n  num_heads = 2\n',
+                                        'pretrained = "./no/such/checkpoint"\n'))
+    res = distill("student", "--config", str(f2))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "pretrained path no/such/checkpoint does not exist" in res.stderr, res.stderr
+    assert "Repo id" not in res.stderr

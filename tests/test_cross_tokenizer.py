@@ -12,11 +12,11 @@ from conftest import CORPUS_FILES, STDLIB, STUDENT_ARCH, capture, settings
 from conftest import student_run as run_cfg
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.format.cache import Cache, row_column, tokenizer_fingerprint
-from pipeline.train import crosstok as X
-from pipeline.train import losses as L
+from pipeline.format import Cache, row_column, tokenizer_fingerprint
+from pipeline.train import crosstok
+from pipeline.train import losses
 from pipeline.train.recipe import train_students
-from pipeline.train.students import StudentError
+from pipeline.errors import StudentError
 
 TEXTS = ["def f(x):\n    return x  # héllo wörld 🙂 日本", "import os\n\n\nclass A:\n    pass\n", "naïve café ☕ — done."]
 
@@ -66,13 +66,13 @@ def _prefix(tok, ids) -> str:
 
 def test_boundaries_and_alignment_on_hand_checked_offsets():
     # the offsets the SmolLM2 tokenizer gives " 日本" (README): a byte-level piece carries its whole character's span
-    ends, valid = X._boundaries_from_offsets([(0, 2), (1, 2), (1, 2), (2, 3)])
+    ends, valid = crosstok._boundaries_from_offsets([(0, 2), (1, 2), (1, 2), (2, 3)])
     assert ends.tolist() == [2, 2, 2, 3] and valid.tolist() == [False, False, True, True]
     # teacher boundaries 3 5 . 9 9 12; student 1 3 9 12 12 . -> only 3 (unique on both sides) pairs
     t = np.array([3, 5, -1, 9, 9, 12])
     s = np.array([1, 3, 9, 12, 12, -1])
-    assert X.align(t, s).tolist() == [-1, 0, -1, -1, -1, -1]
-    assert X.align(np.array([2, 4, 7]), np.array([2, 3, 4, 7])).tolist() == [0, -1, 1, 2]
+    assert crosstok.align(t, s).tolist() == [-1, 0, -1, -1, -1, -1]
+    assert crosstok.align(np.array([2, 4, 7]), np.array([2, 3, 4, 7])).tolist() == [0, -1, 1, 2]
 
 
 def test_alignment_pairs_exactly_the_positions_with_the_same_text_read(tokenizer_dir, student_tok_dir):
@@ -80,16 +80,16 @@ def test_alignment_pairs_exactly_the_positions_with_the_same_text_read(tokenizer
     have read are the same text, that text ends on a whole character, and no other position of either side has
     read exactly it."""
     t_tok, s_tok = _toks(tokenizer_dir, student_tok_dir)
-    retok = X.Retokenizer(t_tok, s_tok)
+    retok = crosstok.Retokenizer(t_tok, s_tok)
     for text in TEXTS:
         ids = t_tok(text)["input_ids"]
         row = retok.row(ids)
         assert _prefix(s_tok, row.student_ids) == _prefix(t_tok, ids) == text  # the round trip keeps the text
         t_pre = [_prefix(t_tok, ids[: i + 1]) for i in range(len(ids))]
         s_pre = [_prefix(s_tok, row.student_ids[: i + 1]) for i in range(len(row.student_ids))]
-        ok = lambda p, pres: text.startswith(p) and not p.endswith(X.REPLACEMENT) and pres.count(p) == 1  # noqa: E731
+        ok = lambda p, pres: text.startswith(p) and not p.endswith(crosstok.REPLACEMENT) and pres.count(p) == 1  # noqa: E731
         expected = [t_pre.index(p) if ok(p, s_pre) and p in t_pre and ok(p, t_pre) else -1 for p in s_pre]
-        got = X.align(row.teacher_ends, row.student_ends).tolist()
+        got = crosstok.align(row.teacher_ends, row.student_ends).tolist()
         assert got == expected, text
         assert sum(a >= 0 for a in got) >= len(text.split()) // 2  # word boundaries align
         assert row.student_chars.sum() == row.teacher_chars.sum() == len(text)
@@ -97,18 +97,18 @@ def test_alignment_pairs_exactly_the_positions_with_the_same_text_read(tokenizer
     # emoji's last byte end a character
     row = retok.row(t_tok(" 🙂")["input_ids"])
     assert row.teacher_ends.tolist() == row.student_ends.tolist() == [1, -1, -1, -1, 2]
-    assert X.align(row.teacher_ends, row.student_ends).tolist() == [0, -1, -1, -1, 4]
+    assert crosstok.align(row.teacher_ends, row.student_ends).tolist() == [0, -1, -1, -1, 4]
 
 
 def test_special_tokens_map_by_role_and_count_one_unit(tokenizer_dir, student_tok_dir):
     t_tok, s_tok = _toks(tokenizer_dir, student_tok_dir)
     eos_t, eos_s = t_tok.eos_token_id, s_tok.eos_token_id
-    assert X.special_map(t_tok, s_tok)[eos_t] == eos_s
+    assert crosstok.special_map(t_tok, s_tok)[eos_t] == eos_s
     a, b = t_tok("x = 1")["input_ids"], t_tok("y = 2")["input_ids"]
-    row = X.Retokenizer(t_tok, s_tok).row(a + [eos_t] + b)
+    row = crosstok.Retokenizer(t_tok, s_tok).row(a + [eos_t] + b)
     k = len(s_tok("x = 1")["input_ids"])
     assert row.student_ids[k] == eos_s and row.student_chars[k] == 0
-    al = X.align(row.teacher_ends, row.student_ends)
+    al = crosstok.align(row.teacher_ends, row.student_ends)
     assert al[k] == len(a)  # the end-of-document positions predict the next document's first token on both sides
     assert al[-1] == len(a) + len(b)  # and positions after it align again
 
@@ -119,35 +119,35 @@ def test_round_trip_of_a_row_that_starts_inside_a_character(tokenizer_dir, stude
     decoded text less that U+FFFD (bytes of a cut character are no text); every aligned pair read the same text."""
     t_tok, s_tok = _toks(tokenizer_dir, student_tok_dir)
     ids = t_tok("é and more text")["input_ids"]
-    first = [i for i in range(1, len(ids)) if not _prefix(t_tok, ids[:i]).endswith(X.REPLACEMENT)][0]
+    first = [i for i in range(1, len(ids)) if not _prefix(t_tok, ids[:i]).endswith(crosstok.REPLACEMENT)][0]
     assert first > 1, "é must be more than one token in the test tokenizer"
     cut = ids[1:]  # starts with é's continuation byte
-    row = X.Retokenizer(t_tok, s_tok).row(cut)
+    row = crosstok.Retokenizer(t_tok, s_tok).row(cut)
     assert not row.lossless
     text = _prefix(t_tok, cut)
-    assert text.startswith(X.REPLACEMENT) and _prefix(s_tok, row.student_ids) == text[1:]
+    assert text.startswith(crosstok.REPLACEMENT) and _prefix(s_tok, row.student_ids) == text[1:]
     assert row.student_chars.sum() == len(text) - 1
-    al = X.align(row.teacher_ends, row.student_ends)
+    al = crosstok.align(row.teacher_ends, row.student_ends)
     assert (al >= 0).sum() >= 3
     for s_pos, t_pos in enumerate(al):
         if t_pos >= 0:
-            assert X.REPLACEMENT + _prefix(s_tok, row.student_ids[: s_pos + 1]) == _prefix(t_tok, cut[: t_pos + 1])
+            assert crosstok.REPLACEMENT + _prefix(s_tok, row.student_ids[: s_pos + 1]) == _prefix(t_tok, cut[: t_pos + 1])
 
 
 def test_loss_mask_and_documents_follow_the_text():
     teacher_last = np.array([2, 5, 6, 9, 12])  # teacher tokens end at these characters
     student_last = np.array([1, 2, 4, 5, 9, 10, 12])
     mask = np.array([False, True, True, False, True])
-    assert X.follow(teacher_last, student_last, mask, "mask").tolist() == [False, False, False, True, False, False,
+    assert crosstok.follow(teacher_last, student_last, mask, "mask").tolist() == [False, False, False, True, False, False,
                                                                            True]
-    docs = X.documents(np.array([0, 1, 0, 1, 2]))  # documents [1, 1, 2, 2, 2]
-    assert X.follow(teacher_last, student_last, docs, "document").tolist() == [1, 1, 1, 1, 2, 2, 2]
+    docs = crosstok.documents(np.array([0, 1, 0, 1, 2]))  # documents [1, 1, 2, 2, 2]
+    assert crosstok.follow(teacher_last, student_last, docs, "document").tolist() == [1, 1, 1, 1, 2, 2, 2]
 
 
 def test_a_split_is_retokenised_once_and_kept(cache_dir, student_tok_dir, tmp_path, monkeypatch):
     c = Cache(cache_dir)
     s_tok = AutoTokenizer.from_pretrained(student_tok_dir)
-    rows = X.stored_rows(c, "train", s_tok, tmp_path, "s")
+    rows = crosstok.stored_rows(c, "train", s_tok, tmp_path, "s")
     stats = rows.stats()
     assert 0.5 < stats["aligned_share"] < 1 and stats["lossless_rows"] > 0.9
     table = c.rows("train")
@@ -157,8 +157,8 @@ def test_a_split_is_retokenised_once_and_kept(cache_dir, student_tok_dir, tmp_pa
         s_ids, t_ids = rows.input_ids[i, : rows.length[i]].tolist(), ids[i, : lengths[i]].tolist()
         assert s_tok.decode(s_ids, skip_special_tokens=True) == t_tok.decode(t_ids, skip_special_tokens=True)
         assert s_ids.count(s_tok.eos_token_id) == t_ids.count(t_tok.eos_token_id)
-    monkeypatch.setattr(X, "retokenize_split", lambda *a, **k: pytest.fail("recomputed"))
-    again = X.stored_rows(c, "train", s_tok, tmp_path, "s")
+    monkeypatch.setattr(crosstok, "retokenize_split", lambda *a, **k: pytest.fail("recomputed"))
+    again = crosstok.stored_rows(c, "train", s_tok, tmp_path, "s")
     assert np.array_equal(again.align, rows.align) and np.array_equal(again.input_ids, rows.input_ids)
 
 
@@ -186,19 +186,19 @@ def test_uld_against_float64_reference(T):
     def cached(lp, k):  # top-k log-probs in a shuffled order + the exact tail, as the cache gives them
         top = lp.topk(k, -1).values
         top = top[..., torch.randperm(k, generator=g)]
-        return top, L.log1mexp(torch.logsumexp(top, -1))
+        return top, losses.log1mexp(torch.logsumexp(top, -1))
 
     # the whole vocabulary on both sides (K = V): exactly the paper's ULD
     t_all, t_tail = cached(lp_t, V_t)
     s_all, s_tail = cached(lp_s, V_s)
-    got = L.uld(t_all, t_tail, s_all, s_tail, mask, T)
+    got = losses.uld(t_all, t_tail, s_all, s_tail, mask, T)
     ref = np.mean([_uld_reference(lp_t[b, i].exp().numpy(), lp_s[b, i].detach().exp().numpy())
                    for b in range(B) for i in range(Lp) if mask[b, i]]) * T**2
     assert got.item() == pytest.approx(ref, rel=1e-10)
     # top-K with the tail bucket: the ranks up to K one by one, those beyond by their total mass
     t_k, t_tail = cached(lp_t, K)
     s_k, s_tail = cached(lp_s, K)
-    got = L.uld(t_k, t_tail, s_k, s_tail, mask, T)
+    got = losses.uld(t_k, t_tail, s_k, s_tail, mask, T)
     vals = []
     for b in range(B):
         for i in range(Lp):
@@ -238,10 +238,10 @@ def test_mapped_kl_against_float64_reference(T):
     mask = torch.rand(B, Lp, generator=g) > 0.2
     lp_t, lp_s = torch.log_softmax(z_t / T, -1), torch.log_softmax(z_s / T, -1)
     t_lp, ids = lp_t.topk(K, -1)
-    t_tail = L.log1mexp(torch.logsumexp(t_lp, -1))
+    t_tail = losses.log1mexp(torch.logsumexp(t_lp, -1))
     mapped = mapping[ids]
     s_lp = lp_s.gather(-1, mapped.clamp(min=0))
-    got = L.mapped_forward_kl(t_lp, t_tail, mapped, s_lp, mask, T)
+    got = losses.mapped_forward_kl(t_lp, t_tail, mapped, s_lp, mask, T)
     ref = np.mean([_mapped_reference(lp_t[b, i].exp().numpy(), K, mapping.numpy(), lp_s[b, i].detach().exp().numpy())
                    for b in range(B) for i in range(Lp) if mask[b, i]]) * T**2
     assert got.item() == pytest.approx(ref, rel=1e-9)
@@ -273,17 +273,17 @@ def test_mapped_kl_with_the_identity_map_is_kd_forward():
     g = torch.Generator().manual_seed(2)
     z_t, z_s = torch.randn(2, 5, 50, generator=g) * 3, torch.randn(2, 5, 50, generator=g)
     t_lp, ids = torch.log_softmax(z_t, -1).topk(10, -1)
-    t_tail = L.log1mexp(torch.logsumexp(t_lp, -1))
+    t_tail = losses.log1mexp(torch.logsumexp(t_lp, -1))
     mask = torch.ones(2, 5, dtype=torch.bool)
-    s_lp, s_tail = L.student_topk_logprobs(z_s, ids)
-    expected = L.forward_kl(t_lp, t_tail, s_lp, s_tail, mask)
-    torch.testing.assert_close(L.mapped_forward_kl(t_lp, t_tail, ids, s_lp, mask), expected)
+    s_lp, s_tail = losses.student_topk_logprobs(z_s, ids)
+    expected = losses.forward_kl(t_lp, t_tail, s_lp, s_tail, mask)
+    torch.testing.assert_close(losses.mapped_forward_kl(t_lp, t_tail, ids, s_lp, mask), expected)
 
 
 def test_vocab_map_follows_the_tokens_text(tokenizer_dir, student_tok_dir):
     t_tok, s_tok = _toks(tokenizer_dir, student_tok_dir)
-    vmap = X.VocabMap.build(t_tok, s_tok, len(t_tok))
-    t_text, s_text = X.surfaces(t_tok), X.surfaces(s_tok)
+    vmap = crosstok.VocabMap.build(t_tok, s_tok, len(t_tok))
+    t_text, s_text = crosstok.surfaces(t_tok), crosstok.surfaces(s_tok)
     s_plain = s_tok.backend_tokenizer
     n_first = 0
     for v in range(len(t_tok)):
@@ -291,7 +291,7 @@ def test_vocab_map_follows_the_tokens_text(tokenizer_dir, student_tok_dir):
         if v in t_tok.all_special_ids:
             continue
         if u < 0:
-            assert X.REPLACEMENT in t_text[v] or not s_plain.encode(t_text[v], add_special_tokens=False).ids or \
+            assert crosstok.REPLACEMENT in t_text[v] or not s_plain.encode(t_text[v], add_special_tokens=False).ids or \
                 t_text[v] not in s_text and not t_text[v].startswith(s_text[s_plain.encode(t_text[v],
                                                                      add_special_tokens=False).ids[0]])
         elif s_text[u] == t_text[v]:
@@ -355,7 +355,7 @@ def test_same_tokenizer_given_explicitly_is_the_same_student(cache_dir, tokenize
 def test_kd_mapped_on_the_same_tokenizer_equals_kd_forward(cache_dir, tmp_path):
     from pipeline.config import StudentConfig
     from pipeline.train.reader import CacheBatches, make_loader
-    from pipeline.train.recipe import step_losses
+    from pipeline.train.step import step_losses
     from pipeline.train.students import build_student
 
     c = Cache(cache_dir)
@@ -410,7 +410,7 @@ def test_teacher_nll_per_character_against_its_own_forward_pass(cache_dir, llama
     tok = c.tokenizer()
     table = c.rows("validation")
     ids, lengths = row_column(table, "input_ids", np.int64), table.column("length").to_numpy()
-    m = teacher_metrics(c, "validation", X.teacher_chars(tok, ids, lengths))
+    m = teacher_metrics(c, "validation", crosstok.teacher_chars(tok, ids, lengths))
     teacher = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float64).eval()
     nll, n, chars = 0.0, 0, 0
     with torch.no_grad():
@@ -428,7 +428,7 @@ def test_teacher_nll_per_character_against_its_own_forward_pass(cache_dir, llama
 def test_text_that_spells_a_special_token_stays_text(tokenizer_dir, student_tok_dir):
     t_tok, s_tok = _toks(tokenizer_dir, student_tok_dir)
     ids = t_tok('x = "</s><pad>"')["input_ids"]
-    row = X.Retokenizer(t_tok, s_tok).row(ids)
+    row = crosstok.Retokenizer(t_tok, s_tok).row(ids)
     assert s_tok.eos_token_id not in row.student_ids.tolist() and s_tok.pad_token_id not in row.student_ids.tolist()
     assert s_tok.decode(row.student_ids.tolist()) == 'x = "</s><pad>"'
 
@@ -436,11 +436,11 @@ def test_text_that_spells_a_special_token_stays_text(tokenizer_dir, student_tok_
 def test_a_dropped_special_token_leaves_the_position_before_it_unaligned(tokenizer_dir, student_tok_dir):
     t_tok, s_tok = _toks(tokenizer_dir, student_tok_dir)
     pad_t = t_tok.convert_tokens_to_ids("<|pad|>")
-    retok = X.Retokenizer(t_tok, s_tok)
+    retok = crosstok.Retokenizer(t_tok, s_tok)
     retok.specials[pad_t] = None  # as if the student had no counterpart
     a, b = t_tok("x = 1")["input_ids"], t_tok(" y")["input_ids"]
     row = retok.row(a + [pad_t] + b)
-    al = X.align(row.teacher_ends, row.student_ends)
+    al = crosstok.align(row.teacher_ends, row.student_ends)
     assert len(row.student_ids) == len(s_tok("x = 1 y")["input_ids"])
     assert len(a) - 1 not in al.tolist() and len(a) not in al.tolist()  # the one that predicted it, and itself
     assert al[-1] == len(a) + len(b)
@@ -451,14 +451,14 @@ def test_teacher_targets_land_on_the_aligned_student_positions(cache_dir, studen
     position align[s], on every per-position field: top-K ids (B, L, K), hidden states (B, n, L, d) and attention
     maps on both their query and key axes (B, n, H, L, L)."""
     from pipeline.train.reader import CacheBatches, make_loader
-    from pipeline.train.terms import TeacherSignal
+    from pipeline.train.signal import TeacherSignal
 
     c = Cache(cache_dir)
-    rows = X.stored_rows(c, "train", AutoTokenizer.from_pretrained(student_tok_dir), tmp_path, "s")
+    rows = crosstok.stored_rows(c, "train", AutoTokenizer.from_pretrained(student_tok_dir), tmp_path, "s")
     batch = next(iter(make_loader(CacheBatches(c, "train", ["topk_ids", "hidden_states", "attentions"], 3))))
     view = rows.batch(batch["row"])
-    dims = {f: spec["dims"] for f, spec in c.manifest["fields"].items()}
-    sig = TeacherSignal(batch, torch.device("cpu"), []).aligned(view["align"], dims)
+    dims = {f: list(spec.dims) for f, spec in c.manifest.fields.items()}
+    sig = TeacherSignal(batch, torch.device("cpu")).aligned(view["align"], dims)
     al = view["align"]
     for b in range(al.shape[0]):
         for s in range(al.shape[1]):
@@ -472,7 +472,7 @@ def test_teacher_targets_land_on_the_aligned_student_positions(cache_dir, studen
                     assert torch.equal(sig.field("attentions")[b, :, :, s, s2],
                                        batch["attentions"][b, :, :, t, int(al[b, s2])])
     bits = batch["hidden_states"].view(torch.int16).view(torch.uint16)  # bfloat16 bits, as a bf16 cache stores them
-    from pipeline.train.terms import gather_positions
+    from pipeline.train.signal import gather_positions
 
     got = gather_positions(bits, al.clamp(min=0), [2])
     t0 = int(al[0, 0].clamp(min=0))

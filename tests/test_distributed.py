@@ -21,13 +21,15 @@ from conftest import STUDENT_ARCH as ARCH
 from conftest import capture, settings, write_toml
 
 from pipeline.config import StudentRunConfig
-from pipeline.format.cache import verify
+from pipeline.format import verify
 from pipeline.train.recipe import train_students
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTILL = str(Path(sys.executable).with_name("distill"))
 ENTRY = str(ROOT / "tests" / "dist_entry.py")
 
+
+pytestmark = pytest.mark.slow  # torchrun with 2 processes
 
 def torchrun(nproc: int, *args: str, env: dict | None = None, expect_ok: bool = True) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node N ...` with one thread per rank (ranks x threads = cores)."""
@@ -212,14 +214,14 @@ def test_teacher_placed_by_a_device_map_writes_the_same_cache(one_rank, llama_di
     """teacher.device_map goes to transformers/accelerate's placement (here every module on the CPU, the
     one device this machine has, so nothing is dispatched over devices): the targets are the plain
     load's, byte for byte. Placement over several GPUs needs a machine with them."""
-    from pipeline.capture.run import CaptureError
+    from pipeline.errors import CaptureError
 
     out = tmp_path / "mapped"
     cfg = _capture_cfg(llama_dir, corpus, out)
     cfg["teacher"] = {**cfg["teacher"], "device_map": {"model.embed_tokens": "cpu", "model.layers": "cpu",
                                                        "model.norm": "cpu", "model.rotary_emb": "cpu",
                                                        "lm_head": "cpu"}}
-    from pipeline.capture import teacher as teacher_mod
+    from pipeline import models as teacher_mod
 
     placed, real_load = [], teacher_mod._from_pretrained
 

@@ -1,4 +1,4 @@
-"""FORMAT.md is enough: its reader, using only zarr + pyarrow + numpy, runs against a real cache."""
+"""docs/format.md (the cache format) is enough: its reader, using only zarr + pyarrow + numpy, runs against a real cache."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _reader_code() -> str:
-    text = (REPO / "FORMAT.md").read_text()
+    text = (REPO / "docs" / "format.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) == 1, "FORMAT.md should hold exactly one python block"
+    assert len(blocks) == 1, "docs/format.md should hold exactly one python block"
     code = blocks[0]
     assert not re.search(r"^\s*(from|import)\s+(pipeline|stages|torch|transformers)\b", code, flags=re.M)
     return code

@@ -13,10 +13,12 @@ import pytest
 import torch
 from conftest import capture, settings
 
-from pipeline.format.cache import Cache
+from pipeline.format import Cache
 from pipeline.config import TeacherConfig
-from pipeline.capture.teacher import TeacherSpec, convert_gguf, load_model, load_model_config, load_tokenizer, smollm2_gguf_path
+from pipeline.models import TeacherSpec, convert_gguf, load_model, load_model_config, load_tokenizer, smollm2_gguf_path
 
+
+pytestmark = pytest.mark.slow  # the real SmolLM2 teacher
 
 @pytest.fixture(scope="module")
 def gguf_path():
@@ -53,4 +55,4 @@ def test_converted_teacher_cache_matches_gguf_forward(gguf_path, corpus, tmp_pat
     np.testing.assert_array_equal(stored[..., :4].numpy(), logp.topk(4, -1).indices.numpy())
     np.testing.assert_allclose(c.array("train", "topk_logprobs")[:].astype(np.float64),
                                logp.gather(-1, stored).numpy(), rtol=2e-3, atol=2e-3)
-    assert c.manifest["stats"]["mean_topk_mass"] > 0.5  # a trained model on code: top-16 holds most mass
+    assert c.manifest.stats.mean_topk_mass > 0.5  # a trained model on code: top-16 holds most mass

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from conftest import capture, make_llama, settings
 
-from pipeline.capture.run import CaptureError
+from pipeline.errors import CaptureError
 from pipeline.config import StudentRunConfig
-from pipeline.format.cache import Cache, CacheError, CacheWriter, manifest_files, verify
+from pipeline.format import Cache, CacheError, CacheWriter, verify
 from pipeline.format.share import pull
 from pipeline.train.reader import CacheBatches, make_loader
 from pipeline.train.recipe import train_students
@@ -65,20 +65,20 @@ def test_append_adds_new_rows_as_new_parts_equal_to_a_fresh_capture(grown):
     base, g, whole = Cache(grown / "base"), Cache(grown / "grown"), Cache(grown / "all")
     m = g.manifest
     assert verify(grown / "grown") == []
-    rec = m["grown"][0]
-    assert rec["parent_digest"] == base.manifest["digest"] and rec["number"] == 1
+    rec = m.document["grown"][0]
+    assert rec["parent_digest"] == base.manifest.digest and rec["number"] == 1
     for split in whole.splits:  # the same rows as capturing everything at once, none twice
         keys = g.rows(split).column("key").to_pylist()
-        assert len(keys) == len(set(keys)) == m["splits"][split]["rows"] == len(g.array(split, "topk_ids"))
+        assert len(keys) == len(set(keys)) == m.splits[split].rows == len(g.array(split, "topk_ids"))
         assert set(keys) == set(whole.rows(split).column("key").to_pylist())
-        assert [p["path"] for p in m["splits"][split]["parts"]] == [split, f"{split}/grow-0001"]
+        assert [p.path for p in m.splits[split].parts] == [split, f"{split}/grow-0001"]
         assert sorted(r for r, _ in g.shard_ranges(split)) == [r for r, _ in g.shard_ranges(split)]
     # the 10 shared documents were skipped, not captured again
     assert rec["duplicate_rows_skipped"] >= 10
-    assert sum(base.manifest["splits"][s]["rows"] for s in base.splits) + sum(rec["rows"].values()) == \
-        sum(whole.manifest["splits"][s]["rows"] for s in whole.splits)
-    assert m["stats"]["tokens"] == sum(v["tokens"] for v in m["splits"].values()) == \
-        sum(v["tokens"] for v in whole.manifest["splits"].values())
+    assert sum(base.manifest.splits[s].rows for s in base.splits) + sum(rec["rows"].values()) == \
+        sum(whole.manifest.splits[s].rows for s in whole.splits)
+    assert m.stats.tokens == sum(v.tokens for v in m.splits.values()) == \
+        sum(v.tokens for v in whole.manifest.splits.values())
     # every row's targets are the fresh capture's
     for split in whole.splits:
         ours, ref = _by_key(g, split), _by_key(whole, split)
@@ -88,7 +88,7 @@ def test_append_adds_new_rows_as_new_parts_equal_to_a_fresh_capture(grown):
                 np.testing.assert_allclose(fields[f].astype(np.float32), ref[k][f].astype(np.float32), rtol=1e-3,
                                            atol=1e-3, equal_nan=True)
     # nothing of the parent changed: every file it lists has the same bytes in the grown cache
-    old_files, new_files = manifest_files(base.manifest), manifest_files(m)
+    old_files, new_files = base.manifest.files, m.files
     assert all(new_files[rel] == d for rel, d in old_files.items())
 
 
@@ -110,7 +110,7 @@ def test_grown_cache_reads_whole_through_reader_pull_and_format_md(grown, tmp_pa
     assert sorted(seen) == list(range(len(ref)))  # every row of both parts, once per epoch
     pull(str(grown / "grown"), tmp_path / "p", fields=["topk_ids"], log=lambda m: None)
     part = Cache(tmp_path / "p")
-    assert verify(tmp_path / "p") == [] and part.manifest["grown"] == g.manifest["grown"]
+    assert verify(tmp_path / "p") == [] and part.manifest.grown == g.manifest.grown
     np.testing.assert_array_equal(part.array("validation", "topk_ids")[:], g.array("validation", "topk_ids")[:])
     assert not any("hidden_states" in rel for rel in part.files)
     from test_format import _reader_code
@@ -164,8 +164,8 @@ def test_interrupted_append_leaves_the_previous_version_readable_and_resumes(lla
     assert Cache(out).manifest == parent and verify(out) == []  # readers see the previous version, intact
     res = capture(grow_cfg(llama_dir, corpora["new"], out, mode="append"))
     assert res.resumed_shards == 1 and verify(out) == []
-    ref = manifest_files(Cache(grown / "grown").manifest)
-    assert manifest_files(Cache(out).manifest) == ref  # byte-identical to the uninterrupted append
+    ref = Cache(grown / "grown").manifest.files
+    assert Cache(out).manifest.files == ref  # byte-identical to the uninterrupted append
 
 
 def test_student_continues_on_the_grown_cache(grown, tmp_path):
@@ -202,7 +202,7 @@ def test_parts_array_reads_like_one_array(grown):
     g = Cache(grown / "grown")
     a = g.array("train", "topk_ids")
     whole = a[:]
-    n0 = g.parts("train")[0]["rows"]
+    n0 = g.parts("train")[0].rows
     np.testing.assert_array_equal(a[n0 - 2 : n0 + 3], whole[n0 - 2 : n0 + 3])  # across the seam
     np.testing.assert_array_equal(a[n0], whole[n0])
     np.testing.assert_array_equal(a[-1, :, 0], whole[-1, :, 0])
@@ -234,7 +234,7 @@ def test_leftovers_of_stopped_or_abandoned_appends_are_cleared(llama_dir, corpor
     subprocess.run(["cp", "-r", str(grown / "grown"), str(out)], check=True)
     m = Cache(out).manifest
     # a run stopped after writing its manifest but before removing its work folder ...
-    plan = {k: v for k, v in m.items() if k not in ("shards", "metadata_files", "stats", "digest")}
+    plan = m.plan()
     (out / "_capture" / "commits").mkdir(parents=True)
     (out / "_capture" / "plan.json").write_text(json.dumps(plan))
     (out / "_capture" / "commits" / "train-00099.json").write_text("{}")
@@ -259,17 +259,17 @@ def test_push_of_a_grown_cache_over_its_parent_sends_only_the_growth(grown, tmp_
     dest = tmp_path / "published"
     push(str(grown / "base"), str(dest), log=lambda m: None)
     res = push(str(grown / "grown"), str(dest), log=lambda m: None)  # no --force: it is the same cache, grown
-    new = set(manifest_files(Cache(grown / "grown").manifest)) - set(manifest_files(Cache(grown / "base").manifest))
+    new = set(Cache(grown / "grown").manifest.files) - set(Cache(grown / "base").manifest.files)
     assert res["sent"] == len(new) and verify(dest) == []
-    assert Cache(dest).manifest["digest"] == Cache(grown / "grown").manifest["digest"]
-    assert Cache(dest).manifest["format_version"] == "2.0"
+    assert Cache(dest).manifest.digest == Cache(grown / "grown").manifest.digest
+    assert Cache(dest).manifest.format_version == "2.0"
     with pytest.raises(CacheError, match="holds another cache"):  # the other way round is a different cache
         push(str(grown / "base"), str(dest), log=lambda m: None)
 
 
 def test_a_cache_of_the_previous_format_is_done_and_grows(llama_dir, corpora, grown, tmp_path):
     """A 1.1 cache (no parts) with the same settings is finished for a rerun, and an append grows it."""
-    from pipeline.format.cache import manifest_digest
+    from pipeline.format.manifest import manifest_digest
 
     out = tmp_path / "c"
     subprocess.run(["cp", "-r", str(grown / "base"), str(out)], check=True)
@@ -287,9 +287,9 @@ def test_a_cache_of_the_previous_format_is_done_and_grows(llama_dir, corpora, gr
     assert res.computed_shards == 0 and json.loads((out / "manifest.json").read_text()) == m
     capture(grow_cfg(llama_dir, corpora["new"], out, mode="append"))
     g = Cache(out)
-    assert verify(out) == [] and g.manifest["format_version"] == "2.0"
-    assert all(sh["part"] for sh in g.manifest["shards"])
-    assert manifest_files(g.manifest) == manifest_files(Cache(grown / "grown").manifest)
+    assert verify(out) == [] and g.manifest.format_version == "2.0"
+    assert all(sh["part"] for sh in g.manifest.document["shards"])
+    assert g.manifest.files == Cache(grown / "grown").manifest.files
 
 
 def test_append_to_a_cache_of_the_older_codec_keeps_its_codec(llama_dir, corpora, tmp_path):
@@ -298,6 +298,6 @@ def test_append_to_a_cache_of_the_older_codec_keeps_its_codec(llama_dir, corpora
     capture(grow_cfg(llama_dir, corpora["old"], tmp_path / "c", topk_codec="zstd"))
     capture(grow_cfg(llama_dir, corpora["new"], tmp_path / "c", mode="append"))  # the default: pcodec
     c = Cache(tmp_path / "c")
-    assert c.manifest["capture"]["topk_codec"] == "zstd" and len(c.parts("train")) == 2
+    assert c.manifest.capture.topk_codec == "zstd" and len(c.parts("train")) == 2
     assert c.array("train", "topk_ids")[:].dtype == np.int32
     assert verify(tmp_path / "c") == []

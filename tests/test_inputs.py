@@ -8,11 +8,12 @@ from collections import namedtuple
 import pytest
 from conftest import capture, settings
 
-from pipeline.capture import run as capture_mod
-from pipeline.capture.run import CaptureError
+from pipeline import models
+from pipeline.capture import checks
+from pipeline.errors import CaptureError
 from pipeline.config import ConfigError, TeacherCacheConfig, load_config, merge_overrides
-from pipeline.capture.data import DataError
-from pipeline.capture.teacher import TeacherError
+from pipeline.errors import DataError
+from pipeline.errors import TeacherError
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +23,7 @@ def no_weights(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("teacher weights were loaded before the bad input was noticed")
 
-    monkeypatch.setattr(capture_mod.teacher_mod, "load_model", refuse)
+    monkeypatch.setattr(models, "load_model", refuse)
 
 
 def _run(cfg):
@@ -93,7 +94,7 @@ def test_unwritable_output(llama_dir, corpus, tmp_path):
 
 def test_not_enough_disk(llama_dir, corpus, tmp_path, monkeypatch):
     Usage = namedtuple("Usage", "total used free")
-    monkeypatch.setattr(capture_mod.shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 10**6, 10**6))
+    monkeypatch.setattr(checks.shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 10**6, 10**6))
     with pytest.raises(CaptureError, match=r"not enough disk .* needs up to [\d.]+ MiB .* 1.0 MiB free"):
         _run(settings(llama_dir, corpus, tmp_path / "c"))
     assert not (tmp_path / "c" / "_capture").exists()  # refused before anything was written
@@ -144,23 +145,3 @@ def test_capture_settings_validated(capture_cfg, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(TeacherCacheConfig, None, [f"capture.{k}={json.dumps(v)}" for k, v in capture_cfg.items()]
                     + [f"{s}.{k}={json.dumps(v)}" for s, d in base.items() for k, v in d.items()])
-
-
-def test_shipped_configs_and_readme_examples_validate():
-    import re
-    from pathlib import Path
-
-    import tomllib
-
-    from pipeline.config import StudentRunConfig
-
-    repo = Path(__file__).resolve().parents[1]
-    for name in ("teacher_cache.toml", "fortunes_cache.toml"):
-        load_config(TeacherCacheConfig, repo / "data/configs" / name)
-    for name in ("student.toml", "methods.toml", "fortunes_students.toml"):
-        load_config(StudentRunConfig, repo / "data/configs" / name)
-    blocks = re.findall(r"```toml\n(.*?)```", (repo / "README.md").read_text(), flags=re.S)
-    assert blocks
-    for b in blocks:
-        raw = tomllib.loads(b)
-        (TeacherCacheConfig if "teacher" in raw else StudentRunConfig).model_validate(raw)

@@ -15,13 +15,14 @@ from conftest import capture, settings
 from conftest import STUDENT_ARCH as ARCH
 from transformers import AutoModelForCausalLM
 
-from pipeline.format.cache import Cache, row_column
+from pipeline.format import Cache, row_column
 from pipeline.config import StudentRunConfig
 from pipeline.train.reader import CacheBatches, make_loader
-from pipeline.train.students import StudentError
+from pipeline.errors import StudentError
 from pipeline.train.evaluate import evaluate
-from pipeline.train.recipe import step_losses, train_students
-from pipeline.train.terms import batch_masks
+from pipeline.train.recipe import train_students
+from pipeline.train.step import step_losses
+from pipeline.train.signal import batch_masks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ def test_document_masked_targets_equal_each_document_run_alone(teacher, corpus, 
                      capture=cap))
     c, rows, ids, lengths, f = _split(tmp_path / "c")
     pos = row_column(rows, "position_ids", np.int64)
-    assert c.manifest["preparation"]["document_mask"] is True and "position_ids" in c.manifest["fields"]
+    assert c.manifest.preparation.document_mask is True and "position_ids" in c.manifest.fields
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, attn_implementation="eager").eval()
     checked = 0
     for i, n in enumerate(lengths):
@@ -80,9 +81,9 @@ def test_bos_teacher_cache_records_its_convention_and_inspect_warns_when_rows_la
                                                                                       tmp_path):
     capture(settings(bos_llama_dir, corpus, tmp_path / "auto"))
     capture(settings(bos_llama_dir, corpus, tmp_path / "off", data={"bos": False}))
-    bos = Cache(tmp_path / "auto").manifest["preparation"]["bos"]
+    bos = Cache(tmp_path / "auto").manifest.preparation.bos
     assert bos == {"setting": "auto", "tokenizer_adds_bos": True, "applied": True, "token_id": 2}
-    assert Cache(tmp_path / "off").manifest["preparation"]["bos"]["applied"] is False
+    assert Cache(tmp_path / "off").manifest.preparation.bos["applied"] is False
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     res = {name: subprocess.run([sys.executable, "-m", "stages.cli", "inspect", str(tmp_path / name)], env=env,
                                 capture_output=True, text=True) for name in ("auto", "off")}
@@ -120,8 +121,8 @@ class _FakeComputer:
 
 def test_first_rows_check_warns_when_the_other_bos_choice_is_better():
     from pipeline.capture.run import first_rows_check
-    from pipeline.capture.data import Rows
-    from pipeline.capture.teacher import TeacherSpec
+    from pipeline.capture.rows import Rows
+    from pipeline.models import TeacherSpec
 
     spec = TeacherSpec("llama", 1000, 8, 1, 1, None, None, None, None)
     tok = type("Tok", (), {"bos_token_id": 7})()
@@ -190,9 +191,9 @@ def _first_batch(root, fields=("topk_ids", "topk_logprobs", "logsumexp", "target
     return next(iter(make_loader(ds)))
 
 
-def _loss_and_grads(model, batch, spec):
+def _loss_and_grads(model, batch, spec, manifest):
     model.zero_grad()
-    terms = step_losses(model, batch, spec, {"capture": {"temperatures": []}}, torch.device("cpu"))
+    terms = step_losses(model, batch, spec, manifest, torch.device("cpu"))
     terms["total"].backward()
     return {k: float(v.detach()) for k, v in terms.items()}, [p.grad.clone() for p in model.parameters()]
 
@@ -204,7 +205,7 @@ def test_students_ignore_targets_where_the_loss_mask_is_off(chat_cache):
     masks = batch_masks(batch, torch.device("cpu"))
     off = masks.real & ~masks.kd
     assert off.any() and masks.kd.any() and (masks.kd != masks.real).any()
-    base, grads = _loss_and_grads(model, batch, spec)
+    base, grads = _loss_and_grads(model, batch, spec, c.manifest)
 
     g = torch.Generator().manual_seed(1)
 
@@ -216,11 +217,11 @@ def test_students_ignore_targets_where_the_loss_mask_is_off(chat_cache):
         b["target_logprob"][where] = -torch.rand(b["target_logprob"][where].shape, generator=g)
         return b
 
-    same, grads_same = _loss_and_grads(model, scramble(off), spec)
+    same, grads_same = _loss_and_grads(model, scramble(off), spec, c.manifest)
     assert same == base
     for a, b in zip(grads, grads_same):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    changed, _ = _loss_and_grads(model, scramble(masks.kd), spec)  # the same scramble where it trains: it counts
+    changed, _ = _loss_and_grads(model, scramble(masks.kd), spec, c.manifest)  # the same scramble where it trains: it counts
     assert all(changed[k] != base[k] for k in ("kd_forward", "kd_reverse", "nll_match", "mse_logits"))
     # CE is the mean over the trained positions with a next token, and only those
     with torch.no_grad():
@@ -258,15 +259,56 @@ def test_evaluation_counts_trained_positions_only(chat_cache):
     assert m["tokens"] == int((mask & has_next).sum()) < int(has_next.sum())
 
 
-def test_students_train_on_a_chat_cache_and_refuse_other_masking(chat_cache, corpus, llama_dir, tmp_path):
+def _twin_with_scrambled_targets(src: Path, dest: Path, where: str) -> None:
+    """A copy of a chat cache whose train targets are replaced by noise where the loss mask is off (`where` =
+    "off") or on ("on"), at real positions; everything else byte for byte the same."""
+    import shutil
+
+    import zarr
+
+    shutil.copytree(src, dest)
+    rows = Cache(dest).rows("train")
+    mask = row_column(rows, "loss_mask", bool)
+    real = np.arange(mask.shape[1])[None] < rows.column("length").to_numpy()[:, None]
+    pick = real & (~mask if where == "off" else mask)
+    assert pick.any()
+    rng = np.random.default_rng(0)
+    for field, noise in (("topk_logprobs", lambda n: -10 * rng.random(n)), ("logsumexp", lambda n: 5 * rng.random(n))):
+        arr = zarr.open_array(str(dest / "train" / field), mode="r+")
+        data = arr[:]
+        data[pick] = noise(data[pick].shape).astype(data.dtype)
+        arr[:] = data
+
+
+def test_a_student_run_learns_only_where_the_loss_mask_is_on(chat_cache, tmp_path):
+    """The whole recipe (reader, terms, evaluation), not one batch: a run on a cache whose targets are noise
+    wherever the mask is off ends with the very same weights and metrics; noise where it is on changes them."""
+    def run(root, out):
+        cfg = StudentRunConfig.model_validate({
+            "cache": str(root), "output_dir": str(out), "batch_size": 4, "max_steps": 4, "eval_every": 2,
+            "device": "cpu", "students": [{"name": "s", "arch": ARCH, "losses": {"kd_forward": 0.5, "ce": 0.5}}]})
+        report = train_students(cfg, log=lambda m: None, progress=False)[0]
+        weights = AutoModelForCausalLM.from_pretrained(out / "s" / "model").state_dict()
+        return report, weights
+
+    ref, w_ref = run(chat_cache, tmp_path / "ref")
+    _twin_with_scrambled_targets(chat_cache, tmp_path / "off", "off")
+    off, w_off = run(tmp_path / "off", tmp_path / "o1")
+    _twin_with_scrambled_targets(chat_cache, tmp_path / "on", "on")
+    on, w_on = run(tmp_path / "on", tmp_path / "o2")
+    assert off["final"] == ref["final"]
+    assert all(torch.equal(w_ref[k], w_off[k]) for k in w_ref)
+    assert on["final"]["kl"] != ref["final"]["kl"]  # validation reads the same (unscrambled) split
+    assert any(not torch.equal(w_ref[k], w_on[k]) for k in w_ref)
+
+
+def test_student_runs_refuse_other_masking_than_the_caches(chat_cache, corpus, llama_dir, tmp_path):
     def cfg(root, **kw):
         return StudentRunConfig.model_validate({
             "cache": str(root), "output_dir": str(tmp_path / "out"), "batch_size": 4, "max_steps": 4,
             "eval_every": 2, "device": "cpu",
             "students": [{"name": "s", "arch": ARCH, "losses": {"kd_forward": 0.5, "ce": 0.5}}], **kw})
 
-    reports = train_students(cfg(chat_cache), log=lambda m: None, progress=False)
-    assert reports[0]["steps"] == 4 and np.isfinite(reports[0]["final"]["nll"])
     with pytest.raises(StudentError, match="captured with document_mask = True"):
         train_students(cfg(chat_cache, document_mask=False), log=lambda m: None, progress=False)
     plain = tmp_path / "plain"

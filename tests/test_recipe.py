@@ -18,11 +18,12 @@ from conftest import student_run as run_cfg
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import StudentConfig
-from pipeline.format.cache import Cache
-from pipeline.train import recipe
-from pipeline.train import terms as T
+from pipeline.format import Cache, Manifest
+from pipeline.train import checkpoint, recipe
+from pipeline.train import terms
 from pipeline.train.reader import CacheBatches
-from pipeline.train.students import StudentError, build_student
+from pipeline.errors import StudentError
+from pipeline.train.students import build_student
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,18 +46,35 @@ def _train(cfg, **kw):
     return recipe.train_students(cfg, log=lambda m: None, progress=False, **kw)
 
 
-def test_every_table_derives_from_the_registry():
-    from pipeline.config import loss_terms
+def test_the_registry_drives_needs_fields_and_refusals(cache_dir):
+    """Everything about a student's terms is derived from the registry: what its forward pass records, which
+    capture settings its caches must share, which fields it reads (weight-0 terms: none of these), and which
+    mixes are refused. Each property is read from the Term itself, so breaking the derivation fails here."""
+    from pipeline.format import Manifest
 
-    assert loss_terms() == tuple(T.TERMS)
     spec = StudentConfig(name="s", arch=ARCH, losses={"kd_jsd": 1.0, "hidden_cosine": 0.5, "attn_mse": 0.0})
-    assert T.student_needs(spec) == {"logits", "hidden_states"}
-    assert T.capture_keys(spec) == {"hidden_layers", "hidden_dtype"}
-    manifest = {"capture": {"temperatures": []}, "fields": {f: {} for f in
-                                                            ("topk_ids", "topk_logprobs", "logsumexp", "hidden_states")}}
-    assert T.fields_for(spec, manifest) == ["topk_ids", "topk_logprobs", "logsumexp", "hidden_states"]
-    with pytest.raises(ValueError, match="unknown loss terms"):
-        StudentConfig(name="s", arch=ARCH, losses={"kd_nonsense": 1.0})
+    assert terms.student_needs(spec) == {"logits", "hidden_states"}  # attn_mse has weight 0: no attention maps
+    assert terms.capture_keys(spec) == {"hidden_layers", "hidden_dtype"}
+    document = Cache(cache_dir).manifest.to_dict()
+    document["fields"]["hidden_states"] = {**document["fields"]["logsumexp"], "dims": ["row", "layer", "position",
+                                                                                        "hidden"]}
+    manifest = Manifest.from_dict(document)
+    assert terms.fields_for(spec, manifest) == ["topk_ids", "topk_logprobs", "logsumexp", "hidden_states"]
+    with pytest.raises(StudentError, match="unknown loss terms"):
+        terms.check_losses(StudentConfig(name="s", arch=ARCH, losses={"kd_nonsense": 1.0}))
+    tail_free = [n for n, t in terms.TERMS.items() if t.tail_free]
+    anchors = [n for n, t in terms.TERMS.items() if t.anchors]
+    assert set(tail_free) == {"kd_forward_renorm", "mse_logprobs", "mse_logits"} and "ce" in anchors
+    for name in tail_free:  # alone: refused; with any anchoring term: accepted; or when asked for explicitly
+        with pytest.raises(StudentError, match="ignores the teacher's tail"):
+            terms.check_losses(StudentConfig(name="s", arch=ARCH, losses={name: 1.0}))
+        for anchor in anchors:
+            terms.check_losses(StudentConfig(name="s", arch=ARCH, losses={name: 1.0, anchor: 0.5}))
+        terms.check_losses(StudentConfig(name="s", arch=ARCH, losses={name: 1.0}, allow_biased_kd=True))
+    for name, t in terms.TERMS.items():  # a classification variant is declared on the same Term, or the term is refused
+        assert t.computes("sequence-classification") == (t.classes is not None)
+    with pytest.raises(ValueError, match="registered twice"):
+        terms.registry(terms.TERMS["ce"], terms.TERMS["ce"])
 
 
 def test_a_loss_listed_with_weight_zero_is_not_computed(cache_dir, tmp_path):
@@ -70,13 +88,14 @@ def test_a_loss_listed_with_weight_zero_is_not_computed(cache_dir, tmp_path):
 
 def test_arch_student_ffn_follows_the_teachers_ratio(cache_dir):
     c = Cache(cache_dir)
-    t = c.manifest["teacher"]
-    assert t["intermediate_size"] / t["hidden_size"] == 2.0  # the tiny teacher: FFN twice its width
+    t = c.manifest.teacher
+    assert t.intermediate_size / t.hidden_size == 2.0  # the tiny teacher: FFN twice its width
     spec = StudentConfig(name="s", arch={"num_layers": 1, "hidden_size": 48, "num_heads": 4}, losses={"ce": 1.0})
     model = build_student(spec, c.manifest, c.tokenizer(), torch.device("cpu"))
     assert model.config.intermediate_size == 96  # was Llama's default 11,008 whatever the width
-    old = {**c.manifest, "teacher": {k: v for k, v in t.items() if k != "intermediate_size"}}  # a pre-1.2 manifest
-    model = build_student(spec, old, c.tokenizer(), torch.device("cpu"))
+    document = c.manifest.to_dict()
+    del document["teacher"]["intermediate_size"]  # a pre-1.2 manifest
+    model = build_student(spec, Manifest.from_dict(document), c.tokenizer(), torch.device("cpu"))
     assert model.config.intermediate_size == 128  # Llama's default ratio 11008/4096 x 48, a multiple of 8
 
 
@@ -159,6 +178,7 @@ def test_loss_values_are_read_from_the_device_at_log_steps_only(cache_dir, tmp_p
         _train(run_cfg(cache_dir, tmp_path / str(steps), students, max_steps=steps, eval_every=100, log_every=100,
                        grad_accum=2))
         counts.append(len(calls))
+    assert counts[0] > 0, "the counter never fired: it would not see a sync either"  # the final log reads values
     assert counts[0] == counts[1], counts  # 12 more micro-batches of three terms, not one more read
 
 
@@ -209,10 +229,10 @@ def test_the_saved_model_is_replaced_atomically(cache_dir, tmp_path, monkeypatch
 
     monkeypatch.setattr(type(AutoModelForCausalLM.from_pretrained(d)), "save_pretrained", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
-        recipe.save_model_atomically(AutoModelForCausalLM.from_pretrained(d), AutoTokenizer.from_pretrained(d), d)
+        checkpoint.save_model_atomically(AutoModelForCausalLM.from_pretrained(d), AutoTokenizer.from_pretrained(d), d)
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # the previous model, whole
     d.rename(d.with_name("model.old"))  # killed between the two renames: the next run puts it back
-    recipe.recover_model_dir(d)
+    checkpoint.recover_model_dir(d)
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
 
 
@@ -267,11 +287,12 @@ def test_a_checkpoint_of_another_ffn_width_is_refused_clearly(cache_dir, tmp_pat
 
 def test_capture_ranks_that_prepared_other_rows_are_refused(monkeypatch):
     from pipeline import distributed
-    from pipeline.capture import run as capture_mod
+    from pipeline.capture.plan import same_rows_on_every_rank
+    from pipeline.errors import CaptureError
 
     monkeypatch.setattr(distributed, "ranks", lambda: distributed.Ranks(rank=0, world=2, local_rank=0))
     monkeypatch.setattr(distributed, "all_gather", lambda digest: [digest, "0" * 64])  # rank 1 saw other data
-    with pytest.raises(capture_mod.CaptureError, match=r"ranks \[1\] prepared other rows or settings than rank 0"):
-        capture_mod._same_rows_on_every_rank({"capture": {}}, None)
+    with pytest.raises(CaptureError, match=r"ranks \[1\] prepared other rows or settings than rank 0"):
+        same_rows_on_every_rank({"capture": {}}, None)
     monkeypatch.setattr(distributed, "all_gather", lambda digest: [digest, digest])
-    capture_mod._same_rows_on_every_rank({"capture": {}}, None)  # the same: no complaint
+    same_rows_on_every_rank({"capture": {}}, None)  # the same: no complaint

@@ -10,10 +10,10 @@ import torch
 from conftest import capture, settings
 from transformers import AutoModelForCausalLM
 
-from pipeline.train import losses as Lo
+from pipeline.train import losses
 from pipeline.config import StudentConfig, StudentRunConfig
 from pipeline.train.representation import _resolve, make_projections, map_heads
-from pipeline.train.students import StudentError
+from pipeline.errors import StudentError
 from pipeline.train.recipe import train_students
 
 B, L, D = 2, 6, 5
@@ -37,13 +37,13 @@ def test_hidden_losses_match_reference_and_gradcheck():
     hs, ht = (torch.randn(B, L, D, generator=g, dtype=torch.float64) for _ in range(2))
     m = _mask()
     ref_mse = sum(((hs[b, t] - ht[b, t]) ** 2).mean() for b in range(B) for t in range(L) if m[b, t]) / m.sum()
-    torch.testing.assert_close(Lo.hidden_mse(hs, ht, m), ref_mse)
+    torch.testing.assert_close(losses.hidden_mse(hs, ht, m), ref_mse)
     cos = lambda a, b: (a @ b) / (a.norm() * b.norm())  # noqa: E731
     ref_cos = sum(1 - cos(hs[b, t], ht[b, t]) for b in range(B) for t in range(L) if m[b, t]) / m.sum()
-    torch.testing.assert_close(Lo.hidden_cosine(hs, ht, m), ref_cos)
+    torch.testing.assert_close(losses.hidden_cosine(hs, ht, m), ref_cos)
     x = hs.clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda h: Lo.hidden_mse(h, ht, m), (x,))
-    assert torch.autograd.gradcheck(lambda h: Lo.hidden_cosine(h, ht, m), (x,))
+    assert torch.autograd.gradcheck(lambda h: losses.hidden_mse(h, ht, m), (x,))
+    assert torch.autograd.gradcheck(lambda h: losses.hidden_cosine(h, ht, m), (x,))
 
 
 def test_attention_losses_match_reference_and_ignore_masked_pairs():
@@ -58,16 +58,16 @@ def test_attention_losses_match_reference_and_ignore_masked_pairs():
                 ks = [k for k in range(q + 1) if m[b, k]]
                 kl_rows.append(sum(at[b, h, q, k] * (at[b, h, q, k].log() - as_[b, h, q, k].log()) for k in ks))
                 sq += [(as_[b, h, q, k] - at[b, h, q, k]) ** 2 for k in ks]
-    torch.testing.assert_close(Lo.attention_kl(at, as_, m), torch.stack(kl_rows).mean())
-    torch.testing.assert_close(Lo.attention_mse(at, as_, m), torch.stack(sq).mean())
+    torch.testing.assert_close(losses.attention_kl(at, as_, m), torch.stack(kl_rows).mean())
+    torch.testing.assert_close(losses.attention_mse(at, as_, m), torch.stack(sq).mean())
     noisy = as_.clone()
     noisy[..., ~torch.ones(L, L, dtype=torch.bool).tril()] = 0.7  # above the diagonal
     noisy[1, :, 4:] = 0.3  # padded queries
-    torch.testing.assert_close(Lo.attention_kl(at, noisy, m), Lo.attention_kl(at, as_, m))
-    torch.testing.assert_close(Lo.attention_mse(at, noisy, m), Lo.attention_mse(at, as_, m))
+    torch.testing.assert_close(losses.attention_kl(at, noisy, m), losses.attention_kl(at, as_, m))
+    torch.testing.assert_close(losses.attention_mse(at, noisy, m), losses.attention_mse(at, as_, m))
     x = as_.clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a: Lo.attention_kl(at, a, m), (x,))
-    assert torch.autograd.gradcheck(lambda a: Lo.attention_mse(at, a, m), (x,))
+    assert torch.autograd.gradcheck(lambda a: losses.attention_kl(at, a, m), (x,))
+    assert torch.autograd.gradcheck(lambda a: losses.attention_mse(at, a, m), (x,))
 
 
 def test_nll_match_reference_and_nan_teacher_positions():
@@ -76,9 +76,9 @@ def test_nll_match_reference_and_nan_teacher_positions():
     t[0, -1] = float("nan")
     m = _mask() & torch.isfinite(t)
     ref = sum((s[b, i] - t[b, i]) ** 2 for b in range(B) for i in range(L) if m[b, i]) / m.sum()
-    torch.testing.assert_close(Lo.nll_match(s, t, m), ref)
+    torch.testing.assert_close(losses.nll_match(s, t, m), ref)
     x = s.clone().requires_grad_(True)
-    Lo.nll_match(x, t, m).backward()
+    losses.nll_match(x, t, m).backward()
     assert torch.isfinite(x.grad).all()
 
 
@@ -175,7 +175,7 @@ def test_missing_field_refused_before_training(llama_dir, corpus, tmp_path):
 
 
 def test_teacher_initialised_student_equals_chosen_layers(rich_cache, sharp_teacher, tmp_path):
-    from pipeline.format.cache import Cache
+    from pipeline.format import Cache
     from pipeline.train.students import build_student
 
     c = Cache(rich_cache)
@@ -262,7 +262,7 @@ def test_caches_with_other_tokenizers_are_refused_together(rich_cache, corpus, t
 def test_mutual_learning_pulls_two_students_together(rich_cache, tmp_path):
     """Same students, seeds and data with and without the mutual term: with it, the two students'
     predictions end closer (KL between them on held-out rows); a zeroed or sign-flipped term fails."""
-    from pipeline.format.cache import Cache
+    from pipeline.format import Cache
     from pipeline.train.reader import CacheBatches, make_loader
     from transformers import AutoModelForCausalLM
 

@@ -10,7 +10,9 @@ from conftest import CHATML
 from transformers import AutoTokenizer
 
 from pipeline.config import DataConfig
-from pipeline.capture.data import DataError, RowConvention, load_documents, prepare, render_conversation, tokenize_rows
+from pipeline.capture.documents import RowConvention, load_documents, render_conversation
+from pipeline.capture.rows import prepare, tokenize_rows
+from pipeline.errors import DataError
 
 
 def data_cfg(path, **kw) -> DataConfig:

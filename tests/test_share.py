@@ -18,11 +18,13 @@ import pytest
 from conftest import capture, settings
 from conftest import STUDENT_ARCH as ARCH
 
-from pipeline.format.cache import Cache, CacheError, verify
+from pipeline.format import Cache, CacheError, verify
 from pipeline.format.share import list_caches, pull, push
 from pipeline.format.storage import Storage, StorageError
 from pipeline.config import StudentRunConfig
 from pipeline.train.recipe import train_students
+
+pytestmark = pytest.mark.slow  # local S3 and HTTP servers
 
 REPO = Path(__file__).resolve().parents[1]
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -82,9 +84,9 @@ def test_push_ls_pull_part_verify_and_train_from_the_bucket(local_cache, s3, tmp
     manifest = Cache(local_cache).manifest
     # listed, with what it holds
     (line,) = list_caches("s3://team/caches")
-    assert line["location"] == url and line["digest"] == manifest["digest"] and "hidden_states" in line["fields"]
+    assert line["location"] == url and line["digest"] == manifest.digest and "hidden_states" in line["fields"]
     res = distill("ls", "s3://team/caches")
-    assert res.returncode == 0 and manifest["digest"][:16] in res.stdout and "teacher" in res.stdout
+    assert res.returncode == 0 and manifest.digest[:16] in res.stdout and "teacher" in res.stdout
     assert verify(url) == []
     # a rerun sends nothing: every object is already there with the right checksum
     assert push(local_cache, url, log=lambda m: None)["sent"] == 0
@@ -92,11 +94,11 @@ def test_push_ls_pull_part_verify_and_train_from_the_bucket(local_cache, s3, tmp
     dest = tmp_path / "part"
     stats = pull(url, dest, fields=["topk_ids", "topk_logprobs", "logsumexp"], splits=["train"], log=lambda m: None)
     part = Cache(dest)
-    assert part.manifest["subset"] == {"of_digest": manifest["digest"], "source": url,
+    assert part.manifest.document["subset"] == {"of_digest": manifest.digest, "source": url,
                                        "fields": ["logsumexp", "topk_ids", "topk_logprobs"], "splits": ["train"]}
     assert not (dest / "train" / "hidden_states").exists() and not (dest / "validation").exists()
     assert verify(dest) == [] and distill("inspect", str(dest)).returncode == 0
-    whole = sum(d["bytes"] for d in Cache(local_cache).files.values())
+    whole = sum(d.bytes for d in Cache(local_cache).files.values())
     assert stats["bytes"] < whole
     np.testing.assert_array_equal(part.array("train", "topk_ids")[:], Cache(local_cache).array("train", "topk_ids")[:])
     with pytest.raises(CacheError, match="no dense field 'hidden_states'"):
@@ -143,7 +145,7 @@ def test_push_refuses_to_replace_another_cache_unless_forced(local_cache, llama_
     with pytest.raises(CacheError, match="holds another cache"):
         push(other, url, log=lambda m: None)
     push(other, url, force=True, log=lambda m: None)
-    assert Cache(url).manifest["digest"] == Cache(other).manifest["digest"]
+    assert Cache(url).manifest.digest == Cache(other).manifest.digest
 
 
 def test_pull_refusals(local_cache, llama_dir, corpus, tmp_path):
@@ -254,7 +256,7 @@ def test_storage_options_in_the_config_reach_the_bucket(local_cache, s3, tmp_pat
 def test_capture_straight_into_the_bucket_resumes_and_grows(llama_dir, corpus, local_cache, s3, tmp_path,
                                                             monkeypatch):
     """output.dir = s3://...: every write through the storage layer; a crash resumes; an append grows it."""
-    from pipeline.format.cache import CacheWriter, manifest_files
+    from pipeline.format import CacheWriter
 
     monkeypatch.setenv("TEACHER_CACHE_MIRROR", str(tmp_path / "mirror"))
     url = "s3://team/caches/direct"
@@ -277,10 +279,10 @@ def test_capture_straight_into_the_bucket_resumes_and_grows(llama_dir, corpus, l
     assert capture(cfg).resumed_shards == 1
     assert verify(url) == []
     # the same bytes as the same capture on local disk, file by file
-    assert manifest_files(Cache(url).manifest) == manifest_files(Cache(local_cache).manifest)
+    assert Cache(url).manifest.files == Cache(local_cache).manifest.files
     more = {**cfg, "data": {**cfg["data"], "max_tokens": 3500}, "output": {"dir": url, "mode": "append"}}
     capture(more)
     grown = Cache(url)
-    assert verify(url) == [] and grown.manifest["grown"][0]["rows"]["train"] > 0
-    assert len(grown.array("train", "topk_ids")) == grown.manifest["splits"]["train"]["rows"] == \
+    assert verify(url) == [] and grown.manifest.grown[0].rows["train"] > 0
+    assert len(grown.array("train", "topk_ids")) == grown.manifest.splits["train"].rows == \
         grown.rows("train").num_rows

@@ -15,10 +15,12 @@ from test_targets import _check_logit_targets, _load_split, _reference
 
 from pipeline.capture.targets import draw_samples
 from pipeline.config import StudentConfig
-from pipeline.format.cache import HEAD_FILE, Cache, verify
-from pipeline.train import losses as Lo
-from pipeline.train import terms as TM
+from pipeline.format import HEAD_FILE, Cache, verify
+from pipeline.train import losses
+from pipeline.train import terms
+from pipeline.format.manifest import Capture
 from pipeline.train.head import TeacherHead
+from pipeline.train.signal import TeacherSignal
 
 # ---------------------------------------------------------------------------------------------
 # 1. lossless top-K
@@ -35,7 +37,7 @@ def test_pcodec_topk_fields_hold_exactly_the_zstd_values_in_fewer_bytes(llama_di
     _, _, _, fz = _load_split(tmp_path / "z")
     c, _, _, fp = _load_split(tmp_path / "p")
     assert fz["topk_ids"].dtype == np.int32 and fp["topk_ids"].dtype == np.uint16  # vocab 512 fits in 16 bits
-    assert c.manifest["fields"]["topk_ids"]["codec"] == "pcodec"
+    assert c.manifest.fields["topk_ids"].codec == "pcodec"
     np.testing.assert_array_equal(fp["topk_ids"].astype(np.int32), fz["topk_ids"])
     np.testing.assert_array_equal(fp["topk_logprobs"].view(np.uint16), fz["topk_logprobs"].view(np.uint16))
     for field in ("topk_ids", "topk_logprobs"):
@@ -48,7 +50,7 @@ def test_a_finished_zstd_cache_is_done_for_the_pcodec_default(llama_dir, corpus,
     capture(settings(llama_dir, corpus, tmp_path / "c", capture={"topk_codec": "zstd"}))
     again = capture(settings(llama_dir, corpus, tmp_path / "c"))
     assert again.computed_shards == 0
-    assert "codec" not in Cache(tmp_path / "c").manifest["fields"]["topk_ids"]
+    assert "codec" not in Cache(tmp_path / "c").manifest.document["fields"]["topk_ids"]
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +60,7 @@ def hugevocab_dir(tokenizer_dir, tmp_path_factory):
                       heads=2, kv_heads=1)
 
 
+@pytest.mark.slow
 def test_vocabulary_above_131072_in_every_mode(hugevocab_dir, corpus, tmp_path):
     capture(settings(hugevocab_dir, corpus, tmp_path / "c", data={"max_tokens": 500},
                      capture={"top_k": 32, "samples": 16, "final_hidden": True, "final_hidden_dtype": "float32"}))
@@ -105,6 +108,42 @@ def test_sampled_targets_match_the_teacher_and_a_rerun_draws_the_same(llama_dir,
     assert (top == fa["topk_ids"][..., 0])[real].mean() > 0.5
 
 
+def _capture(**settings) -> Capture:
+    """The capture record of a manifest, for a teacher signal built by hand."""
+    base = dict(top_k=8, temperatures=(), hidden_layers=(), hidden_dtype="float16", attention_layers=(),
+                rows_per_shard=8, rows_per_chunk=2, compression_level=3)
+    return Capture(**{**base, **settings})
+
+
+def _reference_divergence(t_lp: torch.Tensor, s_lp: torch.Tensor, kind: str = "forward", beta: float = 0.5):
+    """Per position, from the definitions in float64, written apart from the production code: sum p log(p / q)
+    over the last axis; the JSD against the mixture m = beta t + (1 - beta) s in probability space."""
+    p, q = t_lp.double().exp(), s_lp.double().exp()
+
+    def kl(a, b):  # KL(a || b) of probability vectors, 0 log 0 = 0
+        return torch.where(a > 0, a * (a.clamp_min(1e-300).log() - b.clamp_min(1e-300).log()), 0.0).sum(-1)
+
+    if kind == "forward":
+        return kl(p, q)
+    if kind == "reverse":
+        return kl(q, p)
+    m = beta * p + (1 - beta) * q
+    return beta * kl(p, m) + (1 - beta) * kl(q, m)
+
+
+def test_the_reference_divergence_is_right():
+    """The reference against hand-computed values: two-point distributions."""
+    t = torch.tensor([[0.5, 0.5]], dtype=torch.float64).log()
+    s = torch.tensor([[0.25, 0.75]], dtype=torch.float64).log()
+    fwd = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    rev = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    m = [0.375, 0.625]
+    js = 0.5 * (0.5 * math.log(0.5 / m[0]) + 0.5 * math.log(0.5 / m[1])) + \
+        0.5 * (0.25 * math.log(0.25 / m[0]) + 0.75 * math.log(0.75 / m[1]))
+    for kind, want in (("forward", fwd), ("reverse", rev), ("jsd", js)):
+        assert _reference_divergence(t, s, kind).item() == pytest.approx(want, rel=1e-12)
+
+
 def _estimate(z_t, z_s, n, T, tau, draws, gen):
     """Per-position importance-sampled KL estimates and their gradients w.r.t. the student's logits, from
     `draws` independent sets of `n` draws, through the capture's sampler and the training term."""
@@ -116,13 +155,13 @@ def _estimate(z_t, z_s, n, T, tau, draws, gen):
              "sample_logprobs": torch.where(counts > 0, zs_at - lse1[:, None], 0.0)[:, None],
              "logsumexp": lse1[:, None],
              "logsumexp_tempered": torch.stack([torch.logsumexp(zt / t, -1) for t in (2.0, 0.5)], 1)[..., None]}
-    sig = TM.TeacherSignal(batch, "cpu", [2.0, 0.5], {"sample_temperature": tau})
+    sig = TeacherSignal(batch, "cpu", _capture(temperatures=(2.0, 0.5), sample_temperature=tau))
     S = z_s.expand(draws, V).clone().requires_grad_(True)
     s_logits = S[:, None]
-    ids_, t_lp, log_w = sig.sampled(T)
+    ids_, t_lp, log_w = sig.sampled(T)  # Sampled(ids, logprobs, log_weights)
     s_lp = s_logits.gather(-1, ids_) / T - torch.logsumexp(s_logits / T, -1)[..., None]
     mask = torch.ones(draws, 1, dtype=torch.bool)
-    loss = Lo.sampled_kl(t_lp, s_lp, log_w, mask, T)
+    loss = losses.sampled_kl(t_lp, s_lp, log_w, mask, T)
     loss.backward()
     per = ((log_w.exp() * (t_lp - s_lp)).masked_fill(log_w == -math.inf, 0).sum(-1)[:, 0] * T**2).detach()
     return loss.detach(), per, S.grad * draws
@@ -139,7 +178,7 @@ def test_sampled_kl_is_unbiased_in_value_and_gradient(T, tau):
     z_s = torch.randn(V, generator=g, dtype=torch.float64)
     loss, per, grads = _estimate(z_t, z_s, n, T, tau, draws, g)
     zs = z_s.clone().requires_grad_(True)
-    exact = Lo.divergence(torch.log_softmax(z_t / T, -1), torch.log_softmax(zs / T, -1)) * T**2
+    exact = _reference_divergence(torch.log_softmax(z_t / T, -1), torch.log_softmax(zs / T, -1)) * T**2
     exact.backward()
     se = per.std() / math.sqrt(draws)
     assert abs(loss.item() - exact.item()) < 5 * se.item() + 1e-12, (loss.item(), exact.item(), se.item())
@@ -158,7 +197,7 @@ def test_sampled_kl_is_exact_in_the_limit_of_many_draws():
     V = 50
     z_t = torch.randn(V, generator=g, dtype=torch.float64) * 2.0
     z_s = torch.randn(V, generator=g, dtype=torch.float64)
-    exact = Lo.divergence(torch.log_softmax(z_t, -1), torch.log_softmax(z_s, -1)).item()
+    exact = _reference_divergence(torch.log_softmax(z_t, -1), torch.log_softmax(z_s, -1)).item()
     errors = []
     for n in (64, 400_000):
         loss, _, _ = _estimate(z_t, z_s, n, 1.0, 1.0, 1, g)
@@ -171,7 +210,7 @@ def test_kd_sampled_trains_a_student_and_refuses_an_uncaptured_temperature(llama
     from conftest import student_run
 
     from pipeline.train.recipe import train_students
-    from pipeline.train.students import StudentError
+    from pipeline.errors import StudentError
 
     capture(settings(llama_dir, corpus, tmp_path / "c", capture={"top_k": 4, "samples": 16}))
     s = {"name": "s", "arch": STUDENT_ARCH, "losses": {"kd_sampled": 1.0}, "lr": 3e-3, "warmup_steps": 0}
@@ -181,7 +220,7 @@ def test_kd_sampled_trains_a_student_and_refuses_an_uncaptured_temperature(llama
     train = [r["kd_sampled"] for r in rec if r["split"] == "train"]
     assert all(np.isfinite(train)) and train[-1] < train[0]
     with pytest.raises(StudentError, match="temperature 2.0"):
-        TM.fields_for(StudentConfig.model_validate({**s, "temperature": 2.0}), Cache(tmp_path / "c").manifest)
+        terms.fields_for(StudentConfig.model_validate({**s, "temperature": 2.0}), Cache(tmp_path / "c").manifest)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,23 +238,24 @@ def _check_final_hidden(model_dir, root):
     return c, f, head, out, valid
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
 def test_full_vocabulary_kd_from_the_cache_equals_the_float64_teacher(llama_dir, corpus, tmp_path, kind):
     capture(settings(llama_dir, corpus, tmp_path / "c", capture={"final_hidden": True,
                                                                   "final_hidden_dtype": "float32"}))
     c, f, head, out, valid = _check_final_hidden(llama_dir, tmp_path / "c")
-    assert HEAD_FILE in c.manifest["metadata_files"] and verify(tmp_path / "c") == []
+    assert HEAD_FILE in c.manifest.metadata_files and verify(tmp_path / "c") == []
     g = torch.Generator().manual_seed(0)
     s64 = (torch.randn(out.logits.shape, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
     mask = torch.from_numpy(valid)
     h = head.decode(torch.from_numpy(f["final_hidden"]))
     for T in (1.0, 2.0):
         s32 = s64.detach().float().requires_grad_(True)
-        got = Lo.full_divergence(head, h, s32, mask, T, kind, 0.3, block=7)
+        got = losses.full_divergence(head, h, s32, mask, T, kind, 0.3, block=7)
         got.backward()
         t_lp = torch.log_softmax(out.logits / T, -1)
         s_lp = torch.log_softmax(s64 / T, -1)
-        per = Lo.divergence(t_lp, s_lp, kind, 0.3)
+        per = _reference_divergence(t_lp, s_lp, kind, 0.3)
         ref = (per * mask).sum() / mask.sum() * T**2
         (gref,) = torch.autograd.grad(ref, s64)
         torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-4, atol=1e-5)
@@ -230,9 +270,9 @@ def test_full_divergence_with_a_student_vocabulary_padded_beyond_the_teachers(ki
     t = torch.randn(2, 3, 10, generator=g, dtype=torch.float64) * 2
     s = torch.randn(2, 3, 13, generator=g, dtype=torch.float64) * 2
     mask = torch.ones(2, 3, dtype=torch.bool)
-    got = Lo.full_divergence(lambda x: x, t, s, mask, 1.0, kind, 0.3, block=4)
+    got = losses.full_divergence(lambda x: x, t, s, mask, 1.0, kind, 0.3, block=4)
     s_lp = torch.log_softmax(s, -1)[..., :10] if kind == "forward" else torch.log_softmax(s[..., :10], -1)
-    ref = Lo.divergence(torch.log_softmax(t, -1), s_lp, kind, 0.3).mean()
+    ref = _reference_divergence(torch.log_softmax(t, -1), s_lp, kind, 0.3).mean()
     torch.testing.assert_close(got, ref)
     assert torch.isfinite(got)
 
@@ -245,7 +285,7 @@ def test_full_vocabulary_fp16_storage_error_is_small_and_verify_covers_the_head(
     head = TeacherHead.from_cache(c, "cpu")
     got = torch.log_softmax(head(head.decode(torch.from_numpy(f["final_hidden"]))).double(), -1)
     ref = torch.log_softmax(out.logits, -1)
-    kl = Lo.divergence(ref, got)[torch.from_numpy(valid)]
+    kl = _reference_divergence(ref, got)[torch.from_numpy(valid)]
     assert kl.max() < 1e-3  # fp16 rounding of the hidden state moves the teacher's distribution this little
     (tmp_path / "c" / HEAD_FILE).write_bytes((tmp_path / "c" / HEAD_FILE).read_bytes()[:-4] + b"\0\0\0\0")
     assert any(HEAD_FILE in p for p in verify(tmp_path / "c"))
@@ -271,7 +311,7 @@ def test_full_vocabulary_students_train_and_evaluate_exactly(llama_dir, corpus, 
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "o/s/model").eval()
     c = Cache(tmp_path / "c")
-    ds = CacheBatches(c, "validation", list(TM.TOPK_FIELDS) + ["final_hidden"], 4, shuffle=False)
+    ds = CacheBatches(c, "validation", list(terms.TOPK_FIELDS) + ["final_hidden"], 4, shuffle=False)
     exact = evaluate(model, make_loader(ds), torch.device("cpu"), TeacherHead.from_cache(c, "cpu"))
     bound = evaluate(model, make_loader(ds), torch.device("cpu"))
     assert exact["kl"] >= bound["kl"] - 1e-5 and exact["nll"] == pytest.approx(bound["nll"])
@@ -291,7 +331,7 @@ def test_int8_hidden_states_stay_within_half_a_step_of_float16(llama_dir, corpus
     capture(settings(llama_dir, corpus, tmp_path / "q", capture={**hs, "hidden_dtype": "int8"}))
     _, _, _, ff = _load_split(tmp_path / "f")
     c, _, _, fq = _load_split(tmp_path / "q")
-    assert fq["hidden_states"].dtype == np.int8 and c.manifest["fields"]["hidden_states"]["encoding"] == "int8-scaled"
+    assert fq["hidden_states"].dtype == np.int8 and c.manifest.fields["hidden_states"].encoding == "int8-scaled"
     deq = decode_hidden(torch.from_numpy(fq["hidden_states"]), "int8-scaled", torch.from_numpy(fq["hidden_scale"]))
     ref = torch.from_numpy(ff["hidden_states"]).double()
     err = (deq.double() - ref).abs()
@@ -301,7 +341,7 @@ def test_int8_hidden_states_stay_within_half_a_step_of_float16(llama_dir, corpus
     assert 0 < rel < 0.02
     # representation terms read it unchanged: the same hidden_mse as on the float16 cache, to int8 precision
     from pipeline.train.reader import CacheBatches
-    from pipeline.train.recipe import build_wiring, step_losses
+    from pipeline.train.step import build_wiring, step_losses
     from pipeline.train.students import build_student
 
     spec = StudentConfig.model_validate({"name": "s", "arch": STUDENT_ARCH, "losses": {"hidden_mse": 1.0}})
@@ -311,7 +351,7 @@ def test_int8_hidden_states_stay_within_half_a_step_of_float16(llama_dir, corpus
         torch.manual_seed(0)
         model = build_student(spec, cache.manifest, cache.tokenizer(), torch.device("cpu"))
         wiring = build_wiring(spec, model, cache.manifest, torch.device("cpu"))
-        batch = next(iter(CacheBatches(cache, "train", TM.fields_for(spec, cache.manifest), 4, shuffle=False)))
+        batch = next(iter(CacheBatches(cache, "train", terms.fields_for(spec, cache.manifest), 4, shuffle=False)))
         vals.append(step_losses(model, batch, spec, cache.manifest, torch.device("cpu"), wiring)["hidden_mse"].item())
     assert vals[1] == pytest.approx(vals[0], rel=0.02)
 
@@ -321,14 +361,21 @@ def test_int8_hidden_states_stay_within_half_a_step_of_float16(llama_dir, corpus
 
 
 def test_tail_free_kd_alone_is_refused_unless_allowed():
+    from pipeline.errors import StudentError
+
     base = {"name": "s", "arch": STUDENT_ARCH}
-    with pytest.raises(ValueError, match="ignores the teacher's tail"):
-        StudentConfig.model_validate({**base, "losses": {"kd_forward_renorm": 1.0}})
-    with pytest.raises(ValueError, match="allow_biased_kd"):
-        StudentConfig.model_validate({**base, "losses": {"mse_logprobs": 1.0, "ce": 0.0}})
-    StudentConfig.model_validate({**base, "losses": {"kd_forward_renorm": 1.0, "ce": 0.1}})
-    StudentConfig.model_validate({**base, "losses": {"kd_forward_renorm": 1.0, "kd_sampled": 0.5}})
-    StudentConfig.model_validate({**base, "losses": {"kd_forward_renorm": 1.0}, "allow_biased_kd": True})
+
+    def check(**kw):
+        terms.check_losses(StudentConfig.model_validate({**base, **kw}))
+
+    with pytest.raises(StudentError, match="ignores the teacher's tail"):
+        check(losses={"kd_forward_renorm": 1.0})
+    with pytest.raises(StudentError, match="allow_biased_kd"):
+        check(losses={"mse_logprobs": 1.0, "ce": 0.0})  # a weight of 0 anchors nothing
+    check(losses={"kd_forward_renorm": 1.0, "ce": 0.1})
+    check(losses={"kd_forward_renorm": 1.0, "kd_sampled": 0.5})
+    check(losses={"kd_forward_renorm": 1.0}, allow_biased_kd=True)
+    check(losses={"kd_forward_renorm": 1.0}, task="sequence-classification")  # a class distribution is whole
 
 
 def test_a_checkpoint_from_before_allow_biased_kd_still_resumes(llama_dir, corpus, tmp_path):
@@ -336,7 +383,8 @@ def test_a_checkpoint_from_before_allow_biased_kd_still_resumes(llama_dir, corpu
     cache's), not as another run."""
     from conftest import student_run
 
-    from pipeline.train.recipe import grown_tasks, open_tasks, resume_identity
+    from pipeline.train.caches import open_tasks
+    from pipeline.train.checkpoint import grown_tasks, resume_identity
 
     capture(settings(llama_dir, corpus, tmp_path / "c"))
     cfg = student_run(tmp_path / "c", tmp_path / "o")
@@ -362,8 +410,8 @@ def test_a_partial_pull_takes_the_lm_head_only_with_the_final_hidden_states(llam
 def test_a_missing_pcodec_package_or_lm_head_is_a_clear_error(llama_dir, corpus, tmp_path, monkeypatch):
     import sys
 
-    from pipeline.capture.run import CaptureError
-    from pipeline.format.cache import CacheError
+    from pipeline.errors import CaptureError
+    from pipeline.errors import CacheError
 
     capture(settings(llama_dir, corpus, tmp_path / "c", data={"max_tokens": 600}))
     with pytest.raises(CacheError, match="no final hidden states"):

@@ -8,7 +8,7 @@ import torch
 from conftest import capture, settings
 from transformers import AutoModelForCausalLM
 
-from pipeline.format.cache import Cache
+from pipeline.format import Cache
 
 
 def _reference(model_dir, input_ids: np.ndarray, lengths: np.ndarray, eager: bool = False, dtype=torch.float64):
@@ -62,7 +62,7 @@ def _check_logit_targets(model_dir, root, k, temperatures=()):
     for j, t in enumerate(temperatures):
         ref_t = torch.logsumexp(logits / t, -1).numpy()
         np.testing.assert_allclose(f["logsumexp_tempered"][:, j][valid], ref_t[valid], rtol=1e-5, atol=1e-4)
-    assert c.manifest["capture"]["temperatures_all"] == [1.0, *temperatures]
+    assert list(c.manifest.capture.temperatures_all) == [1.0, *temperatures]
     return c, f
 
 
@@ -86,7 +86,7 @@ def test_vocabulary_above_int16_range(bigvocab_dir, corpus, tmp_path):
     c, f = _check_logit_targets(bigvocab_dir, tmp_path / "c", 32)
     assert f["topk_ids"].dtype == np.int32
     assert f["topk_ids"].max() > 65_535
-    assert c.manifest["teacher"]["vocab_size"] == 70_000
+    assert c.manifest.teacher.vocab_size == 70_000
 
 
 def test_k_equal_to_vocabulary_captures_whole_distribution(llama_dir, corpus, tmp_path):
@@ -95,7 +95,7 @@ def test_k_equal_to_vocabulary_captures_whole_distribution(llama_dir, corpus, tm
     valid = np.arange(32)[None] < lengths[:, None]
     mass = np.exp(f["topk_logprobs"].astype(np.float64)).sum(-1)
     np.testing.assert_allclose(mass[valid], 1.0, atol=0.02)  # fp16 log-probs, 512 terms
-    assert np.isclose(c.manifest["stats"]["mean_topk_mass"], mass[valid].mean(), atol=1e-6)
+    assert np.isclose(c.manifest.stats.mean_topk_mass, mass[valid].mean(), atol=1e-6)
 
 
 @pytest.mark.parametrize("model_fixture", ["llama_dir", "gpt2_dir"])
@@ -110,7 +110,7 @@ def test_hidden_states_and_attentions_match_eager_forward(request, model_fixture
     out, valid = _reference(model_dir, ids, lengths, eager=True, dtype=torch.float32)
     hs = f["hidden_states"]
     if dtype == "bfloat16":
-        assert c.manifest["fields"]["hidden_states"]["encoding"] == "bfloat16-bits"
+        assert c.manifest.fields["hidden_states"].encoding == "bfloat16-bits"
         hs = torch.from_numpy(hs.view(np.int16)).view(torch.bfloat16).float().numpy()
         tol = dict(rtol=1e-2, atol=1e-2)
     else:
@@ -126,7 +126,7 @@ def test_hidden_states_and_attentions_match_eager_forward(request, model_fixture
         np.testing.assert_allclose(att[:, j].astype(np.float32)[np.broadcast_to(both, ref.shape)],
                                    ref[np.broadcast_to(both, ref.shape)], atol=1e-3)
     assert np.triu(att.astype(np.float32), k=1).max() == 0  # causal: nothing above the diagonal
-    assert c.manifest["capture"]["hidden_layers"] == [0, 1, n_layers]
+    assert list(c.manifest.capture.hidden_layers) == [0, 1, n_layers]
 
 
 def test_attention_head_selection_and_mean(llama_dir, corpus, tmp_path):
@@ -175,7 +175,7 @@ def test_attention_capture_keeps_sdpa_for_other_layers(llama_dir):
 
 def test_chunked_head_matches_full_logits_and_bounds_blocks(llama_dir):
     from pipeline.capture.targets import logit_targets
-    from pipeline.capture.teacher import TeacherSpec, output_logits
+    from pipeline.models import TeacherSpec, output_logits
 
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float64).eval()
     spec = TeacherSpec.from_config(model.config)
@@ -209,7 +209,7 @@ def test_fp16_overflow_is_an_error_not_inf():
 
 
 def test_softcap_and_logit_scaling_follow_the_config():
-    from pipeline.capture.teacher import TeacherSpec, output_logits
+    from pipeline.models import TeacherSpec, output_logits
 
     head = torch.nn.Linear(4, 6, bias=False)
     h = torch.randn(3, 4)

@@ -12,9 +12,9 @@ from conftest import STUDENT_ARCH as ARCH
 from conftest import student_run as run_cfg
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.format.cache import Cache, CacheError
+from pipeline.format import Cache, CacheError
 from pipeline.train.reader import CacheBatches, batch_plan, make_loader
-from pipeline.train.students import StudentError
+from pipeline.errors import StudentError
 from pipeline.train.evaluate import evaluate
 from pipeline.train.recipe import train_students
 from pipeline.train.terms import fields_for
@@ -82,10 +82,13 @@ def test_reader_subset_by_key_and_unknown_field(cache_dir):
 
 
 def test_loss_needing_a_missing_field_is_refused(cache_dir):
-    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    from pipeline.format import Manifest
+
+    document = json.loads((cache_dir / "manifest.json").read_text())
     spec = run_cfg(cache_dir, "x").students[0]
-    assert fields_for(spec, manifest) == ["topk_ids", "topk_logprobs", "logsumexp"]
-    del manifest["fields"]["topk_logprobs"]
+    assert fields_for(spec, Manifest.from_dict(document)) == ["topk_ids", "topk_logprobs", "logsumexp"]
+    del document["fields"]["topk_logprobs"]
+    manifest = Manifest.from_dict(document)
     with pytest.raises(StudentError, match="loss kd_forward needs field 'topk_logprobs'"):
         fields_for(spec, manifest)
     ce_only = spec.model_copy(update={"losses": {"ce": 1.0}})
@@ -190,6 +193,7 @@ def test_killed_run_resumes_to_the_same_weights(cache_dir, tmp_path):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_validation_loss_falls_and_eval_matches_reference(cache_dir, tmp_path):
     from pipeline.train.students import build_student
 
@@ -228,6 +232,7 @@ def test_early_stopping_keeps_the_best_weights_in_model_dir(cache_dir, tmp_path,
     """Scripted validation NLLs (best at the second evaluation, then worse) drive early stopping; the
     weights are real: model/ must hold the student as it was at the best step, not at the last."""
     import pipeline.train.recipe as recipe
+    import pipeline.train.validation as validation
 
     script = iter([5.0, 4.0, 4.5, 4.6, 4.7, 4.8])
 
@@ -236,7 +241,7 @@ def test_early_stopping_keeps_the_best_weights_in_model_dir(cache_dir, tmp_path,
         return {n: {"nll": nll, "ppl": float(np.exp(nll)), "top1_agreement": 0.1, "kl": 1.0, "ece": 0.1, "tokens": 1}
                 for n in models}
 
-    monkeypatch.setattr(recipe, "evaluate_all", scripted)
+    monkeypatch.setattr(validation, "evaluate_all", scripted)
     weights_at = {}
     cfg = run_cfg(cache_dir, tmp_path, max_steps=30, eval_every=2, patience=2)
     run = recipe.Recipe(cfg, log=lambda m: None, progress=False)

@@ -15,14 +15,11 @@ import numpy as np
 import torch
 
 from .. import attention
-from .teacher import TeacherSpec, output_logits
+from ..errors import CaptureOverflowError
+from ..models import TeacherSpec, output_logits
 
 HIDDEN_DTYPES = {"float16": (torch.float16, np.float16), "bfloat16": (torch.bfloat16, None),
                  "float32": (torch.float32, np.float32)}
-
-
-class CaptureOverflowError(RuntimeError):
-    """A finite teacher value that the chosen storage dtype cannot represent."""
 
 
 @dataclass

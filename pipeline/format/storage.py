@@ -21,11 +21,9 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import StorageError
+
 BLOCK = 4 << 20  # bytes per read while hashing or copying
-
-
-class StorageError(RuntimeError):
-    """A location that cannot be read or written as asked; the message names it and the cause."""
 
 
 def is_url(location: str | Path) -> bool:
@@ -39,6 +37,15 @@ def stream_digest(f) -> dict:
         h.update(block)
         n += len(block)
     return {"bytes": n, "sha256": h.hexdigest()}
+
+
+def unreachable(error: BaseException | None) -> bool:
+    """Whether an error says the location could not be reached at all (a refused or dropped connection, a
+    timeout, an unknown host), as opposed to an answer that the object is not there."""
+    if error is None:
+        return False
+    names = {c.__name__ for c in type(error).__mro__}
+    return isinstance(error, OSError) and not isinstance(error, FileNotFoundError) or "ClientConnectionError" in names
 
 
 @contextmanager
@@ -90,8 +97,16 @@ class Storage:
 
     # -- reading ------------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
+        """A file at `rel`. A location that cannot be reached (a refused connection, missing credentials) is
+        a StorageError naming the cause, never "no such file" (fsspec's own isfile says False to both)."""
         with storage_errors(self.location, f"cannot look up {rel} in"):
-            return self.fs.isfile(self.path(rel))
+            try:
+                return self.fs.info(self.path(rel)).get("type", "file") == "file"
+            except (FileNotFoundError, NotADirectoryError) as e:
+                cause = e.__cause__  # fsspec's HTTP backend turns every failure into FileNotFoundError
+                if unreachable(cause):
+                    raise StorageError(f"cannot reach {self.location}: {type(cause).__name__}: {cause}") from e
+                return False
 
     def has(self, rel: str) -> bool:
         """A file or a folder (a prefix, on object stores) at `rel`."""

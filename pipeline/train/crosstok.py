@@ -9,7 +9,7 @@ teacher terms; every student position still trains with CE on its own next token
 Rows are cut into runs of ordinary tokens and single special tokens:
 - A run is decoded alone (the cache tokenizer's Rust decoder, no clean-up of spaces). Its teacher
   boundaries come from encoding that text again with offsets: when the encoding gives back the
-  cached ids (a *lossless* run; 95-100% of rows on the default cache, README), its offsets are the
+  cached ids (a *lossless* run; 95-100% of rows on the default cache, docs/cross-tokenizer.md), its offsets are the
   boundaries. Otherwise (a row that starts inside a character or a word the tokenizer would have
   merged otherwise, a normalizer that changed the text), each boundary is the length of the
   decoded prefix of the run, ids[:i + 1]: exact for any tokenizer, O(L^2), used only there.
@@ -44,7 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .students import StudentError
+from ..errors import StudentError
+from ..format.layout import row_column, row_values
 
 REPLACEMENT = "\ufffd"
 SPECIAL_ROLES = ("eos_token", "bos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
@@ -315,17 +316,14 @@ def teacher_chars(tok, input_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray
 def stored_rows(cache, split: str, student_tok, folder: Path, name: str, teacher_tok=None) -> StudentRows:
     """A split re-tokenised for `student_tok`, computed once and kept in `folder` under a name that holds the
     cache's digest and both tokenizers' digests (a changed cache or tokenizer gets a new file)."""
-    from ..format.cache import row_column
-    from .reader import row_values
-
     teacher_tok = teacher_tok or cache.tokenizer()
-    key = hashlib.sha256(json.dumps([FORMAT, cache.manifest["digest"], split, tokenizer_digest(teacher_tok),
+    key = hashlib.sha256(json.dumps([FORMAT, cache.manifest.digest, split, tokenizer_digest(teacher_tok),
                                      tokenizer_digest(student_tok)]).encode()).hexdigest()[:24]
     path = folder / f"retokenized-{split}-{key}.npz"
     if path.exists():
         return StudentRows.load(path)
     table = cache.rows(split)
-    fields = cache.manifest["fields"]
+    fields = cache.manifest.fields
     pad = student_tok.pad_token_id if student_tok.pad_token_id is not None else student_tok.eos_token_id
     rows = retokenize_split(Retokenizer(teacher_tok, student_tok, name), row_column(table, "input_ids", np.int64),
                             table.column("length").to_numpy().astype(np.int64), pad if pad is not None else 0,
@@ -395,3 +393,25 @@ class VocabMap:
                 counts["first_piece"] += 1
         counts["unmapped"] = int((out < 0).sum())
         return cls(torch.from_numpy(out), counts)
+
+
+def prepare_student(name: str, tokenizer, model, folder: Path, tasks: dict, cache_tokenizer, vocab_size: int
+                    ) -> tuple[VocabMap, dict, dict]:
+    """A student with another tokenizer: (the teacher's vocabulary mapped into its own, every split of every task
+    re-tokenised for it ({(task, split): StudentRows}, computed once and kept in `folder`), its train split's
+    alignment statistics). `cache_tokenizer` is the first task's cache's tokenizer."""
+    require_offsets(tokenizer, f"student {name!r}'s tokenizer")
+    vocab_map = VocabMap.build(cache_tokenizer, tokenizer, vocab_size)
+    first = next(iter(tasks.values()))[0]
+    rows, longest = {}, 0
+    for task, (c, _) in tasks.items():
+        for split in c.splits:
+            rows[(task, split)] = stored_rows(c, split, tokenizer, folder, name,
+                                              cache_tokenizer if c is first else None)
+            longest = max(longest, rows[(task, split)].input_ids.shape[1])
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is not None and longest > limit:
+        raise StudentError(f"student {name!r}: its tokenizer writes the cache's rows in up to {longest} "
+                           f"tokens, more than its {limit} positions")
+    train = rows.get((next(iter(tasks)), "train"))
+    return vocab_map, rows, train.stats() if train is not None else {}

@@ -23,8 +23,10 @@ import numpy as np
 import torch
 
 from .. import distributed
-from . import losses as L
-from .terms import TeacherSignal, aligned_masks, batch_masks
+from ..format.layout import row_column
+from ..format.manifest import Task
+from . import losses
+from .signal import TeacherSignal, aligned_masks, batch_masks
 
 ECE_BINS = 15
 LOWER_IS_BETTER = {"nll": True, "kl": True, "top1_agreement": False, "ece": True, "accuracy": False, "macro_f1": False,
@@ -53,36 +55,36 @@ def _accumulate(model, batch: dict, device, head=None, reading: Reading | None =
         ids = view["input_ids"].to(device)
         masks = aligned_masks(view, device)
         chars = view["chars"].to(device)
-        sig = TeacherSignal(batch, device, []).aligned(view["align"], reading.dims)
+        sig = TeacherSignal(batch, device).aligned(view["align"], reading.dims)
     else:
         ids = batch["input_ids"].to(device)
         masks = batch_masks(batch, device)
         if reading.chars is not None:
             chars = torch.from_numpy(reading.chars[batch["row"].numpy(), : ids.shape[1]]).to(device)
-        sig = TeacherSignal(batch, device, [])
+        sig = TeacherSignal(batch, device)
     valid, has_next = masks.kd, masks.ce
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = model(input_ids=ids, **masks.forward).logits
-    lse = L.logsumexp_t(logits)
+    lse = losses.logsumexp_t(logits)
     nxt = torch.roll(ids, -1, dims=1)
-    tgt_lp = L.next_token_logprobs(logits, ids, lse)
+    tgt_lp = losses.next_token_logprobs(logits, ids, lse)
     top_val, top_id = logits.max(-1)
     topk_ids = sig.topk_ids
     t_lp, t_tail = sig.topk(1.0)
     mass = n_aligned = torch.tensor(float("nan"), dtype=torch.float64)  # NaN: not a cross-tokenizer student
     if reading.rows is not None:
         mapped = reading.vocab_map.ids.to(device)[topk_ids]  # (B, L_s, K) student ids, -1: none
-        s_lp = L._acc(logits.gather(-1, mapped.clamp(min=0))) - lse[..., None]
-        kl = L.mapped_forward_kl(t_lp, t_tail, mapped, s_lp, valid) * valid.sum()
+        s_lp = losses.upcast(logits.gather(-1, mapped.clamp(min=0))) - lse[..., None]
+        kl = losses.mapped_forward_kl(t_lp, t_tail, mapped, s_lp, valid) * valid.sum()
         agree = (top_id == mapped[..., 0])[valid].double().sum()
         mass = torch.where(mapped >= 0, t_lp.exp(), 0.0).sum(-1)[valid].double().sum()
         n_aligned = masks.rep.sum().double()
     else:
         if head is not None and "final_hidden" in batch:
-            kl = L.full_divergence(head, head.decode(batch["final_hidden"].to(device)), logits, valid) * valid.sum()
+            kl = losses.full_divergence(head, head.decode(batch["final_hidden"].to(device)), logits, valid) * valid.sum()
         else:
-            s_lp, s_tail = L.student_topk_logprobs(logits, topk_ids, 1.0, lse=lse)
-            kl = L.forward_kl(t_lp, t_tail, s_lp, s_tail, valid) * valid.sum()
+            s_lp, s_tail = losses.student_topk_logprobs(logits, topk_ids, 1.0, lse=lse)
+            kl = losses.forward_kl(t_lp, t_tail, s_lp, s_tail, valid) * valid.sum()
         agree = (top_id == topk_ids[..., 0])[valid].double().sum()
     conf = torch.exp(top_val.float() - lse)[has_next].double()
     correct = (top_id == nxt)[has_next].double()
@@ -115,13 +117,13 @@ def _metrics(acc: torch.Tensor) -> dict[str, float]:
     return out
 
 
-def evaluate_all(models: dict[str, torch.nn.Module], batches, device, head=None, task: dict | None = None,
+def evaluate_all(models: dict[str, torch.nn.Module], batches, device, head=None, task: Task | None = None,
                  readings: dict[str, Reading] | None = None) -> dict[str, dict[str, float]]:
     """{name: metrics} for every model, reading `batches` once (this rank's share of them); the sums
     are added over ranks when run under torch.distributed. `head`: the cache's TeacherHead, for an
-    exact KL from batches that hold final_hidden. `task`: a classification cache's manifest task.
+    exact KL from batches that hold final_hidden. `task`: the cache's task (a classifier's labels).
     `readings`: per model, how it reads the batches (default: the cache's tokens, no NLL per character)."""
-    if task is not None:
+    if task is not None and task.classifier:
         return _evaluate_classes(models, batches, device, task)
     readings = readings or {}
     stacked = _sweep(models, batches, len(_SUMS) + 3 * ECE_BINS,
@@ -146,7 +148,7 @@ def _sweep(models: dict, batches, size: int, sums) -> torch.Tensor:
     return distributed.sum_(acc) if models else acc
 
 
-def evaluate(model, batches, device, head=None, task: dict | None = None, reading: Reading | None = None
+def evaluate(model, batches, device, head=None, task: Task | None = None, reading: Reading | None = None
              ) -> dict[str, float]:
     """One model's metrics (see `evaluate_all`)."""
     return evaluate_all({"model": model}, batches, device, head, task,
@@ -203,10 +205,10 @@ def entity_scheme(labels: list[str]) -> bool:
 _CSUMS = ("nll", "n_labelled", "correct", "agree", "kl", "n_kd", "ent_tp", "ent_pred", "ent_gold")
 
 
-def _evaluate_classes(models, batches, device, task: dict) -> dict[str, dict[str, float]]:
-    names = task["labels"]
+def _evaluate_classes(models, batches, device, task: Task) -> dict[str, dict[str, float]]:
+    names = list(task.labels)
     C = len(names)
-    tagged = task["type"] == "token-classification" and entity_scheme(names)
+    tagged = task.per_token and entity_scheme(names)
     stacked = _sweep(models, batches, len(_CSUMS) + 3 * ECE_BINS + C * C,
                      lambda name, m, b: _class_sums(m, b, device, C, names if tagged else None))
     return {name: _class_metrics(stacked[i], C, tagged) for i, name in enumerate(models)}
@@ -223,7 +225,7 @@ def _class_sums(model, batch: dict, device, C: int, tag_names: list[str] | None)
     t_lp = batch["class_logprobs"].to(device).double()
     pred, gold, t_pred = lp.argmax(-1), labels.clamp(min=0), t_lp.argmax(-1)
     nll = -lp.gather(-1, gold[..., None])[..., 0]
-    kl = L.divergence(t_lp, lp, "forward")
+    kl = losses.divergence(t_lp, lp, "forward")
     conf = lp.max(-1).values.exp()[lab]
     correct = (pred == gold)[lab].double()
     b = torch.clamp((conf * ECE_BINS).long(), max=ECE_BINS - 1)
@@ -266,17 +268,15 @@ def teacher_metrics(cache, split: str, chars: np.ndarray | None, rows: int | Non
     """The teacher's own NLL of the true next token on a split (its first `rows` rows), per token and, with the
     characters per cached token, per character: the figure students of any tokenizer are compared with. None
     when the cache did not capture target_logprob."""
-    if "target_logprob" not in cache.manifest["fields"]:
+    if "target_logprob" not in cache.manifest.fields:
         return None
-    from ..format.cache import row_column
-
     table = cache.rows(split, max_rows=rows)
     n = len(table)
     lp = np.asarray(cache.array(split, "target_logprob")[:n], dtype=np.float64)  # (N, L)
     lengths = table.column("length").to_numpy()
     pos = np.arange(lp.shape[1])[None]
     has_next = pos < (lengths[:, None] - 1)
-    if "loss_mask" in cache.manifest["fields"]:
+    if "loss_mask" in cache.manifest.fields:
         has_next &= row_column(table, "loss_mask", np.bool_)
     has_next &= np.isfinite(lp)
     nll = -lp[has_next].sum()

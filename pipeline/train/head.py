@@ -2,7 +2,7 @@
 
 With the teacher's final (normed) hidden state per position in the cache and its head here, the
 teacher's full distribution is recomputed exactly, block by block, during training: the teacher's
-body is never loaded. The logits are those of `pipeline.capture.teacher.output_logits`: the head,
+body is never loaded. The logits are those of `pipeline.models.output_logits`: the head,
 then `finish_logits` with the logit scale, divisor and final softcap the manifest records.
 """
 
@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import torch
 
-from ..capture.teacher import finish_logits
-from ..format.cache import HEAD_FILE, Cache, CacheError
+from ..errors import CacheError
+from ..format.layout import HEAD_FILE
+from ..format.manifest import Teacher
+from ..format.reader import Cache
+from ..models import finish_logits
 from .representation import decode_hidden
 
 
 class TeacherHead:
     """hidden (P, d) -> the teacher's logits (P, V) float32, computed in float32 on `device`."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, teacher: dict, encoding: str | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, teacher: Teacher, encoding: str | None = None):
         self.weight = weight.float()  # (V, d)
         self.bias = None if bias is None else bias.float()
-        self.scale, self.divisor = teacher.get("logit_scale"), teacher.get("logits_divisor")
-        self.softcap = teacher.get("logit_softcap")
+        self.scale, self.divisor, self.softcap = teacher.logit_scale, teacher.logits_divisor, teacher.logit_softcap
         self.encoding = encoding  # of the cached final_hidden field
 
     @classmethod
@@ -30,15 +32,15 @@ class TeacherHead:
         from safetensors.torch import load_file
 
         m = cache.manifest
-        if "final_hidden" not in m["fields"]:
+        if "final_hidden" not in m.fields:
             raise CacheError(f"{cache.root}: no final hidden states (capture.final_hidden was off)")
         if HEAD_FILE not in cache.files:
             raise CacheError(f"{cache.root}: the manifest lists no {HEAD_FILE} (a partial pull without it?)")
         tensors = load_file(str(cache.local_file(HEAD_FILE)), device=str(device))
-        if tensors["weight"].shape != (m["teacher"]["vocab_size"], m["teacher"]["hidden_size"]):
+        if tensors["weight"].shape != (m.teacher.vocab_size, m.teacher.hidden_size):
             raise CacheError(f"{cache.root}/{HEAD_FILE}: weight has shape {tuple(tensors['weight'].shape)}, the "
-                             f"manifest says ({m['teacher']['vocab_size']}, {m['teacher']['hidden_size']})")
-        return cls(tensors["weight"], tensors.get("bias"), m["teacher"], m["fields"]["final_hidden"].get("encoding"))
+                             f"manifest says ({m.teacher.vocab_size}, {m.teacher.hidden_size})")
+        return cls(tensors["weight"], tensors.get("bias"), m.teacher, m.fields["final_hidden"].encoding)
 
     def decode(self, cached: torch.Tensor) -> torch.Tensor:
         """The cached final_hidden field (float16, float32 or bfloat16 bits) as float32."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _acc(x: torch.Tensor) -> torch.Tensor:
+def upcast(x: torch.Tensor) -> torch.Tensor:
     """Accumulation dtype: float64 stays float64 (references, gradcheck), anything else -> float32."""
     return x if x.dtype == torch.float64 else x.float()
 
@@ -41,7 +41,7 @@ class _LogSumExpT(torch.autograd.Function):
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         out = torch.empty(flat.shape[0], dtype=acc, device=logits.device)
         for s in range(0, flat.shape[0], block):
-            out[s : s + block] = torch.logsumexp(_acc(flat[s : s + block]) / temperature, dim=-1)
+            out[s : s + block] = torch.logsumexp(upcast(flat[s : s + block]) / temperature, dim=-1)
         ctx.save_for_backward(logits, out)
         ctx.temperature, ctx.block = temperature, block
         return out.reshape(logits.shape[:-1])
@@ -54,7 +54,7 @@ class _LogSumExpT(torch.autograd.Function):
         g = grad.reshape(-1).to(lse.dtype) / T
         out = torch.empty_like(flat)
         for s in range(0, flat.shape[0], block):  # d lse / d z = softmax(z / T) / T
-            p = torch.exp(_acc(flat[s : s + block]) / T - lse[s : s + block, None])
+            p = torch.exp(upcast(flat[s : s + block]) / T - lse[s : s + block, None])
             out[s : s + block] = (p * g[s : s + block, None]).to(out.dtype)
         return out.reshape(logits.shape), None, None
 
@@ -72,7 +72,7 @@ def student_topk_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: 
     """
     if lse is None:
         lse = logsumexp_t(logits, temperature)  # (B, L)
-    lp = _acc(logits.gather(-1, ids)) / temperature - lse[..., None]  # (B, L, K)
+    lp = upcast(logits.gather(-1, ids)) / temperature - lse[..., None]  # (B, L, K)
     return lp, log1mexp(torch.logsumexp(lp, dim=-1))
 
 
@@ -80,7 +80,7 @@ def next_token_logprobs(logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tens
     """log p(ids[:, t + 1]) at each position t, (B, L); the last position's value wraps around and
     must be masked by the caller (positions without a next token)."""
     nxt = torch.roll(ids, -1, dims=1)[..., None]
-    return _acc(logits.gather(-1, nxt)[..., 0]) - lse
+    return upcast(logits.gather(-1, nxt)[..., 0]) - lse
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -106,16 +106,16 @@ def teacher_topk_logprobs(topk_logprobs: torch.Tensor, logsumexp: torch.Tensor, 
     a single token whose logit carries the tail's whole T=1 mass; this underestimates the tail's
     share when T > 1 (the tail is many small logits, each raised) and overestimates it when T < 1.
     """
-    lp = _acc(topk_logprobs)
+    lp = upcast(topk_logprobs)
     if temperature == 1.0:
         return lp, log1mexp(torch.logsumexp(lp, dim=-1))
-    z = lp + _acc(logsumexp)[..., None]  # raw teacher logits at the ids, (B, L, K)
+    z = lp + upcast(logsumexp)[..., None]  # raw teacher logits at the ids, (B, L, K)
     if logsumexp_tempered is not None:
-        lp_t = z / temperature - _acc(logsumexp_tempered)[..., None]
+        lp_t = z / temperature - upcast(logsumexp_tempered)[..., None]
         return lp_t, log1mexp(torch.logsumexp(lp_t, dim=-1))
     warnings.warn(f"temperature {temperature} was not captured: the teacher's tempered tail is approximated "
                   "(see pipeline.losses.teacher_topk_logprobs)", stacklevel=2)
-    tail = log1mexp(torch.logsumexp(lp, dim=-1)) + _acc(logsumexp)  # log of the tail's summed exp(z)
+    tail = log1mexp(torch.logsumexp(lp, dim=-1)) + upcast(logsumexp)  # log of the tail's summed exp(z)
     both = torch.cat([z, tail[..., None]], dim=-1) / temperature  # (B, L, K + 1)
     lp_all = both - torch.logsumexp(both, dim=-1, keepdim=True)
     return lp_all[..., :-1], lp_all[..., -1]
@@ -224,11 +224,11 @@ def full_divergence(teacher_logits, t_inputs: torch.Tensor, s_logits: torch.Tens
     def block_div(x, s):
         t = teacher_logits(x)
         V = t.shape[-1]
-        t_lp = torch.log_softmax(_acc(t) / temperature, -1)
+        t_lp = torch.log_softmax(upcast(t) / temperature, -1)
         if kind == "forward":  # the student's extra rows count in its softmax: KL pushes their mass down
-            s_lp = torch.log_softmax(_acc(s) / temperature, -1)[..., :V]
+            s_lp = torch.log_softmax(upcast(s) / temperature, -1)[..., :V]
         else:  # KL(s || .) would be infinite on rows the teacher gives p = 0: the student's first V rows
-            s_lp = torch.log_softmax(_acc(s[..., :V]) / temperature, -1)
+            s_lp = torch.log_softmax(upcast(s[..., :V]) / temperature, -1)
         return divergence(t_lp, s_lp, kind, beta)
 
     xf = t_inputs.reshape(-1, *t_inputs.shape[2:])
@@ -264,12 +264,12 @@ def sampled_kl(t_lp: torch.Tensor, s_lp: torch.Tensor, log_w: torch.Tensor, mask
 
 def hidden_mse(h_s: torch.Tensor, h_t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, L, d) projected student vs teacher hidden states: mean over d of the squared error, per token."""
-    return masked_mean(((_acc(h_s) - _acc(h_t)) ** 2).mean(-1), mask)
+    return masked_mean(((upcast(h_s) - upcast(h_t)) ** 2).mean(-1), mask)
 
 
 def hidden_cosine(h_s: torch.Tensor, h_t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 - cosine similarity of (B, L, d) student (projected) and teacher hidden states, per token."""
-    return masked_mean(1 - F.cosine_similarity(_acc(h_s), _acc(h_t), dim=-1, eps=1e-8), mask)
+    return masked_mean(1 - F.cosine_similarity(upcast(h_s), upcast(h_t), dim=-1, eps=1e-8), mask)
 
 
 def _attention_mask(mask: torch.Tensor, causal: bool = True) -> torch.Tensor:
@@ -290,7 +290,7 @@ def attention_kl(a_t: torch.Tensor, a_s: torch.Tensor, mask: torch.Tensor, eps: 
     the diagonal) carry no loss; mean over heads and real query rows.
     """
     pair = _attention_mask(mask, causal)
-    t, s = _acc(a_t), _acc(a_s)
+    t, s = upcast(a_t), upcast(a_s)
     kl = torch.where(pair & (t > 0), t * (torch.log(t.clamp(min=eps)) - torch.log(s.clamp(min=eps))),
                      torch.zeros_like(t)).sum(-1)  # (B, H, L)
     q = mask[:, None, :].expand_as(kl)
@@ -301,13 +301,13 @@ def attention_mse(a_t: torch.Tensor, a_s: torch.Tensor, mask: torch.Tensor, caus
     """Mean squared error of attention probabilities over valid (query, key [<= query when `causal`]) pairs
     (TinyBERT)."""
     pair = _attention_mask(mask, causal).expand(a_t.shape)
-    return masked_mean((_acc(a_s) - _acc(a_t)) ** 2, pair)
+    return masked_mean((upcast(a_s) - upcast(a_t)) ** 2, pair)
 
 
 def nll_match(s_target_lp: torch.Tensor, t_target_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Self-supervised matching: squared difference of the student's and the teacher's per-token
     negative log-likelihood of the true next token (both (B, L)); NaN teacher values must be masked."""
-    return masked_mean((_acc(s_target_lp) - torch.nan_to_num(_acc(t_target_lp))) ** 2, mask)
+    return masked_mean((upcast(s_target_lp) - torch.nan_to_num(upcast(t_target_lp))) ** 2, mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +317,7 @@ def nll_match(s_target_lp: torch.Tensor, t_target_lp: torch.Tensor, mask: torch.
 def class_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """-log p_s(gold class), mean over `mask`; logits (..., C), labels (...) (entries outside `mask` may be
     any value, e.g. -100)."""
-    lp = torch.log_softmax(_acc(logits), dim=-1)
+    lp = torch.log_softmax(upcast(logits), dim=-1)
     gold = lp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     return masked_mean(-gold, mask)
 
@@ -326,11 +326,11 @@ def teacher_class_logprobs(class_logprobs: torch.Tensor, class_logsumexp: torch.
                            logsumexp_tempered: torch.Tensor | None = None) -> torch.Tensor:
     """The teacher's log-probs over every class at temperature T: exact (all classes are cached), from the
     captured logsumexp(z / T) when there is one."""
-    lp = _acc(class_logprobs)
+    lp = upcast(class_logprobs)
     if temperature == 1.0:
         return lp
-    z = (lp + _acc(class_logsumexp)[..., None]) / temperature
-    lse = _acc(logsumexp_tempered) if logsumexp_tempered is not None else torch.logsumexp(z, dim=-1)
+    z = (lp + upcast(class_logsumexp)[..., None]) / temperature
+    lse = upcast(logsumexp_tempered) if logsumexp_tempered is not None else torch.logsumexp(z, dim=-1)
     return z - lse[..., None]
 
 
@@ -338,7 +338,7 @@ def class_divergence(t_lp: torch.Tensor, s_logits: torch.Tensor, mask: torch.Ten
                      kind: str = "forward", beta: float = 0.5) -> torch.Tensor:
     """KL(teacher || student), KL(student || teacher) or the generalised JSD over the classes at temperature T,
     times T^2; t_lp (..., C) the teacher's log-probs at T, s_logits (..., C) the student's logits."""
-    s_lp = torch.log_softmax(_acc(s_logits) / temperature, dim=-1)
+    s_lp = torch.log_softmax(upcast(s_logits) / temperature, dim=-1)
     return masked_mean(divergence(t_lp, s_lp, kind, beta), mask) * temperature**2
 
 
@@ -359,11 +359,11 @@ def uld(t_lp: torch.Tensor, t_log_tail: torch.Tensor, s_lp: torch.Tensor, s_log_
     all at least the other's, so the value is at most the full ULD and equal to it when every rank's mass is
     inside the top-K on both sides.
     """
-    t = _acc(t_lp).exp().sort(-1, descending=True).values
-    s = _acc(s_lp).exp().sort(-1, descending=True).values
+    t = upcast(t_lp).exp().sort(-1, descending=True).values
+    s = upcast(s_lp).exp().sort(-1, descending=True).values
     k = max(t.shape[-1], s.shape[-1])
     t, s = F.pad(t, (0, k - t.shape[-1])), F.pad(s, (0, k - s.shape[-1]))
-    w = (t - s).abs().sum(-1) + (_acc(t_log_tail).exp() - _acc(s_log_tail).exp()).abs()
+    w = (t - s).abs().sum(-1) + (upcast(t_log_tail).exp() - upcast(s_log_tail).exp()).abs()
     return masked_mean(w, mask) * temperature**2
 
 
@@ -377,7 +377,7 @@ def mapped_forward_kl(t_lp: torch.Tensor, t_log_tail: torch.Tensor, mapped: torc
     the teacher's tail bucket. The student's support is the distinct mapped ids plus its tail bucket (all its
     other mass), as in `forward_kl`.
     """
-    p = _acc(t_lp).exp()  # (..., K)
+    p = upcast(t_lp).exp()  # (..., K)
     ok = mapped >= 0
     same = (mapped[..., :, None] == mapped[..., None, :]) & ok[..., :, None]  # (..., K, K)
     K = mapped.shape[-1]
@@ -385,8 +385,8 @@ def mapped_forward_kl(t_lp: torch.Tensor, t_log_tail: torch.Tensor, mapped: torc
     first = ok & ~(same & earlier).any(-1)  # the first teacher id of each distinct student id
     q = torch.where(first, (same.to(p.dtype) * p[..., None, :]).sum(-1), torch.zeros((), dtype=p.dtype,
                                                                                        device=p.device))
-    t_tail = _acc(t_log_tail).exp() + torch.where(ok, torch.zeros_like(p), p).sum(-1)
-    s = _acc(s_lp)
+    t_tail = upcast(t_log_tail).exp() + torch.where(ok, torch.zeros_like(p), p).sum(-1)
+    s = upcast(s_lp)
     s_tail = log1mexp(torch.logsumexp(torch.where(first, s, torch.full_like(s, -torch.inf)), dim=-1))
     kl = _kl(_with_tail(q.log(), t_tail.clamp(min=0).log()), _with_tail(s, s_tail))
     return masked_mean(kl, mask) * temperature**2

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..format.cache import Cache, CacheError, row_column
+from ..errors import CacheError
+from ..format.layout import row_column, row_values
+from ..format.reader import Cache
 
 # optional rows.parquet columns, in every batch (labels: a classifier's gold class per row, or per position)
 ROW_FIELDS = {"loss_mask": np.bool_, "position_ids": np.int64, "labels": np.int64}
@@ -84,11 +86,11 @@ class CacheBatches(torch.utils.data.IterableDataset):
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.num_workers, self.drop_last = num_workers, drop_last
         # trim: cut every batch's position axes to its longest row (one example per padded row: classification)
-        self.position_axes = {name: [i for i, d in enumerate(f["dims"]) if d in ("position", "query", "key")]
-                              for name, f in self.cache.manifest["fields"].items()} if trim else None
+        self.position_axes = {name: list(f.position_axes) for name, f in self.cache.manifest.fields.items()} \
+            if trim else None
         self.epoch, self.start = 0, 0
         self.indices: list[int] | None = None
-        n = self.cache.manifest["splits"][split]["rows"]
+        n = self.cache.manifest.splits[split].rows
         self.ranges = self.cache.shard_ranges(split)  # rows numbered across the split's parts (a grown cache)
         self.starts = np.asarray([a for a, _ in self.ranges])
         keep = None
@@ -128,7 +130,7 @@ class CacheBatches(torch.utils.data.IterableDataset):
         ids = row_column(rows_tab, "input_ids", np.int64)
         lengths = rows_tab.column("length").to_numpy().astype(np.int64)
         per_row = {name: row_values(rows_tab, name, dtype) for name, dtype in ROW_FIELDS.items()
-                   if name in self.cache.manifest["fields"]}
+                   if name in self.cache.manifest.fields}
         arrays = {f: self.cache.array(self.split, f) for f in self.fields}
         loaded: dict[int, dict[str, np.ndarray]] = {}
         for b in mine:
@@ -165,15 +167,6 @@ class CacheBatches(torch.utils.data.IterableDataset):
                     value = value.narrow(a, 0, n)
                 batch[name] = value.contiguous()
         return batch
-
-
-def row_values(table, name: str, dtype) -> np.ndarray:
-    """A rows.parquet column: (N, L) for a per-position column, (N,) for a per-row one (a class label)."""
-    import pyarrow as pa
-
-    if pa.types.is_fixed_size_list(table.schema.field(name).type):
-        return row_column(table, name, dtype)
-    return table.column(name).to_numpy().astype(dtype)
 
 
 def make_loader(ds: CacheBatches) -> torch.utils.data.DataLoader:

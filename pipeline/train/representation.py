@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .students import StudentError
+from ..errors import StudentError
 
 
 def _resolve(kind, cached: list[int], n_s: int, n_t: int, attention: bool, what: str, name: str) -> list[tuple[int, int]]:
@@ -48,16 +48,14 @@ def _resolve(kind, cached: list[int], n_s: int, n_t: int, attention: bool, what:
     return pairs
 
 
-def hidden_pairs(spec, manifest: dict, n_student_layers: int) -> list[tuple[int, int]]:
-    cap = manifest["capture"]
-    return _resolve(spec.hidden_map, cap["hidden_layers"], n_student_layers, manifest["teacher"]["num_layers"],
-                    False, "hidden-state", spec.name)
+def hidden_pairs(spec, manifest, n_student_layers: int) -> list[tuple[int, int]]:
+    return _resolve(spec.hidden_map, list(manifest.capture.hidden_layers), n_student_layers,
+                    manifest.teacher.num_layers, False, "hidden-state", spec.name)
 
 
-def attention_pairs(spec, manifest: dict, n_student_layers: int) -> list[tuple[int, int]]:
-    cap = manifest["capture"]
-    return _resolve(spec.attention_map, cap["attention_layers"], n_student_layers,
-                    manifest["teacher"]["num_layers"], True, "attention", spec.name)
+def attention_pairs(spec, manifest, n_student_layers: int) -> list[tuple[int, int]]:
+    return _resolve(spec.attention_map, list(manifest.capture.attention_layers), n_student_layers,
+                    manifest.teacher.num_layers, True, "attention", spec.name)
 
 
 def map_heads(a_t: torch.Tensor, a_s: torch.Tensor, how: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:

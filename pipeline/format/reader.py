@@ -1,0 +1,210 @@
+"""Reading a finished cache on local disk or at any fsspec URL: its manifest, rows and dense fields.
+
+A remote cache is read through a local mirror folder: each file is fetched the first time it is
+needed and its sha256 checked against the manifest as it arrives, so every shard a student reads
+is verified once, and read from disk after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import CacheError
+from .layout import MANIFEST, ROWS_FILE, TOKENIZER_DIR, WORK_DIR, tokenizer_fingerprint
+from .manifest import Manifest, Part
+from .specs import numcodecs_quiet
+from .storage import Storage, fetch_verified
+
+
+def read_document(st: Storage) -> dict:
+    """The manifest of a finished cache as stored (JSON); refuses unfinished and unreadable ones."""
+    where = st.location
+    if not st.exists(MANIFEST):
+        if st.has(WORK_DIR):
+            raise CacheError(f"{where} is an unfinished cache (no {MANIFEST}; a capture is running or was "
+                             "interrupted: rerun the same teacher-cache command to resume)")
+        raise CacheError(f"{where} is not a teacher cache (no {MANIFEST})")
+    try:
+        return json.loads(st.read_bytes(MANIFEST))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheError(f"{where}/{MANIFEST} is not valid JSON: {e}") from e
+
+
+def read_manifest(root: str | Path | Storage) -> Manifest:
+    """The manifest of a finished cache (local path, URL or Storage); refuses unfinished, foreign or
+    newer-format caches."""
+    st = root if isinstance(root, Storage) else Storage(root)
+    return Manifest.from_dict(read_document(st), f"{st.location}/{MANIFEST}")
+
+
+def default_mirror(location: str, digest: str) -> Path:
+    """Where a remote cache's files are kept once fetched: $TEACHER_CACHE_MIRROR or
+    ~/.cache/teacher-cache-distill, one folder per (location, manifest digest)."""
+    base = Path(os.environ.get("TEACHER_CACHE_MIRROR") or Path.home() / ".cache" / "teacher-cache-distill")
+    return base / f"{hashlib.sha256(location.encode()).hexdigest()[:16]}-{digest[:16]}"
+
+
+def _mirror_store(cache: "Cache"):
+    """A read-only zarr LocalStore over the mirror that fetches (and verifies) a file on its first access."""
+    import asyncio
+
+    from zarr.storage import LocalStore
+
+    class MirrorStore(LocalStore):
+        async def get(self, key, prototype=None, byte_range=None):
+            await asyncio.to_thread(cache.local_file, key, True)
+            return await super().get(key, prototype, byte_range)
+
+        async def get_partial_values(self, prototype, key_ranges):
+            key_ranges = list(key_ranges)
+            for key in {k for k, _ in key_ranges}:
+                await asyncio.to_thread(cache.local_file, key, True)
+            return await super().get_partial_values(prototype, key_ranges)
+
+        async def exists(self, key):
+            return key in cache.files or await super().exists(key)
+
+    cache.mirror.mkdir(parents=True, exist_ok=True)
+    return MirrorStore(cache.mirror, read_only=True)
+
+
+class PartsArray:
+    """The arrays of a split's parts as one array along rows: `shape`, `dtype`, and reading with a row
+    index or slice (step 1) first, then any index for the other axes (`a[10:20]`, `a[:]`, `a[3, :, 0]`)."""
+
+    def __init__(self, arrays: list):
+        self.arrays = arrays
+        self.starts = np.cumsum([0] + [a.shape[0] for a in arrays])
+        self.shape = (int(self.starts[-1]), *arrays[0].shape[1:])
+        self.dtype = arrays[0].dtype
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if isinstance(first, (int, np.integer)):
+            i = range(self.shape[0])[first]
+            p = int(np.searchsorted(self.starts, i, side="right")) - 1
+            return self.arrays[p][(i - int(self.starts[p]), *rest)]
+        if not isinstance(first, slice) or first.step not in (None, 1):
+            raise TypeError("PartsArray reads a row index or a row slice with step 1")
+        lo, hi, _ = first.indices(self.shape[0])
+        out = []
+        for p, a in enumerate(self.arrays):
+            s, e = max(lo, int(self.starts[p])), min(hi, int(self.starts[p + 1]))
+            if s < e:
+                out.append(a[(slice(s - int(self.starts[p]), e - int(self.starts[p])), *rest)])
+        if not out:
+            return self.arrays[0][(slice(0, 0), *rest)]
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+
+class Cache:
+    """Read access to a finished cache on local disk or at any fsspec URL (see the module docstring);
+    `mirror`: where a remote cache's files are kept (default `default_mirror`)."""
+
+    def __init__(self, root: str | Path | Storage, mirror: str | Path | None = None,
+                 storage_options: dict | None = None):
+        self._storage = root if isinstance(root, Storage) else Storage(root, storage_options)
+        self._pid = os.getpid()
+        self.remote = not self.storage.is_local
+        self.root: Path | str = self.storage.location if self.remote else self.storage.local_path()
+        self.manifest = read_manifest(self.storage)
+        self.files = self.manifest.files
+        self.mirror = Path(mirror) if mirror else default_mirror(self.storage.location, self.manifest.digest)
+
+    @property
+    def storage(self) -> Storage:
+        """The cache's storage; a forked or spawned DataLoader worker gets a filesystem instance of its own."""
+        if self._pid != os.getpid():
+            self._storage = Storage(self._storage.location, self._storage.options, fresh=True)
+            self._pid = os.getpid()
+        return self._storage
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_storage"} | {
+            "location": self._storage.location, "storage_options": self._storage.options, "_pid": None}
+
+    def __setstate__(self, state):
+        self._storage = Storage(state.pop("location"), state.pop("storage_options"), fresh=True)
+        self.__dict__.update(state)
+        self._pid = os.getpid()
+
+    def local_file(self, rel: str, missing_ok: bool = False) -> Path | None:
+        """A local path holding `rel`: the file itself on local disk, else the mirror's verified copy."""
+        if not self.remote:
+            return self.storage.local_path(rel)
+        dest = self.mirror / rel
+        if not dest.exists():
+            if rel not in self.files:
+                if missing_ok:
+                    return None
+                raise CacheError(f"{self.root}: {rel} is not a file of this cache")
+            fetch_verified(self.storage, rel, self.files[rel].to_dict(), dest)
+        return dest
+
+    def tokenizer(self):
+        """The tokenizer the rows were made with, from the cache itself; checked against the manifest."""
+        from transformers import AutoTokenizer
+
+        for rel in self.files:
+            if rel.startswith(TOKENIZER_DIR + "/"):
+                self.local_file(rel)
+        folder = self.local_file(TOKENIZER_DIR) if not self.remote else self.mirror / TOKENIZER_DIR
+        tok = AutoTokenizer.from_pretrained(folder)
+        if tokenizer_fingerprint(tok) != self.manifest.tokenizer.fingerprint:
+            raise CacheError(f"{self.root}/{TOKENIZER_DIR}: tokenizer does not match the manifest's fingerprint")
+        return tok
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest.splits)
+
+    def parts(self, split: str) -> tuple[Part, ...]:
+        return self.manifest.split(split, str(self.root)).parts
+
+    def shard_ranges(self, split: str) -> list[tuple[int, int]]:
+        """(row_start, row_end) of each shard of the split, rows numbered across its parts."""
+        self.parts(split)
+        return self.manifest.shard_ranges(split)
+
+    def rows(self, split: str, columns: list[str] | None = None, max_rows: int | None = None) -> pa.Table:
+        """The split's rows (every part's rows.parquet, in order), or some columns of its first `max_rows`."""
+        tables, left = [], max_rows
+        for part in self.parts(split):
+            path = self.local_file(f"{part.path}/{ROWS_FILE}")
+            if left is None:
+                tables.append(pq.read_table(path, columns=columns))
+                continue
+            batches = pq.ParquetFile(path).iter_batches(batch_size=left, columns=columns)
+            tables.append(pa.Table.from_batches([next(batches)]))
+            left -= tables[-1].num_rows
+            if left <= 0:
+                break
+        return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+    def array(self, split: str, field: str):
+        """A dense field of a split: a zarr array (a `PartsArray` over them when the cache grew)."""
+        import zarr
+
+        parts = self.parts(split)
+        if field not in self.manifest.dense_fields:
+            raise CacheError(f"{self.root}: no dense field {field!r} (has: {', '.join(self.dense_fields)})")
+        store = None if not self.remote else _mirror_store(self)
+        with numcodecs_quiet():
+            arrays = [zarr.open_array(str(self.storage.local_path(f"{p.path}/{field}")), mode="r") if store is None
+                      else zarr.open_array(store=store, path=f"{p.path}/{field}", mode="r") for p in parts]
+        return arrays[0] if len(arrays) == 1 else PartsArray(arrays)
+
+    @property
+    def dense_fields(self) -> list[str]:
+        return self.manifest.dense_fields

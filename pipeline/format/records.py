@@ -1,0 +1,225 @@
+"""The frozen records a manifest is made of: what `Manifest`'s typed accessors return. Each is built from
+its part of the manifest document by `record`, which takes the keys the record declares (absent ones take
+their defaults: keys older layouts lack) and ignores the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields as dataclass_fields
+from typing import Any, Mapping
+
+
+def record(cls, d: Mapping, **extra):
+    """A frozen record from the keys of `d` that `cls` declares (absent ones take their defaults)."""
+    names = {f.name for f in dataclass_fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names}, **extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# the records a manifest is made of
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    bytes: int
+    sha256: str
+
+    def to_dict(self) -> dict:
+        return {"bytes": self.bytes, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """Who made the targets: identity and the architecture facts the readers need."""
+
+    model: str
+    model_type: str
+    vocab_size: int  # rows of the LM head, padding included
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    weights_sha256: str | None = None
+    gguf_file: str | None = None
+    revision: str | None = None
+    dtype: str | None = None
+    device_type: str | None = None
+    max_positions: int | None = None
+    logit_softcap: float | None = None
+    logit_scale: float | None = None
+    logits_divisor: float | None = None
+    intermediate_size: int | None = None  # recorded since 1.2
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    fingerprint: str
+    class_name: str | None = None  # "class" in the document
+    size: int | None = None
+    eos_token_id: int | None = None
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the teacher predicts: `causal-lm`, or a classifier's classes (`labels` by id)."""
+
+    type: str = "causal-lm"
+    labels: tuple[str, ...] = ()
+    label_column: str | None = None
+    pad_token_id: int | None = None
+    ignore_index: int | None = None
+    bidirectional: bool = False  # an encoder: attention maps cover every real key
+
+    @property
+    def classifier(self) -> bool:
+        return self.type != "causal-lm"
+
+    @property
+    def per_token(self) -> bool:
+        return self.type == "token-classification"
+
+
+@dataclass(frozen=True)
+class Capture:
+    """What was captured, with the settings whose values the readers depend on (`value` reads any other)."""
+
+    top_k: int
+    temperatures: tuple[float, ...]  # besides 1.0, in logsumexp_tempered's order
+    hidden_layers: tuple[int, ...]
+    hidden_dtype: str
+    attention_layers: tuple[int, ...]
+    rows_per_shard: int
+    rows_per_chunk: int
+    compression_level: int
+    samples: int = 0
+    sample_temperature: float = 1.0
+    final_hidden: bool = False
+    topk_codec: str = "zstd"
+    attention_heads_stored: int | None = None
+    raw: Mapping = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def temperatures_all(self) -> tuple[float, ...]:
+        return (1.0, *self.temperatures)
+
+    def value(self, key: str) -> Any:
+        """A capture setting by its name in the manifest (None where the cache does not record it)."""
+        return self.raw.get(key)
+
+    def tempered_index(self, temperature: float) -> int | None:
+        """Where `temperature`'s logsumexp sits in logsumexp_tempered (None: not captured)."""
+        return self.temperatures.index(temperature) if temperature in self.temperatures else None
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """How rows were made (the typed part; `raw` holds every recorded key)."""
+
+    seq_len: int
+    packing: bool = True
+    loss_mask: str = "all"  # recorded since 1.1
+    document_mask: bool = False  # recorded since 1.1
+    format: str = "text"
+    raw: Mapping = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def bos(self) -> Mapping | None:
+        return self.raw.get("bos")
+
+    @property
+    def chat_template(self) -> Mapping | None:
+        return self.raw.get("chat_template")
+
+
+@dataclass(frozen=True)
+class Part:
+    """The rows one capture (or append) added to a split: a folder of its own."""
+
+    path: str
+    row_start: int
+    rows: int
+    tokens: int
+    shards: int
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str
+    rows: int
+    tokens: int
+    shards: int
+    parts: tuple[Part, ...]
+
+
+@dataclass(frozen=True)
+class Field:
+    """A per-row field: a Zarr array per part (`dense`) or a column of the parts' rows.parquet."""
+
+    name: str
+    path: str
+    format: str
+    dtype: str
+    dims: tuple[str, ...]
+    shape: Mapping[str, tuple[int, ...]]  # per split, over all its parts
+    description: str = ""
+    encoding: str | None = None
+    codec: str = "zstd"
+    column: str | None = None
+
+    @property
+    def dense(self) -> bool:
+        return self.format == "zarr-v3"
+
+    @property
+    def position_axes(self) -> tuple[int, ...]:
+        """The axes (row first) that run over positions: position, query, key."""
+        return tuple(i for i, d in enumerate(self.dims) if d in ("position", "query", "key"))
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One committed shard: its rows (numbered across the split's parts) and files."""
+
+    split: str
+    part: str
+    index: int
+    row_start: int
+    row_end: int
+    files: Mapping[str, FileDigest]
+
+
+@dataclass(frozen=True)
+class Growth:
+    """One append: the cache it grew (`parent_digest`) and what it added."""
+
+    number: int
+    parent_digest: str
+    rows: Mapping[str, int]
+    tokens: int
+    duplicate_rows_skipped: int
+    dataset: Mapping
+    parts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Subset:
+    """A partial pull: the cache it came from and what of it it holds."""
+
+    of_digest: str
+    source: str
+    fields: tuple[str, ...]
+    splits: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Stats:
+    tokens: int
+    rows: int
+    bytes_on_disk: int
+    bytes_per_token: Mapping[str, float]
+    seconds: float
+    tokens_per_second: float
+    finished_at: str | None
+    mean_topk_mass: float | None = None  # a causal LM's
+    teacher_accuracy: Mapping[str, float] | None = None  # a classifier's, per split

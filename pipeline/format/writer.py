@@ -1,0 +1,212 @@
+"""Writing a cache: its arrays, shard by shard, each committed once its files are on storage.
+
+A shard (`rows_per_shard` rows of every field) is written at once, checksummed (on object storage:
+read back) and then committed by writing its record (on local disk: renamed into place); a shard
+without a record is redone. `finalize` writes `manifest.json` last: a cache without it is unfinished.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import CacheError
+from .layout import HEAD_FILE, MANIFEST, ROWS_FILE, TOKENIZER_DIR, WORK_DIR, shard_ranges, sync_file, write_json
+from .manifest import FORMAT_NAME, Manifest, manifest_digest
+from .specs import FieldSpec, numcodecs_quiet
+from .storage import Storage
+
+
+def read_commits(root: Path | Storage) -> dict[tuple[str, int], dict]:
+    """The commit records of an unfinished capture at `root`: {(split, shard index): record}."""
+    st = root if isinstance(root, Storage) else Storage(root)
+    out = {}
+    for rel in st.glob(f"{WORK_DIR}/commits/*.json"):
+        rec = json.loads(st.read_bytes(rel))
+        out[(rec["split"], rec["index"])] = rec
+    return out
+
+
+def zarr_store(st: Storage, rel: str):
+    """The zarr store a writer uses for a folder of the cache: a LocalStore on local disk, else an FsspecStore."""
+    from zarr.storage import FsspecStore, LocalStore
+
+    if st.is_local:
+        return LocalStore(st.local_path(rel))
+    return FsspecStore.from_url(st.location + "/" + rel, storage_options=st.options or None)
+
+
+def write_rows(path: Path, rows) -> None:
+    """`rows.parquet` of one split: key, input_ids, length, and loss_mask / position_ids / labels when present."""
+    L = rows.input_ids.shape[1]
+
+    def fixed(a: np.ndarray, typ) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), type=typ), L)
+
+    cols = {
+        "key": pa.array(rows.keys, type=pa.string()),
+        "input_ids": fixed(rows.input_ids, pa.int32()),
+        "length": pa.array(rows.lengths, type=pa.int32()),
+    }
+    if rows.loss_mask is not None:
+        cols["loss_mask"] = fixed(rows.loss_mask, pa.uint8())
+    if rows.position_ids is not None:
+        cols["position_ids"] = fixed(rows.position_ids, pa.int32())
+    if getattr(rows, "labels", None) is not None:  # classification: a class id per row, or per position (-100: none)
+        labels = rows.labels.astype(np.int32)
+        cols["labels"] = fixed(labels, pa.int32()) if labels.ndim == 2 else pa.array(labels, type=pa.int32())
+    pq.write_table(pa.table(cols), path, compression="zstd")
+
+
+class CacheWriter:
+    """Creates a cache's arrays, writes and commits shards, and finalizes the manifest.
+
+    `plan` holds every setting and identity that determines the cache's bytes (the manifest less
+    shards, metadata_files and stats); resuming with a different plan is refused by the caller
+    before a writer is made. The writer fills the last part of each split in `split_rows`: the
+    split's folder for a new cache, a new `<split>/grow-NNNN` folder when `base` (the finished
+    manifest being grown) is given. Nothing `base` lists is touched, so its readers keep reading
+    it until the new manifest replaces it.
+    """
+
+    def __init__(self, root: Path | Storage, plan: Manifest, specs: list[FieldSpec], split_rows: dict[str, int],
+                 base: Manifest | None = None):
+        self.st = root if isinstance(root, Storage) else Storage(root)
+        self.root = self.st.location
+        self.plan = plan
+        self.specs = specs
+        self.split_rows = split_rows
+        self.base = base
+        self.chunk_rows = plan.capture.rows_per_chunk
+        self.shard_rows = plan.capture.rows_per_shard
+        self.level = plan.capture.compression_level
+        self.parts = {}  # split -> the part written: {path, row_start, shard_start}
+        for split in split_rows:
+            parts = plan.parts(split)
+            self.parts[split] = {"path": parts[-1].path, "row_start": parts[-1].row_start,
+                                 "shard_start": sum(p.shards for p in parts[:-1])}
+        self._arrays: dict[tuple[str, str], object] = {}
+
+    # -- setup ------------------------------------------------------------------------------
+    def create_arrays(self) -> None:
+        """Create (or open, when resuming) every written part's group and arrays."""
+        import zarr
+
+        for split, n in self.split_rows.items():
+            part = self.parts[split]["path"]
+            store = zarr_store(self.st, part)
+            with numcodecs_quiet():
+                if self.st.exists(f"{part}/zarr.json"):
+                    group = zarr.open_group(store, mode="r+")
+                else:
+                    group = zarr.create_group(store, attributes={"split": split, "format": FORMAT_NAME})
+                for spec in self.specs:
+                    exists = self.st.exists(f"{part}/{spec.name}/zarr.json")
+                    self._arrays[(split, spec.name)] = group[spec.name] if exists else self._create(group, spec, n)
+
+    def _create(self, group, spec: FieldSpec, n: int):
+        return group.create_array(
+            spec.name,
+            shape=(n, *spec.tail),
+            dtype=spec.dtype,
+            chunks=(self.chunk_rows, *spec.tail),
+            shards=(self.shard_rows, *spec.tail),
+            **spec.compressors(self.level),
+            fill_value=0,
+            dimension_names=spec.dims,
+            attributes={"description": spec.description, **({"encoding": spec.encoding} if spec.encoding else {})},
+            config={"write_empty_chunks": True},
+        )
+
+    def committed(self) -> dict[tuple[str, int], dict]:
+        """{(split, shard index within the written part): record} of the shards committed so far."""
+        return {(s, rec["index"] - self.parts[s]["shard_start"]): rec for (s, _), rec in read_commits(self.st).items()
+                if s in self.parts and rec.get("part", s) == self.parts[s]["path"]}
+
+    def shard_file(self, split: str, field: str, index: int) -> str:
+        """The object holding shard `index` (within the written part) of a field: its key from the array's metadata."""
+        arr = self._arrays[(split, field)]
+        return f"{self.parts[split]['path']}/{field}/" + arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))
+
+    # -- shards -----------------------------------------------------------------------------
+    def write_shard(self, split: str, index: int, targets, stats: dict) -> dict:
+        """Write shard `index` (within the part) of every field, checksum its files, commit it."""
+        part = self.parts[split]
+        start, end = shard_ranges(self.split_rows[split], self.shard_rows)[index]
+        fields = targets.fields()
+        for spec in self.specs:
+            self._arrays[(split, spec.name)][start:end] = self._checked(spec, fields[spec.name], split, index,
+                                                                         end - start)
+        files = {}
+        for spec in self.specs:
+            rel = self.shard_file(split, spec.name, index)
+            if not self.st.exists(rel):
+                raise CacheError(f"shard {split}/{index}: zarr wrote no file at {rel} (layout changed?)")
+            files[rel] = self.st.digest(rel)  # on object storage: read back, so the upload is checked too
+            if self.st.is_local:
+                sync_file(self.st.local_path(rel))
+        if self.st.is_local:
+            for d in {self.st.local_path(rel).parent for rel in files}:
+                sync_file(d)  # the directory entries too, before the commit record says the shard is there
+        g = part["shard_start"] + index  # shards and rows are numbered across a split's parts
+        rec = {"split": split, "part": part["path"], "index": g, "row_start": part["row_start"] + start,
+               "row_end": part["row_start"] + end, "files": files, **stats}
+        write_json(self.st, f"{WORK_DIR}/commits/{split}-{g:05d}.json", rec)
+        return rec
+
+    @staticmethod
+    def _checked(spec: FieldSpec, data: np.ndarray, split: str, index: int, rows: int) -> np.ndarray:
+        """`data` in the field's dtype, refused when its shape is wrong or its values do not fit."""
+        if data.shape != (rows, *spec.tail):
+            raise CacheError(f"shard {split}/{index}: {spec.name} has shape {data.shape}, "
+                             f"expected {(rows, *spec.tail)}")
+        if data.dtype == np.dtype(spec.dtype):
+            return data
+        info = np.iinfo(spec.dtype) if np.dtype(spec.dtype).kind in "iu" else None  # ids and counts narrowed
+        if info is None or data.size and (data.min() < info.min or data.max() > info.max):
+            raise CacheError(f"shard {split}/{index}: {spec.name} holds {data.dtype} values that "
+                             f"{spec.dtype} cannot store")
+        return data.astype(spec.dtype)
+
+    # -- the end ----------------------------------------------------------------------------
+    def finalize(self, stats: dict) -> Manifest:
+        """Check every shard is committed, write manifest.json (replacing `base`'s), drop the work folder."""
+        commits = self.committed()
+        missing = [(s, i) for s, n in self.split_rows.items()
+                   for i in range(len(shard_ranges(n, self.shard_rows))) if (s, i) not in commits]
+        if missing:
+            raise CacheError(f"cannot finalize {self.root}: shards not committed: {missing}")
+        order = list(self.plan.splits)
+        shards = [{k: rec[k] for k in ("split", "part", "index", "row_start", "row_end", "files")}
+                  for rec in commits.values()]
+        older = [{**sh, "part": sh.get("part", sh["split"])} for sh in (self.base.document["shards"] if self.base
+                                                                        else [])]  # 1.0/1.1: no part
+        shards = sorted(older + shards, key=lambda sh: (order.index(sh["split"]), sh["index"]))
+        meta = {rel: d.to_dict() for rel, d in self.base.metadata_files.items()} if self.base else {}
+        for rel in self._metadata_written():
+            meta[rel] = self.st.digest(rel)
+        document = {**self.plan.to_dict(), "shards": shards, "metadata_files": meta, "stats": stats}
+        document["digest"] = manifest_digest(document)
+        write_json(self.st, MANIFEST, document)
+        self.st.remove_tree(WORK_DIR)
+        return Manifest.from_dict(document)
+
+    def _metadata_written(self) -> list[str]:
+        """The metadata files this capture wrote (groups, rows, array metadata; tokenizer and head for a new
+        cache), synced to disk (files, then folders) before the manifest that lists them."""
+        written = [] if self.base else sorted(r for r in self.st.files()
+                                              if r.startswith(TOKENIZER_DIR + "/") or r == HEAD_FILE)
+        for split in self.split_rows:
+            folder = self.parts[split]["path"]
+            written += [f"{folder}/zarr.json", f"{folder}/{ROWS_FILE}"] + [f"{folder}/{spec.name}/zarr.json"
+                                                                           for spec in self.specs]
+        if self.st.is_local:
+            for rel in written:
+                sync_file(self.st.local_path(rel))
+            for d in {self.st.local_path(rel).parent for rel in written}:
+                sync_file(d)  # everything the manifest lists is on disk before the manifest is
+        return written

@@ -1,0 +1,166 @@
+"""What lets a student run stop and resume to the same result: its identity (the settings that must not
+change), its state (model, optimiser, schedule, projections, each rank's RNG, the data position), the saved
+model swapped in atomically, and metrics truncated back to the checkpoint's step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .. import distributed
+from ..config import StudentConfig, StudentRunConfig
+from ..errors import StudentError
+from .step import Student
+
+STATE = Path("checkpoint") / "state.pt"  # in each student's output folder
+
+
+def resume_identity(spec: StudentConfig, cfg: StudentRunConfig, tasks: dict, world: int) -> dict:
+    """What must not change between a run and its resumption, except that a cache may have grown
+    (its new manifest descends from the checkpoint's) and max_steps may be raised: see `grown_tasks`.
+    The number of ranks may change when ranks x grad_accum (micro-batches per step) does not."""
+    return {"student": spec.model_dump(mode="json"),
+            "cache_digests": {name: c.manifest.digest for name, (c, _) in tasks.items()},
+            "micro_batches_per_step": cfg.grad_accum * world,
+            **cfg.model_dump(mode="json", include={"batch_size", "max_steps", "seed", "num_workers", "tasks", "cache",
+                                                   "mutual_weight", "mutual_temperature"})}
+
+
+def upgrade_identity(old: dict, tasks: dict) -> dict:
+    """An identity written by an earlier version, in today's keys."""
+    old = dict(old)
+    if "cache_digest" in old:  # before multi-cache identities: its first task's digest
+        old["cache_digests"] = {next(iter(tasks)): old.pop("cache_digest")}
+    if "grad_accum" in old:  # before DDP: one process
+        old["micro_batches_per_step"] = old.pop("grad_accum")
+    if isinstance(old.get("student"), dict):  # settings added since, at the value every earlier run had
+        old["student"] = {"allow_biased_kd": False, "task": None, "tokenizer": None, **old["student"]}
+    return old
+
+
+def grown_tasks(old: dict, new: dict, tasks: dict) -> dict[str, bool] | None:
+    """{task: whether its train split grew} for the tasks whose cache grew since the checkpoint with
+    identity `old`, when that and a raised max_steps are the only differences from `new`; None when
+    the run cannot continue from `old`."""
+    old = upgrade_identity(old, tasks)
+    if old == new:
+        return {}
+    if {k: v for k, v in old.items() if k not in ("cache_digests", "max_steps")} != \
+            {k: v for k, v in new.items() if k not in ("cache_digests", "max_steps")}:
+        return None
+    if old.get("max_steps", 0) > new["max_steps"] or set(old.get("cache_digests", {})) != set(new["cache_digests"]):
+        return None
+    grew = {}
+    for name, digest in old["cache_digests"].items():
+        if digest != new["cache_digests"][name]:
+            manifest = tasks[name][0].manifest
+            since = manifest.descends_from(digest)
+            if since is None:
+                return None
+            grew[name] = any(g.rows.get("train") for g in manifest.grown[since:])
+    return grew
+
+
+def rng_state() -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_model_atomically(model, tokenizer, d: Path) -> None:
+    """`d` holds a complete model at every moment: written beside it, then swapped in by renames."""
+    tmp, old = d.with_name(d.name + ".tmp"), d.with_name(d.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if d.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(d, old)
+    os.replace(tmp, d)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_model_dir(d: Path) -> None:
+    """A run stopped between the two renames of `save_model_atomically`: the previous model is put back."""
+    old = d.with_name(d.name + ".old")
+    if not d.exists() and old.exists():
+        os.replace(old, d)
+    shutil.rmtree(d.with_name(d.name + ".tmp"), ignore_errors=True)
+
+
+def append_jsonl(path: Path, rec: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps up to the checkpoint's: a resumed run writes the later ones again."""
+    if not path.exists():
+        return
+    def kept(line: str) -> bool:
+        try:
+            rec = json.loads(line)
+            return rec["step"] <= step and rec.get("split") != "test"  # a test record: written again at the end
+        except (ValueError, KeyError):  # a line cut short by the kill
+            return False
+
+    keep = [x for x in path.read_text().splitlines() if x.strip() and kept(x)]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep))
+    os.replace(tmp, path)
+
+
+def save_state(st: Student, run: dict, rng: list, world: int) -> None:
+    """A student's whole state, written beside the checkpoint and renamed into place."""
+    path = st.out / STATE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": st.model.state_dict(), "optimizer": st.opt.state_dict(),
+                "scheduler": st.sched.state_dict(), "run": run, "best": st.best,
+                "best_step": st.best_step, "bad_evals": st.bad_evals, "stopped": st.stopped,
+                "last_eval": st.last_eval, "best_eval": st.best_eval, "identity": st.identity,
+                "projections": st.module.projections.state_dict(), "rng": rng,
+                "world_size": world}, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(st: Student, tasks: dict, ranks: distributed.Ranks) -> tuple[dict, dict[str, bool]]:
+    """Restore a student from its checkpoint: (the run's position, {task: whether its train split grew} for the
+    tasks whose cache grew since). Refuses a checkpoint of other settings or of another shape."""
+    path = st.out / STATE
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    old, new = state.get("identity") or {}, st.identity
+    grew = grown_tasks(old, new, tasks)
+    if grew is None:
+        old = upgrade_identity(old, tasks)
+        diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        raise StudentError(f"{path} was written by a run with other settings ({', '.join(diffs)} differ); "
+                           "resume with the same settings (a cache that grew by appends and a larger max_steps are "
+                           "fine; ranks x grad_accum must stay), or choose another output_dir")
+    try:
+        st.model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise StudentError(
+            f"{path} holds weights of another shape than student {st.name!r} ({str(e).splitlines()[-1].strip()}). "
+            "A checkpoint written before FFN widths followed the teacher's ratio: set "
+            "students[].arch.intermediate_size to its width (Llama's default was 11008)") from None
+    st.module.projections.load_state_dict(state["projections"])
+    st.opt.load_state_dict(state["optimizer"])
+    st.sched.load_state_dict(state["scheduler"])
+    st.best, st.best_step, st.bad_evals = state["best"], state["best_step"], state["bad_evals"]
+    st.stopped, st.last_eval, st.best_eval = state["stopped"], state["last_eval"], state["best_eval"]
+    rng = state.get("rng") or []
+    if len(rng) == ranks.world:
+        set_rng_state(rng[ranks.rank])
+    if grew:  # the validation split may have grown too: earlier losses are not comparable, early stopping restarts
+        st.best, st.best_step, st.bad_evals, st.stopped, st.best_eval = None, None, 0, False, {}
+    return state["run"], grew

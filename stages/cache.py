@@ -1,0 +1,140 @@
+"""Commands on a finished cache, wherever it lives: what it holds (`inspect`), whether it is intact (`verify`).
+
+    distill inspect data/caches/smollm2-stdlib [--json]
+    distill verify  s3://team-bucket/caches/smollm2-stdlib
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from pipeline.format import FORMAT_NAME, Cache, Manifest, row_column
+from pipeline.format import verify as verify_cache
+
+INSPECT_ROWS = 1024  # the first rows of each split checked for the BOS convention
+
+
+def inspect(
+    cache: Annotated[str, typer.Argument(help="cache directory or URL (s3://, https://, ...)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the whole manifest")] = False,
+) -> None:
+    """Show what a finished cache holds: teacher, data, fields, sizes, statistics."""
+    c = Cache(cache)
+    if as_json:
+        typer.echo(json.dumps(c.manifest.to_dict(), indent=2, sort_keys=True))
+        return
+    for line in describe(c.manifest, str(c.root)):
+        typer.echo(line)
+    if not c.manifest.task.classifier:
+        _warn_missing_bos(c)
+
+
+def describe(m: Manifest, where: str) -> list[str]:
+    """The manifest in lines: identity, data, rows, what was captured, fields with their sizes, statistics."""
+    t, p = m.teacher, m.preparation
+    d = m.dataset
+    lines = [f"cache        {where}  ({FORMAT_NAME} {m.recorded_version})",
+             f"teacher      {t.model}  {t.model_type}, vocab {t.vocab_size}, {t.num_layers} layers, "
+             f"{t.num_heads} heads, width {t.hidden_size}, {t.dtype} on {t.device_type}",
+             f"             weights sha256 {t.weights_sha256}",
+             f"tokenizer    {m.tokenizer.class_name}  fingerprint {m.tokenizer.fingerprint[:16]}...",
+             f"dataset      {d['source']} split={d['split']} column={d['text_column']}  "
+             f"{d['statistics']['documents']} documents, {len(d['data_files'])} files",
+             f"rows         seq_len {p.seq_len}, {'packed' if p.packing else 'one document per row'}; "
+             + ", ".join(f"{s.name}: {s.rows} rows / {s.tokens:,} tokens / {s.shards} shards"
+                         for s in m.splits.values())]
+    lines.append(_row_convention(m))
+    for g in m.grown:
+        lines.append(f"grown        #{g.number}: +" + ", ".join(f"{k} {v}" for k, v in g.rows.items())
+                     + f" rows ({g.tokens:,} tokens) from {g.dataset['source']} {len(g.dataset['data_files'])} "
+                     f"files, {g.duplicate_rows_skipped} rows already cached skipped; parent {g.parent_digest[:16]}")
+    lines.append(_captured(m))
+    return lines + _fields(m) + [_stats(m)]
+
+
+def _row_convention(m: Manifest) -> str:
+    p, task = m.preparation, m.task
+    if task.classifier:
+        return (f"task         {task.type}: {len(task.labels)} labels {list(task.labels)} (column "
+                f"{task.label_column!r}); one example per row with the tokenizer's special tokens, padded with id "
+                f"{task.pad_token_id}")
+    bos = p.bos
+    return (f"row start    {'BOS (id %s)' % bos['token_id'] if bos and bos['applied'] else 'no BOS'}"
+            + (f"; tokenizer adds BOS: {bos['tokenizer_adds_bos']}, data.bos = {bos['setting']!r}" if bos else
+               " (cache made before BOS conventions were recorded)")
+            + f"; data {p.format}" + (f", template {p.chat_template['source']} "
+                                      f"sha256 {p.chat_template['sha256'][:12]}" if p.chat_template else "")
+            + f"; loss mask {p.loss_mask}; document mask {p.document_mask}")
+
+
+def _captured(m: Manifest) -> str:
+    cap = m.capture
+    layers = (f"hidden layers {list(cap.hidden_layers) or '-'} ({cap.hidden_dtype}), attention layers "
+              f"{list(cap.attention_layers) or '-'}")
+    if m.task.classifier:
+        return (f"captured     every class's log-prob {'per token' if m.task.per_token else 'per row'}, "
+                f"temperatures {list(cap.temperatures_all)}, {layers}")
+    return (f"captured     top-{cap.top_k}, temperatures {list(cap.temperatures_all)}, {layers}"
+            + (f"; sampled targets: {cap.samples} draws at T={cap.sample_temperature}" if cap.samples else "")
+            + (f"; final hidden state ({cap.value('final_hidden_dtype')}) + LM head: exact full-vocabulary KD"
+               if cap.final_hidden else "")
+            + f"; top-K codec {cap.topk_codec}")
+
+
+def _fields(m: Manifest) -> list[str]:
+    per_tok, first = m.stats.bytes_per_token, next(iter(m.splits))
+    lines = ["fields:"]
+    for name, f in m.fields.items():
+        size = per_tok.get(name, per_tok.get("rows.parquet") if not f.dense else None)
+        extra = f"{size:9.1f} B/token" if size is not None and f.dense else " " * 16
+        lines.append(f"  {name:20s} {f.format:8s} {f.dtype:8s} {str(list(f.shape[first])):22s} {extra}  "
+                     f"{f.description}")
+    lines.append(f"  rows.parquet (input_ids, length, key) {per_tok['rows.parquet']:.1f} B/token")
+    if "lm_head.safetensors" in per_tok:
+        head = per_tok["lm_head.safetensors"]
+        lines.append(f"  lm_head.safetensors  {head * m.stats.tokens / 2**20:,.1f} MiB once per cache "
+                     f"({head:.1f} B/token at this size)")
+    dense_total = sum(v for k, v in per_tok.items() if k not in ("rows.parquet", "lm_head.safetensors"))
+    lines.append(f"  total per token      {dense_total + per_tok['rows.parquet']:.1f} B/token (dense fields and rows)")
+    return lines
+
+
+def _stats(m: Manifest) -> str:
+    st = m.stats
+    quality = ("teacher accuracy on the gold labels: " + ", ".join(f"{k} {v:.4f}" for k, v in
+                                                                   st.teacher_accuracy.items())
+               if m.task.classifier else f"mean top-{m.capture.top_k} mass {st.mean_topk_mass:.4f}")
+    return (f"stats        {st.tokens:,} tokens, {st.bytes_on_disk / 2**20:,.1f} MiB on disk "
+            f"({st.bytes_on_disk / max(st.tokens, 1):,.1f} B/token), {quality}, "
+            f"{st.tokens_per_second:,.0f} tokens/s ({st.seconds:.1f} s)")
+
+
+def _warn_missing_bos(c: Cache) -> None:
+    """The first rows of each split against the BOS convention of the cache's tokenizer (to stderr)."""
+    from pipeline.capture.documents import missing_bos_warning
+
+    tok = c.tokenizer()
+    for split in c.splits:
+        rows = c.rows(split, columns=["input_ids", "length"], max_rows=INSPECT_ROWS)
+        first = row_column(rows, "input_ids", np.int64)[:, 0]
+        warning = missing_bos_warning(tok, first, rows.column("length").to_numpy(),
+                                      f"split {split} (first {len(first)} rows)")
+        if warning:
+            typer.echo(warning, err=True)
+
+
+def verify(cache: Annotated[str, typer.Argument(help="cache directory or URL (s3://, https://, ...)")]) -> None:
+    """Recompute every checksum; name each corrupt or missing shard; exit 1 if any."""
+    problems = verify_cache(cache)
+    if problems:
+        for line in problems:
+            typer.echo(f"CORRUPT {line}", err=True)
+        typer.echo(f"{cache}: {len(problems)} problem(s)", err=True)
+        raise typer.Exit(1)
+    m = Cache(cache).manifest
+    n_files = sum(len(s.files) for s in m.shards) + len(m.metadata_files)
+    typer.echo(f"{cache}: OK ({len(m.shards)} shards, {n_files} files verified)")
