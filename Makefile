@@ -9,7 +9,8 @@ BIN        := $(VENV)/bin
 DISTILL    := HF_HUB_OFFLINE=1 $(BIN)/distill
 TEACHER    := data/teachers/SmolLM2-135M-Instruct
 
-.PHONY: setup teacher-cache student inspect verify test bench clean bench-targets fortunes-example cross-tokenizer-example
+.PHONY: setup teacher-cache student inspect verify test test-fast docs bench clean bench-targets fortunes-example \
+	cross-tokenizer-example
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +42,19 @@ $(CACHE)/manifest.json:
 inspect verify: $(VENV)/.installed
 	$(DISTILL) $@ $(CACHE)
 
+# everything CI runs: the documentation site (strict: a broken link fails) and every test, servers and torchrun included
 test: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# the quick half (about two minutes): no torchrun, no servers, no subprocess CLI runs, no real teacher
+test-fast: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+
+# the reference pages generated from the code, then the site in site/
+docs: $(VENV)/.installed
+	$(BIN)/python -m stages.reference
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 bench: $(VENV)/.installed $(TEACHER)/model.safetensors
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_capture.py
@@ -51,7 +63,7 @@ bench: $(VENV)/.installed $(TEACHER)/model.safetensors
 bench-targets: $(VENV)/.installed $(TEACHER)/model.safetensors
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_targets.py
 
-# a student with its own tokenizer from the default cache (README, "Students with another tokenizer"): the
+# a student with its own tokenizer from the default cache (docs/cross-tokenizer.md): the
 # tokenizer, the example config, then the figures (3 variants x 3 seeds, ~15 min on 2 CPU cores) and step times
 cross-tokenizer-example: $(VENV)/.installed $(CACHE)/manifest.json
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/cross_tokenizer.py tokenizer
@@ -59,7 +71,7 @@ cross-tokenizer-example: $(VENV)/.installed $(CACHE)/manifest.json
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/cross_tokenizer.py students
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/cross_tokenizer.py timing
 
-# the classification worked example (README, "Task-specific distillation"): data, teacher fine-tuning
+# the classification worked example (docs/classification.md): data, teacher fine-tuning
 # (once, 15-20 min on 2 CPU cores), cache (~8 min), 3 seeds x 3 students (~30 min)
 FORTUNES_TEACHER := data/teachers/smollm2-fortunes
 fortunes-example: $(VENV)/.installed $(TEACHER)/model.safetensors

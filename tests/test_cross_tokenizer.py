@@ -310,6 +310,7 @@ def _train(cfg, **kw):
     return train_students(cfg, log=lambda m: None, progress=False, **kw)
 
 
+@pytest.mark.slow
 def test_cross_tokenizer_student_trains_and_is_saved_with_its_tokenizer(cache_dir, student_tok_dir, tmp_path):
     students = [{"name": "x", "arch": STUDENT_ARCH, "tokenizer": str(student_tok_dir), "lr": 3e-3, "warmup_steps": 2,
                  "losses": {"ce": 0.5, "uld": 0.5, "kd_mapped": 0.5, "hidden_mse": 0.01, "attn_kl": 0.1},

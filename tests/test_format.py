@@ -29,6 +29,7 @@ def _reader_code() -> str:
     {"top_k": 4, "topk_codec": "zstd", "hidden_layers": [1], "hidden_dtype": "int8"},
     {"top_k": 8, "samples": 12, "final_hidden": True, "hidden_layers": [-1], "hidden_dtype": "int8"},
 ])
+@pytest.mark.slow
 def test_format_md_reader_runs_on_a_cache(llama_dir, corpus, tmp_path, capture_cfg):
     capture(settings(llama_dir, corpus, tmp_path / "c", data={"packing": False}, capture=capture_cfg))
     script = tmp_path / "reader.py"
@@ -40,6 +41,7 @@ def test_format_md_reader_runs_on_a_cache(llama_dir, corpus, tmp_path, capture_c
     assert "ok train" in res.stdout
 
 
+@pytest.mark.slow
 def test_format_md_reader_rejects_a_flipped_byte(llama_dir, corpus, tmp_path):
     capture(settings(llama_dir, corpus, tmp_path / "c"))
     victim = next((tmp_path / "c" / "train" / "logsumexp" / "c").rglob("0"))
@@ -54,6 +56,7 @@ def test_format_md_reader_rejects_a_flipped_byte(llama_dir, corpus, tmp_path):
     assert res.returncode != 0 and "logsumexp" in res.stderr
 
 
+@pytest.mark.slow
 def test_format_md_reader_runs_on_a_chat_cache_with_masks(bos_llama_dir, conversations, tmp_path):
     capture(settings(bos_llama_dir, conversations, tmp_path / "c",
                      data={"format": "messages", "loss_mask": "assistant", "document_mask": True, "seq_len": 64}))

@@ -98,6 +98,7 @@ def test_append_of_documents_already_in_the_cache_is_a_no_op(llama_dir, corpora,
     assert res.computed_shards == 0 and (grown / "grown" / "manifest.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_grown_cache_reads_whole_through_reader_pull_and_format_md(grown, tmp_path):
     g = Cache(grown / "grown")
     ds = CacheBatches(grown / "grown", "train", ["topk_ids", "logsumexp"], batch_size=5, seed=3)
@@ -122,6 +123,7 @@ def test_grown_cache_reads_whole_through_reader_pull_and_format_md(grown, tmp_pa
     assert res.returncode == 0 and f"ok train {len(ref)} rows" in res.stdout, res.stderr
 
 
+@pytest.mark.slow
 def test_append_with_another_teacher_or_settings_is_refused(llama_dir, tokenizer_dir, corpora, grown, tmp_path):
     before = (grown / "grown" / "manifest.json").read_bytes()
     other = make_llama(tokenizer_dir, tmp_path / "other", seed=7)
@@ -214,6 +216,7 @@ def test_parts_array_reads_like_one_array(grown):
         g.array("train", "attentions")
 
 
+@pytest.mark.slow
 def test_ls_and_inspect_show_the_growth(grown):
     from pipeline.format.share import list_caches
 

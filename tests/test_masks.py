@@ -77,6 +77,7 @@ def test_document_masked_targets_equal_each_document_run_alone(teacher, corpus, 
     assert checked > len(lengths), "expected rows holding several documents"
 
 
+@pytest.mark.slow
 def test_bos_teacher_cache_records_its_convention_and_inspect_warns_when_rows_lack_it(bos_llama_dir, corpus,
                                                                                       tmp_path):
     capture(settings(bos_llama_dir, corpus, tmp_path / "auto"))

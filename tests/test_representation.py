@@ -144,6 +144,7 @@ def _run(cache, out, students, **kw):
     return train_students(cfg, log=lambda m: None, progress=False)
 
 
+@pytest.mark.slow
 def test_student_learns_hidden_states_and_attention(rich_cache, tmp_path):
     arch = {"num_layers": 2, "hidden_size": 16, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 32}
     students = [{"name": "rep", "arch": arch, "lr": 5e-3, "warmup_steps": 0,
@@ -259,6 +260,7 @@ def test_caches_with_other_tokenizers_are_refused_together(rich_cache, corpus, t
         train_students(cfg, log=lambda m: None, progress=False)
 
 
+@pytest.mark.slow
 def test_mutual_learning_pulls_two_students_together(rich_cache, tmp_path):
     """Same students, seeds and data with and without the mutual term: with it, the two students'
     predictions end closer (KL between them on held-out rows); a zeroed or sign-flipped term fails."""

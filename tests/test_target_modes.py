@@ -91,6 +91,7 @@ def _check_samples(model_dir, root, n):
     return c, f
 
 
+@pytest.mark.slow
 def test_sampled_targets_match_the_teacher_and_a_rerun_draws_the_same(llama_dir, corpus, tmp_path):
     cap = {"top_k": 4, "samples": 24, "sample_seed": 3}  # draws are seeded per batch: batch_size is in the plan
     capture(settings(llama_dir, corpus, tmp_path / "a", capture=cap))

@@ -171,6 +171,7 @@ def test_padded_student_vocabulary_trains_and_smaller_is_refused(cache_dir, tmp_
 # ---------------------------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(cache_dir, tmp_path):
     full = run_cfg(cache_dir, tmp_path / "full", max_steps=8, eval_every=4, checkpoint_every=2, num_workers=1)
     _train(full)

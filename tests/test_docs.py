@@ -1,0 +1,72 @@
+"""The documentation stays true: every shipped config and every TOML block of the README and the docs site
+validates (settings and loss terms), the generated reference pages say what the code says, and the pages
+speak to users."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from pipeline.config import StudentRunConfig, TeacherCacheConfig, load_config
+from pipeline.train.terms import check_losses
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+
+
+def _validate(raw: dict, where: str):
+    model = TeacherCacheConfig if "teacher" in raw else StudentRunConfig
+    cfg = model.model_validate(raw)
+    if model is StudentRunConfig:
+        for s in cfg.students:  # loss names and mixes are the registry's to check
+            check_losses(s)
+    return cfg
+
+
+def test_shipped_configs_validate():
+    configs = sorted((REPO / "data/configs").glob("*.toml"))
+    assert len(configs) >= 6
+    for path in configs:
+        _validate(tomllib.loads(path.read_text()), str(path))
+        load_config(TeacherCacheConfig if "[teacher]" in path.read_text() else StudentRunConfig, path)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_toml_block_of_the_docs_validates(page):
+    for block in re.findall(r"```toml\n(.*?)```", page.read_text(), flags=re.S):
+        _validate(tomllib.loads(block), str(page))
+
+
+def test_a_bad_toml_block_would_be_caught():
+    with pytest.raises(Exception, match="unknown loss terms"):
+        _validate({"cache": "x", "output_dir": "y", "students": [{"name": "s", "from_teacher": 2,
+                                                                  "losses": {"kd_sideways": 1.0}}]}, "test")
+
+
+def test_the_generated_reference_is_current():
+    from stages import reference
+
+    assert reference.stale() == [], "run: python -m stages.reference"
+    settings = (REPO / "docs/reference/settings.md").read_text()
+    from pipeline import config
+
+    sections = (config.TeacherConfig, config.DataConfig, config.CaptureConfig, config.OutputConfig,
+                config.StudentRunConfig, config.StudentConfig, config.StudentArch, config.TaskConfig)
+    for model in sections:  # every key is there, with its description
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no description for the reference"
+            assert f"`{name}`" in settings and field.description.replace("|", "\\|") in settings
+
+
+def test_the_front_page_fits_and_the_pages_speak_to_users():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    for link in re.findall(r"\]\((docs/[^)#]+)", readme):
+        assert (REPO / link).exists(), f"README links to {link}, which does not exist"
+    remarks = re.compile(r"this machine|was lent|no GPU was|this session|the issue", re.I)
+    for page in PAGES:
+        found = remarks.findall(page.read_text())
+        assert not found, f"{page.name}: {found}"
