@@ -1,4 +1,4 @@
-"""Issue-4 figures: logit KD alone vs + hidden-state KD vs + attention KD vs a teacher-initialised
+"""Figures: logit KD alone vs + hidden-state KD vs + attention KD vs a teacher-initialised
 student, same shape, same data order and tokens, on the default cache (one read feeds all four).
 
     python benchmarks/bench_methods.py [--config data/configs/methods.toml] [-s max_steps=100 ...]

@@ -1,4 +1,4 @@
-"""Issue-10 figures: which target should a user pick? Sizes, errors, step times and student quality of
+"""Figures: which target should a user pick? Sizes, errors, step times and student quality of
 the target modes, on the default corpus with the default teacher (SmolLM2-135M).
 
     python benchmarks/bench_targets.py [--steps 40] [--seeds 0 1 2] [--samples 16 32]
@@ -14,7 +14,7 @@ the target modes, on the default corpus with the default teacher (SmolLM2-135M).
    relative to CE.
 4. Students: a teacher-initialised student (teacher layers 0, 6, 12, 18, 24) trained `--steps` steps of
    4 x 256 tokens with each target, the same rows in the same order per seed, for each seed: CE only;
-   top-64 KD with the tail bucket; top-64 renormalised (alone, as issue 10 asks: allow_biased_kd);
+   top-64 KD with the tail bucket; top-64 renormalised (alone, with allow_biased_kd);
    sampled targets at both N; exact full-vocabulary KD. Validation NLL, exact KL(teacher || student)
    over the whole vocabulary, top-1 agreement and ECE on the validation split, mean +- std over seeds.
 Figures only; nothing is asserted.

@@ -52,7 +52,7 @@ def missing_local_path(name: str) -> Path | None:
     """The path `name` names when it is a local path that does not exist, else None. A name is a local path
     when it starts with '.', '/' or '~', exists, or has more '/' than a hub id ('org/name') can have; anything
     else may be a hub id, which only the hub can say."""
-    p = Path(name).expanduser()
+    p = Path(name)
     looks_local = name.startswith((".", "/", "~")) or p.exists() or name.count("/") > 1
     return p if looks_local and not p.exists() else None
 

@@ -14,6 +14,7 @@ import typer
 
 from pipeline.format import FORMAT_NAME, Cache, Manifest, row_column
 from pipeline.format import verify as verify_cache
+from pipeline.format.reader import read_document
 
 INSPECT_ROWS = 1024  # the first rows of each split checked for the BOS convention
 
@@ -24,8 +25,8 @@ def inspect(
 ) -> None:
     """Show what a finished cache holds: teacher, data, fields, sizes, statistics."""
     c = Cache(cache)
-    if as_json:
-        typer.echo(json.dumps(c.manifest.to_dict(), indent=2, sort_keys=True))
+    if as_json:  # the document as stored (an older cache's own layout, its digest intact)
+        typer.echo(json.dumps(read_document(c.storage), indent=2, sort_keys=True))
         return
     for line in describe(c.manifest, str(c.root)):
         typer.echo(line)

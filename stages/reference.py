@@ -116,8 +116,9 @@ def losses_page() -> str:
     lines = ["# Loss terms reference", "",
              "The names a student's `losses` table may use, from the registry in `pipeline/train/terms.py`. "
              "Each is a per-token mean over the positions that train; KD terms at temperature T are multiplied "
-             "by T². *Tail-free* terms see the teacher's top-K alone (biased) and are refused unless a term that "
-             "accounts for a whole distribution (*anchors*) is mixed in, or `allow_biased_kd = true`.", "",
+             "by T². *Tail-free* terms see the teacher's top-K alone (biased): a causal-LM student is refused them "
+             "unless a term that accounts for a whole distribution (*anchors*) is mixed in, or `allow_biased_kd = "
+             "true` (a classifier's class distribution is stored whole).", "",
              "| term | what it is | cache fields (causal LM) | classification caches | other tokenizers | "
              "student needs | properties |", "|---|---|---|---|---|---|---|"]
     for t in TERMS.values():

@@ -334,3 +334,22 @@ def test_cache_carries_its_tokenizer(llama_dir, corpus, tmp_path):
     assert any("tokenizer/tokenizer.json" in p for p in verify(tmp_path / "c"))
     with pytest.raises(CacheError, match="does not match the manifest"):
         c.tokenizer()
+
+
+def test_a_capture_given_its_loaded_teacher_loads_nothing_and_writes_the_same_bytes(llama_dir, corpus, tmp_path,
+                                                                                   monkeypatch):
+    """run_capture(model=...) (benchmarks, notebooks) uses the model it is given, and reports its shard loop's
+    seconds."""
+    import torch
+
+    from pipeline import models
+    from pipeline.capture.run import run_capture
+    from pipeline.config import TeacherCacheConfig
+
+    capture(settings(llama_dir, corpus, tmp_path / "ref"))
+    cfg = TeacherCacheConfig.model_validate(settings(llama_dir, corpus, tmp_path / "given"))
+    model = models.load_model(cfg.teacher, torch.device("cpu"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the teacher was loaded again"))
+    res = run_capture(cfg, log=lambda m: None, progress=False, model=model)
+    assert res.computed_shards > 0 and res.shard_seconds > 0
+    _assert_same_cache(tmp_path / "ref", tmp_path / "given")

@@ -304,3 +304,23 @@ def test_append_to_a_cache_of_the_older_codec_keeps_its_codec(llama_dir, corpora
     assert c.manifest.capture.topk_codec == "zstd" and len(c.parts("train")) == 2
     assert c.array("train", "topk_ids")[:].dtype == np.int32
     assert verify(tmp_path / "c") == []
+
+
+def test_inspect_json_prints_the_manifest_as_stored(grown, tmp_path, capsys):
+    """An older cache's manifest is read through today's description, but `inspect --json` shows the document
+    as written (its own layout, its digest matching it)."""
+    from stages.cache import inspect
+
+    out = tmp_path / "c"
+    subprocess.run(["cp", "-r", str(grown / "base"), str(out)], check=True)
+    m = json.loads((out / "manifest.json").read_text())
+    m["format_version"] = "1.2"
+    del m["capture"]["topk_codec"]  # as a 1.2 cache was made: the 1.3 capture keys absent
+    from pipeline.format.manifest import manifest_digest
+
+    m["digest"] = manifest_digest(m)
+    (out / "manifest.json").write_text(json.dumps(m))
+    assert Cache(out).manifest.capture.topk_codec == "zstd" and Cache(out).manifest.format_version == "1.3"
+    capsys.readouterr()
+    inspect(str(out), as_json=True)
+    assert json.loads(capsys.readouterr().out) == m

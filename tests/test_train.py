@@ -263,3 +263,14 @@ def test_resume_with_other_settings_is_refused(cache_dir, tmp_path):
         _train(run_cfg(cache_dir, tmp_path, students, max_steps=2, eval_every=2))
     with pytest.raises(StudentError, match=r"other settings \(batch_size differ\)"):
         _train(run_cfg(cache_dir, tmp_path, max_steps=2, eval_every=2, batch_size=3))
+
+
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(cache_dir, tmp_path):
+    """Was: NotADirectoryError / FileExistsError tracebacks from mkdir, after the caches were opened."""
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(StudentError, match=r"a-file is a file, not a directory"):
+        _train(run_cfg(cache_dir, tmp_path / "a-file" / "below", max_steps=1))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "s").write_text("a file where the student's folder goes")
+    with pytest.raises(StudentError, match=r"out/s is a file, not a directory"):
+        _train(run_cfg(cache_dir, tmp_path / "out", max_steps=1))

@@ -5,9 +5,10 @@
 - a finished cache with other settings: refused, or wiped with output.overwrite;
 - an unfinished capture of this plan: resumed (`todo` lists the uncommitted shards only);
 - an unfinished capture of another plan: refused, or wiped with output.overwrite;
+- an unfinished append of other documents or settings: refused (an append never overwrites);
 - anything else that is not empty: refused, or wiped with output.overwrite.
-A run that wrote its manifest but was stopped before it cleaned up is finished. Then the plan, the
-rows, the tokenizer and the arrays are written (each only if absent), and the disk checked for room.
+A run that wrote its manifest but was stopped before it cleaned up is finished. Then the disk is checked
+for room, and the plan, the rows, the tokenizer and the arrays are written (each only if absent).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .checks import check_disk, estimate_bytes
 from .plan import described, diff, finished_changes
 from .rows import Prepared
 
-Shard = tuple[str, int, int, int]  # (split, index within the written part, row start, row end)
+ShardTask = tuple[str, int, int, int]  # (split, index within the written part, row start, row end)
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class Output:
     """What rank 0 found at the output location and made ready."""
 
     finished: Manifest | None = None  # the cache as it is, when there is nothing to compute
-    todo: tuple[Shard, ...] = ()
+    todo: tuple[ShardTask, ...] = ()
     committed: int = 0  # shards an earlier run committed
 
 

@@ -6,6 +6,7 @@ of new documents for an append (`plan_append`, `grown_plan`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 from dataclasses import dataclass
@@ -260,7 +261,7 @@ def grown_plan(base: Manifest, plan: dict, prepared: Prepared, shard_rows: int, 
     g["fields"] = {}
     g["splits"] = {}
     for split in list(base.splits) + [s for s in prepared.splits if s not in base.splits]:
-        parts = [dict(p) for p in base.document["splits"][split]["parts"]] if split in base.splits else []
+        parts = [dataclasses.asdict(p) for p in base.parts(split)] if split in base.splits else []
         if split in prepared.splits:
             start = sum(p["rows"] for p in parts)
             parts.append({"path": part_path(split, number), "row_start": start,

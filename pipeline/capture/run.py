@@ -30,6 +30,7 @@ from ..config import TeacherCacheConfig
 from ..errors import CaptureError, TeacherError
 from ..format.layout import HEAD_FILE, IGNORE_INDEX, MANIFEST
 from ..format.manifest import Manifest
+from ..format.records import Stats
 from ..format.reader import read_manifest
 from ..format.specs import FieldSpec, field_specs
 from ..format.storage import Storage
@@ -48,11 +49,11 @@ class CaptureResult:
     manifest: Manifest
     resumed_shards: int
     computed_shards: int
-    shard_seconds: float = 0.0  # this rank's shard loop (targets, writes, checksums, commits), wall clock
+    shard_seconds: float = 0.0  # this rank's shard loop alone (targets, writes, checksums, commits), wall clock
 
 
 @dataclass(frozen=True)
-class Teacher:
+class TeacherFacts:
     """What the capture knows of its teacher before loading its weights."""
 
     spec: models.TeacherSpec
@@ -81,7 +82,7 @@ def run_capture(cfg: TeacherCacheConfig, log: Callable[[str], None] = print, pro
         return _locked_capture(cfg, st, teacher, log, progress, model)
 
 
-def _describe_teacher(cfg: TeacherCacheConfig) -> Teacher:
+def _describe_teacher(cfg: TeacherCacheConfig) -> TeacherFacts:
     """The teacher's tokenizer, architecture and task, its settings checked: no weights loaded."""
     tokenizer = models.load_tokenizer(cfg.teacher)
     model_config = models.load_model_config(cfg.teacher)
@@ -91,7 +92,7 @@ def _describe_teacher(cfg: TeacherCacheConfig) -> Teacher:
     device = teacher_device(cfg)
     task = None if labels is None else TaskInfo(cfg.teacher.task, labels, row_pad_id(model_config, tokenizer),
                                                 models.bidirectional(model_config, cfg.teacher.task))
-    return Teacher(spec, tokenizer, hidden, attn, device, task)
+    return TeacherFacts(spec, tokenizer, hidden, attn, device, task)
 
 
 def teacher_device(cfg: TeacherCacheConfig):
@@ -113,7 +114,7 @@ def teacher_device(cfg: TeacherCacheConfig):
         raise TeacherError(str(e)) from None
 
 
-def _locked_capture(cfg: TeacherCacheConfig, st: Storage, teacher: Teacher, log, progress, model=None
+def _locked_capture(cfg: TeacherCacheConfig, st: Storage, teacher: TeacherFacts, log, progress, model=None
                     ) -> CaptureResult:
     out = st.local_path() if st.is_local else st.location
     cfg = _append_codec(cfg, st, log)
@@ -137,10 +138,9 @@ def _locked_capture(cfg: TeacherCacheConfig, st: Storage, teacher: Teacher, log,
         return CaptureResult(out, outcome.finished, resumed_shards=outcome.committed, computed_shards=0)
     writer = CacheWriter(st, Manifest.from_dict(plan), specs, {s: len(r) for s, r in prepared.splits.items()}, base)
     writer.create_arrays()  # opens what rank 0 created
-    t0 = time.perf_counter()
-    computer = _compute(cfg, st, teacher, prepared, outcome.todo, writer, base, log, progress, model)
-    seconds = time.perf_counter() - t0
-    manifest = distributed.on_main(lambda: _finish(cfg, st, writer, base, computer, log))
+    computer, seconds = _compute(cfg, st, teacher, prepared, outcome.todo, writer, base, log, progress, model)
+    loaded = computer.model if computer is not None else model
+    manifest = distributed.on_main(lambda: _finish(cfg, st, writer, base, loaded, log))
     return CaptureResult(out, manifest, resumed_shards=outcome.committed, computed_shards=len(outcome.todo),
                          shard_seconds=seconds)
 
@@ -157,7 +157,7 @@ def _append_codec(cfg: TeacherCacheConfig, st: Storage, log) -> TeacherCacheConf
     return cfg.model_copy(update={"capture": cfg.capture.model_copy(update={"topk_codec": codec})})
 
 
-def _specs(cfg: TeacherCacheConfig, teacher: Teacher) -> list[FieldSpec]:
+def _specs(cfg: TeacherCacheConfig, teacher: TeacherFacts) -> list[FieldSpec]:
     c, spec, task = cfg.capture, teacher.spec, teacher.task
     hidden, attn = teacher.hidden, teacher.attention
     return field_specs(
@@ -169,12 +169,12 @@ def _specs(cfg: TeacherCacheConfig, teacher: Teacher) -> list[FieldSpec]:
         classes=len(task.labels.names) if task else None, per_token=bool(task and task.per_token))
 
 
-def _compute(cfg: TeacherCacheConfig, st: Storage, teacher: Teacher, prepared: Prepared, todo, writer: CacheWriter,
+def _compute(cfg: TeacherCacheConfig, st: Storage, teacher: TeacherFacts, prepared: Prepared, todo, writer: CacheWriter,
              base: Manifest | None, log, progress, model=None):
-    """This rank's share of the shards `todo`, with the teacher loaded only when it has one (unless given); the
-    target computer (None when it computed nothing)."""
+    """This rank's share of the shards `todo`, with the teacher loaded only when it has one (unless given): (the
+    target computer, None when it computed nothing; the seconds of its shard loop)."""
     if not todo:
-        return None
+        return None, 0.0
     ranks = distributed.ranks()
     mine = todo[ranks.rank::ranks.world]
     computer = None
@@ -196,18 +196,22 @@ def _compute(cfg: TeacherCacheConfig, st: Storage, teacher: Teacher, prepared: P
             for line in first_rows_check(computer, first, teacher.tokenizer, prepared.convention, teacher.spec):
                 log(line)
     total = sum(int(prepared.splits[s].lengths[a:b].sum()) for s, _, a, b in todo)
+    seconds = 0.0
     with Progress(total, progress) as bar:
         if mine:
+            t0 = time.perf_counter()
             run_shards(computer, prepared, mine, writer, cfg.capture.batch_size, bar, overlap_writes(teacher.device))
+            seconds = time.perf_counter() - t0
         bar.wait_for_ranks()
-    return computer
+    return computer, seconds
 
 
-def _finish(cfg: TeacherCacheConfig, st: Storage, writer: CacheWriter, base: Manifest | None, computer, log
+def _finish(cfg: TeacherCacheConfig, st: Storage, writer: CacheWriter, base: Manifest | None, model, log
             ) -> Manifest:
-    """Rank 0, once every shard is committed: the LM head (if not stored yet), the statistics, the manifest."""
+    """Rank 0, once every shard is committed: the LM head (if not stored yet: from `model`, the loaded teacher,
+    or loaded for it), the statistics, the manifest."""
     if cfg.capture.final_hidden and base is None and not st.exists(HEAD_FILE):
-        store_head(st, cfg, computer.model if computer is not None else None)
+        store_head(st, cfg, model)
     stats = statistics(writer, base)
     manifest = writer.finalize(stats)
     quality = (f"mean top-{cfg.capture.top_k} mass {stats['mean_topk_mass']:.4f}" if "mean_topk_mass" in stats else
@@ -326,11 +330,10 @@ def shard_stats(t: TeacherTargets, lengths: np.ndarray, seconds: float, labels: 
 def statistics(writer: CacheWriter, base: Manifest | None = None) -> dict:
     """Statistics of the cache the writer finishes: its new shards, plus `base`'s when it grows one."""
     commits = writer.committed().values()
-    old = base.document["stats"] if base is not None else {"tokens": 0, "timing": {"seconds": 0.0},
-                                                           "bytes_per_token": {}}
-    tokens = sum(c["tokens"] for c in commits) + old["tokens"]
-    seconds = sum(c["seconds"] for c in commits) + old["timing"]["seconds"]
-    per_field = {k: v * old["tokens"] for k, v in old["bytes_per_token"].items()}
+    old = base.stats if base is not None else Stats(0, 0, 0, {}, 0.0, 0.0, None)
+    tokens = sum(c["tokens"] for c in commits) + old.tokens
+    seconds = sum(c["seconds"] for c in commits) + old.seconds
+    per_field = {k: v * old.tokens for k, v in old.bytes_per_token.items()}
     for c in commits:
         for rel, d in c["files"].items():
             name = rel[len(c.get("part", c["split"])) + 1:].split("/")[0]
@@ -350,14 +353,14 @@ def statistics(writer: CacheWriter, base: Manifest | None = None) -> dict:
     }
 
 
-def _quality(plan: Manifest, commits, old: dict, tokens: int) -> dict:
+def _quality(plan: Manifest, commits, old: Stats, tokens: int) -> dict:
     """A classifier's accuracy on the gold labels, per split, over every part; a causal LM's share of its
     probability mass its top-K hold."""
     if plan.task.classifier:
-        right = {s: list(v) for s, v in old.get("teacher_correct_labelled", {}).items()}
+        right = {s: list(v) for s, v in (old.teacher_correct_labelled or {}).items()}
         for c in commits:
             r = right.setdefault(c["split"], [0, 0])
             r[0], r[1] = r[0] + c["teacher_correct"], r[1] + c["labelled"]
         return {"teacher_correct_labelled": right, "teacher_accuracy": {s: a / max(n, 1) for s, (a, n) in right.items()}}
-    mass = sum(c["topk_mass_sum"] for c in commits) + old.get("mean_topk_mass", 0.0) * old["tokens"]
+    mass = sum(c["topk_mass_sum"] for c in commits) + (old.mean_topk_mass or 0.0) * old.tokens
     return {"mean_topk_mass": mass / max(tokens, 1)}

@@ -67,7 +67,7 @@ def migrate(document: dict) -> dict:
 class Manifest:
     """A finished cache's manifest, or a capture's plan; build with `from_dict`."""
 
-    document: Mapping  # the migrated document, read-only (to_dict returns a copy)
+    document: Mapping  # the migrated document: nobody changes it (to_dict returns a copy to edit)
     recorded_version: str  # the format version the document was written with
 
     @classmethod
@@ -110,10 +110,6 @@ class Manifest:
     def finished(self) -> bool:
         return "digest" in self.document
 
-    def intact(self) -> bool:
-        """Whether the recorded digest is that of the document (always false for a plan)."""
-        return self.finished and self.digest == manifest_digest(self.document)
-
     @cached_property
     def teacher(self) -> Teacher:
         return record(Teacher, self.document["teacher"])
@@ -136,11 +132,11 @@ class Manifest:
         return record(Capture, {**c, "temperatures": tuple(c["temperatures"]),
                                  "hidden_layers": tuple(c["hidden_layers"]),
                                  "attention_layers": tuple(c["attention_layers"])},
-                       raw=MappingProxyType(c))
+                       raw=dict(c))
 
     @cached_property
     def preparation(self) -> Preparation:
-        return record(Preparation, self.document["preparation"], raw=MappingProxyType(self.document["preparation"]))
+        return record(Preparation, self.document["preparation"], raw=dict(self.document["preparation"]))
 
     @property
     def dataset(self) -> Mapping:
@@ -232,7 +228,7 @@ class Manifest:
         timing = s.get("timing", {})
         return Stats(s["tokens"], s["rows"], s["bytes_on_disk"], s.get("bytes_per_token", {}),
                      timing.get("seconds", 0.0), timing.get("tokens_per_second", 0.0), timing.get("finished_at"),
-                     s.get("mean_topk_mass"), s.get("teacher_accuracy"))
+                     s.get("mean_topk_mass"), s.get("teacher_accuracy"), s.get("teacher_correct_labelled"))
 
 
 def _restored(document: dict, recorded_version: str) -> Manifest:

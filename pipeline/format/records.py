@@ -1,6 +1,6 @@
-"""The frozen records a manifest is made of: what `Manifest`'s typed accessors return. Each is built from
-its part of the manifest document by `record`, which takes the keys the record declares (absent ones take
-their defaults: keys older layouts lack) and ignores the others.
+"""The frozen records a manifest is made of: what `Manifest`'s typed accessors return. Most are built from
+their part of the manifest document by `record`, which takes the keys the record declares (absent ones take
+their defaults: keys older layouts lack) and ignores the others; all of them pickle (ranks pass them).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class Capture:
     final_hidden: bool = False
     topk_codec: str = "zstd"
     attention_heads_stored: int | None = None
-    raw: Mapping = field(default_factory=dict, repr=False, compare=False)
+    raw: dict = field(default_factory=dict, repr=False, compare=False)  # every recorded capture setting
 
     @property
     def temperatures_all(self) -> tuple[float, ...]:
@@ -121,7 +121,7 @@ class Preparation:
     loss_mask: str = "all"  # recorded since 1.1
     document_mask: bool = False  # recorded since 1.1
     format: str = "text"
-    raw: Mapping = field(default_factory=dict, repr=False, compare=False)
+    raw: dict = field(default_factory=dict, repr=False, compare=False)  # every recorded preparation setting
 
     @property
     def bos(self) -> Mapping | None:
@@ -223,3 +223,4 @@ class Stats:
     finished_at: str | None
     mean_topk_mass: float | None = None  # a causal LM's
     teacher_accuracy: Mapping[str, float] | None = None  # a classifier's, per split
+    teacher_correct_labelled: Mapping[str, list[int]] | None = None  # its counts behind teacher_accuracy

@@ -18,6 +18,7 @@ import hashlib
 import os
 import posixpath
 import shutil
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,13 +40,18 @@ def stream_digest(f) -> dict:
     return {"bytes": n, "sha256": h.hexdigest()}
 
 
+# the backends' own types for "could not connect" (aiohttp for http(s), botocore for s3)
+UNREACHABLE = {"ClientConnectionError", "EndpointConnectionError", "ConnectTimeoutError"}
+
+
 def unreachable(error: BaseException | None) -> bool:
     """Whether an error says the location could not be reached at all (a refused or dropped connection, a
-    timeout, an unknown host), as opposed to an answer that the object is not there."""
+    timeout, an unknown host), as opposed to an answer about the object."""
     if error is None:
         return False
-    names = {c.__name__ for c in type(error).__mro__}
-    return isinstance(error, OSError) and not isinstance(error, FileNotFoundError) or "ClientConnectionError" in names
+    if isinstance(error, (ConnectionError, TimeoutError, socket.gaierror)):
+        return True
+    return bool({c.__name__ for c in type(error).__mro__} & UNREACHABLE)
 
 
 @contextmanager
@@ -97,16 +103,16 @@ class Storage:
 
     # -- reading ------------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
-        """A file at `rel`. A location that cannot be reached (a refused connection, missing credentials) is
-        a StorageError naming the cause, never "no such file" (fsspec's own isfile says False to both)."""
-        with storage_errors(self.location, f"cannot look up {rel} in"):
-            try:
-                return self.fs.info(self.path(rel)).get("type", "file") == "file"
-            except (FileNotFoundError, NotADirectoryError) as e:
-                cause = e.__cause__  # fsspec's HTTP backend turns every failure into FileNotFoundError
-                if unreachable(cause):
-                    raise StorageError(f"cannot reach {self.location}: {type(cause).__name__}: {cause}") from e
-                return False
+        """A file at `rel` (False for anything else the backend answers, as fsspec's isfile does). A location
+        that cannot be reached at all (a refused connection, an unknown host, a timeout) is a StorageError
+        naming the cause, never "no such file"."""
+        try:
+            return self.fs.info(self.path(rel)).get("type", "file") == "file"
+        except Exception as e:  # noqa: BLE001  fsspec's HTTP backend turns every failure into FileNotFoundError
+            cause = e.__cause__ if isinstance(e, FileNotFoundError) else e
+            if unreachable(cause):
+                raise StorageError(f"cannot reach {self.location}: {type(cause).__name__}: {cause}") from e
+            return False
 
     def has(self, rel: str) -> bool:
         """A file or a folder (a prefix, on object stores) at `rel`."""

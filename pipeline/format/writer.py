@@ -183,8 +183,9 @@ class CacheWriter:
         order = list(self.plan.splits)
         shards = [{k: rec[k] for k in ("split", "part", "index", "row_start", "row_end", "files")}
                   for rec in commits.values()]
-        older = [{**sh, "part": sh.get("part", sh["split"])} for sh in (self.base.document["shards"] if self.base
-                                                                        else [])]  # 1.0/1.1: no part
+        older = [{"split": sh.split, "part": sh.part, "index": sh.index, "row_start": sh.row_start,
+                  "row_end": sh.row_end, "files": {rel: d.to_dict() for rel, d in sh.files.items()}}
+                 for sh in (self.base.shards if self.base else ())]
         shards = sorted(older + shards, key=lambda sh: (order.index(sh["split"]), sh["index"]))
         meta = {rel: d.to_dict() for rel, d in self.base.metadata_files.items()} if self.base else {}
         for rel in self._metadata_written():

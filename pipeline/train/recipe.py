@@ -5,8 +5,8 @@
 them), `optimizer_step`, `evaluate` (all students in one read of the validation batches, early
 stopping), `checkpoint`; then `finish` (test split, reports). Loss terms come from the registry in
 `terms`; this module never names one. Its parts live beside it: `caches` (the checks across a run's
-caches), `step` (one student's module, forward pass and optimiser), `checkpoint` (identity, state,
-atomic saves), `validation` (held-out batches and readings), `report` (reports and curves).
+caches), `build` (a student ready to train), `step` (one student's module, forward pass and optimiser),
+`checkpoint` (identity, state, atomic saves), `validation` (held-out batches and readings), `report`.
 
 One process or many: under `torchrun` each student is wrapped in DistributedDataParallel (the only
 place that knows about it is `_wrap`), each rank reads only its own share of the global batch
@@ -39,16 +39,15 @@ from ..config import StudentConfig, StudentRunConfig
 from ..errors import StudentError
 from . import checkpoint as ckpt
 from . import terms
+from .build import build
 from .caches import open_tasks
-from .crosstok import prepare_student
 from .evaluate import LOWER_IS_BETTER, entity_scheme, metrics_for
 from .head import TeacherHead
 from .reader import CacheBatches, TaskStream
 from .report import describe, plot_curves, student_report
 from .signal import TeacherSignal
-from .step import (Student, StudentModule, build_wiring, check_student_document_masking, forward, make_optimizer,
-                   mutual_terms)
-from .students import build_student, count_parameters, describe_tokenizer_difference, student_tokenizer
+from .step import Student, StudentModule, forward, mutual_terms
+from .students import student_tokenizer
 from .validation import Evaluator, combine
 
 
@@ -86,7 +85,7 @@ class Recipe:
         cfg = self.cfg
         for s in cfg.students:  # before any cache is opened: a misspelt loss fails at once
             terms.check_losses(s)
-        check_output_dir(Path(cfg.output_dir))
+        check_output_dir(Path(cfg.output_dir), [s.name for s in cfg.students])
         self.tasks = open_tasks(cfg)
         self.cache = next(iter(self.tasks.values()))[0]
         self.manifest = self.cache.manifest
@@ -145,43 +144,11 @@ class Recipe:
         self.evaluator.prepare()
 
     def _build(self, spec: StudentConfig) -> Student:
-        cfg, device = self.cfg, self.device
         tokenizer, cross = self.student_tokenizers[spec.name]
-        model = build_student(spec, self.manifest, tokenizer, device, cross)
-        rows = model.get_output_embeddings().weight.shape[0] if self.task == "causal-lm" and not cross else None
-        for name, (c, _) in self.tasks.items():
-            if rows is not None and rows < c.manifest.teacher.vocab_size:
-                raise StudentError(f"student {spec.name!r}: {rows} output rows < task {name!r}'s vocabulary "
-                                   f"({c.manifest.teacher.vocab_size})")
-        if any(c.manifest.preparation.document_mask for c, _ in self.tasks.values()):
-            check_student_document_masking(model, spec.name, device)
-        model.train()
-        out = Path(cfg.output_dir) / spec.name
-        vocab_map, student_rows = None, {}
-        if cross:
-            vocab_map, student_rows = self._cross(spec, tokenizer, model, out)
-        wiring = build_wiring(spec, model, self.manifest, device, vocab_map, cross)
-        module = StudentModule(model, wiring)
-        opt, sched = make_optimizer(module.parameters(), spec, cfg.max_steps)
-        if self.main:
-            out.mkdir(parents=True, exist_ok=True)
-            ckpt.recover_model_dir(out / "model")
-        st = Student(spec, model, module, module, opt, sched, out, wiring, tokenizer=tokenizer, rows=student_rows)
-        st.identity = ckpt.resume_identity(spec, cfg, self.tasks, self.ranks.world)
-        self.log(f"student {spec.name}: {count_parameters(model) / 1e6:.2f}M parameters, losses {spec.losses}, "
-                 f"T={spec.temperature}" + (f", DDP over {self.ranks.world} ranks" if self.ranks.active else ""))
+        st, stats = build(spec, self.cfg, self.tasks, self.tokenizer, tokenizer, cross, self.device, self.log)
+        if stats is not None:
+            self.cross_stats[spec.name] = stats
         return st
-
-    def _cross(self, spec: StudentConfig, tokenizer, model, out: Path) -> tuple:
-        """A student with another tokenizer: its vocabulary map and its re-tokenised rows (crosstok)."""
-        vocab_map, rows, stats = prepare_student(spec.name, tokenizer, model, out / "retokenized", self.tasks,
-                                                 self.tokenizer, self.manifest.teacher.vocab_size)
-        self.log(f"student {spec.name}: its own tokenizer ({describe_tokenizer_difference(self.tokenizer, tokenizer)}): "
-                 f"{stats.get('aligned_share', 0):.1%} of its train positions aligned with the teacher's, "
-                 f"{stats.get('lossless_rows', 0):.1%} of rows decoded and encoded back losslessly; teacher tokens "
-                 f"mapped: {vocab_map.counts}")
-        self.cross_stats[spec.name] = {"train": stats, "vocab_map": vocab_map.counts}
-        return vocab_map, rows
 
     def _wrap(self, module: StudentModule, spec: StudentConfig) -> torch.nn.Module:
         """The one place that knows about DDP: a student trained on several ranks averages its gradients."""
@@ -434,13 +401,16 @@ class Recipe:
             self.log(f"student {st.name}: test: {describe(tested)}")
 
 
-def check_output_dir(out: Path) -> None:
-    """`output_dir` must be a directory, or creatable as one: its nearest existing ancestor is a directory."""
-    at = out
-    while not at.exists() and at != at.parent:
-        at = at.parent
-    if not at.is_dir():
-        raise StudentError(f"output_dir {out}: {at} is a file, not a directory; choose a directory for the students")
+def check_output_dir(out: Path, students: list[str]) -> None:
+    """`output_dir` and each student's folder in it must be directories, or creatable as ones: the nearest
+    existing ancestor of each is a directory."""
+    for folder in [out] + [out / name for name in students]:
+        at = folder
+        while not at.exists() and at != at.parent:
+            at = at.parent
+        if not at.is_dir():
+            raise StudentError(f"output_dir {out}: {at} is a file, not a directory; choose a directory for the "
+                               "students")
 
 
 def train_students(cfg: StudentRunConfig, log: Callable[[str], None] = print, progress: bool = True,

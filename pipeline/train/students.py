@@ -85,7 +85,7 @@ def student_tokenizer(spec: StudentConfig, manifest: Manifest, cache_tokenizer):
             src = spec.pretrained  # a bare local checkpoint is read with the cache's tokenizer
     if src is None:
         return cache_tokenizer, False
-    if spec.tokenizer is not None and models.missing_local_path(src) is not None:
+    if spec.tokenizer is not None and models.missing_local_path(str(Path(src).expanduser())) is not None:
         raise StudentError(f"student {spec.name!r}: tokenizer {src!r} does not exist")
     try:
         tok = AutoTokenizer.from_pretrained(str(Path(src).expanduser()) if spec.tokenizer else src)
@@ -258,11 +258,11 @@ def _check_teacher_weights(spec: StudentConfig, t, source: TeacherConfig) -> Non
                       "teacher): from_teacher cannot check that these are the weights the targets came from")
 
 
-def _layer_subset(student_keys: dict, teacher_state: dict, layers: list[int]) -> dict:
+def _layer_subset(student_state: dict, teacher_state: dict, layers: list[int]) -> dict:
     """The student's state from the teacher's: layer i of the student is teacher layer layers[i]."""
     pattern = re.compile(r"\.(layers|h|layer)\.(\d+)\.")  # Llama-style, GPT-2, BERT
     new = {}
-    for key in student_keys:
+    for key in student_state:
         m = pattern.search(key)
         tk = key if m is None else key[: m.start()] + f".{m[1]}.{layers[int(m[2])]}." + key[m.end():]
         new[key] = teacher_state[tk].clone()

@@ -1,7 +1,7 @@
 """The loss terms a student trains with, each declared once, in `TERMS`.
 
 A `Term` names itself, says how it is computed on a causal-LM cache and (where it is defined there)
-on a classification cache, each `On` naming the cache fields it reads; what of the student it needs
+on a classification cache, each `Computation` naming the cache fields it reads; what of the student it needs
 (logits, hidden states, attention maps); the capture settings its values depend on; whether it is
 defined across tokenizers; and whether it ignores the teacher's tail (`tail_free`) or accounts for a
 whole distribution (`anchors`). Everything else is derived from `TERMS`: the names a config may use
@@ -35,7 +35,7 @@ Compute = Callable[[StudentOutput, TeacherSignal, Context], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class On:
+class Computation:
     """How a term is computed on one kind of cache: the cache fields it reads and the function."""
 
     fields: tuple[str, ...]
@@ -46,8 +46,8 @@ class On:
 class Term:
     name: str
     description: str
-    causal: On  # on a causal-LM cache
-    classes: On | None = None  # on a classification cache (sequence or token); None: not defined there
+    causal: Computation  # on a causal-LM cache
+    classes: Computation | None = None  # on a classification cache (sequence or token); None: not defined there
     student: frozenset[str] = frozenset({"logits"})  # of the student: "logits", "hidden_states", "attentions"
     tempered: bool = False  # reads the teacher's top-K at the student's temperature (its logsumexp when captured)
     capture_keys: tuple[str, ...] = ()  # capture settings its values depend on (must agree across a run's caches)
@@ -58,7 +58,7 @@ class Term:
     tail_free: bool = False  # sees the teacher's top-K alone, its tail ignored (biased)
     anchors: bool = False  # accounts for a whole distribution (the data's, or all of the teacher's mass)
 
-    def on(self, task: str) -> On | None:
+    def on(self, task: str) -> Computation | None:
         return self.causal if task == "causal-lm" else self.classes
 
     def computes(self, task: str) -> bool:
@@ -91,6 +91,9 @@ def _topk_divergence(kind: str) -> Compute:
         if kind == "renorm":
             return losses.forward_kl_renormalized(t.logprobs, s.logprobs, out.masks.kd, T)
         return losses.mse_logprobs(t.logprobs, s.logprobs, out.masks.kd)
+
+    if kind not in ("forward", "reverse", "jsd", "renorm", "mse"):
+        raise ValueError(f"unknown top-K divergence {kind!r}")
     return compute
 
 
@@ -220,48 +223,48 @@ def registry(*terms: Term) -> dict[str, Term]:
 
 def _representation(name: str, description: str, compute: Compute, field: str, needs: str, keys, **kw) -> Term:
     """A hidden-state or attention term: the same computation on every kind of cache, any tokenizer."""
-    on = On((field,), compute)
-    return Term(name, description, on, classes=on, student=frozenset({needs}), capture_keys=keys,
+    both = Computation((field,), compute)
+    return Term(name, description, both, classes=both, student=frozenset({needs}), capture_keys=keys,
                 cross_tokenizer=True, **kw)
 
 
 TERMS: dict[str, Term] = registry(
     Term("ce", "cross-entropy on the true next token (hard labels); classification: on the gold labels",
-         On((), _ce), classes=On((), _ce_classes), cross_tokenizer=True, anchors=True),
+         Computation((), _ce), classes=Computation((), _ce_classes), cross_tokenizer=True, anchors=True),
     Term("kd_forward", "KL(teacher || student) over the top-K ids + exact tail bucket, x T^2",
-         On(TOPK_FIELDS, _topk_divergence("forward")), classes=On(CLASS_FIELDS, _class_divergence("forward")),
+         Computation(TOPK_FIELDS, _topk_divergence("forward")), classes=Computation(CLASS_FIELDS, _class_divergence("forward")),
          tempered=True, anchors=True),
     Term("kd_forward_renorm", "KL over the top-K ids renormalised, tail ignored (biased), x T^2",
-         On(TOPK_FIELDS, _topk_divergence("renorm")), tempered=True, tail_free=True),
+         Computation(TOPK_FIELDS, _topk_divergence("renorm")), tempered=True, tail_free=True),
     Term("kd_reverse", "KL(student || teacher) over the top-K ids + tail bucket, x T^2",
-         On(TOPK_FIELDS, _topk_divergence("reverse")), classes=On(CLASS_FIELDS, _class_divergence("reverse")),
+         Computation(TOPK_FIELDS, _topk_divergence("reverse")), classes=Computation(CLASS_FIELDS, _class_divergence("reverse")),
          tempered=True, anchors=True),
     Term("kd_jsd", "generalised Jensen-Shannon (jsd_beta) over the top-K ids + tail bucket, x T^2",
-         On(TOPK_FIELDS, _topk_divergence("jsd")), classes=On(CLASS_FIELDS, _class_divergence("jsd")),
+         Computation(TOPK_FIELDS, _topk_divergence("jsd")), classes=Computation(CLASS_FIELDS, _class_divergence("jsd")),
          tempered=True, anchors=True),
     Term("uld", "Universal Logit Distillation: Wasserstein-1 between the sorted teacher (top-K + exact tail) and "
-         "student probability vectors, vocabulary-agnostic (any tokenizer), x T^2", On(TOPK_FIELDS, _uld),
+         "student probability vectors, vocabulary-agnostic (any tokenizer), x T^2", Computation(TOPK_FIELDS, _uld),
          tempered=True, cross_tokenizer=True, anchors=True),
     Term("kd_mapped", "KL(teacher || student) with the teacher's top-K mapped into the student's vocabulary through "
          "the tokens' text (GOLD's first-piece rule), unmapped mass in the tail bucket, x T^2",
-         On(TOPK_FIELDS, _kd_mapped), tempered=True, cross_tokenizer=True, anchors=True),
-    Term("mse_logprobs", "squared error of log-probs at the top-K ids", On(TOPK_FIELDS, _topk_divergence("mse")),
+         Computation(TOPK_FIELDS, _kd_mapped), tempered=True, cross_tokenizer=True, anchors=True),
+    Term("mse_logprobs", "squared error of log-probs at the top-K ids", Computation(TOPK_FIELDS, _topk_divergence("mse")),
          tempered=True, tail_free=True),
-    Term("mse_logits", "squared error of centred logits at the top-K ids", On(TOPK_FIELDS, _mse_logits),
-         classes=On(CLASS_FIELDS, _mse_logits_classes), tail_free=True),
+    Term("mse_logits", "squared error of centred logits at the top-K ids", Computation(TOPK_FIELDS, _mse_logits),
+         classes=Computation(CLASS_FIELDS, _mse_logits_classes), tail_free=True),
     Term("kd_sampled", "KL(teacher || student) estimated from the sampled targets by importance sampling "
          "(unbiased, full-vocabulary student softmax), x T^2",
-         On(("sample_ids", "sample_counts", "sample_logprobs", "logsumexp"), _kd_sampled), tempered=True,
+         Computation(("sample_ids", "sample_counts", "sample_logprobs", "logsumexp"), _kd_sampled), tempered=True,
          capture_keys=("samples", "sample_temperature"), cache_fields=_sampled_fields, anchors=True),
     Term("kd_full_forward", "KL(teacher || student) over the whole vocabulary, the teacher's distribution recomputed "
          "from its cached final hidden state and LM head (exact), x T^2",
-         On(FULL_FIELDS, _full_divergence("forward")), anchors=True),
+         Computation(FULL_FIELDS, _full_divergence("forward")), anchors=True),
     Term("kd_full_reverse", "KL(student || teacher) over the whole vocabulary (exact, from the cached final hidden "
-         "state and LM head), x T^2", On(FULL_FIELDS, _full_divergence("reverse")), anchors=True),
+         "state and LM head), x T^2", Computation(FULL_FIELDS, _full_divergence("reverse")), anchors=True),
     Term("kd_full_jsd", "generalised Jensen-Shannon (jsd_beta) over the whole vocabulary (exact, from the cached "
-         "final hidden state and LM head), x T^2", On(FULL_FIELDS, _full_divergence("jsd")), anchors=True),
+         "final hidden state and LM head), x T^2", Computation(FULL_FIELDS, _full_divergence("jsd")), anchors=True),
     Term("nll_match", "squared difference of student and teacher NLL of the true next token",
-         On(("target_logprob",), _nll_match)),
+         Computation(("target_logprob",), _nll_match)),
     _representation("hidden_mse", "MSE of (projected) student and cached teacher hidden states, mapped layers",
                     _hidden(losses.hidden_mse), "hidden_states", "hidden_states", HIDDEN_KEYS,
                     cache_fields=_hidden_scale),
@@ -282,10 +285,7 @@ TERMS: dict[str, Term] = registry(
 def check_losses(spec) -> None:
     """Refuse a student whose `losses` name a term that does not exist, or whose only distribution terms ignore
     the teacher's tail with nothing to anchor the student's whole distribution (unless allowed)."""
-    unknown = [k for k in spec.losses if k not in TERMS]
-    if unknown:
-        raise StudentError(f"student {spec.name!r}: unknown loss terms {unknown} (known: {', '.join(TERMS)})")
-    on = active(spec)
+    on = active(spec)  # refuses unknown names
     tail_free = sorted(t.name for t in on if t.tail_free)
     if tail_free and not any(t.anchors for t in on) and not spec.allow_biased_kd and spec.task in (None, "causal-lm"):
         raise StudentError(
@@ -297,7 +297,10 @@ def check_losses(spec) -> None:
 
 
 def active(spec) -> list[Term]:
-    """The terms a student computes: those with a positive weight."""
+    """The terms a student computes: those with a positive weight (an unknown name is refused)."""
+    unknown = [k for k in spec.losses if k not in TERMS]
+    if unknown:
+        raise StudentError(f"student {spec.name!r}: unknown loss terms {unknown} (known: {', '.join(TERMS)})")
     return [TERMS[n] for n, w in spec.losses.items() if w > 0]
 
 
