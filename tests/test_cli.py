@@ -142,6 +142,10 @@ def test_push_ls_pull_from_the_cli(config_file, tmp_path):
     assert res.returncode == 0 and "fetched and verified" in res.stderr, res.stderr
     ok = distill("verify", str(tmp_path / "part"))
     assert ok.returncode == 0 and "OK" in ok.stdout
+    part = json.loads(distill("inspect", str(tmp_path / "part"), "--json").stdout)
+    assert part["subset"]["fields"] == ["topk_ids"] and part["subset"]["splits"] == ["train"]
+    assert [k for k, f in part["fields"].items() if f["format"] == "zarr-v3"] == ["topk_ids"]
+    assert list(part["splits"]) == ["train"] and not (tmp_path / "part" / "train" / "attentions").exists()
     again = distill("pull", str(pub / "c1"), str(tmp_path / "part"), "--fields", "topk_ids", "--splits", "train")
     assert again.returncode == 0 and "already holds this pull" in again.stderr
     bad = distill("pull", str(pub / "c1"), str(tmp_path / "part2"), "--fields", "no_such_field")
