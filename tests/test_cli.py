@@ -89,15 +89,15 @@ def test_unfinished_cache_is_refused_by_readers(tmp_path):
         assert res.returncode == 2 and "unfinished cache" in res.stderr
 
 
-def test_student_from_the_cli(config_file, tmp_path):
-    assert distill("teacher-cache", "--config", str(config_file)).returncode == 0
+def _student_toml(tmp_path: Path, max_steps: int) -> Path:
+    """A student run on the test cache at tmp_path/cache: one tiny arch student, KD only."""
     f = tmp_path / "student.toml"
     f.write_text(f"""
 cache = "{tmp_path / 'cache'}"
 output_dir = "{tmp_path / 'students'}"
 batch_size = 4
-max_steps = 3
-eval_every = 3
+max_steps = {max_steps}
+eval_every = {max_steps}
 device = "cpu"
 [[students]]
 name = "tiny"
@@ -107,6 +107,12 @@ losses = {{ kd_forward = 1.0 }}
   hidden_size = 16
   num_heads = 2
 """)
+    return f
+
+
+def test_student_from_the_cli(config_file, tmp_path):
+    assert distill("teacher-cache", "--config", str(config_file)).returncode == 0
+    f = _student_toml(tmp_path, max_steps=3)
     res = distill("student", "--config", str(f), "-s", "students.0.lr=0.002")
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == str(tmp_path / "students" / "tiny" / "model")
@@ -174,20 +180,7 @@ def test_pull_from_a_server_that_refuses_the_connection_names_the_failure(tmp_pa
 
 def test_student_refusals_name_the_bad_path(config_file, tmp_path):
     assert distill("teacher-cache", "--config", str(config_file)).returncode == 0
-    f = tmp_path / "student.toml"
-    f.write_text(f"""
-cache = "{tmp_path / 'cache'}"
-output_dir = "{tmp_path / 'students'}"
-max_steps = 1
-device = "cpu"
-[[students]]
-name = "tiny"
-losses = {{ kd_forward = 1.0 }}
-  [students.arch]
-  num_layers = 1
-  hidden_size = 16
-  num_heads = 2
-""")
+    f = _student_toml(tmp_path, max_steps=1)
     (tmp_path / "a-file").write_text("not a folder")
     res = distill("student", "--config", str(f), "-s", f"output_dir={tmp_path / 'a-file'}")
     assert res.returncode == 2 and "Traceback" not in res.stderr
