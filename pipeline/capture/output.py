@@ -78,9 +78,9 @@ def _check_append(st: Storage, plan: dict, base: Manifest) -> bool:
     """An append's location: an unfinished append of this plan resumes (True), of another is refused; a fresh
     one clears what an abandoned one left (False)."""
     if st.exists(PLAN_FILE):
-        changes = diff(described(json.loads(st.read_bytes(PLAN_FILE)), plan), plan)  # across versions
+        changes = _unfinished_changes(st, plan)
         if changes:
-            out = st.local_path() if st.is_local else st.location
+            out = st.where
             raise CaptureError(f"{out} holds an unfinished append of other data or settings; rerun that command "
                                f"to finish it (or remove {out}/{WORK_DIR} to abandon it). Differences:"
                                "\n  " + "\n  ".join(changes[:20]))
@@ -93,7 +93,7 @@ def _check_append(st: Storage, plan: dict, base: Manifest) -> bool:
 def _check_create(cfg: TeacherCacheConfig, st: Storage, plan: dict, log) -> tuple[Manifest | None, bool]:
     """A new cache's location: (the finished cache when it already has these settings, whether an unfinished
     capture of this plan resumes); anything else is refused or, with output.overwrite, wiped."""
-    out = st.local_path() if st.is_local else st.location
+    out = st.where
     if st.exists(MANIFEST):
         old = read_manifest(st)
         changes = finished_changes(old, plan)  # a cache of an earlier version with these settings is done
@@ -107,7 +107,7 @@ def _check_create(cfg: TeacherCacheConfig, st: Storage, plan: dict, log) -> tupl
                         f"overwriting the finished cache at {out}", log)
         return None, False
     if st.exists(PLAN_FILE):
-        changes = diff(described(json.loads(st.read_bytes(PLAN_FILE)), plan), plan)  # resumable across versions
+        changes = _unfinished_changes(st, plan)
         if not changes:
             return None, True
         _refuse_or_wipe(cfg, st, f"{out} holds an unfinished capture with other settings; rerun with the same "
@@ -120,6 +120,11 @@ def _check_create(cfg: TeacherCacheConfig, st: Storage, plan: dict, log) -> tupl
     return None, False
 
 
+def _unfinished_changes(st: Storage, plan: dict) -> list[str]:
+    """How `plan` differs from the plan of the unfinished capture at `st` (written by any earlier version)."""
+    return diff(described(json.loads(st.read_bytes(PLAN_FILE)), plan), plan)
+
+
 def _refuse_or_wipe(cfg: TeacherCacheConfig, st: Storage, refusal: str, notice: str | None, log) -> None:
     if not cfg.output.overwrite:
         raise CaptureError(refusal)
@@ -130,7 +135,7 @@ def _refuse_or_wipe(cfg: TeacherCacheConfig, st: Storage, refusal: str, notice: 
 
 def _check_room(cfg: TeacherCacheConfig, st: Storage, prepared: Prepared, specs: list[FieldSpec], log) -> None:
     """Log the rows and the size estimate; on local disk, refuse a capture the disk cannot hold."""
-    out = st.local_path() if st.is_local else st.location
+    out = st.where
     total_rows = sum(len(r) for r in prepared.splits.values())
     per_token = estimate_bytes(specs, cfg.data.seq_len, cfg.data)
     left_rows = total_rows - committed_rows(st)  # a resume needs room only for what is left to write

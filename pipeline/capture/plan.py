@@ -166,11 +166,16 @@ def described(old: dict, plan: dict) -> dict:
     return out
 
 
+def changes_from(old: Manifest, plan: dict) -> list[str]:
+    """How `plan` differs from the plan the finished cache `old` was made with (in the current layout)."""
+    done = described(old.plan(), plan)  # the plan's keys only: never the shard list
+    return diff({k: done.get(k) for k in plan}, plan)
+
+
 def finished_changes(old: Manifest, plan: dict) -> list[str]:
     """How `plan` differs from the plan of the finished cache `old`, less the encodings of the top-K values:
     a cache written with the older codec (zstd, int32 ids) holds the same values and is done."""
-    done = described(old.to_dict(), plan)
-    return [c for c in diff({k: done.get(k) for k in plan}, plan) if not c.startswith(ENCODINGS)]
+    return [c for c in changes_from(old, plan) if not c.startswith(ENCODINGS)]
 
 
 ENCODINGS = ("capture.topk_codec:", "fields.topk_ids.dtype:", "fields.topk_ids.codec:", "fields.topk_logprobs.codec:")
@@ -185,9 +190,8 @@ APPEND_FREE = {"dataset", "software", "splits", "fields", "format_version", "gro
 
 def append_differences(base: Manifest, plan: dict) -> list[str]:
     """Why the rows of `plan` cannot join the finished cache `base` (empty: they can)."""
-    old = described(base.to_dict(), plan)
-    changes = diff({k: old.get(k) for k in plan}, plan)
-    return [c for c in changes if not any(c.startswith(f + ".") or c.startswith(f + ":") for f in APPEND_FREE)]
+    return [c for c in changes_from(base, plan)
+            if not any(c.startswith(f + ".") or c.startswith(f + ":") for f in APPEND_FREE)]
 
 
 def same_rows_on_every_rank(plan: dict, prepared: Prepared | None) -> None:

@@ -116,7 +116,7 @@ def teacher_device(cfg: TeacherCacheConfig):
 
 def _locked_capture(cfg: TeacherCacheConfig, st: Storage, teacher: TeacherFacts, log, progress, model=None
                     ) -> CaptureResult:
-    out = st.local_path() if st.is_local else st.location
+    out = st.where
     cfg = _append_codec(cfg, st, log)
     prepared = prepare(cfg.data, teacher.tokenizer, min_validation=cfg.output.mode != "append", task=cfg.teacher.task,
                        labels=teacher.task.labels if teacher.task else None,
@@ -153,7 +153,7 @@ def _append_codec(cfg: TeacherCacheConfig, st: Storage, log) -> TeacherCacheConf
     if codec == cfg.capture.topk_codec:
         return cfg
     log(f"appending with capture.topk_codec={codec!r}, the codec of the cache at "
-        f"{st.local_path() if st.is_local else st.location}")
+        f"{st.where}")
     return cfg.model_copy(update={"capture": cfg.capture.model_copy(update={"topk_codec": codec})})
 
 
@@ -216,7 +216,7 @@ def _finish(cfg: TeacherCacheConfig, st: Storage, writer: CacheWriter, base: Man
     manifest = writer.finalize(stats)
     quality = (f"mean top-{cfg.capture.top_k} mass {stats['mean_topk_mass']:.4f}" if "mean_topk_mass" in stats else
                "teacher accuracy " + ", ".join(f"{k} {v:.4f}" for k, v in stats["teacher_accuracy"].items()))
-    log(f"finished {st.local_path() if st.is_local else st.location}: {stats['tokens']:,} tokens, "
+    log(f"finished {st.where}: {stats['tokens']:,} tokens, "
         f"{stats['timing']['tokens_per_second']:,.0f} tokens/s"
         f"{' per rank' if distributed.ranks().active else ''}, {quality}")
     return manifest

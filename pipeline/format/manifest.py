@@ -72,7 +72,9 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, document: Mapping, where: str = "manifest") -> "Manifest":
-        """Any layout this version reads, described as it writes it; refuses foreign or newer documents."""
+        """Any layout this version reads, described as it writes it; refuses foreign or newer documents. The
+        document is kept as it is, not copied (a large cache's manifest is large): hand over one that nobody
+        changes afterwards, and edit `to_dict()`'s copy instead."""
         if not isinstance(document, Mapping) or document.get("format") != FORMAT_NAME:
             fmt = document.get("format") if isinstance(document, Mapping) else None
             raise CacheError(f"{where}: format is {fmt!r}, not {FORMAT_NAME!r}")
@@ -80,7 +82,7 @@ class Manifest:
         if version.split(".")[0] not in READABLE_MAJORS:
             raise CacheError(f"{where}: format version {version or None} is not readable by this version (reads "
                              f"{', '.join(m + '.x' for m in READABLE_MAJORS)})")
-        return cls(MappingProxyType(migrate(copy.deepcopy(dict(document)))), version)
+        return cls(MappingProxyType(migrate(dict(document))), version)
 
     def to_dict(self) -> dict:
         return copy.deepcopy(dict(self.document))

@@ -117,7 +117,7 @@ class Cache:
         self._storage = root if isinstance(root, Storage) else Storage(root, storage_options)
         self._pid = os.getpid()
         self.remote = not self.storage.is_local
-        self.root: Path | str = self.storage.location if self.remote else self.storage.local_path()
+        self.root: Path | str = self.storage.where
         self.manifest = read_manifest(self.storage)
         self.files = self.manifest.files
         self.mirror = Path(mirror) if mirror else default_mirror(self.storage.location, self.manifest.digest)

@@ -93,6 +93,11 @@ class Storage:
     def path(self, rel: str = "") -> str:
         return posixpath.join(self.root, rel) if rel else self.root
 
+    @property
+    def where(self) -> Path | str:
+        """The location as users name it: a local Path on local disk, else the URL."""
+        return self.local_path() if self.is_local else self.location
+
     def local_path(self, rel: str = "") -> Path:
         if not self.is_local:
             raise StorageError(f"{self.location} is not on local disk")

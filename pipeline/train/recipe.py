@@ -85,7 +85,7 @@ class Recipe:
         cfg = self.cfg
         for s in cfg.students:  # before any cache is opened: a misspelt loss fails at once
             terms.check_losses(s)
-        check_output_dir(Path(cfg.output_dir), [s.name for s in cfg.students])
+        check_student_folders(Path(cfg.output_dir), [s.name for s in cfg.students])
         self.tasks = open_tasks(cfg)
         self.cache = next(iter(self.tasks.values()))[0]
         self.manifest = self.cache.manifest
@@ -401,7 +401,7 @@ class Recipe:
             self.log(f"student {st.name}: test: {describe(tested)}")
 
 
-def check_output_dir(out: Path, students: list[str]) -> None:
+def check_student_folders(out: Path, students: list[str]) -> None:
     """`output_dir` and each student's folder in it must be directories, or creatable as ones: the nearest
     existing ancestor of each is a directory."""
     for folder in [out] + [out / name for name in students]:
