@@ -7,11 +7,12 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Optional
 
 import numpy as np
 import typer
 
+from pipeline.errors import DistillError
 from pipeline.format import FORMAT_NAME, Cache, Manifest, row_column
 from pipeline.format import verify as verify_cache
 from pipeline.format.reader import read_document
@@ -128,14 +129,38 @@ def _warn_missing_bos(c: Cache) -> None:
             typer.echo(warning, err=True)
 
 
-def verify(cache: Annotated[str, typer.Argument(help="cache directory or URL (s3://, https://, ...)")]) -> None:
-    """Recompute every checksum; name each corrupt or missing shard; exit 1 if any."""
-    problems = verify_cache(cache)
+def verify(cache: Annotated[str, typer.Argument(help="cache directory or URL (s3://, https://, ...)")],
+           fields: Annotated[Optional[str], typer.Option(help="check only these dense fields (comma-separated)")] = None,
+           splits: Annotated[Optional[str], typer.Option(help="check only these splits (comma-separated)")] = None,
+           shards: Annotated[Optional[str], typer.Option(
+               help="check only these shard numbers within each split: 3,7,10-19")] = None) -> None:
+    """Recompute every checksum (or those of some fields, splits, shards), streamed; name each corrupt or missing
+    file, shard index or unlisted file; exit 1 if any."""
+    counts: dict = {}
+    problems = verify_cache(cache, fields=_names(fields), splits=_names(splits), shards=_numbers(shards),
+                            counts=counts)
     if problems:
         for line in problems:
             typer.echo(f"CORRUPT {line}", err=True)
         typer.echo(f"{cache}: {len(problems)} problem(s)", err=True)
         raise typer.Exit(1)
-    m = Cache(cache).manifest
-    n_files = sum(len(s.files) for s in m.shards) + len(m.metadata_files)
-    typer.echo(f"{cache}: OK ({len(m.shards)} shards, {n_files} files verified)")
+    subset = fields or splits or shards
+    typer.echo(f"{cache}: OK ({counts['shards']} shards, {counts['files']} files verified"
+               + (", a subset: unlisted files not scanned)" if subset else ")"))
+
+
+def _names(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _numbers(value: str | None) -> list[int] | None:
+    """'3,7,10-19' as shard numbers; anything else is a clear error."""
+    if value is None:
+        return None
+    out = []
+    for item in _names(value):
+        a, _, b = item.partition("-")
+        if not a.isdigit() or (b and not b.isdigit()):
+            raise DistillError(f"--shards: {item!r} is not a shard number or range (e.g. 3,7,10-19)")
+        out += list(range(int(a), int(b or a) + 1))
+    return out

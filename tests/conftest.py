@@ -303,3 +303,54 @@ def classification_settings(model_dir: Path, data_file: Path, out: Path, task: s
     for name, values in sections.items():
         cfg[name] = {**cfg.get(name, {}), **values}
     return cfg
+
+
+def shard_files(root) -> dict[tuple[str, int], dict]:
+    """{(split, shard number): {"part", "rows": (start, end), "files": {field: path}}} from the cache's shard
+    indexes (or, before format 3.0, its manifest)."""
+    from pipeline.format import Cache
+
+    c = Cache(root)
+    out: dict[tuple[str, int], dict] = {}
+    for split in c.splits:
+        for p in c.parts(split):
+            for batch in c.index(split, p.path).batches():
+                t = batch.to_pydict()
+                for i, a, b, field, path in zip(t["index"], t["row_start"], t["row_end"], t["field"], t["path"]):
+                    sh = out.setdefault((split, i), {"part": p.path, "rows": (a, b), "files": {}})
+                    sh["files"][field] = path
+    return out
+
+
+def all_files(cache) -> dict:
+    """{path: FileDigest} of every file of a cache (a Cache, a path or a URL) but its manifest."""
+    from pipeline.format import Cache
+
+    c = cache if isinstance(cache, Cache) else Cache(cache)
+    return {rel: d for rel, d, _ in c.iter_files()}
+
+
+def as_legacy(root: Path, version: str = "2.0") -> dict:
+    """Rewrite a finished cache as a cache of format `version` (< 3.0) was: its shards listed in the manifest,
+    no shard index files. Returns the new manifest document."""
+    from pipeline.format.manifest import manifest_digest
+
+    m = json.loads((root / "manifest.json").read_text())
+    shards = []
+    for (split, index), sh in sorted(shard_files(root).items(), key=lambda kv: (list(m["splits"]).index(kv[0][0]),
+                                                                                  kv[0][1])):
+        files = {}
+        for path in sh["files"].values():
+            data = (root / path).read_bytes()
+            import hashlib
+
+            files[path] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        shards.append({"split": split, "part": sh["part"], "index": index, "row_start": int(sh["rows"][0]),
+                       "row_end": int(sh["rows"][1]), "files": files})
+    for entry in m.pop("shard_index").values():
+        (root / entry["path"]).unlink()
+    m["shards"] = shards
+    m["format_version"] = version
+    m["digest"] = manifest_digest(m)
+    (root / "manifest.json").write_text(json.dumps(m))
+    return m

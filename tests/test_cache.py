@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import capture, settings
+from conftest import capture, settings, shard_files
 
 from pipeline.format import Cache, CacheError, CacheWriter, verify
 from pipeline.errors import CaptureError
@@ -135,18 +135,21 @@ def test_verify_names_flipped_byte_and_missing_file(llama_dir, corpus, tmp_path)
     capture(settings(llama_dir, corpus, tmp_path / "c"))
     root = tmp_path / "c"
     assert verify(root) == []
-    m = Cache(root).manifest
-    shard = m.shards[1]
-    victim = next(f for f in shard.files if "/topk_logprobs/" in f)
+    shards = shard_files(root)
+    victim = shards[("train", 1)]["files"]["topk_logprobs"]
     data = bytearray((root / victim).read_bytes())
     data[len(data) // 2] ^= 0x01
     (root / victim).write_bytes(bytes(data))
-    gone = next(f for f in m.shards[3].files if "/logsumexp/" in f)
+    gone = shards[("train", 3)]["files"]["logsumexp"]
     (root / gone).unlink()
     problems = verify(root)
     assert len(problems) == 2
-    assert any(f"shard {shard.split}/{shard.index}" in p and victim in p and "checksum" in p for p in problems)
+    assert any("shard train/1" in p and victim in p and "checksum" in p for p in problems)
     assert any(gone in p and "missing" in p for p in problems)
+    # a subset checks only what it names: the damaged shard 1 is outside shards 2-3, the missing file inside
+    assert [p for p in verify(root, shards=[2, 3]) if "missing" in p] and not any(
+        victim in p for p in verify(root, shards=[2, 3]))
+    assert verify(root, fields=["target_logprob"]) == []
 
 
 def test_verify_catches_edited_manifest_and_metadata(llama_dir, corpus, tmp_path):
@@ -206,8 +209,8 @@ def test_unfinished_capture_with_other_settings_is_refused(llama_dir, corpus, tm
 def test_reader_refuses_foreign_and_newer_caches(tmp_path):
     with pytest.raises(CacheError, match="not a teacher cache"):
         Cache(tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": "teacher-cache", "format_version": "3.0"}))
-    with pytest.raises(CacheError, match=r"format version 3.0 is not readable by this version \(reads 1.x, 2.x\)"):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "teacher-cache", "format_version": "4.0"}))
+    with pytest.raises(CacheError, match=r"format version 4.0 is not readable by this version \(reads 1.x, 2.x, 3.x\)"):
         Cache(tmp_path)
 
 
@@ -231,17 +234,15 @@ def test_shard_files_follow_the_zarr_layout(llama_dir, corpus, tmp_path):
     assert shard_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
     capture(settings(llama_dir, corpus, tmp_path / "c", capture={"hidden_layers": [-1]}))
     m = Cache(tmp_path / "c").manifest
-    for sh in m.shards:
+    shards = shard_files(tmp_path / "c")
+    assert len(shards) == m.n_shards and [sh["rows"] for (s, _), sh in sorted(shards.items()) if s == "train"] \
+        == m.shard_ranges("train")
+    for (split, index), sh in shards.items():
+        assert set(sh["files"]) == set(m.dense_fields)
         for field in m.dense_fields:
-            arr = zarr.open_array(str(tmp_path / "c" / sh.part / field), mode="r")
+            arr = zarr.open_array(str(tmp_path / "c" / sh["part"] / field), mode="r")
             tail = "/".join(["0"] * (arr.ndim - 1))
-            assert f"{sh.part}/{field}/c/{sh.index - _first_shard(m, sh)}/{tail}" in sh.files
-    assert {len(sh.files) for sh in m.shards} == {len(m.dense_fields)}
-
-
-def _first_shard(m, shard) -> int:
-    """Shards are numbered across a split's parts; within its part's array, shard i is chunk i - (the part's first)."""
-    return sum(p.shards for p in m.parts(shard.split)[: [p.path for p in m.parts(shard.split)].index(shard.part)])
+            assert sh["files"][field] == f"{sh['part']}/{field}/c/{index - m.shard_start(split, sh['part'])}/{tail}"
 
 
 def test_local_parquet_and_text_sources_give_the_same_rows(tokenizer_dir, corpus, tmp_path):

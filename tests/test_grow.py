@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import capture, make_llama, settings
+from conftest import all_files, as_legacy, capture, make_llama, settings
 
 from pipeline.errors import CaptureError
 from pipeline.config import StudentRunConfig
@@ -88,7 +88,7 @@ def test_append_adds_new_rows_as_new_parts_equal_to_a_fresh_capture(grown):
                 np.testing.assert_allclose(fields[f].astype(np.float32), ref[k][f].astype(np.float32), rtol=1e-3,
                                            atol=1e-3, equal_nan=True)
     # nothing of the parent changed: every file it lists has the same bytes in the grown cache
-    old_files, new_files = base.manifest.files, m.files
+    old_files, new_files = all_files(base), all_files(g)
     assert all(new_files[rel] == d for rel, d in old_files.items())
 
 
@@ -113,7 +113,7 @@ def test_grown_cache_reads_whole_through_reader_pull_and_format_md(grown, tmp_pa
     part = Cache(tmp_path / "p")
     assert verify(tmp_path / "p") == [] and part.manifest.grown == g.manifest.grown
     np.testing.assert_array_equal(part.array("validation", "topk_ids")[:], g.array("validation", "topk_ids")[:])
-    assert not any("hidden_states" in rel for rel in part.files)
+    assert not any("hidden_states" in rel for rel in all_files(part))
     from test_format import _reader_code
 
     script = tmp_path / "reader.py"
@@ -166,8 +166,8 @@ def test_interrupted_append_leaves_the_previous_version_readable_and_resumes(lla
     assert Cache(out).manifest == parent and verify(out) == []  # readers see the previous version, intact
     res = capture(grow_cfg(llama_dir, corpora["new"], out, mode="append"))
     assert res.resumed_shards == 1 and verify(out) == []
-    ref = Cache(grown / "grown").manifest.files
-    assert Cache(out).manifest.files == ref  # byte-identical to the uninterrupted append
+    ref = all_files(grown / "grown")
+    assert all_files(out) == ref  # byte-identical to the uninterrupted append
 
 
 def test_student_continues_on_the_grown_cache(grown, tmp_path):
@@ -262,10 +262,10 @@ def test_push_of_a_grown_cache_over_its_parent_sends_only_the_growth(grown, tmp_
     dest = tmp_path / "published"
     push(str(grown / "base"), str(dest), log=lambda m: None)
     res = push(str(grown / "grown"), str(dest), log=lambda m: None)  # no --force: it is the same cache, grown
-    new = set(Cache(grown / "grown").manifest.files) - set(Cache(grown / "base").manifest.files)
+    new = set(all_files(grown / "grown")) - set(all_files(grown / "base"))
     assert res["sent"] == len(new) and verify(dest) == []
     assert Cache(dest).manifest.digest == Cache(grown / "grown").manifest.digest
-    assert Cache(dest).manifest.format_version == "2.0"
+    assert Cache(dest).manifest.format_version == "3.0"
     with pytest.raises(CacheError, match="holds another cache"):  # the other way round is a different cache
         push(str(grown / "base"), str(dest), log=lambda m: None)
 
@@ -276,6 +276,7 @@ def test_a_cache_of_the_previous_format_is_done_and_grows(llama_dir, corpora, gr
 
     out = tmp_path / "c"
     subprocess.run(["cp", "-r", str(grown / "base"), str(out)], check=True)
+    as_legacy(out)
     m = json.loads((out / "manifest.json").read_text())
     m["format_version"] = "1.1"
     for f in m["fields"].values():
@@ -290,9 +291,9 @@ def test_a_cache_of_the_previous_format_is_done_and_grows(llama_dir, corpora, gr
     assert res.computed_shards == 0 and json.loads((out / "manifest.json").read_text()) == m
     capture(grow_cfg(llama_dir, corpora["new"], out, mode="append"))
     g = Cache(out)
-    assert verify(out) == [] and g.manifest.format_version == "2.0"
-    assert all(sh["part"] for sh in g.manifest.document["shards"])
-    assert g.manifest.files == Cache(grown / "grown").manifest.files
+    assert verify(out) == [] and g.manifest.format_version == "3.0" and "shards" not in g.manifest.document
+    assert set(g.manifest.shard_index) == {p.path for s in g.splits for p in g.parts(s)}  # the old parts indexed
+    assert all_files(g) == all_files(grown / "grown")
 
 
 def test_append_to_a_cache_of_the_older_codec_keeps_its_codec(llama_dir, corpora, tmp_path):
@@ -313,14 +314,14 @@ def test_inspect_json_prints_the_manifest_as_stored(grown, tmp_path, capsys):
 
     out = tmp_path / "c"
     subprocess.run(["cp", "-r", str(grown / "base"), str(out)], check=True)
-    m = json.loads((out / "manifest.json").read_text())
-    m["format_version"] = "1.2"
+    m = as_legacy(out, "1.2")
     del m["capture"]["topk_codec"]  # as a 1.2 cache was made: the 1.3 capture keys absent
     from pipeline.format.manifest import manifest_digest
 
     m["digest"] = manifest_digest(m)
     (out / "manifest.json").write_text(json.dumps(m))
-    assert Cache(out).manifest.capture.topk_codec == "zstd" and Cache(out).manifest.format_version == "1.3"
+    assert Cache(out).manifest.capture.topk_codec == "zstd" and Cache(out).manifest.format_version == "3.0"
+    assert verify(out) == [] and Cache(out).manifest.recorded_version == "1.2"  # its shards read from the manifest
     capsys.readouterr()
     inspect(str(out), as_json=True)
     assert json.loads(capsys.readouterr().out) == m

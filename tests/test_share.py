@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import capture, settings
+from conftest import all_files, capture, settings
 from conftest import STUDENT_ARCH as ARCH
 
 from pipeline.format import Cache, CacheError, verify
@@ -98,7 +98,7 @@ def test_push_ls_pull_part_verify_and_train_from_the_bucket(local_cache, s3, tmp
                                        "fields": ["logsumexp", "topk_ids", "topk_logprobs"], "splits": ["train"]}
     assert not (dest / "train" / "hidden_states").exists() and not (dest / "validation").exists()
     assert verify(dest) == [] and distill("inspect", str(dest)).returncode == 0
-    whole = sum(d.bytes for d in Cache(local_cache).files.values())
+    whole = sum(d.bytes for d in all_files(local_cache).values())
     assert stats["bytes"] < whole
     np.testing.assert_array_equal(part.array("train", "topk_ids")[:], Cache(local_cache).array("train", "topk_ids")[:])
     with pytest.raises(CacheError, match="no dense field 'hidden_states'"):
@@ -115,7 +115,7 @@ def test_push_ls_pull_part_verify_and_train_from_the_bucket(local_cache, s3, tmp
     assert report["steps"] == 3 and np.isfinite(report["final"]["nll"])
     assert any((tmp_path / "mirror").rglob("rows.parquet"))
     # a flipped byte in the bucket is caught by verify, naming the file
-    victim = next(r for r in Cache(local_cache).files if "/logsumexp/c/" in r)
+    victim = next(r for r in all_files(local_cache) if "/logsumexp/c/" in r)
     _flip_last_byte(Storage(url), victim)
     problems = verify(url)
     assert len(problems) == 1 and victim in problems[0]
@@ -126,7 +126,7 @@ def test_push_ls_pull_part_verify_and_train_from_the_bucket(local_cache, s3, tmp
 def test_an_interrupted_push_is_invisible_and_a_rerun_completes_it(local_cache, s3):
     url = "s3://team/caches/interrupted"
     src = Storage(local_cache)
-    files = list(Cache(local_cache).files)
+    files = list(all_files(local_cache))
     dst = Storage(url)
     for rel in files[: len(files) // 2]:  # what a push killed half way leaves: data, no manifest
         dst.copy_from(src, rel)
@@ -279,7 +279,7 @@ def test_capture_straight_into_the_bucket_resumes_and_grows(llama_dir, corpus, l
     assert capture(cfg).resumed_shards == 1
     assert verify(url) == []
     # the same bytes as the same capture on local disk, file by file
-    assert Cache(url).manifest.files == Cache(local_cache).manifest.files
+    assert all_files(url) == all_files(local_cache)
     more = {**cfg, "data": {**cfg["data"], "max_tokens": 3500}, "output": {"dir": url, "mode": "append"}}
     capture(more)
     grown = Cache(url)

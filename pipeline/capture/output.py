@@ -31,7 +31,7 @@ from ..format.manifest import Manifest, migrate
 from ..format.reader import read_manifest
 from ..format.specs import FieldSpec
 from ..format.storage import Storage
-from ..format.writer import CacheWriter, read_commits, write_rows
+from ..format.writer import CacheWriter, committed_shards, write_rows
 from .checks import check_disk, estimate_bytes
 from .plan import described, diff, finished_changes
 from .rows import Prepared
@@ -70,7 +70,7 @@ def prepare_output(cfg: TeacherCacheConfig, st: Storage, plan: dict, base: Manif
         swept = sweep_temporary(st.local_path())
         if swept:
             log(f"removed {swept} temporary files left by an interrupted capture")
-    _check_room(cfg, st, prepared, specs, log)
+    _check_room(cfg, st, plan, prepared, specs, log)
     return _lay_out(cfg, st, plan, base, prepared, specs, tokenizer, resuming, log)
 
 
@@ -133,12 +133,13 @@ def _refuse_or_wipe(cfg: TeacherCacheConfig, st: Storage, refusal: str, notice: 
     wipe(st)
 
 
-def _check_room(cfg: TeacherCacheConfig, st: Storage, prepared: Prepared, specs: list[FieldSpec], log) -> None:
+def _check_room(cfg: TeacherCacheConfig, st: Storage, plan: dict, prepared: Prepared, specs: list[FieldSpec],
+                log) -> None:
     """Log the rows and the size estimate; on local disk, refuse a capture the disk cannot hold."""
     out = st.where
     total_rows = sum(len(r) for r in prepared.splits.values())
     per_token = estimate_bytes(specs, cfg.data.seq_len, cfg.data)
-    left_rows = total_rows - committed_rows(st)  # a resume needs room only for what is left to write
+    left_rows = total_rows - committed_rows(st, Manifest.from_dict(plan))  # a resume needs room only for what is left
     need = int(sum(per_token.values()) * left_rows * cfg.data.seq_len)
     log(f"cache {out}: {total_rows} rows x {cfg.data.seq_len} positions "
         + ", ".join(f"{s}={len(r)}" for s, r in prepared.splits.items()))
@@ -193,9 +194,15 @@ def writer_lock(out: Path):
         os.close(fd)
 
 
-def committed_rows(out: Path | Storage) -> int:
-    """Rows of the shards an earlier run of this capture committed."""
-    return sum(r["row_end"] - r["row_start"] for r in read_commits(out).values())
+def committed_rows(st: Storage, plan: Manifest) -> int:
+    """Rows of the shards an earlier run of this capture committed (from the records' names and the plan)."""
+    ranges = {s: plan.shard_ranges(s) for s in plan.splits}
+    done = 0
+    for split, g in committed_shards(st):
+        if split in ranges and g < len(ranges[split]):
+            a, b = ranges[split][g]
+            done += b - a
+    return done
 
 
 def sweep_temporary(out: Path) -> int:

@@ -17,7 +17,7 @@ from .. import distributed, models
 from ..config import TeacherCacheConfig
 from ..errors import CaptureError
 from ..format.layout import IGNORE_INDEX, MANIFEST, part_path, shard_ranges, tokenizer_fingerprint
-from ..format.manifest import FORMAT_NAME, FORMAT_VERSION, GROWN_FORMAT_VERSION, Manifest, canonical, migrate
+from ..format.manifest import FORMAT_NAME, FORMAT_VERSION, Manifest, canonical, migrate
 from ..format.reader import Cache, read_manifest
 from ..format.specs import FieldSpec
 from ..format.storage import Storage
@@ -261,7 +261,7 @@ def grown_plan(base: Manifest, plan: dict, prepared: Prepared, shard_rows: int, 
     """The plan of `base` grown by the rows of `prepared`, each split's new rows a new part."""
     number = len(base.grown) + 1
     g = base.plan()
-    g["format_version"] = GROWN_FORMAT_VERSION
+    g["format_version"] = FORMAT_VERSION
     g["fields"] = {}
     g["splits"] = {}
     for split in list(base.splits) + [s for s in prepared.splits if s not in base.splits]:

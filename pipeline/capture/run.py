@@ -328,21 +328,30 @@ def shard_stats(t: TeacherTargets, lengths: np.ndarray, seconds: float, labels: 
 
 
 def statistics(writer: CacheWriter, base: Manifest | None = None) -> dict:
-    """Statistics of the cache the writer finishes: its new shards, plus `base`'s when it grows one."""
-    commits = writer.committed().values()
+    """Statistics of the cache the writer finishes: its new shards (their commit records, streamed), plus
+    `base`'s when it grows one."""
     old = base.stats if base is not None else Stats(0, 0, 0, {}, 0.0, 0.0, None)
-    tokens = sum(c["tokens"] for c in commits) + old.tokens
-    seconds = sum(c["seconds"] for c in commits) + old.seconds
+    tokens, seconds, mass = old.tokens, old.seconds, (old.mean_topk_mass or 0.0) * old.tokens
     per_field = {k: v * old.tokens for k, v in old.bytes_per_token.items()}
-    for c in commits:
+    right = {s: list(v) for s, v in (old.teacher_correct_labelled or {}).items()}
+    for c in writer.commit_records():
+        tokens += c["tokens"]
+        seconds += c["seconds"]
         for rel, d in c["files"].items():
             name = rel[len(c.get("part", c["split"])) + 1:].split("/")[0]
             per_field[name] = per_field.get(name, 0) + d["bytes"]
+        if writer.plan.task.classifier:
+            r = right.setdefault(c["split"], [0, 0])
+            r[0], r[1] = r[0] + c["teacher_correct"], r[1] + c["labelled"]
+        else:
+            mass += c["topk_mass_sum"]
     for part in writer.parts.values():
         per_field["rows.parquet"] = per_field.get("rows.parquet", 0) + writer.st.size(f"{part['path']}/rows.parquet")
     if base is None and writer.st.exists(HEAD_FILE):
         per_field[HEAD_FILE] = writer.st.size(HEAD_FILE)  # once per cache
-    quality = _quality(writer.plan, commits, old, tokens)
+    # a classifier's accuracy on the gold labels, per split, over every part; a causal LM's top-K mass
+    quality = {"teacher_correct_labelled": right, "teacher_accuracy": {s: a / max(n, 1) for s, (a, n) in right.items()}} \
+        if writer.plan.task.classifier else {"mean_topk_mass": mass / max(tokens, 1)}
     return quality | {
         "tokens": tokens,
         "rows": sum(s.rows for s in writer.plan.splits.values()),
@@ -351,16 +360,3 @@ def statistics(writer: CacheWriter, base: Manifest | None = None) -> dict:
         "timing": {"seconds": seconds, "tokens_per_second": tokens / seconds if seconds else 0.0,
                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     }
-
-
-def _quality(plan: Manifest, commits, old: Stats, tokens: int) -> dict:
-    """A classifier's accuracy on the gold labels, per split, over every part; a causal LM's share of its
-    probability mass its top-K hold."""
-    if plan.task.classifier:
-        right = {s: list(v) for s, v in (old.teacher_correct_labelled or {}).items()}
-        for c in commits:
-            r = right.setdefault(c["split"], [0, 0])
-            r[0], r[1] = r[0] + c["teacher_correct"], r[1] + c["labelled"]
-        return {"teacher_correct_labelled": right, "teacher_accuracy": {s: a / max(n, 1) for s, (a, n) in right.items()}}
-    mass = sum(c["topk_mass_sum"] for c in commits) + (old.mean_topk_mass or 0.0) * old.tokens
-    return {"mean_topk_mass": mass / max(tokens, 1)}

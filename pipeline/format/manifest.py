@@ -1,12 +1,14 @@
 """`Manifest`: the one type through which a cache's manifest (or a capture's plan) is read.
 
 A manifest is a JSON document (docs/format.md, "manifest.json"). `Manifest.from_dict` takes any layout
-this version reads (1.0 to 2.0) and describes it as this version writes it (`migrate`): the bytes
-on disk are the same, only the description changes, so no reader needs to know the older layouts.
+this version reads (1.0 to 3.0) and describes it as this version writes it (`migrate`): the bytes
+on disk are the same, only the description changes, so no reader needs to know the older layouts. Since
+3.0 the shards' files are listed in one index file per part (`index.py`), named by `shard_index`; an
+older manifest lists them itself (`shards`), and `legacy_shards` hands that list to the index reader.
 The typed accessors (`teacher`, `task`, `capture`, `splits`, `parts`, `fields`, `shards`, `stats`,
 ...) are the vocabulary every module uses; `to_dict` gives the document back.
 
-A capture's plan is a manifest without `shards`, `metadata_files`, `stats` and `digest`
+A capture's plan is a manifest without `shard_index`, `metadata_files`, `stats` and `digest`
 (`finished` is False). Nothing here imports torch or transformers.
 """
 
@@ -21,14 +23,13 @@ from types import MappingProxyType
 from typing import Mapping
 
 from ..errors import CacheError
-from .records import (Capture, Field, FileDigest, Growth, Part, Preparation, Shard, Split, Stats, Subset, Task,
+from .records import (Capture, Field, FileDigest, Growth, IndexFile, Part, Preparation, Split, Stats, Subset, Task,
                       Teacher, Tokenizer, record)
 
 FORMAT_NAME = "teacher-cache"
-FORMAT_VERSION = "1.3"
-GROWN_FORMAT_VERSION = "2.0"  # a cache with more than one part: a 1.x reader would see its first part only
-READABLE_MAJORS = ("1", "2")
-FINISHED_ONLY = ("shards", "metadata_files", "stats", "digest")  # what a plan lacks
+FORMAT_VERSION = "3.0"  # the shard index (a 2.x reader would find no shards: it must refuse)
+READABLE_MAJORS = ("1", "2", "3")
+FINISHED_ONLY = ("shards", "shard_index", "metadata_files", "stats", "digest")  # what a plan lacks
 
 # capture settings 1.3 added, as every earlier cache was made
 LEGACY_CAPTURE = {"samples": 0, "sample_temperature": 1.0, "sample_seed": 0, "final_hidden": False,
@@ -45,8 +46,9 @@ def manifest_digest(document: Mapping) -> str:
 
 
 def migrate(document: dict) -> dict:
-    """A 1.0-1.2 manifest or plan (or a 2.0 one grown before 1.3) described as this version writes it
-    (1.2: one part per split, field paths per part; 1.3: capture modes and codecs, off in earlier ones)."""
+    """A 1.0-2.0 manifest or plan described as this version writes it (1.2: one part per split, field paths per
+    part; 1.3: capture modes and codecs, off in earlier ones; 3.0: the shard index, where an older manifest
+    keeps its `shards` list)."""
     out = dict(document)
     if isinstance(out.get("capture"), dict):
         out["capture"] = {**LEGACY_CAPTURE, **out["capture"]}
@@ -54,7 +56,7 @@ def migrate(document: dict) -> dict:
         out["fields"] = {k: {**f, "path": f["path"].replace("{split}", "{part}")} for k, f in out["fields"].items()}
         out["splits"] = {s: {**v, "parts": [{"path": s, "row_start": 0, "rows": v["rows"], "tokens": v["tokens"],
                                               "shards": v["shards"]}]} for s, v in out["splits"].items()}
-    if out.get("format_version") in ("1.0", "1.1", "1.2"):
+    if out.get("format_version") != FORMAT_VERSION:
         out["format_version"] = FORMAT_VERSION
     return out
 
@@ -177,32 +179,58 @@ class Manifest:
     def dense_fields(self) -> list[str]:
         return [name for name, f in self.fields.items() if f.dense]
 
+    @property
+    def legacy_shards(self) -> list | None:
+        """The shard list of a manifest written before 3.0 (None: a 3.0 cache, whose parts have index files)."""
+        return self.document.get("shards")
+
     @cached_property
-    def shards(self) -> tuple[Shard, ...]:
-        return tuple(Shard(sh["split"], sh.get("part", sh["split"]), sh["index"], sh["row_start"], sh["row_end"],
-                           {rel: record(FileDigest, d) for rel, d in sh["files"].items()})
-                     for sh in self.document.get("shards", ()))
+    def shard_index(self) -> dict[str, IndexFile]:
+        """{part path: its index file} of a 3.0 cache (empty for an older one or a plan)."""
+        return {part: record(IndexFile, {**e, "field_bytes": dict(e.get("field_bytes", {}))}, part=part)
+                for part, e in self.document.get("shard_index", {}).items()}
+
+    def shard_start(self, split: str, part: str) -> int:
+        """The number, within its split, of a part's first shard."""
+        start = 0
+        for p in self.parts(split):
+            if p.path == part:
+                return start
+            start += p.shards
+        raise CacheError(f"split {split!r} has no part {part!r}")
 
     def shard_ranges(self, split: str) -> list[tuple[int, int]]:
-        """(row_start, row_end) of each shard of a split, in row order (rows numbered across parts)."""
-        self.split(split)
-        return sorted((sh.row_start, sh.row_end) for sh in self.shards if sh.split == split)
+        """(row_start, row_end) of each shard of a split, in row order (rows numbered across parts): each part's
+        rows cut every rows_per_shard rows."""
+        n = self.capture.rows_per_shard
+        return [(p.row_start + a, p.row_start + min(a + n, p.rows)) for p in self.parts(split)
+                for a in range(0, p.rows, n)]
+
+    @property
+    def n_shards(self) -> int:
+        return sum(s.shards for s in self.splits.values())
 
     @cached_property
     def metadata_files(self) -> dict[str, FileDigest]:
         return {rel: record(FileDigest, d) for rel, d in self.document.get("metadata_files", {}).items()}
 
-    @cached_property
-    def files(self) -> dict[str, FileDigest]:
-        """Every file of the finished cache but the manifest: {relative path: digest}."""
-        out = dict(self.metadata_files)
-        for sh in self.shards:
-            out.update(sh.files)
-        return out
+    def data_bytes(self, fields: list[str] | None = None) -> int:
+        """Bytes of the shard files (of `fields`: default the dense fields it holds), from the manifest alone."""
+        fields = self.dense_fields if fields is None else fields
+        if self.legacy_shards is not None:
+            return sum(d["bytes"] for sh in self.legacy_shards for rel, d in sh["files"].items()
+                       if self.file_owner(rel)[1] in fields)
+        return sum(b for e in self.shard_index.values() for f, b in e.field_bytes.items() if f in fields)
+
+    @property
+    def bytes(self) -> int:
+        """Every file of the finished cache but the manifest."""
+        return (sum(d.bytes for d in self.metadata_files.values()) + sum(e.bytes for e in self.shard_index.values())
+                + self.data_bytes())
 
     def file_owner(self, rel: str) -> tuple[str | None, str | None]:
         """(split, dense field) a cache file belongs to: (None, None) for cache-wide files (tokenizer/),
-        (split, None) for a part's rows.parquet and group metadata."""
+        (split, None) for a part's rows.parquet, shard index and group metadata."""
         for split in self.splits.values():
             for p in sorted(split.parts, key=lambda p: -len(p.path)):
                 if rel.startswith(p.path + "/"):

@@ -1,8 +1,10 @@
 """Reading a finished cache on local disk or at any fsspec URL: its manifest, rows and dense fields.
 
 A remote cache is read through a local mirror folder: each file is fetched the first time it is
-needed and its sha256 checked against the manifest as it arrives, so every shard a student reads
-is verified once, and read from disk after.
+needed and its sha256 checked against the manifest (or the shard index the manifest names) as it
+arrives, so every shard a student reads is verified once, and read from disk after. Nothing here
+holds a list of every shard: a part's shard index is opened when a file of that part is first looked
+up, and a lookup reads one of its row groups.
 """
 
 from __future__ import annotations
@@ -11,14 +13,17 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import CacheError
-from .layout import MANIFEST, ROWS_FILE, TOKENIZER_DIR, WORK_DIR, tokenizer_fingerprint
+from .index import ShardIndex
+from .layout import MANIFEST, ROWS_FILE, TOKENIZER_DIR, WORK_DIR, file_digest, tokenizer_fingerprint
 from .manifest import Manifest, Part
+from .records import FileDigest
 from .specs import numcodecs_quiet
 from .storage import Storage, fetch_verified
 
@@ -69,7 +74,7 @@ def _mirror_store(cache: "Cache"):
             return await super().get_partial_values(prototype, key_ranges)
 
         async def exists(self, key):
-            return key in cache.files or await super().exists(key)
+            return cache.file_digest(key) is not None or await super().exists(key)
 
     cache.mirror.mkdir(parents=True, exist_ok=True)
     return MirrorStore(cache.mirror, read_only=True)
@@ -119,7 +124,7 @@ class Cache:
         self.remote = not self.storage.is_local
         self.root: Path | str = self.storage.where
         self.manifest = read_manifest(self.storage)
-        self.files = self.manifest.files
+        self._indexes: dict[str, ShardIndex] = {}
         self.mirror = Path(mirror) if mirror else default_mirror(self.storage.location, self.manifest.digest)
 
     @property
@@ -131,12 +136,13 @@ class Cache:
         return self._storage
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_storage"} | {
+        return {k: v for k, v in self.__dict__.items() if k not in ("_storage", "_indexes")} | {
             "location": self._storage.location, "storage_options": self._storage.options, "_pid": None}
 
     def __setstate__(self, state):
         self._storage = Storage(state.pop("location"), state.pop("storage_options"), fresh=True)
         self.__dict__.update(state)
+        self._indexes = {}
         self._pid = os.getpid()
 
     def local_file(self, rel: str, missing_ok: bool = False) -> Path | None:
@@ -145,18 +151,75 @@ class Cache:
             return self.storage.local_path(rel)
         dest = self.mirror / rel
         if not dest.exists():
-            if rel not in self.files:
+            digest = self.file_digest(rel)
+            if digest is None:
                 if missing_ok:
                     return None
                 raise CacheError(f"{self.root}: {rel} is not a file of this cache")
-            fetch_verified(self.storage, rel, self.files[rel].to_dict(), dest)
+            fetch_verified(self.storage, rel, digest.to_dict(), dest)
         return dest
+
+    # -- the files and their checksums ---------------------------------------------------------
+    def index(self, split: str, part: str) -> ShardIndex:
+        """A part's shard index (opened once; for a remote cache fetched into the mirror and verified)."""
+        if part not in self._indexes:
+            m = self.manifest
+            start = m.shard_start(split, part)
+            if m.legacy_shards is not None:
+                self._indexes[part] = ShardIndex.legacy(part, start, m.legacy_shards)
+            else:
+                if part not in m.shard_index:
+                    raise CacheError(f"{self.root}: the manifest names no shard index for {part!r}")
+                entry = m.shard_index[part]
+                path = self.local_file(entry.path)  # a remote one is checked as it arrives; a local one here
+                if not self.remote and (not path.is_file() or file_digest(path) != entry.digest().to_dict()):
+                    raise CacheError(f"{self.root}/{entry.path}: the shard index is missing or fails its checksum "
+                                     "(run `distill cache verify`)")
+                self._indexes[part] = ShardIndex(part, start, path)
+        return self._indexes[part]
+
+    def file_digest(self, rel: str) -> FileDigest | None:
+        """The size and sha256 the cache records for one of its files (None: not a file of this cache)."""
+        m = self.manifest
+        if rel in m.metadata_files:
+            return m.metadata_files[rel]
+        entry = next((e for e in m.shard_index.values() if e.path == rel), None)
+        if entry is not None:
+            return entry.digest()
+        split, field = m.file_owner(rel)
+        if split is None or field is None or field not in m.dense_fields:
+            return None
+        part = max((p.path for p in m.parts(split) if rel.startswith(p.path + "/")), key=len)
+        return self.index(split, part).lookup(rel)
+
+    def iter_files(self, fields: list[str] | None = None, splits: list[str] | None = None,
+                   shards: list[int] | None = None, metadata: bool = True) -> Iterator[tuple[str, FileDigest, str]]:
+        """Every file of the cache but the manifest (or those of some dense fields, splits, shard numbers) as
+        (path, digest, owner), streamed: the metadata files (unless `metadata` is False) and indexes, then each
+        part's shards in order."""
+        m = self.manifest
+        fields = m.dense_fields if fields is None else [f for f in m.dense_fields if f in fields]
+        splits = list(m.splits) if splits is None else splits
+        if shards is None and metadata:
+            for rel, d in m.metadata_files.items():
+                split, field = m.file_owner(rel)
+                if (split is None or split in splits) and (field is None or field in fields):
+                    yield rel, d, "metadata"
+        for split in splits:
+            for p in m.parts(split):
+                if p.path in m.shard_index and shards is None:
+                    yield m.shard_index[p.path].path, m.shard_index[p.path].digest(), "shard index"
+                for batch in self.index(split, p.path).batches(fields, shards):
+                    t = batch.to_pydict()
+                    for i, a, b, rel, size, sha in zip(t["index"], t["row_start"], t["row_end"], t["path"],
+                                                       t["bytes"], t["sha256"]):
+                        yield rel, FileDigest(size, sha), f"shard {split}/{i} (rows {a}-{b})"
 
     def tokenizer(self):
         """The tokenizer the rows were made with, from the cache itself; checked against the manifest."""
         from transformers import AutoTokenizer
 
-        for rel in self.files:
+        for rel in self.manifest.metadata_files:
             if rel.startswith(TOKENIZER_DIR + "/"):
                 self.local_file(rel)
         folder = self.local_file(TOKENIZER_DIR) if not self.remote else self.mirror / TOKENIZER_DIR

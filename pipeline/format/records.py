@@ -178,15 +178,23 @@ class Field:
 
 
 @dataclass(frozen=True)
-class Shard:
-    """One committed shard: its rows (numbered across the split's parts) and files."""
+class IndexFile:
+    """A part's shard index (format 3.0): the file, and what it lists."""
 
-    split: str
     part: str
-    index: int
-    row_start: int
-    row_end: int
-    files: Mapping[str, FileDigest]
+    path: str
+    bytes: int
+    sha256: str
+    shards: int
+    files: int
+    field_bytes: Mapping[str, int]  # bytes of each field's shard files
+
+    def digest(self) -> FileDigest:
+        return FileDigest(self.bytes, self.sha256)
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "bytes": self.bytes, "sha256": self.sha256, "shards": self.shards,
+                "files": self.files, "field_bytes": dict(self.field_bytes)}
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import time
+from itertools import chain
 from pathlib import Path
 from typing import Callable
 
 from ..errors import CacheError
 from .layout import HEAD_FILE, MANIFEST, file_digest
 from .manifest import Manifest, manifest_digest
-from .reader import read_manifest
+from .reader import Cache, read_manifest
 from .storage import Storage, fetch_verified
 from .verify import verify
 
@@ -47,22 +48,17 @@ def push(src: str | Path, dest: str, force: bool = False, log: Callable[[str], N
     target = Storage(dest)
     if target.exists(MANIFEST):
         _make_room(target, manifest, dest, force, log)
-    files = manifest.files
-    present = target.files()
     t0 = time.perf_counter()
     sent = skipped = sent_bytes = 0
-    for rel, dig in files.items():
-        if present.get(rel) == dig.bytes and target.digest(rel) == dig.to_dict():
+    for rel, dig, _ in Cache(source).iter_files():  # streamed: the shard indexes a row group at a time
+        if target.exists(rel) and target.digest(rel) == dig.to_dict():
             skipped += 1
             continue
         target.copy_from(source, rel)
+        if target.size(rel) != dig.bytes:
+            raise CacheError(f"push to {dest}: {rel} has the wrong size after upload; rerun to retry")
         sent += 1
         sent_bytes += dig.bytes
-    after = target.files()
-    wrong = [rel for rel, dig in files.items() if after.get(rel) != dig.bytes]
-    if wrong:
-        raise CacheError(f"push to {dest}: {len(wrong)} objects have the wrong size after upload (first: {wrong[0]}); "
-                         "rerun to retry")
     target.write_bytes(MANIFEST, raw)
     seconds = time.perf_counter() - t0
     log(f"pushed {src} -> {dest}: {sent} files ({sent_bytes / 2**20:.1f} MiB) sent, {skipped} already there, "
@@ -116,8 +112,11 @@ def subset_manifest(manifest: Manifest, fields: list[str], splits: list[str], so
     sub = manifest.to_dict()
     sub["fields"] = {k: v for k, v in sub["fields"].items() if not manifest.fields[k].dense or k in fields}
     sub["splits"] = {s: v for s, v in sub["splits"].items() if s in splits}
-    sub["shards"] = [{**sh, "files": {r: d for r, d in sh["files"].items() if wanted(r)}}
-                     for sh in sub["shards"] if sh["split"] in splits]
+    if "shards" in sub:  # written before 3.0: the manifest lists the shards
+        sub["shards"] = [{**sh, "files": {r: d for r, d in sh["files"].items() if wanted(r)}}
+                         for sh in sub["shards"] if sh["split"] in splits]
+    else:  # the kept parts' indexes, whole: they also list the fields left behind, which `fields` omits
+        sub["shard_index"] = {p: e for p, e in sub["shard_index"].items() if manifest.file_owner(e["path"])[0] in splits}
     sub["metadata_files"] = {r: d for r, d in sub["metadata_files"].items() if wanted(r)}
     sub["subset"] = {"of_digest": manifest.digest, "source": source, "fields": fields, "splits": splits}
     sub.pop("digest", None)
@@ -139,7 +138,7 @@ def pull(url: str, dest: str | Path, fields: list[str] | None = None, splits: li
         mine = read_manifest(out)
         if mine.digest == target.digest:
             log(f"{out} already holds this pull; nothing to do")
-            return {"fetched": 0, "skipped": len(mine.files), "bytes": 0, "seconds": 0.0}
+            return {"fetched": 0, "skipped": 0, "bytes": 0, "seconds": 0.0}
         raise CacheError(f"{out} holds another cache (digest {mine.digest[:16]}...); pull into an empty directory")
     if out.exists() and any(out.iterdir()):
         if not marker.exists() or json.loads(marker.read_text()) != request:
@@ -149,7 +148,10 @@ def pull(url: str, dest: str | Path, fields: list[str] | None = None, splits: li
     marker.write_text(json.dumps(request))
     t0 = time.perf_counter()
     fetched = skipped = fetched_bytes = 0
-    for rel, dig in target.files.items():
+    src = Cache(source, mirror=out)  # the kept parts' shard indexes are fetched (verified) into DEST itself
+    files = chain(target.metadata_files.items(), ((rel, d) for rel, d, _ in src.iter_files(keep_fields, keep_splits,
+                                                                                            metadata=False)))
+    for rel, dig in files:
         local = out / rel
         if local.is_file() and file_digest(local) == dig.to_dict():
             skipped += 1
@@ -187,7 +189,7 @@ def list_caches(root: str) -> list[dict]:
 
 def summary(m: Manifest, where: str) -> dict:
     """What `ls` says of one cache."""
-    size = sum(d.bytes for d in m.files.values())
+    size = m.bytes
     return {
         "location": where, "teacher": m.teacher.model, "weights_sha256": m.teacher.weights_sha256,
         "dataset": m.dataset["source"], "dataset_fingerprint": m.dataset.get("datasets_fingerprint"),

@@ -2,12 +2,14 @@
 
 A shard (`rows_per_shard` rows of every field) is written at once, checksummed (on object storage:
 read back) and then committed by writing its record (on local disk: renamed into place); a shard
-without a record is redone. `finalize` writes `manifest.json` last: a cache without it is unfinished.
+without a record is redone. `finalize` streams the records into each written part's shard index
+(`index.py`) and writes `manifest.json` last: a cache without it is unfinished.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +17,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import CacheError
+from .index import INDEX_FILE, IndexWriter, field_of, index_path
 from .layout import HEAD_FILE, MANIFEST, ROWS_FILE, TOKENIZER_DIR, WORK_DIR, shard_ranges, sync_file, write_json
 from .manifest import FORMAT_NAME, Manifest, manifest_digest
 from .specs import FieldSpec, numcodecs_quiet
 from .storage import Storage
 
 
-def read_commits(root: Path | Storage) -> dict[tuple[str, int], dict]:
-    """The commit records of an unfinished capture at `root`: {(split, shard index): record}."""
+COMMITS = f"{WORK_DIR}/commits"
+
+
+def commit_path(split: str, index: int) -> str:
+    return f"{COMMITS}/{split}-{index:05d}.json"
+
+
+def committed_shards(root: Path | Storage) -> set[tuple[str, int]]:
+    """The (split, shard index) an unfinished capture at `root` committed, from the records' names alone."""
     st = root if isinstance(root, Storage) else Storage(root)
-    out = {}
-    for rel in st.glob(f"{WORK_DIR}/commits/*.json"):
-        rec = json.loads(st.read_bytes(rel))
-        out[(rec["split"], rec["index"])] = rec
+    out = set()
+    for rel in st.glob(f"{COMMITS}/*.json"):
+        split, _, number = rel.rsplit("/", 1)[-1][: -len(".json")].rpartition("-")
+        if number.isdigit():
+            out.add((split, int(number)))
     return out
 
 
@@ -122,10 +133,16 @@ class CacheWriter:
             config={"write_empty_chunks": True},
         )
 
-    def committed(self) -> dict[tuple[str, int], dict]:
-        """{(split, shard index within the written part): record} of the shards committed so far."""
-        return {(s, rec["index"] - self.parts[s]["shard_start"]): rec for (s, _), rec in read_commits(self.st).items()
-                if s in self.parts and rec.get("part", s) == self.parts[s]["path"]}
+    def committed(self) -> set[tuple[str, int]]:
+        """(split, shard index within the written part) of the shards committed so far (the records' names)."""
+        return {(s, g - self.parts[s]["shard_start"]) for s, g in committed_shards(self.st)
+                if s in self.parts and g >= self.parts[s]["shard_start"]}
+
+    def commit_records(self, split: str | None = None):
+        """The commit records of the written parts (of one split), in shard order, read one at a time."""
+        for s in ([split] if split else self.split_rows):
+            for i in range(len(shard_ranges(self.split_rows[s], self.shard_rows))):
+                yield json.loads(self.st.read_bytes(commit_path(s, self.parts[s]["shard_start"] + i)))
 
     def shard_file(self, split: str, field: str, index: int) -> str:
         """The object holding shard `index` (within the written part) of a field: its key from the array's metadata."""
@@ -155,7 +172,7 @@ class CacheWriter:
         g = part["shard_start"] + index  # shards and rows are numbered across a split's parts
         rec = {"split": split, "part": part["path"], "index": g, "row_start": part["row_start"] + start,
                "row_end": part["row_start"] + end, "files": files, **stats}
-        write_json(self.st, f"{WORK_DIR}/commits/{split}-{g:05d}.json", rec)
+        write_json(self.st, commit_path(split, g), rec)
         return rec
 
     @staticmethod
@@ -174,27 +191,53 @@ class CacheWriter:
 
     # -- the end ----------------------------------------------------------------------------
     def finalize(self, stats: dict) -> Manifest:
-        """Check every shard is committed, write manifest.json (replacing `base`'s), drop the work folder."""
+        """Check every shard is committed, write each written part's shard index (and, for a base written before
+        3.0, its parts' indexes), then manifest.json (replacing `base`'s), and drop the work folder."""
         commits = self.committed()
         missing = [(s, i) for s, n in self.split_rows.items()
                    for i in range(len(shard_ranges(n, self.shard_rows))) if (s, i) not in commits]
         if missing:
-            raise CacheError(f"cannot finalize {self.root}: shards not committed: {missing}")
-        order = list(self.plan.splits)
-        shards = [{k: rec[k] for k in ("split", "part", "index", "row_start", "row_end", "files")}
-                  for rec in commits.values()]
-        older = [{"split": sh.split, "part": sh.part, "index": sh.index, "row_start": sh.row_start,
-                  "row_end": sh.row_end, "files": {rel: d.to_dict() for rel, d in sh.files.items()}}
-                 for sh in (self.base.shards if self.base else ())]
-        shards = sorted(older + shards, key=lambda sh: (order.index(sh["split"]), sh["index"]))
+            raise CacheError(f"cannot finalize {self.root}: shards not committed: {missing[:20]}")
+        index = {part: e.to_dict() for part, e in self.base.shard_index.items()} if self.base else {}
+        if self.base is not None and self.base.legacy_shards is not None:
+            for split, parts in ((s, self.base.parts(s)) for s in self.base.splits):
+                for p in parts:
+                    index[p.path] = self._write_index(split, p.path, self._legacy_records(split, p.path))
+        for split, part in self.parts.items():
+            index[part["path"]] = self._write_index(split, part["path"], self.commit_records(split))
         meta = {rel: d.to_dict() for rel, d in self.base.metadata_files.items()} if self.base else {}
         for rel in self._metadata_written():
             meta[rel] = self.st.digest(rel)
-        document = {**self.plan.to_dict(), "shards": shards, "metadata_files": meta, "stats": stats}
+        document = {**self.plan.to_dict(), "shard_index": dict(sorted(index.items())), "metadata_files": meta,
+                    "stats": stats}
         document["digest"] = manifest_digest(document)
         write_json(self.st, MANIFEST, document)
         self.st.remove_tree(WORK_DIR)
         return Manifest.from_dict(document)
+
+    def _legacy_records(self, split: str, part: str):
+        for sh in self.base.legacy_shards:
+            if sh["split"] == split and sh.get("part", split) == part:
+                yield sh
+
+    def _write_index(self, split: str, part: str, records) -> dict:
+        """A part's shard index from its shards' commit records (in shard order), put in place; its manifest entry."""
+        rel = index_path(part)
+        with tempfile.TemporaryDirectory() as tmp:
+            w = IndexWriter(Path(tmp) / INDEX_FILE)
+            try:
+                for rec in records:
+                    files = {}
+                    for path, d in rec["files"].items():
+                        field = field_of(path, part)
+                        files[field] = (path, d["bytes"], d["sha256"])
+                    w.add(split, part, rec["index"], rec["row_start"], rec["row_end"], files)
+            finally:
+                w.close()
+            self.st.upload(Path(tmp) / INDEX_FILE, rel)
+        if self.st.is_local:
+            sync_file(self.st.local_path(rel))
+        return {"path": rel, **self.st.digest(rel), **w.summary()}
 
     def _metadata_written(self) -> list[str]:
         """The metadata files this capture wrote (groups, rows, array metadata; tokenizer and head for a new

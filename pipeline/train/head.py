@@ -34,7 +34,7 @@ class TeacherHead:
         m = cache.manifest
         if "final_hidden" not in m.fields:
             raise CacheError(f"{cache.root}: no final hidden states (capture.final_hidden was off)")
-        if HEAD_FILE not in cache.files:
+        if HEAD_FILE not in cache.manifest.metadata_files:
             raise CacheError(f"{cache.root}: the manifest lists no {HEAD_FILE} (a partial pull without it?)")
         tensors = load_file(str(cache.local_file(HEAD_FILE)), device=str(device))
         if tensors["weight"].shape != (m.teacher.vocab_size, m.teacher.hidden_size):
