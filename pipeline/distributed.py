@@ -130,6 +130,36 @@ def all_gather(obj: Any) -> list[Any]:
     return out
 
 
+def split_work(n: int, step: int, work: Callable[[int, int], Any]):
+    """Yield work(a, b) for the blocks [a, b) of range(n) in order, each computed once: under torchrun rank r
+    computes blocks r, r + W, ... and every rank receives every result (in rounds of W blocks), so each does 1/W
+    of the work and all see the same sequence. An exception on any rank is raised on every rank. Every rank must
+    consume the same number of results (they do: they see the same sequence)."""
+    r = ranks()
+    if not r.active:
+        for a in range(0, n, step):
+            yield work(a, min(a + step, n))
+        return
+    for first in range(0, n, step * r.world):
+        a = first + r.rank * step
+        try:
+            mine = work(a, min(a + step, n)) if a < n else None
+        except Exception as e:  # noqa: BLE001  raised below on every rank, not here alone
+            mine = _Failed(e)
+        results = all_gather(mine)
+        for res in results:
+            if isinstance(res, _Failed):
+                raise res.error
+        for k, res in enumerate(results):
+            if first + k * step < n:
+                yield res
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
 def sum_(t: torch.Tensor) -> torch.Tensor:
     """The elementwise sum of `t` over ranks (in place, returned)."""
     if ranks().active:

@@ -15,11 +15,20 @@ from pipeline.config import TeacherCacheConfig, load_config
 from stages.options import ConfigOpt, SetOpt
 
 
-def teacher_cache(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def teacher_cache(config: ConfigOpt = None, set_: SetOpt = None,
+                  dry_run: Annotated[bool, typer.Option("--dry-run", help=(
+                      "prepare the rows as the capture would (in a scratch folder), print their statistics, the "
+                      "size estimate and the disk check; load no teacher weights, write nothing at the output"))]
+                  = False) -> None:
     """Run the teacher once over a dataset and write (or resume) a teacher cache."""
     from pipeline.capture.run import run_capture
 
     cfg = load_config(TeacherCacheConfig, config, set_ or [])
+    if dry_run:
+        from pipeline.capture.dryrun import dry_run as plan_only
+
+        plan_only(cfg, log=lambda m: typer.echo(m, err=True))
+        return
     res = run_capture(cfg, log=lambda m: typer.echo(m, err=True))
     from pipeline.distributed import ranks
 

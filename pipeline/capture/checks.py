@@ -113,12 +113,17 @@ def check_output_dir(st: Storage) -> None:
         raise CaptureError(f"output directory {st.location} is not writable: {getattr(e, 'strerror', None) or e}") from None
 
 
-def estimate_bytes(specs: list[FieldSpec], seq_len: int, data=None) -> dict[str, float]:
-    """Uncompressed bytes per token per field (an upper bound: zstd only shrinks them)."""
+INDEX_BYTES_PER_FILE = 160  # a shard index row, uncompressed: path, sha256, numbers
+
+
+def estimate_bytes(specs: list[FieldSpec], seq_len: int, data=None, shard_rows: int | None = None) -> dict[str, float]:
+    """Uncompressed bytes per token per field (an upper bound: zstd only shrinks them), and of the shard index."""
     est = {s.name: s.bytes_per_row / seq_len for s in specs}
     est["rows.parquet"] = 4 + 24 / seq_len  # input_ids, length, key
     if data is not None:
         est["rows.parquet"] += (data.loss_mask != "all") * 1 + data.document_mask * 4  # loss_mask, position_ids
+    if shard_rows is not None:
+        est["shards.parquet"] = INDEX_BYTES_PER_FILE * len(specs) / (shard_rows * seq_len)
     return est
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import distributed
 from ..config import LOCAL_LOADERS, DataConfig
 from ..errors import DataError
 
@@ -244,7 +245,9 @@ def _trained_flags(offsets: list[tuple[int, int]], spans: list[tuple[int, int]])
 
 
 def token_documents(ds, tokenizer, cfg: DataConfig, conv: RowConvention):
-    """Yield (token ids, trained flags or None) per non-empty document, in dataset order, up to the caps.
+    """Yield (token ids, trained flags or None) per non-empty document (int32 / uint8 arrays), in dataset order,
+    up to the caps. Under torchrun each rank tokenises every W-th block of documents and receives the others'
+    (`distributed.split_work`): every rank sees the same documents, for 1/W of the tokenising.
 
     Text documents: tokens (+ BOS first when the convention says so) + EOS (always appended, as
     before BOS conventions existed, so a tokenizer without BOS keeps its rows). Chat documents: the
@@ -258,26 +261,33 @@ def token_documents(ds, tokenizer, cfg: DataConfig, conv: RowConvention):
     want_flags = cfg.loss_mask == "assistant"
     if want_flags and not getattr(tokenizer, "is_fast", False):
         raise DataError("data.loss_mask = 'assistant' needs a fast tokenizer (character offsets per token)")
-    for start in range(0, n_docs, DOC_BATCH):
-        batch = ds[start : min(start + DOC_BATCH, n_docs)]
+
+    def tokenised(start: int, end: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        batch = ds[start:end]
         if cfg.format == "text":
             texts = [t for t in batch[cfg.text_column] if isinstance(t, str) and t.strip()]
             if not texts:
-                continue
+                return []
+            docs = []
             for ids in tokenizer(texts, add_special_tokens=cfg.add_special_tokens)["input_ids"]:
                 if bos is not None and (not ids or ids[0] != bos):
                     ids = [bos] + ids
-                yield (ids + [eos] if eos is not None else ids), None
-            continue
+                docs.append((np.asarray(ids + [eos] if eos is not None else ids, dtype=np.int32), None))
+            return docs
         rendered = [render_conversation(tokenizer, conv.chat_template, m)
                     for m in _conversations(batch, cfg, start) if m]
         if not rendered:
-            continue
+            return []
         enc = tokenizer([text for text, _ in rendered], add_special_tokens=False,
                         return_offsets_mapping=want_flags)
+        docs = []
         for i, ids in enumerate(enc["input_ids"]):
             flags = _trained_flags(enc["offset_mapping"][i], rendered[i][1]) if want_flags else None
             if bos is not None and (not ids or ids[0] != bos):
                 ids = [bos] + ids
                 flags = None if flags is None else [0] + flags
-            yield ids, flags
+            docs.append((np.asarray(ids, dtype=np.int32), None if flags is None else np.asarray(flags, np.uint8)))
+        return docs
+
+    for docs in distributed.split_work(n_docs, DOC_BATCH, tokenised):  # under torchrun each rank tokenises 1/W
+        yield from docs

@@ -59,11 +59,38 @@ class _LabelMapper:
                             f"{self.labels.names} (ids 0..{len(self.labels.names) - 1}): {shown}")
 
 
-def classification_rows(ds, tokenizer, cfg: DataConfig, task: str, labels: LabelSet, pad_id: int,
-                        where: str) -> tuple[dict, dict]:
+def _examples(batch: dict, cfg: DataConfig, words: bool, start: int, where: str, stats: dict) -> tuple[list, list]:
+    """The non-empty examples of a batch of documents with their gold labels; malformed ones refused by row."""
+    texts, golds = [], []
+    for i, (text, gold) in enumerate(zip(batch[cfg.text_column], batch[cfg.label_column])):
+        if words:
+            ok = isinstance(text, list) and all(isinstance(w, str) for w in text)
+            if not ok or not isinstance(gold, list) or len(gold) != len(text):
+                raise DataError(f"{where} row {start + i}: token-classification reads a list of words in "
+                                f"{cfg.text_column!r} and one label per word in {cfg.label_column!r} (got "
+                                f"{type(text).__name__} of {len(text) if isinstance(text, list) else '?'} and "
+                                f"{type(gold).__name__} of {len(gold) if isinstance(gold, list) else '?'})")
+            empty = not text
+        else:
+            if text is not None and not isinstance(text, str):
+                raise DataError(f"{where} row {start + i}: column {cfg.text_column!r} must hold text, got "
+                                f"{type(text).__name__}")
+            empty = not text or not text.strip()
+        if empty:
+            stats["documents_empty"] += 1
+            continue
+        texts.append(text)
+        golds.append(gold)
+    return texts, golds
+
+
+def classification_blocks(ds, tokenizer, cfg: DataConfig, task: str, labels: LabelSet, pad_id: int, where: str,
+                          stats: dict):
     """One example per row, as the classifier reads it: tokenizer(text) with its special tokens, truncated to
     seq_len and right-padded with `pad_id`. Sequence classification: one label per row; token classification:
-    `text_column` holds words, the label of each word goes to its first token, IGNORE_INDEX elsewhere."""
+    `text_column` holds words, the label of each word goes to its first token, IGNORE_INDEX elsewhere. Yields the
+    rows a block of documents at a time ({input_ids, lengths, labels, loss_mask: None, position_ids: None});
+    `stats` is filled as they go; unknown labels are refused together once every document is read."""
     L = cfg.seq_len
     if cfg.shuffle_seed is not None:
         ds = ds.shuffle(seed=cfg.shuffle_seed)
@@ -72,35 +99,16 @@ def classification_rows(ds, tokenizer, cfg: DataConfig, task: str, labels: Label
     words = task == "token-classification"
     if words and not getattr(tokenizer, "is_fast", False):
         raise DataError("token-classification needs a fast tokenizer (which word each token comes from)")
-    ids_out, lens, labs = [], [], []
-    stats = {"documents": 0, "documents_truncated": 0, "tokens_read": 0, "documents_empty": 0}
+    stats.update({"documents": 0, "documents_truncated": 0, "tokens_read": 0, "documents_empty": 0})
+    made = 0
     budget = cfg.max_tokens if cfg.max_tokens is not None else float("inf")
     for start in range(0, n_docs, DOC_BATCH):
         if stats["tokens_read"] >= budget:
             break
-        batch = ds[start : min(start + DOC_BATCH, n_docs)]
-        texts, golds = [], []
-        for i, (text, gold) in enumerate(zip(batch[cfg.text_column], batch[cfg.label_column])):
-            if words:
-                ok = isinstance(text, list) and all(isinstance(w, str) for w in text)
-                if not ok or not isinstance(gold, list) or len(gold) != len(text):
-                    raise DataError(f"{where} row {start + i}: token-classification reads a list of words in "
-                                    f"{cfg.text_column!r} and one label per word in {cfg.label_column!r} (got "
-                                    f"{type(text).__name__} of {len(text) if isinstance(text, list) else '?'} and "
-                                    f"{type(gold).__name__} of {len(gold) if isinstance(gold, list) else '?'})")
-                empty = not text
-            else:
-                if text is not None and not isinstance(text, str):
-                    raise DataError(f"{where} row {start + i}: column {cfg.text_column!r} must hold text, got "
-                                    f"{type(text).__name__}")
-                empty = not text or not text.strip()
-            if empty:
-                stats["documents_empty"] += 1
-                continue
-            texts.append(text)
-            golds.append(gold)
+        texts, golds = _examples(ds[start : min(start + DOC_BATCH, n_docs)], cfg, words, start, where, stats)
         if not texts:
             continue
+        ids_out, lens, labs = [], [], []
         try:
             enc = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=L, is_split_into_words=words)
         except Exception as e:  # a byte-level BPE without add_prefix_space refuses pre-split words
@@ -130,10 +138,11 @@ def classification_rows(ds, tokenizer, cfg: DataConfig, task: str, labels: Label
             ids_out.append(padded)
             lens.append(len(row))
             labs.append(lab)
+        if ids_out:
+            made += len(ids_out)
+            yield {"input_ids": np.stack(ids_out), "lengths": np.asarray(lens, dtype=np.int32),
+                   "labels": np.stack(labs).astype(np.int32) if words else np.asarray(labs, dtype=np.int32),
+                   "loss_mask": None, "position_ids": None}
     mapper.check(where)
-    if not ids_out:
+    if not made:
         raise DataError(f"{where}: the dataset produced no example (every text empty?)")
-    arrays = {"input_ids": np.stack(ids_out), "lengths": np.asarray(lens, dtype=np.int32),
-              "labels": np.stack(labs).astype(np.int32) if words else np.asarray(labs, dtype=np.int32),
-              "loss_mask": None, "position_ids": None}
-    return arrays, stats

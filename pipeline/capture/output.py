@@ -31,7 +31,7 @@ from ..format.manifest import Manifest, migrate
 from ..format.reader import read_manifest
 from ..format.specs import FieldSpec
 from ..format.storage import Storage
-from ..format.writer import CacheWriter, committed_shards, write_rows
+from ..format.writer import CacheWriter, committed_shards
 from .checks import check_disk, estimate_bytes
 from .plan import described, diff, finished_changes
 from .rows import Prepared
@@ -138,7 +138,7 @@ def _check_room(cfg: TeacherCacheConfig, st: Storage, plan: dict, prepared: Prep
     """Log the rows and the size estimate; on local disk, refuse a capture the disk cannot hold."""
     out = st.where
     total_rows = sum(len(r) for r in prepared.splits.values())
-    per_token = estimate_bytes(specs, cfg.data.seq_len, cfg.data)
+    per_token = estimate_bytes(specs, cfg.data.seq_len, cfg.data, cfg.capture.rows_per_shard)
     left_rows = total_rows - committed_rows(st, Manifest.from_dict(plan))  # a resume needs room only for what is left
     need = int(sum(per_token.values()) * left_rows * cfg.data.seq_len)
     log(f"cache {out}: {total_rows} rows x {cfg.data.seq_len} positions "
@@ -160,10 +160,8 @@ def _lay_out(cfg: TeacherCacheConfig, st: Storage, plan: dict, base: Manifest | 
     writer = CacheWriter(st, Manifest.from_dict(plan), specs, split_rows, base)
     for split, rows in prepared.splits.items():
         rel = f"{writer.parts[split]['path']}/{ROWS_FILE}"
-        if not st.exists(rel):  # written whole, then put in place at once
-            with tempfile.TemporaryDirectory() as tmp:
-                write_rows(Path(tmp) / ROWS_FILE, rows)
-                st.upload(Path(tmp) / ROWS_FILE, rel)
+        if not st.exists(rel):  # the prepared file, put in place at once
+            st.upload(rows.path, rel)
     if base is None:  # students read the tokenizer from the cache, never from the teacher
         store_tokenizer(st, tokenizer)
     writer.create_arrays()

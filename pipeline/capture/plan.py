@@ -11,7 +11,7 @@ import hashlib
 import sys
 from dataclasses import dataclass
 
-import numpy as np
+import pyarrow as pa
 
 from .. import distributed, models
 from ..config import TeacherCacheConfig
@@ -107,19 +107,25 @@ def _row_fields(prepared: Prepared, split_rows: dict[str, int], L: int) -> dict:
               "length": row_field("length", "int32", False, "real tokens in the row (the mask is position < length)"),
               "key": row_field("key", "string", False, "blake2b-128 hex of the row's real token ids as little-endian "
                                                        "int32")}
-    first = next(iter(prepared.splits.values()))
-    if first.loss_mask is not None:
+    columns = next(iter(prepared.splits.values())).columns if prepared.splits else ()  # () : an append of nothing
+    labels = pa.types.is_fixed_size_list(_column_type(prepared, "labels")) if "labels" in columns else None
+    if "loss_mask" in columns:
         fields["loss_mask"] = row_field("loss_mask", "uint8", True, "1 where the targets at position t train (the "
                                         "token t+1 they predict is an assistant/response token); 0 elsewhere")
-    if first.labels is not None:
-        fields["labels"] = row_field("labels", "int32", first.labels.ndim == 2,
-                                     "gold class id per row" if first.labels.ndim == 1 else
-                                     f"gold class id of each word's first token; {IGNORE_INDEX} elsewhere")
-    if first.position_ids is not None:
+    if labels is not None:
+        fields["labels"] = row_field("labels", "int32", labels, f"gold class id of each word's first token; "
+                                     f"{IGNORE_INDEX} elsewhere" if labels else "gold class id per row")
+    if "position_ids" in columns:
         fields["position_ids"] = row_field("position_ids", "int32", True, "0 where a document starts, +1 per token "
                                            "within it; padding is a segment of its own. Attention is causal "
                                            "within a segment only")
     return fields
+
+
+def _column_type(prepared: Prepared, column: str):
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(next(iter(prepared.splits.values())).path).field(column).type
 
 
 def _preparation(cfg: TeacherCacheConfig, task: TaskInfo | None) -> dict:
@@ -203,7 +209,7 @@ def same_rows_on_every_rank(plan: dict, prepared: Prepared | None) -> None:
     h = hashlib.sha256(canonical({k: v for k, v in plan.items() if k != "software"}).encode())
     for split, rows in (prepared.splits.items() if prepared is not None else []):
         h.update(split.encode())
-        h.update("".join(rows.keys).encode())
+        h.update(rows.keys_sha256.encode())
     every = distributed.all_gather(h.hexdigest())
     odd = [r for r, d in enumerate(every) if d != every[0]]
     if odd:
@@ -224,9 +230,8 @@ class Append:
     prepared: Prepared | None
 
 
-def plan_append(st: Storage, plan: dict, prepared: Prepared, cfg: TeacherCacheConfig, log) -> Append:
-    """The rows of `prepared` that the cache at `st` does not hold yet, as a grown plan; refuses a cache made
-    with another teacher, tokenizer or settings, and a partial pull."""
+def append_base(st: Storage) -> Manifest:
+    """The finished cache an append grows; refuses a location without one, and a partial pull."""
     out = st.location
     if not st.exists(MANIFEST):
         raise CaptureError(f"output.mode=append: there is no finished cache at {out} to append to; make (or finish) "
@@ -236,23 +241,35 @@ def plan_append(st: Storage, plan: dict, prepared: Prepared, cfg: TeacherCacheCo
         raise CaptureError(f"cannot append to {out}: it is a partial pull (fields {', '.join(base.subset.fields)}"
                            f", splits {', '.join(base.subset.splits)}) of another cache; append to the whole "
                            "cache, then pull again")
+    return base
+
+
+def cached_keys(st: Storage):
+    """The keys of every row of the cache at `st`, a row group at a time (what an append leaves out)."""
+    import pyarrow.parquet as pq
+
+    cache = Cache(st)
+    for split in cache.splits:
+        for part in cache.parts(split):
+            f = pq.ParquetFile(str(cache.local_file(f"{part.path}/rows.parquet")))
+            for g in range(f.metadata.num_row_groups):
+                yield f.read_row_group(g, columns=["key"]).column("key").to_pylist()
+
+
+def plan_append(st: Storage, plan: dict, prepared: Prepared, cfg: TeacherCacheConfig, log) -> Append:
+    """The rows of `prepared` (prepared without the rows the cache at `st` holds) as a grown plan; refuses a
+    cache made with another teacher, tokenizer or settings."""
+    out = st.location
+    base = append_base(st)
     changes = append_differences(base, plan)
     if changes:
         raise CaptureError(f"cannot append to {out}: it was made with another teacher, tokenizer or settings. "
                            "Differences (cache -> now):\n  " + "\n  ".join(changes[:20]))
-    cache = Cache(st)
-    have = {k for split in cache.splits for k in cache.rows(split, columns=["key"]).column("key").to_pylist()}
-    new, duplicates = {}, 0
-    for split, rows in prepared.splits.items():
-        keep = np.asarray([i for i, k in enumerate(rows.keys) if k not in have], dtype=np.int64)
-        duplicates += len(rows) - len(keep)
-        if len(keep):
-            new[split] = rows.take(keep)
-    if not new:
+    duplicates = prepared.already_cached
+    if not prepared.splits:
         log(f"nothing to append: all {duplicates} rows of these documents are already in {out}")
         return Append(base, None, None)
-    prepared = Prepared(splits=new, info=prepared.info, convention=prepared.convention)
-    log(f"appending to {out}: " + ", ".join(f"{s} +{len(r)} rows" for s, r in new.items())
+    log(f"appending to {out}: " + ", ".join(f"{s} +{len(r)} rows" for s, r in prepared.splits.items())
         + f"; {duplicates} rows already in the cache skipped")
     return Append(base, grown_plan(base, plan, prepared, cfg.capture.rows_per_shard, duplicates), prepared)
 

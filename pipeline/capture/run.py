@@ -38,7 +38,7 @@ from ..format.writer import CacheWriter
 from .checks import (check_output_dir, check_settings, check_task, check_teacher_document_masking, first_rows_check,
                      row_pad_id, stored_heads)
 from .output import Output, prepare_output, store_head, writer_lock
-from .plan import Append, TaskInfo, build_plan, plan_append, same_rows_on_every_rank
+from .plan import Append, TaskInfo, append_base, build_plan, cached_keys, plan_append, same_rows_on_every_rank
 from .rows import Prepared, prepare
 from .targets import ClassTargetComputer, TargetComputer, TeacherTargets
 
@@ -74,7 +74,7 @@ def run_capture(cfg: TeacherCacheConfig, log: Callable[[str], None] = print, pro
     if not ranks.main:
         log, progress = (lambda m: None), False
     st = Storage(cfg.output.dir, cfg.output.storage_options)
-    teacher = _describe_teacher(cfg)
+    teacher = describe_teacher(cfg)
     distributed.on_main(lambda: check_output_dir(st))
     with ExitStack() as held:
         if st.is_local:  # object stores have no lock: one capture per URL is the user's to ensure
@@ -82,7 +82,7 @@ def run_capture(cfg: TeacherCacheConfig, log: Callable[[str], None] = print, pro
         return _locked_capture(cfg, st, teacher, log, progress, model)
 
 
-def _describe_teacher(cfg: TeacherCacheConfig) -> TeacherFacts:
+def describe_teacher(cfg: TeacherCacheConfig) -> TeacherFacts:
     """The teacher's tokenizer, architecture and task, its settings checked: no weights loaded."""
     tokenizer = models.load_tokenizer(cfg.teacher)
     model_config = models.load_model_config(cfg.teacher)
@@ -116,12 +116,24 @@ def teacher_device(cfg: TeacherCacheConfig):
 
 def _locked_capture(cfg: TeacherCacheConfig, st: Storage, teacher: TeacherFacts, log, progress, model=None
                     ) -> CaptureResult:
-    out = st.where
     cfg = _append_codec(cfg, st, log)
-    prepared = prepare(cfg.data, teacher.tokenizer, min_validation=cfg.output.mode != "append", task=cfg.teacher.task,
+    appending = cfg.output.mode == "append"
+    if appending:
+        append_base(st)  # before the corpus is read: a location without a finished cache is refused at once
+    prepared = prepare(cfg.data, teacher.tokenizer, min_validation=not appending, task=cfg.teacher.task,
                        labels=teacher.task.labels if teacher.task else None,
-                       pad_id=teacher.task.pad_id if teacher.task else None)
-    specs = _specs(cfg, teacher)
+                       pad_id=teacher.task.pad_id if teacher.task else None, shard_rows=cfg.capture.rows_per_shard,
+                       cached_keys=cached_keys(st) if appending else None)
+    try:
+        return _capture_prepared(cfg, st, teacher, prepared, log, progress, model)
+    finally:
+        prepared.close()
+
+
+def _capture_prepared(cfg: TeacherCacheConfig, st: Storage, teacher: TeacherFacts, prepared: Prepared, log, progress,
+                      model=None) -> CaptureResult:
+    out = st.where
+    specs = capture_specs(cfg, teacher)
     weights = distributed.on_main(lambda: models.weights_fingerprint(cfg.teacher))  # hashed once, not per rank
     plan = build_plan(cfg, teacher.spec, teacher.tokenizer, prepared, teacher.hidden, teacher.attention, specs,
                       teacher.device.type, weights, teacher.task)
@@ -157,7 +169,7 @@ def _append_codec(cfg: TeacherCacheConfig, st: Storage, log) -> TeacherCacheConf
     return cfg.model_copy(update={"capture": cfg.capture.model_copy(update={"topk_codec": codec})})
 
 
-def _specs(cfg: TeacherCacheConfig, teacher: TeacherFacts) -> list[FieldSpec]:
+def capture_specs(cfg: TeacherCacheConfig, teacher: TeacherFacts) -> list[FieldSpec]:
     c, spec, task = cfg.capture, teacher.spec, teacher.task
     hidden, attn = teacher.hidden, teacher.attention
     return field_specs(
@@ -193,9 +205,10 @@ def _compute(cfg: TeacherCacheConfig, st: Storage, teacher: TeacherFacts, prepar
             if cfg.capture.final_hidden and base is None and not st.exists(HEAD_FILE):
                 store_head(st, cfg, model)  # now, from the loaded model: a resume need not load it for this
             first = prepared.splits.get("train") or next(iter(prepared.splits.values()))
-            for line in first_rows_check(computer, first, teacher.tokenizer, prepared.convention, teacher.spec):
+            for line in first_rows_check(computer, first.read(0, min(2, len(first))), teacher.tokenizer,
+                                         prepared.convention, teacher.spec):
                 log(line)
-    total = sum(int(prepared.splits[s].lengths[a:b].sum()) for s, _, a, b in todo)
+    total = sum(int(prepared.splits[s].shard_tokens[i]) for s, i, _, _ in todo)
     seconds = 0.0
     with Progress(total, progress) as bar:
         if mine:
@@ -284,9 +297,8 @@ def run_shards(computer, prepared: Prepared, todo, writer: CacheWriter, batch_si
                 t0 = time.perf_counter()
                 targets = shard_targets(computer, prepared, split, a, b, writer.parts[split]["row_start"], batch_size,
                                         bar)
-                rows = prepared.splits[split]
-                stats = shard_stats(targets, rows.lengths[a:b], time.perf_counter() - t0,
-                                    None if rows.labels is None else rows.labels[a:b])
+                rows = prepared.splits[split].read(a, b)
+                stats = shard_stats(targets, rows.lengths, time.perf_counter() - t0, rows.labels)
                 if pending is not None:
                     pending.result()  # at most one shard in flight; surfaces write errors
                 if overlap:
@@ -304,12 +316,12 @@ def run_shards(computer, prepared: Prepared, todo, writer: CacheWriter, batch_si
 def shard_targets(computer, prepared: Prepared, split: str, a: int, b: int, row_start: int, batch_size: int,
                   bar: Progress) -> TeacherTargets:
     """The teacher's targets for rows a..b of a split, batch by batch (batches never cross shards)."""
-    rows = prepared.splits[split]
+    rows = prepared.splits[split].read(a, b)
     parts = []
-    for s in range(a, b, batch_size):
-        e = min(s + batch_size, b)
+    for s in range(0, b - a, batch_size):
+        e = min(s + batch_size, b - a)
         pos = None if rows.position_ids is None else rows.position_ids[s:e]
-        seed = [zlib.crc32(split.encode()), row_start + s]  # the draws' seed
+        seed = [zlib.crc32(split.encode()), row_start + a + s]  # the draws' seed
         parts.append(computer(rows.input_ids[s:e], rows.lengths[s:e], pos, seed))
         bar.update(int(rows.lengths[s:e].sum()))
     return TeacherTargets.concat(parts)

@@ -259,14 +259,19 @@ class Cache:
         """A dense field of a split: a zarr array (a `PartsArray` over them when the cache grew)."""
         import zarr
 
-        parts = self.parts(split)
+        arrays = [self.array_part(split, p.path, field) for p in self.parts(split)]
+        return arrays[0] if len(arrays) == 1 else PartsArray(arrays)
+
+    def array_part(self, split: str, part: str, field: str):
+        """A dense field of one part of a split: a zarr array (opened lazily: nothing is read until sliced)."""
+        import zarr
+
         if field not in self.manifest.dense_fields:
             raise CacheError(f"{self.root}: no dense field {field!r} (has: {', '.join(self.dense_fields)})")
-        store = None if not self.remote else _mirror_store(self)
         with numcodecs_quiet():
-            arrays = [zarr.open_array(str(self.storage.local_path(f"{p.path}/{field}")), mode="r") if store is None
-                      else zarr.open_array(store=store, path=f"{p.path}/{field}", mode="r") for p in parts]
-        return arrays[0] if len(arrays) == 1 else PartsArray(arrays)
+            if not self.remote:
+                return zarr.open_array(str(self.storage.local_path(f"{part}/{field}")), mode="r")
+            return zarr.open_array(store=_mirror_store(self), path=f"{part}/{field}", mode="r")
 
     @property
     def dense_fields(self) -> list[str]:

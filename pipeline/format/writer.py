@@ -51,8 +51,8 @@ def zarr_store(st: Storage, rel: str):
     return FsspecStore.from_url(st.location + "/" + rel, storage_options=st.options or None)
 
 
-def write_rows(path: Path, rows) -> None:
-    """`rows.parquet` of one split: key, input_ids, length, and loss_mask / position_ids / labels when present."""
+def rows_table(rows) -> pa.Table:
+    """Rows as `rows.parquet` holds them: key, input_ids, length, and loss_mask / position_ids / labels when present."""
     L = rows.input_ids.shape[1]
 
     def fixed(a: np.ndarray, typ) -> pa.Array:
@@ -70,7 +70,7 @@ def write_rows(path: Path, rows) -> None:
     if getattr(rows, "labels", None) is not None:  # classification: a class id per row, or per position (-100: none)
         labels = rows.labels.astype(np.int32)
         cols["labels"] = fixed(labels, pa.int32()) if labels.ndim == 2 else pa.array(labels, type=pa.int32())
-    pq.write_table(pa.table(cols), path, compression="zstd")
+    return pa.table(cols)
 
 
 class CacheWriter:

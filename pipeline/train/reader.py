@@ -1,64 +1,29 @@
-"""Reading a finished cache as training batches: only the needed fields, deterministic, resumable.
+"""Reading a finished cache as training batches: only the needed fields, deterministic, resumable, and with
+memory and start-up that do not grow with the cache.
 
-Order for epoch e with seed s: the shards are permuted, and within each shard its rows are
-permuted (the shard is the shuffle buffer: it is read and decompressed once, whole). Shard i of
-that order goes to DataLoader worker i % num_workers, each worker cuts its rows into batches,
-and the loader takes one batch from each worker in turn. `batch_plan` computes that global
-order without touching the data, so a run resumes at batch b of epoch e by skipping plan
-entries, not by reading them. Rows can be restricted to a set of content keys.
+The order of an epoch's batches is `batches.EpochPlan` (computed from one integer per shard, nothing
+read); the rows of a batch are read by `fetch.SplitReader` (a row group of rows.parquet, and the Zarr chunks
+holding those rows). A run resumes at batch b of epoch e by starting the plan there, not by reading what
+came before. Rows can be restricted to a set of content keys.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..errors import CacheError
-from ..format.layout import row_column, row_values
 from ..format.reader import Cache
+from .batches import PER_SHARD, Batch, EpochPlan, batch_plan
+from .fetch import SplitReader
+
+__all__ = ["Batch", "CacheBatches", "TaskStream", "batch_plan", "make_loader"]
 
 # optional rows.parquet columns, in every batch (labels: a classifier's gold class per row, or per position)
 ROW_FIELDS = {"loss_mask": np.bool_, "position_ids": np.int64, "labels": np.int64}
 FLOAT_FIELDS = {"topk_logprobs", "logsumexp", "target_logprob", "logsumexp_tempered", "attentions", "sample_logprobs",
                 "hidden_scale", "class_logprobs", "class_logsumexp", "class_logsumexp_tempered"}
 # to float32 here; hidden_states and final_hidden are decoded on the device
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Rows of a batch, as index arrays; `worker` produces it, `index` is its place in the epoch."""
-
-    index: int
-    worker: int
-    rows: np.ndarray  # (B,) row indices into the split
-
-
-def batch_plan(shards: list[np.ndarray], batch_size: int, num_workers: int, seed: int, epoch: int,
-               shuffle: bool, drop_last: bool = False) -> list[Batch]:
-    """The epoch's batches in the order a DataLoader with `num_workers` yields them."""
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(shards)) if shuffle else np.arange(len(shards))
-    nw = max(num_workers, 1)
-    per_worker: list[list[np.ndarray]] = [[] for _ in range(nw)]
-    for i, sh in enumerate(order):
-        rows = shards[sh]
-        per_worker[i % nw].append(rng.permutation(rows) if shuffle else rows)
-    batches: list[list[np.ndarray]] = []
-    for rows_list in per_worker:
-        rows = np.concatenate(rows_list) if rows_list else np.zeros(0, dtype=np.int64)
-        cut = [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
-        if drop_last and cut and len(cut[-1]) < batch_size:
-            cut.pop()
-        batches.append(cut)
-    out, k = [], 0
-    for j in range(max((len(b) for b in batches), default=0)):  # round robin, exhausted workers skipped
-        for w in range(nw):
-            if j < len(batches[w]):
-                out.append(Batch(k, w, batches[w][j]))
-                k += 1
-    return out
 
 
 class CacheBatches(torch.utils.data.IterableDataset):
@@ -69,11 +34,12 @@ class CacheBatches(torch.utils.data.IterableDataset):
     give the same batches, with any number of workers as long as it is the same number. Or set
     `indices`, the plan's batches to yield in that order (one rank's share of an epoch under DDP):
     the other batches are never read, and the j-th listed batch is read by worker j % num_workers.
+    `scheme`: the row order (`batches.PER_SHARD`; None: the order of runs checkpointed before it).
     """
 
     def __init__(self, root, split: str, fields: list[str], batch_size: int, seed: int = 0, shuffle: bool = True,
                  keys: list[str] | None = None, num_workers: int = 0, drop_last: bool = False,
-                 storage_options: dict | None = None, trim: bool = False):
+                 storage_options: dict | None = None, trim: bool = False, scheme: str | None = PER_SHARD):
         self.cache = root if isinstance(root, Cache) else Cache(root, storage_options=storage_options)
         root = self.cache.root
         if split not in self.cache.splits:
@@ -89,11 +55,11 @@ class CacheBatches(torch.utils.data.IterableDataset):
         self.position_axes = {name: list(f.position_axes) for name, f in self.cache.manifest.fields.items()} \
             if trim else None
         self.epoch, self.start = 0, 0
-        self.indices: list[int] | None = None
+        self.indices = None  # a sequence of batch indices (one rank's share), or None
+        self.scheme = scheme
         n = self.cache.manifest.splits[split].rows
-        self.ranges = self.cache.shard_ranges(split)  # rows numbered across the split's parts (a grown cache)
-        self.starts = np.asarray([a for a, _ in self.ranges])
-        keep = None
+        self.ranges = np.asarray(self.cache.shard_ranges(split), dtype=np.int64).reshape(-1, 2)  # across parts
+        self.subsets: list[np.ndarray] | None = None
         if keys is not None:
             all_keys = self.cache.rows(split).column("key").to_pylist()
             where = {k: i for i, k in enumerate(all_keys)}
@@ -102,12 +68,24 @@ class CacheBatches(torch.utils.data.IterableDataset):
                 raise CacheError(f"{len(unknown)} requested keys are not in {root}/{split} (first: {unknown[0]})")
             keep = np.zeros(n, dtype=bool)
             keep[[where[k] for k in keys]] = True
-        self.shards = [np.arange(a, b)[keep[a:b]] if keep is not None else np.arange(a, b) for a, b in self.ranges]
-        self.shards = [s for s in self.shards if len(s)]
+            self.subsets = [s for s in (np.arange(a, b)[keep[a:b]] for a, b in self.ranges) if len(s)]
+        self._plans: dict[int, object] = {}
 
-    def plan(self, epoch: int | None = None) -> list[Batch]:
-        return batch_plan(self.shards, self.batch_size, self.num_workers, self.seed,
-                          self.epoch if epoch is None else epoch, self.shuffle, self.drop_last)
+    def plan(self, epoch: int | None = None):
+        """The epoch's batches: an `EpochPlan` (a list of `Batch` under the scheme before it)."""
+        epoch = self.epoch if epoch is None else epoch
+        if epoch not in self._plans:
+            if len(self._plans) > 2:
+                self._plans.clear()
+            if self.scheme == PER_SHARD:
+                self._plans[epoch] = EpochPlan(self.batch_size, self.num_workers, self.seed, epoch, self.shuffle,
+                                               self.drop_last, None if self.subsets is not None else self.ranges,
+                                               self.subsets)
+            else:
+                shards = self.subsets if self.subsets is not None else [np.arange(a, b) for a, b in self.ranges]
+                self._plans[epoch] = batch_plan(shards, self.batch_size, self.num_workers, self.seed, epoch,
+                                                self.shuffle, self.drop_last)
+        return self._plans[epoch]
 
     def __len__(self) -> int:
         return len(self.plan())
@@ -120,36 +98,22 @@ class CacheBatches(torch.utils.data.IterableDataset):
         plan = self.plan()
         if self.indices is not None:  # an explicit list: its j-th batch is read by worker j % workers, in order
             nw = max(n_workers, 1)
-            mine = [plan[i] for j, i in enumerate(self.indices) if j % nw == worker]
+            mine = (plan[i] for j, i in enumerate(self.indices) if j % nw == worker)
         else:
             if n_workers and self.start < len(plan):
                 # the DataLoader asks worker 0 first: rotate so that it serves the plan's batch `start`
                 worker = (worker + plan[self.start].worker) % n_workers
-            mine = [b for b in plan if b.worker == worker and b.index >= self.start]
-        rows_tab = self.cache.rows(self.split)
-        ids = row_column(rows_tab, "input_ids", np.int64)
-        lengths = rows_tab.column("length").to_numpy().astype(np.int64)
-        per_row = {name: row_values(rows_tab, name, dtype) for name, dtype in ROW_FIELDS.items()
-                   if name in self.cache.manifest.fields}
-        arrays = {f: self.cache.array(self.split, f) for f in self.fields}
-        loaded: dict[int, dict[str, np.ndarray]] = {}
+            mine = plan.worker_batches(worker, self.start) if isinstance(plan, EpochPlan) else \
+                (b for b in plan if b.worker == worker and b.index >= self.start)
+        reader = SplitReader(self.cache, self.split)
+        row_fields = {"input_ids": np.int64, "length": np.int64} | {
+            name: dtype for name, dtype in ROW_FIELDS.items() if name in self.cache.manifest.fields}
         for b in mine:
-            out = {"input_ids": torch.from_numpy(ids[b.rows]), "length": torch.from_numpy(lengths[b.rows]),
+            cols = reader.columns(b.rows, row_fields)
+            out = {"input_ids": torch.from_numpy(cols.pop("input_ids")), "length": torch.from_numpy(cols.pop("length")),
                    "row": torch.from_numpy(b.rows.astype(np.int64)), "batch_index": b.index,
-                   **{name: torch.from_numpy(a[b.rows]) for name, a in per_row.items()}}
-            parts: dict[str, list[np.ndarray]] = {f: [] for f in self.fields}
-            shard_of = np.searchsorted(self.starts, b.rows, side="right") - 1
-            for sh in np.unique(shard_of):  # rows of a batch lie in one shard, two at a seam
-                if sh not in loaded:
-                    a, e = self.ranges[sh]
-                    loaded.clear()  # one shard held at a time per worker
-                    loaded[sh] = {f: arr[a:e] for f, arr in arrays.items()}
-                local = b.rows[shard_of == sh] - self.ranges[sh][0]
-                for f in self.fields:
-                    parts[f].append(loaded[sh][f][local])
-            sel = np.argsort(np.argsort(shard_of, kind="stable"), kind="stable")  # back to the batch's row order
-            for f in self.fields:
-                arr = np.concatenate(parts[f])[sel] if len(parts[f]) > 1 else parts[f][0]
+                   **{name: torch.from_numpy(a) for name, a in cols.items()}}
+            for f, arr in reader.dense(b.rows, self.fields).items():
                 if arr.dtype == np.uint16 and f in ("topk_ids", "sample_ids", "sample_counts"):
                     arr = arr.astype(np.int32)  # ids of vocabularies <= 65,536 (and counts) are stored as uint16
                 t = torch.from_numpy(np.ascontiguousarray(arr))
@@ -197,7 +161,11 @@ class TaskStream:
         self.p = w / w.sum()
         self.seed, self.rank, self.world = seed, rank, world
         self.state = state or {"draws": 0, "tasks": {n: {"epoch": 0, "batch": 0} for n in self.names},
-                               "scheme": "block"}
+                               "scheme": "block", "rows": PER_SHARD}
+        for ds, _ in tasks.values():  # a state from before per-shard row orders continues that run's order
+            if ds is not None:
+                ds.scheme = self.state.get("rows")
+                ds._plans.clear()
         # a state from before block draws continues that run's sequence: one generator per draw
         self.per_draw = self.state.get("scheme") != "block"
         self._iters: dict[str, object] = {}
@@ -227,10 +195,10 @@ class TaskStream:
             self._sizes[(name, epoch)] = len(self.tasks[name][0].plan(epoch))
         return self._sizes[(name, epoch)]
 
-    def _mine(self, name: str, draw: int, batch: int, n: int) -> list[int]:
+    def _mine(self, name: str, draw: int, batch: int, n: int):
         """The batches of `name`'s epoch from `batch` (drawn at `draw`) on that fall to this rank."""
-        if len(self.names) == 1:
-            return [k for k in range(batch, n) if (draw + k - batch) % self.world == self.rank]
+        if len(self.names) == 1:  # every draw is this task's: batch k is draw draw + k - batch
+            return range(batch + (self.rank - draw) % self.world, n, self.world)
         t = self.names.index(name)
         out, k, m = [], batch, draw
         while k < n:
