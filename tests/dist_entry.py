@@ -3,6 +3,8 @@
     DISTILL_TEST_KILL_RANK=1 DISTILL_TEST_KILL_AFTER_SHARDS=1: that rank dies (os._exit) right after
         committing its first shard, as a killed node would.
     DISTILL_TEST_KILL_RANK=0 DISTILL_TEST_KILL_AFTER_STEP=5: that rank dies after optimiser step 5.
+    DISTILL_TEST_COUNT_DOCS=DIR (DISTILL_TEST_DOC_BATCH=N): each rank writes DIR/rank-R.json with the number of
+        documents it tokenised itself (in blocks of N documents).
 The rest is the real command line: `python tests/dist_entry.py teacher-cache -c ...`.
 """
 
@@ -32,6 +34,28 @@ if os.environ.get("DISTILL_TEST_KILL_RANK") == os.environ.get("RANK"):
             self.after_step = lambda step: os._exit(9) if step == at else None
 
         recipe.Recipe.__init__ = init
+
+if "DISTILL_TEST_COUNT_DOCS" in os.environ:
+    import atexit
+    import json
+    from pathlib import Path
+
+    from pipeline import distributed
+    from pipeline.capture import documents
+
+    documents.DOC_BATCH = int(os.environ.get("DISTILL_TEST_DOC_BATCH", documents.DOC_BATCH))
+    counted, real_split = [0], distributed.split_work
+
+    def counting(n, step, work):
+        def counted_work(a, b):
+            counted[0] += b - a
+            return work(a, b)
+        return real_split(n, step, counted_work)
+
+    distributed.split_work = counting
+    out = Path(os.environ["DISTILL_TEST_COUNT_DOCS"])
+    atexit.register(lambda: (out.mkdir(parents=True, exist_ok=True),
+                             (out / f"rank-{os.environ.get('RANK', '0')}.json").write_text(json.dumps(counted[0]))))
 
 from stages.cli import main  # noqa: E402
 

@@ -76,11 +76,15 @@ def one_rank(llama_dir, corpus, tmp_path_factory):
 
 
 def test_two_rank_capture_writes_the_bytes_of_one(one_rank, llama_dir, corpus, tmp_path):
+    """...each rank tokenising about half the documents (in blocks of 8 here), the rows still those of one rank."""
     out = tmp_path / "two"
     cfg = write_toml(tmp_path / "c.toml", _capture_cfg(llama_dir, corpus, out))
-    res = torchrun(2, "--no-python", DISTILL, "teacher-cache", "-c", str(cfg))
+    res = torchrun(2, ENTRY, "teacher-cache", "-c", str(cfg),
+                   env={"DISTILL_TEST_COUNT_DOCS": str(tmp_path / "docs"), "DISTILL_TEST_DOC_BATCH": "8"})
     assert res.stdout.strip().splitlines() == [str(out)]  # rank 0 alone prints the result
     assert "2 ranks share" in res.stderr
+    docs = [json.loads((tmp_path / "docs" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert min(docs) >= 0.4 * sum(docs) and sum(docs) >= 32, docs
     m = json.loads((out / "manifest.json").read_text())
     assert sum(s["shards"] for s in m["splits"].values()) >= 6 and verify(out) == []
     same_cache(one_rank, out)

@@ -310,3 +310,30 @@ def test_manifest_size_does_not_grow_with_shards(llama_dir, corpus, tmp_path):
     a, b = (len((tmp_path / x / "manifest.json").read_bytes()) for x in "ab")
     assert abs(a - b) < 600, (a, b)  # the same keys; only numbers differ
     assert "shards" not in json.loads((tmp_path / "b" / "manifest.json").read_text())
+
+
+def test_a_damaged_shard_index_is_named_by_verify_and_refused_by_readers(llama_dir, corpus, tmp_path):
+    import shutil
+
+    from pipeline.errors import CacheError
+    from pipeline.format import push, verify
+
+    root = tmp_path / "c"
+    capture(settings(llama_dir, corpus, root, capture={"rows_per_shard": 4, "rows_per_chunk": 2}))
+    stray = root / "train" / "topk_ids" / "c" / "999" / "0" / "0"  # a shard the part does not have
+    stray.parent.mkdir(parents=True)
+    shutil.copy(next(p for p in (root / "train" / "topk_ids" / "c").rglob("*") if p.is_file()), stray)
+    problems = verify(root)
+    assert len(problems) == 1 and "train/topk_ids/c/999/0/0: a file the manifest does not list" in problems[0]
+    stray.unlink()
+    index = root / "train" / "shards.parquet"
+    data = bytearray(index.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    index.write_bytes(bytes(data))
+    problems = verify(root)
+    assert any("train/shards.parquet checksum mismatch" in p for p in problems)
+    with pytest.raises(CacheError, match="shard index is missing or fails its checksum"):
+        Cache(root).file_digest(str(stray.relative_to(root)).replace("999", "0"))  # what remote reads and pull use
+    with pytest.raises(CacheError, match="does not verify"):
+        push(str(root), str(tmp_path / "published"), log=lambda m: None)
+    assert verify(root, splits=["validation"]) == []  # the other split's index and files are intact

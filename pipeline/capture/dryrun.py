@@ -37,8 +37,11 @@ class DryRun:
 
 def dry_run(cfg: TeacherCacheConfig, log=print) -> DryRun:
     """Prepare the rows of `cfg` and report (module docstring); refuses a cache the disk cannot hold."""
+    from .. import distributed
     from .run import capture_specs, describe_teacher
 
+    if not distributed.setup().main:  # under torchrun every rank prepares (each tokenising 1/W); rank 0 reports
+        log = lambda m: None  # noqa: E731
     t0 = time.perf_counter()
     teacher = describe_teacher(cfg)  # tokenizer and config: no weights
     st = Storage(cfg.output.dir, cfg.output.storage_options)

@@ -3,8 +3,9 @@
 Per-row columns come from the parts' rows.parquet a row group at a time (row groups hold whole shards; the
 last two read are kept). Dense fields come from the Zarr arrays a chunk (`rows_per_chunk` rows) at a time:
 the chunks a batch needs that are not held are read in one selection per part and field, and the chunks of
-the last two shards' worth are kept. So a process reading a shard's batches decompresses each chunk once,
-and a DDP rank reading only its own batches decompresses only the chunks of its own rows.
+the last two shards' worth are kept. A reader that will read every row of its shards (`whole_shards`: a
+worker of a single process) reads a shard's chunks all at once, in one call; a DDP rank, which reads only
+its own batches, decompresses only the chunks of its own rows. Either way each chunk is read once.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ ROW_GROUPS_HELD = 2
 class SplitReader:
     """The rows of one split for batches: `columns(rows, names)` and `dense(rows, fields)`, any rows in any order."""
 
-    def __init__(self, cache: Cache, split: str):
-        self.cache, self.split = cache, split
+    def __init__(self, cache: Cache, split: str, whole_shards: bool = False):
+        self.cache, self.split, self.whole_shards = cache, split, whole_shards
         self.parts = cache.parts(split)
         self.part_starts = np.asarray([p.row_start for p in self.parts] + [cache.manifest.splits[split].rows])
         capture = cache.manifest.capture
@@ -87,11 +88,14 @@ class SplitReader:
         parts = self._part_of(rows)
         local = rows - self.part_starts[parts]
         chunk = local // self.chunk_rows
-        need = sorted({(int(p), int(c)) for p, c in zip(parts, chunk)})
-        held = max(2 * self.shard_rows // self.chunk_rows, len(need)) * len(fields)
+        need = {(int(p), int(c)) for p, c in zip(parts, chunk)}
+        per_shard = self.shard_rows // self.chunk_rows
+        wanted = need | ({(p, c // per_shard * per_shard + i) for p, c in need for i in range(per_shard)}
+                         if self.whole_shards else set())
+        held = max(2 * per_shard, len(wanted)) * len(fields)
         out = {}
         for f in fields:
-            missing = [(p, c) for p, c in need if (p, f, c) not in self._chunks]
+            missing = [(p, c) for p, c in sorted(wanted) if (p, f, c) not in self._chunks]
             for p in sorted({p for p, _ in missing}):
                 self._read_chunks(p, f, [c for q, c in missing if q == p])
             blocks = {}
@@ -108,6 +112,7 @@ class SplitReader:
     def _read_chunks(self, p: int, field: str, chunks: list[int]) -> None:
         arr = self._array(p, field)
         n = arr.shape[0]
+        chunks = [c for c in chunks if c * self.chunk_rows < n]  # a part's last shard may be short
         spans = [(c * self.chunk_rows, min((c + 1) * self.chunk_rows, n)) for c in chunks]
         if len(spans) == 1 or all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1)):
             data = arr[spans[0][0]:spans[-1][1]]  # contiguous: one slice

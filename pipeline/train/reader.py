@@ -105,7 +105,7 @@ class CacheBatches(torch.utils.data.IterableDataset):
                 worker = (worker + plan[self.start].worker) % n_workers
             mine = plan.worker_batches(worker, self.start) if isinstance(plan, EpochPlan) else \
                 (b for b in plan if b.worker == worker and b.index >= self.start)
-        reader = SplitReader(self.cache, self.split)
+        reader = SplitReader(self.cache, self.split, whole_shards=self.indices is None)  # see fetch.py
         row_fields = {"input_ids": np.int64, "length": np.int64} | {
             name: dtype for name, dtype in ROW_FIELDS.items() if name in self.cache.manifest.fields}
         for b in mine:
