@@ -48,7 +48,9 @@ def main() -> None:
     cfgs = {m: load_config(TeacherCacheConfig, args.config, o) for m, o in modes.items()}
     cfg0 = cfgs["topk"]
     tok = models.load_tokenizer(cfg0.teacher)
-    rows = prepare(cfg0.data, tok).splits["train"]
+    prepared = prepare(cfg0.data, tok, shard_rows=cfg0.capture.rows_per_shard)
+    rows = prepared.splits["train"].read(0, len(prepared.splits["train"]))  # a small corpus: every row in memory
+    prepared.close()
     device = teacher_device(cfg0)
     model = models.load_model(cfg0.teacher, device)  # loaded once, handed to every capture
     bs = cfg0.capture.batch_size

@@ -126,21 +126,30 @@ dir = "{out}"
 
 
 def bench_preparation(work: Path, sizes: list[int]) -> dict:
+    """Dry runs on 1 and 2 ranks, one tokenizer thread per rank (RAYON_NUM_THREADS=1: the ranks of a node share
+    its cores): wall seconds, each rank's own tokenising seconds, the largest rank's peak RSS."""
     distill = str(Path(PY).with_name("distill"))
-    results = {"1 rank: seconds": [], "1 rank: peak RSS MiB": [], "2 ranks: seconds": [], "2 ranks: peak RSS MiB": []}
+    results = {"1 rank: seconds": [], "1 rank: tokenising s": [], "2 ranks: seconds": [],
+               "2 ranks: tokenising s/rank": [], "1 rank: peak RSS MiB": [], "2 ranks: peak RSS MiB/rank": []}
     for n in sizes:
         corpus = make_corpus(work / f"corpus-{n}.parquet", n)
         cfg = prepare_config(work, corpus, work / "never-written")
-        env = {"HF_DATASETS_CACHE": str(work / "hf-datasets"), "TMPDIR": str(work)}
+        env = {"HF_DATASETS_CACHE": str(work / "hf-datasets"), "TMPDIR": str(work), "RAYON_NUM_THREADS": "1"}
         one = measured([distill, "teacher-cache", "-c", str(cfg), "--dry-run"], env)
         two = measured([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", distill,
                         "teacher-cache", "-c", str(cfg), "--dry-run"], env)
+        tok_two = max(r.get("tokenise_seconds", 0.0) for r in two["ranks"])
         results["1 rank: seconds"].append(one["wall"])
-        results["1 rank: peak RSS MiB"].append(one["rss_mib"])
+        results["1 rank: tokenising s"].append(one["ranks"][0].get("tokenise_seconds", 0.0))
         results["2 ranks: seconds"].append(two["wall"])
-        results["2 ranks: peak RSS MiB"].append(two["rss_mib"])
-        print(f"  prepared {n:,} tokens: 1 rank {one['wall']:.1f}s {one['rss_mib']:.0f} MiB; "
-              f"2 ranks {two['wall']:.1f}s {two['rss_mib']:.0f} MiB (per rank)", flush=True)
+        results["2 ranks: tokenising s/rank"].append(tok_two)
+        results["1 rank: peak RSS MiB"].append(one["rss_mib"])
+        results["2 ranks: peak RSS MiB/rank"].append(two["rss_mib"])
+        print(f"  prepared {n:,} tokens ({sum(v['tokens'] for v in one['splits'].values()):,} in rows): 1 rank "
+              f"{one['wall']:.1f}s ({results['1 rank: tokenising s'][-1]:.1f}s tokenising) {one['rss_mib']:.0f} MiB; "
+              f"2 ranks {two['wall']:.1f}s ({tok_two:.1f}s tokenising per rank) {two['rss_mib']:.0f} MiB per rank; "
+              f"documents tokenised per rank {[r.get('documents_tokenised') for r in two['ranks']]}", flush=True)
+        assert one["splits"] == two["splits"], "2 ranks prepared other rows than 1"
         shutil.rmtree(work / "hf-datasets", ignore_errors=True)
         corpus.unlink()
     return results
@@ -369,7 +378,7 @@ def main() -> None:
         if not args.skip_preparation:
             prep = bench_preparation(work, tokens)
             table("preparation (distill teacher-cache --dry-run), by corpus tokens", tokens,
-                  {k: v for k, v in prep.items() if "seconds" in k}, "s")
+                  {k: v for k, v in prep.items() if "RSS" not in k}, "s")
             table("", tokens, {k: v for k, v in prep.items() if "RSS" in k}, "MiB")
         if not args.skip_caches:
             secs, rss, facts = bench_caches(work, shards)

@@ -85,10 +85,10 @@ def main():
     cfg = load_config(StudentRunConfig, args.config, [])
     local = Cache(args.cache)
     fields = sorted({f for s in cfg.students for f in fields_for(s, local.manifest)})
-    whole = sum(d.bytes for d in local.manifest.files.values())
+    whole, n_files = local.manifest.bytes, sum(1 for _ in local.iter_files())
     endpoint = start_s3()
     url = "s3://bench/caches/default"
-    print(f"cache {args.cache}: {whole / 2**20:.1f} MiB in {len(local.files)} files; S3 server {endpoint} (moto)")
+    print(f"cache {args.cache}: {whole / 2**20:.1f} MiB in {n_files} files; S3 server {endpoint} (moto)")
 
     res = push(args.cache, url, log=lambda m: None)
     print(f"push   {res['bytes'] / 2**20:7.1f} MiB in {res['seconds']:5.1f} s = {res['bytes'] / 2**20 / res['seconds']:6.1f}"

@@ -36,8 +36,9 @@ from pipeline.train.reader import CacheBatches, make_loader  # noqa: E402
 from pipeline.train.students import build_student  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.train.evaluate import evaluate  # noqa: E402
-from pipeline.train.step import make_optimizer, step_losses, train_students  # noqa: E402
-from pipeline.train.signal import batch_masks
+from pipeline.train.recipe import train_students  # noqa: E402
+from pipeline.train.step import make_optimizer, step_losses  # noqa: E402
+from pipeline.train.signal import batch_masks  # noqa: E402
 from pipeline.train.terms import TOPK_FIELDS  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -117,14 +118,18 @@ def speed(args):
     print(f"| teacher forward alone | {med['teacher']:.3f} | physical (teacher + kd step) / kd step = "
           f"{(med['teacher'] + med['kd']) / med['kd']:.2f} |")
 
-    consume = cfg.batch_size / med["kd"]
+    reader_rates(cfg, cfg.batch_size / med["kd"])
+
+
+def reader_rates(cfg, consume: float | None = None) -> None:
+    """Rows/s of one epoch of the train split through the reader, in process and through one DataLoader worker."""
     for workers in (0, 1):
         rd = CacheBatches(cfg.cache, "train", list(TOPK_FIELDS), cfg.batch_size, seed=1, num_workers=workers)
         t0 = time.perf_counter()
         n = sum(len(b["row"]) for b in make_loader(rd))
         rate = n / (time.perf_counter() - t0)
-        print(f"reader, {workers} workers: {rate:,.0f} rows/s over {n} rows = {rate / consume:,.0f}x the "
-              f"{consume:.2f} rows/s a KD step consumes")
+        print(f"reader, {workers} workers: {rate:,.0f} rows/s over {n} rows"
+              + (f" = {rate / consume:,.0f}x the {consume:.2f} rows/s a KD step consumes" if consume else ""))
 
 
 def quality(args):
@@ -181,12 +186,15 @@ def quality(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["speed", "quality"])
+    ap.add_argument("what", choices=["speed", "quality", "reader"])
     ap.add_argument("--config", default=str(REPO / "data/configs/student.toml"))
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=150)
     args = ap.parse_args()
+    if args.what == "reader":
+        reader_rates(load_config(StudentRunConfig, args.config, []))
+        return
     {"speed": speed, "quality": quality}[args.what](args)
 
 

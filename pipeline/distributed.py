@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from itertools import islice
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -130,29 +131,31 @@ def all_gather(obj: Any) -> list[Any]:
     return out
 
 
-def split_work(n: int, step: int, work: Callable[[int, int], Any]):
-    """Yield work(a, b) for the blocks [a, b) of range(n) in order, each computed once: under torchrun rank r
-    computes blocks r, r + W, ... and every rank receives every result (in rounds of W blocks), so each does 1/W
-    of the work and all see the same sequence. An exception on any rank is raised on every rank. Every rank must
-    consume the same number of results (they do: they see the same sequence)."""
+def split_work(items: Iterable[Any], work: Callable[[Any], Any]):
+    """Yield work(item) for each item in order, each computed once: under torchrun rank r computes items r, r + W,
+    ... and every rank receives every result (in rounds of W items), so each does 1/W of the work and all see
+    the same sequence. Every rank iterates the same `items` (reading them is cheap; the work is not). An
+    exception on any rank is raised on every rank. Every rank must consume the same number of results (they
+    do: they see the same sequence)."""
     r = ranks()
     if not r.active:
-        for a in range(0, n, step):
-            yield work(a, min(a + step, n))
+        for item in items:
+            yield work(item)
         return
-    for first in range(0, n, step * r.world):
-        a = first + r.rank * step
+    it = iter(items)
+    while True:
+        block = list(islice(it, r.world))
+        if not block:
+            return
         try:
-            mine = work(a, min(a + step, n)) if a < n else None
+            mine = work(block[r.rank]) if r.rank < len(block) else None
         except Exception as e:  # noqa: BLE001  raised below on every rank, not here alone
             mine = _Failed(e)
         results = all_gather(mine)
         for res in results:
             if isinstance(res, _Failed):
                 raise res.error
-        for k, res in enumerate(results):
-            if first + k * step < n:
-                yield res
+        yield from results[: len(block)]
 
 
 class _Failed:

@@ -27,7 +27,14 @@ def teacher_cache(config: ConfigOpt = None, set_: SetOpt = None,
     if dry_run:
         from pipeline.capture.dryrun import dry_run as plan_only
 
-        plan_only(cfg, log=lambda m: typer.echo(m, err=True))
+        import dataclasses
+        import json
+
+        from pipeline.distributed import ranks
+
+        res = plan_only(cfg, log=lambda m: typer.echo(m, err=True))
+        if ranks().main:  # the report as one JSON object on stdout, for scripts
+            typer.echo(json.dumps({k: v for k, v in dataclasses.asdict(res).items() if k != "lines"}))
         return
     res = run_capture(cfg, log=lambda m: typer.echo(m, err=True))
     from pipeline.distributed import ranks

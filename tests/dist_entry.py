@@ -46,11 +46,11 @@ if "DISTILL_TEST_COUNT_DOCS" in os.environ:
     documents.DOC_BATCH = int(os.environ.get("DISTILL_TEST_DOC_BATCH", documents.DOC_BATCH))
     counted, real_split = [0], distributed.split_work
 
-    def counting(n, step, work):
-        def counted_work(a, b):
-            counted[0] += b - a
-            return work(a, b)
-        return real_split(n, step, counted_work)
+    def counting(items, work):
+        def counted_work(item):
+            counted[0] += len(next(iter(item[1].values())))  # (first document, {column: values})
+            return work(item)
+        return real_split(items, counted_work)
 
     distributed.split_work = counting
     out = Path(os.environ["DISTILL_TEST_COUNT_DOCS"])

@@ -181,3 +181,15 @@ def test_no_private_names_across_modules_and_no_one_letter_module_aliases():
                     node.value.id in modules and node.attr.startswith("_") and not node.attr.startswith("__"):
                 found.append(f"{path.name}: reaches private {node.value.id}.{node.attr}")
     assert not found, "; ".join(found)
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "benchmarks").glob("*.py")))
+def test_every_benchmark_still_imports(script):
+    """A benchmark is documentation's evidence: a refactor that breaks its imports must fail here, not when a
+    figure is next remeasured."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{script[:-3]}", REPO / "benchmarks" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # module level only: main() runs under __main__
+    assert callable(getattr(module, "main", None)), f"{script} has no main()"

@@ -84,3 +84,19 @@ def test_the_format_package_needs_no_training_stack(llama_dir, corpus, tmp_path)
         "print('ok')\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+@pytest.mark.slow
+def test_format_md_reader_runs_on_a_cache_of_the_previous_format(llama_dir, corpus, tmp_path):
+    """A 2.0 cache (its shards listed in the manifest, no shard index) still reads with the documented reader."""
+    from conftest import as_legacy
+
+    capture(settings(llama_dir, corpus, tmp_path / "c", capture={"top_k": 4}))
+    as_legacy(tmp_path / "c", "2.0")
+    assert not list((tmp_path / "c").rglob("shards.parquet"))
+    script = tmp_path / "reader.py"
+    script.write_text(_reader_code())
+    res = subprocess.run([sys.executable, "-I", str(script)], env={**os.environ, "CACHE": str(tmp_path / "c")},
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "ok train" in res.stdout

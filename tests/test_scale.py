@@ -337,3 +337,34 @@ def test_a_damaged_shard_index_is_named_by_verify_and_refused_by_readers(llama_d
     with pytest.raises(CacheError, match="does not verify"):
         push(str(root), str(tmp_path / "published"), log=lambda m: None)
     assert verify(root, splits=["validation"]) == []  # the other split's index and files are intact
+
+
+@pytest.mark.parametrize("data,kw,columns", [("corpus", {}, ["text"]), ("corpus", {"max_documents": 300}, ["text"]),
+                                              ("conversations", {"format": "messages"}, ["messages", "prompt"])])
+def test_documents_are_read_from_the_arrow_files_in_dataset_order(request, data, kw, columns):
+    """Unshuffled documents come from the dataset's Arrow files by plain reads (no memory map held), in the
+    order and with the values slicing the dataset gives."""
+    from pipeline.capture.documents import DOC_BATCH, document_batches
+
+    cfg = data_cfg(request.getfixturevalue(data), **kw)
+    ds, _ = load_documents(cfg)
+    assert ds.cache_files  # the path under test, not the fallback
+    got = list(document_batches(ds, cfg, columns))
+    n = len(ds) if cfg.max_documents is None else min(len(ds), cfg.max_documents)
+    assert [s for s, _ in got] == list(range(0, n, DOC_BATCH)) and (data == "conversations" or len(got) > 1)
+    for start, batch in got:
+        want = ds[start: min(start + DOC_BATCH, n)]
+        assert all(batch[c] == want[c] for c in columns)
+
+
+def test_a_truncated_rows_file_is_a_clear_error(llama_dir, corpus, tmp_path):
+    from pipeline.errors import CacheError
+    from pipeline.format import verify
+
+    root = tmp_path / "c"
+    capture(settings(llama_dir, corpus, root, capture={"rows_per_shard": 4, "rows_per_chunk": 2}))
+    rows = root / "train" / "rows.parquet"
+    rows.write_bytes(rows.read_bytes()[: rows.stat().st_size // 2])  # the last row groups and the footer gone
+    with pytest.raises(CacheError, match=r"train/rows.parquet cannot be read .*distill verify"):
+        next(iter(make_loader(CacheBatches(root, "train", ["topk_ids"], 2))))
+    assert any("train/rows.parquet size mismatch" in p for p in verify(root))

@@ -16,6 +16,7 @@ import fnmatch
 import glob
 import hashlib
 import sysconfig
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,26 +245,24 @@ def _trained_flags(offsets: list[tuple[int, int]], spans: list[tuple[int, int]])
     return flags
 
 
-def token_documents(ds, tokenizer, cfg: DataConfig, conv: RowConvention):
+def token_documents(ds, tokenizer, cfg: DataConfig, conv: RowConvention, timing: dict | None = None):
     """Yield (token ids, trained flags or None) per non-empty document (int32 / uint8 arrays), in dataset order,
     up to the caps. Under torchrun each rank tokenises every W-th block of documents and receives the others'
-    (`distributed.split_work`): every rank sees the same documents, for 1/W of the tokenising.
+    (`distributed.split_work`): every rank sees the same documents, for 1/W of the tokenising. `timing`, when
+    given, receives this rank's own tokenising: `tokenise_seconds` and `documents_tokenised`.
 
     Text documents: tokens (+ BOS first when the convention says so) + EOS (always appended, as
     before BOS conventions existed, so a tokenizer without BOS keeps its rows). Chat documents: the
     rendered conversation (+ BOS first when the template did not put it there); flags mark
     assistant tokens when data.loss_mask = 'assistant'.
     """
-    if cfg.shuffle_seed is not None:
-        ds = ds.shuffle(seed=cfg.shuffle_seed)
-    n_docs = len(ds) if cfg.max_documents is None else min(len(ds), cfg.max_documents)
     bos, eos = conv.bos_token_id, tokenizer.eos_token_id
     want_flags = cfg.loss_mask == "assistant"
     if want_flags and not getattr(tokenizer, "is_fast", False):
         raise DataError("data.loss_mask = 'assistant' needs a fast tokenizer (character offsets per token)")
 
-    def tokenised(start: int, end: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        batch = ds[start:end]
+    def tokenised(item: tuple[int, dict]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        start, batch = item
         if cfg.format == "text":
             texts = [t for t in batch[cfg.text_column] if isinstance(t, str) and t.strip()]
             if not texts:
@@ -289,5 +288,50 @@ def token_documents(ds, tokenizer, cfg: DataConfig, conv: RowConvention):
             docs.append((np.asarray(ids, dtype=np.int32), None if flags is None else np.asarray(flags, np.uint8)))
         return docs
 
-    for docs in distributed.split_work(n_docs, DOC_BATCH, tokenised):  # under torchrun each rank tokenises 1/W
+    def timed(item: tuple[int, dict]):
+        t0 = time.perf_counter()
+        docs = tokenised(item)
+        if timing is not None:
+            timing["tokenise_seconds"] = timing.get("tokenise_seconds", 0.0) + time.perf_counter() - t0
+            timing["documents_tokenised"] = timing.get("documents_tokenised", 0) + len(next(iter(item[1].values())))
+        return docs
+
+    columns = [c for _, c in _columns(cfg)]
+    for docs in distributed.split_work(document_batches(ds, cfg, columns), timed):  # each rank tokenises 1/W
         yield from docs
+
+
+def document_batches(ds, cfg: DataConfig, columns: list[str]):
+    """(index of the first document, {column: values}) for consecutive batches of DOC_BATCH documents, in dataset
+    order (shuffled with data.shuffle_seed), up to data.max_documents.
+
+    Unshuffled, they are read in sequence from the dataset's own Arrow files (IPC streams): plain reads, so
+    the pages read are not kept in the process the way a memory map's are, and memory does not grow with the
+    corpus. A shuffled dataset (an indices mapping) is read by slicing it."""
+    import pyarrow as pa
+
+    n_docs = len(ds) if cfg.max_documents is None else min(len(ds), cfg.max_documents)
+    if n_docs <= 0:
+        return
+    plain = cfg.shuffle_seed is None and ds.cache_files and ds.data.num_rows == len(ds)  # no indices mapping
+    if not plain:
+        ds = ds.shuffle(seed=cfg.shuffle_seed) if cfg.shuffle_seed is not None else ds
+        for start in range(0, n_docs, DOC_BATCH):
+            yield start, ds[start : min(start + DOC_BATCH, n_docs)]
+        return
+    pending: dict[str, list] = {c: [] for c in columns}
+    first, start = columns[0], 0
+    for f in ds.cache_files:
+        with pa.OSFile(f["filename"]) as source:
+            for batch in pa.ipc.open_stream(source):
+                for c in columns:
+                    pending[c].extend(batch.column(c).to_pylist())
+                while len(pending[first]) >= DOC_BATCH or (pending[first] and start + len(pending[first]) >= n_docs):
+                    take = min(DOC_BATCH, n_docs - start, len(pending[first]))
+                    yield start, {c: v[:take] for c, v in pending.items()}
+                    pending = {c: v[take:] for c, v in pending.items()}
+                    start += take
+                    if start >= n_docs:
+                        return
+    if pending[first]:
+        yield start, pending

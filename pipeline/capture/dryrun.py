@@ -32,6 +32,7 @@ class DryRun:
     seconds: float
     peak_rss_mib: float
     already_cached: int = 0
+    ranks: list[dict] = field(default_factory=list)  # each rank's seconds, tokenising seconds, documents, peak RSS
     lines: list[str] = field(default_factory=list)
 
 
@@ -40,7 +41,8 @@ def dry_run(cfg: TeacherCacheConfig, log=print) -> DryRun:
     from .. import distributed
     from .run import capture_specs, describe_teacher
 
-    if not distributed.setup().main:  # under torchrun every rank prepares (each tokenising 1/W); rank 0 reports
+    main = distributed.setup().main
+    if not main:  # under torchrun every rank prepares (each tokenising 1/W); rank 0 reports
         log = lambda m: None  # noqa: E731
     t0 = time.perf_counter()
     teacher = describe_teacher(cfg)  # tokenizer and config: no weights
@@ -56,7 +58,7 @@ def dry_run(cfg: TeacherCacheConfig, log=print) -> DryRun:
         splits = {s: {"rows": r.rows, "tokens": r.tokens, "shards": len(r.shard_tokens)}
                   for s, r in prepared.splits.items()}
         statistics = prepared.info.get("statistics", {})
-        already = prepared.already_cached
+        already, timing = prepared.already_cached, prepared.timing
     finally:
         prepared.close()
     per_token = estimate_bytes(capture_specs(cfg, teacher), cfg.data.seq_len, cfg.data, cfg.capture.rows_per_shard)
@@ -67,7 +69,9 @@ def dry_run(cfg: TeacherCacheConfig, log=print) -> DryRun:
         where = _existing(st.local_path())
         free = shutil.disk_usage(where).free
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    res = DryRun(splits, statistics, per_token, need, free, time.perf_counter() - t0, peak, already)
+    seconds = time.perf_counter() - t0
+    every = distributed.all_gather({"seconds": seconds, "peak_rss_mib": peak, **timing})
+    res = DryRun(splits, statistics, per_token, need, free, seconds, peak, already, every)
     res.lines = _report(cfg, res)
     for line in res.lines:
         log(line)
@@ -100,5 +104,7 @@ def _report(cfg: TeacherCacheConfig, r: DryRun) -> list[str]:
     if r.disk_free is not None:
         lines.append(f"disk: {r.disk_free / 2**30:,.2f} GiB free at the output "
                      + ("(enough)" if r.disk_free >= r.estimate else "(NOT enough)"))
-    lines.append(f"preparation: {r.seconds:.1f}s, peak RSS {r.peak_rss_mib:,.0f} MiB")
+    lines += [f"preparation{f' rank {i}' if len(r.ranks) > 1 else ''}: {x['seconds']:.1f}s, of which tokenising "
+              f"{x.get('tokenise_seconds', 0.0):.1f}s ({x.get('documents_tokenised', 0):,} documents); peak RSS "
+              f"{x['peak_rss_mib']:,.0f} MiB" for i, x in enumerate(r.ranks)]
     return lines

@@ -44,6 +44,7 @@ class Prepared:
     info: dict = field(default_factory=dict)  # dataset identity and preparation statistics
     convention: dict = field(default_factory=dict)  # RowConvention.to_dict(): what position 0 is, the template
     already_cached: int = 0  # an append: rows of these documents the cache holds already (not in `splits`)
+    timing: dict = field(default_factory=dict)  # this rank's tokenising seconds and documents
     scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     def close(self) -> None:
@@ -135,9 +136,10 @@ class _Stream:
         return out
 
 
-def row_blocks(ds, tokenizer, cfg: DataConfig, conv: RowConvention, stats: dict):
+def row_blocks(ds, tokenizer, cfg: DataConfig, conv: RowConvention, stats: dict, timing: dict | None = None):
     """The rows of a dataset split in order, a block (the rows of up to DOC_BATCH documents) at a time:
-    {input_ids (n, L) int32, lengths (n,), loss_mask, position_ids}. `stats` is filled as they go."""
+    {input_ids (n, L) int32, lengths (n,), loss_mask, position_ids}. `stats` is filled as they go (what the
+    manifest records); `timing` receives this rank's tokenising seconds (see `token_documents`)."""
     L = cfg.seq_len
     eos = tokenizer.eos_token_id
     if cfg.packing and cfg.format == "text" and eos is None:
@@ -175,7 +177,7 @@ def row_blocks(ds, tokenizer, cfg: DataConfig, conv: RowConvention, stats: dict)
             stats["trained_positions"] += int(b["loss_mask"].sum())
         return b
 
-    for ids, doc_flags in token_documents(ds, tokenizer, cfg, conv):
+    for ids, doc_flags in token_documents(ds, tokenizer, cfg, conv, timing):
         if stats["tokens_read"] >= budget:
             break
         if not len(ids):
@@ -256,7 +258,7 @@ def prepare(cfg: DataConfig, tokenizer, min_validation: bool = True, task: str =
         raise
     store.close()
     return Prepared(splits=splits, info=info, convention=conv if classify else conv.to_dict(),
-                    already_cached=run.cached, scratch=tmp)
+                    already_cached=run.cached, timing=run.timing, scratch=tmp)
 
 
 class _Preparation:
@@ -269,6 +271,7 @@ class _Preparation:
         self.labels, self.pad_id, self.shard_rows = labels, pad_id, shard_rows
         self.scratch, self.store = scratch, store
         self.cached = 0
+        self.timing: dict = {}  # this rank's own tokenising (not recorded in the cache: it varies)
 
     def blocks(self, split: str | None, where: str, stats: dict):
         """(info, the split's rows as keyed `Rows` blocks)."""
@@ -277,7 +280,7 @@ class _Preparation:
             raw = classification_blocks(ds, self.tokenizer, self.cfg, self.task, self.labels, self.pad_id, where,
                                         stats)
         else:
-            raw = row_blocks(ds, self.tokenizer, self.cfg, self.conv, stats)
+            raw = row_blocks(ds, self.tokenizer, self.cfg, self.conv, stats, self.timing)
 
         def keyed():
             for b in raw:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -26,6 +27,16 @@ from .manifest import Manifest, Part
 from .records import FileDigest
 from .specs import numcodecs_quiet
 from .storage import Storage, fetch_verified
+
+
+@contextmanager
+def damaged(cache: "Cache", rel: str):
+    """A file of the cache that pyarrow cannot read (truncated, overwritten) as a CacheError naming it."""
+    try:
+        yield
+    except (pa.ArrowException, OSError) as e:
+        raise CacheError(f"{cache.root}/{rel} cannot be read ({type(e).__name__}: {e}); the cache is damaged: "
+                         "`distill verify` names what changed") from e
 
 
 def read_document(st: Storage) -> dict:
@@ -244,12 +255,14 @@ class Cache:
         """The split's rows (every part's rows.parquet, in order), or some columns of its first `max_rows`."""
         tables, left = [], max_rows
         for part in self.parts(split):
-            path = self.local_file(f"{part.path}/{ROWS_FILE}")
-            if left is None:
-                tables.append(pq.read_table(path, columns=columns))
-                continue
-            batches = pq.ParquetFile(path).iter_batches(batch_size=left, columns=columns)
-            tables.append(pa.Table.from_batches([next(batches)]))
+            rel = f"{part.path}/{ROWS_FILE}"
+            path = self.local_file(rel)
+            with damaged(self, rel):
+                if left is None:
+                    tables.append(pq.read_table(path, columns=columns))
+                    continue
+                batches = pq.ParquetFile(path).iter_batches(batch_size=left, columns=columns)
+                tables.append(pa.Table.from_batches([next(batches)]))
             left -= tables[-1].num_rows
             if left <= 0:
                 break
@@ -257,7 +270,6 @@ class Cache:
 
     def array(self, split: str, field: str):
         """A dense field of a split: a zarr array (a `PartsArray` over them when the cache grew)."""
-        import zarr
 
         arrays = [self.array_part(split, p.path, field) for p in self.parts(split)]
         return arrays[0] if len(arrays) == 1 else PartsArray(arrays)

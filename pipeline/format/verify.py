@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from ..errors import CacheError
-from .index import INDEX_FILE, shard_of
+from .index import shard_of
 from .layout import GROW_DIR, MANIFEST, PLAN_FILE, WORK_DIR
 from .manifest import Manifest, manifest_digest
 from .reader import Cache, read_document

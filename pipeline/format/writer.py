@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..errors import CacheError
 from .index import INDEX_FILE, IndexWriter, field_of, index_path

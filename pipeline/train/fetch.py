@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..format.layout import ROWS_FILE, row_values
-from ..format.reader import Cache
+from ..format.reader import Cache, damaged
 
 ROW_GROUPS_HELD = 2
 
@@ -42,7 +42,9 @@ class SplitReader:
     # -- rows.parquet ---------------------------------------------------------------------------
     def _file(self, p: int):
         if p not in self._files:
-            f = pq.ParquetFile(str(self.cache.local_file(f"{self.parts[p].path}/{ROWS_FILE}")))
+            rel = f"{self.parts[p].path}/{ROWS_FILE}"
+            with damaged(self.cache, rel):
+                f = pq.ParquetFile(str(self.cache.local_file(rel)))
             sizes = [f.metadata.row_group(g).num_rows for g in range(f.metadata.num_row_groups)]
             self._files[p] = (f, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
         return self._files[p]
@@ -50,7 +52,8 @@ class SplitReader:
     def _group(self, p: int, g: int, names: list[str], dtypes: dict) -> dict:
         key = (p, g, tuple(names))
         if key not in self._groups:
-            t = self._file(p)[0].read_row_group(g, columns=names)
+            with damaged(self.cache, f"{self.parts[p].path}/{ROWS_FILE}"):
+                t = self._file(p)[0].read_row_group(g, columns=names)
             self._groups[key] = {n: row_values(t, n, dtypes[n]) for n in names}
             while len(self._groups) > ROW_GROUPS_HELD:
                 self._groups.popitem(last=False)

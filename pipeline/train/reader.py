@@ -201,17 +201,13 @@ class TaskStream:
             return range(batch + (self.rank - draw) % self.world, n, self.world)
         t = self.names.index(name)
         out, k, m = [], batch, draw
-        while k < n:
+        while k < n:  # block by block: the draws of this task are its batches k, k + 1, ... in order
             b = m // self.BLOCK
-            hits = np.nonzero(self._block(b)[m % self.BLOCK:] == t)[0] + m
-            for d in hits.tolist():
-                if d % self.world == self.rank:
-                    out.append(k)
-                k += 1
-                if k == n:
-                    break
+            hits = (np.nonzero(self._block(b)[m % self.BLOCK:] == t)[0] + m)[: n - k]
+            out.append(k + np.nonzero(hits % self.world == self.rank)[0])
+            k += len(hits)
             m = (b + 1) * self.BLOCK
-        return out
+        return np.concatenate(out).tolist() if out else []
 
     def _start(self, name: str):
         ds = self.tasks[name][0]
