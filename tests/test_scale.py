@@ -368,3 +368,22 @@ def test_a_truncated_rows_file_is_a_clear_error(llama_dir, corpus, tmp_path):
     with pytest.raises(CacheError, match=r"train/rows.parquet cannot be read .*distill verify"):
         next(iter(make_loader(CacheBatches(root, "train", ["topk_ids"], 2))))
     assert any("train/rows.parquet size mismatch" in p for p in verify(root))
+
+
+def test_whole_shard_reads_stop_at_a_short_last_shard(llama_dir, corpus, tmp_path):
+    """A split whose last shard holds fewer chunks than the others reads every batch of every epoch."""
+    root = tmp_path / "c"
+    capture(settings(llama_dir, corpus, root, data={"max_tokens": 1400}, capture={"rows_per_shard": 8,
+                                                                                   "rows_per_chunk": 2}))
+    c = Cache(root)
+    assert 0 < c.manifest.splits["train"].rows % 8 <= 6  # a short last shard, with chunk slots it does not fill
+    full = c.array("train", "logsumexp")[:]
+    for batch_size in (1, 3):
+        ds = CacheBatches(root, "train", ["logsumexp"], batch_size, seed=5)
+        for epoch in (0, 1):
+            ds.epoch = epoch
+            seen = []
+            for b in make_loader(ds):
+                np.testing.assert_array_equal(b["logsumexp"].numpy(), full[b["row"].numpy()])
+                seen += b["row"].tolist()
+            assert sorted(seen) == list(range(len(full)))

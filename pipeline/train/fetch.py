@@ -93,8 +93,9 @@ class SplitReader:
         chunk = local // self.chunk_rows
         need = {(int(p), int(c)) for p, c in zip(parts, chunk)}
         per_shard = self.shard_rows // self.chunk_rows
-        wanted = need | ({(p, c // per_shard * per_shard + i) for p, c in need for i in range(per_shard)}
-                         if self.whole_shards else set())
+        wanted = need | ({(p, c // per_shard * per_shard + i) for p, c in need for i in range(per_shard)
+                          if (c // per_shard * per_shard + i) * self.chunk_rows < self.parts[p].rows}
+                         if self.whole_shards else set())  # (a part's last shard may be short)
         held = max(2 * per_shard, len(wanted)) * len(fields)
         out = {}
         for f in fields:
@@ -115,7 +116,6 @@ class SplitReader:
     def _read_chunks(self, p: int, field: str, chunks: list[int]) -> None:
         arr = self._array(p, field)
         n = arr.shape[0]
-        chunks = [c for c in chunks if c * self.chunk_rows < n]  # a part's last shard may be short
         spans = [(c * self.chunk_rows, min((c + 1) * self.chunk_rows, n)) for c in chunks]
         if len(spans) == 1 or all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1)):
             data = arr[spans[0][0]:spans[-1][1]]  # contiguous: one slice
