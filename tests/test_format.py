@@ -23,6 +23,14 @@ def _reader_code() -> str:
     return code
 
 
+def run_reader(tmp_path: Path, cache: Path) -> subprocess.CompletedProcess:
+    """docs/format.md's reader run on `cache` in isolated mode (-I: the repository is not on sys.path)."""
+    script = tmp_path / "reader.py"
+    script.write_text(_reader_code())
+    return subprocess.run([sys.executable, "-I", str(script)], env={**os.environ, "CACHE": str(cache)},
+                          cwd=tmp_path, capture_output=True, text=True)
+
+
 @pytest.mark.parametrize("capture_cfg", [
     {"top_k": 8, "temperatures": [2.0], "hidden_layers": [0, -1], "attention_layers": [1]},
     {"top_k": 4, "hidden_layers": [2], "hidden_dtype": "bfloat16"},
@@ -32,11 +40,7 @@ def _reader_code() -> str:
 @pytest.mark.slow
 def test_format_md_reader_runs_on_a_cache(llama_dir, corpus, tmp_path, capture_cfg):
     capture(settings(llama_dir, corpus, tmp_path / "c", data={"packing": False}, capture=capture_cfg))
-    script = tmp_path / "reader.py"
-    script.write_text(_reader_code())
-    env = {**os.environ, "CACHE": str(tmp_path / "c")}
-    # -I: isolated mode, the repository is not on sys.path
-    res = subprocess.run([sys.executable, "-I", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True)
+    res = run_reader(tmp_path, tmp_path / "c")
     assert res.returncode == 0, res.stderr
     assert "ok train" in res.stdout
 
@@ -49,10 +53,7 @@ def test_format_md_reader_rejects_a_flipped_byte(llama_dir, corpus, tmp_path):
     data = bytearray(victim.read_bytes())
     data[-1] ^= 0xFF
     victim.write_bytes(bytes(data))
-    script = tmp_path / "reader.py"
-    script.write_text(_reader_code())
-    res = subprocess.run([sys.executable, "-I", str(script)], env={**os.environ, "CACHE": str(tmp_path / "c")},
-                         cwd=tmp_path, capture_output=True, text=True)
+    res = run_reader(tmp_path, tmp_path / "c")
     assert res.returncode != 0 and "logsumexp" in res.stderr
 
 
@@ -60,10 +61,7 @@ def test_format_md_reader_rejects_a_flipped_byte(llama_dir, corpus, tmp_path):
 def test_format_md_reader_runs_on_a_chat_cache_with_masks(bos_llama_dir, conversations, tmp_path):
     capture(settings(bos_llama_dir, conversations, tmp_path / "c",
                      data={"format": "messages", "loss_mask": "assistant", "document_mask": True, "seq_len": 64}))
-    script = tmp_path / "reader.py"
-    script.write_text(_reader_code())
-    res = subprocess.run([sys.executable, "-I", str(script)], env={**os.environ, "CACHE": str(tmp_path / "c")},
-                         cwd=tmp_path, capture_output=True, text=True)
+    res = run_reader(tmp_path, tmp_path / "c")
     assert res.returncode == 0, res.stderr
     assert "ok train" in res.stdout
 
@@ -94,9 +92,6 @@ def test_format_md_reader_runs_on_a_cache_of_the_previous_format(llama_dir, corp
     capture(settings(llama_dir, corpus, tmp_path / "c", capture={"top_k": 4}))
     as_legacy(tmp_path / "c", "2.0")
     assert not list((tmp_path / "c").rglob("shards.parquet"))
-    script = tmp_path / "reader.py"
-    script.write_text(_reader_code())
-    res = subprocess.run([sys.executable, "-I", str(script)], env={**os.environ, "CACHE": str(tmp_path / "c")},
-                         cwd=tmp_path, capture_output=True, text=True)
+    res = run_reader(tmp_path, tmp_path / "c")
     assert res.returncode == 0, res.stderr
     assert "ok train" in res.stdout

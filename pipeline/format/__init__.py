@@ -13,6 +13,7 @@ only reads, checks or moves caches does not need the training stack:
     layout.py    paths and small file helpers                         specs.py     fields and codecs
     writer.py    arrays, shards, commits, the manifest written last   reader.py    Cache, read_manifest
     verify.py    every checksum, streamed                             share.py     push, pull, ls
+    index.py     each part's shard index (shards.parquet): files, sizes, sha256
 """
 
 from ..errors import CacheError, StorageError
