@@ -256,11 +256,11 @@ def _write(plan_file: str, k: str, n: str) -> None:
 
 
 def _finalize(plan_file: str) -> None:
-    from pipeline.capture.run import statistics
+    from pipeline.capture.run import Tally
 
     writer, _ = _writer(plan_file)
     writer.create_arrays()
-    writer.finalize(statistics(writer))
+    writer.finalize(Tally(writer.plan))
 
 
 def _op(kind: str, path: str) -> None:

@@ -107,8 +107,9 @@ def _row_fields(prepared: Prepared, split_rows: dict[str, int], L: int) -> dict:
               "length": row_field("length", "int32", False, "real tokens in the row (the mask is position < length)"),
               "key": row_field("key", "string", False, "blake2b-128 hex of the row's real token ids as little-endian "
                                                        "int32")}
-    columns = next(iter(prepared.splits.values())).columns if prepared.splits else ()  # () : an append of nothing
-    labels = pa.types.is_fixed_size_list(_column_type(prepared, "labels")) if "labels" in columns else None
+    schema = next(iter(prepared.splits.values())).schema if prepared.splits else None  # None: an append of nothing
+    columns = schema.names if schema is not None else []
+    labels = pa.types.is_fixed_size_list(schema.field("labels").type) if "labels" in columns else None
     if "loss_mask" in columns:
         fields["loss_mask"] = row_field("loss_mask", "uint8", True, "1 where the targets at position t train (the "
                                         "token t+1 they predict is an assistant/response token); 0 elsewhere")
@@ -120,12 +121,6 @@ def _row_fields(prepared: Prepared, split_rows: dict[str, int], L: int) -> dict:
                                            "within it; padding is a segment of its own. Attention is causal "
                                            "within a segment only")
     return fields
-
-
-def _column_type(prepared: Prepared, column: str):
-    import pyarrow.parquet as pq
-
-    return pq.read_schema(next(iter(prepared.splits.values())).path).field(column).type
 
 
 def _preparation(cfg: TeacherCacheConfig, task: TaskInfo | None) -> dict:

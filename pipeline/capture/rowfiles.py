@@ -84,7 +84,7 @@ class RowFile:
     tokens: int
     keys_sha256: str  # sha256 of the keys in order: ranks compare it
     shard_tokens: np.ndarray  # tokens of each shard (rows_per_shard rows)
-    columns: tuple[str, ...] = ()
+    schema: pa.Schema | None = None  # the file's columns and their types (None: no row)
     _file: pq.ParquetFile | None = field(default=None, repr=False)
     _group: tuple[int, Rows] | None = field(default=None, repr=False)
 
@@ -141,7 +141,7 @@ class RowFileWriter:
         self.rows = self.tokens = 0
         self._keys = hashlib.sha256()
         self._shard_tokens: list[int] = []
-        self._columns: tuple[str, ...] = ()
+        self._schema: pa.Schema | None = None
 
     def add(self, rows: Rows) -> None:
         if not len(rows):
@@ -165,7 +165,7 @@ class RowFileWriter:
         table = rows_table(rows)
         if self._writer is None:
             self._writer = pq.ParquetWriter(str(self.path), table.schema, compression="zstd")
-            self._columns = tuple(table.column_names)
+            self._schema = table.schema
         self._writer.write_table(table, row_group_size=self.group)
 
     def close(self) -> RowFile:
@@ -175,7 +175,7 @@ class RowFileWriter:
         if self._writer is not None:
             self._writer.close()
         return RowFile(self.path if self._writer is not None else None, self.rows, self.tokens,
-                       self._keys.hexdigest(), np.asarray(self._shard_tokens, dtype=np.int64), self._columns)
+                       self._keys.hexdigest(), np.asarray(self._shard_tokens, dtype=np.int64), self._schema)
 
 
 class KeyStore:

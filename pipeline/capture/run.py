@@ -28,6 +28,7 @@ import numpy as np
 from .. import distributed, models
 from ..config import TeacherCacheConfig
 from ..errors import CaptureError, TeacherError
+from ..format.index import field_of
 from ..format.layout import HEAD_FILE, IGNORE_INDEX, MANIFEST
 from ..format.manifest import Manifest
 from ..format.records import Stats
@@ -225,12 +226,11 @@ def _finish(cfg: TeacherCacheConfig, st: Storage, writer: CacheWriter, base: Man
     or loaded for it), the statistics, the manifest."""
     if cfg.capture.final_hidden and base is None and not st.exists(HEAD_FILE):
         store_head(st, cfg, model)
-    stats = statistics(writer, base)
-    manifest = writer.finalize(stats)
-    quality = (f"mean top-{cfg.capture.top_k} mass {stats['mean_topk_mass']:.4f}" if "mean_topk_mass" in stats else
-               "teacher accuracy " + ", ".join(f"{k} {v:.4f}" for k, v in stats["teacher_accuracy"].items()))
-    log(f"finished {st.where}: {stats['tokens']:,} tokens, "
-        f"{stats['timing']['tokens_per_second']:,.0f} tokens/s"
+    manifest = writer.finalize(Tally(writer.plan, base))
+    stats = manifest.stats
+    quality = (f"mean top-{cfg.capture.top_k} mass {stats.mean_topk_mass:.4f}" if stats.mean_topk_mass is not None
+               else "teacher accuracy " + ", ".join(f"{k} {v:.4f}" for k, v in stats.teacher_accuracy.items()))
+    log(f"finished {st.where}: {stats.tokens:,} tokens, {stats.tokens_per_second:,.0f} tokens/s"
         f"{' per rank' if distributed.ranks().active else ''}, {quality}")
     return manifest
 
@@ -339,36 +339,45 @@ def shard_stats(t: TeacherTargets, lengths: np.ndarray, seconds: float, labels: 
     return {"tokens": int(lengths.sum()), "seconds": seconds, "topk_mass_sum": float(mass[valid].sum())}
 
 
-def statistics(writer: CacheWriter, base: Manifest | None = None) -> dict:
-    """Statistics of the cache the writer finishes: its new shards (their commit records, streamed), plus
-    `base`'s when it grows one."""
-    old = base.stats if base is not None else Stats(0, 0, 0, {}, 0.0, 0.0, None)
-    tokens, seconds, mass = old.tokens, old.seconds, (old.mean_topk_mass or 0.0) * old.tokens
-    per_field = {k: v * old.tokens for k, v in old.bytes_per_token.items()}
-    right = {s: list(v) for s, v in (old.teacher_correct_labelled or {}).items()}
-    for c in writer.commit_records():
-        tokens += c["tokens"]
-        seconds += c["seconds"]
+class Tally:
+    """The statistics of the cache a writer finishes: its new shards' commit records, given one at a time as
+    `CacheWriter.finalize` streams them into the shard index (one pass over them), plus `base`'s when it grows
+    one."""
+
+    def __init__(self, plan: Manifest, base: Manifest | None = None):
+        old = base.stats if base is not None else Stats(0, 0, 0, {}, 0.0, 0.0, None)
+        self.plan, self.base = plan, base
+        self.tokens, self.seconds, self.mass = old.tokens, old.seconds, (old.mean_topk_mass or 0.0) * old.tokens
+        self.per_field = {k: v * old.tokens for k, v in old.bytes_per_token.items()}
+        self.right = {s: list(v) for s, v in (old.teacher_correct_labelled or {}).items()}
+
+    def add(self, c: dict) -> None:
+        self.tokens += c["tokens"]
+        self.seconds += c["seconds"]
         for rel, d in c["files"].items():
-            name = rel[len(c.get("part", c["split"])) + 1:].split("/")[0]
-            per_field[name] = per_field.get(name, 0) + d["bytes"]
-        if writer.plan.task.classifier:
-            r = right.setdefault(c["split"], [0, 0])
+            name = field_of(rel, c.get("part", c["split"]))
+            self.per_field[name] = self.per_field.get(name, 0) + d["bytes"]
+        if self.plan.task.classifier:
+            r = self.right.setdefault(c["split"], [0, 0])
             r[0], r[1] = r[0] + c["teacher_correct"], r[1] + c["labelled"]
         else:
-            mass += c["topk_mass_sum"]
-    for part in writer.parts.values():
-        per_field["rows.parquet"] = per_field.get("rows.parquet", 0) + writer.st.size(f"{part['path']}/rows.parquet")
-    if base is None and writer.st.exists(HEAD_FILE):
-        per_field[HEAD_FILE] = writer.st.size(HEAD_FILE)  # once per cache
-    # a classifier's accuracy on the gold labels, per split, over every part; a causal LM's top-K mass
-    quality = {"teacher_correct_labelled": right, "teacher_accuracy": {s: a / max(n, 1) for s, (a, n) in right.items()}} \
-        if writer.plan.task.classifier else {"mean_topk_mass": mass / max(tokens, 1)}
-    return quality | {
-        "tokens": tokens,
-        "rows": sum(s.rows for s in writer.plan.splits.values()),
-        "bytes_on_disk": round(sum(per_field.values())),
-        "bytes_per_token": {k: v / max(tokens, 1) for k, v in per_field.items()},
-        "timing": {"seconds": seconds, "tokens_per_second": tokens / seconds if seconds else 0.0,
-                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-    }
+            self.mass += c["topk_mass_sum"]
+
+    def result(self, writer: CacheWriter) -> dict:
+        per_field, tokens, right = dict(self.per_field), self.tokens, self.right
+        for part in writer.parts.values():
+            per_field["rows.parquet"] = per_field.get("rows.parquet", 0) + writer.st.size(f"{part['path']}/rows.parquet")
+        if self.base is None and writer.st.exists(HEAD_FILE):
+            per_field[HEAD_FILE] = writer.st.size(HEAD_FILE)  # once per cache
+        # a classifier's accuracy on the gold labels, per split, over every part; a causal LM's top-K mass
+        quality = {"teacher_correct_labelled": right,
+                   "teacher_accuracy": {s: a / max(n, 1) for s, (a, n) in right.items()}} \
+            if self.plan.task.classifier else {"mean_topk_mass": self.mass / max(tokens, 1)}
+        return quality | {
+            "tokens": tokens,
+            "rows": sum(s.rows for s in self.plan.splits.values()),
+            "bytes_on_disk": round(sum(per_field.values())),
+            "bytes_per_token": {k: v / max(tokens, 1) for k, v in per_field.items()},
+            "timing": {"seconds": self.seconds, "tokens_per_second": tokens / self.seconds if self.seconds else 0.0,
+                       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        }

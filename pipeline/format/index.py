@@ -84,6 +84,17 @@ def shard_of(rel: str, part: str) -> int | None:
     return None if m is None else int(m.group(1))
 
 
+def legacy_part(shards: Iterable[dict], part: str) -> Iterator[dict]:
+    """The shards of one part from a pre-3.0 manifest's shard list (a 1.0/1.1 shard names no part: its split's)."""
+    return (sh for sh in shards if sh.get("part", sh["split"]) == part)
+
+
+def with_shard(rel: str, part: str, n: int) -> str:
+    """The path of shard `n` of the field a shard file `rel` of `part` belongs to (its chunk key renumbered)."""
+    head = f"{part}/{field_of(rel, part)}/"
+    return head + _CHUNK_KEY.sub(lambda m: m.group(0).replace(m.group(1), str(n), 1), rel[len(head):], count=1)
+
+
 class ShardIndex:
     """One part's shard files, read lazily: from its index file, or (a cache written before 3.0) from the
     manifest's shard list. `shard_start`: the number of the part's first shard within its split."""
@@ -96,7 +107,7 @@ class ShardIndex:
 
     @classmethod
     def legacy(cls, part: str, shard_start: int, shards: Iterable[dict]) -> "ShardIndex":
-        return cls(part, shard_start, legacy=[sh for sh in shards if sh.get("part", sh["split"]) == part])
+        return cls(part, shard_start, legacy=list(legacy_part(shards, part)))
 
     def _parquet(self) -> pq.ParquetFile:
         if self._file is None:

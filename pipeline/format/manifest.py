@@ -228,15 +228,20 @@ class Manifest:
         return (sum(d.bytes for d in self.metadata_files.values()) + sum(e.bytes for e in self.shard_index.values())
                 + self.data_bytes())
 
-    def file_owner(self, rel: str) -> tuple[str | None, str | None]:
-        """(split, dense field) a cache file belongs to: (None, None) for cache-wide files (tokenizer/),
-        (split, None) for a part's rows.parquet, shard index and group metadata."""
+    def locate(self, rel: str) -> tuple[str | None, Part | None, str | None]:
+        """(split, part, dense field) a cache file belongs to: (None, None, None) for cache-wide files
+        (tokenizer/), (split, part, None) for a part's rows.parquet, shard index and group metadata."""
         for split in self.splits.values():
             for p in sorted(split.parts, key=lambda p: -len(p.path)):
                 if rel.startswith(p.path + "/"):
                     rest = rel[len(p.path) + 1:].split("/")
-                    return split.name, (rest[0] if len(rest) > 1 else None)
-        return None, None
+                    return split.name, p, (rest[0] if len(rest) > 1 else None)
+        return None, None, None
+
+    def file_owner(self, rel: str) -> tuple[str | None, str | None]:
+        """(split, dense field) a cache file belongs to (see `locate`)."""
+        split, _, field = self.locate(rel)
+        return split, field
 
     # -- history and statistics ----------------------------------------------------------------
     @cached_property

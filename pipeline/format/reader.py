@@ -185,7 +185,7 @@ class Cache:
                 path = self.local_file(entry.path)  # a remote one is checked as it arrives; a local one here
                 if not self.remote and (not path.is_file() or file_digest(path) != entry.digest().to_dict()):
                     raise CacheError(f"{self.root}/{entry.path}: the shard index is missing or fails its checksum "
-                                     "(run `distill cache verify`)")
+                                     "(run `distill verify`)")
                 self._indexes[part] = ShardIndex(part, start, path)
         return self._indexes[part]
 
@@ -197,11 +197,10 @@ class Cache:
         entry = next((e for e in m.shard_index.values() if e.path == rel), None)
         if entry is not None:
             return entry.digest()
-        split, field = m.file_owner(rel)
-        if split is None or field is None or field not in m.dense_fields:
+        split, part, field = m.locate(rel)
+        if field not in m.dense_fields:
             return None
-        part = max((p.path for p in m.parts(split) if rel.startswith(p.path + "/")), key=len)
-        return self.index(split, part).lookup(rel)
+        return self.index(split, part.path).lookup(rel)
 
     def iter_files(self, fields: list[str] | None = None, splits: list[str] | None = None,
                    shards: list[int] | None = None, metadata: bool = True) -> Iterator[tuple[str, FileDigest, str]]:

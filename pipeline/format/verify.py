@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from ..errors import CacheError
-from .index import shard_of
+from .index import shard_of, with_shard
 from .layout import GROW_DIR, MANIFEST, PLAN_FILE, WORK_DIR
 from .manifest import Manifest, manifest_digest
 from .reader import Cache, read_document
@@ -83,40 +83,29 @@ def _indexes_intact(st: Storage, manifest: Manifest, splits, bad: dict) -> bool:
 
 
 def _unlisted(st: Storage, manifest: Manifest, cache: Cache) -> list[str]:
-    """Files the cache does not list, found in one walk. A shard file is known by its name: the chunk key of a
-    shard the part has, in the form the part's index gives that field's files (whether it is there with the
-    right bytes is the index pass's question); every other file by the manifest."""
+    """Files the cache does not list, found in one walk. A shard file is known by its name: the path the part's
+    index gives that field's files, renumbered for a shard the part has (whether it is there with the right
+    bytes is the index pass's question); every other file by the manifest."""
     appending = st.exists(PLAN_FILE)
     indexes = {e.path for e in manifest.shard_index.values()}
-    templates: dict[tuple[str, str], str | None] = {}
+    examples: dict[tuple[str, str], str | None] = {}  # (part, field) -> a path of one of its shard files
     problems = []
     for rel in _walk(st):
         if rel == MANIFEST or (appending and (rel.startswith(WORK_DIR + "/") or f"/{GROW_DIR}" in rel)):
             continue  # an append under way: its files join the manifest when it finishes
         if rel in manifest.metadata_files or rel in indexes:
             continue
-        split, field = manifest.file_owner(rel)
-        if split is not None and field in manifest.dense_fields:
-            part = max((p for p in manifest.parts(split) if rel.startswith(p.path + "/")), key=lambda p: len(p.path))
+        split, part, field = manifest.locate(rel)
+        if field in manifest.dense_fields:
             n = shard_of(rel, part.path)
-            if (part.path, field) not in templates:
-                templates[(part.path, field)] = _template(cache, split, part.path, field)
-            template = templates[(part.path, field)]
-            if n is not None and n < part.shards and template is not None and rel == template.format(n):
+            if (part.path, field) not in examples:
+                examples[(part.path, field)] = next(
+                    (b.column("path")[0].as_py() for b in cache.index(split, part.path).batches([field])), None)
+            example = examples[(part.path, field)]
+            if n is not None and n < part.shards and example is not None and rel == with_shard(example, part.path, n):
                 continue
         problems.append(f"{rel}: a file the manifest does not list")
     return problems
-
-
-def _template(cache: Cache, split: str, part: str, field: str) -> str | None:
-    """How the index names a field's shard files in a part, with `{}` for the shard number (None: no file)."""
-    for batch in cache.index(split, part).batches([field]):
-        rel = batch.column("path")[0].as_py()
-        n = shard_of(rel, part)
-        head = f"{part}/{field}/"
-        key = rel[len(head):]
-        return head + key[:2] + "{}" + key[2 + len(str(n)):]
-    return None
 
 
 def _walk(st: Storage):

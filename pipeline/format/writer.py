@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import CacheError
-from .index import INDEX_FILE, IndexWriter, field_of, index_path
+from .index import INDEX_FILE, IndexWriter, field_of, index_path, legacy_part
 from .layout import HEAD_FILE, MANIFEST, ROWS_FILE, TOKENIZER_DIR, WORK_DIR, shard_ranges, sync_file, write_json
 from .manifest import FORMAT_NAME, Manifest, manifest_digest
 from .specs import FieldSpec, numcodecs_quiet
@@ -189,9 +189,11 @@ class CacheWriter:
         return data.astype(spec.dtype)
 
     # -- the end ----------------------------------------------------------------------------
-    def finalize(self, stats: dict) -> Manifest:
+    def finalize(self, tally) -> Manifest:
         """Check every shard is committed, write each written part's shard index (and, for a base written before
-        3.0, its parts' indexes), then manifest.json (replacing `base`'s), and drop the work folder."""
+        3.0, its parts' indexes), then manifest.json (replacing `base`'s), and drop the work folder. `tally` is
+        given each commit record as it is read for the index (`tally.add(record)`), then asked for the
+        manifest's statistics (`tally.result(writer)`): the records are read once."""
         commits = self.committed()
         missing = [(s, i) for s, n in self.split_rows.items()
                    for i in range(len(shard_ranges(n, self.shard_rows))) if (s, i) not in commits]
@@ -201,31 +203,29 @@ class CacheWriter:
         if self.base is not None and self.base.legacy_shards is not None:
             for split, parts in ((s, self.base.parts(s)) for s in self.base.splits):
                 for p in parts:
-                    index[p.path] = self._write_index(split, p.path, self._legacy_records(split, p.path))
+                    index[p.path] = self._write_index(split, p.path, legacy_part(self.base.legacy_shards, p.path))
         for split, part in self.parts.items():
-            index[part["path"]] = self._write_index(split, part["path"], self.commit_records(split))
+            index[part["path"]] = self._write_index(split, part["path"], self.commit_records(split), tally.add)
         meta = {rel: d.to_dict() for rel, d in self.base.metadata_files.items()} if self.base else {}
         for rel in self._metadata_written():
             meta[rel] = self.st.digest(rel)
         document = {**self.plan.to_dict(), "shard_index": dict(sorted(index.items())), "metadata_files": meta,
-                    "stats": stats}
+                    "stats": tally.result(self)}
         document["digest"] = manifest_digest(document)
         write_json(self.st, MANIFEST, document)
         self.st.remove_tree(WORK_DIR)
         return Manifest.from_dict(document)
 
-    def _legacy_records(self, split: str, part: str):
-        for sh in self.base.legacy_shards:
-            if sh["split"] == split and sh.get("part", split) == part:
-                yield sh
-
-    def _write_index(self, split: str, part: str, records) -> dict:
-        """A part's shard index from its shards' commit records (in shard order), put in place; its manifest entry."""
+    def _write_index(self, split: str, part: str, records, seen=None) -> dict:
+        """A part's shard index from its shards' commit records (in shard order, each also handed to `seen`),
+        put in place; its manifest entry."""
         rel = index_path(part)
         with tempfile.TemporaryDirectory() as tmp:
             w = IndexWriter(Path(tmp) / INDEX_FILE)
             try:
                 for rec in records:
+                    if seen is not None:
+                        seen(rec)
                     files = {}
                     for path, d in rec["files"].items():
                         field = field_of(path, part)
