@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from pipeline import models  # noqa: E402
 from pipeline.capture.rows import prepare  # noqa: E402
-from pipeline.capture.run import overlap_writes, run_capture, teacher_device  # noqa: E402
+from pipeline.capture.run import run_capture, teacher_device, writer_threads  # noqa: E402
 from pipeline.config import TeacherCacheConfig, load_config  # noqa: E402
 
 
@@ -54,8 +54,8 @@ def main() -> None:
     device = teacher_device(cfg0)
     model = models.load_model(cfg0.teacher, device)  # loaded once, handed to every capture
     bs = cfg0.capture.batch_size
-    print(f"device {device}, torch threads {torch.get_num_threads()}, writes overlapped: "
-          f"{overlap_writes(device)}, {len(rows)} rows x {rows.input_ids.shape[1]} "
+    print(f"device {device}, torch threads {torch.get_num_threads()}, writer threads: "
+          f"{writer_threads(device)}, {len(rows)} rows x {rows.input_ids.shape[1]} "
           f"tokens = {rows.n_tokens} tokens per run, batch {bs}, {args.repeats} repeats", flush=True)
 
     def bare() -> float:

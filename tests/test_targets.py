@@ -197,13 +197,18 @@ def test_chunked_head_matches_full_logits_and_bounds_blocks(llama_dir):
 
 
 def test_fp16_overflow_is_an_error_not_inf():
-    from pipeline.capture.targets import CaptureOverflowError, _to_storage
+    from pipeline.capture.targets import CaptureOverflowError, HostBatch, _to_storage
+
+    def stored(x, dtype):  # through the host pipeline: the check is raised when the batch is handed over
+        host = HostBatch(torch.device("cpu"))
+        _to_storage(host, "hidden_states", x, dtype, "hidden state")
+        return host.close().result().hidden_states
 
     x = torch.tensor([1.0, 7.0e4])
-    with pytest.raises(CaptureOverflowError, match="overflows float16.*bfloat16"):
-        _to_storage(x, "float16", "hidden state")
-    assert np.isfinite(_to_storage(torch.tensor([1.0, 6.0e4]), "float16", "h")).all()
-    bits = _to_storage(x, "bfloat16", "hidden state")
+    with pytest.raises(CaptureOverflowError, match="magnitude 7e\\+04 overflows float16.*bfloat16"):
+        stored(x, "float16")
+    assert np.isfinite(stored(torch.tensor([1.0, 6.0e4]), "float16")).all()
+    bits = stored(x, "bfloat16")
     back = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float()
     torch.testing.assert_close(back, x, rtol=1e-2, atol=0)
 

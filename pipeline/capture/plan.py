@@ -79,7 +79,8 @@ def build_plan(cfg: TeacherCacheConfig, spec: models.TeacherSpec, tokenizer, pre
         "dataset": prepared.info,
         "preparation": {**_preparation(cfg, task), **prepared.convention},
         "capture": {
-            **cfg.capture.model_dump(exclude={"batch_size", "position_chunk", "hidden_layers", "attention_layers"}),
+            **cfg.capture.model_dump(exclude={"batch_size", "position_chunk", "hidden_layers", "attention_layers",
+                                               "writers", "attention_budget_gib"}),
             "hidden_layers": hidden, "attention_layers": attn, "attention_heads_stored": stored_heads(cfg.capture, spec),
             "temperatures_all": [1.0, *cfg.capture.temperatures],
             "batch_size": cfg.capture.batch_size, "position_chunk": cfg.capture.position_chunk,
@@ -179,7 +180,8 @@ def finished_changes(old: Manifest, plan: dict) -> list[str]:
     return [c for c in changes_from(old, plan) if not c.startswith(ENCODINGS)]
 
 
-ENCODINGS = ("capture.topk_codec:", "fields.topk_ids.dtype:", "fields.topk_ids.codec:", "fields.topk_logprobs.codec:")
+ENCODINGS = ("capture.topk_codec:", "fields.topk_ids.dtype:", "fields.topk_ids.codec:", "fields.topk_logprobs.codec:",
+             "capture.hidden_codec:", "fields.hidden_states.codec:", "fields.final_hidden.codec:")
 
 # What an append may change: which documents, and where and with what software it ran. Everything
 # else that determines the cache's bytes must be what the cache was made with.

@@ -3,7 +3,7 @@
 Everything that can be checked without the teacher's weights is checked first (settings
 against the model config, the dataset, the output directory, the disk), so bad input fails
 in seconds. Shards are computed in order; each is handed to a writer thread while the next
-one is computed, and committed when its files are on disk. A rerun of the same command
+one is computed (several shards in flight with several writers), and committed when its files are on disk. A rerun of the same command
 resumes at the first uncommitted shard; batches never cross shards, so the bytes are the
 same as an uninterrupted run's.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import time
 import zlib
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -159,15 +160,17 @@ def _capture_prepared(cfg: TeacherCacheConfig, st: Storage, teacher: TeacherFact
 
 
 def _append_codec(cfg: TeacherCacheConfig, st: Storage, log) -> TeacherCacheConfig:
-    """An append stores the top-K values with the codec of the cache it grows."""
+    """An append stores the top-K values and the hidden states with the codecs of the cache it grows (the
+    manifest records one codec per field)."""
     if cfg.output.mode != "append" or not st.exists(MANIFEST):
         return cfg
-    codec = read_manifest(st).capture.topk_codec
-    if codec == cfg.capture.topk_codec:
+    base = read_manifest(st).capture
+    update = {k: getattr(base, k) for k in ("topk_codec", "hidden_codec") if getattr(base, k) != getattr(cfg.capture, k)}
+    if not update:
         return cfg
-    log(f"appending with capture.topk_codec={codec!r}, the codec of the cache at "
-        f"{st.where}")
-    return cfg.model_copy(update={"capture": cfg.capture.model_copy(update={"topk_codec": codec})})
+    log("appending with " + ", ".join(f"capture.{k}={v!r}" for k, v in update.items())
+        + f", the codec{'s' if len(update) > 1 else ''} of the cache at {st.where}")
+    return cfg.model_copy(update={"capture": cfg.capture.model_copy(update=update)})
 
 
 def capture_specs(cfg: TeacherCacheConfig, teacher: TeacherFacts) -> list[FieldSpec]:
@@ -177,7 +180,7 @@ def capture_specs(cfg: TeacherCacheConfig, teacher: TeacherFacts) -> list[FieldS
         seq_len=cfg.data.seq_len, top_k=c.top_k, n_temperatures=len(c.temperatures),
         hidden=(len(hidden), spec.hidden_size) if hidden else None, hidden_dtype=c.hidden_dtype,
         attention=(len(attn), stored_heads(c, spec)) if attn else None, vocab_size=spec.vocab_size,
-        topk_codec=c.topk_codec, samples=c.samples,
+        topk_codec=c.topk_codec, hidden_codec=c.hidden_codec, samples=c.samples,
         final_hidden=(spec.hidden_size, c.final_hidden_dtype) if c.final_hidden else None,
         classes=len(task.labels.names) if task else None, per_token=bool(task and task.per_token))
 
@@ -214,7 +217,9 @@ def _compute(cfg: TeacherCacheConfig, st: Storage, teacher: TeacherFacts, prepar
     with Progress(total, progress) as bar:
         if mine:
             t0 = time.perf_counter()
-            run_shards(computer, prepared, mine, writer, cfg.capture.batch_size, bar, overlap_writes(teacher.device))
+            writers = writer_threads(teacher.device, cfg.capture.writers)
+            log(f"{writers} writer thread{'s' if writers != 1 else ''}" if writers else "shards written in line")
+            run_shards(computer, prepared, mine, writer, cfg.capture.batch_size, bar, writers)
             seconds = time.perf_counter() - t0
         bar.wait_for_ranks()
     return computer, seconds
@@ -235,14 +240,21 @@ def _finish(cfg: TeacherCacheConfig, st: Storage, writer: CacheWriter, base: Man
     return manifest
 
 
-def overlap_writes(device) -> bool:
-    """Write shards in a background thread only when that thread does not take a core from the
-    teacher: on a GPU, or when torch leaves CPU cores idle. On a CPU whose cores all run torch's
-    OpenMP threads, a competing writer stalls every parallel region, which costs far more than
-    writing in line (measured: see the capture figures in the docs)."""
+def writer_threads(device, setting: int | None = None) -> int:
+    """How many threads write shards beside the teacher's loop (0: each shard is written in line). `setting`
+    (capture.writers) when set; else, with a GPU, up to 4, leaving a core per rank to the loop that feeds it;
+    on a CPU, one when torch leaves a core idle, else none: a writer competing with torch's OpenMP threads
+    stalls every parallel region, which costs far more than writing in line (measured: see the capture
+    figures in the docs)."""
     import torch
 
-    return device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads()
+    if setting is not None:
+        return setting
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if device.type == "cuda":
+        return max(1, min(4, per_rank - 1))
+    return 1 if per_rank > torch.get_num_threads() else 0
 
 
 class Progress:
@@ -287,44 +299,60 @@ class Progress:
 
 
 def run_shards(computer, prepared: Prepared, todo, writer: CacheWriter, batch_size: int, bar: Progress,
-               overlap: bool) -> None:
-    """Compute and commit the shards `todo`, one shard written (in a thread when `overlap`) while the next is
-    computed."""
-    pending: Future | None = None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer") as pool:
+               writers: int) -> None:
+    """Compute and commit the shards `todo`. With `writers` threads, each computed shard is handed to the pool
+    (its device-to-host copies still under way) and the loop goes on with the next; at most `writers` shards are
+    in flight, so host memory holds at most writers + 1 shards. The seconds the loop waits for a free writer are
+    recorded with the next shard it hands over (the manifest's timing.writer_wait_seconds). With 0, each shard is
+    written in line."""
+    in_flight: deque[Future] = deque()
+    wait = 0.0
+    with ThreadPoolExecutor(max_workers=max(1, writers), thread_name_prefix="cache-writer") as pool:
         try:
             for split, index, a, b in todo:
                 t0 = time.perf_counter()
-                targets = shard_targets(computer, prepared, split, a, b, writer.parts[split]["row_start"], batch_size,
-                                        bar)
-                rows = prepared.splits[split].read(a, b)
-                stats = shard_stats(targets, rows.lengths, time.perf_counter() - t0, rows.labels)
-                if pending is not None:
-                    pending.result()  # at most one shard in flight; surfaces write errors
-                if overlap:
-                    pending = pool.submit(writer.write_shard, split, index, targets, stats)
-                else:
-                    pending = None
-                    writer.write_shard(split, index, targets, stats)
-            if pending is not None:
-                pending.result()
+                rows, batches = shard_batches(computer, prepared, split, a, b, writer.parts[split]["row_start"],
+                                              batch_size, bar)
+                seconds = time.perf_counter() - t0
+                if not writers:
+                    write_shard(writer, split, index, rows, batches, seconds, 0.0)
+                    continue
+                t1 = time.perf_counter()
+                while len(in_flight) >= writers or (in_flight and in_flight[0].done()):
+                    in_flight.popleft().result()  # surfaces write errors
+                wait += time.perf_counter() - t1
+                in_flight.append(pool.submit(write_shard, writer, split, index, rows, batches, seconds + wait, wait))
+                wait = 0.0
+            while in_flight:
+                in_flight.popleft().result()
         except OSError as e:
             raise CaptureError(f"writing the cache failed ({e.strerror or e}); committed shards are kept: fix the "
                                "cause and rerun the same command to resume") from e
+        finally:
+            for f in in_flight:
+                f.cancel()
 
 
-def shard_targets(computer, prepared: Prepared, split: str, a: int, b: int, row_start: int, batch_size: int,
-                  bar: Progress) -> TeacherTargets:
-    """The teacher's targets for rows a..b of a split, batch by batch (batches never cross shards)."""
+def shard_batches(computer, prepared: Prepared, split: str, a: int, b: int, row_start: int, batch_size: int,
+                  bar: Progress) -> tuple:
+    """The rows a..b of a split and the teacher's targets for them, batch by batch (batches never cross shards),
+    each on its way to the host (`HostBatch`)."""
     rows = prepared.splits[split].read(a, b)
     parts = []
     for s in range(0, b - a, batch_size):
         e = min(s + batch_size, b - a)
         pos = None if rows.position_ids is None else rows.position_ids[s:e]
         seed = [zlib.crc32(split.encode()), row_start + a + s]  # the draws' seed
-        parts.append(computer(rows.input_ids[s:e], rows.lengths[s:e], pos, seed))
+        parts.append(computer.submit(rows.input_ids[s:e], rows.lengths[s:e], pos, seed))
         bar.update(int(rows.lengths[s:e].sum()))
-    return TeacherTargets.concat(parts)
+    return rows, parts
+
+
+def write_shard(writer: CacheWriter, split: str, index: int, rows, batches: list, seconds: float, wait: float) -> dict:
+    """A computed shard on the host (waiting for its copies), its statistics, written and committed."""
+    targets = TeacherTargets.concat([p.result() for p in batches])
+    stats = shard_stats(targets, rows.lengths, seconds, rows.labels) | {"writer_wait_seconds": wait}
+    return writer.write_shard(split, index, targets, stats)
 
 
 def shard_stats(t: TeacherTargets, lengths: np.ndarray, seconds: float, labels: np.ndarray | None = None) -> dict:
@@ -348,12 +376,14 @@ class Tally:
         old = base.stats if base is not None else Stats(0, 0, 0, {}, 0.0, 0.0, None)
         self.plan, self.base = plan, base
         self.tokens, self.seconds, self.mass = old.tokens, old.seconds, (old.mean_topk_mass or 0.0) * old.tokens
+        self.wait = old.writer_wait_seconds
         self.per_field = {k: v * old.tokens for k, v in old.bytes_per_token.items()}
         self.right = {s: list(v) for s, v in (old.teacher_correct_labelled or {}).items()}
 
     def add(self, c: dict) -> None:
         self.tokens += c["tokens"]
         self.seconds += c["seconds"]
+        self.wait += c.get("writer_wait_seconds", 0.0)
         for rel, d in c["files"].items():
             name = field_of(rel, c.get("part", c["split"]))
             self.per_field[name] = self.per_field.get(name, 0) + d["bytes"]
@@ -379,5 +409,6 @@ class Tally:
             "bytes_on_disk": round(sum(per_field.values())),
             "bytes_per_token": {k: v / max(tokens, 1) for k, v in per_field.items()},
             "timing": {"seconds": self.seconds, "tokens_per_second": tokens / self.seconds if self.seconds else 0.0,
+                       "writer_wait_seconds": self.wait,
                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         }

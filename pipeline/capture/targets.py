@@ -130,6 +130,66 @@ def draw_samples(z: torch.Tensor, n: int, temperature: float, generator: torch.G
     return ids, counts, zs
 
 
+class HostBatch:
+    """One batch's targets on their way to host memory. On a GPU each tensor is copied into a pinned buffer without
+    blocking and one event is recorded after the copies, so the teacher's next forward is queued at once;
+    `result()` waits for that event (the batch's one sync point, taken by whoever writes the batch, never by the
+    loop that runs the teacher) and returns the `TeacherTargets`. On a CPU the tensors are the results.
+
+    Checks that need values (a hidden state overflowing float16) are queued with the copies (`check`) and raised
+    by `result()`.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.checks: list[tuple[torch.Tensor, torch.Tensor, str]] = []  # (failed?, magnitude, message with {})
+        self.event = None
+
+    def _host(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.cuda:
+            return x.cpu()
+        buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        buf.copy_(x, non_blocking=True)
+        return buf
+
+    def put(self, name: str, x: torch.Tensor) -> None:
+        self.tensors[name] = self._host(x)
+
+    def check(self, failed: torch.Tensor, magnitude: torch.Tensor, message: str) -> None:
+        """Raise CaptureOverflowError(message.format(magnitude)) at `result()` when `failed` (0-d bools) holds."""
+        self.checks.append((self._host(failed), self._host(magnitude), message))
+
+    def close(self) -> "HostBatch":
+        if self.cuda:
+            self.event = torch.cuda.Event()
+            self.event.record()
+        return self
+
+    def result(self) -> TeacherTargets:
+        if self.event is not None:
+            self.event.synchronize()
+        for failed, magnitude, message in self.checks:
+            if bool(failed):
+                raise CaptureOverflowError(message.format(float(magnitude)))
+        return TeacherTargets(**{k: _numpy(v) for k, v in self.tensors.items()})
+
+
+@dataclass
+class Done:
+    """Targets already on the host, as a `HostBatch` hands them over."""
+
+    targets: TeacherTargets
+
+    def result(self) -> TeacherTargets:
+        return self.targets
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    """A host tensor as numpy (bfloat16 as its uint16 bits)."""
+    return x.view(torch.int16).numpy().view(np.uint16) if x.dtype == torch.bfloat16 else x.numpy()
+
+
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per vector of the last axis: (q int8, scale float32) with x ~ q * scale, scale =
     max |x| / 127 (0 for an all-zero vector); the error of an element is at most scale / 2."""
@@ -139,39 +199,40 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.round_().clamp_(-127, 127).to(torch.int8), scale
 
 
-def _to_storage(x: torch.Tensor, dtype_name: str, what: str, setting: str = "hidden_dtype") -> np.ndarray:
+def _to_storage(host: HostBatch, name: str, x: torch.Tensor, dtype_name: str, what: str,
+                setting: str = "hidden_dtype") -> None:
+    """`x` in a storage dtype onto `host`, with the check that it did not overflow that dtype."""
     tdt, _ = HIDDEN_DTYPES[dtype_name]
     y = x.to(tdt)
-    if torch.isinf(y).any() and not torch.isinf(x).any():
-        big = x.abs().max().item()
-        raise CaptureOverflowError(
-            f"{what}: a value of magnitude {big:.4g} overflows {dtype_name}; capture with {setting}='bfloat16'"
-        )
-    y = y.cpu()
-    return y.view(torch.int16).numpy().view(np.uint16) if tdt == torch.bfloat16 else y.numpy()
+    if tdt != torch.float32:
+        host.check(torch.isinf(y).any() & ~torch.isinf(x).any(), x.abs().amax(),
+                   f"{what}: a value of magnitude {{:.4g}} overflows {dtype_name}; capture with {setting}='bfloat16'")
+    host.put(name, y)
 
 
-def add_representations(res: TeacherTargets, out, valid: torch.Tensor, recorder, cfg, hidden_layers: list[int],
-                        attention_layers: list[int]) -> TeacherTargets:
-    """`res` with the selected hidden states (B, n, L, d) and attention maps (B, n, H, L, L) of a forward pass
-    `out`, zero at padding, in their storage dtypes."""
+def add_representations(host: HostBatch, out, valid: torch.Tensor, recorder, cfg, hidden_layers: list[int],
+                        attention_layers: list[int]) -> HostBatch:
+    """The selected hidden states (B, n, L, d) and attention maps (B, n, H, L, L) of a forward pass `out` onto
+    `host`, zero at padding, in their storage dtypes."""
     if hidden_layers:
         hs = torch.stack([out.hidden_states[i] for i in hidden_layers], dim=1)  # (B, n, L, d)
         hs = torch.where(valid[:, None, :, None], hs, 0)
         if cfg.hidden_dtype == "int8":
             q, scale = quantize_int8(hs)
-            res.hidden_states, res.hidden_scale = q.cpu().numpy(), scale.cpu().numpy()
+            host.put("hidden_states", q)
+            host.put("hidden_scale", scale)
         else:
-            res.hidden_states = _to_storage(hs, cfg.hidden_dtype, "hidden state")
+            _to_storage(host, "hidden_states", hs, cfg.hidden_dtype, "hidden state")
     if recorder is not None:
         att = recorder.stacked(attention_layers)  # (B, n, H, L, L)
         vv = valid[:, None, None, :, None] & valid[:, None, None, None, :]
-        res.attentions = torch.where(vv, att, 0).to(torch.float16).cpu().numpy()
-    return res
+        host.put("attentions", torch.where(vv, att, 0).to(torch.float16))
+    return host
 
 
 class TargetComputer:
-    """Runs the teacher on a batch of rows and returns `TeacherTargets` (numpy, on the CPU)."""
+    """Runs the teacher on a batch of rows: `submit` returns its `HostBatch` (the copies to the host under way),
+    calling it returns the `TeacherTargets` (numpy, on the CPU)."""
 
     def __init__(self, model, spec: TeacherSpec, capture, hidden_layers: list[int], attention_layers: list[int]):
         self.model = model
@@ -185,18 +246,22 @@ class TargetComputer:
         if attention_layers:
             attention.enable(model)
 
-    @torch.inference_mode()
     def __call__(self, input_ids: np.ndarray, lengths: np.ndarray,
                  position_ids: np.ndarray | None = None, seed: list[int] | None = None) -> TeacherTargets:
+        return self.submit(input_ids, lengths, position_ids, seed).result()
+
+    @torch.inference_mode()
+    def submit(self, input_ids: np.ndarray, lengths: np.ndarray,
+               position_ids: np.ndarray | None = None, seed: list[int] | None = None) -> HostBatch:
         """`position_ids` (B, L): documents kept apart (restarting positions, padding a segment of its own).
         `seed` seeds the sampled targets' draws (with capture.samples): the same seed, rows and settings give
-        the same draws on the same device type."""
+        the same draws on the same device type. Nothing here waits for the device."""
         B, L = input_ids.shape
         ids = torch.from_numpy(input_ids).to(self.device, torch.long)  # (B, L)
         lens = torch.from_numpy(lengths).to(self.device, torch.long)
         pos = torch.arange(L, device=self.device)
         valid = pos[None, :] < lens[:, None]  # (B, L)
-        mask = None if bool(valid.all()) else valid.long()
+        mask = None if bool((lengths == L).all()) else valid.long()  # from the host's lengths: no device sync
         extra = {}
         if position_ids is not None:  # transformers reads packed documents from the restarts when mask is None
             mask = None
@@ -224,22 +289,22 @@ class TargetComputer:
         t = logit_targets(out.last_hidden_state, self.head, nxt, self.cfg.top_k, self.cfg.temperatures,
                           self.cfg.position_chunk, self.cfg.samples, self.cfg.sample_temperature, gen)
         v3 = valid[:, :, None]
-        res = TeacherTargets(
-            topk_ids=torch.where(v3, t["topk_ids"], 0).cpu().numpy(),
-            topk_logprobs=torch.where(v3, t["topk_logprobs"], 0).to(torch.float16).cpu().numpy(),
-            logsumexp=torch.where(valid, t["logsumexp"], 0).cpu().numpy(),
-            target_logprob=t["target_logprob"].cpu().numpy(),
-        )
+        host = HostBatch(self.device)
+        host.put("topk_ids", torch.where(v3, t["topk_ids"], 0))
+        host.put("topk_logprobs", torch.where(v3, t["topk_logprobs"], 0).to(torch.float16))
+        host.put("logsumexp", torch.where(valid, t["logsumexp"], 0))
+        host.put("target_logprob", t["target_logprob"])
         if "logsumexp_tempered" in t:
-            res.logsumexp_tempered = torch.where(valid[:, None], t["logsumexp_tempered"], 0).cpu().numpy()
+            host.put("logsumexp_tempered", torch.where(valid[:, None], t["logsumexp_tempered"], 0))
         if self.cfg.samples:
-            res.sample_ids = torch.where(v3, t["sample_ids"], 0).cpu().numpy()
-            res.sample_counts = torch.where(v3, t["sample_counts"], 0).cpu().numpy()
-            res.sample_logprobs = torch.where(v3, t["sample_logprobs"], 0).to(torch.float16).cpu().numpy()
+            host.put("sample_ids", torch.where(v3, t["sample_ids"], 0))
+            host.put("sample_counts", torch.where(v3, t["sample_counts"], 0))
+            host.put("sample_logprobs", torch.where(v3, t["sample_logprobs"], 0).to(torch.float16))
         if self.cfg.final_hidden:
-            res.final_hidden = _to_storage(torch.where(v3, out.last_hidden_state, 0), self.cfg.final_hidden_dtype,
-                                           "final hidden state", "final_hidden_dtype")
-        return add_representations(res, out, valid, recorder, self.cfg, self.hidden_layers, self.attention_layers)
+            _to_storage(host, "final_hidden", torch.where(v3, out.last_hidden_state, 0), self.cfg.final_hidden_dtype,
+                        "final hidden state", "final_hidden_dtype")
+        add_representations(host, out, valid, recorder, self.cfg, self.hidden_layers, self.attention_layers)
+        return host.close()
 
 
 def class_targets(logits: torch.Tensor, temperatures: list[float]) -> dict[str, torch.Tensor]:
@@ -268,6 +333,10 @@ class ClassTargetComputer:
     POSITION_AXES = {"class_logprobs": (1,), "class_logsumexp": (1,), "class_logsumexp_tempered": (2,),
                      "hidden_states": (2,), "hidden_scale": (2,), "attentions": (3, 4)}
 
+    def submit(self, input_ids: np.ndarray, lengths: np.ndarray, position_ids=None, seed=None) -> "Done":
+        """As `TargetComputer.submit`, computed at once (a classifier's outputs are small)."""
+        return Done(self(input_ids, lengths, position_ids, seed))
+
     def __call__(self, input_ids: np.ndarray, lengths: np.ndarray, position_ids=None, seed=None) -> TeacherTargets:
         """One example per row: the batch runs cut to its longest row (padding is masked, so the real positions
         get the same values), and the per-position fields are padded back with zeros."""
@@ -295,16 +364,18 @@ class ClassTargetComputer:
         with attention.recording(recorder):
             out = self.model(input_ids=ids, attention_mask=valid.long(), output_hidden_states=bool(self.hidden_layers))
         t = class_targets(out.logits, self.cfg.temperatures)
+        host = HostBatch(self.device)
         if self.per_token:
             v3 = valid[:, :, None]
-            res = TeacherTargets(class_logprobs=torch.where(v3, t["class_logprobs"], 0).cpu().numpy(),
-                                 class_logsumexp=torch.where(valid, t["class_logsumexp"], 0).cpu().numpy())
+            host.put("class_logprobs", torch.where(v3, t["class_logprobs"], 0))
+            host.put("class_logsumexp", torch.where(valid, t["class_logsumexp"], 0))
             if "class_logsumexp_tempered" in t:
-                res.class_logsumexp_tempered = torch.where(valid[:, None], t["class_logsumexp_tempered"].transpose(0, 1),
-                                                           0).cpu().numpy()
+                host.put("class_logsumexp_tempered",
+                         torch.where(valid[:, None], t["class_logsumexp_tempered"].transpose(0, 1), 0))
         else:
-            res = TeacherTargets(class_logprobs=t["class_logprobs"].cpu().numpy(),
-                                 class_logsumexp=t["class_logsumexp"].cpu().numpy())
+            host.put("class_logprobs", t["class_logprobs"])
+            host.put("class_logsumexp", t["class_logsumexp"])
             if "class_logsumexp_tempered" in t:
-                res.class_logsumexp_tempered = t["class_logsumexp_tempered"].transpose(0, 1).cpu().numpy()
-        return add_representations(res, out, valid, recorder, self.cfg, self.hidden_layers, self.attention_layers)
+                host.put("class_logsumexp_tempered", t["class_logsumexp_tempered"].transpose(0, 1))
+        return add_representations(host, out, valid, recorder, self.cfg, self.hidden_layers,
+                                   self.attention_layers).close().result()

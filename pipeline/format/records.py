@@ -96,6 +96,7 @@ class Capture:
     sample_temperature: float = 1.0
     final_hidden: bool = False
     topk_codec: str = "zstd"
+    hidden_codec: str = "zstd"
     attention_heads_stored: int | None = None
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # every recorded capture setting
 
@@ -232,3 +233,4 @@ class Stats:
     mean_topk_mass: float | None = None  # a causal LM's
     teacher_accuracy: Mapping[str, float] | None = None  # a classifier's, per split
     teacher_correct_labelled: Mapping[str, list[int]] | None = None  # its counts behind teacher_accuracy
+    writer_wait_seconds: float = 0.0  # of `seconds`, how long the teacher's loop waited for a free writer

@@ -32,7 +32,8 @@ class FieldSpec:
     dtype: str  # numpy dtype as stored
     description: str
     encoding: str | None = None  # "bfloat16-bits": uint16 holding bfloat16 bit patterns; "int8-scaled"
-    codec: str = "zstd"  # "zstd", or "pcodec" (numcodecs' PCodec at `level`: lossless, numeric)
+    codec: str = "zstd"  # "zstd"; "shuffle-zstd" (byte shuffle, then zstd); "none"; or "pcodec" (numcodecs'
+    # PCodec at `level`: lossless, numeric)
     level: int | None = None  # the codec's level; None: the capture's compression_level
 
     @property
@@ -67,14 +68,27 @@ class FieldSpec:
                 from numcodecs.zarr3 import PCodec
 
             return {"serializer": PCodec(level=self.level if self.level is not None else 8), "compressors": None}
+        if self.codec == "none":
+            return {"compressors": None}
         level = self.level if self.level is not None else zstd_level
+        if self.codec == "shuffle-zstd":
+            try:
+                from zarr.codecs.numcodecs import Shuffle  # zarr >= 3.1.3
+            except ImportError:
+                from numcodecs.zarr3 import Shuffle
+
+            return {"compressors": [Shuffle(elementsize=np.dtype(self.dtype).itemsize), ZstdCodec(level=level)]}
         return {"compressors": [ZstdCodec(level=level)] if level else None}
 
 
-# pcodec levels of the top-K fields, measured on the default cache (docs/figures.md): the ids at 12
-# (entropy coding of 16/32-bit symbols; 8 gives 108 B/token, 12 gives 98-101), the sorted log-probs at 8
+# pcodec levels of the top-K fields, measured per core on the default cache's own arrays (docs/format.md,
+# "Codecs"): the ids at 8 (~90 MB/s, 1.17x; level 12 is 12% smaller but ten times slower, ~9 MB/s, which caps a
+# writer core at ~70k tokens/s at K = 64: a quarter of one GPU's output for a 1B teacher), the sorted log-probs at 8
 # (pcodec's delta modes; 12 gains nothing)
-TOPK_LEVELS = {"topk_ids": 12, "topk_logprobs": 8, "sample_ids": 12, "sample_counts": 8, "sample_logprobs": 8}
+TOPK_LEVELS = {"topk_ids": 8, "topk_logprobs": 8, "sample_ids": 8, "sample_counts": 8, "sample_logprobs": 8}
+# hidden states (float16, bfloat16 bits, int8) are nearly incompressible (zstd alone: 1.08x on SmolLM2's): a byte
+# shuffle groups their exponent bytes, which zstd at level 1 takes to 1.15x at ~650 MB/s per core
+HIDDEN_LEVEL = 1
 ID_DTYPE_LIMIT = 65536  # vocabularies up to this size store ids as uint16
 
 
@@ -86,12 +100,13 @@ def id_dtype(vocab_size: int) -> str:
 def field_specs(*, seq_len: int, top_k: int, n_temperatures: int, hidden: tuple[int, int] | None,
                 hidden_dtype: str, attention: tuple[int, int] | None, vocab_size: int | None = None,
                 topk_codec: str = "zstd", samples: int = 0, final_hidden: tuple[int, str] | None = None,
-                classes: int | None = None, per_token: bool = False) -> list[FieldSpec]:
+                classes: int | None = None, per_token: bool = False, hidden_codec: str = "zstd") -> list[FieldSpec]:
     """The dense fields a capture writes; `hidden` = (n_layers, width), `attention` = (n_layers, heads kept),
     `final_hidden` = (width, dtype). `topk_codec` "zstd" with `vocab_size` None writes the 1.2 layout
     (int32 ids, zstd); "pcodec" writes ids in the narrowest type and the K-wide fields with pcodec.
     `classes` C: a classification teacher's fields instead of the next-token ones, per row or (`per_token`)
-    per position."""
+    per position. `hidden_codec` is the codec of hidden_states and final_hidden ("zstd" at the capture's level:
+    the layout before 3.0's codec choice)."""
     L, K = seq_len, top_k
     pc = topk_codec == "pcodec"
     ids = id_dtype(vocab_size) if (pc and vocab_size) else "int32"
@@ -112,7 +127,7 @@ def field_specs(*, seq_len: int, top_k: int, n_temperatures: int, hidden: tuple[
             specs.append(FieldSpec("class_logsumexp_tempered", ("row", "temperature", *pos_dims),
                                    (n_temperatures, *pos_tail), "float32",
                                    "logsumexp(z / T) of the class logits per extra temperature"))
-        return specs + _representation_specs(L, hidden, hidden_dtype, attention)
+        return specs + _representation_specs(L, hidden, hidden_dtype, attention, hidden_codec)
 
     specs = [
         wide("topk_ids", ids, "ids of the K most likely next tokens, most likely first", K),
@@ -133,26 +148,30 @@ def field_specs(*, seq_len: int, top_k: int, n_temperatures: int, hidden: tuple[
                  "times each id was drawn (they sum to capture.samples); 0 marks an empty slot", samples),
             wide("sample_logprobs", "float16", "teacher log-probabilities of sample_ids at T=1", samples),
         ]
-    hidden_specs = _representation_specs(L, hidden, hidden_dtype, None)
-    specs += hidden_specs
+    specs += _representation_specs(L, hidden, hidden_dtype, None, hidden_codec)
     if final_hidden:
         d, dtype = final_hidden
         specs.append(FieldSpec("final_hidden", ("row", "position", "hidden"), (L, d),
                                "uint16" if dtype == "bfloat16" else dtype,
                                "the teacher's last hidden state (after the final norm): logits = lm_head(value)",
-                               "bfloat16-bits" if dtype == "bfloat16" else None))
+                               "bfloat16-bits" if dtype == "bfloat16" else None, **_hidden_codec(hidden_codec)))
     return specs + _representation_specs(L, None, hidden_dtype, attention)
 
 
+def _hidden_codec(codec: str) -> dict:
+    """FieldSpec keywords of a hidden-state field's codec."""
+    return {"codec": codec, "level": HIDDEN_LEVEL} if codec == "shuffle-zstd" else {"codec": codec}
+
+
 def _representation_specs(L: int, hidden: tuple[int, int] | None, hidden_dtype: str,
-                          attention: tuple[int, int] | None) -> list[FieldSpec]:
+                          attention: tuple[int, int] | None, hidden_codec: str = "zstd") -> list[FieldSpec]:
     specs = []
     if hidden:
         n, d = hidden
         bits, q8 = hidden_dtype == "bfloat16", hidden_dtype == "int8"
         specs.append(FieldSpec("hidden_states", ("row", "layer", "position", "hidden"), (n, L, d),
                                "uint16" if bits else "int8" if q8 else "float16", "hidden states of the selected layers",
-                               "bfloat16-bits" if bits else "int8-scaled" if q8 else None))
+                               "bfloat16-bits" if bits else "int8-scaled" if q8 else None, **_hidden_codec(hidden_codec)))
         if q8:
             specs.append(FieldSpec("hidden_scale", ("row", "layer", "position"), (n, L), "float32",
                                    "per-position scale of hidden_states: value = int8 * scale (max |h| / 127)"))

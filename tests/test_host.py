@@ -1,0 +1,170 @@
+"""The capture's host side: writer threads (several shards in flight, the same bytes, bounded memory, errors
+surfaced) and the hidden-state codecs (shuffle + zstd by default, the older zstd layout still finished and
+grown in its own codec)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import all_files, capture, settings
+from pipeline.errors import CaptureError
+from pipeline.format.reader import Cache
+from pipeline.format.verify import verify
+
+FULL = {"top_k": 8, "hidden_layers": [1, -1], "samples": 4, "final_hidden": True, "temperatures": [2.0],
+        "rows_per_shard": 4, "rows_per_chunk": 2, "batch_size": 3}
+
+
+def test_writer_threads_write_the_bytes_of_in_line_writes(llama_dir, corpus, tmp_path):
+    """Three writers, several shards in flight, give every file of in-line writing, byte for byte."""
+    capture(settings(llama_dir, corpus, tmp_path / "inline", capture={**FULL, "writers": 0}))
+    capture(settings(llama_dir, corpus, tmp_path / "pool", capture={**FULL, "writers": 3}))
+    a, b = Cache(tmp_path / "inline"), Cache(tmp_path / "pool")
+    assert a.manifest.splits["train"].shards >= 6  # enough shards for three in flight
+    assert all_files(a) == all_files(b)
+    assert verify(tmp_path / "pool") == []
+    timing = b.manifest.document["stats"]["timing"]
+    assert timing["writer_wait_seconds"] >= 0 and b.manifest.stats.writer_wait_seconds == timing["writer_wait_seconds"]
+    assert a.manifest.stats.writer_wait_seconds == 0.0  # in line: the loop never waits for a writer
+
+
+class _Rows:
+    def __init__(self, n, L=4):
+        self.input_ids = np.zeros((n, L), np.int32)
+        self.lengths = np.full(n, L, np.int32)
+        self.position_ids = self.labels = None
+
+    def __len__(self):
+        return len(self.lengths)
+
+
+class _Split:
+    def __init__(self, n):
+        self.rows = _Rows(n)
+
+    def read(self, a, b):
+        r = _Rows(b - a)
+        return r
+
+
+class _Prepared:
+    def __init__(self, n):
+        self.splits = {"train": _Split(n)}
+
+
+class _Computer:
+    def submit(self, ids, lengths, pos, seed):
+        from pipeline.capture.targets import Done, TeacherTargets
+
+        B, L = ids.shape
+        return Done(TeacherTargets(topk_ids=np.zeros((B, L, 2), np.int32), topk_logprobs=np.zeros((B, L, 2), np.float16),
+                                   logsumexp=np.zeros((B, L), np.float32), target_logprob=np.zeros((B, L), np.float32)))
+
+
+class _SlowWriter:
+    """Records how many shards are being written at once; fails on shard `fail`."""
+
+    def __init__(self, delay=0.05, fail=None):
+        self.parts = {"train": {"row_start": 0}}
+        self.delay, self.fail = delay, fail
+        self.now = self.most = 0
+        self.done, self.stats = [], []
+        self.lock = threading.Lock()
+
+    def write_shard(self, split, index, targets, stats):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(self.delay)
+        with self.lock:
+            self.now -= 1
+        if index == self.fail:
+            raise OSError(28, "No space left on device")
+        self.done.append(index)
+        self.stats.append(stats)
+        return {}
+
+
+class _Bar:
+    def update(self, n):
+        pass
+
+
+def _run(writer, writers, shards=8):
+    from pipeline.capture.run import run_shards
+
+    todo = [("train", i, 2 * i, 2 * i + 2) for i in range(shards)]
+    run_shards(_Computer(), _Prepared(2 * shards), todo, writer, 2, _Bar(), writers)
+
+
+@pytest.mark.parametrize("writers", [1, 2, 4])
+def test_shards_in_flight_are_bounded_by_the_writers(writers):
+    """A loop far faster than its writers keeps at most `writers` shards in flight (host memory is bounded) and
+    records the time it waited for them."""
+    w = _SlowWriter()
+    _run(w, writers)
+    assert sorted(w.done) == list(range(8))
+    assert w.most == writers  # as many in flight as writers, never more
+    assert sum(s["writer_wait_seconds"] for s in w.stats) > 0.02 * (8 - writers) / writers
+
+
+def test_a_failing_write_stops_the_capture_with_a_clear_error():
+    w = _SlowWriter(delay=0.01, fail=2)
+    with pytest.raises(CaptureError, match="No space left on device.*committed shards are kept"):
+        _run(w, 2, shards=12)
+    assert 2 not in w.done and len(w.done) < 11  # the loop stopped soon after the failure
+
+
+def test_host_batch_hands_over_pinned_copies_in_order():
+    """The CPU path of HostBatch: tensors, bfloat16 as bits, the queued checks raised at result()."""
+    from pipeline.capture.targets import HostBatch
+
+    h = HostBatch(torch.device("cpu"))
+    h.put("logsumexp", torch.arange(6, dtype=torch.float32).reshape(2, 3))
+    h.put("final_hidden", torch.tensor([[1.5, -2.0]], dtype=torch.bfloat16))
+    t = h.close().result()
+    assert t.logsumexp.tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert t.final_hidden.dtype == np.uint16
+    assert torch.from_numpy(t.final_hidden.view(np.int16)).view(torch.bfloat16).tolist() == [[1.5, -2.0]]
+
+
+@pytest.mark.parametrize("codec", ["zstd", "none"])
+def test_hidden_codecs_store_the_same_values(llama_dir, corpus, tmp_path, codec):
+    """shuffle-zstd (the default), zstd and none decode to the same hidden states; the zarr metadata names the
+    shuffle, and `none` stores the raw bytes."""
+    cap = {"top_k": 4, "hidden_layers": [1, -1], "final_hidden": True}
+    capture(settings(llama_dir, corpus, tmp_path / "default", capture=cap))
+    capture(settings(llama_dir, corpus, tmp_path / codec, capture={**cap, "hidden_codec": codec}))
+    a, b = Cache(tmp_path / "default"), Cache(tmp_path / codec)
+    assert a.manifest.capture.hidden_codec == "shuffle-zstd" and b.manifest.capture.hidden_codec == codec
+    assert a.manifest.fields["hidden_states"].codec == "shuffle-zstd"
+    for field in ("hidden_states", "final_hidden"):
+        np.testing.assert_array_equal(a.array("train", field)[:], b.array("train", field)[:])
+        names = [c.to_dict()["name"] for c in a.array("train", field).metadata.codecs[0].codecs]
+        assert "numcodecs.shuffle" in names and "zstd" in names
+    if codec == "none":
+        field = b.array("train", "hidden_states")
+        assert [c.to_dict()["name"] for c in field.metadata.codecs[0].codecs] == ["bytes"]
+    assert verify(tmp_path / codec) == []
+
+
+def test_a_cache_of_the_older_hidden_codec_is_done_and_grows_in_it(llama_dir, corpus, tmp_path):
+    """A cache written with zstd hidden states (every cache before this codec choice) is finished for a rerun
+    with today's default, and an append to it keeps zstd (one codec per field in the manifest)."""
+    out = tmp_path / "c"
+    cfg = settings(llama_dir, corpus, out, capture={"top_k": 4, "hidden_layers": [1], "hidden_codec": "zstd"},
+                   data={"max_tokens": 1500})
+    first = capture(cfg)
+    del cfg["capture"]["hidden_codec"]
+    again = capture(cfg)
+    assert again.computed_shards == 0 and again.manifest.digest == first.manifest.digest
+    cfg["data"]["max_tokens"] = 3000
+    cfg["output"]["mode"] = "append"
+    grown = capture(cfg)
+    assert grown.manifest.capture.hidden_codec == "zstd" and len(Cache(out).parts("train")) == 2
+    assert verify(out) == []
