@@ -133,6 +133,10 @@ class CaptureConfig(_Strict):
     rows_per_shard: int = Field(64, gt=0, description="rows written (and committed) together")
     rows_per_chunk: int = Field(8, gt=0, description="rows a reader decompresses together")
     position_chunk: int = Field(128, gt=0, description="positions per LM-head block (bounds peak memory)")
+    attention_budget_gib: float = Field(
+        8.0, gt=0, description="attention maps grow with seq_len^2: a capture whose maps (the mapped layers' eager "
+                               "scores and the recorded maps of a batch) exceed this is refused before the teacher "
+                               "loads; not part of the cache's settings")
     compression_level: int = Field(3, ge=0, le=22, description="zstd level for dense fields; 0 = uncompressed")
     hidden_codec: Literal["shuffle-zstd", "zstd", "none"] = Field(
         "shuffle-zstd", description="codec of hidden_states and final_hidden: shuffle-zstd (byte shuffle, then zstd "
@@ -328,6 +332,10 @@ class StudentRunConfig(_Strict):
     output_dir: str = Field(description="each student writes to output_dir/<name>/")
     batch_size: int = Field(8, gt=0, description="rows per micro-batch (per rank under torchrun)")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimiser step")
+    logit_block_mib: int = Field(
+        256, ge=0, description="a student's logits and every term that reads them are computed a block of positions "
+                               "at a time, each block's float32 logits at most this size (forward and backward: no "
+                               "(batch, seq_len, vocab) tensor); 0: materialised whole (mutual learning always is)")
     max_steps: int = Field(200, gt=0, description="optimiser steps")
     eval_every: int = Field(50, gt=0, description="optimiser steps between evaluations (and the best model's save)")
     eval_rows: int | None = Field(None, gt=0, description="validation rows per evaluation (None: all)")

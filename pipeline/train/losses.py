@@ -10,12 +10,17 @@ Conventions
   cached logsumexp makes exact at T=1 and at every captured temperature. The student's tail is
   1 - sum of its own probabilities at the same ids. `forward_kl_renormalized` drops the tail and
   renormalises both sides over the K ids: biased (over-confident students), an explicit option.
-- Memory: the only (B, L, V) tensors are the student's logits and their gradient. The student's
-  logsumexp is computed in blocks of positions, forward and backward (`logsumexp_t`).
+- Memory: a student's logits are computed block by block of positions (`terms.compute`, one checkpointed
+  block at a time): each loss here sees one block, and its masked mean's count is recorded
+  (`counting_means`) so that the blocks add up to the mean over the whole batch. Where a student's logits
+  are materialised (mutual learning), its logsumexp is still computed in blocks of positions, forward and
+  backward (`logsumexp_t`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import warnings
 
@@ -76,10 +81,12 @@ def student_topk_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: 
     return lp, log1mexp(torch.logsumexp(lp, dim=-1))
 
 
-def next_token_logprobs(logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+def next_token_logprobs(logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor,
+                        next_ids: torch.Tensor | None = None) -> torch.Tensor:
     """log p(ids[:, t + 1]) at each position t, (B, L); the last position's value wraps around and
-    must be masked by the caller (positions without a next token)."""
-    nxt = torch.roll(ids, -1, dims=1)[..., None]
+    must be masked by the caller (positions without a next token). `next_ids` (B, L): the next tokens
+    given (a block of positions, whose last next token lies beyond it)."""
+    nxt = (torch.roll(ids, -1, dims=1) if next_ids is None else next_ids)[..., None]
     return upcast(logits.gather(-1, nxt)[..., 0]) - lse
 
 
@@ -125,12 +132,31 @@ def teacher_topk_logprobs(topk_logprobs: torch.Tensor, logsumexp: torch.Tensor, 
 # the losses (each: per-token mean over mask)
 
 
+_COUNTS: contextvars.ContextVar[list | None] = contextvars.ContextVar("masked_mean_counts", default=None)
+
+
+@contextlib.contextmanager
+def counting_means():
+    """Within it, every `masked_mean` appends the number of positions it averaged over to the list yielded: a
+    loss computed on one block of positions is then sum / count for that block, and blocks combine exactly."""
+    counts: list[torch.Tensor] = []
+    token = _COUNTS.set(counts)
+    try:
+        yield counts
+    finally:
+        _COUNTS.reset(token)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `x` where `mask`; masked positions are selected out, not multiplied by 0, so a NaN or
     inf there (a padded position's garbage) reaches neither the value nor the gradient."""
     mask = mask.expand_as(x) if mask.shape != x.shape else mask
     kept = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    return kept.sum() / mask.sum().clamp(min=1).to(x.dtype)
+    n = mask.sum()
+    counts = _COUNTS.get()
+    if counts is not None:
+        counts.append(n)
+    return kept.sum() / n.clamp(min=1).to(x.dtype)
 
 
 def _with_tail(lp: torch.Tensor, log_tail: torch.Tensor) -> torch.Tensor:

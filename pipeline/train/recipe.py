@@ -196,7 +196,8 @@ class Recipe:
         active = [st for st in self.students if not st.stopped]
         mutual = cfg.mutual_weight > 0 and len(active) > 1
         task = task if task is not None else next(iter(self.tasks))
-        sig = TeacherSignal(batch, device, self.tasks[task][0].manifest.capture, self.heads.get(task), self.task)
+        sig = TeacherSignal(batch, device, self.tasks[task][0].manifest.capture, self.heads.get(task), self.task,
+                            dims=self.dims[task])
         with contextlib.ExitStack() as stack:
             for st in active:
                 stack.enter_context(distributed.maybe_no_sync(st.engine, not last))
@@ -204,7 +205,8 @@ class Recipe:
             for st in active:
                 view = st.rows[(task, "train")].batch(batch["row"]) if st.cross else None
                 out = forward(st.engine, st.wiring, batch, device, want_logits=mutual or "logits" in
-                              terms.student_needs(st.spec), view=view)
+                              terms.student_needs(st.spec), view=view,
+                              block_mib=0 if mutual else cfg.logit_block_mib)  # mutual: every student's logits
                 mine = sig.aligned(view["align"], self.dims[task]) if st.cross else sig
                 values[st.name] = terms.compute(st.spec, out, mine, st.wiring)
                 if st.cross:  # logged, not trained on: the share of its real positions with a teacher partner

@@ -52,6 +52,10 @@ class Masks:
         if self.rep is None:
             self.rep = self.real
 
+    def block(self, a: int, b: int) -> "Masks":
+        """Positions a..b of every row (per-position masks only)."""
+        return Masks(self.real[:, a:b], self.kd[:, a:b], self.ce[:, a:b], {}, self.rep[:, a:b])
+
 
 def aligned_masks(view: dict, device) -> Masks:
     """A cross-tokenizer student's masks on its own positions (`view`: its re-tokenised rows): CE on every real
@@ -113,6 +117,8 @@ class TeacherSignal:
         # each student position (align (B, L_s), -1: none, read as position 0 and masked by the student's masks)
         self.align, self.dims = align, dims or {}
         self._fields: dict[str, torch.Tensor] = {}  # cache field name -> on the device (and aligned)
+        self._whole: TeacherSignal | None = None  # a block's batch (`block`)
+        self._span: tuple[int, int] = (0, 0)
         self._topk_ids: torch.Tensor | None = None
         self._topk: dict[float, TopK] = {}
         self._sampled: dict[float, Sampled] = {}
@@ -120,6 +126,11 @@ class TeacherSignal:
 
     def field(self, name: str) -> torch.Tensor:
         """A cache field of the batch on the device (at the aligned positions for a cross-tokenizer student)."""
+        if name not in self._fields and self._whole is not None:
+            x = self._whole.field(name)
+            for ax in position_axes(self.dims, name):
+                x = x.narrow(ax, self._span[0], self._span[1] - self._span[0])
+            self._fields[name] = x
         if name not in self._fields:
             x = self.batch[name].to(self.device, non_blocking=True)
             if self.align is not None:
@@ -130,6 +141,15 @@ class TeacherSignal:
     def aligned(self, align: torch.Tensor, dims: dict) -> "TeacherSignal":
         """This batch's targets on a cross-tokenizer student's positions (`align`: see __init__)."""
         return TeacherSignal(self.batch, self.device, self.capture, self.head, self.task, align, dims)
+
+    def block(self, a: int, b: int) -> "TeacherSignal":
+        """The targets at positions a..b of every row (each field narrowed on its position axes, as `dims` names
+        them): what the terms read for one block of a student's logits."""
+        if not self.dims:
+            raise StudentError("a block of a batch's targets needs the fields' dims (TeacherSignal(dims=...))")
+        blk = TeacherSignal(self.batch, self.device, self.capture, self.head, self.task, None, self.dims)
+        blk._whole, blk._span = self, (a, b)
+        return blk
 
     @property
     def topk_ids(self) -> torch.Tensor:
@@ -205,11 +225,20 @@ def gather_positions(x: torch.Tensor, idx: torch.Tensor, axes: list[int]) -> tor
 
 
 class StudentOutput:
-    """A student's forward pass on one batch and the quantities the terms derive from it."""
+    """A student's forward pass on one batch and the quantities the terms derive from it.
 
-    def __init__(self, logits: torch.Tensor, input_ids: torch.Tensor, masks: Masks,
-                 hidden: list[torch.Tensor] | None = None, attentions: dict | None = None):
+    `logits` (B, L, V) when materialised; else `last` (B, L, d), the state its LM head reads, `head`
+    (`step.StudentHead`) and the head's `weight` (as the forward pass returned it), from which `terms.compute`
+    makes the logits `block_positions` positions of every row at a time (`block`).
+    """
+
+    def __init__(self, logits: torch.Tensor | None, input_ids: torch.Tensor, masks: Masks,
+                 hidden: list[torch.Tensor] | None = None, attentions: dict | None = None,
+                 last: torch.Tensor | None = None, head=None, weight: torch.Tensor | None = None,
+                 block_positions: int = 0, next_ids: torch.Tensor | None = None):
         self.logits, self.input_ids, self.masks = logits, input_ids, masks
+        self.last, self.head, self.weight, self.block_positions = last, head, weight, block_positions
+        self.next_ids = next_ids
         self.hidden = hidden or []  # per hidden pair: the student's state, projected to the teacher's width
         self.attentions = attentions or {}  # student layer -> (B, H_s, L, L) attention probabilities
         self._lse: dict[float, torch.Tensor] = {}
@@ -225,8 +254,20 @@ class StudentOutput:
     def next_logprobs(self) -> torch.Tensor:
         """(B, L) log p_student(true next token); the last position wraps and is masked by `masks.ce`."""
         if self._next is None:
-            self._next = losses.next_token_logprobs(self.logits, self.input_ids, self.lse(1.0))
+            self._next = losses.next_token_logprobs(self.logits, self.input_ids, self.lse(1.0), self.next_ids)
         return self._next
+
+    @property
+    def blockwise(self) -> bool:
+        """Whether the logits are made block by block from `last` and `head` (not materialised)."""
+        return self.logits is None and self.head is not None
+
+    def block(self, a: int, b: int, last: torch.Tensor, weight: torch.Tensor) -> "StudentOutput":
+        """Positions a..b of every row, with their logits from `last` (B, b - a, d) through the head (its
+        weight passed in, so that a checkpointed block's recomputation reaches it)."""
+        nxt = torch.roll(self.input_ids, -1, dims=1)[:, a:b]  # the next token of a block's last position too
+        return StudentOutput(self.head(last, weight), self.input_ids[:, a:b], self.masks.block(a, b),
+                             next_ids=nxt)
 
     def topk(self, ids: torch.Tensor, T: float = 1.0) -> TopK:
         """Log-probs at the teacher's ids and the student's tail bucket, at temperature T (one set of ids per

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .. import attention
+from .. import attention, models
 from ..config import StudentConfig
 from ..errors import StudentError
 from ..format.manifest import Manifest
@@ -23,26 +23,56 @@ from .representation import attention_pairs, hidden_pairs, make_projections
 from .signal import StudentOutput, TeacherSignal, Wiring, aligned_masks, batch_masks
 
 
+class StudentHead:
+    """A student's LM head as its own forward pass applies it (the head's linear map, then the family's logit
+    scale, divisor and softcap), to a block of last hidden states: logits (B, P, V) float32 (float64 for a
+    float64 student). The weight is
+    passed per call: the view of it that the student's forward pass returned (see `StudentModule`)."""
+
+    def __init__(self, spec: models.TeacherSpec, autocast: bool):
+        self.spec, self.autocast = spec, autocast
+
+    def __call__(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            z = torch.nn.functional.linear(h, weight)
+        return models.finish_logits(losses.upcast(z), self.spec.logit_scale, self.spec.logits_divisor,
+                                    self.spec.logit_softcap)
+
+
 class StudentModule(torch.nn.Module):
     """Everything a student trains: the model and its hidden-state projections. Its forward pass
     returns exactly what the step's loss uses (logits only when a term or the mutual term reads
     them, the projected hidden states, the recorded attention maps), so that DDP, which finds the
-    parameters that get no gradient by walking back from the outputs, sees the truth."""
+    parameters that get no gradient by walking back from the outputs, sees the truth.
+
+    `blockwise`: instead of the logits, the last hidden state and a view of the LM head's weight, from which
+    the terms make the logits one block of positions at a time (no (B, L, V) tensor); the weight view is an
+    output so that DDP sees the head as used."""
 
     def __init__(self, model, wiring: Wiring):
         super().__init__()
         self.model, self.projections = model, wiring.projections
         self.hidden_indices = [s for s, _ in wiring.hidden]
         self.attention_layers = [s for s, _ in wiring.attention]
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        # blockwise: a plain linear head without bias (the family's logit scale and softcap are applied after it)
+        self.can_block = isinstance(head, torch.nn.Linear) and head.bias is None and hasattr(model, "base_model") \
+            and model.base_model is not model
 
-    def forward(self, input_ids, want_logits: bool = True, **kw):
+    def forward(self, input_ids, want_logits: bool = True, blockwise: bool = False, **kw):
         recorder = attention.AttentionRecorder(self.attention_layers, None, "none") if self.attention_layers else None
+        blockwise = blockwise and want_logits
         with attention.recording(recorder):
-            out = self.model(input_ids=input_ids, output_hidden_states=bool(self.hidden_indices), **kw)
+            run = self.model.base_model if blockwise else self.model
+            out = run(input_ids=input_ids, output_hidden_states=bool(self.hidden_indices), **kw)
         hidden = [out.hidden_states[s].float() for s in self.hidden_indices]
         if len(self.projections):
             hidden = [p(h) for p, h in zip(self.projections, hidden)]
-        return (out.logits if want_logits else None), hidden, (recorder.maps if recorder else {})
+        maps = recorder.maps if recorder else {}
+        if blockwise:
+            weight = self.model.get_output_embeddings().weight
+            return None, hidden, maps, out.last_hidden_state, weight.view_as(weight)
+        return (out.logits if want_logits else None), hidden, maps, None, None
 
 
 def build_wiring(spec: StudentConfig, model, manifest: Manifest, device, vocab_map=None, cross: bool = False
@@ -62,23 +92,34 @@ def build_wiring(spec: StudentConfig, model, manifest: Manifest, device, vocab_m
 
 
 def forward(engine, wiring: Wiring, batch: dict, device, want_logits: bool = True,
-            view: dict | None = None) -> StudentOutput:
+            view: dict | None = None, block_mib: int = 0) -> StudentOutput:
     """A student's forward pass on a batch (through DDP when wrapped), with what its terms need; `view`: a
-    cross-tokenizer student's own rows for the batch (`crosstok.StudentRows.batch`)."""
+    cross-tokenizer student's own rows for the batch (`crosstok.StudentRows.batch`). `block_mib` > 0: its
+    logits are made by the terms, blocks of positions whose float32 logits take at most that many MiB (where
+    the student's head allows it, see `StudentModule`); 0: materialised."""
     src = view if view is not None else batch
     ids = src["input_ids"].to(device, non_blocking=True)
     masks = aligned_masks(view, device) if view is not None else batch_masks(batch, device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits, hidden, maps = engine(ids, want_logits=want_logits, **masks.forward)
-    return StudentOutput(logits, ids, masks, hidden, maps)
+    module = engine.module if hasattr(engine, "module") else engine
+    blockwise = bool(block_mib) and module.can_block and "labels" not in batch
+    autocast = device.type == "cuda"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits, hidden, maps, last, weight = engine(ids, want_logits=want_logits, blockwise=blockwise, **masks.forward)
+    if last is None:
+        return StudentOutput(logits, ids, masks, hidden, maps)
+    head = StudentHead(models.TeacherSpec.from_config(module.model.config), autocast)
+    positions = max(1, int(block_mib * 2**20 // (4 * weight.shape[0] * ids.shape[0])))  # per row, in a block
+    return StudentOutput(None, ids, masks, hidden, maps, last=last, head=head, weight=weight,
+                         block_positions=positions)
 
 
 def step_losses(model, batch: dict, spec: StudentConfig, manifest: Manifest, device,
-                wiring: Wiring | None = None, head=None) -> dict[str, torch.Tensor]:
+                wiring: Wiring | None = None, head=None, block_mib: int = 0) -> dict[str, torch.Tensor]:
     """One batch's terms and total for a bare model (benchmarks, tests): the recipe's computation."""
     wiring = wiring or Wiring()
-    out = forward(StudentModule(model, wiring), wiring, batch, device)
-    sig = TeacherSignal(batch, device, manifest.capture, head, manifest.task.type)
+    out = forward(StudentModule(model, wiring), wiring, batch, device, block_mib=block_mib)
+    sig = TeacherSignal(batch, device, manifest.capture, head, manifest.task.type,
+                        dims={f: list(s.dims) for f, s in manifest.fields.items()})
     return terms.compute(spec, out, sig, wiring)
 
 

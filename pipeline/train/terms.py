@@ -127,7 +127,7 @@ def _kd_mapped(out, sig, ctx):
 
 def _mse_logits(out, sig, ctx):
     t_logits = sig.field("topk_logprobs") + sig.field("logsumexp")[..., None]
-    return losses.mse_logits(t_logits, out.logits.gather(-1, sig.topk_ids).float(), out.masks.kd)
+    return losses.mse_logits(t_logits, losses.upcast(out.logits.gather(-1, sig.topk_ids)), out.masks.kd)
 
 
 def _mse_logits_classes(out, sig, ctx):
@@ -149,7 +149,7 @@ def _sampled_fields(spec, manifest: Manifest) -> list[str]:
 def _kd_sampled(out, sig, ctx):
     T = ctx.spec.temperature
     s = sig.sampled(T)
-    s_lp = out.logits.gather(-1, s.ids).float() / T - out.lse(T)[..., None]
+    s_lp = losses.upcast(out.logits.gather(-1, s.ids)) / T - out.lse(T)[..., None]
     return losses.sampled_kl(s.logprobs, s_lp, s.log_weights, out.masks.kd, T)
 
 
@@ -355,8 +355,45 @@ def _check_defined(spec, task: str, cross: bool) -> None:
 
 
 def compute(spec, out: StudentOutput, sig: TeacherSignal, wiring: Wiring) -> dict[str, torch.Tensor]:
-    """Named values of the student's active terms (unweighted) and 'total', their weighted sum."""
+    """Named values of the student's active terms (unweighted) and 'total', their weighted sum. A student whose
+    logits are not materialised (`out.blockwise`) has its logit terms computed in blocks (`blockwise`)."""
     ctx = Context(spec, wiring)
-    values = {t.name: t.on(sig.task).compute(out, sig, ctx) for t in active(spec)}
+    on = active(spec)
+    reads_logits = [t for t in on if "logits" in t.student] if out.blockwise else []
+    values = {t.name: t.on(sig.task).compute(out, sig, ctx) for t in on if t not in reads_logits}
+    if reads_logits:
+        values |= blockwise(reads_logits, out, sig, ctx)
+    values = {t.name: values[t.name] for t in on}  # the config's order
     values["total"] = sum(spec.losses[k] * v for k, v in values.items())
     return values
+
+
+def blockwise(on: list[Term], out: StudentOutput, sig: TeacherSignal, ctx: Context) -> dict[str, torch.Tensor]:
+    """The logit terms `on`, computed on `out.block_positions` positions of every row at a time: each block's
+    logits come from the student's last hidden state through its head, every term reads the block's logits
+    and targets, and the block is checkpointed, so one block's (B, P, V) logits and their intermediates are
+    alive at a time, in the forward and in the backward pass. Each term is a masked mean over its positions;
+    a block's value times its count (`losses.counting_means`) summed over the blocks, over the total count,
+    is that mean over the whole batch, the same value and gradient as with materialised logits."""
+    from torch.utils.checkpoint import checkpoint
+
+    def block(last: torch.Tensor, weight: torch.Tensor, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        bout, bsig = out.block(a, b, last, weight), sig.block(a, b)
+        sums, counts = [], []
+        for t in on:
+            with losses.counting_means() as n:
+                v = t.on(sig.task).compute(bout, bsig, ctx)
+            if len(n) != 1:
+                raise RuntimeError(f"term {t.name} took {len(n)} masked means; a blockwise term takes one")
+            sums.append(v * n[0].to(v.dtype))
+            counts.append(n[0].to(v.dtype))
+        return torch.stack(sums), torch.stack(counts).detach()
+
+    L, P = out.input_ids.shape[1], out.block_positions
+    total = count = None
+    for a in range(0, L, P):
+        b = min(L, a + P)
+        s, n = checkpoint(block, out.last[:, a:b], out.weight, a, b, use_reentrant=False)
+        total, count = (s, n) if total is None else (total + s, count + n)
+    means = total / count.clamp(min=1)
+    return {t.name: means[i] for i, t in enumerate(on)}

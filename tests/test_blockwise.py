@@ -1,0 +1,125 @@
+"""A student's logits made block by block of positions (`logit_block_mib`): every term that reads them has the
+value and the gradient of the materialised computation, in float64, and no (B, L, V) tensor is ever made."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import STUDENT_ARCH, capture, settings
+from pipeline.format.reader import Cache
+
+LOGIT_TERMS = {"ce": 1.0, "kd_forward": 0.7, "kd_reverse": 0.5, "kd_jsd": 0.3, "kd_forward_renorm": 0.2,
+               "mse_logprobs": 0.1, "mse_logits": 0.1, "uld": 0.4, "kd_mapped": 0.2, "kd_sampled": 0.6,
+               "kd_full_forward": 0.5, "kd_full_reverse": 0.3, "kd_full_jsd": 0.2, "nll_match": 0.05}
+
+
+@pytest.fixture(scope="module")
+def rich_cache(llama_dir, corpus, tmp_path_factory):
+    """Every logit term's fields, padded rows and a loss mask (prompt/response would need a chat corpus: the
+    document mask gives position_ids and padding instead)."""
+    out = tmp_path_factory.mktemp("blockwise") / "c"
+    capture(settings(llama_dir, corpus, out, data={"seq_len": 48, "max_tokens": 1500, "packing": False},
+                     capture={"top_k": 8, "temperatures": [2.0], "samples": 6, "final_hidden": True,
+                              "final_hidden_dtype": "float32"}))
+    return Cache(out)
+
+
+def _batch(cache, fields, n=4):
+    from pipeline.train.reader import CacheBatches, make_loader
+
+    return next(iter(make_loader(CacheBatches(cache, "train", fields, n, shuffle=False))))
+
+
+def _student(cache, spec):
+    from pipeline.train.students import build_student
+
+    torch.manual_seed(0)
+    return build_student(spec, cache.manifest, cache.tokenizer(), torch.device("cpu")).double()
+
+
+def _values_and_grads(cache, model, batch, spec, block_mib):
+    from pipeline.train.head import TeacherHead
+    from pipeline.train.step import step_losses
+
+    head = TeacherHead.from_cache(cache, torch.device("cpu"))  # float32 on both sides: the same teacher logits
+    model.zero_grad(set_to_none=True)
+    values = step_losses(model, batch, spec, cache.manifest, torch.device("cpu"), head=head, block_mib=block_mib)
+    values["total"].backward()
+    return values, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_every_logit_term_blockwise_equals_the_materialised_computation(rich_cache, temperature):
+    """Blocks of 3 positions per row (a row of 48 in 16 blocks, padding and masks falling inside and across
+    blocks): every term and the total equal the materialised ones, and so do the gradients of every parameter."""
+    from pipeline.config import StudentConfig
+    from pipeline.train import terms
+
+    spec = StudentConfig.model_validate({"name": "s", "arch": STUDENT_ARCH, "losses": LOGIT_TERMS,
+                                         "temperature": temperature})
+    fields = terms.fields_for(spec, rich_cache.manifest)
+    batch = _batch(rich_cache, fields)
+    assert (batch["length"] < batch["input_ids"].shape[1]).any()  # padded rows
+    model = _student(rich_cache, spec)
+    V, B = model.config.vocab_size, batch["input_ids"].shape[0]
+    mib = 3 * 4 * V * B / 2**20  # 3 positions of every row per block
+    whole, g_whole = _values_and_grads(rich_cache, model, batch, spec, 0)
+    blocks, g_blocks = _values_and_grads(rich_cache, model, batch, spec, mib)
+    assert set(whole) == set(blocks) == {*LOGIT_TERMS, "total"}
+    for k in whole:
+        torch.testing.assert_close(blocks[k], whole[k], rtol=1e-10, atol=1e-12, msg=f"{k}: {blocks[k].item()} vs {whole[k].item()}")
+    assert set(g_whole) == set(g_blocks) and g_whole
+    for n in g_whole:
+        torch.testing.assert_close(g_blocks[n], g_whole[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_no_tensor_of_batch_by_length_by_vocabulary_exists(rich_cache):
+    """With blocks of 4 positions per row, the autograd graph saves logits (any tensor whose last axis is the
+    vocabulary) of at most 4 positions of every row, never the (B, L, V) logits; the materialised run does."""
+    from pipeline.config import StudentConfig
+    from pipeline.train import terms
+
+    spec = StudentConfig.model_validate({"name": "s", "arch": STUDENT_ARCH,
+                                         "losses": {"ce": 1.0, "kd_forward": 1.0, "kd_full_forward": 0.5}})
+    batch = _batch(rich_cache, terms.fields_for(spec, rich_cache.manifest))
+    model = _student(rich_cache, spec)
+    B, L = batch["input_ids"].shape
+    V = model.config.vocab_size
+
+    def largest(block_mib):
+        biggest = [0]
+
+        def pack(t):
+            if t.ndim >= 2 and t.shape[-1] == V:
+                biggest[0] = max(biggest[0], t.numel() // V)  # positions of logits (or their softmax)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _values_and_grads(rich_cache, model, batch, spec, block_mib)
+        return biggest[0]
+
+    assert largest(0) >= B * L
+    assert largest(4 * 4 * V * B / 2**20) <= B * 4  # checkpointed blocks: their logits are recomputed, not saved
+
+
+def test_a_student_trains_the_same_with_and_without_blocks(rich_cache, tmp_path):
+    """The recipe end to end: two runs of a few steps, blockwise and materialised, log the same losses."""
+    import json
+
+    from conftest import student_run
+    from pipeline.train.recipe import train_students
+
+    students = [{"name": "s", "arch": STUDENT_ARCH, "losses": {"kd_forward": 0.5, "ce": 0.5}, "lr": 3e-3,
+                 "warmup_steps": 2}]
+    train_students(student_run(rich_cache.root, tmp_path / "a", students, logit_block_mib=0), log=lambda m: None,
+                   progress=False)
+    train_students(student_run(rich_cache.root, tmp_path / "b", students, logit_block_mib=1), log=lambda m: None,
+                   progress=False)
+    ra = [json.loads(x) for x in (tmp_path / "a" / "s" / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(x) for x in (tmp_path / "b" / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert len(ra) == len(rb) > 2
+    for x, y in zip(ra, rb):
+        for k, v in x.items():
+            if isinstance(v, float) and k != "seconds" and "per_second" not in k:
+                assert y[k] == pytest.approx(v, rel=2e-4, abs=1e-6), k
