@@ -168,3 +168,57 @@ def test_a_cache_of_the_older_hidden_codec_is_done_and_grows_in_it(llama_dir, co
     grown = capture(cfg)
     assert grown.manifest.capture.hidden_codec == "zstd" and len(Cache(out).parts("train")) == 2
     assert verify(out) == []
+
+
+# ------------------------------------------------------------------------------------------- device memory
+
+
+def test_attention_maps_beyond_the_budget_are_refused_before_the_teacher_loads(llama_dir, corpus, tmp_path,
+                                                                               monkeypatch):
+    from pipeline import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    cfg = settings(llama_dir, corpus, tmp_path / "c", data={"seq_len": 128},
+                   capture={"attention_layers": [-1], "attention_budget_gib": 0.001})
+    with pytest.raises(CaptureError, match=r"attention maps at data.seq_len=128.*grow with seq_len\^2.*"
+                                           r"capture.attention_budget_gib=0.001"):
+        capture(cfg)
+    assert not (tmp_path / "c" / "manifest.json").exists()
+    cfg["capture"]["attention_budget_gib"] = 1.0  # the same capture within the budget runs
+    monkeypatch.undo()
+    assert capture(cfg).manifest.fields["attentions"]
+
+
+def test_a_working_set_beyond_the_device_is_refused_naming_the_settings(llama_dir, corpus, tmp_path, monkeypatch):
+    from pipeline import models
+    from pipeline.capture import memory
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    monkeypatch.setattr(memory, "device_memory", lambda device: 2**20)  # a 1 MiB device
+    with pytest.raises(CaptureError, match=r"needs about .* GiB on its device.*of the 0.0 GiB of cpu memory.*"
+                                           r"capture.batch_size"):
+        capture(settings(llama_dir, corpus, tmp_path / "c", capture={"hidden_layers": [-1]}))
+
+
+def test_the_working_set_estimate_counts_what_the_capture_holds(llama_dir, tmp_path):
+    """The parts of the estimate from the teacher's own numbers: its parameters (counted on the meta device equal
+    the loaded model's), and attention's L^2 terms."""
+    import transformers
+
+    from pipeline import models
+    from pipeline.capture.memory import parameter_count, working_set
+    from pipeline.config import TeacherCacheConfig
+
+    config = transformers.AutoConfig.from_pretrained(llama_dir)
+    real = transformers.AutoModelForCausalLM.from_pretrained(llama_dir)
+    assert parameter_count(config) == sum(p.numel() for p in real.parameters())
+    spec = models.TeacherSpec.from_config(config)
+    cfg = TeacherCacheConfig.model_validate(settings(llama_dir, tmp_path, tmp_path / "c", data={"seq_len": 64},
+                                                     capture={"batch_size": 3, "attention_layers": [0, 1]}))
+    ws = working_set(cfg, spec, 1000, n_hidden=0, n_attention=2, heads_stored=spec.num_heads)
+    assert ws.weights == 4000 and ws.hidden_states == 0
+    assert ws.attention == 3 * spec.num_heads * 64 * 64 * (4 + 4)
+    assert ws.attention_maps == 2 * 3 * spec.num_heads * 64 * 64 * 2 * 2
+    longer = working_set(cfg.model_copy(update={"data": cfg.data.model_copy(update={"seq_len": 128})}), spec, 1000,
+                         0, 2, spec.num_heads)
+    assert longer.attention == 4 * ws.attention and longer.layer == 2 * ws.layer

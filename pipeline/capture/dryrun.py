@@ -32,6 +32,7 @@ class DryRun:
     seconds: float
     peak_rss_mib: float
     already_cached: int = 0
+    device_memory: dict = field(default_factory=dict)  # the capture's device working set, estimated (bytes by part)
     ranks: list[dict] = field(default_factory=list)  # each rank's seconds, tokenising seconds, documents, peak RSS
     lines: list[str] = field(default_factory=list)
 
@@ -71,8 +72,9 @@ def dry_run(cfg: TeacherCacheConfig, log=print) -> DryRun:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     seconds = time.perf_counter() - t0
     every = distributed.all_gather({"seconds": seconds, "peak_rss_mib": peak, **timing})
-    res = DryRun(splits, statistics, per_token, need, free, seconds, peak, already, every)
-    res.lines = _report(cfg, res)
+    res = DryRun(splits, statistics, per_token, need, free, seconds, peak, already,
+                 {**teacher.memory.__dict__, "total": teacher.memory.total}, every)
+    res.lines = _report(cfg, res) + teacher.memory.lines()
     for line in res.lines:
         log(line)
     if st.is_local:

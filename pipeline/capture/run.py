@@ -41,6 +41,7 @@ from .checks import (check_output_dir, check_settings, check_task, check_teacher
                      row_pad_id, stored_heads)
 from .output import Output, prepare_output, store_head, writer_lock
 from .plan import Append, TaskInfo, append_base, build_plan, cached_keys, plan_append, same_rows_on_every_rank
+from .memory import WorkingSet, check_memory, parameter_count, working_set
 from .rows import Prepared, prepare
 from .targets import ClassTargetComputer, TargetComputer, TeacherTargets
 
@@ -64,6 +65,7 @@ class TeacherFacts:
     attention: list[int]  # resolved attention layers
     device: object  # torch.device
     task: TaskInfo | None  # a classifier's labels; None for a causal LM
+    memory: WorkingSet | None = None  # the device memory it will take, estimated
 
 
 def run_capture(cfg: TeacherCacheConfig, log: Callable[[str], None] = print, progress: bool = True,
@@ -94,7 +96,20 @@ def describe_teacher(cfg: TeacherCacheConfig) -> TeacherFacts:
     device = teacher_device(cfg)
     task = None if labels is None else TaskInfo(cfg.teacher.task, labels, row_pad_id(model_config, tokenizer),
                                                 models.bidirectional(model_config, cfg.teacher.task))
-    return TeacherFacts(spec, tokenizer, hidden, attn, device, task)
+    ws = working_set(cfg, spec, parameter_count(model_config, cfg.teacher.task), len(hidden), len(attn),
+                     stored_heads(cfg.capture, spec))
+    check_memory(cfg, ws, device, weight_shards(cfg))
+    return TeacherFacts(spec, tokenizer, hidden, attn, device, task, ws)
+
+
+def weight_shards(cfg: TeacherCacheConfig) -> int:
+    """Over how many devices a teacher.device_map spreads the weights (1 without one)."""
+    import torch
+
+    dm = cfg.teacher.device_map
+    if isinstance(dm, dict):
+        return len(set(dm.values()))
+    return max(1, torch.cuda.device_count()) if dm else 1
 
 
 def teacher_device(cfg: TeacherCacheConfig):
