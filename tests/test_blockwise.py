@@ -123,3 +123,30 @@ def test_a_student_trains_the_same_with_and_without_blocks(rich_cache, tmp_path)
         for k, v in x.items():
             if isinstance(v, float) and k != "seconds" and "per_second" not in k:
                 assert y[k] == pytest.approx(v, rel=2e-4, abs=1e-6), k
+
+
+@pytest.mark.parametrize("exact_kl", [False, True])
+def test_evaluation_in_blocks_equals_the_whole_logits(rich_cache, monkeypatch, exact_kl):
+    """Every metric of an evaluation made 2 positions of every row at a time equals the one from whole logits
+    (the top-K KL, or the exact KL from the cached final hidden states)."""
+    from pipeline.train import evaluate
+    from pipeline.train.head import TeacherHead
+    from pipeline.train.reader import CacheBatches, make_loader
+
+    from pipeline.config import StudentConfig
+
+    spec = StudentConfig.model_validate({"name": "s", "arch": STUDENT_ARCH, "losses": {"ce": 1.0}})
+    model = _student(rich_cache, spec)
+    head = TeacherHead.from_cache(rich_cache, torch.device("cpu")) if exact_kl else None
+    fields = ["topk_ids", "topk_logprobs", "logsumexp"] + (["final_hidden"] if exact_kl else [])
+
+    def run(mib):
+        monkeypatch.setattr(evaluate, "EVAL_BLOCK_MIB", mib)
+        batches = make_loader(CacheBatches(rich_cache, "validation", fields, 4, shuffle=False))
+        return evaluate.evaluate_all({"m": model}, batches, torch.device("cpu"), head)["m"]
+
+    whole = run(2**20)
+    blocks = run(2 * 4 * 4 * model.config.vocab_size / 2**20)
+    assert whole.keys() == blocks.keys() and whole["tokens"] > 0
+    for k, v in whole.items():
+        assert blocks[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k

@@ -25,6 +25,7 @@ import torch
 from .. import distributed
 from ..format.layout import row_column
 from ..format.manifest import Task
+from ..models import TeacherSpec
 from . import losses
 from .signal import TeacherSignal, aligned_masks, batch_masks
 
@@ -46,6 +47,9 @@ class Reading:
     dims: dict | None = None  # the cache's field dims (manifest), to take its fields at aligned positions
 
 
+EVAL_BLOCK_MIB = 256  # float32 logits of one block of positions during evaluation (see `_logit_blocks`)
+
+
 @torch.no_grad()
 def _accumulate(model, batch: dict, device, head=None, reading: Reading | None = None) -> torch.Tensor:
     reading = reading or Reading()
@@ -62,26 +66,59 @@ def _accumulate(model, batch: dict, device, head=None, reading: Reading | None =
         if reading.chars is not None:
             chars = torch.from_numpy(reading.chars[batch["row"].numpy(), : ids.shape[1]]).to(device)
         sig = TeacherSignal(batch, device)
-    valid, has_next = masks.kd, masks.ce
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(input_ids=ids, **masks.forward).logits
-    lse = losses.logsumexp_t(logits)
-    nxt = torch.roll(ids, -1, dims=1)
-    tgt_lp = losses.next_token_logprobs(logits, ids, lse)
-    top_val, top_id = logits.max(-1)
-    topk_ids = sig.topk_ids
+    topk_ids = sig.topk_ids  # (B, L, K): every teacher quantity here has positions on its axis 1
     t_lp, t_tail = sig.topk(1.0)
+    mapped = reading.vocab_map.ids.to(device)[topk_ids] if reading.rows is not None else None  # -1: none
+    t_hidden = head.decode(batch["final_hidden"].to(device)) \
+        if head is not None and mapped is None and "final_hidden" in batch else None
+    nxt = torch.roll(ids, -1, dims=1)
+    n_chars = torch.roll(chars, -1, dims=1) if chars is not None else None
+    total = None
+    for a, b, logits in _logit_blocks(model, ids, masks.forward, device):
+        blk = _block_sums(logits, nxt[:, a:b], masks.block(a, b), topk_ids[:, a:b], t_lp[:, a:b], t_tail[:, a:b],
+                          None if mapped is None else mapped[:, a:b], head, None if t_hidden is None else t_hidden[:, a:b],
+                          None if n_chars is None else n_chars[:, a:b])
+        total = blk if total is None else total + blk
+    return total.cpu()  # one device-to-host copy per batch
+
+
+def _logit_blocks(model, ids: torch.Tensor, forward: dict, device):
+    """(a, b, the model's logits at positions a..b of every row), blocks of at most EVAL_BLOCK_MIB of float32
+    logits made from its last hidden state through its head (a linear head without bias; else the logits are made
+    whole and sliced)."""
+    from .step import StudentHead, can_block
+
+    autocast = device.type == "cuda"
+    L = ids.shape[1]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        if not can_block(model):
+            logits = model(input_ids=ids, **forward).logits
+            yield 0, L, logits
+            return
+        last = model.base_model(input_ids=ids, **forward).last_hidden_state
+    weight = model.get_output_embeddings().weight
+    head = StudentHead(TeacherSpec.from_config(model.config), autocast)
+    P = max(1, int(EVAL_BLOCK_MIB * 2**20 // (4 * weight.shape[0] * ids.shape[0])))
+    for a in range(0, L, P):
+        yield a, min(L, a + P), head(last[:, a : a + P], weight)
+
+
+def _block_sums(logits, nxt, masks, topk_ids, t_lp, t_tail, mapped, head, t_hidden, n_chars) -> torch.Tensor:
+    """The evaluation sums (`_SUMS`, then the ECE bins) over one block of positions."""
+    valid, has_next = masks.kd, masks.ce
+    lse = losses.logsumexp_t(logits)
+    tgt_lp = losses.next_token_logprobs(logits, None, lse, next_ids=nxt)
+    top_val, top_id = logits.max(-1)
     mass = n_aligned = torch.tensor(float("nan"), dtype=torch.float64)  # NaN: not a cross-tokenizer student
-    if reading.rows is not None:
-        mapped = reading.vocab_map.ids.to(device)[topk_ids]  # (B, L_s, K) student ids, -1: none
+    if mapped is not None:
         s_lp = losses.upcast(logits.gather(-1, mapped.clamp(min=0))) - lse[..., None]
         kl = losses.mapped_forward_kl(t_lp, t_tail, mapped, s_lp, valid) * valid.sum()
         agree = (top_id == mapped[..., 0])[valid].double().sum()
         mass = torch.where(mapped >= 0, t_lp.exp(), 0.0).sum(-1)[valid].double().sum()
         n_aligned = masks.rep.sum().double()
     else:
-        if head is not None and "final_hidden" in batch:
-            kl = losses.full_divergence(head, head.decode(batch["final_hidden"].to(device)), logits, valid) * valid.sum()
+        if t_hidden is not None:
+            kl = losses.full_divergence(head, t_hidden, logits, valid) * valid.sum()
         else:
             s_lp, s_tail = losses.student_topk_logprobs(logits, topk_ids, 1.0, lse=lse)
             kl = losses.forward_kl(t_lp, t_tail, s_lp, s_tail, valid) * valid.sum()
@@ -89,15 +126,15 @@ def _accumulate(model, batch: dict, device, head=None, reading: Reading | None =
     conf = torch.exp(top_val.float() - lse)[has_next].double()
     correct = (top_id == nxt)[has_next].double()
     b = torch.clamp((conf * ECE_BINS).long(), max=ECE_BINS - 1)
-    n_chars = torch.roll(chars, -1, dims=1)[has_next].double().sum() if chars is not None else \
-        torch.tensor(float("nan"), dtype=torch.float64)
+    chars = n_chars[has_next].double().sum() if n_chars is not None else torch.tensor(float("nan"), dtype=torch.float64)
+    dev = logits.device
     sums = torch.stack([-(tgt_lp[has_next]).double().sum(), has_next.sum().double(), agree, kl.double(),
-                        valid.sum().double(), n_chars.to(device), masks.real.sum().double(),
-                        n_aligned.to(device), mass.to(device)])
+                        valid.sum().double(), chars.to(dev), masks.real.sum().double(),
+                        n_aligned.to(dev), mass.to(dev)])
     bins = torch.cat([torch.bincount(b, minlength=ECE_BINS).double(),
                       torch.bincount(b, weights=conf, minlength=ECE_BINS),
                       torch.bincount(b, weights=correct, minlength=ECE_BINS)])
-    return torch.cat([sums, bins]).cpu()  # one device-to-host copy per batch
+    return torch.cat([sums, bins])
 
 
 def _metrics(acc: torch.Tensor) -> dict[str, float]:

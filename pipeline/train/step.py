@@ -39,6 +39,13 @@ class StudentHead:
                                     self.spec.logit_softcap)
 
 
+def can_block(model) -> bool:
+    """Whether a model's logits can be made a block of positions at a time from its base model's last hidden
+    state: a plain linear head without bias (the family's logit scale and softcap are applied after it)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return isinstance(head, torch.nn.Linear) and head.bias is None and getattr(model, "base_model", model) is not model
+
+
 class StudentModule(torch.nn.Module):
     """Everything a student trains: the model and its hidden-state projections. Its forward pass
     returns exactly what the step's loss uses (logits only when a term or the mutual term reads
@@ -54,10 +61,7 @@ class StudentModule(torch.nn.Module):
         self.model, self.projections = model, wiring.projections
         self.hidden_indices = [s for s, _ in wiring.hidden]
         self.attention_layers = [s for s, _ in wiring.attention]
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        # blockwise: a plain linear head without bias (the family's logit scale and softcap are applied after it)
-        self.can_block = isinstance(head, torch.nn.Linear) and head.bias is None and hasattr(model, "base_model") \
-            and model.base_model is not model
+        self.can_block = can_block(model)
 
     def forward(self, input_ids, want_logits: bool = True, blockwise: bool = False, **kw):
         recorder = attention.AttentionRecorder(self.attention_layers, None, "none") if self.attention_layers else None
