@@ -332,6 +332,10 @@ class StudentRunConfig(_Strict):
     output_dir: str = Field(description="each student writes to output_dir/<name>/")
     batch_size: int = Field(8, gt=0, description="rows per micro-batch (per rank under torchrun)")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimiser step")
+    precision: Literal["auto", "bf16-autocast", "float32"] = Field(
+        "auto", description="students' forward passes: auto = bf16 autocast on a GPU, float32 on a CPU; bf16-autocast "
+                            "on any device (on a CPU: matrix products in bfloat16, as on a GPU); the losses are "
+                            "computed in float32 either way")
     logit_block_mib: int = Field(
         256, ge=0, description="a student's logits and every term that reads them are computed a block of positions "
                                "at a time, each block's float32 logits at most this size (forward and backward: no "

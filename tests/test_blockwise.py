@@ -150,3 +150,28 @@ def test_evaluation_in_blocks_equals_the_whole_logits(rich_cache, monkeypatch, e
     assert whole.keys() == blocks.keys() and whole["tokens"] > 0
     for k, v in whole.items():
         assert blocks[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+
+
+def test_bf16_autocast_on_cpu_follows_the_gpu_semantics(rich_cache):
+    """precision = "bf16-autocast" on a CPU: the student's matrix products in bfloat16 (its logits carry bfloat16's
+    rounding, relative 2^-8), every loss in float32; the terms stay within bfloat16's error of the float32 run, and
+    blocks equal the materialised logits under autocast too."""
+    from pipeline.config import StudentConfig
+    from pipeline.train import terms
+    from pipeline.train.step import StudentModule, forward, step_losses
+    from pipeline.train.signal import Wiring
+
+    spec = StudentConfig.model_validate({"name": "s", "arch": STUDENT_ARCH, "losses": {"ce": 1.0, "kd_forward": 1.0}})
+    batch = _batch(rich_cache, terms.fields_for(spec, rich_cache.manifest))
+    model = _student(rich_cache, spec).float()
+    cpu = torch.device("cpu")
+    out = forward(StudentModule(model, Wiring()), Wiring(), batch, cpu, precision="bf16-autocast")
+    assert out.logits.dtype == torch.bfloat16  # the head ran in bfloat16, as under CUDA autocast
+    f32 = step_losses(model, batch, spec, rich_cache.manifest, cpu)
+    bf16 = step_losses(model, batch, spec, rich_cache.manifest, cpu, precision="bf16-autocast")
+    bf16_blocks = step_losses(model, batch, spec, rich_cache.manifest, cpu, precision="bf16-autocast", block_mib=0.01)
+    for k in f32:
+        assert bf16[k].dtype == torch.float32  # losses upcast
+        assert bf16[k].item() != f32[k].item()  # autocast did run
+        assert bf16[k].item() == pytest.approx(f32[k].item(), rel=2e-2), k
+        assert bf16_blocks[k].item() == pytest.approx(bf16[k].item(), rel=1e-2), k

@@ -51,7 +51,8 @@ EVAL_BLOCK_MIB = 256  # float32 logits of one block of positions during evaluati
 
 
 @torch.no_grad()
-def _accumulate(model, batch: dict, device, head=None, reading: Reading | None = None) -> torch.Tensor:
+def _accumulate(model, batch: dict, device, head=None, reading: Reading | None = None, autocast: bool = False
+                ) -> torch.Tensor:
     reading = reading or Reading()
     chars = None
     if reading.rows is not None:  # another tokenizer: its own rows, the teacher at the aligned positions
@@ -74,7 +75,7 @@ def _accumulate(model, batch: dict, device, head=None, reading: Reading | None =
     nxt = torch.roll(ids, -1, dims=1)
     n_chars = torch.roll(chars, -1, dims=1) if chars is not None else None
     total = None
-    for a, b, logits in _logit_blocks(model, ids, masks.forward, device):
+    for a, b, logits in _logit_blocks(model, ids, masks.forward, device, autocast):
         blk = _block_sums(logits, nxt[:, a:b], masks.block(a, b), topk_ids[:, a:b], t_lp[:, a:b], t_tail[:, a:b],
                           None if mapped is None else mapped[:, a:b], head, None if t_hidden is None else t_hidden[:, a:b],
                           None if n_chars is None else n_chars[:, a:b])
@@ -82,13 +83,12 @@ def _accumulate(model, batch: dict, device, head=None, reading: Reading | None =
     return total.cpu()  # one device-to-host copy per batch
 
 
-def _logit_blocks(model, ids: torch.Tensor, forward: dict, device):
+def _logit_blocks(model, ids: torch.Tensor, forward: dict, device, autocast: bool):
     """(a, b, the model's logits at positions a..b of every row), blocks of at most EVAL_BLOCK_MIB of float32
     logits made from its last hidden state through its head (a linear head without bias; else the logits are made
     whole and sliced)."""
     from .step import StudentHead, can_block
 
-    autocast = device.type == "cuda"
     L = ids.shape[1]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         if not can_block(model):
@@ -155,16 +155,20 @@ def _metrics(acc: torch.Tensor) -> dict[str, float]:
 
 
 def evaluate_all(models: dict[str, torch.nn.Module], batches, device, head=None, task: Task | None = None,
-                 readings: dict[str, Reading] | None = None) -> dict[str, dict[str, float]]:
+                 readings: dict[str, Reading] | None = None, precision: str = "auto") -> dict[str, dict[str, float]]:
     """{name: metrics} for every model, reading `batches` once (this rank's share of them); the sums
     are added over ranks when run under torch.distributed. `head`: the cache's TeacherHead, for an
     exact KL from batches that hold final_hidden. `task`: the cache's task (a classifier's labels).
-    `readings`: per model, how it reads the batches (default: the cache's tokens, no NLL per character)."""
+    `readings`: per model, how it reads the batches (default: the cache's tokens, no NLL per character).
+    `precision`: as the students train (StudentRunConfig.precision)."""
+    from .step import autocast_on
+
+    autocast = autocast_on(device, precision)
     if task is not None and task.classifier:
-        return _evaluate_classes(models, batches, device, task)
+        return _evaluate_classes(models, batches, device, task, autocast)
     readings = readings or {}
     stacked = _sweep(models, batches, len(_SUMS) + 3 * ECE_BINS,
-                     lambda name, m, b: _accumulate(m, b, device, head, readings.get(name)))
+                     lambda name, m, b: _accumulate(m, b, device, head, readings.get(name), autocast))
     return {name: _metrics(stacked[i]) for i, name in enumerate(models)}
 
 
@@ -242,19 +246,20 @@ def entity_scheme(labels: list[str]) -> bool:
 _CSUMS = ("nll", "n_labelled", "correct", "agree", "kl", "n_kd", "ent_tp", "ent_pred", "ent_gold")
 
 
-def _evaluate_classes(models, batches, device, task: Task) -> dict[str, dict[str, float]]:
+def _evaluate_classes(models, batches, device, task: Task, autocast: bool = False) -> dict[str, dict[str, float]]:
     names = list(task.labels)
     C = len(names)
     tagged = task.per_token and entity_scheme(names)
     stacked = _sweep(models, batches, len(_CSUMS) + 3 * ECE_BINS + C * C,
-                     lambda name, m, b: _class_sums(m, b, device, C, names if tagged else None))
+                     lambda name, m, b: _class_sums(m, b, device, C, names if tagged else None, autocast))
     return {name: _class_metrics(stacked[i], C, tagged) for i, name in enumerate(models)}
 
 
 @torch.no_grad()
-def _class_sums(model, batch: dict, device, C: int, tag_names: list[str] | None) -> torch.Tensor:
+def _class_sums(model, batch: dict, device, C: int, tag_names: list[str] | None, autocast: bool = False
+                ) -> torch.Tensor:
     masks = batch_masks(batch, device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         logits = model(input_ids=batch["input_ids"].to(device), **masks.forward).logits
     lp = torch.log_softmax(logits.double(), dim=-1)
     labels = batch["labels"].to(device)

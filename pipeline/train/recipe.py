@@ -15,9 +15,10 @@ rank 0 alone writes checkpoints, metrics, plots and models. N ranks with `grad_a
 batches one process sees with grad_accum N x A, so they reach the same weights to float tolerance.
 
 Per student: AdamW, linear warmup then cosine decay, gradient clipping; bf16 autocast on GPU, fp32
-on CPU; no dropout. Checkpoints hold model, optimiser, scheduler, projections, each rank's RNG
-state and the data position, so a killed run resumes to the same result, on the same number of
-ranks or on any number that keeps ranks x grad_accum.
+on CPU (`precision`); logits made a block of positions at a time (`logit_block_mib`); no dropout.
+Checkpoints hold model, optimiser, scheduler, projections, each rank's RNG state and the data position,
+so a killed run resumes to the same result, on the same number of ranks or on any number that keeps
+ranks x grad_accum.
 
 Output per student, in `output_dir/<name>/`: `model/` (plain transformers model + tokenizer,
 replaced atomically), `checkpoint/state.pt`, `metrics.jsonl`, `curves.png`, `report.json`.
@@ -206,7 +207,8 @@ class Recipe:
                 view = st.rows[(task, "train")].batch(batch["row"]) if st.cross else None
                 out = forward(st.engine, st.wiring, batch, device, want_logits=mutual or "logits" in
                               terms.student_needs(st.spec), view=view,
-                              block_mib=0 if mutual else cfg.logit_block_mib)  # mutual: every student's logits
+                              block_mib=0 if mutual else cfg.logit_block_mib,  # mutual: every student's logits
+                              precision=cfg.precision)
                 mine = sig.aligned(view["align"], self.dims[task]) if st.cross else sig
                 values[st.name] = terms.compute(st.spec, out, mine, st.wiring)
                 if st.cross:  # logged, not trained on: the share of its real positions with a teacher partner

@@ -95,18 +95,23 @@ def build_wiring(spec: StudentConfig, model, manifest: Manifest, device, vocab_m
     return w
 
 
+def autocast_on(device, precision: str = "auto") -> bool:
+    """Whether a student's forward pass runs under bf16 autocast (StudentRunConfig.precision)."""
+    return precision == "bf16-autocast" or (precision == "auto" and device.type == "cuda")
+
+
 def forward(engine, wiring: Wiring, batch: dict, device, want_logits: bool = True,
-            view: dict | None = None, block_mib: int = 0) -> StudentOutput:
+            view: dict | None = None, block_mib: int = 0, precision: str = "auto") -> StudentOutput:
     """A student's forward pass on a batch (through DDP when wrapped), with what its terms need; `view`: a
     cross-tokenizer student's own rows for the batch (`crosstok.StudentRows.batch`). `block_mib` > 0: its
     logits are made by the terms, blocks of positions whose float32 logits take at most that many MiB (where
-    the student's head allows it, see `StudentModule`); 0: materialised."""
+    the student's head allows it, see `StudentModule`); 0: materialised. `precision`: see `autocast_on`."""
     src = view if view is not None else batch
     ids = src["input_ids"].to(device, non_blocking=True)
     masks = aligned_masks(view, device) if view is not None else batch_masks(batch, device)
     module = engine.module if hasattr(engine, "module") else engine
     blockwise = bool(block_mib) and module.can_block and "labels" not in batch
-    autocast = device.type == "cuda"
+    autocast = autocast_on(device, precision)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         logits, hidden, maps, last, weight = engine(ids, want_logits=want_logits, blockwise=blockwise, **masks.forward)
     if last is None:
@@ -118,10 +123,11 @@ def forward(engine, wiring: Wiring, batch: dict, device, want_logits: bool = Tru
 
 
 def step_losses(model, batch: dict, spec: StudentConfig, manifest: Manifest, device,
-                wiring: Wiring | None = None, head=None, block_mib: int = 0) -> dict[str, torch.Tensor]:
+                wiring: Wiring | None = None, head=None, block_mib: int = 0,
+                precision: str = "auto") -> dict[str, torch.Tensor]:
     """One batch's terms and total for a bare model (benchmarks, tests): the recipe's computation."""
     wiring = wiring or Wiring()
-    out = forward(StudentModule(model, wiring), wiring, batch, device, block_mib=block_mib)
+    out = forward(StudentModule(model, wiring), wiring, batch, device, block_mib=block_mib, precision=precision)
     sig = TeacherSignal(batch, device, manifest.capture, head, manifest.task.type,
                         dims={f: list(s.dims) for f, s in manifest.fields.items()})
     return terms.compute(spec, out, sig, wiring)

@@ -68,7 +68,8 @@ class Evaluator:
     def run(self, models: dict, sets: Sets, students: dict, split: str = "validation") -> dict[str, dict[str, dict]]:
         """{task: {student: metrics}} over the given evaluation sets (of `split`); `students`: name -> Student."""
         return {n: evaluate_all(models, make_loader(ds), self.device, self.heads.get(n),
-                                self.tasks[n][0].manifest.task, self.readings(n, split, models, students))
+                                self.tasks[n][0].manifest.task, self.readings(n, split, models, students),
+                                self.cfg.precision)
                 for n, (ds, _) in sets.items()}
 
     def readings(self, task: str, split: str, models: dict, students: dict) -> dict[str, Reading] | None:
