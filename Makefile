@@ -10,7 +10,7 @@ DISTILL    := HF_HUB_OFFLINE=1 $(BIN)/distill
 TEACHER    := data/teachers/SmolLM2-135M-Instruct
 
 .PHONY: setup teacher-cache student inspect verify test test-fast docs bench clean bench-targets fortunes-example \
-	cross-tokenizer-example
+	cross-tokenizer-example gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,12 @@ docs: $(VENV)/.installed
 
 bench: $(VENV)/.installed $(TEACHER)/model.safetensors
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_capture.py
+
+# the one-command GPU check on a CUDA machine (minutes, nothing downloaded): capture tokens/s, MFU and overhead vs a bare
+# forward, the host-bound fraction, a float64 check of a bf16 capture, student step times, a torchrun smoke; exits 3
+# without CUDA. ARGS="--quick" shrinks it, ARGS="--cpu-smoke" runs the same flow on the CPU at tiny shapes
+gpu-check: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/gpu_check.py $(ARGS)
 
 # which target should a user pick: sizes, step times, students (about an hour on 2 CPU cores)
 bench-targets: $(VENV)/.installed $(TEACHER)/model.safetensors

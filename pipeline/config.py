@@ -8,6 +8,7 @@ literals and fall back to plain strings (`teacher.model=gpt2`).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -142,10 +143,8 @@ class CaptureConfig(_Strict):
         "shuffle-zstd", description="codec of hidden_states and final_hidden: shuffle-zstd (byte shuffle, then zstd "
                                     "level 1: 15% smaller at ~650 MB/s per core), zstd (compression_level, no "
                                     "shuffle: 8% smaller at a third of the speed), none")
-    writers: int | None = Field(None, ge=0, le=64, description="threads compressing, checksumming and storing "
-                                "shards while the teacher computes; 0: each shard written in line; unset: up to 4 "
-                                "with a GPU (by the cores per rank), on a CPU teacher 1 if a core is spare, else 0. "
-                                "Not part of the cache's settings: the bytes are the same")
+    writers: int | None = Field(None, ge=0, le=64, description="threads writing shards while the teacher computes "
+                                "(0: in line; unset: up to 4 with a GPU, 1 on a CPU with a spare core); the bytes are the same")
     topk_codec: Literal["pcodec", "zstd"] = Field(
         "pcodec", description="codec of the top-K and sampled fields: pcodec (lossless, 30% smaller, needs "
                               "numcodecs[pcodec] to read) or zstd (int32 ids, the 1.2 layout)")
@@ -394,7 +393,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def merge_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply dotted overrides to a nested dict (a copy); sections are created as needed."""
-    out = _deepcopy(raw)
+    out = copy.deepcopy(raw)
     for text in overrides:
         path, value = parse_override(text)
         node = out
@@ -425,14 +424,6 @@ def _list_item(items: list, part: str, text: str) -> dict:
     if not isinstance(item, dict):
         raise ConfigError(f"override {text!r}: item {part} is a value, not a section")
     return item
-
-
-def _deepcopy(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {k: _deepcopy(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_deepcopy(v) for v in d]
-    return d
 
 
 def load_config(model: type[BaseModel], path: str | Path | None, overrides: list[str] = ()) -> Any:
