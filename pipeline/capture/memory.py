@@ -5,8 +5,7 @@ The estimate is an upper bound of what the capture holds at once on the teacher'
 - weights: the parameters (counted on the meta device: nothing is allocated) in the teacher's dtype;
 - layer: one decoder layer's transient activations for the batch: the residual stream, the normed input,
   q/k/v/o and the MLP's up, gate and activation, B x L x (6 d + 3 ff) values;
-- hidden_states: transformers keeps every layer's output when hidden states are asked for (n_layers + 1
-  states), plus the selected ones stacked;
+- hidden_states: the selected layers' outputs, recorded by hooks (`targets.HiddenStates`), and their stack;
 - attention: with attention maps captured, the mapped layers run eager attention: B x H x L^2 scores in
   float32 and their probabilities in the teacher's dtype, for one layer at a time; the recorded maps of every
   mapped layer (float16, B x n x H_kept x L^2) are held until the batch is written;
@@ -71,7 +70,7 @@ def working_set(cfg: TeacherCacheConfig, spec, params: int, n_hidden: int, n_att
     s = DTYPE_BYTES.get(cfg.teacher.dtype, 4)
     d, H = spec.hidden_size, spec.num_heads
     ff = spec.intermediate_size or 4 * d
-    hidden = ((spec.num_layers + 1) + n_hidden) * B * L * d * s if n_hidden else 0
+    hidden = 2 * n_hidden * B * L * d * s
     attention = B * H * L * L * (4 + s) if n_attention else 0
     maps = n_attention * B * heads_stored * L * L * 2 * 2  # float16, recorded and stacked
     return WorkingSet(weights=params * s, layer=B * L * (6 * d + 3 * ff) * s, hidden_states=hidden,

@@ -9,6 +9,7 @@ proposal's probabilities). Peak memory is one or two (position_chunk, V) float32
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -210,12 +211,56 @@ def _to_storage(host: HostBatch, name: str, x: torch.Tensor, dtype_name: str, wh
     host.put(name, y)
 
 
-def add_representations(host: HostBatch, out, valid: torch.Tensor, recorder, cfg, hidden_layers: list[int],
+class HiddenStates:
+    """The hidden states of the selected indices (as in transformers' `output_hidden_states`: 0 = the first layer's
+    input, i = layer i - 1's output, n_layers = the last hidden state, after the final norm), recorded by hooks on
+    the decoder layers: `output_hidden_states` would keep all n_layers + 1 states of the batch alive (80 layers of a
+    70B teacher: 27 times the three a capture typically keeps). Models whose decoder layers are not found (one
+    ModuleList of n_layers modules) use `output_hidden_states`."""
+
+    def __init__(self, model, n_layers: int, indices: list[int], hooks: bool = True):
+        self.indices, self.n = indices, n_layers
+        stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers]
+        self.layers = stacks[0] if hooks and len(stacks) == 1 else None
+        self.states: dict[int, torch.Tensor] = {}
+
+    @property
+    def hooked(self) -> bool:
+        return self.layers is not None and bool(self.indices)
+
+    @contextlib.contextmanager
+    def recording(self):
+        self.states = {}
+        handles = []
+        if self.hooked:
+            for i in self.indices:
+                if i == 0:
+                    handles.append(self.layers[0].register_forward_pre_hook(self._input, with_kwargs=True))
+                elif i < self.n:
+                    handles.append(self.layers[i - 1].register_forward_hook(
+                        lambda m, a, out, i=i: self.states.__setitem__(i, out[0] if isinstance(out, tuple) else out)))
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _input(self, module, args, kwargs):
+        self.states[0] = args[0] if args else kwargs["hidden_states"]
+
+    def stacked(self, out) -> torch.Tensor:
+        """(B, n, L, d) of the selected states, from the hooks (and the last hidden state), or from `out`."""
+        if not self.hooked:
+            return torch.stack([out.hidden_states[i] for i in self.indices], dim=1)
+        return torch.stack([out.last_hidden_state if i == self.n else self.states[i] for i in self.indices], dim=1)
+
+
+def add_representations(host: HostBatch, out, valid: torch.Tensor, recorder, cfg, hidden: HiddenStates | None,
                         attention_layers: list[int]) -> HostBatch:
     """The selected hidden states (B, n, L, d) and attention maps (B, n, H, L, L) of a forward pass `out` onto
     `host`, zero at padding, in their storage dtypes."""
-    if hidden_layers:
-        hs = torch.stack([out.hidden_states[i] for i in hidden_layers], dim=1)  # (B, n, L, d)
+    if hidden is not None and hidden.indices:
+        hs = hidden.stacked(out)  # (B, n, L, d)
         hs = torch.where(valid[:, None, :, None], hs, 0)
         if cfg.hidden_dtype == "int8":
             q, scale = quantize_int8(hs)
@@ -239,6 +284,7 @@ class TargetComputer:
         self.spec = spec
         self.cfg = capture
         self.hidden_layers = hidden_layers  # resolved, non-negative, as in output_hidden_states
+        self.hidden = HiddenStates(model, spec.num_layers, hidden_layers)
         self.attention_layers = attention_layers  # resolved decoder layer indices
         self.head = output_logits(model, spec)
         self.base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
@@ -271,11 +317,11 @@ class TargetComputer:
             if self.attention_layers
             else None
         )
-        with attention.recording(recorder):
+        with attention.recording(recorder), self.hidden.recording():
             out = self.base(
                 input_ids=ids,
                 attention_mask=mask,
-                output_hidden_states=bool(self.hidden_layers),
+                output_hidden_states=bool(self.hidden_layers) and not self.hidden.hooked,
                 use_cache=False,
                 **extra,
             )
@@ -303,7 +349,7 @@ class TargetComputer:
         if self.cfg.final_hidden:
             _to_storage(host, "final_hidden", torch.where(v3, out.last_hidden_state, 0), self.cfg.final_hidden_dtype,
                         "final hidden state", "final_hidden_dtype")
-        add_representations(host, out, valid, recorder, self.cfg, self.hidden_layers, self.attention_layers)
+        add_representations(host, out, valid, recorder, self.cfg, self.hidden, self.attention_layers)
         return host.close()
 
 
@@ -325,6 +371,7 @@ class ClassTargetComputer:
     def __init__(self, model, capture, hidden_layers: list[int], attention_layers: list[int], per_token: bool):
         self.model, self.cfg, self.per_token = model, capture, per_token
         self.hidden_layers, self.attention_layers = hidden_layers, attention_layers
+        self.hidden = HiddenStates(model, 0, hidden_layers, hooks=False)  # a classifier's output has no last state
         self.device = next(model.parameters()).device
         if attention_layers:
             attention.enable(model)
@@ -377,5 +424,5 @@ class ClassTargetComputer:
             host.put("class_logsumexp", t["class_logsumexp"])
             if "class_logsumexp_tempered" in t:
                 host.put("class_logsumexp_tempered", t["class_logsumexp_tempered"].transpose(0, 1))
-        return add_representations(host, out, valid, recorder, self.cfg, self.hidden_layers,
+        return add_representations(host, out, valid, recorder, self.cfg, self.hidden,
                                    self.attention_layers).close().result()
