@@ -2,8 +2,10 @@
 
 With the teacher's final (normed) hidden state per position in the cache and its head here, the
 teacher's full distribution is recomputed exactly, block by block, during training: the teacher's
-body is never loaded. The logits are those of `pipeline.models.output_logits`: the head,
-then `finish_logits` with the logit scale, divisor and final softcap the manifest records.
+body is never loaded. The logits are those of `pipeline.models.output_logits`: the head's product in
+the dtype the teacher computed with (the head is stored in it: a bf16 teacher's logits carry bf16's
+rounding, in the capture's logsumexp and here alike), then float32 and `finish_logits` with the logit
+scale, divisor and final softcap the manifest records.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from .representation import decode_hidden
 
 
 class TeacherHead:
-    """hidden (P, d) -> the teacher's logits (P, V) float32, computed in float32 on `device`."""
+    """hidden (P, d) -> the teacher's logits (P, V) float32: the product in the head's own dtype (the teacher's), as
+    the capture computed it, then float32."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, teacher: Teacher, encoding: str | None = None):
-        self.weight = weight.float()  # (V, d)
-        self.bias = None if bias is None else bias.float()
+        self.weight = weight  # (V, d), in the dtype the teacher computed with
+        self.bias = bias
         self.scale, self.divisor, self.softcap = teacher.logit_scale, teacher.logits_divisor, teacher.logit_softcap
         self.encoding = encoding  # of the cached final_hidden field
 
@@ -47,7 +50,6 @@ class TeacherHead:
         return decode_hidden(cached, self.encoding)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        logits = h.float() @ self.weight.T
-        if self.bias is not None:
-            logits = logits + self.bias
-        return finish_logits(logits, self.scale, self.divisor, self.softcap)
+        logits = torch.nn.functional.linear(h.to(self.weight.dtype), self.weight, self.bias)
+        return finish_logits(logits if logits.dtype == torch.float64 else logits.float(), self.scale, self.divisor,
+                             self.softcap)
