@@ -28,7 +28,7 @@ import numpy as np
 
 from .. import distributed, models
 from ..config import TeacherCacheConfig
-from ..errors import CaptureError, TeacherError
+from ..errors import CaptureError, StorageError, TeacherError
 from ..format.index import field_of
 from ..format.layout import HEAD_FILE, IGNORE_INDEX, MANIFEST
 from ..format.manifest import Manifest
@@ -340,9 +340,9 @@ def run_shards(computer, prepared: Prepared, todo, writer: CacheWriter, batch_si
                 wait = 0.0
             while in_flight:
                 in_flight.popleft().result()
-        except OSError as e:
-            raise CaptureError(f"writing the cache failed ({e.strerror or e}); committed shards are kept: fix the "
-                               "cause and rerun the same command to resume") from e
+        except (OSError, StorageError) as e:
+            raise CaptureError(f"writing the cache failed ({getattr(e, 'strerror', None) or e}); committed shards are "
+                               "kept: fix the cause and rerun the same command to resume") from e
         finally:
             for f in in_flight:
                 f.cancel()

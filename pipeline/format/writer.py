@@ -8,6 +8,7 @@ without a record is redone. `finalize` streams the records into each written par
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -19,6 +20,7 @@ from ..errors import CacheError
 from .index import INDEX_FILE, IndexWriter, field_of, index_path, legacy_part
 from .layout import HEAD_FILE, MANIFEST, ROWS_FILE, TOKENIZER_DIR, WORK_DIR, shard_ranges, sync_file, write_json
 from .manifest import FORMAT_NAME, Manifest, manifest_digest
+from .shards import ShardEncoder
 from .specs import FieldSpec, numcodecs_quiet
 from .storage import Storage
 
@@ -100,6 +102,7 @@ class CacheWriter:
             self.parts[split] = {"path": parts[-1].path, "row_start": parts[-1].row_start,
                                  "shard_start": sum(p.shards for p in parts[:-1])}
         self._arrays: dict[tuple[str, str], object] = {}
+        self._encoders: dict[tuple[str, str], ShardEncoder | None] = {}
 
     # -- setup ------------------------------------------------------------------------------
     def create_arrays(self) -> None:
@@ -150,16 +153,28 @@ class CacheWriter:
 
     # -- shards -----------------------------------------------------------------------------
     def write_shard(self, split: str, index: int, targets, stats: dict) -> dict:
-        """Write shard `index` (within the part) of every field, checksum its files, commit it."""
+        """Write shard `index` (within the part) of every field, checksum its files, commit it. A field whose
+        layout `ShardEncoder` knows is encoded here and stored as one object (on local disk: written under a
+        temporary name, fsynced, renamed; checksummed from the bytes written); any other goes through zarr."""
         part = self.parts[split]
         start, end = shard_ranges(self.split_rows[split], self.shard_rows)[index]
         fields = targets.fields()
-        for spec in self.specs:
-            self._arrays[(split, spec.name)][start:end] = self._checked(spec, fields[spec.name], split, index,
-                                                                         end - start)
         files = {}
         for spec in self.specs:
+            data = self._checked(spec, fields[spec.name], split, index, end - start)
             rel = self.shard_file(split, spec.name, index)
+            encoder = self._encoder(split, spec.name)
+            if encoder is None:
+                self._arrays[(split, spec.name)][start:end] = data
+                continue
+            blob = encoder.encode(data)
+            self.st.write_bytes(rel, blob)
+            files[rel] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()} if self.st.is_local \
+                else self.st.digest(rel)  # on object storage: read back, so the upload is checked too
+        for spec in self.specs:
+            rel = self.shard_file(split, spec.name, index)
+            if rel in files:
+                continue
             if not self.st.exists(rel):
                 raise CacheError(f"shard {split}/{index}: zarr wrote no file at {rel} (layout changed?)")
             files[rel] = self.st.digest(rel)  # on object storage: read back, so the upload is checked too
@@ -173,6 +188,12 @@ class CacheWriter:
                "row_end": part["row_start"] + end, "files": files, **stats}
         write_json(self.st, commit_path(split, g), rec)
         return rec
+
+    def _encoder(self, split: str, field: str) -> ShardEncoder | None:
+        key = (split, field)
+        if key not in self._encoders:
+            self._encoders[key] = ShardEncoder.of(self._arrays[key])
+        return self._encoders[key]
 
     @staticmethod
     def _checked(spec: FieldSpec, data: np.ndarray, split: str, index: int, rows: int) -> np.ndarray:
