@@ -378,7 +378,7 @@ def shard_stats(t: TeacherTargets, lengths: np.ndarray, seconds: float, labels: 
                 "teacher_correct": int((pred == labels)[known].sum())}
     L = t.logsumexp.shape[1]
     valid = np.arange(L)[None, :] < lengths[:, None]
-    mass = np.exp(t.topk_logprobs.astype(np.float64)).sum(-1)  # (B, L)
+    mass = np.exp(t.topk_logprobs.astype(np.float32)).sum(-1, dtype=np.float64)  # (B, L)
     return {"tokens": int(lengths.sum()), "seconds": seconds, "topk_mass_sum": float(mass[valid].sum())}
 
 

@@ -53,6 +53,8 @@ class TeacherTargets:
 
     @staticmethod
     def concat(parts: list["TeacherTargets"]) -> "TeacherTargets":
+        if len(parts) == 1:
+            return parts[0]
         first = parts[0]
         return TeacherTargets(
             **{k: (np.concatenate([getattr(p, k) for p in parts]) if v is not None else None)
