@@ -66,16 +66,18 @@ class ShardEncoder:
         shard_rows = arr.metadata.chunk_grid.chunk_shape[0]
         return cls(sharding.chunk_shape[0], shard_rows, serializer, compressors, arr.metadata.fill_value)
 
-    def encode_chunk(self, x: np.ndarray) -> bytes:
+    def encode_chunk(self, x: np.ndarray) -> memoryview:
+        """One inner chunk's bytes (a view of `x` itself when nothing encodes it: no copy)."""
         buf = np.ascontiguousarray(x)
         out = buf.view(np.uint8).reshape(-1) if self.serializer is None else self.serializer.encode(buf)
         for c in self.compressors:
             out = c.encode(out)
-        return bytes(out) if not isinstance(out, bytes) else out
+        return memoryview(out).cast("B")
 
-    def encode(self, data: np.ndarray) -> bytes:
-        """The bytes of a shard holding `data` (its rows from the shard's first; fewer than shard_rows for the last
-        shard of an array whose rows end inside it)."""
+    def encode(self, data: np.ndarray) -> list[memoryview]:
+        """The parts of a shard holding `data` (its rows from the shard's first; fewer than shard_rows for the last
+        shard of an array whose rows end inside it): the encoded chunks, then the index. Their concatenation is the
+        shard; kept apart so that nothing is copied to join them (write them in order, hash them in order)."""
         import google_crc32c
 
         n = self.shard_rows // self.chunk_rows
@@ -91,8 +93,8 @@ class ShardEncoder:
                 x = np.concatenate([x, pad])
             enc = self.encode_chunk(x)
             parts.append(enc)
-            index[i] = (offset, len(enc))
-            offset += len(enc)
+            index[i] = (offset, enc.nbytes)
+            offset += enc.nbytes
         raw = index.tobytes()
         crc = np.uint32(google_crc32c.value(raw)).astype("<u4").tobytes()
-        return b"".join(parts) + raw + crc
+        return parts + [memoryview(raw + crc)]

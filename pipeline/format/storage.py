@@ -156,20 +156,23 @@ class Storage:
             return sorted(p[len(prefix):] for p in self.fs.glob(prefix + pattern))
 
     # -- writing ------------------------------------------------------------------------------
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """One object (file) at once; on local disk through a temporary name, fsynced, renamed."""
+    def write_bytes(self, rel: str, data: bytes | list) -> None:
+        """One object (file) at once, from bytes or a list of buffers written in order (not joined on local disk);
+        on local disk through a temporary name, fsynced, renamed."""
+        parts = data if isinstance(data, list) else [data]
         with storage_errors(f"{self.location}/{rel}", "cannot write"):
             if self.is_local:
                 path = self.local_path(rel)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(path.name + ".tmp")
                 with open(tmp, "wb") as f:
-                    f.write(data)
+                    for part in parts:
+                        f.write(part)
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
             else:
-                self.fs.pipe_file(self.path(rel), data)
+                self.fs.pipe_file(self.path(rel), b"".join(parts))
 
     def size(self, rel: str) -> int:
         with storage_errors(f"{self.location}/{rel}", "cannot look up"):

@@ -74,6 +74,14 @@ def rows_table(rows) -> pa.Table:
     return pa.table(cols)
 
 
+def _digest(parts: list) -> dict:
+    """{"bytes", "sha256"} of the concatenation of `parts`, without concatenating them."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    return {"bytes": sum(memoryview(p).nbytes for p in parts), "sha256": h.hexdigest()}
+
+
 class CacheWriter:
     """Creates a cache's arrays, writes and commits shards, and finalizes the manifest.
 
@@ -167,10 +175,10 @@ class CacheWriter:
             if encoder is None:
                 self._arrays[(split, spec.name)][start:end] = data
                 continue
-            blob = encoder.encode(data)
-            self.st.write_bytes(rel, blob)
-            files[rel] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()} if self.st.is_local \
-                else self.st.digest(rel)  # on object storage: read back, so the upload is checked too
+            parts = encoder.encode(data)
+            self.st.write_bytes(rel, parts)
+            files[rel] = _digest(parts) if self.st.is_local else self.st.digest(rel)  # on object storage: read back,
+            # so that the upload is checked too
         for spec in self.specs:
             rel = self.shard_file(split, spec.name, index)
             if rel in files:
