@@ -335,7 +335,7 @@ class StudentRunConfig(_Strict):
         "auto", description="students' forward passes: auto = bf16 autocast on a GPU, float32 on a CPU; bf16-autocast "
                             "on any device (on a CPU: matrix products in bfloat16, as on a GPU); the losses are "
                             "computed in float32 either way")
-    logit_block_mib: int = Field(
+    logit_block_mib: float = Field(
         256, ge=0, description="a student's logits and every term that reads them are computed a block of positions "
                                "at a time, each block's float32 logits at most this size (forward and backward: no "
                                "(batch, seq_len, vocab) tensor); 0: materialised whole (mutual learning always is)")

@@ -114,7 +114,7 @@ def test_a_student_trains_the_same_with_and_without_blocks(rich_cache, tmp_path)
                  "warmup_steps": 2}]
     train_students(student_run(rich_cache.root, tmp_path / "a", students, logit_block_mib=0), log=lambda m: None,
                    progress=False)
-    train_students(student_run(rich_cache.root, tmp_path / "b", students, logit_block_mib=1), log=lambda m: None,
+    train_students(student_run(rich_cache.root, tmp_path / "b", students, logit_block_mib=0.1), log=lambda m: None,
                    progress=False)
     ra = [json.loads(x) for x in (tmp_path / "a" / "s" / "metrics.jsonl").read_text().splitlines()]
     rb = [json.loads(x) for x in (tmp_path / "b" / "s" / "metrics.jsonl").read_text().splitlines()]

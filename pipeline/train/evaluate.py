@@ -90,15 +90,17 @@ def _logit_blocks(model, ids: torch.Tensor, forward: dict, device, autocast: boo
     from .step import StudentHead, can_block
 
     L = ids.shape[1]
+    V = model.get_output_embeddings().weight.shape[0] if can_block(model) else 0
+    P = max(1, int(EVAL_BLOCK_MIB * 2**20 // (4 * V * ids.shape[0]))) if V else L
+    whole = P >= L  # one block holds every position (or the head cannot be split off): the model's own logits
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        if not can_block(model):
-            logits = model(input_ids=ids, **forward).logits
-            yield 0, L, logits
-            return
-        last = model.base_model(input_ids=ids, **forward).last_hidden_state
+        out = (model if whole else model.base_model)(input_ids=ids, **forward)
+    if whole:
+        yield 0, L, out.logits
+        return
+    last = out.last_hidden_state
     weight = model.get_output_embeddings().weight
     head = StudentHead(TeacherSpec.from_config(model.config), autocast)
-    P = max(1, int(EVAL_BLOCK_MIB * 2**20 // (4 * weight.shape[0] * ids.shape[0])))
     for a in range(0, L, P):
         yield a, min(L, a + P), head(last[:, a : a + P], weight)
 

@@ -101,29 +101,33 @@ def autocast_on(device, precision: str = "auto") -> bool:
 
 
 def forward(engine, wiring: Wiring, batch: dict, device, want_logits: bool = True,
-            view: dict | None = None, block_mib: int = 0, precision: str = "auto") -> StudentOutput:
+            view: dict | None = None, block_mib: float = 0, precision: str = "auto") -> StudentOutput:
     """A student's forward pass on a batch (through DDP when wrapped), with what its terms need; `view`: a
     cross-tokenizer student's own rows for the batch (`crosstok.StudentRows.batch`). `block_mib` > 0: its
     logits are made by the terms, blocks of positions whose float32 logits take at most that many MiB (where
-    the student's head allows it, see `StudentModule`); 0: materialised. `precision`: see `autocast_on`."""
+    the student's head allows it, see `StudentModule`, and the batch's logits exceed one block); 0: materialised.
+    `precision`: see `autocast_on`."""
     src = view if view is not None else batch
     ids = src["input_ids"].to(device, non_blocking=True)
     masks = aligned_masks(view, device) if view is not None else batch_masks(batch, device)
     module = engine.module if hasattr(engine, "module") else engine
-    blockwise = bool(block_mib) and module.can_block and "labels" not in batch
+    positions = 0  # per row, in a block
+    if block_mib and module.can_block and "labels" not in batch:
+        V = module.model.get_output_embeddings().weight.shape[0]
+        positions = max(1, int(block_mib * 2**20 // (4 * V * ids.shape[0])))
+    blockwise = 0 < positions < ids.shape[1]  # one block would hold every position: materialised, as fast as ever
     autocast = autocast_on(device, precision)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         logits, hidden, maps, last, weight = engine(ids, want_logits=want_logits, blockwise=blockwise, **masks.forward)
     if last is None:
         return StudentOutput(logits, ids, masks, hidden, maps)
     head = StudentHead(models.TeacherSpec.from_config(module.model.config), autocast)
-    positions = max(1, int(block_mib * 2**20 // (4 * weight.shape[0] * ids.shape[0])))  # per row, in a block
     return StudentOutput(None, ids, masks, hidden, maps, last=last, head=head, weight=weight,
                          block_positions=positions)
 
 
 def step_losses(model, batch: dict, spec: StudentConfig, manifest: Manifest, device,
-                wiring: Wiring | None = None, head=None, block_mib: int = 0,
+                wiring: Wiring | None = None, head=None, block_mib: float = 0,
                 precision: str = "auto") -> dict[str, torch.Tensor]:
     """One batch's terms and total for a bare model (benchmarks, tests): the recipe's computation."""
     wiring = wiring or Wiring()
