@@ -1,6 +1,6 @@
 """Capture overhead and storage for the default teacher (SmolLM2-135M) on this machine.
 
-    make bench            (or: python benchmarks/bench_capture.py --tokens 8192 --repeats 3)
+    make bench            (or: python benchmarks/bench_capture.py --tokens 8192 --repeats 5)
 
 In one process, over the same rows and batch size, it times
   bare     the teacher's plain forward, `model(input_ids).logits` (what a hand-rolled dump starts from)
@@ -36,7 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(REPO / "data/configs/teacher_cache.toml"))
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per timed run")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
 
     base = [f"data.max_tokens={args.tokens}", "data.validation_fraction=0.0"]
@@ -86,10 +86,12 @@ def main() -> None:
 
     med = {k: statistics.median(v) for k, v in times.items()}
     n = rows.n_tokens
-    print("\n| run | median s | tokens/s | / bare |")
-    print("|---|---|---|---|")
+    print("\n| run | median s | tokens/s | / bare (medians) | / bare per repeat: median (min..max) |")
+    print("|---|---|---|---|---|")
     for k, v in med.items():
-        print(f"| {k} | {v:.2f} | {n / v:,.0f} | {v / med['bare']:.3f} |")
+        per = [a / b for a, b in zip(times[k], times["bare"])]  # each repeat against its own bare run
+        print(f"| {k} | {v:.2f} | {n / v:,.0f} | {v / med['bare']:.3f} | {statistics.median(per):.3f} "
+              f"({min(per):.3f}..{max(per):.3f}) |")
     for m, man in manifests.items():
         bpt = man.stats.bytes_per_token
         print(f"\nbytes per token, {m} ({man.stats.bytes_on_disk / n:,.1f} total):")
