@@ -81,13 +81,13 @@ class FieldSpec:
         return {"compressors": [ZstdCodec(level=level)] if level else None}
 
 
-# pcodec levels of the top-K fields, measured per core on the default cache's own arrays (docs/format.md,
-# "Codecs"): the ids at 8 (~90 MB/s, 1.17x; level 12 is 12% smaller but ten times slower, ~9 MB/s, which caps a
-# writer core at ~70k tokens/s at K = 64: a quarter of one GPU's output for a 1B teacher), the sorted log-probs at 8
-# (pcodec's delta modes; 12 gains nothing)
+# pcodec levels of the top-K fields, measured per core on the default cache's own arrays (docs/real-shapes.md,
+# "Codecs per field"): the ids at 8 (1.17x; level 12 is 10% smaller but ten times slower, which caps a writer core
+# at ~55k tokens/s at K = 64: a quarter of one GPU's output for a 1B teacher), the sorted log-probs at 8 (pcodec's
+# delta modes; 12 gains nothing)
 TOPK_LEVELS = {"topk_ids": 8, "topk_logprobs": 8, "sample_ids": 8, "sample_counts": 8, "sample_logprobs": 8}
 # hidden states (float16, bfloat16 bits, int8) are nearly incompressible (zstd alone: 1.08x on SmolLM2's): a byte
-# shuffle groups their exponent bytes, which zstd at level 1 takes to 1.15x at ~650 MB/s per core
+# shuffle groups their exponent bytes, which zstd at level 1 takes to 1.15x (docs/real-shapes.md, "Codecs per field")
 HIDDEN_LEVEL = 1
 ID_DTYPE_LIMIT = 65536  # vocabularies up to this size store ids as uint16
 
