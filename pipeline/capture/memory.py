@@ -73,8 +73,9 @@ def working_set(cfg: TeacherCacheConfig, spec, params: int, n_hidden: int, n_att
     hidden = 2 * n_hidden * B * L * d * s
     attention = B * H * L * L * (4 + s) if n_attention else 0
     maps = n_attention * B * heads_stored * L * L * 2 * 2  # float16, recorded and stacked
+    head = 3 * min(c.position_chunk, B * L) * spec.vocab_size * 4
     return WorkingSet(weights=params * s, layer=B * L * (6 * d + 3 * ff) * s, hidden_states=hidden,
-                      attention=attention, attention_maps=maps, lm_head=3 * min(c.position_chunk, B * L) * spec.vocab_size * 4)
+                      attention=attention, attention_maps=maps, lm_head=head)
 
 
 def device_memory(device) -> int | None:

@@ -2,10 +2,10 @@
 
 Everything that can be checked without the teacher's weights is checked first (settings
 against the model config, the dataset, the output directory, the disk), so bad input fails
-in seconds. Shards are computed in order; each is handed to a writer thread while the next
-one is computed (several shards in flight with several writers), and committed when its files are on disk. A rerun of the same command
-resumes at the first uncommitted shard; batches never cross shards, so the bytes are the
-same as an uninterrupted run's.
+in seconds. Shards are computed in order; each is handed to a pool of writer threads (several
+shards in flight, at most one per writer) while the next ones are computed, and committed when
+its files are on disk. A rerun of the same command resumes at the first uncommitted shard;
+batches never cross shards, so the bytes are the same as an uninterrupted run's.
 
 On several ranks (torchrun), every rank loads the teacher and computes its share of the shards;
 rank 0 alone prepares the output (`output.prepare_output`) and writes the manifest once every
@@ -39,9 +39,9 @@ from ..format.storage import Storage
 from ..format.writer import CacheWriter
 from .checks import (check_output_dir, check_settings, check_task, check_teacher_document_masking, first_rows_check,
                      row_pad_id, stored_heads)
+from .memory import WorkingSet, check_memory, parameter_count, working_set
 from .output import Output, prepare_output, store_head, writer_lock
 from .plan import Append, TaskInfo, append_base, build_plan, cached_keys, plan_append, same_rows_on_every_rank
-from .memory import WorkingSet, check_memory, parameter_count, working_set
 from .rows import Prepared, prepare
 from .targets import ClassTargetComputer, TargetComputer, TeacherTargets
 
