@@ -237,7 +237,7 @@ def test_early_stopping_keeps_the_best_weights_in_model_dir(cache_dir, tmp_path,
 
     script = iter([5.0, 4.0, 4.5, 4.6, 4.7, 4.8])
 
-    def scripted(models, batches, device, head=None, task=None, readings=None):
+    def scripted(models, batches, device, head=None, task=None, readings=None, precision="auto"):
         nll = next(script)
         return {n: {"nll": nll, "ppl": float(np.exp(nll)), "top1_agreement": 0.1, "kl": 1.0, "ece": 0.1, "tokens": 1}
                 for n in models}
