@@ -15,7 +15,6 @@ Attention without maps (sdpa) and the KV cache (off) add nothing that grows with
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from ..config import TeacherCacheConfig
@@ -79,16 +78,21 @@ def working_set(cfg: TeacherCacheConfig, spec, params: int, n_hidden: int, n_att
 
 
 def device_memory(device) -> int | None:
-    """Bytes of memory of the teacher's device: a GPU's total, or the host's available memory; None: unknown."""
+    """Bytes of memory of the teacher's device: a GPU's total, or the host's available memory (MemAvailable: free
+    plus what the kernel can reclaim, such as the page cache); None: unknown."""
     import torch
 
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    if device.type == "cpu" and hasattr(os, "sysconf"):
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-        except (ValueError, OSError):
-            return None
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return None
 
 
