@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from ..config import TeacherCacheConfig
 from ..errors import CaptureError
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 HEADROOM = 0.9  # of a device's memory the estimate may take: the allocator's fragmentation and the runtime's own
 
 
@@ -65,8 +64,10 @@ def parameter_count(model_config, task: str = "causal-lm") -> int:
 def working_set(cfg: TeacherCacheConfig, spec, params: int, n_hidden: int, n_attention: int,
                 heads_stored: int) -> WorkingSet:
     """The estimate for batches of capture.batch_size rows of data.seq_len positions."""
+    import torch
+
     c, B, L = cfg.capture, cfg.capture.batch_size, cfg.data.seq_len
-    s = DTYPE_BYTES.get(cfg.teacher.dtype, 4)
+    s = getattr(torch, cfg.teacher.dtype).itemsize
     d, H = spec.hidden_size, spec.num_heads
     ff = spec.intermediate_size or 4 * d
     hidden = 2 * n_hidden * B * L * d * s
@@ -112,11 +113,12 @@ def check_memory(cfg: TeacherCacheConfig, ws: WorkingSet, device, shards: int = 
     have = device_memory(device)
     if have is None:
         return
-    need = ws.weights / max(1, shards) + ws.batch
+    weights = ws.weights / max(1, shards)
+    need = weights + ws.batch
     if need > HEADROOM * have:
         where = f"{device.type} memory ({'total' if device.type == 'cuda' else 'available'})"
         raise CaptureError(
-            f"the capture needs about {need / gib:,.1f} GiB on its device (weights {ws.weights / max(1, shards) / gib:,.1f}"
+            f"the capture needs about {need / gib:,.1f} GiB on its device (weights {weights / gib:,.1f}"
             f" GiB, a batch {ws.batch / gib:,.1f} GiB: " + ", ".join(
                 f"{k} {getattr(ws, k) / gib:,.1f}" for k in ("layer", "hidden_states", "attention", "attention_maps",
                                                               "lm_head") if getattr(ws, k)) +

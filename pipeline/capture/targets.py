@@ -222,13 +222,15 @@ class HiddenStates:
 
     def __init__(self, model, n_layers: int, indices: list[int], hooks: bool = True):
         self.indices, self.n = indices, n_layers
-        stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers]
-        self.layers = stacks[0] if hooks and len(stacks) == 1 else None
+        self.layers = None
+        if hooks and indices:
+            stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers]
+            self.layers = stacks[0] if len(stacks) == 1 else None
         self.states: dict[int, torch.Tensor] = {}
 
     @property
     def hooked(self) -> bool:
-        return self.layers is not None and bool(self.indices)
+        return self.layers is not None
 
     @contextlib.contextmanager
     def recording(self):
@@ -257,11 +259,11 @@ class HiddenStates:
         return torch.stack([out.last_hidden_state if i == self.n else self.states[i] for i in self.indices], dim=1)
 
 
-def add_representations(host: HostBatch, out, valid: torch.Tensor, recorder, cfg, hidden: HiddenStates | None,
+def add_representations(host: HostBatch, out, valid: torch.Tensor, recorder, cfg, hidden: HiddenStates,
                         attention_layers: list[int]) -> HostBatch:
     """The selected hidden states (B, n, L, d) and attention maps (B, n, H, L, L) of a forward pass `out` onto
     `host`, zero at padding, in their storage dtypes."""
-    if hidden is not None and hidden.indices:
+    if hidden.indices:
         hs = hidden.stacked(out)  # (B, n, L, d)
         hs = torch.where(valid[:, None, :, None], hs, 0)
         if cfg.hidden_dtype == "int8":

@@ -172,17 +172,13 @@ class CacheWriter:
             data = self._checked(spec, fields[spec.name], split, index, end - start)
             rel = self.shard_file(split, spec.name, index)
             encoder = self._encoder(split, spec.name)
-            if encoder is None:
-                self._arrays[(split, spec.name)][start:end] = data
+            if encoder is not None:
+                parts = encoder.encode(data)
+                self.st.write_bytes(rel, parts)  # on local disk: fsynced
+                # on object storage: read back, so that the upload is checked too
+                files[rel] = _digest(parts) if self.st.is_local else self.st.digest(rel)
                 continue
-            parts = encoder.encode(data)
-            self.st.write_bytes(rel, parts)
-            files[rel] = _digest(parts) if self.st.is_local else self.st.digest(rel)  # on object storage: read back,
-            # so that the upload is checked too
-        for spec in self.specs:
-            rel = self.shard_file(split, spec.name, index)
-            if rel in files:
-                continue
+            self._arrays[(split, spec.name)][start:end] = data
             if not self.st.exists(rel):
                 raise CacheError(f"shard {split}/{index}: zarr wrote no file at {rel} (layout changed?)")
             files[rel] = self.st.digest(rel)  # on object storage: read back, so the upload is checked too

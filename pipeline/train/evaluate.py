@@ -87,12 +87,11 @@ def _logit_blocks(model, ids: torch.Tensor, forward: dict, device, autocast: boo
     """(a, b, the model's logits at positions a..b of every row), blocks of at most EVAL_BLOCK_MIB of float32
     logits made from its last hidden state through its head (a linear head without bias; else the logits are made
     whole and sliced)."""
-    from .step import StudentHead, can_block
+    from .step import StudentHead, block_positions
 
     L = ids.shape[1]
-    V = model.get_output_embeddings().weight.shape[0] if can_block(model) else 0
-    P = max(1, int(EVAL_BLOCK_MIB * 2**20 // (4 * V * ids.shape[0]))) if V else L
-    whole = P >= L  # one block holds every position (or the head cannot be split off): the model's own logits
+    P = block_positions(model, ids.shape[0], EVAL_BLOCK_MIB)
+    whole = not 0 < P < L  # one block holds every position (or the head cannot be split off): the model's own logits
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         out = (model if whole else model.base_model)(input_ids=ids, **forward)
     if whole:

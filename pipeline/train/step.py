@@ -46,6 +46,14 @@ def can_block(model) -> bool:
     return isinstance(head, torch.nn.Linear) and head.bias is None and getattr(model, "base_model", model) is not model
 
 
+def block_positions(model, rows: int, block_mib: float) -> int:
+    """Positions of each of `rows` rows in a block whose float32 logits take at most `block_mib` MiB (at least 1);
+    0 when the logits are not made in blocks (block_mib 0, or a head `can_block` refuses)."""
+    if not block_mib or not can_block(model):
+        return 0
+    return max(1, int(block_mib * 2**20 // (4 * model.get_output_embeddings().weight.shape[0] * rows)))
+
+
 class StudentModule(torch.nn.Module):
     """Everything a student trains: the model and its hidden-state projections. Its forward pass
     returns exactly what the step's loss uses (logits only when a term or the mutual term reads
@@ -61,7 +69,6 @@ class StudentModule(torch.nn.Module):
         self.model, self.projections = model, wiring.projections
         self.hidden_indices = [s for s, _ in wiring.hidden]
         self.attention_layers = [s for s, _ in wiring.attention]
-        self.can_block = can_block(model)
 
     def forward(self, input_ids, want_logits: bool = True, blockwise: bool = False, **kw):
         recorder = attention.AttentionRecorder(self.attention_layers, None, "none") if self.attention_layers else None
@@ -111,10 +118,7 @@ def forward(engine, wiring: Wiring, batch: dict, device, want_logits: bool = Tru
     ids = src["input_ids"].to(device, non_blocking=True)
     masks = aligned_masks(view, device) if view is not None else batch_masks(batch, device)
     module = engine.module if hasattr(engine, "module") else engine
-    positions = 0  # per row, in a block
-    if block_mib and module.can_block and "labels" not in batch:
-        V = module.model.get_output_embeddings().weight.shape[0]
-        positions = max(1, int(block_mib * 2**20 // (4 * V * ids.shape[0])))
+    positions = block_positions(module.model, ids.shape[0], block_mib) if "labels" not in batch else 0
     blockwise = 0 < positions < ids.shape[1]  # one block would hold every position: materialised, as fast as ever
     autocast = autocast_on(device, precision)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
