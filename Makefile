@@ -10,7 +10,7 @@ DISTILL    := HF_HUB_OFFLINE=1 $(BIN)/distill
 TEACHER    := data/teachers/SmolLM2-135M-Instruct
 
 .PHONY: setup teacher-cache student inspect verify test test-fast docs bench clean bench-targets fortunes-example \
-	cross-tokenizer-example gpu-check
+	cross-tokenizer-example gpu-check onpolicy redistill bench-onpolicy
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,23 @@ student: $(VENV)/.installed $(CACHE)/manifest.json
 
 $(CACHE)/manifest.json:
 	$(MAKE) teacher-cache
+
+# on-policy rounds (docs/onpolicy.md): the from-teacher student samples, the teacher scores, the student trains on a
+# 50/50 mix with the offline cache; resumes where it stopped. Needs: make teacher-cache, and that student
+ONPOLICY_CONFIG ?= data/configs/onpolicy.toml
+onpolicy: $(VENV)/.installed $(CACHE)/manifest.json
+	$(DISTILL) onpolicy --config $(ONPOLICY_CONFIG) $(ARGS)
+
+# new data arrived (docs/onpolicy.md): append NEW_DATA (files or globs) to the cache, then the students of
+# STUDENT_CONFIG continue from their last models into OUT
+OUT ?= data/students/redistilled
+redistill: $(VENV)/.installed $(CACHE)/manifest.json
+	$(DISTILL) redistill --cache-config $(CONFIG) --student-config $(STUDENT_CONFIG) \
+		$(foreach f,$(NEW_DATA),--data '$(f)') --out $(OUT) $(ARGS)
+
+# offline vs on-policy vs a 50/50 mix, 3 seeds (docs/onpolicy.md; about an hour and a half on 2 CPU cores)
+bench-onpolicy: $(VENV)/.installed $(CACHE)/manifest.json
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_onpolicy.py
 
 inspect verify: $(VENV)/.installed
 	$(DISTILL) $@ $(CACHE)

@@ -8,7 +8,6 @@ literals and fall back to plain strings (`teacher.model=gpt2`).
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +15,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .overrides import merge_overrides
 
 
 class _Strict(BaseModel):
@@ -72,9 +72,14 @@ class DataConfig(_Strict):
     bos: Literal["auto"] | bool = Field(
         "auto", description="rows begin with the teacher's BOS token: 'auto' when its tokenizer adds one "
                             "(as tokenizer('x') does), true/false to force it")
-    format: Literal["text", "messages", "prompt_response"] = Field(
+    format: Literal["text", "messages", "prompt_response", "tokens"] = Field(
         "text", description="'text': a text column; 'messages': a column of [{role, content}] conversations; "
-                            "'prompt_response': prompt and response columns; both rendered with the chat template")
+                            "'prompt_response': prompt and response columns; both rendered with the chat template; "
+                            "'tokens': rows given as token ids (ids_column), one per row, taken exactly as they are "
+                            "(no BOS or EOS added): `distill generate` output, or any pre-tokenised data")
+    ids_column: str = Field("input_ids", description="format='tokens': the column of token-id lists")
+    completion_column: str = Field("completion_start", description="format='tokens', loss_mask='assistant': the "
+                                                                   "column of each row's first completion token index")
     messages_column: str = Field("messages", description="format='messages': the conversations column")
     prompt_column: str = Field("prompt", description="format='prompt_response': the prompt (user turn) column")
     response_column: str = Field("response", description="format='prompt_response': the response column")
@@ -82,7 +87,7 @@ class DataConfig(_Strict):
         None, description="a Jinja chat template (or a path to a file holding one); None: the tokenizer's own")
     loss_mask: Literal["all", "assistant"] = Field(
         "all", description="'all': every real position trains; 'assistant': only positions that predict an "
-                           "assistant (or response) token, stored with the rows")
+                           "assistant (or response, or format='tokens': completion) token, stored with the rows")
     document_mask: bool = Field(
         False, description="packed rows: each document attends only to itself (block-diagonal causal attention, "
                            "positions restarting per document), at capture and in training")
@@ -91,13 +96,21 @@ class DataConfig(_Strict):
     max_tokens: int | None = Field(None, gt=0, description="stop after this many tokens (before splitting)")
     validation_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of rows, chosen by content key")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _tokens_unpacked(cls, raw):  # rows given as token ids are kept as given: packing is off unless asked for
+        return {**raw, "packing": False} if isinstance(raw, dict) and raw.get("format") == "tokens" and \
+            "packing" not in raw else raw
+
     @model_validator(mode="after")
     def _format_rules(self) -> "DataConfig":
         if self.loss_mask == "assistant" and self.format == "text":
-            raise ValueError("loss_mask='assistant' needs chat data: set data.format to 'messages' or "
-                             "'prompt_response'")
-        if self.chat_template is not None and self.format == "text":
-            raise ValueError("chat_template is set but data.format is 'text' (nothing is rendered with it)")
+            raise ValueError("loss_mask='assistant' needs chat data or completions (data.format 'messages', "
+                             "'prompt_response' or 'tokens')")
+        if self.chat_template is not None and self.format in ("text", "tokens"):
+            raise ValueError(f"chat_template is set but data.format is {self.format!r} (nothing is rendered with it)")
+        if self.format == "tokens" and self.packing:
+            raise ValueError("data.format = 'tokens' keeps each row as given: data.packing must be false")
         if self.document_mask and not self.packing:
             raise ValueError("document_mask separates the documents of packed rows: it needs packing = true")
         bad = [k for k in self.splits if k not in ("validation", "test")]
@@ -374,56 +387,6 @@ class StudentRunConfig(_Strict):
 
     def task_list(self) -> list[TaskConfig]:
         return self.tasks or [TaskConfig(name="default", cache=self.cache)]
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'capture.top_k=32' -> (['capture', 'top_k'], 32)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. capture.top_k=32)")
-    key, raw = text.split("=", 1)
-    path = [p for p in key.strip().split(".") if p]
-    if not path:
-        raise ConfigError(f"override {text!r} has an empty key")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return path, value
-
-
-def merge_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply dotted overrides to a nested dict (a copy); sections are created as needed."""
-    out = copy.deepcopy(raw)
-    for text in overrides:
-        path, value = parse_override(text)
-        node = out
-        for part in path[:-1]:
-            if isinstance(node, list):
-                node = _list_item(node, part, text)
-                continue
-            child = node.setdefault(part, {})
-            if not isinstance(child, (dict, list)):
-                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
-            node = child
-        if isinstance(node, list):
-            idx = _index(node, path[-1], text)
-            node[idx] = value
-        else:
-            node[path[-1]] = value
-    return out
-
-
-def _index(items: list, part: str, text: str) -> int:
-    if not part.isdigit() or int(part) >= len(items):
-        raise ConfigError(f"override {text!r}: {part!r} is not an index of a list of {len(items)}")
-    return int(part)
-
-
-def _list_item(items: list, part: str, text: str) -> dict:
-    item = items[_index(items, part, text)]
-    if not isinstance(item, dict):
-        raise ConfigError(f"override {text!r}: item {part} is a value, not a section")
-    return item
 
 
 def load_config(model: type[BaseModel], path: str | Path | None, overrides: list[str] = ()) -> Any:

@@ -50,6 +50,13 @@ def describe(m: Manifest, where: str) -> list[str]:
              + ", ".join(f"{s.name}: {s.rows} rows / {s.tokens:,} tokens / {s.shards} shards"
                          for s in m.splits.values())]
     lines.append(_row_convention(m))
+    gen = d.get("generation")
+    if gen:  # rows sampled by a model (distill generate): who, with what, in which round
+        g, sp = gen.get("generator", {}), gen.get("sampling", {})
+        lines.append(f"generated    by {g.get('model')} (weights sha256 {str(g.get('weights_sha256'))[:16]}..., "
+                     f"{g.get('dtype')})" + (f", on-policy round {gen['round']}" if gen.get("round") is not None else "")
+                     + f"; temperature {sp.get('temperature')}, top_p {sp.get('top_p')}, seed {sp.get('seed')}, "
+                     f"max_new_tokens {sp.get('max_new_tokens')}")
     for g in m.grown:
         lines.append(f"grown        #{g.number}: +" + ", ".join(f"{k} {v}" for k, v in g.rows.items())
                      + f" rows ({g.tokens:,} tokens) from {g.dataset['source']} {len(g.dataset['data_files'])} "

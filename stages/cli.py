@@ -12,6 +12,7 @@ import typer
 
 from pipeline.errors import DistillError
 from stages import cache as cache_commands
+from stages import onpolicy as stage3
 from stages import share
 from stages import student as stage2
 from stages import teacher_cache as stage1
@@ -23,6 +24,9 @@ app.command("inspect")(cache_commands.inspect)
 app.command("verify")(cache_commands.verify)
 app.command("convert-teacher")(stage1.convert_teacher)
 app.command("student")(stage2.student)
+app.command("generate")(stage3.generate)
+app.command("onpolicy")(stage3.onpolicy)
+app.command("redistill")(stage3.redistill)
 app.command("push")(share.push)
 app.command("pull")(share.pull)
 app.command("ls")(share.ls)

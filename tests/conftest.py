@@ -201,32 +201,11 @@ def capture(cfg: dict):
     return run_capture(TeacherCacheConfig.model_validate(cfg), log=lambda m: None, progress=False)
 
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(f"no TOML for {type(v).__name__}")
-
-
 def write_toml(path: Path, cfg: dict) -> Path:
     """A settings dict as a TOML file, for commands run as subprocesses (torchrun)."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in cfg.items() if v is not None and not isinstance(v, dict)
-             and not (isinstance(v, list) and v and isinstance(v[0], dict))]
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            lines += ["", f"[{k}]"] + [f"{json.dumps(a)} = {_toml_value(b)}" for a, b in v.items() if b is not None]
-        elif isinstance(v, list) and v and isinstance(v[0], dict):
-            for item in v:
-                lines += ["", f"[[{k}]]"] + [f"{json.dumps(a)} = {_toml_value(b)}" for a, b in item.items()
-                                             if b is not None]
-    path.write_text("\n".join(lines) + "\n")
+    from pipeline.onpolicy.settings import dump_toml
+
+    path.write_text(dump_toml(cfg))
     return path
 
 

@@ -3,7 +3,7 @@
 Every import of every module (top-level or inside a function: a lazy import is still an arrow) is read
 from the source. The layers, bottom up: `errors`; `config` and `format` (no torch); `distributed`,
 `attention` and `models` (shared by both stages); stage 1 (`capture`) and stage 2 (`train`), which never
-import each other; the CLI (`stages`).
+import each other; the on-policy loop (`onpolicy`), which runs both; the CLI (`stages`).
 """
 
 from __future__ import annotations
@@ -113,15 +113,19 @@ def test_stage_two_never_imports_stage_one_nor_the_other_way(graph):
             assert not {d for d in deps if d.startswith("pipeline.capture")}, name
         if name.startswith("pipeline.capture"):
             assert not {d for d in deps if d.startswith("pipeline.train")}, name
+        if name.startswith(("pipeline.capture", "pipeline.train")):  # the loop stands on both stages, not under
+            assert not {d for d in deps if d.startswith("pipeline.onpolicy")}, name
 
 
 def test_the_floors_import_no_stage(graph):
-    floor = ["pipeline.errors", "pipeline.config", "pipeline.models", "pipeline.distributed", "pipeline.attention"]
+    floor = ["pipeline.errors", "pipeline.config", "pipeline.overrides", "pipeline.models", "pipeline.distributed",
+             "pipeline.attention"]
     floor += [n for n in graph if n.startswith("pipeline.format")]
     for name in floor:
         climbing = {d for d in graph[name] if d.startswith(("pipeline.capture", "pipeline.train", "stages"))}
         assert not climbing, f"{name} imports {climbing}"
-    assert graph["pipeline.config"] <= {"pipeline.errors"}
+    assert graph["pipeline.config"] <= {"pipeline.errors", "pipeline.overrides"}
+    assert graph["pipeline.overrides"] <= {"pipeline.errors"}
     assert graph["pipeline.errors"] == set()
 
 

@@ -11,18 +11,29 @@ import pytest
 import tomllib
 
 from pipeline.config import StudentRunConfig, TeacherCacheConfig, load_config
+from pipeline.onpolicy.settings import GenerateConfig, OnPolicyConfig
 from pipeline.train.terms import check_losses
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 
 
+def _model(raw: dict):
+    """Which command's settings a TOML document is: generate, onpolicy, teacher-cache or student."""
+    if "generator" in raw:
+        return GenerateConfig
+    if "start" in raw:
+        return OnPolicyConfig
+    return TeacherCacheConfig if "teacher" in raw else StudentRunConfig
+
+
 def _validate(raw: dict, where: str):
-    model = TeacherCacheConfig if "teacher" in raw else StudentRunConfig
+    model = _model(raw)
     cfg = model.model_validate(raw)
-    if model is StudentRunConfig:
-        for s in cfg.students:  # loss names and mixes are the registry's to check
-            check_losses(s)
+    students = cfg.students if model is StudentRunConfig else \
+        cfg.round_student_config(1, [("x", "x", 1.0)], Path("x")).students if model is OnPolicyConfig else []
+    for s in students:  # loss names and mixes are the registry's to check
+        check_losses(s)
     return cfg
 
 
@@ -31,7 +42,7 @@ def test_shipped_configs_validate():
     assert len(configs) >= 6
     for path in configs:
         _validate(tomllib.loads(path.read_text()), str(path))
-        load_config(TeacherCacheConfig if "[teacher]" in path.read_text() else StudentRunConfig, path)
+        load_config(_model(tomllib.loads(path.read_text())), path)
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))

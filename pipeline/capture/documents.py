@@ -8,6 +8,12 @@ assistant turns' characters for the loss mask). `token_documents` turns them int
 Rows are what the teacher expects (`RowConvention`): when its tokenizer adds a BOS token (as
 `tokenizer("x")` does), every document starts with it. Text documents end with EOS; chat documents
 end where their template ends them.
+
+Pre-tokenised rows (data.format = "tokens": a column of token-id lists, e.g. `distill generate`'s
+samples) are taken exactly as given, one per row: on-policy targets must sit at exactly the positions
+the student produced, which re-tokenising text would not keep. Parquet files written by `distill
+generate` carry their generator's identity in their schema metadata (`GENERATION_KEY`); it is
+checked (one generator, the teacher's tokenizer) and recorded in the cache's manifest.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from ..config import LOCAL_LOADERS, DataConfig
 from ..errors import DataError
 
 DOC_BATCH = 256  # documents tokenised together
+GENERATION_KEY = b"distill.generation"  # Parquet schema metadata of `distill generate` output: who sampled the rows
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
@@ -67,7 +74,7 @@ class RowConvention:
         want = adds if cfg.bos == "auto" else bool(cfg.bos)
         if want and tokenizer.bos_token_id is None:
             raise DataError("data.bos = true, but the teacher's tokenizer has no BOS token (bos_token_id is None)")
-        template, source = (None, None) if cfg.format == "text" else _chat_template(cfg, tokenizer)
+        template, source = (None, None) if cfg.format in ("text", "tokens") else _chat_template(cfg, tokenizer)
         return cls(cfg.bos, adds, int(tokenizer.bos_token_id) if want else None, template, source)
 
     def to_dict(self) -> dict:
@@ -137,7 +144,7 @@ def load_documents(cfg: DataConfig, split: str | None = None, task: str = "causa
     except Exception as e:  # datasets raises many types (StopIteration for an empty json file)
         raise DataError(f"cannot load dataset {cfg.source!r} {files[:3] or ''}: "
                         f"{type(e).__name__}: {e or 'no data'}") from e
-    for what, col in _columns(cfg, task):
+    for what, col in data_columns(cfg, task):
         if col not in ds.column_names:
             raise DataError(f"{what} column {col!r} not in dataset {cfg.source!r} split {split!r} "
                             f"(columns: {', '.join(ds.column_names)})"
@@ -151,15 +158,64 @@ def load_documents(cfg: DataConfig, split: str | None = None, task: str = "causa
         "split": split,
         "text_column": cfg.text_column,
         "format": cfg.format,
-        "columns": {what: col for what, col in _columns(cfg, task)},
+        "columns": {what: col for what, col in data_columns(cfg, task)},
         "data_files": [_portable(f) for f in files],
         "datasets_fingerprint": getattr(ds, "_fingerprint", None),
         "documents_available": len(ds),
     }
+    if cfg.format == "tokens":
+        generation = generation_of(files)
+        if generation is not None:
+            info["generation"] = generation
     return ds, info
 
 
-def _columns(cfg: DataConfig, task: str = "causal-lm") -> list[tuple[str, str]]:
+def generation_of(files: list[str]) -> dict | None:
+    """What `distill generate` recorded in the schema metadata of these Parquet files (its generator, tokenizer,
+    sampling settings, round): one record for all of them; None when none carries one. Files of several
+    generations, or a mix of generated and other files, are refused: the manifest records one lineage."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    seen: dict[str, list[str]] = {}
+    for f in files:
+        if not f.endswith(".parquet"):
+            seen.setdefault("", []).append(f)
+            continue
+        meta = pq.read_schema(f).metadata or {}
+        seen.setdefault(meta.get(GENERATION_KEY, b"").decode(), []).append(f)
+    records = [k for k in seen if k]
+    if not records:
+        return None
+    if len(seen) > 1:
+        groups = "; ".join(f"{len(v)} file(s) like {Path(v[0]).name}" + (" from no generation" if not k else "")
+                           for k, v in seen.items())
+        raise DataError(f"data.format = 'tokens': the data files come from {len(seen)} different generations "
+                        f"({groups}); score one generation per cache (or append them one at a time)")
+    generation = json.loads(records[0])
+    generation.pop("part", None)
+    return generation
+
+
+def check_generation(generation: dict | None, tokenizer) -> None:
+    """Rows sampled by a model must be scored by a teacher with the same tokenizer: the ids are the targets'
+    positions. (Cross-tokenizer on-policy distillation, re-aligning the ids by text, is out of scope.)"""
+    from ..format.layout import tokenizer_fingerprint
+
+    if generation is None:
+        return
+    theirs = (generation.get("tokenizer") or {}).get("fingerprint")
+    ours = tokenizer_fingerprint(tokenizer)
+    if theirs != ours:
+        who = (generation.get("generator") or {}).get("model", "?")
+        raise DataError(f"the rows were sampled by {who!r}, whose tokenizer (fingerprint {str(theirs)[:16]}...) is not "
+                        f"the teacher's ({ours[:16]}...): on-policy targets must be the teacher's distribution at "
+                        "exactly the student's token ids, so generator and teacher must share a tokenizer "
+                        "(cross-tokenizer on-policy distillation is not supported)")
+
+
+def data_columns(cfg: DataConfig, task: str = "causal-lm") -> list[tuple[str, str]]:
     if task != "causal-lm":
         return [("words" if task == "token-classification" else "text", cfg.text_column),
                 ("label", cfg.label_column)]
@@ -167,6 +223,9 @@ def _columns(cfg: DataConfig, task: str = "causal-lm") -> list[tuple[str, str]]:
         return [("messages", cfg.messages_column)]
     if cfg.format == "prompt_response":
         return [("prompt", cfg.prompt_column), ("response", cfg.response_column)]
+    if cfg.format == "tokens":
+        return [("token ids", cfg.ids_column)] + ([("completion start", cfg.completion_column)]
+                                                   if cfg.loss_mask == "assistant" else [])
     return [("text", cfg.text_column)]
 
 
@@ -175,7 +234,7 @@ def _portable(path: str) -> str:
     return "{stdlib}" + path[len(stdlib) :] if path.startswith(stdlib) else path
 
 
-def _conversations(batch: dict, cfg: DataConfig, first_index: int) -> list[list[dict]]:
+def conversations(batch: dict, cfg: DataConfig, first_index: int) -> list[list[dict]]:
     """The batch's conversations as lists of {role, content}; bad items are refused by row index."""
     if cfg.format == "prompt_response":
         convs = []
@@ -258,11 +317,13 @@ def token_documents(ds, tokenizer, cfg: DataConfig, conv: RowConvention, timing:
     """
     bos, eos = conv.bos_token_id, tokenizer.eos_token_id
     want_flags = cfg.loss_mask == "assistant"
-    if want_flags and not getattr(tokenizer, "is_fast", False):
+    if want_flags and cfg.format != "tokens" and not getattr(tokenizer, "is_fast", False):
         raise DataError("data.loss_mask = 'assistant' needs a fast tokenizer (character offsets per token)")
 
     def tokenised(item: tuple[int, dict]) -> list[tuple[np.ndarray, np.ndarray | None]]:
         start, batch = item
+        if cfg.format == "tokens":
+            return given_tokens(batch, cfg, start, len(tokenizer))
         if cfg.format == "text":
             texts = [t for t in batch[cfg.text_column] if isinstance(t, str) and t.strip()]
             if not texts:
@@ -274,7 +335,7 @@ def token_documents(ds, tokenizer, cfg: DataConfig, conv: RowConvention, timing:
                 docs.append((np.asarray(ids + [eos] if eos is not None else ids, dtype=np.int32), None))
             return docs
         rendered = [render_conversation(tokenizer, conv.chat_template, m)
-                    for m in _conversations(batch, cfg, start) if m]
+                    for m in conversations(batch, cfg, start) if m]
         if not rendered:
             return []
         enc = tokenizer([text for text, _ in rendered], add_special_tokens=False,
@@ -296,9 +357,45 @@ def token_documents(ds, tokenizer, cfg: DataConfig, conv: RowConvention, timing:
             timing["documents_tokenised"] = timing.get("documents_tokenised", 0) + len(next(iter(item[1].values())))
         return docs
 
-    columns = [c for _, c in _columns(cfg)]
+    columns = [c for _, c in data_columns(cfg)]
     for docs in distributed.split_work(document_batches(ds, cfg, columns), timed):  # each rank tokenises 1/W
         yield from docs
+
+
+def given_tokens(batch: dict, cfg: DataConfig, first_index: int, vocab: int
+                 ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """data.format = 'tokens': each row's ids as given, and (loss_mask = 'assistant') flags on its completion,
+    the tokens from its completion start on. Ids outside the tokenizer's vocabulary, rows longer than seq_len
+    and completion starts outside a row are refused by row index."""
+    docs = []
+    starts = batch.get(cfg.completion_column) if cfg.loss_mask == "assistant" else None
+    for i, ids in enumerate(batch[cfg.ids_column]):
+        where = f"row {first_index + i}"
+        try:
+            arr = np.asarray(ids if ids is not None else [], dtype=np.int64)
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: column {cfg.ids_column!r} must hold lists of token ids") from None
+        if arr.ndim != 1:
+            raise DataError(f"{where}: column {cfg.ids_column!r} must hold flat lists of token ids")
+        if not len(arr):
+            continue
+        bad = arr[(arr < 0) | (arr >= vocab)]
+        if len(bad):
+            raise DataError(f"{where}: token id {int(bad[0])} is outside the teacher's vocabulary (0..{vocab - 1}): "
+                            "were these rows made with another tokenizer?")
+        if len(arr) > cfg.seq_len:
+            raise DataError(f"{where}: {len(arr)} token ids, more than data.seq_len = {cfg.seq_len}; rows given as "
+                            "tokens are never cut (a cut completion would train on what was not produced): raise "
+                            "seq_len")
+        flags = None
+        if starts is not None:
+            s = starts[i]
+            if not isinstance(s, (int, np.integer)) or not 0 < s <= len(arr):
+                raise DataError(f"{where}: {cfg.completion_column} = {s!r} is not a position inside the row's "
+                                f"{len(arr)} tokens (1..{len(arr)}: at least one prompt token comes first)")
+            flags = (np.arange(len(arr)) >= s).astype(np.uint8)
+        docs.append((arr.astype(np.int32), flags))
+    return docs
 
 
 def document_batches(ds, cfg: DataConfig, columns: list[str]):

@@ -30,7 +30,7 @@ import numpy as np
 from ..config import DataConfig
 from ..errors import DataError
 from ..models import LabelSet
-from .documents import DOC_BATCH, RowConvention, load_documents, token_documents
+from .documents import DOC_BATCH, RowConvention, check_generation, load_documents, token_documents
 from .labels import classification_blocks
 from .rowfiles import KeyStore, RowFile, RowFileWriter, Rows
 
@@ -276,6 +276,7 @@ class _Preparation:
     def blocks(self, split: str | None, where: str, stats: dict):
         """(info, the split's rows as keyed `Rows` blocks)."""
         ds, info = load_documents(self.cfg, split, self.task)
+        check_generation(info.get("generation"), self.tokenizer)  # before any row is made
         if self.task != "causal-lm":
             raw = classification_blocks(ds, self.tokenizer, self.cfg, self.task, self.labels, self.pad_id, where,
                                         stats)
