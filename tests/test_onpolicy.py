@@ -124,7 +124,7 @@ def loop_cfg(llama_dir, corpus, base, out, **kw) -> OnPolicyConfig:
            "eval_prompts": {**prompts, "shuffle_seed": 5, "max_documents": 4},
            "sampling": {"max_new_tokens": 10, "batch_size": 4, "rows_per_part": 4, "prompt_tokens": 16},
            "offline": [{"name": "offline", "cache": str(base / "cache"), "weight": 1.0}],
-           "student": {"losses": {"kd_reverse": 1.0, "ce": 0.2}, "lr": 2e-3, "warmup_steps": 1},
+           "student": {"name": "op", "losses": {"kd_reverse": 1.0, "kd_forward": 0.5}, "lr": 2e-3, "warmup_steps": 1},
            "train": {"batch_size": 4, "max_steps": 3, "eval_every": 3, "log_every": 1, "device": "cpu"}, **kw}
     return OnPolicyConfig.model_validate(cfg)
 
@@ -140,7 +140,7 @@ def test_onpolicy_rounds_resume_after_a_kill_at_every_step(llama_dir, corpus, of
     whole = run_onpolicy(loop_cfg(llama_dir, corpus, offline, tmp_path / "whole"), progress=False, log=lambda m: None)
     assert sorted(whole["rounds"]) == ["1", "2"]
     r1, r2 = whole["rounds"]["1"], whole["rounds"]["2"]
-    assert r1["generator"].endswith("s/model") and r2["generator"] == r1["model"]
+    assert r1["generator"].endswith("s/model") and r2["generator"] == r1["model"] and r1["model"].endswith("op/model")
     for r in (r1, r2):
         assert r["status"] == "finished" and set(r["seconds"]) == {"generate", "score", "train", "evaluate"}
         assert r["samples_teacher_nll"]["teacher_nll"] > 0 and r["eval"]["tokens"] > 0
@@ -165,8 +165,8 @@ def test_onpolicy_rounds_resume_after_a_kill_at_every_step(llama_dir, corpus, of
     for r in ("round-001", "round-002"):
         for k in ("samples",):
             assert samples(out / r / k) == samples(tmp_path / "whole" / r / k)
-        a, b = weights(out / r / "students" / "student" / "model"), weights(tmp_path / "whole" / r / "students" /
-                                                                             "student" / "model")
+        a, b = weights(out / r / "students" / "op" / "model"), weights(tmp_path / "whole" / r / "students" / "op" /
+                                                                        "model")
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert done["rounds"]["2"]["eval"] == whole["rounds"]["2"]["eval"]
 
@@ -177,15 +177,18 @@ def test_a_round_is_a_plain_student_run(llama_dir, corpus, offline, tmp_path):
     from pipeline.onpolicy.loop import run_onpolicy
     from pipeline.train.recipe import train_students
 
-    run_onpolicy(loop_cfg(llama_dir, corpus, offline, tmp_path / "run", eval_prompts=None), progress=False,
-                 log=lambda m: None)
+    said = []
+    cfg = loop_cfg(llama_dir, corpus, offline, tmp_path / "run", eval_prompts=None)
+    cfg = cfg.model_copy(update={"student": {**cfg.student, "losses": {"kd_reverse": 1.0, "ce": 0.2}}})
+    run_onpolicy(cfg, progress=False, log=said.append)
+    assert any(m.startswith("warning: student.losses has ce") for m in said)
     toml = tmp_path / "run" / "round-002" / "student.toml"
     plain = load_config(StudentRunConfig, toml, [f"output_dir={tmp_path / 'plain'}"])
     assert [t.name for t in plain.tasks] == ["offline", "round-001", "round-002"]
-    assert plain.students[0].pretrained.endswith("round-001/students/student/model")
+    assert plain.students[0].pretrained.endswith("round-001/students/op/model") and plain.students[0].name == "op"
     train_students(plain, log=lambda m: None, progress=False)
-    a, b = weights(tmp_path / "plain" / "student" / "model"), weights(tmp_path / "run" / "round-002" / "students" /
-                                                                       "student" / "model")
+    a, b = weights(tmp_path / "plain" / "op" / "model"), weights(tmp_path / "run" / "round-002" / "students" / "op" /
+                                                                  "model")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -254,3 +257,36 @@ def test_bad_input_is_refused_before_any_sampling(llama_dir, bos_llama_dir, chat
         run_onpolicy(loop_cfg(llama_dir, corpus, offline, tmp_path / "z",
                               student={"losses": {"kd_forward": 1.0, "hidden_mse": 1.0}}),
                      progress=False, log=lambda m: None)
+
+
+def _ranks_of_sampled(model_dir, rows) -> list[int]:
+    """Rank of each sampled token in the model's own next-token distribution over the tokenizer's ids (0 = its
+    argmax; the head's padding rows are never sampled)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    vocab = len(AutoTokenizer.from_pretrained(model_dir))
+    out = []
+    with torch.no_grad():
+        for r in rows:
+            x = torch.as_tensor(r["input_ids"])[None]
+            logits = model(x).logits[0]
+            for t in range(r["completion_start"], r["length"]):
+                z = logits[t - 1, :vocab]
+                out.append(int((z > z[x[0, t]]).sum()))
+    return out
+
+
+def test_the_samples_follow_the_settings_not_the_checkpoints_sampling_defaults(llama_dir, corpus, tmp_path):
+    """A checkpoint whose generation_config.json asks for top_k = 1, top_p = 0.1 and a repetition penalty does not
+    change what is sampled: at temperature 1 tokens far down the distribution are drawn (transformers' own default
+    of top_k = 50 would forbid ranks >= 50), and greedy decoding picks the argmax at every step."""
+    model = tmp_path / "model"
+    shutil.copytree(llama_dir, model)
+    (model / "generation_config.json").write_text(json.dumps({"top_k": 1, "top_p": 0.1, "repetition_penalty": 1.5,
+                                                               "do_sample": True}))
+    run_generate(gen_cfg(model, corpus, tmp_path / "t1"), progress=False)
+    ranks = _ranks_of_sampled(model, samples(tmp_path / "t1"))
+    assert len(ranks) > 100 and max(ranks) >= 50 and np.mean(np.asarray(ranks) > 0) > 0.5
+    run_generate(gen_cfg(model, corpus, tmp_path / "greedy", sampling={"temperature": 0}), progress=False)
+    assert set(_ranks_of_sampled(model, samples(tmp_path / "greedy"))) == {0}

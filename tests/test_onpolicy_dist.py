@@ -57,8 +57,8 @@ def test_onpolicy_under_torchrun_with_the_caches_in_a_bucket(llama_dir, corpus, 
         assert b.manifest.dataset["generation"]["round"] == int(r[-1])
         for f in ("topk_ids", "topk_logprobs", "target_logprob"):
             np.testing.assert_array_equal(a.array("train", f)[:], b.array("train", f)[:])
-        wa = weights(tmp_path / "one" / r / "students" / "student" / "model")
-        wb = weights(tmp_path / "two" / r / "students" / "student" / "model")
+        wa = weights(tmp_path / "one" / r / "students" / "op" / "model")
+        wb = weights(tmp_path / "two" / r / "students" / "op" / "model")
         for k in wa:
             torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
     report = json.loads((tmp_path / "two" / "report.json").read_text())
@@ -101,3 +101,19 @@ def test_redistill_appends_new_documents_and_continues_the_students(llama_dir, c
     # continuing into the folder of the students it continues: refused
     res = redistill(tmp_path / "students")
     assert res.returncode == 2 and "where the students to continue are" in res.stderr
+
+
+def test_generate_on_the_command_line(llama_dir, corpus, tmp_path):
+    from test_onpolicy import gen_cfg
+
+    cfg = gen_cfg(llama_dir, corpus, tmp_path / "s").model_dump(mode="json")
+    path = write_toml(tmp_path / "gen.toml", {k: v for k, v in cfg.items() if v is not None})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([DISTILL, "generate", "-c", str(path)], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == str(tmp_path / "s") and len(samples(tmp_path / "s")) == 14
+    res = subprocess.run([DISTILL, "generate", "-c", str(path), "-s", "prompts.seq_len=20", "-s",
+                          "sampling.prompt_tokens=30", "-s", f"output.dir={tmp_path / 'x'}"], capture_output=True,
+                         text=True, env=env)
+    assert res.returncode == 2 and "leave no room for sampling.max_new_tokens" in res.stderr
+    assert not (tmp_path / "x").exists()

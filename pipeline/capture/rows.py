@@ -195,6 +195,9 @@ def row_blocks(ds, tokenizer, cfg: DataConfig, conv: RowConvention, stats: dict,
                 stats["documents_truncated"] += 1
                 ids, doc_flags = ids[:L], doc_flags[:L]
             take = int(min(len(ids), budget - stats["tokens_read"]))
+            if take < len(ids) and cfg.format == "tokens":
+                stats["documents"] -= 1
+                break  # rows given as tokens are never cut: data.max_tokens stops before the row that passes it
             if take < len(ids):
                 nxt = int(doc_flags[take])
             stats["tokens_read"] += take

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,15 +31,13 @@ from typing import Callable
 import numpy as np
 
 from .. import distributed, models
-from ..errors import DataError, StorageError, TeacherError
-from ..format.layout import file_digest, tokenizer_fingerprint
-from .settings import GenerateConfig
 from ..capture.documents import (GENERATION_KEY, RowConvention, conversations, data_columns, document_batches,
-                                 given_tokens, load_documents)
+                                 load_documents)
+from ..errors import DataError, TeacherError
+from ..format.layout import tokenizer_fingerprint
+from .samples import FORMAT, VERSION, finish, part_name, prepare_dir, write_part
+from .settings import GenerateConfig
 
-FORMAT = "distill-samples"
-VERSION = 1
-PLAN = "generation.json"
 
 
 @dataclass
@@ -68,11 +64,7 @@ class GenerationResult:
     parts: list = field(default_factory=list)
 
 
-def part_name(p: int) -> str:
-    return f"part-{p:05d}.parquet"
-
-
-def eos_ids(tokenizer, model_config=None, generation_config=None) -> list[int]:
+def eos_ids(tokenizer, generation_config=None) -> list[int]:
     """Every id that ends a completion: the tokenizer's EOS and those of the model's generation config."""
     out = []
     for src in (getattr(generation_config, "eos_token_id", None), tokenizer.eos_token_id):
@@ -143,19 +135,30 @@ def load_prompts(cfg: GenerateConfig, tokenizer) -> Prompts:
     out.skipped_long = len(too_long)
     if not out.ids:
         raise DataError(f"no prompt to sample for ({out.skipped_empty} empty, {out.skipped_long} too long)")
-    out.info = {**info, "convention": conv.to_dict(), "prompts": len(out.ids), "skipped_long": out.skipped_long,
+    digest = hashlib.sha256()
+    for i, ids in zip(out.index, out.ids):  # which prompts, in which order, as which ids
+        digest.update(np.asarray([i, len(ids)], "<i8").tobytes() + np.asarray(ids, "<i4").tobytes())
+    out.info = {**info, "settings": pc.model_dump(mode="json"), "convention": conv.to_dict(), "prompts": len(out.ids),
+                "prompt_ids_sha256": digest.hexdigest(), "skipped_long": out.skipped_long,
                 "skipped_empty": out.skipped_empty}
     return out
 
 
 def _prompt_ids(batch: dict, pc, conv: RowConvention, tokenizer, start: int) -> list[np.ndarray | None]:
-    if pc.format == "tokens":
-        return [ids for ids, _ in given_tokens(batch, pc, start, len(tokenizer))]
+    if pc.format == "tokens":  # one entry per row (None: empty), so that indices stay the dataset's
+        out: list = []
+        for i, ids in enumerate(batch[pc.ids_column]):
+            arr = np.asarray(ids if ids is not None else [], dtype=np.int64)
+            if arr.ndim != 1 or ((arr < 0) | (arr >= len(tokenizer))).any():
+                raise DataError(f"prompt {start + i}: column {pc.ids_column!r} must hold lists of ids of the "
+                                f"generator's vocabulary (0..{len(tokenizer) - 1})")
+            out.append(arr.astype(np.int32) if len(arr) else None)
+        return out
     if pc.format == "text":
         texts = batch[pc.text_column]
         keep = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
         enc = tokenizer([texts[i] for i in keep], add_special_tokens=False)["input_ids"] if keep else []
-        out: list = [None] * len(texts)
+        out = [None] * len(texts)
         for i, ids in zip(keep, enc):
             out[i] = np.asarray(ids, np.int32)
         return out
@@ -210,8 +213,6 @@ def run_generate(cfg: GenerateConfig, log: Callable[[str], None] = print, progre
                  after_part: Callable[[int], None] | None = None) -> GenerationResult:
     """Sample (or resume, or find finished) the completions of `cfg`; in this process or as one rank of a
     torchrun launch (rank r samples parts r, r + W, ...; rank 0 writes generation.json)."""
-    import torch
-
     ranks = distributed.setup()
     if not ranks.main:
         log, progress = (lambda m: None), False
@@ -227,11 +228,11 @@ def run_generate(cfg: GenerateConfig, log: Callable[[str], None] = print, progre
     except ValueError as e:
         raise TeacherError(str(e)) from None
     prompts = load_prompts(cfg, tokenizer)
-    gen_config = _generation_config(g, model_config)
-    eos = eos_ids(tokenizer, model_config, gen_config)
-    plan = generation_plan(cfg, tokenizer, model_config, prompts, device.type, eos)
+    eos = eos_ids(tokenizer, _generation_config(g, model_config))
+    # one plan for every rank (rank 0's: the weights hashed once), so that every part carries the same record
+    plan = distributed.on_main(lambda: generation_plan(cfg, tokenizer, model_config, prompts, device.type, eos))
     out = Path(cfg.output.dir)
-    done = distributed.on_main(lambda: _prepare_dir(out, plan, cfg.output.overwrite, log))
+    done = distributed.on_main(lambda: prepare_dir(out, plan, cfg.output.overwrite, log))
     res = GenerationResult(out, plan)
     if done is not None:
         log(f"{out}: finished samples with these settings ({done['statistics']['rows']} rows); nothing to do")
@@ -244,29 +245,37 @@ def run_generate(cfg: GenerateConfig, log: Callable[[str], None] = print, progre
     res.resumed_parts = len(mine) - len(todo)
     if res.resumed_parts:
         log(f"resuming: {res.resumed_parts} of {len(mine)} parts already written")
-    if todo:
-        model = models.load_model(g, device)
-        sampler = _Sampler(model, tokenizer, cfg, gen_config, eos, device, plan)
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(min(R, len(units) - p * R) for p in todo), unit="row", desc="generate",
-                   disable=not progress)
-        t0, new_tokens = time.perf_counter(), 0
-        for p in todo:
-            table = sampler.part(p, units[p * R:(p + 1) * R], prompts)
-            _write_part(out, p, table)
-            res.computed_parts += 1
-            new_tokens += int(np.sum(table.column("length").to_numpy() - table.column("completion_start").to_numpy()))
-            bar.update(table.num_rows)
-            bar.set_postfix(completion_tokens_per_s=f"{new_tokens / max(time.perf_counter() - t0, 1e-9):,.0f}")
-            if after_part is not None:
-                after_part(p)
-        bar.close()
-        res.seconds = time.perf_counter() - t0
-    distributed.all_gather(res.computed_parts)  # every rank's parts are written
-    seconds = sum(distributed.all_gather(res.seconds))
-    done = distributed.on_main(lambda: _finish(out, plan, n_parts, seconds, log))
+    # every rank joins (an error on one stops them all); after it, every part is written
+    new_tokens = distributed.all_agree(lambda: _sample_parts(cfg, todo, units, prompts, tokenizer, eos, device, plan,
+                                                             res, progress, after_part) if todo else 0)
+    seconds = max(distributed.all_gather(res.seconds))
+    new_tokens = sum(distributed.all_gather(new_tokens))
+    done = distributed.on_main(lambda: finish(out, plan, n_parts, seconds, new_tokens, log))
     return _finished(res, done)
+
+
+def _sample_parts(cfg: GenerateConfig, todo: list[int], units, prompts: Prompts, tokenizer, eos, device, plan: dict,
+                  res: GenerationResult, progress: bool, after_part) -> int:
+    """Sample and write this rank's missing parts; the completion tokens sampled."""
+    from tqdm.auto import tqdm
+
+    R = cfg.sampling.rows_per_part
+    model = models.load_model(cfg.generator, device)
+    sampler = _Sampler(model, tokenizer, cfg, eos, device, plan)
+    bar = tqdm(total=sum(min(R, len(units) - p * R) for p in todo), unit="row", desc="generate", disable=not progress)
+    t0, new_tokens = time.perf_counter(), 0
+    for p in todo:
+        table = sampler.part(p, units[p * R:(p + 1) * R], prompts)
+        write_part(Path(cfg.output.dir), p, table)
+        res.computed_parts += 1
+        new_tokens += int(np.sum(table.column("length").to_numpy() - table.column("completion_start").to_numpy()))
+        bar.update(table.num_rows)
+        bar.set_postfix(completion_tokens_per_s=f"{new_tokens / max(time.perf_counter() - t0, 1e-9):,.0f}")
+        if after_part is not None:
+            after_part(p)
+    bar.close()
+    res.seconds = time.perf_counter() - t0
+    return new_tokens
 
 
 def _finished(res: GenerationResult, done: dict) -> GenerationResult:
@@ -278,18 +287,22 @@ def _finished(res: GenerationResult, done: dict) -> GenerationResult:
 
 
 def _generation_config(g, model_config):
+    """The checkpoint's generation config, read for its end-of-sequence ids only (its sampling defaults are not
+    used): generation_config.json at the model's revision, else what the model config says."""
     from transformers import GenerationConfig
 
+    if g.gguf_file or g.model.endswith(".gguf"):
+        return GenerationConfig.from_model_config(model_config)
     try:
-        return GenerationConfig.from_pretrained(g.model if not g.model.endswith(".gguf") else str(Path(g.model).parent))
-    except Exception:  # noqa: BLE001  a checkpoint without generation_config.json
+        return GenerationConfig.from_pretrained(g.model, revision=g.revision)
+    except OSError:  # a checkpoint without generation_config.json
         return GenerationConfig.from_model_config(model_config)
 
 
 class _Sampler:
     """Samples the completions of one part, a batch at a time, each batch seeded from its place."""
 
-    def __init__(self, model, tokenizer, cfg: GenerateConfig, base_config, eos: list[int], device, plan: dict):
+    def __init__(self, model, tokenizer, cfg: GenerateConfig, eos: list[int], device, plan: dict):
         from transformers import GenerationConfig
 
         sc = cfg.sampling
@@ -299,13 +312,16 @@ class _Sampler:
         vocab = int(getattr(model.config.get_text_config(), "vocab_size", 0) or 0)
         # the head's padding rows (ids the tokenizer does not have) are never sampled: no text, no teacher target
         unknown = list(range(len(tokenizer), vocab)) or None
-        # only what is set here decides the draws: the checkpoint's own sampling defaults (top_k = 50, a
-        # repetition penalty, ...) would make the samples another distribution than the settings say
-        self.gen = GenerationConfig(do_sample=not greedy, temperature=None if greedy else sc.temperature,
-                                    top_p=None if greedy or sc.top_p == 1 else sc.top_p, top_k=None,
-                                    max_new_tokens=sc.max_new_tokens, eos_token_id=eos or None,
-                                    pad_token_id=self.pad, bos_token_id=base_config.bos_token_id,
-                                    suppress_tokens=unknown)
+        # Only these settings decide the draws. generate() fills every setting left unset from the checkpoint's
+        # generation_config.json, then from its own defaults (top_k = 50): the model's is replaced by an empty one
+        # and every filter is set to its neutral value, so the samples are softmax(z / temperature), nucleus-cut.
+        model.generation_config = GenerationConfig()
+        self.gen = GenerationConfig(
+            do_sample=not greedy, temperature=1.0 if greedy else sc.temperature, top_p=1.0 if greedy else sc.top_p,
+            top_k=None if greedy else 0, typical_p=1.0, min_p=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
+            min_length=0, num_beams=1, num_return_sequences=1, return_dict_in_generate=False,
+            max_new_tokens=sc.max_new_tokens, eos_token_id=eos or None, pad_token_id=self.pad,
+            bos_token_id=tokenizer.bos_token_id, suppress_tokens=unknown)
         self.meta = {GENERATION_KEY: json.dumps(plan, sort_keys=True).encode()}
 
     def part(self, p: int, units: list[tuple[int, int]], prompts: Prompts):
@@ -343,86 +359,3 @@ class _Sampler:
                           "prompt_index": pa.array(pidx, pa.int64()), "sample": pa.array(sample, pa.int32()),
                           "ended": pa.array(ended, pa.bool_())})
         return table.replace_schema_metadata(self.meta)
-
-
-def _write_part(out: Path, p: int, table) -> None:
-    import pyarrow.parquet as pq
-
-    tmp = out / f".{part_name(p)}.tmp-{os.getpid()}"
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, out / part_name(p))  # a part is there whole or not at all
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise StorageError(f"cannot write {out / part_name(p)}: {e}") from e
-
-
-def _prepare_dir(out: Path, plan: dict, overwrite: bool, log) -> dict | None:
-    """Make (or resume in) the output folder; the finished record when these samples are done already."""
-    path = out / PLAN
-    if out.exists() and not out.is_dir():
-        raise StorageError(f"samples output {out} is a file, not a folder")
-    if path.is_file():
-        old = json.loads(path.read_text())
-        same = {k: old.get(k) for k in plan} == plan
-        if same and old.get("status") == "finished":
-            return old
-        if not same:
-            changed = sorted(k for k in plan if old.get(k) != plan[k])
-            if not overwrite:
-                raise DataError(f"{out} holds samples made with other settings ({', '.join(changed)} differ): "
-                                "choose another output.dir, or set output.overwrite = true to replace them")
-            log(f"{out}: replacing samples made with other settings ({', '.join(changed)})")
-            shutil.rmtree(out)
-    elif out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise StorageError(f"samples output {out} is a folder with other files in it: choose an empty or new "
-                               "folder (or output.overwrite = true)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".part-*.tmp-*"):  # a killed run's half-written part
-        stale.unlink()
-    if not path.is_file():
-        _write_json(path, {**plan, "status": "running"})
-    return None
-
-
-def _finish(out: Path, plan: dict, n_parts: int, seconds: float, log) -> dict:
-    import pyarrow.parquet as pq
-
-    parts, rows, prompt_tokens, completion_tokens, ended = [], 0, 0, 0, 0
-    for p in range(n_parts):
-        f = out / part_name(p)
-        if not f.is_file():
-            raise StorageError(f"{f} is missing after generation: was another run writing to {out}?")
-        t = pq.read_table(f, columns=["length", "completion_start", "ended"])
-        lengths, starts = t.column("length").to_numpy(), t.column("completion_start").to_numpy()
-        rows += t.num_rows
-        prompt_tokens += int(starts.sum())
-        completion_tokens += int((lengths - starts).sum())
-        ended += int(np.sum(t.column("ended").to_numpy(zero_copy_only=False)))
-        parts.append({"path": part_name(p), "rows": t.num_rows, **file_digest(f)})
-    stats = {"rows": rows, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-             "ended_with_eos": ended, "seconds": round(seconds, 3),
-             "completion_tokens_per_second": round(completion_tokens / seconds, 1) if seconds else None}
-    record = {**plan, "status": "finished", "parts": parts, "statistics": stats}
-    _write_json(out / PLAN, record)
-    log(f"{out}: {rows} completions, {completion_tokens:,} tokens sampled ({ended} ended with EOS)")
-    return record
-
-
-def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def read_samples(folder: str | Path) -> dict:
-    """The finished record of a samples folder; refused when it is missing or unfinished."""
-    path = Path(folder) / PLAN
-    if not path.is_file():
-        raise DataError(f"{folder} holds no samples (no {PLAN}): run distill generate first")
-    doc = json.loads(path.read_text())
-    if doc.get("format") != FORMAT or doc.get("status") != "finished":
-        raise DataError(f"{folder}: the samples are not finished (rerun the same distill generate to resume)")
-    return doc

@@ -37,7 +37,8 @@ from ..config import CaptureConfig, DataConfig, OutputConfig, StudentRunConfig, 
 from ..errors import CacheError, ConfigError, DataError, StudentError
 from ..format.layout import row_column, tokenizer_fingerprint
 from ..format.reader import Cache
-from .generate import check_causal_lm, check_same_tokenizer, read_samples, run_generate
+from .generate import check_causal_lm, check_same_tokenizer, run_generate
+from .samples import read_samples
 from .settings import GenerateConfig, GeneratorConfig, OnPolicyConfig, SamplesOutputConfig, dump_toml
 
 REPORT = "report.json"
@@ -50,22 +51,24 @@ class RoundPaths:
     samples: Path
     cache: str
     student_out: Path
+    student: str  # the student's name: its folder in student_out
     eval_samples: Path
     eval_cache: Path
 
     @property
     def model(self) -> Path:
-        return self.student_out / "student" / "model"
+        return self.student_out / self.student / "model"
 
     @property
     def student_report(self) -> Path:
-        return self.student_out / "student" / "report.json"
+        return self.student_out / self.student / "report.json"
 
 
 def round_paths(cfg: OnPolicyConfig, r: int) -> RoundPaths:
     folder = Path(cfg.dir) / f"round-{r:03d}"
     caches = cfg.cache_dir if cfg.cache_dir is not None else str(Path(cfg.dir) / "caches")
     return RoundPaths(folder, folder / "samples", f"{caches.rstrip('/')}/round-{r:03d}", folder / "students",
+                      cfg.student_name,
                       folder / "eval-samples", folder / "eval-cache")
 
 
@@ -238,6 +241,8 @@ class Loop:
         cache = self.score(p.samples, p.cache, cfg.storage_options)
         seconds.setdefault("score", round(time.perf_counter() - t0, 2))
         entry["samples_teacher_nll"] = teacher_nll(cache)  # of the generator's completions on training prompts
+        # identical completions of one prompt are one row (a cache's keys are unique): how many were merged
+        entry["duplicate_samples_merged"] = cache.manifest.dataset["statistics"].get("duplicate_rows_dropped", 0)
         self._after(r, "score")
 
         t0 = time.perf_counter()
@@ -251,6 +256,7 @@ class Loop:
             entry["eval"] = self.evaluate(str(p.model), p.eval_samples, p.eval_cache)
             seconds.setdefault("evaluate", round(time.perf_counter() - t0, 2))
             self._after(r, "evaluate")
+        entry["settings"] = cfg.model_dump(mode="json")  # what this round ran with (a later run may change them)
         entry["status"] = "finished"
         return entry
 
@@ -260,7 +266,13 @@ class Loop:
         gcfg = GenerateConfig(generator=_generator(cfg, model), prompts=prompts,
                               sampling=cfg.sampling.model_copy(update={"seed": seed}),
                               output=SamplesOutputConfig(dir=str(out)), round=r)
-        res = run_generate(gcfg, log=self.log, progress=self.progress, after_part=self.hooks.get("generate_part"))
+        try:
+            res = run_generate(gcfg, log=self.log, progress=self.progress, after_part=self.hooks.get("generate_part"))
+        except DataError as e:
+            if "other settings" not in str(e):
+                raise
+            raise ConfigError(f"{out} holds samples made with other settings than this run's (round {r}): finish "
+                              "the run with the settings it started with, or start a new run in another dir") from None
         return res.plan
 
     def score(self, samples: Path, where: str, storage_options: dict, validation: bool = False) -> Cache:
@@ -292,16 +304,25 @@ class Loop:
             (p.folder / "student.toml").write_text(
                 "# the `distill student` settings of this round, as the on-policy loop ran them\n"
                 + dump_toml(scfg.model_dump(mode="json", exclude_defaults=True)))
-        if not p.student_report.is_file():
+        if _report_of(p.student_report) is None:  # none yet (or cut short): the run resumes from its checkpoint
             train_students(scfg, log=self.log, progress=self.progress, after_step=self.hooks.get("train_step"))
         distributed.all_gather(None)
-        report = json.loads(p.student_report.read_text())
+        report = _report_of(p.student_report)
+        if report is None:
+            raise StudentError(f"round {r}: the student run finished without a readable {p.student_report}")
         return {k: report.get(k) for k in ("best_step", "best", "steps", "final", "tasks") if k in report}
 
     def evaluate(self, model: str, samples: Path, cache: Path) -> dict:
         cfg = self.cfg
         self.generate(model, samples, cfg.eval_prompts, EVAL_SEED + cfg.sampling.seed, None)
         return teacher_nll(self.score(samples, str(cache), {}))
+
+
+def _report_of(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def run_onpolicy(cfg: OnPolicyConfig, log: Callable[[str], None] = print, progress: bool = True,

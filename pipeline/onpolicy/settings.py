@@ -36,6 +36,13 @@ class SamplingConfig(_Strict):
         "refuse", description="prompts that leave no room for max_new_tokens within prompts.seq_len: refuse the "
                               "run before any sampling (naming them), or skip them and count them")
 
+    @model_validator(mode="after")
+    def _greedy_once(self) -> "SamplingConfig":
+        if self.temperature == 0 and self.samples_per_prompt > 1:
+            raise ValueError("temperature = 0 is greedy decoding: every sample of a prompt would be the same; set "
+                             "samples_per_prompt = 1 or a temperature > 0")
+        return self
+
 
 class GeneratorConfig(TeacherConfig):
     """The model that samples: a student's saved `model/` folder or any causal LM the teacher loader accepts."""
@@ -124,6 +131,10 @@ class OnPolicyConfig(_Strict):
         self.round_student_config(1, [("offline", "x", 1.0)], Path(self.dir))  # the student settings, checked now
         return self
 
+    @property
+    def student_name(self) -> str:
+        return str(self.student.get("name", "student"))
+
     def round_student_config(self, r: int, tasks: list[tuple[str, str, float]], out: Path,
                              model: str | None = None) -> "StudentRunConfig":
         """Round r's `distill student` settings: its tasks (name, cache, weight), the student from `model`
@@ -132,7 +143,7 @@ class OnPolicyConfig(_Strict):
             return StudentRunConfig.model_validate({
                 **self.train, "tasks": [{"name": n, "cache": c, "weight": w} for n, c, w in tasks],
                 "output_dir": str(out), "storage_options": self.train.get("storage_options", self.storage_options),
-                "students": [{"name": "student", **self.student, "pretrained": model or self.start}]})
+                "students": [{"name": self.student_name, **self.student, "pretrained": model or self.start}]})
         except ValidationError as e:
             lines = [f"  {'.'.join(str(x) for x in err['loc'])}: "
                      f"{'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}" for err in e.errors()]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -397,7 +398,9 @@ class Recipe:
         return reports
 
     def _write_report(self, st: Student, report: dict, tested: dict | None) -> None:
-        (st.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        tmp = st.out / "report.json.tmp"  # whole or absent: an on-policy loop takes a report as a finished run
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, st.out / "report.json")
         plot_curves(st.out / "metrics.jsonl", st.out / "curves.png", f"{st.name}: {st.spec.losses}")
         if st.best_eval:
             self.log(f"student {st.name}: best at step {st.best_step}: {describe(st.best_eval)} -> {st.out / 'model'}")
