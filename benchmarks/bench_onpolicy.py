@@ -8,6 +8,8 @@ optimiser steps with the same loss (0.5 forward KL + 0.5 reverse KL, both with t
   (b) onpolicy  `distill onpolicy`: rounds of (the student samples completions for training prompts,
                 the teacher scores them, steps steps on the rounds' caches)
   (c) mix       the same rounds, each training on the offline cache and the rounds' caches, 50/50
+  (d) onpolicy-exact (--variants onpolicy-exact): (b) with the rounds scored with capture.final_hidden and
+                the same loss computed exactly over the whole vocabulary (kd_full_forward + kd_full_reverse)
 
 Measured for each final student, per seed (the seed of the sampling and of the data order):
   held-out teacher NLL  the student samples completions for held-out prompts (temperature 1, one
@@ -38,6 +40,8 @@ TEACHER = ROOT / "data/teachers/SmolLM2-135M-Instruct"
 CACHE = ROOT / "data/caches/smollm2-stdlib"
 START = ROOT / "data/students/from-teacher/smollm2-5of30/model"
 LOSSES = {"kd_forward": 0.5, "kd_reverse": 0.5}
+EXACT = {"kd_full_forward": 0.5, "kd_full_reverse": 0.5}  # the same mix over the whole vocabulary (final_hidden)
+FOLDERS = {"offline": "a", "onpolicy": "b", "mix": "c", "onpolicy-exact": "d"}
 
 
 def validation_nll(model_dir: Path, cache: Path, batch: int = 8) -> float:
@@ -76,7 +80,7 @@ def ensure_start(start: Path) -> None:
                     str(ROOT / "data/configs/student_from_teacher.toml")], check=True, cwd=ROOT)
 
 
-def onpolicy_settings(args, out: Path, seed: int, mix: bool):
+def onpolicy_settings(args, out: Path, seed: int, mix: bool, exact: bool = False):
     from pipeline.onpolicy.settings import OnPolicyConfig
 
     prompts = {"source": "text", "data_files": ["{stdlib}/email/*.py"], "sample_by": "paragraph", "seq_len": 96,
@@ -89,9 +93,9 @@ def onpolicy_settings(args, out: Path, seed: int, mix: bool):
         "sampling": {"max_new_tokens": args.new_tokens, "prompt_tokens": 32, "batch_size": 16, "rows_per_part": 64,
                      "long_prompts": "skip", "seed": seed},
         "offline": [{"name": "offline", "cache": str(CACHE), "weight": 1.0}] if mix else [],
-        "capture": None if mix else {"top_k": 64, "temperatures": [2.0]},  # the offline cache's targets
+        "capture": None if mix else {"top_k": 64, "temperatures": [2.0], "final_hidden": exact},  # as the offline cache
         "onpolicy_weight": 1.0,
-        "student": {"losses": LOSSES, "lr": args.lr, "warmup_steps": 5},
+        "student": {"losses": EXACT if exact else LOSSES, "lr": args.lr, "warmup_steps": 5},
         "train": {"batch_size": 4, "max_steps": args.steps, "eval_every": args.steps, "log_every": 5,
                   "device": "cpu", "seed": seed},
     })
@@ -121,6 +125,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "data/bench/onpolicy")
     ap.add_argument("--json", type=Path, default=None, help="default: OUT/figures.json")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs/img/onpolicy.png")
+    ap.add_argument("--variants", nargs="+", default=["offline", "onpolicy", "mix"], choices=list(FOLDERS))
+    ap.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier figures JSON files whose runs join "
+                                                                      "the table and the plot")
     args = ap.parse_args()
     ensure_start(args.start)
 
@@ -143,32 +150,33 @@ def main() -> None:
                                 "eval_seconds": time.perf_counter() - t0}
             print(f"start: held-out teacher NLL {ev['teacher_nll']:.4f}, validation NLL "
                   f"{figures['start']['validation_nll']:.4f}", flush=True)
-        # (a) offline only
-        t0 = time.perf_counter()
-        train_students(offline_run(args, args.out / f"a-{seed}", seed), log=quiet, progress=False)
-        a_seconds = time.perf_counter() - t0
-        model = args.out / f"a-{seed}" / "student" / "model"
-        rec = {"variant": "offline", "seed": seed, "train_seconds": a_seconds,
-               "held_out": held_out(ref, model, f"a-{seed}"), "validation_nll": validation_nll(model, CACHE)}
-        figures["runs"].append(rec)
-        print(json.dumps(rec), flush=True)
-        # (b) on-policy rounds, (c) the 50/50 mix
-        for variant, mix in (("onpolicy", False), ("mix", True)):
-            cfg = onpolicy_settings(args, args.out / f"{'c' if mix else 'b'}-{seed}", seed, mix)
-            report = run_onpolicy(cfg, log=quiet, progress=False)
-            last = report["rounds"][str(args.rounds)]
-            model = Path(last["model"])
-            rec = {"variant": variant, "seed": seed,
-                   "rounds": {r: {"seconds": e["seconds"], "samples_teacher_nll": e["samples_teacher_nll"]["teacher_nll"],
-                                  "held_out_teacher_nll": e["eval"]["teacher_nll"],
-                                  "completion_tokens": e["samples_statistics"]["completion_tokens"]}
-                              for r, e in report["rounds"].items()},
-                   "held_out": last["eval"], "validation_nll": validation_nll(model, CACHE)}
+        for variant in args.variants:
+            out = args.out / f"{FOLDERS[variant]}-{seed}"
+            if variant == "offline":  # (a) `distill student` on the offline cache alone
+                t0 = time.perf_counter()
+                train_students(offline_run(args, out, seed), log=quiet, progress=False)
+                model = out / "student" / "model"
+                rec = {"variant": variant, "seed": seed, "train_seconds": time.perf_counter() - t0}
+            else:  # (b), (c), (d): rounds of `distill onpolicy`
+                cfg = onpolicy_settings(args, out, seed, mix=variant == "mix", exact=variant == "onpolicy-exact")
+                report = run_onpolicy(cfg, log=quiet, progress=False)
+                last = report["rounds"][str(args.rounds)]
+                model = Path(last["model"])
+                rec = {"variant": variant, "seed": seed, "rounds": {
+                    r: {"seconds": e["seconds"], "samples_teacher_nll": e["samples_teacher_nll"]["teacher_nll"],
+                        "held_out_teacher_nll": e["eval"]["teacher_nll"],
+                        "completion_tokens": e["samples_statistics"]["completion_tokens"],
+                        "duplicate_samples_merged": e.get("duplicate_samples_merged")}
+                    for r, e in report["rounds"].items()}}
+            rec |= {"held_out": held_out(ref, model, f"{FOLDERS[variant]}-{seed}") if variant == "offline"
+                    else last["eval"], "validation_nll": validation_nll(model, CACHE)}
             figures["runs"].append(rec)
             print(json.dumps(rec), flush=True)
     out_json = args.json or args.out / "figures.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(figures, indent=2) + "\n")
+    for f in args.merge:
+        figures["runs"] += json.loads(f.read_text())["runs"]
     table(figures)
     if args.plot:
         plot(figures, args.plot)
@@ -177,12 +185,13 @@ def main() -> None:
 def table(figures: dict) -> None:
     import numpy as np
 
-    print("\n| variant | held-out teacher NLL (mean ± sd) | validation NLL (mean ± sd) | per seed (held-out / validation) |")
+    print("\n| variant | held-out teacher NLL (mean ± sd) | validation NLL (mean ± sd) | "
+          "per seed (held-out / validation) |")
     print("|---|---|---|---|")
     s = figures.get("start")
     if s:
         print(f"| start | {s['held_out']['teacher_nll']:.3f} | {s['validation_nll']:.3f} | – |")
-    for v in ("offline", "onpolicy", "mix"):
+    for v in FOLDERS:
         runs = [r for r in figures["runs"] if r["variant"] == v]
         if not runs:
             continue
@@ -205,7 +214,7 @@ def plot(figures: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    names = ["offline", "onpolicy", "mix"]
+    names = [v for v in FOLDERS if any(r["variant"] == v for r in figures["runs"])]
     for i, key in enumerate(("held_out", "validation_nll")):
         for j, v in enumerate(names):
             ys = [r[key]["teacher_nll"] if key == "held_out" else r[key] for r in figures["runs"] if r["variant"] == v]
