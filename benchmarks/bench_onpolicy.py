@@ -71,6 +71,33 @@ def validation_nll(model_dir: Path, cache: Path, batch: int = 8) -> float:
     return total / n
 
 
+def tail_share(cache: Path) -> dict:
+    """Where a round's sampled tokens fall in the teacher's distribution: the share of completion tokens inside the
+    teacher's cached top-K, and the share of the teacher's NLL of the completions that the others carry."""
+    import numpy as np
+
+    from pipeline.format import Cache
+    from pipeline.format.layout import row_column
+
+    c = Cache(str(cache))
+    t = c.rows("train", ["input_ids", "loss_mask"])
+    ids, mask = row_column(t, "input_ids", np.int64), row_column(t, "loss_mask", bool)
+    nxt = np.concatenate([ids[:, 1:], np.zeros((len(ids), 1), np.int64)], 1)  # the token each position predicts
+    inside = (np.asarray(c.array("train", "topk_ids")[:]) == nxt[..., None]).any(-1)[mask]
+    nll = -np.asarray(c.array("train", "target_logprob")[:], np.float64)[mask]
+    return {"inside_top_k": float(inside.mean()), "nll_share_outside": float(nll[~inside].sum() / nll.sum()),
+            "nll_inside": float(nll[inside].mean()), "nll_outside": float(nll[~inside].mean())}
+
+
+def tails(root: Path) -> None:
+    """--tails DIR: tail_share of every round cache under DIR (a variant's folders b-0, c-1, ...)."""
+    for cache in sorted(root.glob("*-*/caches/round-*")):
+        f = tail_share(cache)
+        print(f"{cache.relative_to(root)}: {f['inside_top_k']:.1%} of sampled tokens in the teacher's top-K; "
+              f"teacher NLL {f['nll_inside']:.2f} inside, {f['nll_outside']:.2f} outside "
+              f"({f['nll_share_outside']:.0%} of it from outside)")
+
+
 def ensure_start(start: Path) -> None:
     if (start / "model.safetensors").is_file():
         return
@@ -128,7 +155,12 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["offline", "onpolicy", "mix"], choices=list(FOLDERS))
     ap.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier figures JSON files whose runs join "
                                                                       "the table and the plot")
+    ap.add_argument("--tails", type=Path, default=None, help="only print, for every round cache under this folder "
+                                                             "(an --out of an earlier run), where the sampled "
+                                                             "tokens fall in the teacher's top-K")
     args = ap.parse_args()
+    if args.tails is not None:
+        return tails(args.tails)
     ensure_start(args.start)
 
     from pipeline.onpolicy.loop import Loop, check_before_work, run_onpolicy

@@ -44,7 +44,8 @@ def describe(m: Manifest, where: str) -> list[str]:
              f"{t.num_heads} heads, width {t.hidden_size}, {t.dtype} on {t.device_type}",
              f"             weights sha256 {t.weights_sha256}",
              f"tokenizer    {m.tokenizer.class_name}  fingerprint {m.tokenizer.fingerprint[:16]}...",
-             f"dataset      {d['source']} split={d['split']} column={d['text_column']}  "
+             f"dataset      {d['source']} split={d['split']} column="
+             f"{d.get('columns', {}).get('token ids') or d['text_column']}  "
              f"{d['statistics']['documents']} documents, {len(d['data_files'])} files",
              f"rows         seq_len {p.seq_len}, {'packed' if p.packing else 'one document per row'}; "
              + ", ".join(f"{s.name}: {s.rows} rows / {s.tokens:,} tokens / {s.shards} shards"
