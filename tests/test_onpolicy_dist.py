@@ -43,7 +43,10 @@ def test_onpolicy_under_torchrun_with_the_caches_in_a_bucket(llama_dir, corpus, 
     one = one.model_copy(update={"train": {**one.train, "batch_size": 2, "grad_accum": 2}})
     run_onpolicy(one, progress=False, log=lambda m: None)
 
-    two = loop_cfg(llama_dir, corpus, base, tmp_path / "two", cache_dir="s3://team/onpolicy", **kw).model_dump(
+    import s3fs
+
+    s3fs.S3FileSystem().mkdir("onpolicy")  # a bucket of its own: test_share lists what "team" holds
+    two = loop_cfg(llama_dir, corpus, base, tmp_path / "two", cache_dir="s3://onpolicy/run", **kw).model_dump(
         mode="json")
     two["train"] = {**two["train"], "batch_size": 2}  # per rank: the same global batch as one process's
     two = {k: v for k, v in two.items() if v is not None}
@@ -53,7 +56,7 @@ def test_onpolicy_under_torchrun_with_the_caches_in_a_bucket(llama_dir, corpus, 
 
     for r in ("round-001", "round-002"):
         assert samples(tmp_path / "two" / r / "samples") == samples(tmp_path / "one" / r / "samples")
-        a, b = Cache(str(tmp_path / "one" / "caches" / r)), Cache(f"s3://team/onpolicy/{r}")
+        a, b = Cache(str(tmp_path / "one" / "caches" / r)), Cache(f"s3://onpolicy/run/{r}")
         assert b.manifest.dataset["generation"]["round"] == int(r[-1])
         for f in ("topk_ids", "topk_logprobs", "target_logprob"):
             np.testing.assert_array_equal(a.array("train", f)[:], b.array("train", f)[:])
@@ -62,7 +65,7 @@ def test_onpolicy_under_torchrun_with_the_caches_in_a_bucket(llama_dir, corpus, 
         for k in wa:
             torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
     report = json.loads((tmp_path / "two" / "report.json").read_text())
-    assert report["rounds"]["2"]["cache"] == "s3://team/onpolicy/round-002"
+    assert report["rounds"]["2"]["cache"] == "s3://onpolicy/run/round-002"
 
 
 def test_redistill_appends_new_documents_and_continues_the_students(llama_dir, corpus, base, tmp_path):
