@@ -367,6 +367,11 @@ class StudentRunConfig(_Strict):
     seed: int = Field(0, description="data order")
     device: str = Field("auto", description="'auto' (this rank's GPU when present, else cpu), 'cpu', 'cuda', ...")
     log_every: int = Field(10, gt=0, description="optimiser steps between train records in metrics.jsonl")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="trackers that receive every metrics.jsonl record too, one run per student: "
+                                          "tensorboard (output_dir/<name>/tensorboard), wandb (WANDB_MODE=offline works "
+                                          "without an account); metrics.jsonl and curves.png are written either way")
+    wandb_project: str | None = Field(None, description="report_to wandb: the project (default 'distill')")
     document_mask: bool | None = Field(
         None, description="None: attend as the cache's teacher did; true/false: require that masking (a cache made "
                           "with other masking is refused)")

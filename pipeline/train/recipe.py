@@ -49,6 +49,7 @@ from .reader import CacheBatches, TaskStream
 from .report import describe, plot_curves, student_report
 from .signal import TeacherSignal
 from .step import Student, StudentModule, forward, mutual_terms
+from .tracking import Trackers
 from .students import student_tokenizer
 from .validation import Evaluator, combine
 
@@ -68,6 +69,7 @@ class Recipe:
         self._tokens_pending = 0
         self._steps_since_log = 0
         self.cross_stats: dict[str, dict] = {}
+        self.trackers: Trackers | None = None  # report_to (rank 0)
 
     # -- setup ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -79,6 +81,9 @@ class Recipe:
             raise StudentError(f"the ranks see different checkpoints under {self.cfg.output_dir} ({have}): "
                                "output_dir must be on storage every rank shares")
         distributed.all_agree(lambda: self._resume(have[0]))
+        if self.main and self.cfg.report_to:
+            self.trackers = Trackers(self.cfg.report_to, {st.name: st.out for st in self.students},
+                                     self.cfg.model_dump(mode="json"), self.cfg.wandb_project, self.run["step"])
         for st in self.students:  # DDP broadcasts rank 0's weights: after resuming, identical anyway
             st.engine = self._wrap(st.module, st.spec)
         distributed.all_agree(self._data)
@@ -253,6 +258,12 @@ class Recipe:
         self.run["tokens"] += int(pending[0])
         self._tokens_pending = 0
 
+    def record(self, st: Student, rec: dict) -> None:
+        """One metrics record of a student: its metrics.jsonl, and each tracker of report_to."""
+        ckpt.append_jsonl(st.out / "metrics.jsonl", rec)
+        if self.trackers is not None:
+            self.trackers.log(st.name, rec)
+
     def log_train(self, step: int) -> None:
         """Each active student's mean terms since the last log, averaged over ranks: one sync."""
         n = max(self._steps_since_log, 1)  # steps accumulated since the last log (fewer after a resume)
@@ -268,7 +279,7 @@ class Recipe:
             rec = {"split": "train", "step": step, "loss": vals.pop("total", 0.0), **vals,
                    "lr": st.sched.get_last_lr()[0], "tokens": self.run["tokens"], "seconds": self.run["seconds"]}
             if self.main:
-                ckpt.append_jsonl(st.out / "metrics.jsonl", rec)
+                self.record(st, rec)
             st.running = {}
 
     def evaluate(self, step: int) -> None:
@@ -284,10 +295,10 @@ class Recipe:
             m = combine(mine, sets)
             if self.main and len(mine) > 1:
                 for n, x in mine.items():
-                    ckpt.append_jsonl(st.out / "metrics.jsonl", {"split": "validation", "task": n, "step": step, **x})
+                    self.record(st, {"split": "validation", "task": n, "step": step, **x})
             st.last_eval = {**m, "step": step}
             if self.main:
-                ckpt.append_jsonl(st.out / "metrics.jsonl", {"split": "validation", "step": step,
+                self.record(st, {"split": "validation", "step": step,
                                                              **{k: v for k, v in m.items() if k != "tasks"}})
             key = cfg.early_stopping_metric
             better = st.best is None or (m[key] < st.best if LOWER_IS_BETTER[key] else m[key] > st.best)
@@ -320,7 +331,7 @@ class Recipe:
             del model
             out[st.name] = combine({n: m[st.name] for n, m in per_task.items()}, sets)
             if self.main:
-                ckpt.append_jsonl(st.out / "metrics.jsonl", {"split": "test", "step": self.run["step"],
+                self.record(st, {"split": "test", "step": self.run["step"],
                                                              "best_step": st.best_step,
                                                              **{k: v for k, v in out[st.name].items() if k != "tasks"}})
         return out
@@ -336,6 +347,13 @@ class Recipe:
 
     # -- the run ----------------------------------------------------------------------------
     def train(self) -> list[dict]:
+        try:
+            return self._train()
+        finally:  # a run cut short ends its trackers' runs too (W&B marks them finished, TensorBoard flushes)
+            if self.trackers is not None:
+                self.trackers.close()
+
+    def _train(self) -> list[dict]:
         from tqdm.auto import tqdm
 
         self.setup()
