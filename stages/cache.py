@@ -172,3 +172,18 @@ def _numbers(value: str | None) -> list[int] | None:
             raise DistillError(f"--shards: {item!r} is not a shard number or range (e.g. 3,7,10-19)")
         out += list(range(int(a), int(b or a) + 1))
     return out
+
+
+def export(
+    cache: Annotated[str, typer.Argument(help="cache directory or URL")],
+    out: Annotated[str, typer.Argument(help="a new folder for the Parquet dataset (refused if it exists)")],
+    fmt: Annotated[str, typer.Option("--format", help="the column layout: axolotl (its KD trainer's columns, with "
+                                                      "target_logsumexp kept)")] = "axolotl",
+    splits: Annotated[Optional[list[str]], typer.Option("--split", help="splits to export (repeatable; default "
+                                                                        "all)")] = None,
+) -> None:
+    """Write a cache's top-K targets as a Parquet dataset that `datasets` and axolotl's KD trainer load."""
+    from pipeline.format.export import export as run
+
+    typer.echo(str(run(Cache(cache), out, fmt, splits, log=lambda m: typer.echo(m, err=True))))
+

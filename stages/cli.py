@@ -22,6 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 app.command("teacher-cache")(stage1.teacher_cache)
 app.command("inspect")(cache_commands.inspect)
 app.command("verify")(cache_commands.verify)
+app.command("export")(cache_commands.export)
 app.command("convert-teacher")(stage1.convert_teacher)
 app.command("student")(stage2.student)
 app.command("generate")(stage3.generate)

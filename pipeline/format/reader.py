@@ -267,6 +267,12 @@ class Cache:
                 break
         return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
+    def to_dataset(self, split: str, fields: list[str] | None = None):
+        """The split as a `datasets.Dataset` (input_ids, key, loss mask, `fields`): see `export.to_dataset`."""
+        from .export import to_dataset
+
+        return to_dataset(self, split, fields)
+
     def array(self, split: str, field: str):
         """A dense field of a split: a zarr array (a `PartsArray` over them when the cache grew)."""
 

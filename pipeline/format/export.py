@@ -1,0 +1,165 @@
+"""A cache's top-K targets as a Parquet dataset other tools read: `distill export CACHE OUT`.
+
+`--format axolotl` writes the pre-tokenised columns axolotl's KD trainer consumes (its
+`integrations/kd`, checked against commit 08a734b of axolotl-ai-cloud/axolotl: `ChatTemplateStrategyWithKDv2`
+produces them, `AxolotlKDTrainer.compute_loss` reads them). One row per cache row, its real positions only:
+
+    input_ids         (n,)    the row's token ids
+    attention_mask    (n,)    ones
+    labels            (n,)    the token where it trains (the cache's loss mask), -100 elsewhere and at 0
+    target_token_ids  (n, K)  the teacher's top-K ids for predicting token t (row 0: 0..K-1, masked)
+    target_logprobs   (n, K)  their log-probabilities, normalised over the whole vocabulary (row 0: -inf)
+    target_mask       (n, K)  1 where labels[t] trains
+    target_logsumexp  (n,)    logsumexp of the teacher's logits at T = 1 for predicting token t (row 0: NaN):
+                              logit = logprob + logsumexp; tail mass = 1 - sum(exp(target_logprobs))
+    key               ()      the cache row's content key
+
+axolotl aligns targets with the token they predict and shifts in the trainer (`target[..., 1:, :]`
+against `logits[:, :-1]`); the cache stores them at the position that predicts, so row t of the export
+is the cache's position t - 1. Nothing exact is lost: the log-probs are the cache's (float16 widened
+to float32), normalised over the full vocabulary, and the logsumexp column keeps the logits.
+
+The export is written to OUT.partial-<pid> and renamed to OUT once complete: a folder at OUT is always
+whole. Memory holds one shard's rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import CacheError, StorageError
+from .layout import ROWS_FILE, row_column
+
+FORMATS = ("axolotl",)
+EXPORT_RECORD = "distill_export.json"
+IGNORE = -100
+
+
+def _batches(cache, split: str, columns: list[str]):
+    """(rows table, zarr arrays of the part, first row in the part) one shard of rows at a time."""
+    step = cache.manifest.capture.value("rows_per_shard")
+    for part in cache.parts(split):
+        path = cache.local_file(f"{part.path}/{ROWS_FILE}")
+        start = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=step, columns=columns):
+            yield part.path, pa.Table.from_batches([batch]), start
+            start += batch.num_rows
+
+
+def axolotl_rows(cache, split: str):
+    """The export's rows of one split, as Arrow tables of up to one shard each."""
+    m = cache.manifest
+    if m.task.classifier:
+        raise CacheError(f"{cache.root}: a {m.task.type} teacher's cache has class targets, not next-token top-K: "
+                         "the axolotl layout is for causal LM caches")
+    have_mask = "loss_mask" in m.fields
+    columns = ["input_ids", "length", "key"] + (["loss_mask"] if have_mask else [])
+    K = m.capture.top_k
+    for part, rows, start in _batches(cache, split, columns):
+        ids, lengths = row_column(rows, "input_ids", np.int64), rows.column("length").to_numpy()
+        mask = row_column(rows, "loss_mask", bool) if have_mask else None
+        a, b = start, start + rows.num_rows
+        top_ids = np.asarray(cache.array_part(split, part, "topk_ids")[a:b], np.int64)
+        top_lp = np.asarray(cache.array_part(split, part, "topk_logprobs")[a:b], np.float32)
+        lse = np.asarray(cache.array_part(split, part, "logsumexp")[a:b], np.float32)
+        out = {k: [] for k in ("input_ids", "attention_mask", "labels", "target_token_ids", "target_logprobs",
+                               "target_mask", "target_logsumexp")}
+        for i, n in enumerate(lengths):
+            trains = np.zeros(n, bool)  # label t trains iff the cache's position t - 1 does
+            trains[1:] = mask[i, : n - 1] if mask is not None else True
+            labels = np.where(trains, ids[i, :n], IGNORE)
+            t_ids = np.concatenate([np.arange(K)[None], top_ids[i, : n - 1]])
+            t_lp = np.concatenate([np.full((1, K), -np.inf, np.float32), top_lp[i, : n - 1]])
+            out["input_ids"].append(ids[i, :n].tolist())
+            out["attention_mask"].append([1] * int(n))
+            out["labels"].append(labels.tolist())
+            out["target_token_ids"].append(t_ids.tolist())
+            out["target_logprobs"].append(t_lp.tolist())
+            out["target_mask"].append(np.repeat(trains[:, None], K, 1).astype(np.int8).tolist())
+            out["target_logsumexp"].append(np.concatenate([[np.nan], lse[i, : n - 1]]).astype(np.float32).tolist())
+        yield pa.table({**{k: out[k] for k in ("input_ids", "attention_mask", "labels")},
+                        "target_token_ids": pa.array(out["target_token_ids"], pa.list_(pa.list_(pa.int32()))),
+                        "target_logprobs": pa.array(out["target_logprobs"], pa.list_(pa.list_(pa.float32()))),
+                        "target_mask": pa.array(out["target_mask"], pa.list_(pa.list_(pa.int8()))),
+                        "target_logsumexp": pa.array(out["target_logsumexp"], pa.list_(pa.float32())),
+                        "key": rows.column("key")})
+
+
+def export(cache, out: str | Path, fmt: str = "axolotl", splits: list[str] | None = None, log=print) -> Path:
+    """Write the cache's splits as Parquet datasets under `out` (`out/<split>/part-00000.parquet`, ...) with a
+    record of where they came from; `out` must not exist."""
+    if fmt not in FORMATS:
+        raise CacheError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}")
+    out = Path(out)
+    if out.exists():
+        raise StorageError(f"{out} exists: export writes a new folder (remove it, or choose another)")
+    splits = splits or cache.splits
+    unknown = [s for s in splits if s not in cache.manifest.splits]
+    if unknown:
+        raise CacheError(f"{cache.root} has no split {unknown} (splits: {', '.join(cache.splits)})")
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        counts = {}
+        for split in splits:
+            (tmp / split).mkdir(parents=True)
+            rows = 0
+            for i, table in enumerate(axolotl_rows(cache, split)):
+                pq.write_table(table, tmp / split / f"part-{i:05d}.parquet")
+                rows += table.num_rows
+            counts[split] = rows
+        m = cache.manifest
+        record = {"format": fmt, "layout": "axolotl KD (integrations/kd, commit 08a734b): input_ids, attention_mask, "
+                  "labels, target_token_ids, target_logprobs, target_mask; plus target_logsumexp and key",
+                  "cache": str(cache.root), "cache_digest": m.digest, "teacher": m.teacher.model,
+                  "teacher_weights_sha256": m.teacher.weights_sha256, "tokenizer_fingerprint": m.tokenizer.fingerprint,
+                  "top_k": m.capture.top_k, "rows": counts}
+        (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"{out}: " + ", ".join(f"{s} {n} rows" for s, n in counts.items()) + f" ({fmt} layout)")
+    return out
+
+
+def to_dataset(cache, split: str, fields: list[str] | None = None):
+    """A split as a Hugging Face `datasets.Dataset` for a user's own loop: per row its `input_ids` (real positions),
+    `key`, the loss mask when the cache has one, and each field of `fields` (default: top-K ids, log-probs and
+    logsumexp) cut to the row's real positions. Built a shard at a time (`Dataset.from_generator`: written to
+    the datasets cache, so memory does not hold the split). Targets stay where the cache keeps them: position t
+    predicts token t + 1."""
+    import datasets
+
+    m = cache.manifest
+    fields = fields if fields is not None else [f for f in ("topk_ids", "topk_logprobs", "logsumexp") if f in m.fields]
+    missing = [f for f in fields if f not in m.dense_fields]
+    if missing:
+        raise CacheError(f"{cache.root}: no dense field {missing} (has: {', '.join(m.dense_fields)})")
+    if split not in m.splits:
+        raise CacheError(f"{cache.root} has no split {split!r} (splits: {', '.join(cache.splits)})")
+    columns = ["input_ids", "length", "key"] + (["loss_mask"] if "loss_mask" in m.fields else [])
+    per_position = {f: m.fields[f].dims[1:2] == ("position",) for f in fields}
+
+    def rows():
+        for part, table, start in _batches(cache, split, columns):
+            ids, lengths = row_column(table, "input_ids", np.int64), table.column("length").to_numpy()
+            mask = row_column(table, "loss_mask", np.int8) if "loss_mask" in columns else None
+            a, b = start, start + table.num_rows
+            dense = {f: np.asarray(cache.array_part(split, part, f)[a:b]) for f in fields}
+            keys = table.column("key").to_pylist()
+            for i, n in enumerate(lengths):
+                row = {"input_ids": ids[i, :n].tolist(), "key": keys[i]}
+                if mask is not None:
+                    row["loss_mask"] = mask[i, :n].tolist()
+                for f in fields:
+                    row[f] = (dense[f][i, :n] if per_position[f] else dense[f][i]).tolist()
+                yield row
+    return datasets.Dataset.from_generator(rows, gen_kwargs={}, keep_in_memory=False)

@@ -1,0 +1,102 @@
+"""`distill export --format axolotl` and `Cache.to_dataset`: what `datasets` loads equals the cache, shifted to the
+position of the token each target predicts (axolotl's convention), masks included; nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import capture, settings
+
+from pipeline.errors import DistillError
+from pipeline.format import Cache, row_column
+from pipeline.format.export import export
+
+
+@pytest.fixture(scope="module")
+def chat_cache(bos_llama_dir, conversations, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "cache"
+    capture(settings(bos_llama_dir, conversations, out, data={"format": "messages", "loss_mask": "assistant",
+                                                               "packing": False, "seq_len": 96}))
+    return out
+
+
+def test_the_axolotl_layout_loads_with_datasets_and_equals_the_cache(chat_cache, tmp_path):
+    import datasets
+
+    c = Cache(str(chat_cache))
+    export(c, tmp_path / "x", log=lambda m: None)
+    record = json.loads((tmp_path / "x" / "distill_export.json").read_text())
+    assert record["cache_digest"] == c.manifest.digest and record["rows"]["train"] == c.manifest.splits["train"].rows
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "x" / "train" / "*.parquet"), split="train")
+    t = c.rows("train")
+    ids, mask, lengths = row_column(t, "input_ids", np.int64), row_column(t, "loss_mask", bool), \
+        t.column("length").to_numpy()
+    top_ids, top_lp = c.array("train", "topk_ids")[:], c.array("train", "topk_logprobs")[:].astype(np.float32)
+    lse, target = c.array("train", "logsumexp")[:], c.array("train", "target_logprob")[:]
+    assert len(ds) == len(ids) and ds["key"] == t.column("key").to_pylist()
+    K, checked = c.manifest.capture.top_k, 0
+    for i, row in enumerate(ds):
+        n = lengths[i]
+        assert row["input_ids"] == ids[i, :n].tolist() and row["attention_mask"] == [1] * n
+        want_labels = [-100] + [int(x) if m else -100 for x, m in zip(ids[i, 1:n], mask[i, : n - 1])]
+        assert row["labels"] == want_labels
+        assert row["target_token_ids"][0] == list(range(K)) and row["target_mask"][0] == [0] * K
+        np.testing.assert_array_equal(np.asarray(row["target_token_ids"][1:]), top_ids[i, : n - 1])
+        np.testing.assert_array_equal(np.asarray(row["target_logprobs"][1:], np.float32), top_lp[i, : n - 1])
+        np.testing.assert_array_equal(np.asarray(row["target_logsumexp"][1:], np.float32), lse[i, : n - 1])
+        assert [m[0] for m in row["target_mask"]] == [int(x != -100) for x in want_labels]
+        for t_ in range(1, n):  # the target at t is the teacher's distribution of token t itself
+            hit = np.flatnonzero(np.asarray(row["target_token_ids"][t_]) == ids[i, t_])
+            if len(hit):
+                assert row["target_logprobs"][t_][hit[0]] == pytest.approx(target[i, t_ - 1], abs=2e-3)
+                checked += 1
+    assert checked > 20  # (top-8 of a random-init teacher: the true token is in it at a few percent of positions)
+
+
+def test_to_dataset_gives_rows_with_their_fields(chat_cache):
+    c = Cache(str(chat_cache))
+    ds = c.to_dataset("train", ["topk_ids", "logsumexp"])
+    t = c.rows("train")
+    lengths = t.column("length").to_numpy()
+    assert len(ds) == len(lengths) and set(ds.column_names) == {"input_ids", "key", "loss_mask", "topk_ids",
+                                                               "logsumexp"}
+    row = ds[3]
+    n = lengths[3]
+    assert len(row["input_ids"]) == n == len(row["topk_ids"])
+    np.testing.assert_array_equal(np.asarray(row["topk_ids"]), c.array("train", "topk_ids")[3, :n])
+    with pytest.raises(DistillError, match="no dense field"):
+        c.to_dataset("train", ["hidden_states"])
+
+
+def test_export_refuses_a_path_that_exists_and_leaves_nothing_half_written(chat_cache, tmp_path, monkeypatch):
+    from pipeline.format import export as module
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(DistillError, match="exists"):
+        export(Cache(str(chat_cache)), tmp_path / "taken", log=lambda m: None)
+
+    def broken(cache, split):
+        yield from []
+        raise OSError("disk full")
+    monkeypatch.setattr(module, "axolotl_rows", broken)
+    with pytest.raises(OSError):
+        export(Cache(str(chat_cache)), tmp_path / "half", log=lambda m: None)
+    assert list(tmp_path.iterdir()) == [tmp_path / "taken"]
+
+
+@pytest.mark.slow
+def test_export_on_the_command_line(chat_cache, tmp_path):
+    distill = str(__import__("pathlib").Path(sys.executable).with_name("distill"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([distill, "export", str(chat_cache), str(tmp_path / "x"), "--split", "validation"],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["distill_export.json", "validation"]
+    res = subprocess.run([distill, "export", str(chat_cache), str(tmp_path / "x")], capture_output=True, text=True,
+                         env=env)
+    assert res.returncode == 2 and "exists" in res.stderr
