@@ -409,9 +409,10 @@ def load_config(model: type[BaseModel], path: str | Path | None, overrides: list
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"])
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"  {loc}: {msg}")
-        raise ConfigError("invalid settings:\n" + "\n".join(lines)) from None
+        raise ConfigError("invalid settings:\n" + describe_invalid(e)) from None
+
+
+def describe_invalid(e: ValidationError) -> str:
+    """A pydantic validation error as lines of `  key.path: what is wrong` (an unknown key named as one)."""
+    return "\n".join(f"  {'.'.join(str(x) for x in err['loc'])}: "
+                     f"{'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}" for err in e.errors())

@@ -290,3 +290,20 @@ def test_the_samples_follow_the_settings_not_the_checkpoints_sampling_defaults(l
     assert len(ranks) > 100 and max(ranks) >= 50 and np.mean(np.asarray(ranks) > 0) > 0.5
     run_generate(gen_cfg(model, corpus, tmp_path / "greedy", sampling={"temperature": 0}), progress=False)
     assert set(_ranks_of_sampled(model, samples(tmp_path / "greedy"))) == {0}
+
+
+@pytest.mark.parametrize("rows, message", [
+    ({"input_ids": [[5, 6, 7], [5, 9999, 7]], "completion_start": [1, 1]}, "row 1: token id 9999 is outside"),
+    ({"input_ids": [[5] * 50], "completion_start": [1]}, "row 0: 50 token ids, more than data.seq_len = 40"),
+    ({"input_ids": [[5, 6, 7]], "completion_start": [0]}, "completion_start = 0 is not a position"),
+    ({"input_ids": [[[5, 6]]], "completion_start": [1]}, "row 0: column 'input_ids' must hold flat lists"),
+])
+def test_bad_token_rows_are_refused_by_row(llama_dir, corpus, tmp_path, rows, message):
+    import pyarrow as pa
+
+    pq.write_table(pa.table(rows), tmp_path / "rows.parquet")
+    with pytest.raises(DistillError, match=message):
+        capture(settings(llama_dir, corpus, tmp_path / "c", data={
+            "source": "parquet", "data_files": [str(tmp_path / "rows.parquet")], "format": "tokens",
+            "loss_mask": "assistant", "seq_len": 40, "max_tokens": None}))
+    assert not (tmp_path / "c" / "manifest.json").exists()

@@ -193,9 +193,7 @@ def generation_of(files: list[str]) -> dict | None:
                            for k, v in seen.items())
         raise DataError(f"data.format = 'tokens': the data files come from {len(seen)} different generations "
                         f"({groups}); score one generation per cache (or append them one at a time)")
-    generation = json.loads(records[0])
-    generation.pop("part", None)
-    return generation
+    return json.loads(records[0])
 
 
 def check_generation(generation: dict | None, tokenizer) -> None:
@@ -371,18 +369,9 @@ def given_tokens(batch: dict, cfg: DataConfig, first_index: int, vocab: int
     starts = batch.get(cfg.completion_column) if cfg.loss_mask == "assistant" else None
     for i, ids in enumerate(batch[cfg.ids_column]):
         where = f"row {first_index + i}"
-        try:
-            arr = np.asarray(ids if ids is not None else [], dtype=np.int64)
-        except (TypeError, ValueError):
-            raise DataError(f"{where}: column {cfg.ids_column!r} must hold lists of token ids") from None
-        if arr.ndim != 1:
-            raise DataError(f"{where}: column {cfg.ids_column!r} must hold flat lists of token ids")
+        arr = token_ids(ids, where, cfg.ids_column, vocab)
         if not len(arr):
             continue
-        bad = arr[(arr < 0) | (arr >= vocab)]
-        if len(bad):
-            raise DataError(f"{where}: token id {int(bad[0])} is outside the teacher's vocabulary (0..{vocab - 1}): "
-                            "were these rows made with another tokenizer?")
         if len(arr) > cfg.seq_len:
             raise DataError(f"{where}: {len(arr)} token ids, more than data.seq_len = {cfg.seq_len}; rows given as "
                             "tokens are never cut (a cut completion would train on what was not produced): raise "
@@ -394,8 +383,23 @@ def given_tokens(batch: dict, cfg: DataConfig, first_index: int, vocab: int
                 raise DataError(f"{where}: {cfg.completion_column} = {s!r} is not a position inside the row's "
                                 f"{len(arr)} tokens (1..{len(arr)}: at least one prompt token comes first)")
             flags = (np.arange(len(arr)) >= s).astype(np.uint8)
-        docs.append((arr.astype(np.int32), flags))
+        docs.append((arr, flags))
     return docs
+
+
+def token_ids(ids, where: str, column: str, vocab: int) -> np.ndarray:
+    """One row's list of token ids as int32, refused (naming `where`) unless a flat list of ids below `vocab`."""
+    try:
+        arr = np.asarray(ids if ids is not None else [], dtype=np.int64)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: column {column!r} must hold lists of token ids") from None
+    if arr.ndim != 1:
+        raise DataError(f"{where}: column {column!r} must hold flat lists of token ids")
+    bad = arr[(arr < 0) | (arr >= vocab)]
+    if len(bad):
+        raise DataError(f"{where}: token id {int(bad[0])} is outside the tokenizer's vocabulary (0..{vocab - 1}): "
+                        "were these rows made with another tokenizer?")
+    return arr.astype(np.int32)
 
 
 def document_batches(ds, cfg: DataConfig, columns: list[str]):

@@ -35,22 +35,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import CacheError, StorageError
-from .layout import ROWS_FILE, row_column
+from .layout import row_column
 
 FORMATS = ("axolotl",)
 EXPORT_RECORD = "distill_export.json"
 IGNORE = -100
-
-
-def _batches(cache, split: str, columns: list[str]):
-    """(rows table, zarr arrays of the part, first row in the part) one shard of rows at a time."""
-    step = cache.manifest.capture.value("rows_per_shard")
-    for part in cache.parts(split):
-        path = cache.local_file(f"{part.path}/{ROWS_FILE}")
-        start = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=step, columns=columns):
-            yield part.path, pa.Table.from_batches([batch]), start
-            start += batch.num_rows
 
 
 def axolotl_rows(cache, split: str):
@@ -62,7 +51,7 @@ def axolotl_rows(cache, split: str):
     have_mask = "loss_mask" in m.fields
     columns = ["input_ids", "length", "key"] + (["loss_mask"] if have_mask else [])
     K = m.capture.top_k
-    for part, rows, start in _batches(cache, split, columns):
+    for part, rows, start in cache.shard_rows(split, columns):
         ids, lengths = row_column(rows, "input_ids", np.int64), rows.column("length").to_numpy()
         mask = row_column(rows, "loss_mask", bool) if have_mask else None
         a, b = start, start + rows.num_rows
@@ -149,7 +138,7 @@ def to_dataset(cache, split: str, fields: list[str] | None = None):
     per_position = {f: m.fields[f].dims[1:2] == ("position",) for f in fields}
 
     def rows():
-        for part, table, start in _batches(cache, split, columns):
+        for part, table, start in cache.shard_rows(split, columns):
             ids, lengths = row_column(table, "input_ids", np.int64), table.column("length").to_numpy()
             mask = row_column(table, "loss_mask", np.int8) if "loss_mask" in columns else None
             a, b = start, start + table.num_rows

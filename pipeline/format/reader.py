@@ -267,6 +267,18 @@ class Cache:
                 break
         return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
+    def shard_rows(self, split: str, columns: list[str]):
+        """(part, one shard's rows as an Arrow table, its first row within the part), shard after shard: a split's
+        rows.parquet columns read without holding the split."""
+        step = self.manifest.capture.value("rows_per_shard")
+        for part in self.parts(split):
+            rel = f"{part.path}/{ROWS_FILE}"
+            start = 0
+            with damaged(self, rel):
+                for batch in pq.ParquetFile(self.local_file(rel)).iter_batches(batch_size=step, columns=columns):
+                    yield part.path, pa.Table.from_batches([batch]), start
+                    start += batch.num_rows
+
     def to_dataset(self, split: str, fields: list[str] | None = None):
         """The split as a `datasets.Dataset` (input_ids, key, loss mask, `fields`): see `export.to_dataset`."""
         from .export import to_dataset

@@ -32,12 +32,11 @@ import numpy as np
 
 from .. import distributed, models
 from ..capture.documents import (GENERATION_KEY, RowConvention, conversations, data_columns, document_batches,
-                                 load_documents)
+                                 load_documents, token_ids)
 from ..errors import DataError, TeacherError
 from ..format.layout import tokenizer_fingerprint
 from .samples import FORMAT, VERSION, finish, part_name, prepare_dir, write_part
 from .settings import GenerateConfig
-
 
 
 @dataclass
@@ -146,22 +145,11 @@ def load_prompts(cfg: GenerateConfig, tokenizer) -> Prompts:
 
 def _prompt_ids(batch: dict, pc, conv: RowConvention, tokenizer, start: int) -> list[np.ndarray | None]:
     if pc.format == "tokens":  # one entry per row (None: empty), so that indices stay the dataset's
-        out: list = []
-        for i, ids in enumerate(batch[pc.ids_column]):
-            arr = np.asarray(ids if ids is not None else [], dtype=np.int64)
-            if arr.ndim != 1 or ((arr < 0) | (arr >= len(tokenizer))).any():
-                raise DataError(f"prompt {start + i}: column {pc.ids_column!r} must hold lists of ids of the "
-                                f"generator's vocabulary (0..{len(tokenizer) - 1})")
-            out.append(arr.astype(np.int32) if len(arr) else None)
-        return out
+        return [token_ids(ids, f"prompt {start + i}", pc.ids_column, len(tokenizer)) if ids else None
+                for i, ids in enumerate(batch[pc.ids_column])]
     if pc.format == "text":
-        texts = batch[pc.text_column]
-        keep = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
-        enc = tokenizer([texts[i] for i in keep], add_special_tokens=False)["input_ids"] if keep else []
-        out = [None] * len(texts)
-        for i, ids in zip(keep, enc):
-            out[i] = np.asarray(ids, np.int32)
-        return out
+        return _tokenized([t if isinstance(t, str) and t.strip() else None for t in batch[pc.text_column]],
+                          tokenizer)
     convs = conversations(batch, pc, start)
     texts = []
     for i, msgs in enumerate(convs):
@@ -178,9 +166,14 @@ def _prompt_ids(batch: dict, pc, conv: RowConvention, tokenizer, start: int) -> 
                                                        add_generation_prompt=True))
         except Exception as e:  # jinja's errors, raise_exception() in a template
             raise DataError(f"prompt {start + i}: the chat template cannot render it ({type(e).__name__}: {e})") from e
+    return _tokenized(texts, tokenizer)
+
+
+def _tokenized(texts: list[str | None], tokenizer) -> list[np.ndarray | None]:
+    """The texts' token ids (no special tokens added), in one tokenizer call; None stays None."""
     keep = [i for i, t in enumerate(texts) if t]
     enc = tokenizer([texts[i] for i in keep], add_special_tokens=False)["input_ids"] if keep else []
-    out = [None] * len(texts)
+    out: list = [None] * len(texts)
     for i, ids in zip(keep, enc):
         out[i] = np.asarray(ids, np.int32)
     return out

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -38,7 +39,7 @@ from ..errors import CacheError, ConfigError, DataError, StudentError
 from ..format.layout import row_column, tokenizer_fingerprint
 from ..format.reader import Cache
 from .generate import check_causal_lm, check_same_tokenizer, run_generate
-from .samples import read_samples
+from .samples import OtherSettings, read_samples
 from .settings import GenerateConfig, GeneratorConfig, OnPolicyConfig, SamplesOutputConfig, dump_toml
 
 REPORT = "report.json"
@@ -74,21 +75,16 @@ def round_paths(cfg: OnPolicyConfig, r: int) -> RoundPaths:
 
 def teacher_nll(cache: Cache, split: str = "train") -> dict:
     """The teacher's NLL per scored token (-target_logprob where the loss mask is 1): for scored samples, how
-    likely the teacher finds what the generator wrote (lower is better)."""
+    likely the teacher finds what the generator wrote (lower is better). Read a shard at a time."""
     total, n = 0.0, 0
-    for sp in ([split] if split else list(cache.manifest.splits)):
-        if sp not in cache.manifest.splits or not cache.manifest.splits[sp].rows:
-            continue
-        lp_all = cache.array(sp, "target_logprob")
-        rows = cache.rows(sp, ["loss_mask", "length"] if "loss_mask" in cache.manifest.fields else ["length"])
-        lengths = rows.column("length").to_numpy()
-        masks = row_column(rows, "loss_mask", bool) if "loss_mask" in rows.column_names else None
-        for a, b in cache.shard_ranges(sp):
-            lp = np.asarray(lp_all[a:b], np.float64)
-            if masks is not None:
-                m = masks[a:b]
+    masked = "loss_mask" in cache.manifest.fields
+    if cache.manifest.splits[split].rows:
+        for part, rows, a in cache.shard_rows(split, ["loss_mask", "length"] if masked else ["length"]):
+            lp = np.asarray(cache.array_part(split, part, "target_logprob")[a:a + rows.num_rows], np.float64)
+            if masked:
+                m = row_column(rows, "loss_mask", bool)
             else:  # every real position but the last, whose next token is not in the row
-                m = np.arange(lp.shape[1])[None, :] < (lengths[a:b, None] - 1)
+                m = np.arange(lp.shape[1])[None, :] < (rows.column("length").to_numpy()[:, None] - 1)
             total -= float(lp[m].sum())
             n += int(m.sum())
     return {"teacher_nll": total / n if n else None, "tokens": n}
@@ -221,41 +217,34 @@ class Loop:
             tmp.write_text(json.dumps(report, indent=2) + "\n")
             os.replace(tmp, self.dir / REPORT)
 
-    def _after(self, r: int, step: str) -> None:
+    @contextmanager
+    def _step(self, r: int, name: str, seconds: dict):
+        """One step of round r: its seconds (those of the run that finished it) and the `after` hook."""
+        t0 = time.perf_counter()
+        yield
+        seconds.setdefault(name, round(time.perf_counter() - t0, 2))
         if "after" in self.hooks:
-            self.hooks["after"](r, step)
+            self.hooks["after"](r, name)
 
     def round(self, r: int, entry: dict) -> dict:
         cfg, p = self.cfg, round_paths(self.cfg, r)
         generator = cfg.start if r == 1 else str(round_paths(cfg, r - 1).model)
         seconds = entry.setdefault("seconds", {})
         entry.update({"generator": generator, "samples": str(p.samples), "cache": p.cache})
-
-        t0 = time.perf_counter()
-        samples = self.generate(generator, p.samples, cfg.prompts, cfg.sampling.seed + r, r)
-        seconds.setdefault("generate", round(time.perf_counter() - t0, 2))
-        entry["samples_statistics"] = samples["statistics"]
-        self._after(r, "generate")
-
-        t0 = time.perf_counter()
-        cache = self.score(p.samples, p.cache, cfg.storage_options)
-        seconds.setdefault("score", round(time.perf_counter() - t0, 2))
-        entry["samples_teacher_nll"] = teacher_nll(cache)  # of the generator's completions on training prompts
-        # identical completions of one prompt are one row (a cache's keys are unique): how many were merged
-        entry["duplicate_samples_merged"] = cache.manifest.dataset["statistics"].get("duplicate_rows_dropped", 0)
-        self._after(r, "score")
-
-        t0 = time.perf_counter()
-        entry["student"] = self.train(r, generator, p)
-        seconds.setdefault("train", round(time.perf_counter() - t0, 2))
-        entry["model"] = str(p.model)
-        self._after(r, "train")
-
+        with self._step(r, "generate", seconds):
+            samples = self.generate(generator, p.samples, cfg.prompts, cfg.sampling.seed + r, r)
+            entry["samples_statistics"] = samples["statistics"]
+        with self._step(r, "score", seconds):
+            cache = self.score(p.samples, p.cache, cfg.storage_options)
+            entry["samples_teacher_nll"] = teacher_nll(cache)  # of the generator's completions on training prompts
+            # identical completions of one prompt are one row (a cache's keys are unique): how many were merged
+            entry["duplicate_samples_merged"] = cache.manifest.dataset["statistics"].get("duplicate_rows_dropped", 0)
+        with self._step(r, "train", seconds):
+            entry["student"] = self.train(r, generator, p)
+            entry["model"] = str(p.model)
         if cfg.eval_prompts is not None:
-            t0 = time.perf_counter()
-            entry["eval"] = self.evaluate(str(p.model), p.eval_samples, p.eval_cache)
-            seconds.setdefault("evaluate", round(time.perf_counter() - t0, 2))
-            self._after(r, "evaluate")
+            with self._step(r, "evaluate", seconds):
+                entry["eval"] = self.evaluate(str(p.model), p.eval_samples, p.eval_cache)
         entry["settings"] = cfg.model_dump(mode="json")  # what this round ran with (a later run may change them)
         entry["status"] = "finished"
         return entry
@@ -268,14 +257,12 @@ class Loop:
                               output=SamplesOutputConfig(dir=str(out)), round=r)
         try:
             res = run_generate(gcfg, log=self.log, progress=self.progress, after_part=self.hooks.get("generate_part"))
-        except DataError as e:
-            if "other settings" not in str(e):
-                raise
+        except OtherSettings:
             raise ConfigError(f"{out} holds samples made with other settings than this run's (round {r}): finish "
                               "the run with the settings it started with, or start a new run in another dir") from None
         return res.plan
 
-    def score(self, samples: Path, where: str, storage_options: dict, validation: bool = False) -> Cache:
+    def score(self, samples: Path, where: str, storage_options: dict) -> Cache:
         from ..capture.run import run_capture
 
         cfg = self.cfg
@@ -300,10 +287,7 @@ class Loop:
 
         scfg = self.cfg.round_student_config(r, self.round_tasks(r), p.student_out, model=generator)
         if self.ranks.main:
-            p.folder.mkdir(parents=True, exist_ok=True)
-            (p.folder / "student.toml").write_text(
-                "# the `distill student` settings of this round, as the on-policy loop ran them\n"
-                + dump_toml(scfg.model_dump(mode="json", exclude_defaults=True)))
+            write_student_settings(p.folder, scfg, "this round, as the on-policy loop ran them")
         if _report_of(p.student_report) is None:  # none yet (or cut short): the run resumes from its checkpoint
             train_students(scfg, log=self.log, progress=self.progress, after_step=self.hooks.get("train_step"))
         distributed.all_gather(None)
@@ -316,6 +300,13 @@ class Loop:
         cfg = self.cfg
         self.generate(model, samples, cfg.eval_prompts, EVAL_SEED + cfg.sampling.seed, None)
         return teacher_nll(self.score(samples, str(cache), {}))
+
+
+def write_student_settings(folder: Path, scfg: StudentRunConfig, what: str) -> None:
+    """folder/student.toml: the `distill student` settings that ran, which that command runs again."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "student.toml").write_text(f"# the `distill student` settings of {what}\n"
+                                         + dump_toml(scfg.model_dump(mode="json", exclude_defaults=True)))
 
 
 def _report_of(path: Path) -> dict | None:
@@ -369,7 +360,5 @@ def redistill(cache_config: TeacherCacheConfig, student_config: StudentRunConfig
     scfg = StudentRunConfig.model_validate({**student_config.model_dump(mode="json"), "students": students,
                                             "output_dir": str(out)})
     if distributed.ranks().main:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "student.toml").write_text("# the `distill student` settings this re-distillation ran\n"
-                                                + dump_toml(scfg.model_dump(mode="json", exclude_defaults=True)))
+        write_student_settings(Path(out), scfg, "this re-distillation")
     return train_students(scfg, log=log, progress=progress)

@@ -11,11 +11,16 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, StorageError
-from ..format.layout import file_digest
+from ..format.layout import file_digest, write_json
+from ..format.storage import Storage
 
 FORMAT = "distill-samples"
 VERSION = 1
 PLAN = "generation.json"
+
+
+class OtherSettings(DataError):
+    """A samples folder made with other settings than the ones asked for."""
 
 
 def part_name(p: int) -> str:
@@ -47,8 +52,8 @@ def prepare_dir(out: Path, plan: dict, overwrite: bool, log) -> dict | None:
         if not same:
             changed = sorted(k for k in plan if old.get(k) != plan[k])
             if not overwrite:
-                raise DataError(f"{out} holds samples made with other settings ({', '.join(changed)} differ): "
-                                "choose another output.dir, or set output.overwrite = true to replace them")
+                raise OtherSettings(f"{out} holds samples made with other settings ({', '.join(changed)} differ): "
+                                    "choose another output.dir, or set output.overwrite = true to replace them")
             log(f"{out}: replacing samples made with other settings ({', '.join(changed)})")
             shutil.rmtree(out)
     elif out.is_dir() and any(out.iterdir()):
@@ -60,7 +65,7 @@ def prepare_dir(out: Path, plan: dict, overwrite: bool, log) -> dict | None:
     for stale in out.glob(".part-*.tmp-*"):  # a killed run's half-written part
         stale.unlink()
     if not path.is_file():
-        write_json(path, {**plan, "status": "running"})
+        write_json(Storage(out), PLAN, {**plan, "status": "running"})
     return None
 
 
@@ -83,15 +88,9 @@ def finish(out: Path, plan: dict, n_parts: int, seconds: float, new_tokens: int,
              "ended_with_eos": ended, "seconds": round(seconds, 3),  # the last run's sampling (slowest rank)
              "completion_tokens_per_second": round(new_tokens / seconds, 1) if seconds else None}
     record = {**plan, "status": "finished", "parts": parts, "statistics": stats}
-    write_json(out / PLAN, record)
+    write_json(Storage(out), PLAN, record)
     log(f"{out}: {rows} completions, {completion_tokens:,} tokens sampled ({ended} ended with EOS)")
     return record
-
-
-def write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def read_samples(folder: str | Path) -> dict:

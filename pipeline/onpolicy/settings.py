@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..config import CaptureConfig, DataConfig, StudentRunConfig, TaskConfig, TeacherConfig
+from ..config import CaptureConfig, DataConfig, StudentRunConfig, TaskConfig, TeacherConfig, describe_invalid
 
 
 class _Strict(BaseModel):
@@ -145,39 +145,18 @@ class OnPolicyConfig(_Strict):
                 "output_dir": str(out), "storage_options": self.train.get("storage_options", self.storage_options),
                 "students": [{"name": self.student_name, **self.student, "pretrained": model or self.start}]})
         except ValidationError as e:
-            lines = [f"  {'.'.join(str(x) for x in err['loc'])}: "
-                     f"{'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}" for err in e.errors()]
-            raise ValueError("student/train settings:\n" + "\n".join(lines)) from None
-
-
-def _toml_value(v) -> str:
-    import json
-
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
-    raise TypeError(f"no TOML for {type(v).__name__}")
+            raise ValueError("student/train settings:\n" + describe_invalid(e)) from None
 
 
 def dump_toml(cfg: dict) -> str:
-    """Settings (a dict of values, tables and arrays of tables) as TOML text that `load_config` reads back; None
-    values are left out (the default)."""
-    import json
+    """Settings as TOML text that `load_config` reads back (tomli-w); None values, which TOML cannot hold, are left
+    out: they are the defaults."""
+    import tomli_w
 
-    lines = [f"{k} = {_toml_value(v)}" for k, v in cfg.items() if v is not None and not isinstance(v, dict)
-             and not (isinstance(v, list) and v and isinstance(v[0], dict))]
-    for k, v in cfg.items():
+    def kept(v):
         if isinstance(v, dict):
-            lines += ["", f"[{k}]"] + [f"{json.dumps(a)} = {_toml_value(b)}" for a, b in v.items() if b is not None]
-        elif isinstance(v, list) and v and isinstance(v[0], dict):
-            for item in v:
-                lines += ["", f"[[{k}]]"] + [f"{json.dumps(a)} = {_toml_value(b)}" for a, b in item.items()
-                                             if b is not None]
-    return "\n".join(lines) + "\n"
+            return {k: kept(x) for k, x in v.items() if x is not None}
+        if isinstance(v, (list, tuple)):
+            return [kept(x) for x in v]
+        return v
+    return tomli_w.dumps(kept(cfg))

@@ -36,11 +36,7 @@ class Trackers:
                  resume_step: int = 0):
         self.tb, self.wandb = {}, {}
         if "tensorboard" in report_to:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise StudentError("report_to has 'tensorboard', which needs the tensorboard package: pip install "
-                                   "tensorboard") from e
+            SummaryWriter = _needed("tensorboard", "torch.utils.tensorboard", "pip install tensorboard").SummaryWriter
             for name, out in students.items():
                 # resumed at step S: events after S (from the run that was cut short) are dropped
                 w = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
@@ -48,11 +44,7 @@ class Trackers:
                            global_step=resume_step)
                 self.tb[name] = w
         if "wandb" in report_to:
-            try:
-                import wandb
-            except ImportError as e:
-                raise StudentError("report_to has 'wandb', which needs the wandb package: pip install wandb "
-                                   "(WANDB_MODE=offline runs without an account)") from e
+            wandb = _needed("wandb", "wandb", "pip install wandb (WANDB_MODE=offline runs without an account)")
             for name, out in students.items():
                 self.wandb[name] = wandb.init(project=project or "distill", name=name, dir=str(out),
                                               id=_run_id(out), resume="allow", config=settings_of(settings, name),
@@ -73,6 +65,16 @@ class Trackers:
         for run in self.wandb.values():
             run.finish()
         self.tb, self.wandb = {}, {}
+
+
+def _needed(tracker: str, module: str, install: str):
+    """The module a tracker writes through, or a clear error naming the package to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise StudentError(f"report_to has {tracker!r}, which needs the {tracker} package: {install}") from e
 
 
 def settings_of(settings: dict, name: str) -> dict:
