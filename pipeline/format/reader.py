@@ -275,7 +275,10 @@ class Cache:
             rel = f"{part.path}/{ROWS_FILE}"
             start = 0
             with damaged(self, rel):
-                for batch in pq.ParquetFile(self.local_file(rel)).iter_batches(batch_size=step, columns=columns):
+                # pre_buffer off: with it the reader keeps what it fetched until the file ends (memory would grow
+                # with the split)
+                f = pq.ParquetFile(self.local_file(rel), pre_buffer=False)
+                for batch in f.iter_batches(batch_size=step, columns=columns):
                     yield part.path, pa.Table.from_batches([batch]), start
                     start += batch.num_rows
 
