@@ -141,3 +141,38 @@ def test_under_accelerate_launch_with_two_cpu_processes(cache, tmp_path):
     assert all(r["world"] == 2 and r["steps"] == 2 for r in ranks)
     assert ranks[0]["weights_sum"] == ranks[1]["weights_sum"] and ranks[0]["eval_loss"] == ranks[1]["eval_loss"]
     assert np.isfinite(ranks[0]["training_loss"]) and "distill/kd_forward" in ranks[0]["logged"]
+
+
+def test_trls_sft_trainer_takes_the_same_loss_mixed_in(cache, tmp_path):
+    """docs/interop.md's TRL recipe: DistillTrainer mixed into SFTTrainer, its dataset preparation skipped, the rows
+    given as a `datasets.Dataset` of row numbers (TRL takes nothing else). Its step has the recipe's loss and
+    gradients, as the plain Trainer's does."""
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    class DistillSFTTrainer(DistillTrainer, SFTTrainer):
+        pass
+
+    ds = CacheDataset(str(cache), "train", LOSSES)
+    batch = collate([ds[i] for i in range(4)])
+    ref_model = student()
+    ref = step_losses(ref_model, batch, ds.loss.spec, ds.loss.manifest, torch.device("cpu"), Wiring())
+    ref["total"].backward()
+    seen = {}
+
+    class Grab(TrainerCallback):
+        def on_pre_optimizer_step(self, a, state, control, model=None, **kw):
+            seen.update({n: p.grad.clone() for n, p in model.named_parameters()})
+
+    cfg = SFTConfig(output_dir=str(tmp_path / "trl"), remove_unused_columns=False, packing=False,
+                    dataset_kwargs={"skip_prepare_dataset": True}, per_device_train_batch_size=4, max_steps=1,
+                    max_grad_norm=0.0, report_to=[], use_cpu=True, logging_steps=1, save_strategy="no",
+                    disable_tqdm=True)
+    rows = ds.row_numbers()
+    assert len(rows) == len(ds) and rows[5]["row"] == 5
+    trainer = DistillSFTTrainer(model=student(), args=cfg, train_dataset=rows.select(range(4)),
+                                data_collator=ds.collate_rows, processing_class=AutoTokenizer.from_pretrained(cache / "tokenizer"),
+                                distill=ds.loss, callbacks=[Grab()])
+    assert trainer.train().training_loss == pytest.approx(float(ref["total"]), rel=1e-6)
+    for n, p in ref_model.named_parameters():
+        torch.testing.assert_close(seen[n], p.grad, rtol=1e-10, atol=1e-12)

@@ -105,6 +105,17 @@ class CacheDataset(torch.utils.data.Dataset):
             row[f] = a
         return row
 
+    def row_numbers(self):
+        """The split's row numbers as a `datasets.Dataset`, for trainers that take nothing else (TRL's); its
+        collator is `collate_rows`, which reads the rows from the cache as batches are made."""
+        import datasets
+
+        return datasets.Dataset.from_dict({"row": np.arange(len(self), dtype=np.int64)})
+
+    def collate_rows(self, items: list[dict]) -> dict:
+        """`collate` of the rows whose numbers `items` (from `row_numbers`) hold."""
+        return collate([self[int(it["row"])] for it in items])
+
 
 def collate(rows: list[dict]) -> dict:
     """Rows of a `CacheDataset` as the batch `distill student` trains on (CPU tensors)."""
