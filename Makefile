@@ -9,7 +9,7 @@ BIN        := $(VENV)/bin
 DISTILL    := HF_HUB_OFFLINE=1 $(BIN)/distill
 TEACHER    := data/teachers/SmolLM2-135M-Instruct
 
-.PHONY: setup teacher-cache student inspect verify test test-fast docs bench clean bench-targets fortunes-example \
+.PHONY: setup teacher-cache student inspect verify test test-fast docs bench clean bench-targets bench-import fortunes-example \
 	cross-tokenizer-example gpu-check onpolicy redistill bench-onpolicy
 
 $(VENV)/.installed: pyproject.toml
@@ -51,6 +51,10 @@ OUT ?= data/students/redistilled
 redistill: $(VENV)/.installed $(CACHE)/manifest.json
 	$(DISTILL) redistill --cache-config $(CONFIG) --student-config $(STUDENT_CONFIG) \
 		$(foreach f,$(NEW_DATA),--data '$(f)') --out $(OUT) $(ARGS)
+
+# distill import: tokens/s and peak memory as the source grows (docs/interop.md; about a minute)
+bench-import: $(VENV)/.installed $(TEACHER)/model.safetensors
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_import.py
 
 # offline vs on-policy vs a 50/50 mix vs exact on-policy targets, 3 seeds (docs/onpolicy.md; about 45 minutes on
 # 2 CPU cores, plus the start student's training when it is missing)

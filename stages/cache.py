@@ -51,6 +51,13 @@ def describe(m: Manifest, where: str) -> list[str]:
              + ", ".join(f"{s.name}: {s.rows} rows / {s.tokens:,} tokens / {s.shards} shards"
                          for s in m.splits.values())]
     lines.append(_row_convention(m))
+    if m.imported:
+        i = m.imported
+        lines.append(f"imported     {i.layout} layout; log-probs normalised over "
+                     f"{'the whole vocabulary' if i.tail_known else 'the K ids given (renormalised: the tail is unknown)'}"
+                     f" at temperature {i.temperature}; logsumexp {'given' if i.logsumexp else 'not given'}; teacher "
+                     f"log-prob of the tokens {'given' if i.target_logprob else 'not known'}; positions held "
+                     f"{i.entries[0]}..{i.entries[1]} entries, mean mass {i.mean_mass:.4f}")
     gen = d.get("generation")
     if gen:  # rows sampled by a model (distill generate): who, with what, in which round
         g, sp = gen.get("generator", {}), gen.get("sampling", {})
@@ -72,6 +79,8 @@ def _row_convention(m: Manifest) -> str:
         return (f"task         {task.type}: {len(task.labels)} labels {list(task.labels)} (column "
                 f"{task.label_column!r}); one example per row with the tokenizer's special tokens, padded with id "
                 f"{task.pad_token_id}")
+    if m.imported:
+        return "row start    as imported (no BOS or EOS added)"
     bos = p.bos
     return (f"row start    {'BOS (id %s)' % bos['token_id'] if bos and bos['applied'] else 'no BOS'}"
             + (f"; tokenizer adds BOS: {bos['tokenizer_adds_bos']}, data.bos = {bos['setting']!r}" if bos else
@@ -118,6 +127,8 @@ def _stats(m: Manifest) -> str:
     quality = ("teacher accuracy on the gold labels: " + ", ".join(f"{k} {v:.4f}" for k, v in
                                                                    st.teacher_accuracy.items())
                if m.task.classifier else f"mean top-{m.capture.top_k} mass {st.mean_topk_mass:.4f}")
+    if m.imported:  # stats count every token; a row's last position and untrained ones hold no target
+        quality = f"mean top-{m.capture.top_k} mass {m.imported.mean_mass:.4f} at the trained positions"
     return (f"stats        {st.tokens:,} tokens, {st.bytes_on_disk / 2**20:,.1f} MiB on disk "
             f"({st.bytes_on_disk / max(st.tokens, 1):,.1f} B/token), {quality}, "
             f"{st.tokens_per_second:,.0f} tokens/s ({st.seconds:.1f} s)")
@@ -187,3 +198,48 @@ def export(
 
     typer.echo(str(run(Cache(cache), out, fmt, splits, log=lambda m: typer.echo(m, err=True))))
 
+
+
+def import_cache(
+    source: Annotated[str, typer.Argument(help="a folder (its subfolders are splits), a .parquet or .jsonl file, or a "
+                                               "URL, holding top-K log-probs in axolotl's KD layout or vLLM's "
+                                               "prompt_logprobs")],
+    out: Annotated[str, typer.Argument(help="the new cache (a folder or URL; refused unless empty)")],
+    teacher: Annotated[str, typer.Option(help="the teacher that made the log-probs: a hub id or folder whose "
+                                              "config and tokenizer can be read (its weights are not loaded)")],
+    tokenizer: Annotated[Optional[str], typer.Option(help="its tokenizer, when not the teacher's folder")] = None,
+    layout: Annotated[Optional[str], typer.Option(help="axolotl or vllm (default: from the columns)")] = None,
+    split: Annotated[Optional[str], typer.Option(help="the split a flat source becomes (default train), or the one "
+                                                      "split folder to import")] = None,
+    temperature: Annotated[float, typer.Option(help="the temperature the log-probs were computed at (not 1 "
+                                                    "needs target_logsumexp)")] = 1.0,
+    top_k: Annotated[Optional[int], typer.Option(help="entries kept per position (default: the most every trained "
+                                                      "position holds; the rest go to the tail)")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="row length (default: the longest row)")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(help="ids allowed (default: the teacher config's vocab_size, "
+                                                           "else the tokenizer's length)")] = None,
+    rows_per_shard: Annotated[int, typer.Option(help="rows written and committed together")] = 64,
+    overwrite: Annotated[bool, typer.Option(help="replace what OUT holds")] = False,
+) -> None:
+    """Turn another tool's top-K log-prob dataset into a verified cache, and say which loss terms are exact on it."""
+    from pipeline.capture.importer import ImportSettings, run_import
+    from pipeline.train.terms import TERMS, on_import
+
+    if layout not in (None, "axolotl", "vllm"):
+        raise DistillError(f"--layout {layout!r}: axolotl or vllm")
+    s = ImportSettings(source, out, teacher, tokenizer, layout, split, temperature, top_k, seq_len, vocab_size,
+                       rows_per_shard, overwrite=overwrite)
+    c = run_import(s, log=lambda m: typer.echo(m, err=True))
+    problems = verify_cache(c.root)
+    if problems:
+        raise DistillError(f"{c.root}: the new cache does not verify: {problems[:3]}")
+    for line in describe(c.manifest, str(c.root)):
+        typer.echo(line)
+    by = {}
+    for name, term in TERMS.items():
+        if term.computes(c.manifest.task.type):
+            status, why = on_import(term, c.manifest)
+            by.setdefault(status, []).append(name + (f" ({why})" if status == "approximate" else ""))
+    for status in ("exact", "approximate", "unavailable"):
+        if by.get(status):
+            typer.echo(f"{status:<12} {', '.join(by[status])}")

@@ -133,6 +133,15 @@ def chat_llama_dir(chat_tokenizer_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def assistant_cache(bos_llama_dir, conversations, tmp_path_factory) -> Path:
+    """A chat cache with assistant-only loss masks, one conversation per row (export and import tests)."""
+    out = tmp_path_factory.mktemp("assistant") / "cache"
+    capture(settings(bos_llama_dir, conversations, out, data={"format": "messages", "loss_mask": "assistant",
+                                                               "packing": False, "seq_len": 96}))
+    return out
+
+
+@pytest.fixture(scope="session")
 def conversations(tmp_path_factory) -> Path:
     """A jsonl of chat data: `messages` (system/user/assistant turns) and `prompt`/`response` columns."""
     out = tmp_path_factory.mktemp("chat") / "chat.jsonl"

@@ -156,7 +156,8 @@ def test_files_and_functions_fit_on_a_few_screens():
     assert not too_long, "; ".join(too_long)
 
 
-CONVENTIONAL_ALIASES = {"numpy": "np", "pyarrow": "pa", "pyarrow.parquet": "pq", "torch.nn.functional": "F"}
+CONVENTIONAL_ALIASES = {"numpy": "np", "pyarrow": "pa", "pyarrow.parquet": "pq", "pyarrow.compute": "pc",
+                        "torch.nn.functional": "F"}
 
 
 def test_no_private_names_across_modules_and_no_one_letter_module_aliases():

@@ -10,25 +10,16 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import capture, settings
 
 from pipeline.errors import DistillError
 from pipeline.format import Cache, row_column
 from pipeline.format.export import export
 
 
-@pytest.fixture(scope="module")
-def chat_cache(bos_llama_dir, conversations, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "cache"
-    capture(settings(bos_llama_dir, conversations, out, data={"format": "messages", "loss_mask": "assistant",
-                                                               "packing": False, "seq_len": 96}))
-    return out
-
-
-def test_the_axolotl_layout_loads_with_datasets_and_equals_the_cache(chat_cache, tmp_path):
+def test_the_axolotl_layout_loads_with_datasets_and_equals_the_cache(assistant_cache, tmp_path):
     import datasets
 
-    c = Cache(str(chat_cache))
+    c = Cache(str(assistant_cache))
     export(c, tmp_path / "x", log=lambda m: None)
     record = json.loads((tmp_path / "x" / "distill_export.json").read_text())
     assert record["cache_digest"] == c.manifest.digest and record["rows"]["train"] == c.manifest.splits["train"].rows
@@ -58,8 +49,8 @@ def test_the_axolotl_layout_loads_with_datasets_and_equals_the_cache(chat_cache,
     assert checked > 20  # (top-8 of a random-init teacher: the true token is in it at a few percent of positions)
 
 
-def test_to_dataset_gives_rows_with_their_fields(chat_cache):
-    c = Cache(str(chat_cache))
+def test_to_dataset_gives_rows_with_their_fields(assistant_cache):
+    c = Cache(str(assistant_cache))
     ds = c.to_dataset("train", ["topk_ids", "logsumexp"])
     t = c.rows("train")
     lengths = t.column("length").to_numpy()
@@ -73,30 +64,30 @@ def test_to_dataset_gives_rows_with_their_fields(chat_cache):
         c.to_dataset("train", ["hidden_states"])
 
 
-def test_export_refuses_a_path_that_exists_and_leaves_nothing_half_written(chat_cache, tmp_path, monkeypatch):
+def test_export_refuses_a_path_that_exists_and_leaves_nothing_half_written(assistant_cache, tmp_path, monkeypatch):
     from pipeline.format import export as module
 
     (tmp_path / "taken").mkdir()
     with pytest.raises(DistillError, match="exists"):
-        export(Cache(str(chat_cache)), tmp_path / "taken", log=lambda m: None)
+        export(Cache(str(assistant_cache)), tmp_path / "taken", log=lambda m: None)
 
     def broken(cache, split):
         yield from []
         raise OSError("disk full")
     monkeypatch.setattr(module, "axolotl_rows", broken)
     with pytest.raises(OSError):
-        export(Cache(str(chat_cache)), tmp_path / "half", log=lambda m: None)
+        export(Cache(str(assistant_cache)), tmp_path / "half", log=lambda m: None)
     assert list(tmp_path.iterdir()) == [tmp_path / "taken"]
 
 
 @pytest.mark.slow
-def test_export_on_the_command_line(chat_cache, tmp_path):
+def test_export_on_the_command_line(assistant_cache, tmp_path):
     distill = str(__import__("pathlib").Path(sys.executable).with_name("distill"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([distill, "export", str(chat_cache), str(tmp_path / "x"), "--split", "validation"],
+    res = subprocess.run([distill, "export", str(assistant_cache), str(tmp_path / "x"), "--split", "validation"],
                          capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["distill_export.json", "validation"]
-    res = subprocess.run([distill, "export", str(chat_cache), str(tmp_path / "x")], capture_output=True, text=True,
+    res = subprocess.run([distill, "export", str(assistant_cache), str(tmp_path / "x")], capture_output=True, text=True,
                          env=env)
     assert res.returncode == 2 and "exists" in res.stderr

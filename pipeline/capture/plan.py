@@ -98,6 +98,15 @@ def build_plan(cfg: TeacherCacheConfig, spec: models.TeacherSpec, tokenizer, pre
 
 def _row_fields(prepared: Prepared, split_rows: dict[str, int], L: int) -> dict:
     """The manifest entries of the rows.parquet columns the prepared rows have."""
+    schema = next(iter(prepared.splits.values())).schema if prepared.splits else None  # None: an append of nothing
+    columns = schema.names if schema is not None else []
+    labels = pa.types.is_fixed_size_list(schema.field("labels").type) if "labels" in columns else None
+    return row_fields(columns, split_rows, L, labels)
+
+
+def row_fields(columns: list[str], split_rows: dict[str, int], L: int, labels: bool | None = None) -> dict:
+    """The manifest entries of rows.parquet's columns: key, input_ids, length, and those of `columns` among
+    loss_mask, labels (per position when `labels` is true, else per row) and position_ids."""
     def row_field(column: str, dtype: str, per_position: bool, description: str) -> dict:
         return {"path": "{part}/rows.parquet", "format": "parquet", "column": column, "dtype": dtype,
                 "dims": ["row", "position"] if per_position else ["row"],
@@ -108,13 +117,10 @@ def _row_fields(prepared: Prepared, split_rows: dict[str, int], L: int) -> dict:
               "length": row_field("length", "int32", False, "real tokens in the row (the mask is position < length)"),
               "key": row_field("key", "string", False, "blake2b-128 hex of the row's real token ids as little-endian "
                                                        "int32")}
-    schema = next(iter(prepared.splits.values())).schema if prepared.splits else None  # None: an append of nothing
-    columns = schema.names if schema is not None else []
-    labels = pa.types.is_fixed_size_list(schema.field("labels").type) if "labels" in columns else None
     if "loss_mask" in columns:
         fields["loss_mask"] = row_field("loss_mask", "uint8", True, "1 where the targets at position t train (the "
                                         "token t+1 they predict is an assistant/response token); 0 elsewhere")
-    if labels is not None:
+    if "labels" in columns:
         fields["labels"] = row_field("labels", "int32", labels, f"gold class id of each word's first token; "
                                      f"{IGNORE_INDEX} elsewhere" if labels else "gold class id per row")
     if "position_ids" in columns:

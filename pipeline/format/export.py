@@ -12,6 +12,7 @@ produces them, `AxolotlKDTrainer.compute_loss` reads them). One row per cache ro
     target_mask       (n, K)  1 where labels[t] trains
     target_logsumexp  (n,)    logsumexp of the teacher's logits at T = 1 for predicting token t (row 0: NaN):
                               logit = logprob + logsumexp; tail mass = 1 - sum(exp(target_logprobs))
+    target_label_logprob (n,) the teacher's log-prob of token t itself (row 0: NaN), when the cache has it
     key               ()      the cache row's content key
 
 axolotl aligns targets with the token they predict and shifts in the trainer (`target[..., 1:, :]`
@@ -48,7 +49,7 @@ def axolotl_rows(cache, split: str):
     if m.task.classifier:
         raise CacheError(f"{cache.root}: a {m.task.type} teacher's cache has class targets, not next-token top-K: "
                          "the axolotl layout is for causal LM caches")
-    have_mask = "loss_mask" in m.fields
+    have_mask, have_label = "loss_mask" in m.fields, "target_logprob" in m.fields
     columns = ["input_ids", "length", "key"] + (["loss_mask"] if have_mask else [])
     K = m.capture.top_k
     for part, rows, start in cache.shard_rows(split, columns):
@@ -58,8 +59,9 @@ def axolotl_rows(cache, split: str):
         top_ids = np.asarray(cache.array_part(split, part, "topk_ids")[a:b], np.int64)
         top_lp = np.asarray(cache.array_part(split, part, "topk_logprobs")[a:b], np.float32)
         lse = np.asarray(cache.array_part(split, part, "logsumexp")[a:b], np.float32)
+        label = np.asarray(cache.array_part(split, part, "target_logprob")[a:b], np.float32) if have_label else None
         out = {k: [] for k in ("input_ids", "attention_mask", "labels", "target_token_ids", "target_logprobs",
-                               "target_mask", "target_logsumexp")}
+                               "target_mask", "target_logsumexp", "target_label_logprob")}
         for i, n in enumerate(lengths):
             trains = np.zeros(n, bool)  # label t trains iff the cache's position t - 1 does
             trains[1:] = mask[i, : n - 1] if mask is not None else True
@@ -73,12 +75,17 @@ def axolotl_rows(cache, split: str):
             out["target_logprobs"].append(t_lp.tolist())
             out["target_mask"].append(np.repeat(trains[:, None], K, 1).astype(np.int8).tolist())
             out["target_logsumexp"].append(np.concatenate([[np.nan], lse[i, : n - 1]]).astype(np.float32).tolist())
+            if label is not None:
+                out["target_label_logprob"].append(np.concatenate([[np.nan], label[i, : n - 1]]).astype(np.float32)
+                                                   .tolist())
+        extra = {"target_label_logprob": pa.array(out["target_label_logprob"], pa.list_(pa.float32()))} \
+            if label is not None else {}
         yield pa.table({**{k: out[k] for k in ("input_ids", "attention_mask", "labels")},
                         "target_token_ids": pa.array(out["target_token_ids"], pa.list_(pa.list_(pa.int32()))),
                         "target_logprobs": pa.array(out["target_logprobs"], pa.list_(pa.list_(pa.float32()))),
                         "target_mask": pa.array(out["target_mask"], pa.list_(pa.list_(pa.int8()))),
                         "target_logsumexp": pa.array(out["target_logsumexp"], pa.list_(pa.float32())),
-                        "key": rows.column("key")})
+                        **extra, "key": rows.column("key")})
 
 
 def export(cache, out: str | Path, fmt: str = "axolotl", splits: list[str] | None = None, log=print) -> Path:
@@ -106,7 +113,8 @@ def export(cache, out: str | Path, fmt: str = "axolotl", splits: list[str] | Non
             counts[split] = rows
         m = cache.manifest
         record = {"format": fmt, "layout": "axolotl KD (integrations/kd, commit 08a734b): input_ids, attention_mask, "
-                  "labels, target_token_ids, target_logprobs, target_mask; plus target_logsumexp and key",
+                  "labels, target_token_ids, target_logprobs, target_mask; plus target_logsumexp, "
+                  "target_label_logprob and key",
                   "cache": str(cache.root), "cache_digest": m.digest, "teacher": m.teacher.model,
                   "teacher_weights_sha256": m.teacher.weights_sha256, "tokenizer_fingerprint": m.tokenizer.fingerprint,
                   "top_k": m.capture.top_k, "rows": counts}

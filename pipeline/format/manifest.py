@@ -23,8 +23,8 @@ from types import MappingProxyType
 from typing import Mapping
 
 from ..errors import CacheError
-from .records import (Capture, Field, FileDigest, Growth, IndexFile, Part, Preparation, Split, Stats, Subset, Task,
-                      Teacher, Tokenizer, record)
+from .records import (Capture, Field, FileDigest, Growth, Imported, IndexFile, Part, Preparation, Split, Stats,
+                      Subset, Task, Teacher, Tokenizer, record)
 
 FORMAT_NAME = "teacher-cache"
 FORMAT_VERSION = "3.0"  # the shard index (a 2.x reader would find no shards: it must refuse)
@@ -141,6 +141,12 @@ class Manifest:
     @cached_property
     def preparation(self) -> Preparation:
         return record(Preparation, self.document["preparation"], raw=dict(self.document["preparation"]))
+
+    @cached_property
+    def imported(self) -> Imported | None:
+        """What `distill import` knew of the source (None: the teacher's own capture)."""
+        i = self.document.get("imported")
+        return None if not i else record(Imported, {**i, "entries": tuple(i.get("entries", (0, 0)))})
 
     @property
     def dataset(self) -> Mapping:

@@ -114,6 +114,26 @@ class Capture:
 
 
 @dataclass(frozen=True)
+class Imported:
+    """What a cache made by `distill import` knew of its source: the targets' normalisation, whether the logsumexp
+    and the log-prob of each trained token were given, the temperature of the log-probs."""
+
+    layout: str  # "axolotl" or "vllm"
+    source: str
+    normalised: str  # "vocabulary": over every token (the tail is 1 - sum); "top-k": renormalised over the ids given
+    logsumexp: bool  # given (else the logsumexp field holds NaN)
+    target_logprob: bool  # the teacher's log-prob of every trained token was known (else the field is absent)
+    temperature: float = 1.0  # the log-probs are the teacher's at this temperature
+    top_k: int = 0
+    entries: tuple[int, int] = (0, 0)  # entries a trained position held in the source (least, most)
+    mean_mass: float | None = None  # mean summed probability of the entries at a trained position
+
+    @property
+    def tail_known(self) -> bool:
+        return self.normalised == "vocabulary"
+
+
+@dataclass(frozen=True)
 class Preparation:
     """How rows were made (the typed part; `raw` holds every recorded key)."""
 

@@ -14,6 +14,7 @@ Terms with weight 0 are not computed and their fields not read.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -316,6 +317,28 @@ def capture_keys(spec) -> set[str]:
     return set().union(*(t.capture_keys for t in active(spec)))
 
 
+def on_import(term: Term, manifest: Manifest, temperature: float = 1.0) -> tuple[str, str]:
+    """("exact" | "approximate" | "unavailable", why) of a term on a cache `distill import` made, from what its
+    source gave (manifest.imported); ("exact", "") on a capture's cache."""
+    imp = manifest.imported
+    if imp is None:
+        return "exact", ""
+    fields = term.on(manifest.task.type).fields if term.computes(manifest.task.type) else ()
+    missing = [f for f in fields if f not in manifest.fields]
+    if missing:
+        return "unavailable", f"the import has no {', '.join(missing)}"
+    needs_lse = "logsumexp" in fields and (term.name in ("mse_logits", "kd_sampled")
+                                           or (term.tempered and temperature != 1.0))
+    if needs_lse and not imp.logsumexp:
+        return "unavailable", ("it needs the teacher's logits (logsumexp), which the source did not give"
+                               + (f" (at temperature {temperature})" if term.tempered and temperature != 1.0 else ""))
+    if not imp.tail_known and "topk_logprobs" in fields and term.name != "kd_forward_renorm":
+        return "approximate", ("the source's log-probs were renormalised over the K ids: the teacher's tail is taken "
+                               "as empty" if term.anchors else "the source's log-probs were renormalised over the K "
+                               "ids, so they are not the teacher's")
+    return "exact", ""
+
+
 def fields_for(spec, manifest: Manifest, cross: bool = False) -> list[str]:
     """The cache fields this student's terms read; refuses a term whose field the cache lacks, a term not
     defined for the cache's task, or (`cross`: the student has another tokenizer) one that compares ids."""
@@ -331,11 +354,24 @@ def fields_for(spec, manifest: Manifest, cross: bool = False) -> list[str]:
             need.append((t.name, "logsumexp_tempered" if task == "causal-lm" else "class_logsumexp_tempered"))
         if t.cache_fields is not None and set(fields) <= have:  # else its own fields are refused below
             need += [(t.name, f) for f in t.cache_fields(spec, manifest)]
+    _check_import(spec, manifest)
     for name, f in need:
         if f not in have:
             raise StudentError(f"student {spec.name!r}: loss {name} needs field {f!r}, which the cache does not "
                                f"hold (captured: {', '.join(sorted(have))})")
     return list(dict.fromkeys(f for _, f in need))
+
+
+def _check_import(spec, manifest: Manifest) -> None:
+    """On an imported cache: refuse the terms its source cannot give, warn of the approximate ones."""
+    for t in active(spec):
+        status, why = on_import(t, manifest, spec.temperature)
+        if status == "unavailable":
+            raise StudentError(f"student {spec.name!r}: loss {t.name} cannot be computed on this imported cache: "
+                               f"{why}")
+        if status == "approximate":
+            warnings.warn(f"student {spec.name!r}: loss {t.name} is approximate on this imported cache: {why}",
+                          stacklevel=2)
 
 
 def _check_defined(spec, task: str, cross: bool) -> None:

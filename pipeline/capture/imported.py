@@ -1,0 +1,255 @@
+"""Reading another tool's top-K log-prob dataset for `distill import` (`importer.py` writes the cache).
+
+A source is a local folder or URL holding Parquet (`*.parquet`) or JSON Lines (`*.jsonl`, `*.json`) files: its
+subfolders are its splits when it has any (as `distill export` writes them), else its files are one split. One
+row is one sequence; the target at input position t is the distribution that predicts token t (position 0 has
+none), the alignment both layouts use:
+
+- `axolotl`: the columns axolotl's KD integration reads: `input_ids` (n,), `target_token_ids` (n, K),
+  `target_logprobs` (n, K) and optionally `target_mask` (n, K) (1: a real entry) and `labels` (n,) (-100: not
+  trained). `distill export` adds `target_logsumexp` (n,) and `target_label_logprob` (n,), read when present.
+- `vllm`: what vLLM returns for a prompt with `prompt_logprobs = K`: `prompt_token_ids` (n,) and
+  `prompt_logprobs` (n,), per position null (position 0) or its entries, as a list of structs
+  `{token_id, logprob, ...}` or a map token id -> log-prob (or -> `{logprob, rank, decoded_token}`); a JSON object
+  keyed by token id reads the same. vLLM adds the prompt token itself when it is outside the top K, so a
+  position holds K or K + 1 entries. An optional `labels` column (-100: not trained) masks positions.
+
+`batches` yields `Block`s: a batch of rows as flat arrays (tokens, and per position its entries), so the
+importer's checks and its selection of the top K run on arrays, not per entry in Python.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..errors import DataError
+from ..format.layout import IGNORE_INDEX
+from ..format.storage import Storage
+
+LAYOUTS = ("axolotl", "vllm")
+EXTENSIONS = (".parquet", ".jsonl")
+BATCH_ROWS = 64
+
+
+@dataclass
+class Block:
+    """Rows of a source as flat arrays. Row r's tokens are tokens[starts[r]:starts[r + 1]]; position p (an index
+    into tokens) has entries e_ids/e_lp[entry_starts[p]:entry_starts[p + 1]], those with e_valid set real."""
+
+    file: str
+    layout: str  # "axolotl" or "vllm"
+    first_row: int  # the file's row number of this block's first row
+    starts: np.ndarray  # (R + 1,) int64
+    tokens: np.ndarray  # (T,) int64
+    trained: np.ndarray  # (T,) bool: the labels (and target mask) train the target at this position
+    entry_starts: np.ndarray  # (T + 1,) int64
+    e_ids: np.ndarray  # (E,) int64
+    e_lp: np.ndarray  # (E,) float64
+    e_valid: np.ndarray  # (E,) bool
+    masked: bool  # the layout says which entries are real (a target mask, or vLLM's per-position entries)
+    lse: np.ndarray | None = None  # (T,) float64 logsumexp at each position (target_logsumexp), when given
+    label_lp: np.ndarray | None = None  # (T,) float64 log-prob of the token at each position, when given
+
+    @property
+    def rows(self) -> int:
+        return len(self.starts) - 1
+
+    def where(self, position: int) -> str:
+        """'FILE row R position P' of a flat position index."""
+        r = int(np.searchsorted(self.starts, position, side="right") - 1)
+        return f"{self.file} row {self.first_row + r} position {position - int(self.starts[r])}"
+
+
+def source_splits(source: str, split: str | None,
+                  storage_options: dict | None = None) -> tuple[Storage, dict[str, list[str]]]:
+    """Where the source's files are, and {split: its data files (relative to it)}: one file given is `split`; a
+    folder's subfolders are its splits (files beside them are refused), else its files are `split`."""
+    if source.rstrip("/").endswith(EXTENSIONS):  # one data file
+        folder, _, name = source.rstrip("/").rpartition("/")
+        return Storage(folder or ".", storage_options), {split or "train": [name]}
+    st = Storage(source, storage_options)
+    files = sorted(rel for rel in st.files() if rel.endswith(EXTENSIONS))
+    if not files:
+        raise DataError(f"{source}: no {', '.join(EXTENSIONS)} files to import")
+    nested = sorted({rel.split("/", 1)[0] for rel in files if "/" in rel})
+    if not nested:
+        return st, {split or "train": files}
+    top = [rel for rel in files if "/" not in rel]
+    if top:
+        raise DataError(f"{source}: holds both split folders ({', '.join(nested)}) and files ({top[0]}, ...): "
+                        "point at one split's folder, or keep the files in split folders")
+    out = {s: [rel for rel in files if rel.split("/", 1)[0] == s] for s in nested}
+    if split is None:
+        return st, out
+    if split not in out:
+        raise DataError(f"{source} has no split folder {split!r} (has: {', '.join(out)})")
+    return st, {split: out[split]}
+
+
+def detect_layout(names: list[str], where: str) -> str:
+    if {"target_token_ids", "target_logprobs"} <= set(names):
+        return "axolotl"
+    if "prompt_logprobs" in names:
+        return "vllm"
+    raise DataError(f"{where}: columns {names} are neither axolotl's KD layout (input_ids, target_token_ids, "
+                    "target_logprobs) nor vLLM's (prompt_token_ids, prompt_logprobs)")
+
+
+def tables(st: Storage, rel: str):
+    """A data file's rows as Arrow tables of up to BATCH_ROWS rows (JSON Lines: vLLM's maps keyed by token id are
+    read as lists of entries)."""
+    name = f"{st.location}/{rel}"
+    if rel.endswith(".parquet"):
+        with st.open(rel) as f:
+            # pre_buffer off: with it, the reader keeps every column chunk it has fetched until the file ends,
+            # and memory grows with the file (benchmarks/bench_import.py measured it)
+            for batch in pq.ParquetFile(f, pre_buffer=False).iter_batches(batch_size=BATCH_ROWS):
+                yield pa.Table.from_batches([batch])
+        return
+    rows = []
+    with st.open(rel) as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{name} line {i + 1}: not JSON ({e})") from None
+            if isinstance(row.get("prompt_logprobs"), list):
+                row["prompt_logprobs"] = [_entries(p) for p in row["prompt_logprobs"]]
+            rows.append(row)
+            if len(rows) == BATCH_ROWS:
+                yield pa.Table.from_pylist(rows)
+                rows = []
+    if rows:
+        yield pa.Table.from_pylist(rows)
+
+
+def _entries(position):
+    """A JSON position of vLLM's prompt_logprobs as a list of {token_id, logprob}."""
+    if position is None:
+        return None
+    if isinstance(position, dict):
+        return [{"token_id": int(k), "logprob": float(v["logprob"] if isinstance(v, dict) else v)}
+                for k, v in position.items()]
+    return [{"token_id": int(e["token_id"]), "logprob": float(e["logprob"])} for e in position]
+
+
+def to_block(table: pa.Table, layout: str, file: str, first_row: int) -> Block:
+    """A table of the source as a `Block`; refuses rows whose columns disagree in length."""
+    names = table.column_names
+    if layout == "axolotl":
+        missing = [c for c in ("input_ids", "target_token_ids", "target_logprobs") if c not in names]
+        if missing:
+            raise DataError(f"{file}: the axolotl layout needs columns {missing}")
+        tok = table.column("input_ids")
+        ids = table.column("target_token_ids")
+        starts, tokens = _lists(tok)
+        _same_lengths(file, first_row, starts, _offsets(ids), "target_token_ids", "input_ids")
+        _same_lengths(file, first_row, starts, _offsets(table.column("target_logprobs")), "target_logprobs",
+                      "input_ids")
+        entry_starts, e_ids = _lists(pc.list_flatten(ids))
+        entry_lp, e_lp = _lists(pc.list_flatten(table.column("target_logprobs")), np.float64)
+        if not np.array_equal(entry_starts, entry_lp):
+            bad = int(np.argmax(np.diff(entry_starts) != np.diff(entry_lp)))
+            raise DataError(f"{file}: target_token_ids and target_logprobs differ in length at "
+                            + Block(file, layout, first_row, starts, tokens, None, entry_starts, e_ids, e_lp,
+                                    None, False).where(bad))
+        masked = "target_mask" in names
+        e_valid = _lists(pc.list_flatten(table.column("target_mask")))[1].astype(bool) if masked else \
+            np.ones(len(e_ids), bool)
+        if len(e_valid) != len(e_ids):
+            raise DataError(f"{file}: target_mask and target_token_ids differ in shape")
+        trained = _trained(table, starts, file, first_row)
+        block = Block(file, layout, first_row, starts, tokens, trained, entry_starts, e_ids, e_lp, e_valid, masked)
+        for column, attr in (("target_logsumexp", "lse"), ("target_label_logprob", "label_lp")):
+            if column in names:
+                s, v = _lists(table.column(column), np.float64)
+                _same_lengths(file, first_row, starts, s, column, "input_ids")
+                setattr(block, attr, v)
+        return block
+    if "prompt_token_ids" not in names:
+        raise DataError(f"{file}: the vllm layout needs a prompt_token_ids column beside prompt_logprobs")
+    starts, tokens = _lists(table.column("prompt_token_ids"))
+    col = table.column("prompt_logprobs")
+    _same_lengths(file, first_row, starts, _offsets(col), "prompt_logprobs", "prompt_token_ids")
+    per_position = pc.list_flatten(col).combine_chunks() if isinstance(col, pa.ChunkedArray) else pc.list_flatten(col)
+    if pa.types.is_map(per_position.type):  # token id -> log-prob: its entries as a list of {key, value}
+        per_position = pa.ListArray.from_arrays(per_position.offsets, per_position.values,
+                                                mask=per_position.is_null())
+    entry_starts = _offsets(per_position)
+    entries = pc.list_flatten(per_position)
+    e_ids, e_lp = _vllm_entries(entries, file)
+    trained = _trained(table, starts, file, first_row)
+    return Block(file, layout, first_row, starts, tokens, trained, entry_starts, e_ids, e_lp, np.ones(len(e_ids), bool),
+                 True)
+
+
+def _vllm_entries(entries: pa.ChunkedArray | pa.Array, file: str) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and log-probs of vLLM entries: structs {token_id, logprob, ...} or a map's {key, value}."""
+    arr = entries.combine_chunks() if isinstance(entries, pa.ChunkedArray) else entries
+    if len(arr) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float64)
+    typ = arr.type
+    if not pa.types.is_struct(typ):
+        raise DataError(f"{file}: prompt_logprobs entries are {typ}, not structs {{token_id, logprob}} or a map")
+    names = [typ.field(i).name for i in range(typ.num_fields)]
+    if "token_id" in names and "logprob" in names:
+        return _numpy(arr.field("token_id"), np.int64), _numpy(arr.field("logprob"), np.float64)
+    if names == ["key", "value"]:
+        value = arr.field("value")
+        lp = value.field("logprob") if pa.types.is_struct(value.type) else value
+        return _numpy(arr.field("key"), np.int64), _numpy(lp, np.float64)
+    raise DataError(f"{file}: prompt_logprobs entries have fields {names}; expected token_id and logprob")
+
+
+def _trained(table: pa.Table, starts: np.ndarray, file: str, first_row: int) -> np.ndarray:
+    """Per position: its label trains (no labels column: every position)."""
+    if "labels" not in table.column_names:
+        return np.ones(int(starts[-1]), bool)
+    s, labels = _lists(table.column("labels"))
+    _same_lengths(file, first_row, starts, s, "labels", "the token ids")
+    return labels != IGNORE_INDEX
+
+
+def _same_lengths(file: str, first_row: int, starts, other, column: str, base: str) -> None:
+    if not np.array_equal(starts, other):
+        r = int(np.argmax(np.diff(starts) != np.diff(other)))
+        raise DataError(f"{file} row {first_row + r}: {column} has {int(other[r + 1] - other[r])} positions, "
+                        f"{base} {int(starts[r + 1] - starts[r])}")
+
+
+def _offsets(arr) -> np.ndarray:
+    """(N + 1,) offsets of a list column (null lists: empty)."""
+    lengths = pc.fill_null(pc.list_value_length(arr), 0)
+    lengths = lengths.combine_chunks() if isinstance(lengths, pa.ChunkedArray) else lengths
+    return np.concatenate([[0], np.cumsum(lengths.to_numpy(zero_copy_only=False), dtype=np.int64)])
+
+
+def _lists(arr, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, flat values) of a list column."""
+    return _offsets(arr), _numpy(pc.list_flatten(arr), dtype)
+
+
+def _numpy(arr, dtype) -> np.ndarray:
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    if arr.null_count:
+        raise DataError(f"null values where numbers are expected ({arr.null_count} of {len(arr)})")
+    return arr.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+
+
+def blocks(st: Storage, files: list[str], layout: str | None):
+    """Every row of a split's files as `Block`s, and the layout (detected from the first file when None)."""
+    for rel in files:
+        name = f"{st.location}/{rel}"
+        row = 0
+        for table in tables(st, rel):
+            layout = layout or detect_layout(table.column_names, name)
+            yield to_block(table, layout, name, row)
+            row += table.num_rows

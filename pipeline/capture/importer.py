@@ -1,0 +1,389 @@
+"""`distill import`: another tool's top-K log-probs (axolotl's KD layout, vLLM's prompt_logprobs) as a cache.
+
+Two passes over the source (`imported.py` reads it), nothing held but a batch and a shard:
+
+1. `survey`: every row is checked before anything is written: ids within the teacher's vocabulary, log-probs
+   finite and their per-position sums at most 1, the entries per trained position (K) fixed or marked by a mask,
+   rows no longer than `seq_len`. It also learns what the source says: the largest K every trained position
+   holds, whether the log-probs are normalised over the whole vocabulary (some position's top-K mass is below
+   1) or were renormalised over the K ids given (every position sums to 1), and whether the logsumexp and the
+   log-prob of every trained token are known.
+2. `write`: the rows in the cache's alignment (cache position t holds the distribution that predicts token
+   t + 1: the source's position t + 1), each position's K most likely entries (more are folded into the tail,
+   whose mass stays exact for vocabulary-normalised log-probs), through the capture's writer: shards committed
+   as written, the manifest last. Identical rows are kept once (keys are unique in a cache).
+
+The teacher is named, never loaded: its config (when it can be read) gives the architecture facts, its tokenizer
+the vocabulary and the fingerprint students are checked against. The manifest's `imported` section records
+what the source said (docs/format.md); `pipeline.train.terms.on_import` derives from it which loss terms are
+exact.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import TeacherConfig
+from ..errors import DataError, StorageError, TeacherError
+from ..format.layout import MANIFEST, PLAN_FILE, ROWS_FILE, shard_ranges, tokenizer_fingerprint, write_json
+from ..format.manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
+from ..format.reader import Cache
+from ..format.specs import field_specs
+from ..format.storage import Storage
+from ..format.writer import CacheWriter
+from .imported import Block, blocks, source_splits
+from .output import store_tokenizer, wipe
+from .plan import row_fields, software
+from .rowfiles import KeyStore, RowFileWriter, Rows
+from .rows import content_key, tokenizer_pad_id
+from .run import Tally
+from .targets import TeacherTargets
+
+SUM_TOL = 5e-3  # a position's probabilities may sum to 1 + this (float16 log-probs), no more
+RENORM_TOL = 1e-3  # every position within this of 1: the log-probs were renormalised over the ids given
+
+
+@dataclass(frozen=True)
+class ImportSettings:
+    source: str
+    out: str
+    teacher: str  # named by the user: a hub id or folder whose config and tokenizer can be read (no weights)
+    tokenizer: str | None = None  # default: the teacher's
+    layout: str | None = None  # "axolotl" or "vllm"; None: detected
+    split: str | None = None  # the split a flat source becomes (default train), or the one split folder imported
+    temperature: float = 1.0  # the temperature the log-probs were computed at
+    top_k: int | None = None  # keep this many entries per position (default: the most every trained one holds)
+    seq_len: int | None = None  # default: the longest row
+    vocab_size: int | None = None  # default: the teacher config's (LM-head rows), else the tokenizer's length
+    rows_per_shard: int = 64
+    rows_per_chunk: int = 8
+    overwrite: bool = False
+
+
+@dataclass
+class Survey:
+    """What pass 1 learnt of the source."""
+
+    layout: str | None = None
+    files: dict = field(default_factory=dict)  # split -> its files
+    rows: dict = field(default_factory=dict)  # split -> rows kept
+    tokens: dict = field(default_factory=dict)
+    duplicates: int = 0
+    rows_read: int = 0
+    longest: int = 0
+    positions: int = 0  # trained target positions
+    k_min: int | None = None
+    k_max: int = 0
+    masked: bool = True
+    below_one: int = 0  # trained positions whose entries sum below 1 - RENORM_TOL
+    mass: float = 0.0  # summed over trained positions
+    lse: bool = True
+    label: bool = True
+
+
+@dataclass
+class Targets:
+    """One block's per-position facts, positions flat (see `Block`)."""
+
+    target: np.ndarray  # (T,) a trained position with a distribution (not a row's first)
+    counts: np.ndarray  # (T,) real entries
+    sums: np.ndarray  # (T,) their probabilities summed
+    label_lp: np.ndarray  # (T,) log p of the position's own token (NaN: not known)
+    owner: np.ndarray  # (E,) the position of each entry
+    valid: np.ndarray  # (E,) a real, finite entry
+
+
+def targets(b: Block) -> Targets:
+    T = len(b.tokens)
+    owner = np.repeat(np.arange(T), np.diff(b.entry_starts))
+    lp = b.e_lp
+    bad = b.e_valid & (np.isnan(lp) | (lp > 0))  # +inf too; -inf is probability 0: not an entry
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{b.where(int(owner[i]))}: log-prob {lp[i]} (log-probs are finite and at most 0)")
+    valid = b.e_valid & np.isfinite(lp)
+    target = b.trained.copy()
+    target[b.starts[:-1][np.diff(b.starts) > 0]] = False  # a row's first token has no distribution
+    counts = np.bincount(owner[valid], minlength=T)
+    if b.masked:  # a position whose entries are all masked has no target
+        target &= counts > 0
+    sums = np.bincount(owner[valid], weights=np.exp(lp[valid]), minlength=T)
+    label_lp = np.full(T, np.nan)
+    own = valid & (b.e_ids == b.tokens[owner])
+    label_lp[owner[own]] = lp[own]
+    if b.label_lp is not None:
+        label_lp = np.where(np.isfinite(b.label_lp), b.label_lp, label_lp)
+    return Targets(target, counts, sums, label_lp, owner, valid)
+
+
+def survey(s: ImportSettings, st: Storage, splits: dict[str, list[str]], vocab: int, scratch: Path) -> Survey:
+    """Pass 1: check every row, learn K, the normalisation and what is known (see the module doc)."""
+    out = Survey(files=splits)
+    for split, files in splits.items():
+        keys = KeyStore(scratch / f"survey-{split}.sqlite")
+        rows = tokens = 0
+        for b in blocks(st, files, s.layout):
+            out.layout = b.layout
+            t = targets(b)
+            _check_block(s, b, t, vocab)
+            out.rows_read += b.rows
+            n = np.diff(b.starts)
+            out.longest = max(out.longest, int(n.max(initial=0)))
+            for r in range(b.rows):
+                if keys.add(content_key(b.tokens[b.starts[r]:b.starts[r + 1]]), "main"):
+                    rows, tokens = rows + 1, tokens + int(n[r])
+                else:
+                    out.duplicates += 1
+            k = t.counts[t.target]
+            if len(k):
+                out.k_min = int(k.min()) if out.k_min is None else min(out.k_min, int(k.min()))
+                out.k_max = max(out.k_max, int(k.max()))
+            out.masked &= b.masked
+            out.positions += int(t.target.sum())
+            out.below_one += int((t.sums[t.target] < 1 - RENORM_TOL).sum())
+            out.mass += float(t.sums[t.target].sum())
+            out.lse &= b.lse is not None and bool(np.isfinite(b.lse[t.target]).all())
+            out.label &= bool(np.isfinite(t.label_lp[t.target]).all())
+        keys.close()
+        out.rows[split], out.tokens[split] = rows, tokens
+    return out
+
+
+def _check_block(s: ImportSettings, b: Block, t: Targets, vocab: int) -> None:
+    """Refuse ids outside the vocabulary, sums above 1, rows over seq_len."""
+    for name, ids, where in (("token id", b.tokens, np.arange(len(b.tokens))),
+                             ("target id", b.e_ids[t.valid], t.owner[t.valid])):
+        wrong = (ids < 0) | (ids >= vocab)
+        if wrong.any():
+            i = int(np.flatnonzero(wrong)[0])
+            raise DataError(f"{b.where(int(where[i]))}: {name} {int(ids[i])} is outside the teacher's vocabulary "
+                            f"(0..{vocab - 1}): the source was made with another tokenizer or vocabulary")
+    real = np.flatnonzero(t.valid)
+    pairs = np.lexsort((b.e_ids[real], t.owner[real]))  # (position, id) in order: a repeat sits next to its twin
+    own, ids = t.owner[real][pairs], b.e_ids[real][pairs]
+    twice = (own[1:] == own[:-1]) & (ids[1:] == ids[:-1])
+    if twice.any():
+        i = int(np.flatnonzero(twice)[0])
+        raise DataError(f"{b.where(int(own[i]))}: target id {int(ids[i])} appears twice among the position's entries")
+    over = t.target & (t.sums > 1 + SUM_TOL)
+    if over.any():
+        i = int(np.flatnonzero(over)[0])
+        raise DataError(f"{b.where(i)}: the entries' probabilities sum to {t.sums[i]:.4f} > 1: these are not "
+                        "log-probabilities of one distribution (logits? another temperature's values?)")
+    n = np.diff(b.starts)
+    if (n == 0).any():
+        raise DataError(f"{b.file} row {b.first_row + int(np.flatnonzero(n == 0)[0])}: no tokens")
+    if s.seq_len and (n > s.seq_len).any():
+        r = int(np.flatnonzero(n > s.seq_len)[0])
+        raise DataError(f"{b.file} row {b.first_row + r}: {int(n[r])} tokens > seq_len {s.seq_len}; rows are "
+                        "imported whole (raise seq_len)")
+
+
+def decide(s: ImportSettings, sv: Survey, vocab: int) -> dict:
+    """The `imported` section: K, the normalisation, what is known; refuses what cannot be imported faithfully."""
+    where = s.source
+    if sv.positions == 0:
+        raise DataError(f"{where}: no trained position with targets (every label is -100, or rows are single tokens)")
+    if sv.k_min != sv.k_max and not sv.masked:
+        raise DataError(f"{where}: positions hold {sv.k_min} to {sv.k_max} target entries and there is no target_mask "
+                        "saying which are real: ragged top-K needs a mask (axolotl's target_mask)")
+    k = s.top_k or sv.k_min
+    if k < 1 or k > sv.k_min:
+        raise DataError(f"{where}: top_k {k}: every trained position holds at least {sv.k_min} entries (at most "
+                        f"{sv.k_max}); choose 1..{sv.k_min}")
+    if s.temperature != 1.0 and not sv.lse:
+        raise DataError(f"{where}: log-probs at temperature {s.temperature} without their logsumexp "
+                        "(target_logsumexp): the logits cannot be recovered, and the cache keeps them; give "
+                        "the logsumexp column, or import log-probs taken at temperature 1")
+    renormalised = sv.below_one == 0 and sv.k_max < vocab
+    return {"layout": sv.layout, "source": s.source, "files": sv.files,
+            "normalised": "top-k" if renormalised else "vocabulary",
+            "logsumexp": sv.lse, "target_logprob": sv.label and not renormalised,
+            "temperature": s.temperature, "entries": [sv.k_min, sv.k_max],
+            "mean_mass": sv.mass / sv.positions, "rows_read": sv.rows_read, "duplicate_rows": sv.duplicates}
+
+
+# ---------------------------------------------------------------------------------------------
+# the teacher, the plan
+
+
+def teacher_facts(s: ImportSettings):
+    """(the teacher's manifest entry, its tokenizer, the vocabulary ids must fall in)."""
+    from .. import models
+
+    tok = models.load_tokenizer(TeacherConfig(model=s.tokenizer or s.teacher))
+    try:
+        spec = models.TeacherSpec.from_config(models.load_model_config(TeacherConfig(model=s.teacher))).to_dict()
+    except (TeacherError, TypeError, ValueError):  # no readable config: the facts stay unknown
+        spec = {"model_type": None, "vocab_size": None, "hidden_size": None, "num_layers": None, "num_heads": None}
+    vocab = s.vocab_size or spec.get("vocab_size") or len(tok)
+    if vocab < len(tok):
+        raise DataError(f"vocab_size {vocab} is smaller than the tokenizer's {len(tok)} tokens")
+    teacher = {**spec, "model": s.teacher, "vocab_size": vocab, "weights_sha256": None, "gguf_file": None,
+               "revision": None, "dtype": None, "device_type": None}
+    return teacher, tok, vocab
+
+
+def build_plan(s: ImportSettings, sv: Survey, imported: dict, teacher: dict, tok, L: int, specs) -> dict:
+    split_rows = sv.rows
+    shards = {sp: len(shard_ranges(n, s.rows_per_shard)) for sp, n in split_rows.items()}
+    fields = {f.name: f.to_dict(split_rows, s.rows_per_chunk, s.rows_per_shard) for f in specs}
+    fields |= row_fields(["key", "input_ids", "length", "loss_mask"], split_rows, L)
+    column = "prompt_token_ids" if imported["layout"] == "vllm" else "input_ids"
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "teacher": teacher,
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(tok), "class": type(tok).__name__, "size": len(tok),
+                      "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
+                      "pad_token_id": tok.pad_token_id},
+        "dataset": {"source": s.source, "split": None, "columns": {"token ids": column}, "text_column": None,
+                    "data_files": [f for files in sv.files.values() for f in files],
+                    "statistics": {"documents": sv.rows_read, "duplicate_rows": sv.duplicates}},
+        "preparation": {"seq_len": L, "packing": False, "format": "imported", "loss_mask": "imported",
+                        "document_mask": False, "add_special_tokens": False},
+        "capture": {"top_k": imported["top_k"], "temperatures": [], "temperatures_all": [1.0], "hidden_layers": [],
+                    "hidden_dtype": "float16", "attention_layers": [], "attention_heads_stored": None,
+                    "rows_per_shard": s.rows_per_shard, "rows_per_chunk": s.rows_per_chunk, "compression_level": 3,
+                    "samples": 0, "sample_temperature": 1.0, "sample_seed": 0, "final_hidden": False,
+                    "final_hidden_dtype": "float16", "topk_codec": "pcodec", "hidden_codec": "zstd"},
+        "imported": imported,
+        "splits": {sp: {"rows": n, "tokens": sv.tokens[sp], "shards": shards[sp],
+                        "parts": [{"path": sp, "row_start": 0, "rows": n, "tokens": sv.tokens[sp],
+                                   "shards": shards[sp]}]} for sp, n in split_rows.items()},
+        "fields": fields,
+        "software": software(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# pass 2
+
+
+class _Shard:
+    """Rows gathered for one shard, in the cache's alignment."""
+
+    def __init__(self, L: int, K: int, lse: bool, label: bool, pad: int):
+        self.L, self.K, self.lse, self.label, self.pad = L, K, lse, label, pad
+        self.ids, self.lengths, self.keys, self.mask, self.top_ids, self.top_lp, self.lses, self.labels = \
+            [], [], [], [], [], [], [], []
+        self.mass = 0.0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def add(self, b: Block, t: Targets, top_ids: np.ndarray, top_lp: np.ndarray, r: int, key: str) -> None:
+        a, e = int(b.starts[r]), int(b.starts[r + 1])
+        n, L = e - a, self.L
+        ids = np.full(L, self.pad, np.int32)  # padded as the capture pads
+        ids[:n] = b.tokens[a:e]
+        src = np.arange(a + 1, e)  # cache position p <- the source's position p + 1
+        mask = np.zeros(L, np.uint8)
+        mask[: n - 1] = t.target[src]
+        tid, tlp = np.zeros((L, self.K), np.int64), np.zeros((L, self.K), np.float16)
+        tid[: n - 1], tlp[: n - 1] = top_ids[src], top_lp[src]
+        lse = np.zeros(L, np.float32)
+        lse[:n] = np.nan
+        if self.lse:
+            lse[: n - 1] = b.lse[src]
+        label = np.full(L, np.nan, np.float32)
+        if self.label:
+            label[: n - 1] = np.where(mask[: n - 1] > 0, t.label_lp[src], np.nan)
+        self.mass += float(t.sums[src][mask[: n - 1] > 0].sum())
+        for dest, v in ((self.ids, ids), (self.lengths, n), (self.keys, key), (self.mask, mask),
+                        (self.top_ids, tid), (self.top_lp, tlp), (self.lses, lse), (self.labels, label)):
+            dest.append(v)
+
+    def rows(self) -> Rows:
+        return Rows(np.stack(self.ids), np.asarray(self.lengths, np.int32), list(self.keys), np.stack(self.mask))
+
+    def targets(self) -> TeacherTargets:
+        return TeacherTargets(topk_ids=np.stack(self.top_ids), topk_logprobs=np.stack(self.top_lp),
+                              logsumexp=np.stack(self.lses),
+                              target_logprob=np.stack(self.labels) if self.label else None)
+
+
+def top_k(t: Targets, b: Block, K: int) -> tuple[np.ndarray, np.ndarray]:
+    """(T, K) ids and log-probs of each trained position's K most likely entries (zeros elsewhere)."""
+    T = len(b.tokens)
+    sel = np.flatnonzero(t.valid & t.target[t.owner])
+    order = sel[np.lexsort((-b.e_lp[sel], t.owner[sel]))]
+    own = t.owner[order]
+    rank = np.arange(len(order)) - np.searchsorted(own, own)
+    keep = rank < K
+    ids, lp = np.zeros((T, K), np.int64), np.zeros((T, K), np.float16)
+    ids[own[keep], rank[keep]] = b.e_ids[order[keep]]
+    lp[own[keep], rank[keep]] = b.e_lp[order[keep]]
+    return ids, lp
+
+
+def write_split(s: ImportSettings, src: Storage, writer: CacheWriter, split: str, files: list[str], imported: dict,
+                L: int, pad: int, scratch: Path) -> None:
+    K = imported["top_k"]
+    keys = KeyStore(scratch / f"write-{split}.sqlite")
+    rows_file = RowFileWriter(scratch / f"{split}-{ROWS_FILE}", s.rows_per_shard)
+    shard, index, started = _Shard(L, K, imported["logsumexp"], imported["target_logprob"], pad), 0, \
+        time.perf_counter()
+
+    def flush():
+        nonlocal shard, index, started
+        rows = shard.rows()
+        rows_file.add(rows)
+        stats = {"tokens": rows.n_tokens, "seconds": time.perf_counter() - started, "topk_mass_sum": shard.mass}
+        writer.write_shard(split, index, shard.targets(), stats)
+        shard, index, started = _Shard(L, K, shard.lse, shard.label, pad), index + 1, time.perf_counter()
+
+    for b in blocks(src, files, imported["layout"]):
+        t = targets(b)
+        ids, lp = top_k(t, b, K)
+        for r in range(b.rows):
+            key = content_key(b.tokens[b.starts[r]:b.starts[r + 1]])
+            if keys.add(key, "main"):
+                shard.add(b, t, ids, lp, r, key)
+                if len(shard) == s.rows_per_shard:
+                    flush()
+    if len(shard):
+        flush()
+    keys.close()
+    writer.st.upload(rows_file.close().path, f"{split}/{ROWS_FILE}")
+
+
+def run_import(s: ImportSettings, log=print) -> Cache:
+    """Check the source, then write the cache at `s.out` (see the module doc); the finished cache."""
+    out = Storage(s.out)
+    if out.is_local:
+        out.local_path().mkdir(parents=True, exist_ok=True)
+    if out.exists(MANIFEST) and not s.overwrite:
+        raise StorageError(f"{s.out} holds a cache; import writes a new one (choose another OUT, or --overwrite)")
+    if out.files() and not s.overwrite:
+        raise StorageError(f"{s.out} is not empty; import writes a new cache (choose an empty OUT, or --overwrite)")
+    st, splits = source_splits(s.source, s.split)
+    teacher, tok, vocab = teacher_facts(s)
+    with tempfile.TemporaryDirectory(prefix="distill-import-") as tmp:
+        sv = survey(s, st, splits, vocab, Path(tmp))
+        imported = decide(s, sv, vocab)
+        imported["top_k"] = s.top_k or sv.k_min
+        L = s.seq_len or sv.longest
+        specs = field_specs(seq_len=L, top_k=imported["top_k"], n_temperatures=0, hidden=None, hidden_dtype="float16",
+                            attention=None, vocab_size=vocab, topk_codec="pcodec")
+        specs = [f for f in specs if f.name != "target_logprob" or imported["target_logprob"]]
+        plan = build_plan(s, sv, imported, teacher, tok, L, specs)
+        log(f"{s.source}: {sv.rows_read} rows ({sv.duplicates} duplicates dropped), layout {sv.layout}, "
+            f"K = {imported['top_k']} (trained positions hold {sv.k_min}..{sv.k_max} entries), log-probs normalised "
+            f"over the {'ids given' if imported['normalised'] == 'top-k' else 'whole vocabulary'}, mean top-K mass "
+            f"{imported['mean_mass']:.4f}")
+        if s.overwrite:
+            wipe(out)
+        write_json(out, PLAN_FILE, plan)
+        manifest = Manifest.from_dict(plan)
+        writer = CacheWriter(out, manifest, specs, sv.rows)
+        store_tokenizer(out, tok)
+        writer.create_arrays()
+        tally = Tally(manifest)
+        for split, files in splits.items():
+            write_split(s, st, writer, split, files, imported, L, tokenizer_pad_id(tok), Path(tmp))
+        writer.finalize(tally)
+    return Cache(s.out)
