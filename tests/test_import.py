@@ -140,6 +140,15 @@ def test_our_export_imports_back_equal(assistant_cache, bos_llama_dir, tmp_path)
             got.append(ds.loss(model, batch))
     for k, v in got[0].items():
         assert float(got[1][k]) == pytest.approx(float(v), rel=1e-12), k
+    # terms that read the logsumexp, at a temperature: finite gradients (nothing NaN sits under a mask)
+    assert on_import(TERMS["kd_forward"], m, temperature=2.0)[0] == "approximate"  # T = 2 was not captured
+    model.zero_grad()
+    with pytest.warns(UserWarning, match="not captured"):  # when the loss is set up, and when it is computed
+        ds = CacheDataset(out, "train", {"kd_forward": 1.0, "mse_logits": 1.0, "kd_reverse": 1.0}, temperature=2.0)
+        ds.loss(model, collate([ds[i] for i in range(8)]))["total"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    lse = np.asarray(out.array("train", "logsumexp")[:])
+    assert np.isfinite(lse).all()
 
 
 @pytest.mark.parametrize("kind", ["structs", "map", "jsonl"])
@@ -173,7 +182,7 @@ def test_vllm_prompt_logprobs_equal_the_teachers_forward_pass(kind, teacher_rows
         np.testing.assert_allclose(top_lp[j, : n - 1].astype(np.float64), np.take_along_axis(lp[: n - 1], want, -1),
                                    rtol=1e-3, atol=1e-3)  # float16
         np.testing.assert_allclose(target[j, : n - 1], lp[np.arange(n - 1), r[1:]], rtol=1e-6, atol=1e-6)
-        assert np.isnan(lse[j, :n]).all()  # not given: never made up
+        assert np.isnan(lse[j, : n - 1]).all() and lse[j, n - 1] == 0  # not given: never made up; 0 untrained
     assert len(seen) == 4
     status = {n: on_import(t_, m)[0] for n, t_ in TERMS.items()}
     assert status["kd_forward"] == status["kd_reverse"] == status["ce"] == status["nll_match"] == "exact"
@@ -212,9 +221,14 @@ def test_a_mask_makes_ragged_entries_importable_and_the_rest_goes_to_the_tail(te
     t = axolotl_table(rows, lps, k=K + 2)
     masks = [[[1] * (K + 2) if p % 3 else [1] * K + [0, 0] for p in range(len(r))] for r in rows]
     masks[0][0] = [0] * (K + 2)
+    lp = t.column("target_logprobs").to_pylist()
+    lp[1][4][0], lp[1][5][K + 1] = -1e9, float("-inf")  # a masked logit's value: probability 0, dropped
+    t = t.set_column(2, "target_logprobs", pa.array(lp))
     pq.write_table(t.append_column("target_mask", pa.array(masks, pa.list_(pa.list_(pa.int8())))), tmp_path / "a.parquet")
     c = run_import(ImportSettings(str(tmp_path / "a.parquet"), str(tmp_path / "c"), str(llama_dir)), log=lambda m: None)
     assert c.manifest.capture.top_k == K and c.manifest.imported.entries == (K, K + 2)
+    mask = row_column(c.rows("train"), "loss_mask", bool)
+    assert np.isfinite(c.array("train", "topk_logprobs")[:][mask]).all()
     r, lp = rows[0], lps[0]
     np.testing.assert_array_equal(c.array("train", "topk_ids")[0, : len(r) - 1],
                                   np.argsort(-lp[: len(r) - 1], -1, kind="stable")[:, :K])
@@ -260,6 +274,13 @@ def test_bad_sources_are_refused_before_anything_is_written(teacher_rows, llama_
     short[1] = short[1][:-1]
     refused(good.set_column(2, "target_logprobs", pa.array(short)), "row 1: target_logprobs has 39 positions, input_ids 40")
     refused(pa.table({"input_ids": rows}), "neither axolotl's KD layout")
+    refused(good.append_column("attention_mask", pa.array([[1] * (len(r) - 2) + [0, 0] for r in rows])),
+            "hold padding")
+    masks = [[[1] * K for _ in r] for r in rows]
+    masks[1][2] = [1] * (K - 1)
+    refused(good.append_column("target_mask", pa.array(masks)), "target_mask and target_token_ids differ in length at "
+            ".* row 1 position 2")
+    refused(good, "top_k 0", top_k=0)
     empty = good.to_pylist()
     empty[2] = {"input_ids": [], "target_token_ids": [], "target_logprobs": []}
     refused(pa.Table.from_pylist(empty, schema=good.schema), "row 2: no tokens")
@@ -271,7 +292,20 @@ def test_temperature_needs_the_logsumexp_and_is_recorded(teacher_rows, llama_dir
     pq.write_table(axolotl_table(rows, lps, target_logsumexp=lse), tmp_path / "t.parquet")
     c = run_import(ImportSettings(str(tmp_path / "t.parquet"), str(tmp_path / "c"), str(llama_dir), temperature=2.0),
                    log=lambda m: None)
-    assert c.manifest.imported.temperature == 2.0 and c.manifest.imported.logsumexp
+    m = c.manifest
+    assert m.imported.temperature == 2.0 and m.imported.logsumexp
+    assert "target_logprob" not in m.fields  # the teacher's NLL is a temperature-1 figure
+    assert on_import(TERMS["kd_forward"], m) == ("approximate", "the source's log-probs are the teacher's at "
+                                                 "temperature 2.0: the student trains against that distribution")
+    assert on_import(TERMS["ce"], m)[0] == "exact"
+    # a run may not mix it with a temperature-1 cache
+    pq.write_table(axolotl_table(rows, lps, target_logsumexp=lse), tmp_path / "one.parquet")
+    one = run_import(ImportSettings(str(tmp_path / "one.parquet"), str(tmp_path / "c1"), str(llama_dir)),
+                     log=lambda m: None)
+    from pipeline.train.caches import check_same_tokenizer_and_capture
+
+    with pytest.raises(StudentError, match="temperature 1.0, task 'a' at 2.0"):
+        check_same_tokenizer_and_capture({"a": (c, None), "b": (one, None)}, set())
 
 
 def test_an_occupied_output_is_refused_and_a_crash_leaves_no_finished_cache(teacher_rows, llama_dir, tmp_path,
@@ -369,3 +403,32 @@ def test_ids_beyond_65535_keep_their_values(bigvocab_dir, tmp_path):
     for j, n in enumerate(t.column("length").to_pylist()):
         i = [len(r) for r in rows].index(n)
         np.testing.assert_array_equal(c.array("train", "topk_ids")[j, : n - 1], np.asarray(ids[i])[1:])
+
+
+def test_a_row_in_two_splits_is_kept_in_the_held_out_one(teacher_rows, llama_dir, tmp_path):
+    rows, lps = teacher_rows
+    (tmp_path / "src" / "train").mkdir(parents=True)
+    (tmp_path / "src" / "validation").mkdir()
+    pq.write_table(axolotl_table(rows, lps), tmp_path / "src" / "train" / "a.parquet")  # 4 distinct rows
+    pq.write_table(axolotl_table(rows[:1], lps[:1]), tmp_path / "src" / "validation" / "a.parquet")
+    c = run_import(ImportSettings(str(tmp_path / "src"), str(tmp_path / "c"), str(llama_dir)), log=lambda m: None)
+    assert c.manifest.splits["validation"].rows == 1 and c.manifest.splits["train"].rows == 3
+    assert not set(c.rows("train").column("key").to_pylist()) & set(c.rows("validation").column("key").to_pylist())
+    with pytest.raises(StorageError, match="overlap"):
+        run_import(ImportSettings(str(tmp_path / "src"), str(tmp_path / "src" / "cache"), str(llama_dir),
+                                  overwrite=True))
+    assert (tmp_path / "src" / "train" / "a.parquet").exists()
+
+
+def test_the_on_policy_loop_takes_an_imported_cache_of_its_own_teacher_only(teacher_rows, llama_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.onpolicy.loop import _check_cache_teacher
+
+    rows, lps = teacher_rows
+    pq.write_table(axolotl_table(rows, lps), tmp_path / "a.parquet")
+    c = run_import(ImportSettings(str(tmp_path / "a.parquet"), str(tmp_path / "c"), str(llama_dir)), log=lambda m: None)
+    fp = c.manifest.tokenizer.fingerprint
+    _check_cache_teacher(c, "offline cache", fp, "ab" * 32, SimpleNamespace(teacher=SimpleNamespace(model=str(llama_dir))))
+    with pytest.raises(CacheError, match="imported with the teacher named"):
+        _check_cache_teacher(c, "offline cache", fp, "ab" * 32, SimpleNamespace(teacher=SimpleNamespace(model="other")))

@@ -1,6 +1,6 @@
 """Reading another tool's top-K log-prob dataset for `distill import` (`importer.py` writes the cache).
 
-A source is a local folder or URL holding Parquet (`*.parquet`) or JSON Lines (`*.jsonl`, `*.json`) files: its
+A source is a local folder or URL holding Parquet (`*.parquet`) or JSON Lines (`*.jsonl`) files: its
 subfolders are its splits when it has any (as `distill export` writes them), else its files are one split. One
 row is one sequence; the target at input position t is the distribution that predicts token t (position 0 has
 none), the alignment both layouts use:
@@ -109,7 +109,9 @@ def tables(st: Storage, rel: str):
         with st.open(rel) as f:
             # pre_buffer off: with it, the reader keeps every column chunk it has fetched until the file ends,
             # and memory grows with the file (benchmarks/bench_import.py measured it)
-            for batch in pq.ParquetFile(f, pre_buffer=False).iter_batches(batch_size=BATCH_ROWS):
+            # buffer_size: a column chunk is read a megabyte at a time, not whole (a file of one row group)
+            pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
+            for batch in pf.iter_batches(batch_size=BATCH_ROWS):
                 yield pa.Table.from_batches([batch])
         return
     rows = []
@@ -142,8 +144,13 @@ def _entries(position):
 
 
 def to_block(table: pa.Table, layout: str, file: str, first_row: int) -> Block:
-    """A table of the source as a `Block`; refuses rows whose columns disagree in length."""
+    """A table of the source as a `Block`; refuses rows whose columns disagree in length, and padded rows."""
     names = table.column_names
+    if "attention_mask" in names:
+        _, att = _lists(table.column("attention_mask"))
+        if (att == 0).any():
+            raise DataError(f"{file}: rows from row {first_row} hold padding (attention_mask 0): strip it before "
+                            "importing, a row's tokens are all real")
     if layout == "axolotl":
         missing = [c for c in ("input_ids", "target_token_ids", "target_logprobs") if c not in names]
         if missing:
@@ -162,10 +169,16 @@ def to_block(table: pa.Table, layout: str, file: str, first_row: int) -> Block:
                             + Block(file, layout, first_row, starts, tokens, None, entry_starts, e_ids, e_lp,
                                     None, False).where(bad))
         masked = "target_mask" in names
-        e_valid = _lists(pc.list_flatten(table.column("target_mask")))[1].astype(bool) if masked else \
-            np.ones(len(e_ids), bool)
-        if len(e_valid) != len(e_ids):
-            raise DataError(f"{file}: target_mask and target_token_ids differ in shape")
+        e_valid = np.ones(len(e_ids), bool)
+        if masked:
+            mask = table.column("target_mask")
+            _same_lengths(file, first_row, starts, _offsets(mask), "target_mask", "input_ids")
+            mask_starts, e_mask = _lists(pc.list_flatten(mask))
+            if not np.array_equal(mask_starts, entry_starts):
+                raise DataError(f"{file}: target_mask and target_token_ids differ in length at "
+                                + Block(file, layout, first_row, starts, tokens, None, entry_starts, e_ids, e_lp,
+                                        None, False).where(int(np.argmax(np.diff(mask_starts) != np.diff(entry_starts)))))
+            e_valid = e_mask.astype(bool)
         trained = _trained(table, starts, file, first_row)
         block = Block(file, layout, first_row, starts, tokens, trained, entry_starts, e_ids, e_lp, e_valid, masked)
         for column, attr in (("target_logsumexp", "lse"), ("target_label_logprob", "label_lp")):
@@ -240,7 +253,8 @@ def _lists(arr, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
 def _numpy(arr, dtype) -> np.ndarray:
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     if arr.null_count:
-        raise DataError(f"null values where numbers are expected ({arr.null_count} of {len(arr)})")
+        raise DataError(f"{arr.null_count} null values among {len(arr)} where ids and log-probs are expected (only "
+                        "vLLM's first position may be null)")
     return arr.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
 
 
@@ -251,5 +265,9 @@ def blocks(st: Storage, files: list[str], layout: str | None):
         row = 0
         for table in tables(st, rel):
             layout = layout or detect_layout(table.column_names, name)
-            yield to_block(table, layout, name, row)
+            try:
+                block = to_block(table, layout, name, row)
+            except DataError as e:  # name the file where the message does not
+                raise e if str(e).startswith(name) else DataError(f"{name} (rows from {row}): {e}") from None
+            yield block
             row += table.num_rows

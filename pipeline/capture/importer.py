@@ -36,7 +36,7 @@ from ..format.reader import Cache
 from ..format.specs import field_specs
 from ..format.storage import Storage
 from ..format.writer import CacheWriter
-from .imported import Block, blocks, source_splits
+from .imported import EXTENSIONS, Block, blocks, source_splits
 from .output import store_tokenizer, wipe
 from .plan import row_fields, software
 from .rowfiles import KeyStore, RowFileWriter, Rows
@@ -46,6 +46,7 @@ from .targets import TeacherTargets
 
 SUM_TOL = 5e-3  # a position's probabilities may sum to 1 + this (float16 log-probs), no more
 RENORM_TOL = 1e-3  # every position within this of 1: the log-probs were renormalised over the ids given
+FLOAT16_LOWEST = float(np.finfo(np.float16).min)  # below it (-inf, masked logits' -1e9): probability 0
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,9 @@ class Survey:
     rows_read: int = 0
     longest: int = 0
     positions: int = 0  # trained target positions
-    k_min: int | None = None
+    k_min: int | None = None  # real entries at a trained position, fewest
     k_max: int = 0
+    listed: tuple = (1 << 62, 0)  # entries a trained position lists (real or not), fewest and most
     masked: bool = True
     below_one: int = 0  # trained positions whose entries sum below 1 - RENORM_TOL
     mass: float = 0.0  # summed over trained positions
@@ -102,11 +104,12 @@ def targets(b: Block) -> Targets:
     T = len(b.tokens)
     owner = np.repeat(np.arange(T), np.diff(b.entry_starts))
     lp = b.e_lp
-    bad = b.e_valid & (np.isnan(lp) | (lp > 0))  # +inf too; -inf is probability 0: not an entry
+    bad = b.e_valid & (np.isnan(lp) | (lp > 0))  # +inf too
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise DataError(f"{b.where(int(owner[i]))}: log-prob {lp[i]} (log-probs are finite and at most 0)")
-    valid = b.e_valid & np.isfinite(lp)
+    # probability 0 (exp underflows long before float16's lowest value, which the cache stores): not an entry
+    valid = b.e_valid & (lp >= FLOAT16_LOWEST)
     target = b.trained.copy()
     target[b.starts[:-1][np.diff(b.starts) > 0]] = False  # a row's first token has no distribution
     counts = np.bincount(owner[valid], minlength=T)
@@ -121,13 +124,22 @@ def targets(b: Block) -> Targets:
     return Targets(target, counts, sums, label_lp, owner, valid)
 
 
+def in_order(splits: dict[str, list[str]]) -> list[str]:
+    """The splits as both passes take them: held-out ones first, so that a training row equal to a held-out one
+    is the one dropped (as the capture does)."""
+    return sorted(splits, key=lambda split: split == "train")
+
+
 def survey(s: ImportSettings, st: Storage, splits: dict[str, list[str]], vocab: int, scratch: Path) -> Survey:
     """Pass 1: check every row, learn K, the normalisation and what is known (see the module doc)."""
     out = Survey(files=splits)
-    for split, files in splits.items():
-        keys = KeyStore(scratch / f"survey-{split}.sqlite")
+    keys = KeyStore(scratch / "survey.sqlite")  # a row is kept once in the whole cache
+    for split in in_order(splits):
         rows = tokens = 0
-        for b in blocks(st, files, s.layout):
+        for b in blocks(st, splits[split], s.layout or out.layout):
+            if out.layout and b.layout != out.layout:
+                raise DataError(f"{b.file}: {b.layout} layout, where the files before it are {out.layout}'s: "
+                                "import one layout at a time")
             out.layout = b.layout
             t = targets(b)
             _check_block(s, b, t, vocab)
@@ -143,14 +155,16 @@ def survey(s: ImportSettings, st: Storage, splits: dict[str, list[str]], vocab: 
             if len(k):
                 out.k_min = int(k.min()) if out.k_min is None else min(out.k_min, int(k.min()))
                 out.k_max = max(out.k_max, int(k.max()))
+                listed = np.diff(b.entry_starts)[t.target]  # as the source lists them (-inf entries included)
+                out.listed = (min(out.listed[0], int(listed.min())), max(out.listed[1], int(listed.max())))
             out.masked &= b.masked
             out.positions += int(t.target.sum())
             out.below_one += int((t.sums[t.target] < 1 - RENORM_TOL).sum())
             out.mass += float(t.sums[t.target].sum())
             out.lse &= b.lse is not None and bool(np.isfinite(b.lse[t.target]).all())
             out.label &= bool(np.isfinite(t.label_lp[t.target]).all())
-        keys.close()
         out.rows[split], out.tokens[split] = rows, tokens
+    keys.close()
     return out
 
 
@@ -189,10 +203,10 @@ def decide(s: ImportSettings, sv: Survey, vocab: int) -> dict:
     where = s.source
     if sv.positions == 0:
         raise DataError(f"{where}: no trained position with targets (every label is -100, or rows are single tokens)")
-    if sv.k_min != sv.k_max and not sv.masked:
-        raise DataError(f"{where}: positions hold {sv.k_min} to {sv.k_max} target entries and there is no target_mask "
-                        "saying which are real: ragged top-K needs a mask (axolotl's target_mask)")
-    k = s.top_k or sv.k_min
+    if sv.listed[0] != sv.listed[1] and not sv.masked:
+        raise DataError(f"{where}: positions list {sv.listed[0]} to {sv.listed[1]} target entries and there is no "
+                        "target_mask saying which are real: ragged top-K needs a mask (axolotl's target_mask)")
+    k = s.top_k if s.top_k is not None else sv.k_min
     if k < 1 or k > sv.k_min:
         raise DataError(f"{where}: top_k {k}: every trained position holds at least {sv.k_min} entries (at most "
                         f"{sv.k_max}); choose 1..{sv.k_min}")
@@ -203,7 +217,8 @@ def decide(s: ImportSettings, sv: Survey, vocab: int) -> dict:
     renormalised = sv.below_one == 0 and sv.k_max < vocab
     return {"layout": sv.layout, "source": s.source, "files": sv.files,
             "normalised": "top-k" if renormalised else "vocabulary",
-            "logsumexp": sv.lse, "target_logprob": sv.label and not renormalised,
+            # the teacher's own NLL only: not from renormalised values, nor from another temperature's
+            "logsumexp": sv.lse, "target_logprob": sv.label and not renormalised and s.temperature == 1.0,
             "temperature": s.temperature, "entries": [sv.k_min, sv.k_max],
             "mean_mass": sv.mass / sv.positions, "rows_read": sv.rows_read, "duplicate_rows": sv.duplicates}
 
@@ -285,10 +300,8 @@ class _Shard:
         mask[: n - 1] = t.target[src]
         tid, tlp = np.zeros((L, self.K), np.int64), np.zeros((L, self.K), np.float16)
         tid[: n - 1], tlp[: n - 1] = top_ids[src], top_lp[src]
-        lse = np.zeros(L, np.float32)
-        lse[:n] = np.nan
-        if self.lse:
-            lse[: n - 1] = b.lse[src]
+        lse = np.zeros(L, np.float32)  # 0 where nothing trains, as the capture pads: never NaN under a mask
+        lse[: n - 1] = np.where(mask[: n - 1] > 0, b.lse[src] if self.lse else np.nan, 0.0)
         label = np.full(L, np.nan, np.float32)
         if self.label:
             label[: n - 1] = np.where(mask[: n - 1] > 0, t.label_lp[src], np.nan)
@@ -321,9 +334,8 @@ def top_k(t: Targets, b: Block, K: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_split(s: ImportSettings, src: Storage, writer: CacheWriter, split: str, files: list[str], imported: dict,
-                L: int, pad: int, scratch: Path) -> None:
+                L: int, pad: int, keys: KeyStore, scratch: Path) -> None:
     K = imported["top_k"]
-    keys = KeyStore(scratch / f"write-{split}.sqlite")
     rows_file = RowFileWriter(scratch / f"{split}-{ROWS_FILE}", s.rows_per_shard)
     shard, index, started = _Shard(L, K, imported["logsumexp"], imported["target_logprob"], pad), 0, \
         time.perf_counter()
@@ -347,8 +359,18 @@ def write_split(s: ImportSettings, src: Storage, writer: CacheWriter, split: str
                     flush()
     if len(shard):
         flush()
-    keys.close()
     writer.st.upload(rows_file.close().path, f"{split}/{ROWS_FILE}")
+
+
+def _apart(src: Storage, splits: dict[str, list[str]], folder: bool, out: Storage) -> None:
+    """Refuse an output that holds a source file, or lies inside a source folder (--overwrite would delete the
+    source; a later import of the folder would read the cache as source)."""
+    if src.fs.protocol != out.fs.protocol:
+        return
+    root = out.path().rstrip("/") + "/"
+    inside = any(src.path(f).startswith(root) for files in splits.values() for f in files)
+    if inside or (folder and root.startswith(src.path().rstrip("/") + "/")):
+        raise StorageError(f"{out.location} and the source {src.location} overlap: write the cache elsewhere")
 
 
 def run_import(s: ImportSettings, log=print) -> Cache:
@@ -361,11 +383,12 @@ def run_import(s: ImportSettings, log=print) -> Cache:
     if out.files() and not s.overwrite:
         raise StorageError(f"{s.out} is not empty; import writes a new cache (choose an empty OUT, or --overwrite)")
     st, splits = source_splits(s.source, s.split)
+    _apart(st, splits, not s.source.rstrip("/").endswith(EXTENSIONS), out)
     teacher, tok, vocab = teacher_facts(s)
     with tempfile.TemporaryDirectory(prefix="distill-import-") as tmp:
         sv = survey(s, st, splits, vocab, Path(tmp))
         imported = decide(s, sv, vocab)
-        imported["top_k"] = s.top_k or sv.k_min
+        imported["top_k"] = s.top_k if s.top_k is not None else sv.k_min
         L = s.seq_len or sv.longest
         specs = field_specs(seq_len=L, top_k=imported["top_k"], n_temperatures=0, hidden=None, hidden_dtype="float16",
                             attention=None, vocab_size=vocab, topk_codec="pcodec")
@@ -382,8 +405,9 @@ def run_import(s: ImportSettings, log=print) -> Cache:
         writer = CacheWriter(out, manifest, specs, sv.rows)
         store_tokenizer(out, tok)
         writer.create_arrays()
-        tally = Tally(manifest)
-        for split, files in splits.items():
-            write_split(s, st, writer, split, files, imported, L, tokenizer_pad_id(tok), Path(tmp))
-        writer.finalize(tally)
+        keys = KeyStore(Path(tmp) / "write.sqlite")
+        for split in in_order(splits):
+            write_split(s, st, writer, split, splits[split], imported, L, tokenizer_pad_id(tok), keys, Path(tmp))
+        keys.close()
+        writer.finalize(Tally(manifest))
     return Cache(s.out)

@@ -159,6 +159,10 @@ def _check_cache_teacher(c: Cache, what: str, fp: str, weights: str | None, cfg:
     if m.tokenizer.fingerprint != fp:
         raise CacheError(f"{what} ({c.root}) was made with another tokenizer than the teacher {cfg.teacher.model!r}'s")
     theirs = m.teacher.weights_sha256
+    if m.imported is not None and (m.teacher.model != cfg.teacher.model or m.imported.temperature != 1.0):
+        raise CacheError(f"{what} ({c.root}) was imported with the teacher named {m.teacher.model!r} at temperature "
+                         f"{m.imported.temperature}: the rounds score with {cfg.teacher.model!r} at 1, and an imported "
+                         "cache has no weights to compare; name the same teacher when importing")
     if weights is not None and theirs is not None and theirs != weights:
         raise CacheError(f"{what} ({c.root}) was made by another teacher ({m.teacher.model}, weights sha256 "
                          f"{theirs[:16]}...) than {cfg.teacher.model!r} ({weights[:16]}...): the rounds' targets and "

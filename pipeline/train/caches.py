@@ -49,6 +49,11 @@ def check_same_tokenizer_and_capture(tasks: Tasks, keys: set[str]) -> None:
         if c.manifest.tokenizer.fingerprint != first.manifest.tokenizer.fingerprint:
             raise StudentError(f"task {name!r} ({c.root}) was made with another tokenizer than task {first_name!r} "
                                f"({first.root}); tasks of one run must share a tokenizer")
+        mine, theirs = (m.imported.temperature if m.imported else 1.0 for m in (c.manifest, first.manifest))
+        if mine != theirs:
+            raise StudentError(f"task {name!r} ({c.root}) holds the teacher's distribution at temperature {mine}, task "
+                               f"{first_name!r} at {theirs}: the tasks of one run must share it (an imported cache "
+                               "records its source's temperature)")
         for key in sorted(keys):
             mine, theirs = c.manifest.capture.value(key), first.manifest.capture.value(key)
             if mine != theirs:

@@ -336,6 +336,12 @@ def on_import(term: Term, manifest: Manifest, temperature: float = 1.0) -> tuple
         return "approximate", ("the source's log-probs were renormalised over the K ids: the teacher's tail is taken "
                                "as empty" if term.anchors else "the source's log-probs were renormalised over the K "
                                "ids, so they are not the teacher's")
+    if imp.temperature != 1.0 and fields:
+        return "approximate", (f"the source's log-probs are the teacher's at temperature {imp.temperature}: the "
+                               "student trains against that distribution")
+    if term.tempered and temperature != 1.0 and manifest.capture.tempered_index(temperature) is None:
+        return "approximate", (f"temperature {temperature} was not captured: the teacher's tempered tail is "
+                               "approximated (as on any cache without that temperature)")
     return "exact", ""
 
 
