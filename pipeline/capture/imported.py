@@ -62,8 +62,13 @@ class Block:
 
     def where(self, position: int) -> str:
         """'FILE row R position P' of a flat position index."""
-        r = int(np.searchsorted(self.starts, position, side="right") - 1)
-        return f"{self.file} row {self.first_row + r} position {position - int(self.starts[r])}"
+        return position_name(self.file, self.first_row, self.starts, position)
+
+
+def position_name(file: str, first_row: int, starts: np.ndarray, position: int) -> str:
+    """'FILE row R position P' of a flat position index of rows starting at `starts`."""
+    r = int(np.searchsorted(starts, position, side="right") - 1)
+    return f"{file} row {first_row + r} position {position - int(starts[r])}"
 
 
 def source_splits(source: str, split: str | None,
@@ -163,21 +168,14 @@ def to_block(table: pa.Table, layout: str, file: str, first_row: int) -> Block:
                       "input_ids")
         entry_starts, e_ids = _lists(pc.list_flatten(ids))
         entry_lp, e_lp = _lists(pc.list_flatten(table.column("target_logprobs")), np.float64)
-        if not np.array_equal(entry_starts, entry_lp):
-            bad = int(np.argmax(np.diff(entry_starts) != np.diff(entry_lp)))
-            raise DataError(f"{file}: target_token_ids and target_logprobs differ in length at "
-                            + Block(file, layout, first_row, starts, tokens, None, entry_starts, e_ids, e_lp,
-                                    None, False).where(bad))
+        _same_entries(file, first_row, starts, entry_starts, entry_lp, "target_token_ids and target_logprobs")
         masked = "target_mask" in names
         e_valid = np.ones(len(e_ids), bool)
         if masked:
             mask = table.column("target_mask")
             _same_lengths(file, first_row, starts, _offsets(mask), "target_mask", "input_ids")
             mask_starts, e_mask = _lists(pc.list_flatten(mask))
-            if not np.array_equal(mask_starts, entry_starts):
-                raise DataError(f"{file}: target_mask and target_token_ids differ in length at "
-                                + Block(file, layout, first_row, starts, tokens, None, entry_starts, e_ids, e_lp,
-                                        None, False).where(int(np.argmax(np.diff(mask_starts) != np.diff(entry_starts)))))
+            _same_entries(file, first_row, starts, entry_starts, mask_starts, "target_mask and target_token_ids")
             e_valid = e_mask.astype(bool)
         trained = _trained(table, starts, file, first_row)
         block = Block(file, layout, first_row, starts, tokens, trained, entry_starts, e_ids, e_lp, e_valid, masked)
@@ -236,6 +234,14 @@ def _same_lengths(file: str, first_row: int, starts, other, column: str, base: s
         r = int(np.argmax(np.diff(starts) != np.diff(other)))
         raise DataError(f"{file} row {first_row + r}: {column} has {int(other[r + 1] - other[r])} positions, "
                         f"{base} {int(starts[r + 1] - starts[r])}")
+
+
+def _same_entries(file: str, first_row: int, starts, entry_starts, other, columns: str) -> None:
+    """Refuse a per-position list column whose lengths differ from target_token_ids' (`entry_starts`) somewhere;
+    `columns` names the two."""
+    if not np.array_equal(entry_starts, other):
+        bad = int(np.argmax(np.diff(entry_starts) != np.diff(other)))
+        raise DataError(f"{file}: {columns} differ in length at " + position_name(file, first_row, starts, bad))
 
 
 def _offsets(arr) -> np.ndarray:

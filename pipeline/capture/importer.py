@@ -30,7 +30,7 @@ import numpy as np
 
 from ..config import TeacherConfig
 from ..errors import DataError, StorageError, TeacherError
-from ..format.layout import MANIFEST, PLAN_FILE, ROWS_FILE, shard_ranges, tokenizer_fingerprint, write_json
+from ..format.layout import MANIFEST, PLAN_FILE, ROWS_FILE, shard_ranges, write_json
 from ..format.manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
 from ..format.reader import Cache
 from ..format.specs import field_specs
@@ -38,7 +38,7 @@ from ..format.storage import Storage
 from ..format.writer import CacheWriter
 from .imported import EXTENSIONS, Block, blocks, source_splits
 from .output import store_tokenizer, wipe
-from .plan import row_fields, software
+from .plan import row_fields, software, tokenizer_entry
 from .rowfiles import KeyStore, RowFileWriter, Rows
 from .rows import content_key, tokenizer_pad_id
 from .run import Tally
@@ -215,7 +215,7 @@ def decide(s: ImportSettings, sv: Survey, vocab: int) -> dict:
                         "(target_logsumexp): the logits cannot be recovered, and the cache keeps them; give "
                         "the logsumexp column, or import log-probs taken at temperature 1")
     renormalised = sv.below_one == 0 and sv.k_max < vocab
-    return {"layout": sv.layout, "source": s.source, "files": sv.files,
+    return {"layout": sv.layout, "source": s.source, "files": sv.files, "top_k": k,
             "normalised": "top-k" if renormalised else "vocabulary",
             # the teacher's own NLL only: not from renormalised values, nor from another temperature's
             "logsumexp": sv.lse, "target_logprob": sv.label and not renormalised and s.temperature == 1.0,
@@ -252,9 +252,7 @@ def build_plan(s: ImportSettings, sv: Survey, imported: dict, teacher: dict, tok
     column = "prompt_token_ids" if imported["layout"] == "vllm" else "input_ids"
     return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "teacher": teacher,
-        "tokenizer": {"fingerprint": tokenizer_fingerprint(tok), "class": type(tok).__name__, "size": len(tok),
-                      "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
-                      "pad_token_id": tok.pad_token_id},
+        "tokenizer": tokenizer_entry(tok),
         "dataset": {"source": s.source, "split": None, "columns": {"token ids": column}, "text_column": None,
                     "data_files": [f for files in sv.files.values() for f in files],
                     "statistics": {"documents": sv.rows_read, "duplicate_rows": sv.duplicates}},
@@ -296,16 +294,17 @@ class _Shard:
         ids = np.full(L, self.pad, np.int32)  # padded as the capture pads
         ids[:n] = b.tokens[a:e]
         src = np.arange(a + 1, e)  # cache position p <- the source's position p + 1
+        trains = t.target[src]
         mask = np.zeros(L, np.uint8)
-        mask[: n - 1] = t.target[src]
+        mask[: n - 1] = trains
         tid, tlp = np.zeros((L, self.K), np.int64), np.zeros((L, self.K), np.float16)
         tid[: n - 1], tlp[: n - 1] = top_ids[src], top_lp[src]
         lse = np.zeros(L, np.float32)  # 0 where nothing trains, as the capture pads: never NaN under a mask
-        lse[: n - 1] = np.where(mask[: n - 1] > 0, b.lse[src] if self.lse else np.nan, 0.0)
+        lse[: n - 1] = np.where(trains, b.lse[src] if self.lse else np.nan, 0.0)
         label = np.full(L, np.nan, np.float32)
         if self.label:
-            label[: n - 1] = np.where(mask[: n - 1] > 0, t.label_lp[src], np.nan)
-        self.mass += float(t.sums[src][mask[: n - 1] > 0].sum())
+            label[: n - 1] = np.where(trains, t.label_lp[src], np.nan)
+        self.mass += float(t.sums[src][trains].sum())
         for dest, v in ((self.ids, ids), (self.lengths, n), (self.keys, key), (self.mask, mask),
                         (self.top_ids, tid), (self.top_lp, tlp), (self.lses, lse), (self.labels, label)):
             dest.append(v)
@@ -388,7 +387,6 @@ def run_import(s: ImportSettings, log=print) -> Cache:
     with tempfile.TemporaryDirectory(prefix="distill-import-") as tmp:
         sv = survey(s, st, splits, vocab, Path(tmp))
         imported = decide(s, sv, vocab)
-        imported["top_k"] = s.top_k if s.top_k is not None else sv.k_min
         L = s.seq_len or sv.longest
         specs = field_specs(seq_len=L, top_k=imported["top_k"], n_temperatures=0, hidden=None, hidden_dtype="float16",
                             attention=None, vocab_size=vocab, topk_codec="pcodec")

@@ -71,11 +71,7 @@ def build_plan(cfg: TeacherCacheConfig, spec: models.TeacherSpec, tokenizer, pre
             models.weights_fingerprint(cfg.teacher), "dtype": cfg.teacher.dtype,
             "device_type": device, **spec.to_dict(),
         },
-        "tokenizer": {
-            "fingerprint": tokenizer_fingerprint(tokenizer), "class": type(tokenizer).__name__,
-            "size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
+        "tokenizer": tokenizer_entry(tokenizer),
         "dataset": prepared.info,
         "preparation": {**_preparation(cfg, task), **prepared.convention},
         "capture": {
@@ -94,6 +90,13 @@ def build_plan(cfg: TeacherCacheConfig, spec: models.TeacherSpec, tokenizer, pre
     if task is not None:  # a classification teacher: its task and labels (a causal LM's plan has no such key)
         plan["task"] = task.to_dict(cfg.data.label_column)
     return plan
+
+
+def tokenizer_entry(tokenizer) -> dict:
+    """The manifest's `tokenizer`: its fingerprint, class, size and special ids."""
+    return {"fingerprint": tokenizer_fingerprint(tokenizer), "class": type(tokenizer).__name__, "size": len(tokenizer),
+            "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
 
 
 def _row_fields(prepared: Prepared, split_rows: dict[str, int], L: int) -> dict:
