@@ -4,8 +4,9 @@
     python benchmarks/bench_import.py --rows 256 1024 # other sizes
 
 Each source is a synthetic Parquet file in axolotl's KD layout (the columns `distill export` writes, without the
-extras): random token ids of the default teacher's vocabulary and, per position, 32 distinct ids with sorted
-log-probs holding 90% of the mass, in row groups of 64 rows. Each import runs in a fresh process (`distill import`,
+extras): per position, 32 distinct random ids of the default teacher's vocabulary with sorted log-probs holding 90%
+of the mass (-inf at a row's first position), and as its token one of those ids (so that the alignment check
+passes, as on real data), in row groups of 64 rows. Each import runs in a fresh process (`distill import`,
 the default teacher named, its weights never loaded); the figures are its wall seconds, the tokens per second of
 the whole command (both passes, the verification after it and the start-up included) and its peak RSS
 (ru_maxrss, imports included: compare sizes, not absolute values). The last line is the growth exponent of the peak
@@ -45,6 +46,9 @@ def source(path: Path, rows: int, n: int, k: int, seed: int = 0) -> None:
             ids = (rng.integers(0, VOCAB - k, size=(m, n, 1)) + np.arange(k)).astype(np.int32)  # distinct per position
             p = np.sort(rng.dirichlet(np.ones(k), size=(m, n)), axis=-1)[..., ::-1] * 0.9
             lp = np.log(p).astype(np.float32)
+            lp[:, 0] = -np.inf  # position 0 predicts no token of the row
+            pick = rng.integers(0, k, size=(m, n - 1, 1))  # the token each position predicts, among its entries
+            tokens[:, 1:] = np.take_along_axis(ids[:, 1:], pick, -1)[..., 0]
 
             def nested(a3):
                 inner = pa.ListArray.from_arrays(np.arange(0, m * n * k + 1, k, dtype=np.int32), a3.reshape(-1))

@@ -57,7 +57,12 @@ def describe(m: Manifest, where: str) -> list[str]:
                      f"{'the whole vocabulary' if i.tail_known else 'the K ids given (renormalised: the tail is unknown)'}"
                      f" at temperature {i.temperature}; logsumexp {'given' if i.logsumexp else 'not given'}; teacher "
                      f"log-prob of the tokens {'given' if i.target_logprob else 'not known'}; positions held "
-                     f"{i.entries[0]}..{i.entries[1]} entries, mean mass {i.mean_mass:.4f}")
+                     f"{i.entries[0]}..{i.entries[1]} entries, mean mass of the {i.top_k} kept {i.mean_mass:.4f}")
+        for split, share in (i.alignment or {}).items():
+            lines.append(f"  alignment  {split}: predicted token among a position's entries {share['0']:.1%} "
+                         f"(token before {share['-1']:.1%}, token after {share['+1']:.1%})"
+                         + ("; NOT CHECKED (imported with --skip-alignment-check)" if i.alignment_checked is False
+                            else ""))
     gen = d.get("generation")
     if gen:  # rows sampled by a model (distill generate): who, with what, in which round
         g, sp = gen.get("generator", {}), gen.get("sampling", {})
@@ -220,6 +225,9 @@ def import_cache(
                                                            "else the tokenizer's length)")] = None,
     rows_per_shard: Annotated[int, typer.Option(help="rows written and committed together")] = 64,
     overwrite: Annotated[bool, typer.Option(help="replace what OUT holds")] = False,
+    skip_alignment_check: Annotated[bool, typer.Option(
+        help="import even when the token each position predicts is not clearly the most frequent among its entries "
+             "(a teacher that does not predict these rows); the shares are still measured and recorded")] = False,
 ) -> None:
     """Turn another tool's top-K log-prob dataset into a verified cache, and say which loss terms are exact on it."""
     from pipeline.capture.importer import ImportSettings, run_import
@@ -228,7 +236,7 @@ def import_cache(
     if layout not in (None, "axolotl", "vllm"):
         raise DistillError(f"--layout {layout!r}: axolotl or vllm")
     s = ImportSettings(source, out, teacher, tokenizer, layout, split, temperature, top_k, seq_len, vocab_size,
-                       rows_per_shard, overwrite=overwrite)
+                       rows_per_shard, overwrite=overwrite, check_alignment=not skip_alignment_check)
     c = run_import(s, log=lambda m: typer.echo(m, err=True))
     problems = verify_cache(c.root)
     if problems:

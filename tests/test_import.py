@@ -29,15 +29,33 @@ from test_share import s3  # noqa: F401  (the fixture: a moto S3 server on local
 K = 8
 
 
+def sampled_rows(model, lengths, seed: int = 0) -> list[list[int]]:
+    """Rows the teacher wrote itself (a random first token, then draws from its float64 distribution): rows it
+    predicts, as a real teacher predicts real text, so that the import's alignment check has a signal."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in lengths:
+        ids = [int(torch.randint(2, 400, (1,), generator=g))]
+        with torch.no_grad():
+            for _ in range(n - 1):
+                p = torch.softmax(model(torch.tensor([ids])).logits[0, -1], -1)
+                ids.append(int(torch.multinomial(p, 1, generator=g)))
+        rows.append(ids)
+    return rows
+
+
 @pytest.fixture(scope="module")
-def teacher_rows(llama_dir):
-    """Token rows of different lengths and the tiny teacher's float64 log-softmax over them."""
-    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float64).eval()
-    rng = np.random.default_rng(0)
-    rows = [rng.integers(2, 400, size=n).tolist() for n in (17, 40, 9, 40, 25)]
+def teacher_model(llama_dir):
+    return AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float64).eval()
+
+
+@pytest.fixture(scope="module")
+def teacher_rows(teacher_model):
+    """Token rows of different lengths, sampled from the tiny teacher, and its float64 log-softmax over them."""
+    rows = sampled_rows(teacher_model, (17, 40, 9, 40, 25))
     rows[3] = rows[1]  # a duplicate row: kept once
     with torch.no_grad():
-        lps = [torch.log_softmax(model(torch.tensor([r])).logits[0], -1).numpy() for r in rows]
+        lps = [torch.log_softmax(teacher_model(torch.tensor([r])).logits[0], -1).numpy() for r in rows]
     return rows, lps
 
 
@@ -83,8 +101,8 @@ def axolotl_table(rows, lps, k: int = K, renormalise: bool = False, **extra) -> 
         vals = np.take_along_axis(d, top, -1)
         if renormalise:
             vals = vals - np.log(np.exp(vals).sum(-1, keepdims=True))
-        ids.append([list(range(k))] + top[: len(r) - 1].tolist())
-        lp.append([[0.0] * k] + vals[: len(r) - 1].tolist())
+        ids.append([list(range(k))] + top[: len(r) - 1].tolist())  # position 0 predicts nothing: -inf, as axolotl
+        lp.append([[float("-inf")] * k] + vals[: len(r) - 1].tolist())
     cols = {"input_ids": rows, "target_token_ids": ids, "target_logprobs": lp}
     return pa.table({**cols, **extra})
 
@@ -101,7 +119,9 @@ def no_cache(path) -> None:
 def test_our_export_imports_back_equal(assistant_cache, bos_llama_dir, tmp_path):
     c = Cache(str(assistant_cache))
     export(c, tmp_path / "x", log=lambda m: None)
-    out = run_import(ImportSettings(str(tmp_path / "x"), str(tmp_path / "back"), str(bos_llama_dir)), log=lambda m: None)
+    # the tiny random teacher does not predict the chat text: its alignment cannot be told (tested apart, below)
+    out = run_import(ImportSettings(str(tmp_path / "x"), str(tmp_path / "back"), str(bos_llama_dir),
+                                    check_alignment=False), log=lambda m: None)
     m = out.manifest
     assert verify(str(tmp_path / "back")) == []
     assert m.imported.normalised == "vocabulary" and m.imported.logsumexp and m.imported.target_logprob
@@ -351,8 +371,10 @@ def test_the_command_imports_splits_and_says_which_terms_are_exact(assistant_cac
     export(Cache(str(assistant_cache)), tmp_path / "x", log=lambda m: None)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = subprocess.run([sys.executable, "-m", "stages.cli", "import", str(tmp_path / "x"), str(tmp_path / "c"),
-                          "--teacher", str(bos_llama_dir)], env=env, capture_output=True, text=True)
+                          "--teacher", str(bos_llama_dir), "--skip-alignment-check"], env=env, capture_output=True,
+                         text=True)
     assert run.returncode == 0, run.stderr
+    assert "NOT CHECKED" in run.stdout
     assert "imported     axolotl layout; log-probs normalised over the whole vocabulary" in run.stdout
     exact = next(line for line in run.stdout.splitlines() if line.startswith("exact"))
     assert "kd_forward" in exact and "nll_match" in exact
@@ -373,10 +395,10 @@ def test_a_source_and_a_cache_in_a_bucket(assistant_cache, bos_llama_dir, s3, tm
         fs.mkdir("imports")
     export(Cache(str(assistant_cache)), tmp_path / "x", log=lambda m: None)
     fs.put(str(tmp_path / "x"), "imports/src", recursive=True)
-    remote = run_import(ImportSettings("s3://imports/src", "s3://imports/cache", str(bos_llama_dir)),
-                        log=lambda m: None)
-    local = run_import(ImportSettings(str(tmp_path / "x"), str(tmp_path / "local"), str(bos_llama_dir)),
-                       log=lambda m: None)
+    remote = run_import(ImportSettings("s3://imports/src", "s3://imports/cache", str(bos_llama_dir),
+                                       check_alignment=False), log=lambda m: None)
+    local = run_import(ImportSettings(str(tmp_path / "x"), str(tmp_path / "local"), str(bos_llama_dir),
+                                      check_alignment=False), log=lambda m: None)
     assert verify("s3://imports/cache") == []
     assert remote.manifest.splits == local.manifest.splits
     for split in local.splits:
@@ -394,10 +416,12 @@ def test_ids_beyond_65535_keep_their_values(bigvocab_dir, tmp_path):
         rows.append(rng.integers(0, 400, size=n).tolist())
         top = np.stack([rng.choice(np.arange(60_000, 70_000), size=K, replace=False) for _ in range(n)])
         p = np.sort(rng.dirichlet(np.ones(K), size=n), axis=-1)[:, ::-1] * 0.5
+        p[0] = 0  # position 0 predicts no token: -inf
         ids.append(top.tolist())
         lps.append(np.log(p).tolist())
     pq.write_table(pa.table({"input_ids": rows, "target_token_ids": ids, "target_logprobs": lps}), tmp_path / "b.parquet")
-    c = run_import(ImportSettings(str(tmp_path / "b.parquet"), str(tmp_path / "c"), str(bigvocab_dir)), log=lambda m: None)
+    c = run_import(ImportSettings(str(tmp_path / "b.parquet"), str(tmp_path / "c"), str(bigvocab_dir),
+                                  check_alignment=False), log=lambda m: None)  # random ids: nothing to align
     assert c.manifest.fields["topk_ids"].dtype == "int32" and c.manifest.teacher.vocab_size == 70_000
     t = c.rows("train")
     for j, n in enumerate(t.column("length").to_pylist()):
@@ -432,3 +456,134 @@ def test_the_on_policy_loop_takes_an_imported_cache_of_its_own_teacher_only(teac
     _check_cache_teacher(c, "offline cache", fp, "ab" * 32, SimpleNamespace(teacher=SimpleNamespace(model=str(llama_dir))))
     with pytest.raises(CacheError, match="imported with the teacher named"):
         _check_cache_teacher(c, "offline cache", fp, "ab" * 32, SimpleNamespace(teacher=SimpleNamespace(model="other")))
+
+
+# ---------------------------------------------------------------------------------------------
+# trust at the edges: misaligned and malformed sources, the statistics
+
+
+def shifted(table: pa.Table, by: int, mask_first: bool = False) -> pa.Table:
+    """Every row's targets moved `by` positions (-1: one earlier, the mistake of a converter that stores the
+    distribution where it is computed; +1: one later); with `mask_first`, a target_mask of 0 at position 0 and
+    where the move left no entries."""
+    cols = {c: table.column(c).to_pylist() for c in ("target_token_ids", "target_logprobs")}
+    k = len(cols["target_token_ids"][0][1])
+    for c, fill in (("target_token_ids", list(range(k))), ("target_logprobs", [float("-inf")] * k)):
+        cols[c] = [v[1:] + [fill] if by < 0 else [fill] + v[:-1] for v in cols[c]]
+    out = table.set_column(1, "target_token_ids", pa.array(cols["target_token_ids"])).set_column(
+        2, "target_logprobs", pa.array(cols["target_logprobs"]))
+    if mask_first:
+        masks = [[[0] * k] + [[1] * k] * (len(r) - 2) + [[1 if by < 0 else 0] * k]
+                 for r in table.column("input_ids").to_pylist()]
+        for m in masks:
+            m[-1 if by < 0 else 1] = [0] * k
+        out = out.append_column("target_mask", pa.array(masks, pa.list_(pa.list_(pa.int8()))))
+    return out
+
+
+def test_a_source_shifted_by_one_position_is_refused_and_the_aligned_one_recorded(teacher_model, llama_dir,
+                                                                                    tmp_path):
+    rows = sampled_rows(teacher_model, (30, 41, 25, 36, 50, 28), seed=1)
+    with torch.no_grad():
+        lps = [torch.log_softmax(teacher_model(torch.tensor([r])).logits[0], -1).numpy() for r in rows]
+    good = axolotl_table(rows, lps)
+    pq.write_table(good, tmp_path / "good.parquet")
+    logs = []
+    c = run_import(ImportSettings(str(tmp_path / "good.parquet"), str(tmp_path / "c"), str(llama_dir)), log=logs.append)
+    share = c.manifest.imported.alignment["train"]
+    assert share["0"] > 0.6 and share["-1"] < 0.25 and share["+1"] < 0.25, share
+    assert c.manifest.imported.alignment_checked is True
+    assert any("the token a position predicts is among its entries at" in line for line in logs)
+
+    def refused(table, match, name):
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+        with pytest.raises(DataError, match=match):
+            run_import(ImportSettings(str(tmp_path / f"{name}.parquet"), str(tmp_path / f"{name}-out"),
+                                      str(llama_dir)), log=lambda m: None)
+        assert not (tmp_path / f"{name}-out" / "manifest.json").exists()
+
+    # one position early with position 0 masked (the issue's export, shifted): the shares name the shift
+    refused(shifted(good, -1, mask_first=True), r"split train: the targets do not line up .* shift \+1: [6-9]\d\.\d%"
+            r".*move every position's targets one position later", "early")
+    # one position early, position 0 left real: refused at the first row, before any statistics
+    refused(shifted(good, -1), r"row 0 position 0: real target entries at a row's first position", "early0")
+    refused(shifted(good, +1), r"shift -1: [6-9]\d\.\d%.*predict token t - 1", "late")
+    # the statistics are measured and recorded even when the check is skipped
+    pq.write_table(shifted(good, +1, mask_first=True), tmp_path / "late2.parquet")
+    c = run_import(ImportSettings(str(tmp_path / "late2.parquet"), str(tmp_path / "late2-out"), str(llama_dir),
+                                  check_alignment=False), log=lambda m: None)
+    assert c.manifest.imported.alignment_checked is False and c.manifest.imported.alignment["train"]["-1"] > 0.6
+
+
+def test_the_command_refuses_a_shifted_source_with_exit_2(teacher_model, llama_dir, tmp_path):
+    rows = sampled_rows(teacher_model, (30, 41, 25, 36), seed=2)
+    with torch.no_grad():
+        lps = [torch.log_softmax(teacher_model(torch.tensor([r])).logits[0], -1).numpy() for r in rows]
+    pq.write_table(shifted(axolotl_table(rows, lps), -1, mask_first=True), tmp_path / "s.parquet")
+    run = subprocess.run([sys.executable, "-m", "stages.cli", "import", str(tmp_path / "s.parquet"),
+                          str(tmp_path / "c"), "--teacher", str(llama_dir)],
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert [line for line in run.stderr.splitlines() if line.startswith("error:")][0].count("one position later") == 1
+    assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["truncated parquet", "a JSON line that is not an object", "a string among the "
+                                  "token ids (JSON Lines)", "strings as token ids (Parquet)", "ids as one integer"])
+def test_a_malformed_source_is_one_error_naming_the_file(kind, teacher_rows, llama_dir, tmp_path):
+    rows, lps = teacher_rows
+    good = axolotl_table(rows, lps)
+    if kind == "truncated parquet":
+        pq.write_table(good, tmp_path / "full.parquet")
+        src = tmp_path / "part.parquet"
+        src.write_bytes((tmp_path / "full.parquet").read_bytes()[:3000])
+        where = "part.parquet"
+    elif "JSON" in kind:
+        src = tmp_path / "part.jsonl"
+        recs = good.to_pylist()
+        lines = [json.dumps(r).replace("-Infinity", "-1e30") for r in recs]
+        if "not an object" in kind:
+            lines[2] = json.dumps([1, 2, 3])
+        else:
+            rec = json.loads(lines[3])
+            rec["input_ids"][4] = "the"
+            lines[3] = json.dumps(rec)
+        src.write_text("\n".join(lines) + "\n")
+        where = "part.jsonl line 3" if "not an object" in kind else "part.jsonl line 4"
+    else:
+        table = good.set_column(0, "input_ids", pa.array([[str(t) for t in r] for r in rows])) \
+            if "strings" in kind else good.set_column(0, "input_ids", pa.array([r[0] for r in rows]))
+        src = tmp_path / "part.parquet"
+        pq.write_table(table, src)
+        where = "part.parquet"
+    with pytest.raises(DataError) as e:
+        run_import(ImportSettings(str(src), str(tmp_path / "c"), str(llama_dir)), log=lambda m: None)
+    assert where in str(e.value)
+    assert not (tmp_path / "c" / "manifest.json").exists()
+    run = subprocess.run([sys.executable, "-m", "stages.cli", "import", str(src), str(tmp_path / "c2"),
+                          "--teacher", str(llama_dir)], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and where in errors[0], run.stderr
+
+
+def test_the_mean_mass_is_the_k_kept_entries_over_the_trained_positions(teacher_rows, llama_dir, tmp_path):
+    """vLLM lists the prompt token beside the top K; labels leave positions untrained: neither counts."""
+    rows, lps = teacher_rows
+    (tmp_path / "src").mkdir()
+    write_vllm(rows, lps, tmp_path / "src" / "a.parquet", "structs")
+    t = pq.read_table(tmp_path / "src" / "a.parquet")
+    labels = [[-100 if p % 4 == 1 else tok for p, tok in enumerate(r)] for r in rows]
+    pq.write_table(t.append_column("labels", pa.array(labels)), tmp_path / "src" / "a.parquet")
+    c = run_import(ImportSettings(str(tmp_path / "src" / "a.parquet"), str(tmp_path / "c"), str(llama_dir)),
+                   log=lambda m: None)
+    mass, n = 0.0, 0
+    for r, lp, lab in list(zip(rows, lps, labels))[:3] + [(rows[4], lps[4], labels[4])]:  # the duplicate once
+        for p in range(1, len(r)):
+            if lab[p] != -100:
+                mass += float(np.sort(np.exp(lp[p - 1]))[::-1][:K].sum())
+                n += 1
+    m = c.manifest
+    assert m.imported.mean_mass == pytest.approx(mass / n, rel=1e-7)  # the source's float32 log-probs
+    assert m.stats.mean_topk_mass == pytest.approx(mass / n, rel=1e-7)

@@ -21,6 +21,7 @@ importer's checks and its selection of the top K run on arrays, not per entry in
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..errors import DataError
+from ..errors import DataError, DistillError
 from ..format.layout import IGNORE_INDEX
 from ..format.storage import Storage
 
@@ -119,23 +120,63 @@ def tables(st: Storage, rel: str):
             for batch in pf.iter_batches(batch_size=BATCH_ROWS):
                 yield pa.Table.from_batches([batch])
         return
-    rows = []
+    rows, lines = [], []
     with st.open(rel) as f:
         for i, line in enumerate(f):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise DataError(f"{name} line {i + 1}: not JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{name} line {i + 1}: a JSON {type(row).__name__}, where each line is one row "
+                                "(an object of columns)")
             if isinstance(row.get("prompt_logprobs"), list):
-                row["prompt_logprobs"] = [_entries(p) for p in row["prompt_logprobs"]]
+                with reading(name, f" line {i + 1}"):
+                    row["prompt_logprobs"] = [_entries(p) for p in row["prompt_logprobs"]]
             rows.append(row)
+            lines.append(i + 1)
             if len(rows) == BATCH_ROWS:
-                yield pa.Table.from_pylist(rows)
-                rows = []
+                yield _json_table(rows, lines, name)
+                rows, lines = [], []
     if rows:
-        yield pa.Table.from_pylist(rows)
+        yield _json_table(rows, lines, name)
+
+
+def _json_table(rows: list[dict], lines: list[int], name: str) -> pa.Table:
+    """JSON rows as one table; a row whose values do not fit the columns' types is named by its line."""
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        for j in range(len(rows)):  # the first row that does not convert with the ones before it
+            try:
+                pa.Table.from_pylist(rows[: j + 1])
+            except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
+                raise DataError(f"{name} line {lines[j]}: {_first_line(e)} (ids are integers, log-probs numbers, "
+                                "in the same columns on every line)") from None
+        raise
+
+
+READ_FAILURES = (pa.ArrowException, OSError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+                 OverflowError, UnicodeDecodeError)  # what a malformed file makes pyarrow, json and numpy raise
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else 'no detail'}"
+
+
+@contextmanager
+def reading(name: str, where: str = ""):
+    """The one place a read of a source turns a malformed file into a `DataError` naming the file (and `where`:
+    its rows or line); the failures the importer explains itself pass through."""
+    try:
+        yield
+    except DistillError:
+        raise
+    except READ_FAILURES as e:
+        raise DataError(f"{name}{where}: cannot be read as a top-K log-prob source ({_first_line(e)})") from None
 
 
 def _entries(position):
@@ -152,7 +193,7 @@ def to_block(table: pa.Table, layout: str, file: str, first_row: int) -> Block:
     """A table of the source as a `Block`; refuses rows whose columns disagree in length, and padded rows."""
     names = table.column_names
     if "attention_mask" in names:
-        _, att = _lists(table.column("attention_mask"))
+        _, att = _lists(table.column("attention_mask"), column="attention_mask")
         if (att == 0).any():
             raise DataError(f"{file}: rows from row {first_row} hold padding (attention_mask 0): strip it before "
                             "importing, a row's tokens are all real")
@@ -162,39 +203,39 @@ def to_block(table: pa.Table, layout: str, file: str, first_row: int) -> Block:
             raise DataError(f"{file}: the axolotl layout needs columns {missing}")
         tok = table.column("input_ids")
         ids = table.column("target_token_ids")
-        starts, tokens = _lists(tok)
-        _same_lengths(file, first_row, starts, _offsets(ids), "target_token_ids", "input_ids")
-        _same_lengths(file, first_row, starts, _offsets(table.column("target_logprobs")), "target_logprobs",
+        starts, tokens = _lists(tok, column="input_ids")
+        _same_lengths(file, first_row, starts, _offsets(ids, "target_token_ids"), "target_token_ids", "input_ids")
+        _same_lengths(file, first_row, starts, _offsets(table.column("target_logprobs"), "target_logprobs"), "target_logprobs",
                       "input_ids")
-        entry_starts, e_ids = _lists(pc.list_flatten(ids))
-        entry_lp, e_lp = _lists(pc.list_flatten(table.column("target_logprobs")), np.float64)
+        entry_starts, e_ids = _lists(pc.list_flatten(ids), column="target_token_ids")
+        entry_lp, e_lp = _lists(pc.list_flatten(table.column("target_logprobs")), np.float64, "target_logprobs")
         _same_entries(file, first_row, starts, entry_starts, entry_lp, "target_token_ids and target_logprobs")
         masked = "target_mask" in names
         e_valid = np.ones(len(e_ids), bool)
         if masked:
             mask = table.column("target_mask")
-            _same_lengths(file, first_row, starts, _offsets(mask), "target_mask", "input_ids")
-            mask_starts, e_mask = _lists(pc.list_flatten(mask))
+            _same_lengths(file, first_row, starts, _offsets(mask, "target_mask"), "target_mask", "input_ids")
+            mask_starts, e_mask = _lists(pc.list_flatten(mask), column="target_mask")
             _same_entries(file, first_row, starts, entry_starts, mask_starts, "target_mask and target_token_ids")
             e_valid = e_mask.astype(bool)
         trained = _trained(table, starts, file, first_row)
         block = Block(file, layout, first_row, starts, tokens, trained, entry_starts, e_ids, e_lp, e_valid, masked)
         for column, attr in (("target_logsumexp", "lse"), ("target_label_logprob", "label_lp")):
             if column in names:
-                s, v = _lists(table.column(column), np.float64)
+                s, v = _lists(table.column(column), np.float64, column)
                 _same_lengths(file, first_row, starts, s, column, "input_ids")
                 setattr(block, attr, v)
         return block
     if "prompt_token_ids" not in names:
         raise DataError(f"{file}: the vllm layout needs a prompt_token_ids column beside prompt_logprobs")
-    starts, tokens = _lists(table.column("prompt_token_ids"))
+    starts, tokens = _lists(table.column("prompt_token_ids"), column="prompt_token_ids")
     col = table.column("prompt_logprobs")
-    _same_lengths(file, first_row, starts, _offsets(col), "prompt_logprobs", "prompt_token_ids")
+    _same_lengths(file, first_row, starts, _offsets(col, "prompt_logprobs"), "prompt_logprobs", "prompt_token_ids")
     per_position = pc.list_flatten(col).combine_chunks() if isinstance(col, pa.ChunkedArray) else pc.list_flatten(col)
     if pa.types.is_map(per_position.type):  # token id -> log-prob: its entries as a list of {key, value}
         per_position = pa.ListArray.from_arrays(per_position.offsets, per_position.values,
                                                 mask=per_position.is_null())
-    entry_starts = _offsets(per_position)
+    entry_starts = _offsets(per_position, "prompt_logprobs")
     entries = pc.list_flatten(per_position)
     e_ids, e_lp = _vllm_entries(entries, file)
     trained = _trained(table, starts, file, first_row)
@@ -212,11 +253,12 @@ def _vllm_entries(entries: pa.ChunkedArray | pa.Array, file: str) -> tuple[np.nd
         raise DataError(f"{file}: prompt_logprobs entries are {typ}, not structs {{token_id, logprob}} or a map")
     names = [typ.field(i).name for i in range(typ.num_fields)]
     if "token_id" in names and "logprob" in names:
-        return _numpy(arr.field("token_id"), np.int64), _numpy(arr.field("logprob"), np.float64)
+        return (_numpy(arr.field("token_id"), np.int64, "prompt_logprobs token_id"),
+                _numpy(arr.field("logprob"), np.float64, "prompt_logprobs logprob"))
     if names == ["key", "value"]:
         value = arr.field("value")
         lp = value.field("logprob") if pa.types.is_struct(value.type) else value
-        return _numpy(arr.field("key"), np.int64), _numpy(lp, np.float64)
+        return _numpy(arr.field("key"), np.int64, "prompt_logprobs keys"), _numpy(lp, np.float64, "prompt_logprobs values")
     raise DataError(f"{file}: prompt_logprobs entries have fields {names}; expected token_id and logprob")
 
 
@@ -224,7 +266,7 @@ def _trained(table: pa.Table, starts: np.ndarray, file: str, first_row: int) -> 
     """Per position: its label trains (no labels column: every position)."""
     if "labels" not in table.column_names:
         return np.ones(int(starts[-1]), bool)
-    s, labels = _lists(table.column("labels"))
+    s, labels = _lists(table.column("labels"), column="labels")
     _same_lengths(file, first_row, starts, s, "labels", "the token ids")
     return labels != IGNORE_INDEX
 
@@ -244,23 +286,31 @@ def _same_entries(file: str, first_row: int, starts, entry_starts, other, column
         raise DataError(f"{file}: {columns} differ in length at " + position_name(file, first_row, starts, bad))
 
 
-def _offsets(arr) -> np.ndarray:
+def _offsets(arr, column: str = "a column") -> np.ndarray:
     """(N + 1,) offsets of a list column (null lists: empty)."""
+    if not pa.types.is_list(arr.type) and not pa.types.is_large_list(arr.type):
+        raise DataError(f"{column} holds {arr.type} values where a list per row (or per position) is expected")
     lengths = pc.fill_null(pc.list_value_length(arr), 0)
     lengths = lengths.combine_chunks() if isinstance(lengths, pa.ChunkedArray) else lengths
     return np.concatenate([[0], np.cumsum(lengths.to_numpy(zero_copy_only=False), dtype=np.int64)])
 
 
-def _lists(arr, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+def _lists(arr, dtype=np.int64, column: str = "a column") -> tuple[np.ndarray, np.ndarray]:
     """(offsets, flat values) of a list column."""
-    return _offsets(arr), _numpy(pc.list_flatten(arr), dtype)
+    return _offsets(arr, column), _numpy(pc.list_flatten(arr), dtype, column)
 
 
-def _numpy(arr, dtype) -> np.ndarray:
+def _numpy(arr, dtype, column: str = "a column") -> np.ndarray:
+    """The values of a flat column as `dtype`: integers where ids (or masks) are expected, numbers for log-probs."""
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    integer = np.issubdtype(dtype, np.integer)
+    if not (pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type)
+            or (not integer and pa.types.is_floating(arr.type)) or pa.types.is_null(arr.type)):
+        raise DataError(f"{column} holds {arr.type} values, where {'integers' if integer else 'numbers'} are "
+                        "expected")
     if arr.null_count:
-        raise DataError(f"{arr.null_count} null values among {len(arr)} where ids and log-probs are expected (only "
-                        "vLLM's first position may be null)")
+        raise DataError(f"{column}: {arr.null_count} null values among {len(arr)} where ids and log-probs are expected "
+                        "(only vLLM's first position may be null)")
     return arr.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
 
 
@@ -269,10 +319,16 @@ def blocks(st: Storage, files: list[str], layout: str | None):
     for rel in files:
         name = f"{st.location}/{rel}"
         row = 0
-        for table in tables(st, rel):
+        batches = tables(st, rel)
+        while True:
+            with reading(name, f" (after row {row - 1})" if row else ""):
+                table = next(batches, None)
+            if table is None:
+                break
             layout = layout or detect_layout(table.column_names, name)
             try:
-                block = to_block(table, layout, name, row)
+                with reading(name, f" (rows {row}..{row + table.num_rows - 1})"):
+                    block = to_block(table, layout, name, row)
             except DataError as e:  # name the file where the message does not
                 raise e if str(e).startswith(name) else DataError(f"{name} (rows from {row}): {e}") from None
             yield block

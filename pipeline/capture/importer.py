@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,7 @@ from .rows import content_key, tokenizer_pad_id
 from .run import Tally
 from .targets import TeacherTargets
 
+SHIFTS = (-1, 0, 1)  # the alignment check: the token at each shift from a position among its entries
 SUM_TOL = 5e-3  # a position's probabilities may sum to 1 + this (float16 log-probs), no more
 RENORM_TOL = 1e-3  # every position within this of 1: the log-probs were renormalised over the ids given
 FLOAT16_LOWEST = float(np.finfo(np.float16).min)  # below it (-inf, masked logits' -1e9): probability 0
@@ -64,6 +65,7 @@ class ImportSettings:
     rows_per_shard: int = 64
     rows_per_chunk: int = 8
     overwrite: bool = False
+    check_alignment: bool = True  # refuse a source whose targets do not sit where its layout says (`check_alignment`)
 
 
 @dataclass
@@ -83,9 +85,16 @@ class Survey:
     listed: tuple = (1 << 62, 0)  # entries a trained position lists (real or not), fewest and most
     masked: bool = True
     below_one: int = 0  # trained positions whose entries sum below 1 - RENORM_TOL
-    mass: float = 0.0  # summed over trained positions
+    rank_mass: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [j]: the j-th largest entries' probability
+    #                                                                     summed over trained positions
+    alignment: dict = field(default_factory=dict)  # split -> (len(SHIFTS), 2) [hits, positions] (`alignment_hits`)
+    empty_at: str | None = None  # the first trained position without a real entry
     lse: bool = True
     label: bool = True
+
+    def mean_mass(self, k: int) -> float:
+        """The mean probability of a trained position's k most likely entries (what the cache keeps)."""
+        return float(self.rank_mass[:k].sum()) / max(self.positions, 1)
 
 
 @dataclass
@@ -124,6 +133,70 @@ def targets(b: Block) -> Targets:
     return Targets(target, counts, sums, label_lp, owner, valid)
 
 
+def ranked(t: Targets, b: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The real entries of trained positions, most likely first within each position: (entry indices, their
+    positions, their ranks)."""
+    sel = np.flatnonzero(t.valid & t.target[t.owner])
+    order = sel[np.lexsort((-b.e_lp[sel], t.owner[sel]))]
+    own = t.owner[order]
+    return order, own, np.arange(len(order)) - np.searchsorted(own, own)
+
+
+def alignment_hits(b: Block, t: Targets) -> np.ndarray:
+    """(len(SHIFTS), 2): per shift s, [trained positions p whose row's token p + s is among p's real entries,
+    trained positions p with a token p + s in the row]. In a source aligned as it says, shift 0 (the token the
+    position predicts) hits far more often than the tokens beside it."""
+    T = len(b.tokens)
+    row = np.repeat(np.arange(b.rows), np.diff(b.starts))
+    pos = np.flatnonzero(t.target)
+    entry = np.flatnonzero(t.valid & t.target[t.owner])
+    out = np.zeros((len(SHIFTS), 2), np.int64)
+    for i, shift in enumerate(SHIFTS):
+        q = pos + shift
+        counted = (q >= 0) & (q < T)
+        counted[counted] = row[q[counted]] == row[pos[counted]]
+        qe = t.owner[entry] + shift
+        inside = (qe >= 0) & (qe < T)
+        match = np.zeros(len(entry), bool)
+        match[inside] = (row[qe[inside]] == row[t.owner[entry[inside]]]) & \
+            (b.e_ids[entry[inside]] == b.tokens[qe[inside]])
+        hit = np.zeros(T, bool)
+        hit[t.owner[entry[match]]] = True
+        out[i] = hit[pos[counted]].sum(), counted.sum()
+    return out
+
+
+def shares(hits: np.ndarray) -> dict[str, float]:
+    """{"-1": share, "0": share, "+1": share} of `alignment_hits` totals."""
+    return {f"{s:+d}" if s else "0": float(h / n) if n else 0.0 for s, (h, n) in zip(SHIFTS, hits)}
+
+
+ALIGNMENT_MARGIN = 0.2  # shift 0 must hit at least this share of positions more than either neighbour
+
+
+def check_alignment(source: str, alignment: dict[str, np.ndarray]) -> None:
+    """Refuse a split whose targets do not sit where the layout says: the token each position predicts must be
+    among its entries clearly more often than the tokens one step before or after it (`ALIGNMENT_MARGIN`)."""
+    for split, hits in alignment.items():
+        share = shares(hits)
+        best = max(share, key=share.get)
+        if share["0"] >= max(share["-1"], share["+1"]) + ALIGNMENT_MARGIN:
+            continue
+        seen = ", ".join(f"shift {k}: {v:.1%}" for k, v in share.items())
+        if best == "+1":
+            why = ("the entries at position t hold the distribution that predicts token t + 1 (the layout of "
+                   "DistillKit, of logits[:, t] and of this project's caches): move every position's targets one "
+                   "position later, or import it with --layout distillkit when it is DistillKit's")
+        elif best == "-1":
+            why = "the entries at position t predict token t - 1: the targets were moved one position too late"
+        else:
+            why = ("no shift stands out: the log-probs may come from another teacher or tokenizer than the rows' "
+                   "token ids, or from a teacher whose top entries rarely hold the next token")
+        raise DataError(f"{source} split {split}: the targets do not line up with the tokens they predict "
+                        f"(share of {int(hits[1][1]):,} trained positions whose token at each shift is among "
+                        f"their entries: {seen}); {why}")
+
+
 def in_order(splits: dict[str, list[str]]) -> list[str]:
     """The splits as both passes take them: held-out ones first, so that a training row equal to a held-out one
     is the one dropped (as the capture does)."""
@@ -146,12 +219,15 @@ def survey(s: ImportSettings, st: Storage, splits: dict[str, list[str]], vocab: 
             out.rows_read += b.rows
             n = np.diff(b.starts)
             out.longest = max(out.longest, int(n.max(initial=0)))
-            for r in range(b.rows):
-                if keys.add(content_key(b.tokens[b.starts[r]:b.starts[r + 1]]), "main"):
-                    rows, tokens = rows + 1, tokens + int(n[r])
-                else:
-                    out.duplicates += 1
+            kept = np.asarray([keys.add(content_key(b.tokens[b.starts[r]:b.starts[r + 1]]), "main")
+                               for r in range(b.rows)], bool)
+            rows, tokens = rows + int(kept.sum()), tokens + int(n[kept].sum())
+            out.duplicates += int((~kept).sum())
+            # the statistics of the rows the cache keeps (a duplicate row is read, checked, and not counted again)
+            t = replace(t, target=t.target & np.repeat(kept, n))
             k = t.counts[t.target]
+            if out.empty_at is None and (k == 0).any():
+                out.empty_at = b.where(int(np.flatnonzero(t.target & (t.counts == 0))[0]))
             if len(k):
                 out.k_min = int(k.min()) if out.k_min is None else min(out.k_min, int(k.min()))
                 out.k_max = max(out.k_max, int(k.max()))
@@ -160,7 +236,12 @@ def survey(s: ImportSettings, st: Storage, splits: dict[str, list[str]], vocab: 
             out.masked &= b.masked
             out.positions += int(t.target.sum())
             out.below_one += int((t.sums[t.target] < 1 - RENORM_TOL).sum())
-            out.mass += float(t.sums[t.target].sum())
+            order, _, rank = ranked(t, b)
+            by_rank = np.bincount(rank, weights=np.exp(b.e_lp[order]))
+            n_ranks = max(len(by_rank), len(out.rank_mass))
+            out.rank_mass = np.pad(out.rank_mass, (0, n_ranks - len(out.rank_mass))) + \
+                np.pad(by_rank, (0, n_ranks - len(by_rank)))
+            out.alignment[split] = out.alignment.get(split, 0) + alignment_hits(b, t)
             out.lse &= b.lse is not None and bool(np.isfinite(b.lse[t.target]).all())
             out.label &= bool(np.isfinite(t.label_lp[t.target]).all())
         out.rows[split], out.tokens[split] = rows, tokens
@@ -190,6 +271,16 @@ def _check_block(s: ImportSettings, b: Block, t: Targets, vocab: int) -> None:
         raise DataError(f"{b.where(i)}: the entries' probabilities sum to {t.sums[i]:.4f} > 1: these are not "
                         "log-probabilities of one distribution (logits? another temperature's values?)")
     n = np.diff(b.starts)
+    firsts = b.starts[:-1][n > 0]
+    early = np.flatnonzero(t.counts[firsts])
+    if len(early):
+        r = int(np.flatnonzero(n > 0)[early[0]])
+        raise DataError(f"{b.file} row {b.first_row + r} position 0: real target entries at a row's first position, "
+                        "which predicts no token of the row (the layout puts the distribution that predicts token t "
+                        "at position t: position 0 holds none, -inf log-probs or a target_mask of 0). The targets "
+                        "look shifted one position early: DistillKit's layout and logits[:, t] store a distribution "
+                        "at the position that computes it (import DistillKit's files with --layout distillkit, or "
+                        "move every target one position later)")
     if (n == 0).any():
         raise DataError(f"{b.file} row {b.first_row + int(np.flatnonzero(n == 0)[0])}: no tokens")
     if s.seq_len and (n > s.seq_len).any():
@@ -206,6 +297,11 @@ def decide(s: ImportSettings, sv: Survey, vocab: int) -> dict:
     if sv.listed[0] != sv.listed[1] and not sv.masked:
         raise DataError(f"{where}: positions list {sv.listed[0]} to {sv.listed[1]} target entries and there is no "
                         "target_mask saying which are real: ragged top-K needs a mask (axolotl's target_mask)")
+    if s.check_alignment:
+        check_alignment(where, sv.alignment)
+    if sv.k_min == 0:
+        raise DataError(f"{sv.empty_at}: a trained position holds no real target entry (all -inf): mark positions "
+                        "without targets untrained (labels -100, or a target_mask of 0)")
     k = s.top_k if s.top_k is not None else sv.k_min
     if k < 1 or k > sv.k_min:
         raise DataError(f"{where}: top_k {k}: every trained position holds at least {sv.k_min} entries (at most "
@@ -220,7 +316,9 @@ def decide(s: ImportSettings, sv: Survey, vocab: int) -> dict:
             # the teacher's own NLL only: not from renormalised values, nor from another temperature's
             "logsumexp": sv.lse, "target_logprob": sv.label and not renormalised and s.temperature == 1.0,
             "temperature": s.temperature, "entries": [sv.k_min, sv.k_max],
-            "mean_mass": sv.mass / sv.positions, "rows_read": sv.rows_read, "duplicate_rows": sv.duplicates}
+            "mean_mass": sv.mean_mass(k), "rows_read": sv.rows_read, "duplicate_rows": sv.duplicates,
+            "alignment": {split: shares(hits) for split, hits in sv.alignment.items()},
+            "alignment_checked": s.check_alignment}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,12 +381,13 @@ class _Shard:
         self.L, self.K, self.lse, self.label, self.pad = L, K, lse, label, pad
         self.ids, self.lengths, self.keys, self.mask, self.top_ids, self.top_lp, self.lses, self.labels = \
             [], [], [], [], [], [], [], []
-        self.mass = 0.0
+        self.mass, self.positions = 0.0, 0  # the K kept entries' probability at trained positions, and those
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def add(self, b: Block, t: Targets, top_ids: np.ndarray, top_lp: np.ndarray, r: int, key: str) -> None:
+    def add(self, b: Block, t: Targets, top_ids: np.ndarray, top_lp: np.ndarray, kept_mass: np.ndarray, r: int,
+            key: str) -> None:
         a, e = int(b.starts[r]), int(b.starts[r + 1])
         n, L = e - a, self.L
         ids = np.full(L, self.pad, np.int32)  # padded as the capture pads
@@ -304,7 +403,8 @@ class _Shard:
         label = np.full(L, np.nan, np.float32)
         if self.label:
             label[: n - 1] = np.where(trains, t.label_lp[src], np.nan)
-        self.mass += float(t.sums[src][trains].sum())
+        self.mass += float(kept_mass[src][trains].sum())
+        self.positions += int(trains.sum())
         for dest, v in ((self.ids, ids), (self.lengths, n), (self.keys, key), (self.mask, mask),
                         (self.top_ids, tid), (self.top_lp, tlp), (self.lses, lse), (self.labels, label)):
             dest.append(v)
@@ -318,18 +418,16 @@ class _Shard:
                               target_logprob=np.stack(self.labels) if self.label else None)
 
 
-def top_k(t: Targets, b: Block, K: int) -> tuple[np.ndarray, np.ndarray]:
-    """(T, K) ids and log-probs of each trained position's K most likely entries (zeros elsewhere)."""
+def top_k(t: Targets, b: Block, K: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(T, K) ids and log-probs of each trained position's K most likely entries (zeros elsewhere), and (T,) the
+    probability they hold (from the source's values)."""
     T = len(b.tokens)
-    sel = np.flatnonzero(t.valid & t.target[t.owner])
-    order = sel[np.lexsort((-b.e_lp[sel], t.owner[sel]))]
-    own = t.owner[order]
-    rank = np.arange(len(order)) - np.searchsorted(own, own)
+    order, own, rank = ranked(t, b)
     keep = rank < K
     ids, lp = np.zeros((T, K), np.int64), np.zeros((T, K), np.float16)
     ids[own[keep], rank[keep]] = b.e_ids[order[keep]]
     lp[own[keep], rank[keep]] = b.e_lp[order[keep]]
-    return ids, lp
+    return ids, lp, np.bincount(own[keep], weights=np.exp(b.e_lp[order[keep]]), minlength=T)
 
 
 def write_split(s: ImportSettings, src: Storage, writer: CacheWriter, split: str, files: list[str], imported: dict,
@@ -343,17 +441,18 @@ def write_split(s: ImportSettings, src: Storage, writer: CacheWriter, split: str
         nonlocal shard, index, started
         rows = shard.rows()
         rows_file.add(rows)
-        stats = {"tokens": rows.n_tokens, "seconds": time.perf_counter() - started, "topk_mass_sum": shard.mass}
+        stats = {"tokens": rows.n_tokens, "seconds": time.perf_counter() - started, "topk_mass_sum": shard.mass,
+                 "target_positions": shard.positions}
         writer.write_shard(split, index, shard.targets(), stats)
         shard, index, started = _Shard(L, K, shard.lse, shard.label, pad), index + 1, time.perf_counter()
 
     for b in blocks(src, files, imported["layout"]):
         t = targets(b)
-        ids, lp = top_k(t, b, K)
+        ids, lp, kept = top_k(t, b, K)
         for r in range(b.rows):
             key = content_key(b.tokens[b.starts[r]:b.starts[r + 1]])
             if keys.add(key, "main"):
-                shard.add(b, t, ids, lp, r, key)
+                shard.add(b, t, ids, lp, kept, r, key)
                 if len(shard) == s.rows_per_shard:
                     flush()
     if len(shard):
@@ -395,7 +494,10 @@ def run_import(s: ImportSettings, log=print) -> Cache:
         log(f"{s.source}: {sv.rows_read} rows ({sv.duplicates} duplicates dropped), layout {sv.layout}, "
             f"K = {imported['top_k']} (trained positions hold {sv.k_min}..{sv.k_max} entries), log-probs normalised "
             f"over the {'ids given' if imported['normalised'] == 'top-k' else 'whole vocabulary'}, mean top-K mass "
-            f"{imported['mean_mass']:.4f}")
+            f"{imported['mean_mass']:.4f} at the {sv.positions:,} trained positions")
+        for split, share in imported["alignment"].items():
+            log(f"  {split}: the token a position predicts is among its entries at {share['0']:.1%} of trained "
+                f"positions (the token before it: {share['-1']:.1%}, after it: {share['+1']:.1%})")
         if s.overwrite:
             wipe(out)
         write_json(out, PLAN_FILE, plan)

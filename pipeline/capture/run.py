@@ -391,6 +391,7 @@ class Tally:
         old = base.stats if base is not None else Stats(0, 0, 0, {}, 0.0, 0.0, None)
         self.plan, self.base = plan, base
         self.tokens, self.seconds, self.mass = old.tokens, old.seconds, (old.mean_topk_mass or 0.0) * old.tokens
+        self.positions = old.tokens  # positions with a target (a capture: every token; an import: trained ones)
         self.wait = old.writer_wait_seconds
         self.per_field = {k: v * old.tokens for k, v in old.bytes_per_token.items()}
         self.right = {s: list(v) for s, v in (old.teacher_correct_labelled or {}).items()}
@@ -407,6 +408,7 @@ class Tally:
             r[0], r[1] = r[0] + c["teacher_correct"], r[1] + c["labelled"]
         else:
             self.mass += c["topk_mass_sum"]
+            self.positions += c.get("target_positions", c["tokens"])
 
     def result(self, writer: CacheWriter) -> dict:
         per_field, tokens, right = dict(self.per_field), self.tokens, self.right
@@ -417,7 +419,7 @@ class Tally:
         # a classifier's accuracy on the gold labels, per split, over every part; a causal LM's top-K mass
         quality = {"teacher_correct_labelled": right,
                    "teacher_accuracy": {s: a / max(n, 1) for s, (a, n) in right.items()}} \
-            if self.plan.task.classifier else {"mean_topk_mass": self.mass / max(tokens, 1)}
+            if self.plan.task.classifier else {"mean_topk_mass": self.mass / max(self.positions, 1)}
         return quality | {
             "tokens": tokens,
             "rows": sum(s.rows for s in self.plan.splits.values()),

@@ -126,7 +126,10 @@ class Imported:
     temperature: float = 1.0  # the log-probs are the teacher's at this temperature
     top_k: int = 0
     entries: tuple[int, int] = (0, 0)  # entries a trained position held in the source (least, most)
-    mean_mass: float | None = None  # mean summed probability of the entries at a trained position
+    mean_mass: float | None = None  # mean summed probability of the K kept entries at a trained position
+    # split -> {"-1", "0", "+1": share of trained positions whose token at that shift is among their entries}
+    alignment: Mapping | None = None  # (recorded since the alignment check)
+    alignment_checked: bool | None = None  # False: imported with the check skipped (None: before the check)
 
     @property
     def tail_known(self) -> bool:
