@@ -85,7 +85,7 @@ def _row_convention(m: Manifest) -> str:
                 f"{task.label_column!r}); one example per row with the tokenizer's special tokens, padded with id "
                 f"{task.pad_token_id}")
     if m.imported:
-        return "row start    as imported (no BOS or EOS added)"
+        return f"row start    as imported (no BOS or EOS added); document mask {p.document_mask}"
     bos = p.bos
     return (f"row start    {'BOS (id %s)' % bos['token_id'] if bos and bos['applied'] else 'no BOS'}"
             + (f"; tokenizer adds BOS: {bos['tokenizer_adds_bos']}, data.bos = {bos['setting']!r}" if bos else

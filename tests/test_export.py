@@ -91,3 +91,56 @@ def test_export_on_the_command_line(assistant_cache, tmp_path):
     res = subprocess.run([distill, "export", str(assistant_cache), str(tmp_path / "x")], capture_output=True, text=True,
                          env=env)
     assert res.returncode == 2 and "exists" in res.stderr
+
+
+def test_document_boundaries_travel_through_export_import_and_the_dataset_views(llama_dir, corpus, tmp_path):
+    """A cache whose teacher kept packed documents apart (document_mask): the export carries the position ids,
+    the import reads them back (document_mask recorded, the same ids stored), and `to_dataset` and `CacheDataset`
+    give them to a user's loop, so a student after the round trip attends as the teacher did."""
+    from conftest import capture, settings
+    from pipeline.capture.importer import ImportSettings, run_import
+    from pipeline.train.hf import CacheDataset, collate
+
+    capture(settings(llama_dir, corpus, tmp_path / "c", data={"document_mask": True, "max_tokens": 1500}))
+    c = Cache(str(tmp_path / "c"))
+    assert c.manifest.preparation.document_mask
+    export(c, tmp_path / "x", log=lambda m: None)
+    assert json.loads((tmp_path / "x" / "distill_export.json").read_text())["document_mask"] is True
+    t = c.rows("train")
+    pos, lengths = row_column(t, "position_ids", np.int64), t.column("length").to_numpy()
+    assert (pos[:, 1:] == 0).any()  # rows that hold several documents
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "x" / "train" / "*.parquet"), split="train")
+    for i, row in enumerate(ds):
+        assert row["position_ids"] == pos[i, : lengths[i]].tolist()
+    # the random teacher does not predict the text: the alignment check has nothing to go on (tested in test_import)
+    back = run_import(ImportSettings(str(tmp_path / "x"), str(tmp_path / "back"), str(llama_dir),
+                                     check_alignment=False), log=lambda m: None)
+    m = back.manifest
+    assert m.preparation.document_mask is True and "position_ids" in m.fields
+    b = back.rows("train")
+    assert b.column("key").to_pylist() == t.column("key").to_pylist()
+    np.testing.assert_array_equal(row_column(b, "position_ids", np.int64), pos)  # the padding a segment of its own
+    view = c.to_dataset("train", ["logsumexp"])
+    assert [r["position_ids"] for r in view] == [pos[i, :n].tolist() for i, n in enumerate(lengths)]
+    rows = CacheDataset(back, "train", {"kd_forward": 1.0})
+    np.testing.assert_array_equal(collate([rows[0], rows[1]])["position_ids"].numpy(), pos[:2])
+
+
+def test_position_ids_that_do_not_count_up_are_refused(llama_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.capture.importer import ImportSettings, run_import
+
+    K = 4
+    rows = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    pos = [[0, 1, 0, 1, 3], [0, 1, 2]]
+    table = pa.table({"input_ids": rows, "position_ids": pos,
+                      "target_token_ids": [[list(range(K))] * len(r) for r in rows],
+                      "target_logprobs": [[[float("-inf")] * K] + [[-2.0] * K] * (len(r) - 1) for r in rows]})
+    pq.write_table(table, tmp_path / "p.parquet")
+    with pytest.raises(DistillError, match=r"row 0 position 4: position id 3"):
+        run_import(ImportSettings(str(tmp_path / "p.parquet"), str(tmp_path / "c"), str(llama_dir),
+                                  check_alignment=False), log=lambda m: None)

@@ -56,6 +56,7 @@ class Block:
     masked: bool  # the layout says which entries are real (a target mask, or vLLM's per-position entries)
     lse: np.ndarray | None = None  # (T,) float64 logsumexp at each position (target_logsumexp), when given
     label_lp: np.ndarray | None = None  # (T,) float64 log-prob of the token at each position, when given
+    positions: np.ndarray | None = None  # (T,) position ids: 0 where a document starts (packed rows), when given
 
     @property
     def rows(self) -> int:
@@ -219,7 +220,8 @@ def to_block(table: pa.Table, layout: str, file: str, first_row: int) -> Block:
             _same_entries(file, first_row, starts, entry_starts, mask_starts, "target_mask and target_token_ids")
             e_valid = e_mask.astype(bool)
         trained = _trained(table, starts, file, first_row)
-        block = Block(file, layout, first_row, starts, tokens, trained, entry_starts, e_ids, e_lp, e_valid, masked)
+        block = Block(file, layout, first_row, starts, tokens, trained, entry_starts, e_ids, e_lp, e_valid, masked,
+                      positions=_positions(table, starts, file, first_row))
         for column, attr in (("target_logsumexp", "lse"), ("target_label_logprob", "label_lp")):
             if column in names:
                 s, v = _lists(table.column(column), np.float64, column)
@@ -240,7 +242,7 @@ def to_block(table: pa.Table, layout: str, file: str, first_row: int) -> Block:
     e_ids, e_lp = _vllm_entries(entries, file)
     trained = _trained(table, starts, file, first_row)
     return Block(file, layout, first_row, starts, tokens, trained, entry_starts, e_ids, e_lp, np.ones(len(e_ids), bool),
-                 True)
+                 True, positions=_positions(table, starts, file, first_row))
 
 
 def _vllm_entries(entries: pa.ChunkedArray | pa.Array, file: str) -> tuple[np.ndarray, np.ndarray]:
@@ -269,6 +271,25 @@ def _trained(table: pa.Table, starts: np.ndarray, file: str, first_row: int) -> 
     s, labels = _lists(table.column("labels"), column="labels")
     _same_lengths(file, first_row, starts, s, "labels", "the token ids")
     return labels != IGNORE_INDEX
+
+
+def _positions(table: pa.Table, starts: np.ndarray, file: str, first_row: int) -> np.ndarray | None:
+    """Per position its position id (`position_ids`: 0 where a document of a packed row starts, +1 per token, as
+    packed-sequence trainers and `distill export` write them), checked; None without the column."""
+    if "position_ids" not in table.column_names:
+        return None
+    s, pos = _lists(table.column("position_ids"), column="position_ids")
+    _same_lengths(file, first_row, starts, s, "position_ids", "the token ids")
+    follows = np.ones(len(pos), bool)
+    follows[1:] = pos[1:] == pos[:-1] + 1
+    first = np.zeros(len(pos), bool)
+    first[starts[:-1][np.diff(starts) > 0]] = True
+    bad = np.flatnonzero(((pos != 0) & ~follows) | (first & (pos != 0)))
+    if len(bad):
+        where = position_name(file, first_row, starts, int(bad[0]))
+        raise DataError(f"{where}: position id {int(pos[bad[0]])}; position ids start at 0 in every row and either "
+                        "restart at 0 (a new document) or count up by one")
+    return pos
 
 
 def _same_lengths(file: str, first_row: int, starts, other, column: str, base: str) -> None:

@@ -89,6 +89,7 @@ class Survey:
     #                                                                     summed over trained positions
     alignment: dict = field(default_factory=dict)  # split -> (len(SHIFTS), 2) [hits, positions] (`alignment_hits`)
     empty_at: str | None = None  # the first trained position without a real entry
+    documents: bool = False  # some row holds several documents (position ids restart inside it): document_mask
     lse: bool = True
     label: bool = True
 
@@ -242,6 +243,10 @@ def survey(s: ImportSettings, st: Storage, splits: dict[str, list[str]], vocab: 
             out.rank_mass = np.pad(out.rank_mass, (0, n_ranks - len(out.rank_mass))) + \
                 np.pad(by_rank, (0, n_ranks - len(by_rank)))
             out.alignment[split] = out.alignment.get(split, 0) + alignment_hits(b, t)
+            if b.positions is not None:
+                restart = b.positions == 0
+                restart[b.starts[:-1][n > 0]] = False  # a row's own start
+                out.documents |= bool((restart & np.repeat(kept, n)).any())
             out.lse &= b.lse is not None and bool(np.isfinite(b.lse[t.target]).all())
             out.label &= bool(np.isfinite(t.label_lp[t.target]).all())
         out.rows[split], out.tokens[split] = rows, tokens
@@ -346,7 +351,8 @@ def build_plan(s: ImportSettings, sv: Survey, imported: dict, teacher: dict, tok
     split_rows = sv.rows
     shards = {sp: len(shard_ranges(n, s.rows_per_shard)) for sp, n in split_rows.items()}
     fields = {f.name: f.to_dict(split_rows, s.rows_per_chunk, s.rows_per_shard) for f in specs}
-    fields |= row_fields(["key", "input_ids", "length", "loss_mask"], split_rows, L)
+    fields |= row_fields(["key", "input_ids", "length", "loss_mask"] + (["position_ids"] if sv.documents else []),
+                         split_rows, L)
     column = "prompt_token_ids" if imported["layout"] == "vllm" else "input_ids"
     return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "teacher": teacher,
@@ -354,8 +360,8 @@ def build_plan(s: ImportSettings, sv: Survey, imported: dict, teacher: dict, tok
         "dataset": {"source": s.source, "split": None, "columns": {"token ids": column}, "text_column": None,
                     "data_files": [f for files in sv.files.values() for f in files],
                     "statistics": {"documents": sv.rows_read, "duplicate_rows": sv.duplicates}},
-        "preparation": {"seq_len": L, "packing": False, "format": "imported", "loss_mask": "imported",
-                        "document_mask": False, "add_special_tokens": False},
+        "preparation": {"seq_len": L, "packing": sv.documents, "format": "imported", "loss_mask": "imported",
+                        "document_mask": sv.documents, "add_special_tokens": False},
         "capture": {"top_k": imported["top_k"], "temperatures": [], "temperatures_all": [1.0], "hidden_layers": [],
                     "hidden_dtype": "float16", "attention_layers": [], "attention_heads_stored": None,
                     "rows_per_shard": s.rows_per_shard, "rows_per_chunk": s.rows_per_chunk, "compression_level": 3,
@@ -377,10 +383,11 @@ def build_plan(s: ImportSettings, sv: Survey, imported: dict, teacher: dict, tok
 class _Shard:
     """Rows gathered for one shard, in the cache's alignment."""
 
-    def __init__(self, L: int, K: int, lse: bool, label: bool, pad: int):
-        self.L, self.K, self.lse, self.label, self.pad = L, K, lse, label, pad
+    def __init__(self, L: int, K: int, lse: bool, label: bool, pad: int, documents: bool):
+        self.L, self.K, self.lse, self.label, self.pad, self.documents = L, K, lse, label, pad, documents
         self.ids, self.lengths, self.keys, self.mask, self.top_ids, self.top_lp, self.lses, self.labels = \
             [], [], [], [], [], [], [], []
+        self.position_ids = []
         self.mass, self.positions = 0.0, 0  # the K kept entries' probability at trained positions, and those
 
     def __len__(self) -> int:
@@ -408,9 +415,15 @@ class _Shard:
         for dest, v in ((self.ids, ids), (self.lengths, n), (self.keys, key), (self.mask, mask),
                         (self.top_ids, tid), (self.top_lp, tlp), (self.lses, lse), (self.labels, label)):
             dest.append(v)
+        if self.documents:  # position ids as the capture writes them: the padding a segment of its own
+            pos = np.empty(L, np.int32)
+            pos[:n] = b.positions[a:e] if b.positions is not None else np.arange(n)
+            pos[n:] = np.arange(L - n)
+            self.position_ids.append(pos)
 
     def rows(self) -> Rows:
-        return Rows(np.stack(self.ids), np.asarray(self.lengths, np.int32), list(self.keys), np.stack(self.mask))
+        return Rows(np.stack(self.ids), np.asarray(self.lengths, np.int32), list(self.keys), np.stack(self.mask),
+                    np.stack(self.position_ids) if self.documents else None)
 
     def targets(self) -> TeacherTargets:
         return TeacherTargets(topk_ids=np.stack(self.top_ids), topk_logprobs=np.stack(self.top_lp),
@@ -431,11 +444,14 @@ def top_k(t: Targets, b: Block, K: int) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def write_split(s: ImportSettings, src: Storage, writer: CacheWriter, split: str, files: list[str], imported: dict,
-                L: int, pad: int, keys: KeyStore, scratch: Path) -> None:
+                L: int, pad: int, keys: KeyStore, scratch: Path, documents: bool) -> None:
     K = imported["top_k"]
     rows_file = RowFileWriter(scratch / f"{split}-{ROWS_FILE}", s.rows_per_shard)
-    shard, index, started = _Shard(L, K, imported["logsumexp"], imported["target_logprob"], pad), 0, \
-        time.perf_counter()
+
+    def new_shard():
+        return _Shard(L, K, imported["logsumexp"], imported["target_logprob"], pad, documents)
+
+    shard, index, started = new_shard(), 0, time.perf_counter()
 
     def flush():
         nonlocal shard, index, started
@@ -444,7 +460,7 @@ def write_split(s: ImportSettings, src: Storage, writer: CacheWriter, split: str
         stats = {"tokens": rows.n_tokens, "seconds": time.perf_counter() - started, "topk_mass_sum": shard.mass,
                  "target_positions": shard.positions}
         writer.write_shard(split, index, shard.targets(), stats)
-        shard, index, started = _Shard(L, K, shard.lse, shard.label, pad), index + 1, time.perf_counter()
+        shard, index, started = new_shard(), index + 1, time.perf_counter()
 
     for b in blocks(src, files, imported["layout"]):
         t = targets(b)
@@ -507,7 +523,8 @@ def run_import(s: ImportSettings, log=print) -> Cache:
         writer.create_arrays()
         keys = KeyStore(Path(tmp) / "write.sqlite")
         for split in in_order(splits):
-            write_split(s, st, writer, split, splits[split], imported, L, tokenizer_pad_id(tok), keys, Path(tmp))
+            write_split(s, st, writer, split, splits[split], imported, L, tokenizer_pad_id(tok), keys, Path(tmp),
+                        sv.documents)
         keys.close()
         writer.finalize(Tally(manifest))
     return Cache(s.out)

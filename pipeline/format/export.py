@@ -13,6 +13,8 @@ produces them, `AxolotlKDTrainer.compute_loss` reads them). One row per cache ro
     target_logsumexp  (n,)    logsumexp of the teacher's logits at T = 1 for predicting token t (row 0: NaN):
                               logit = logprob + logsumexp; tail mass = 1 - sum(exp(target_logprobs))
     target_label_logprob (n,) the teacher's log-prob of token t itself (row 0: NaN), when the cache has it
+    position_ids      (n,)    0 where a document starts, +1 per token: the documents of a packed row that the teacher
+                              kept apart (document_mask), as packed-sequence trainers read them; when the cache has them
     key               ()      the cache row's content key
 
 axolotl aligns targets with the token they predict and shifts in the trainer (`target[..., 1:, :]`
@@ -50,18 +52,21 @@ def axolotl_rows(cache, split: str):
         raise CacheError(f"{cache.root}: a {m.task.type} teacher's cache has class targets, not next-token top-K: "
                          "the axolotl layout is for causal LM caches")
     have_mask, have_label = "loss_mask" in m.fields, "target_logprob" in m.fields
-    columns = ["input_ids", "length", "key"] + (["loss_mask"] if have_mask else [])
+    have_positions = "position_ids" in m.fields
+    columns = ["input_ids", "length", "key"] + (["loss_mask"] if have_mask else []) + \
+        (["position_ids"] if have_positions else [])
     K = m.capture.top_k
     for part, rows, start in cache.shard_rows(split, columns):
         ids, lengths = row_column(rows, "input_ids", np.int64), rows.column("length").to_numpy()
         mask = row_column(rows, "loss_mask", bool) if have_mask else None
+        positions = row_column(rows, "position_ids", np.int32) if have_positions else None
         a, b = start, start + rows.num_rows
         top_ids = np.asarray(cache.array_part(split, part, "topk_ids")[a:b], np.int64)
         top_lp = np.asarray(cache.array_part(split, part, "topk_logprobs")[a:b], np.float32)
         lse = np.asarray(cache.array_part(split, part, "logsumexp")[a:b], np.float32)
         label = np.asarray(cache.array_part(split, part, "target_logprob")[a:b], np.float32) if have_label else None
         out = {k: [] for k in ("input_ids", "attention_mask", "labels", "target_token_ids", "target_logprobs",
-                               "target_mask", "target_logsumexp", "target_label_logprob")}
+                               "target_mask", "target_logsumexp", "target_label_logprob", "position_ids")}
         for i, n in enumerate(lengths):
             trains = np.zeros(n, bool)  # label t trains iff the cache's position t - 1 does
             trains[1:] = mask[i, : n - 1] if mask is not None else True
@@ -78,8 +83,12 @@ def axolotl_rows(cache, split: str):
             if label is not None:
                 out["target_label_logprob"].append(np.concatenate([[np.nan], label[i, : n - 1]]).astype(np.float32)
                                                    .tolist())
+            if positions is not None:
+                out["position_ids"].append(positions[i, :n].tolist())
         extra = {"target_label_logprob": pa.array(out["target_label_logprob"], pa.list_(pa.float32()))} \
             if label is not None else {}
+        if positions is not None:
+            extra["position_ids"] = pa.array(out["position_ids"], pa.list_(pa.int32()))
         yield pa.table({**{k: out[k] for k in ("input_ids", "attention_mask", "labels")},
                         "target_token_ids": pa.array(out["target_token_ids"], pa.list_(pa.list_(pa.int32()))),
                         "target_logprobs": pa.array(out["target_logprobs"], pa.list_(pa.list_(pa.float32()))),
@@ -114,7 +123,8 @@ def export(cache, out: str | Path, fmt: str = "axolotl", splits: list[str] | Non
         m = cache.manifest
         record = {"format": fmt, "layout": "axolotl KD (integrations/kd, commit 08a734b): input_ids, attention_mask, "
                   "labels, target_token_ids, target_logprobs, target_mask; plus target_logsumexp, "
-                  "target_label_logprob and key",
+                  "target_label_logprob, position_ids (document_mask caches) and key",
+                  "document_mask": m.preparation.document_mask,
                   "cache": str(cache.root), "cache_digest": m.digest, "teacher": m.teacher.model,
                   "teacher_weights_sha256": m.teacher.weights_sha256, "tokenizer_fingerprint": m.tokenizer.fingerprint,
                   "top_k": m.capture.top_k, "rows": counts}
@@ -129,10 +139,10 @@ def export(cache, out: str | Path, fmt: str = "axolotl", splits: list[str] | Non
 
 def to_dataset(cache, split: str, fields: list[str] | None = None):
     """A split as a Hugging Face `datasets.Dataset` for a user's own loop: per row its `input_ids` (real positions),
-    `key`, the loss mask when the cache has one, and each field of `fields` (default: top-K ids, log-probs and
-    logsumexp) cut to the row's real positions. Built a shard at a time (`Dataset.from_generator`: written to
-    the datasets cache, so memory does not hold the split). Targets stay where the cache keeps them: position t
-    predicts token t + 1."""
+    `key`, the loss mask and the position ids (document_mask) when the cache has them, and each field of `fields`
+    (default: top-K ids, log-probs and logsumexp) cut to the row's real positions. Built a shard at a time
+    (`Dataset.from_generator`: written to the datasets cache, so memory does not hold the split). Targets stay where
+    the cache keeps them: position t predicts token t + 1."""
     import datasets
 
     m = cache.manifest
@@ -142,13 +152,14 @@ def to_dataset(cache, split: str, fields: list[str] | None = None):
         raise CacheError(f"{cache.root}: no dense field {missing} (has: {', '.join(m.dense_fields)})")
     if split not in m.splits:
         raise CacheError(f"{cache.root} has no split {split!r} (splits: {', '.join(cache.splits)})")
-    columns = ["input_ids", "length", "key"] + (["loss_mask"] if "loss_mask" in m.fields else [])
+    columns = ["input_ids", "length", "key"] + [c for c in ("loss_mask", "position_ids") if c in m.fields]
     per_position = {f: m.fields[f].dims[1:2] == ("position",) for f in fields}
 
     def rows():
         for part, table, start in cache.shard_rows(split, columns):
             ids, lengths = row_column(table, "input_ids", np.int64), table.column("length").to_numpy()
             mask = row_column(table, "loss_mask", np.int8) if "loss_mask" in columns else None
+            positions = row_column(table, "position_ids", np.int32) if "position_ids" in columns else None
             a, b = start, start + table.num_rows
             dense = {f: np.asarray(cache.array_part(split, part, f)[a:b]) for f in fields}
             keys = table.column("key").to_pylist()
@@ -156,6 +167,8 @@ def to_dataset(cache, split: str, fields: list[str] | None = None):
                 row = {"input_ids": ids[i, :n].tolist(), "key": keys[i]}
                 if mask is not None:
                     row["loss_mask"] = mask[i, :n].tolist()
+                if positions is not None:  # documents the teacher kept apart (document_mask): attend as it did
+                    row["position_ids"] = positions[i, :n].tolist()
                 for f in fields:
                     row[f] = (dense[f][i, :n] if per_position[f] else dense[f][i]).tolist()
                 yield row
