@@ -58,6 +58,11 @@ def describe(m: Manifest, where: str) -> list[str]:
                      f" at temperature {i.temperature}; logsumexp {'given' if i.logsumexp else 'not given'}; teacher "
                      f"log-prob of the tokens {'given' if i.target_logprob else 'not known'}; positions held "
                      f"{i.entries[0]}..{i.entries[1]} entries, mean mass of the {i.top_k} kept {i.mean_mass:.4f}")
+        if i.compression:
+            from pipeline.format.distillkit import Compression
+
+            lines.append(f"  compressed {Compression.from_dict(dict(i.compression)).describe()}; of the {i.top_k} "
+                         f"kept, {i.exact_entries} exact" + (" (the rest lossy)" if i.lossy else ""))
         for split, share in (i.alignment or {}).items():
             lines.append(f"  alignment  {split}: predicted token among a position's entries {share['0']:.1%} "
                          f"(token before {share['-1']:.1%}, token after {share['+1']:.1%})"
@@ -194,11 +199,12 @@ def export(
     cache: Annotated[str, typer.Argument(help="cache directory or URL")],
     out: Annotated[str, typer.Argument(help="a new folder for the Parquet dataset (refused if it exists)")],
     fmt: Annotated[str, typer.Option("--format", help="the column layout: axolotl (its KD trainer's columns, with "
-                                                      "target_logsumexp kept)")] = "axolotl",
+                                                      "target_logsumexp kept) or distillkit (its compressed "
+                                                      "files, lossless settings)")] = "axolotl",
     splits: Annotated[Optional[list[str]], typer.Option("--split", help="splits to export (repeatable; default "
                                                                         "all)")] = None,
 ) -> None:
-    """Write a cache's top-K targets as a Parquet dataset that `datasets` and axolotl's KD trainer load."""
+    """Write a cache's top-K targets as a Parquet dataset that `datasets`, axolotl's KD trainer or DistillKit load."""
     from pipeline.format.export import export as run
 
     typer.echo(str(run(Cache(cache), out, fmt, splits, log=lambda m: typer.echo(m, err=True))))
@@ -207,13 +213,14 @@ def export(
 
 def import_cache(
     source: Annotated[str, typer.Argument(help="a folder (its subfolders are splits), a .parquet or .jsonl file, or a "
-                                               "URL, holding top-K log-probs in axolotl's KD layout or vLLM's "
-                                               "prompt_logprobs")],
+                                               "URL, holding top-K log-probs in axolotl's KD layout, vLLM's "
+                                               "prompt_logprobs or DistillKit's compressed files")],
     out: Annotated[str, typer.Argument(help="the new cache (a folder or URL; refused unless empty)")],
     teacher: Annotated[str, typer.Option(help="the teacher that made the log-probs: a hub id or folder whose "
                                               "config and tokenizer can be read (its weights are not loaded)")],
     tokenizer: Annotated[Optional[str], typer.Option(help="its tokenizer, when not the teacher's folder")] = None,
-    layout: Annotated[Optional[str], typer.Option(help="axolotl or vllm (default: from the columns)")] = None,
+    layout: Annotated[Optional[str], typer.Option(help="axolotl, vllm or distillkit (default: from the "
+                                                       "columns)")] = None,
     split: Annotated[Optional[str], typer.Option(help="the split a flat source becomes (default train), or the one "
                                                       "split folder to import")] = None,
     temperature: Annotated[float, typer.Option(help="the temperature the log-probs were computed at (not 1 "
@@ -233,8 +240,8 @@ def import_cache(
     from pipeline.capture.importer import ImportSettings, run_import
     from pipeline.train.terms import TERMS, on_import
 
-    if layout not in (None, "axolotl", "vllm"):
-        raise DistillError(f"--layout {layout!r}: axolotl or vllm")
+    if layout not in (None, "axolotl", "vllm", "distillkit"):
+        raise DistillError(f"--layout {layout!r}: axolotl, vllm or distillkit")
     s = ImportSettings(source, out, teacher, tokenizer, layout, split, temperature, top_k, seq_len, vocab_size,
                        rows_per_shard, overwrite=overwrite, check_alignment=not skip_alignment_check)
     c = run_import(s, log=lambda m: typer.echo(m, err=True))

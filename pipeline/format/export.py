@@ -22,6 +22,23 @@ against `logits[:, :-1]`); the cache stores them at the position that predicts, 
 is the cache's position t - 1. Nothing exact is lost: the log-probs are the cache's (float16 widened
 to float32), normalised over the full vocabulary, and the logsumexp column keeps the logits.
 
+`--format distillkit` writes what DistillKit's vLLM capture writes (see `distillkit.py`): per split folder,
+`data_<i>.parquet` files and the `compression_config.yaml` that says how to read them, under lossless settings
+(every one of the K log-probs a float32, so the cache's float16 values come back unchanged; ids in
+ceil(log2 vocab) bits). One row per cache row, its real positions only, position t holding the distribution that
+predicts token t + 1, as in the cache and in DistillKit:
+
+    input_ids            (n,)          uint64   the row's token ids
+    compressed_logprobs  (n - 1, 4K)   uint8    the top-K log-probs, float32 little-endian, most likely first
+    bytepacked_indices   (n - 1, B)    uint8    their ids, bit-packed
+    loss_mask            (n - 1,)      uint8    1 where the position trains (when the cache has a loss mask)
+    target_logsumexp     (n - 1,)      float32  the logsumexp at T = 1 (logit = log-prob + logsumexp)
+    position_ids         (n - 1,)      int32    document_mask caches: 0 where a document starts, +1 per token
+
+The extras are per position, so DistillKit's packing (which concatenates every column and cuts input_ids to the
+positions) keeps them in step; its trainer reads only the three columns it knows. A row's last position is not in
+the layout (it predicts a token the row does not hold).
+
 The export is written to OUT.partial-<pid> and renamed to OUT once complete: a folder at OUT is always
 whole. Memory holds one shard's rows.
 """
@@ -38,19 +55,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import CacheError, StorageError
+from . import distillkit
 from .layout import row_column
 
-FORMATS = ("axolotl",)
+FORMATS = ("axolotl", "distillkit")
 EXPORT_RECORD = "distill_export.json"
 IGNORE = -100
 
 
 def axolotl_rows(cache, split: str):
     """The export's rows of one split, as Arrow tables of up to one shard each."""
+    _causal_lm(cache, "axolotl")
     m = cache.manifest
-    if m.task.classifier:
-        raise CacheError(f"{cache.root}: a {m.task.type} teacher's cache has class targets, not next-token top-K: "
-                         "the axolotl layout is for causal LM caches")
     have_mask, have_label = "loss_mask" in m.fields, "target_logprob" in m.fields
     have_positions = "position_ids" in m.fields
     columns = ["input_ids", "length", "key"] + (["loss_mask"] if have_mask else []) + \
@@ -97,6 +113,50 @@ def axolotl_rows(cache, split: str):
                         **extra, "key": rows.column("key")})
 
 
+def _causal_lm(cache, fmt: str) -> None:
+    m = cache.manifest
+    if m.task.classifier:
+        raise CacheError(f"{cache.root}: a {m.task.type} teacher's cache has class targets, not next-token top-K: "
+                         f"the {fmt} layout is for causal LM caches")
+
+
+def distillkit_rows(cache, split: str, c: distillkit.Compression):
+    """The DistillKit export's rows of one split (see the module doc), as Arrow tables of up to one shard each."""
+    _causal_lm(cache, "distillkit")
+    m = cache.manifest
+    have_mask, have_positions = "loss_mask" in m.fields, "position_ids" in m.fields
+    columns = ["input_ids", "length"] + (["loss_mask"] if have_mask else []) + \
+        (["position_ids"] if have_positions else [])
+    for part, rows, start in cache.shard_rows(split, columns):
+        ids, lengths = row_column(rows, "input_ids", np.int64), rows.column("length").to_numpy().astype(np.int64)
+        a, b = start, start + rows.num_rows
+        top_ids = np.asarray(cache.array_part(split, part, "topk_ids")[a:b], np.int64)
+        top_lp = np.asarray(cache.array_part(split, part, "topk_logprobs")[a:b], np.float32)
+        lse = np.asarray(cache.array_part(split, part, "logsumexp")[a:b], np.float32)
+        real = np.arange(ids.shape[1])[None] < (lengths[:, None] - 1)  # (R, L): the positions written
+        lp_bytes, idx_bytes = distillkit.encode_exact(c, top_ids[real], top_lp[real])
+        per_row = np.maximum(lengths - 1, 0)
+        offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)
+
+        def per_position(values: np.ndarray, typ) -> pa.Array:
+            return pa.ListArray.from_arrays(offsets, pa.array(values[real], typ))
+
+        def per_position_bytes(data: np.ndarray) -> pa.Array:
+            inner = pa.ListArray.from_arrays(np.arange(0, data.size + 1, data.shape[1], dtype=np.int32),
+                                             pa.array(data.reshape(-1), pa.uint8()))
+            return pa.ListArray.from_arrays(offsets, inner)
+
+        table = {"input_ids": pa.array([ids[i, :n] for i, n in enumerate(lengths)], pa.list_(pa.uint64())),
+                 "compressed_logprobs": per_position_bytes(lp_bytes),
+                 "bytepacked_indices": per_position_bytes(idx_bytes)}
+        if have_mask:
+            table["loss_mask"] = per_position(row_column(rows, "loss_mask", np.uint8), pa.uint8())
+        table["target_logsumexp"] = per_position(lse, pa.float32())
+        if have_positions:
+            table["position_ids"] = per_position(row_column(rows, "position_ids", np.int32), pa.int32())
+        yield pa.table(table)
+
+
 def export(cache, out: str | Path, fmt: str = "axolotl", splits: list[str] | None = None, log=print) -> Path:
     """Write the cache's splits as Parquet datasets under `out` (`out/<split>/part-00000.parquet`, ...) with a
     record of where they came from; `out` must not exist."""
@@ -109,6 +169,8 @@ def export(cache, out: str | Path, fmt: str = "axolotl", splits: list[str] | Non
     unknown = [s for s in splits if s not in cache.manifest.splits]
     if unknown:
         raise CacheError(f"{cache.root} has no split {unknown} (splits: {', '.join(cache.splits)})")
+    m = cache.manifest
+    compression = distillkit.lossless(m.teacher.vocab_size, m.capture.top_k) if fmt == "distillkit" else None
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -116,15 +178,23 @@ def export(cache, out: str | Path, fmt: str = "axolotl", splits: list[str] | Non
         for split in splits:
             (tmp / split).mkdir(parents=True)
             rows = 0
-            for i, table in enumerate(axolotl_rows(cache, split)):
-                pq.write_table(table, tmp / split / f"part-{i:05d}.parquet")
+            tables = axolotl_rows(cache, split) if fmt == "axolotl" else distillkit_rows(cache, split, compression)
+            for i, table in enumerate(tables):
+                pq.write_table(table, tmp / split / (f"part-{i:05d}.parquet" if fmt == "axolotl" else
+                                                     f"data_{i}.parquet"))
                 rows += table.num_rows
             counts[split] = rows
-        m = cache.manifest
-        record = {"format": fmt, "layout": "axolotl KD (integrations/kd, commit 08a734b): input_ids, attention_mask, "
-                  "labels, target_token_ids, target_logprobs, target_mask; plus target_logsumexp, "
-                  "target_label_logprob, position_ids (document_mask caches) and key",
-                  "document_mask": m.preparation.document_mask,
+            if compression is not None:
+                import yaml
+
+                (tmp / split / distillkit.CONFIG_FILE).write_text(yaml.safe_dump(compression.to_dict()))
+        layout = ("axolotl KD (integrations/kd, commit 08a734b): input_ids, attention_mask, labels, "
+                  "target_token_ids, target_logprobs, target_mask; plus target_logsumexp, target_label_logprob, "
+                  "position_ids (document_mask caches) and key" if fmt == "axolotl" else
+                  "DistillKit (distillkit/compression, commit a61c2e7): input_ids, compressed_logprobs, "
+                  f"bytepacked_indices, lossless ({distillkit.CONFIG_FILE}); plus loss_mask, target_logsumexp and "
+                  "position_ids (document_mask caches) per position")
+        record = {"format": fmt, "layout": layout, "document_mask": m.preparation.document_mask,
                   "cache": str(cache.root), "cache_digest": m.digest, "teacher": m.teacher.model,
                   "teacher_weights_sha256": m.teacher.weights_sha256, "tokenizer_fingerprint": m.tokenizer.fingerprint,
                   "top_k": m.capture.top_k, "rows": counts}

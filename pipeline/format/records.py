@@ -118,7 +118,7 @@ class Imported:
     """What a cache made by `distill import` knew of its source: the targets' normalisation, whether the logsumexp
     and the log-prob of each trained token were given, the temperature of the log-probs."""
 
-    layout: str  # "axolotl" or "vllm"
+    layout: str  # "axolotl", "vllm" or "distillkit"
     source: str
     normalised: str  # "vocabulary": over every token (the tail is 1 - sum); "top-k": renormalised over the ids given
     logsumexp: bool  # given (else the logsumexp field holds NaN)
@@ -130,6 +130,14 @@ class Imported:
     # split -> {"-1", "0", "+1": share of trained positions whose token at that shift is among their entries}
     alignment: Mapping | None = None  # (recorded since the alignment check)
     alignment_checked: bool | None = None  # False: imported with the check skipped (None: before the check)
+    compression: Mapping | None = None  # a DistillKit source: its compression settings, as its files recorded them
+    exact_entries: int | None = None  # of the K entries, the leading ones a DistillKit source stored exactly
+
+    @property
+    def lossy(self) -> bool:
+        """Some kept log-probs are a compression's approximation of the teacher's (DistillKit's fitted tail, or
+        values rounded beyond float16)."""
+        return self.compression is not None and (self.exact_entries or 0) < self.top_k
 
     @property
     def tail_known(self) -> bool:

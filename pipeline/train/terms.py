@@ -336,6 +336,10 @@ def on_import(term: Term, manifest: Manifest, temperature: float = 1.0) -> tuple
         return "approximate", ("the source's log-probs were renormalised over the K ids: the teacher's tail is taken "
                                "as empty" if term.anchors else "the source's log-probs were renormalised over the K "
                                "ids, so they are not the teacher's")
+    if imp.lossy and {"topk_logprobs", "target_logprob"} & set(fields):
+        return "approximate", (f"the source's compression kept {imp.exact_entries or 0} of the {imp.top_k} log-probs "
+                               "per position exactly and approximated the rest (import with --top-k "
+                               f"{imp.compression.get('exact_k')} to keep the exact ones only, when they are float32)")
     if imp.temperature != 1.0 and fields:
         return "approximate", (f"the source's log-probs are the teacher's at temperature {imp.temperature}: the "
                                "student trains against that distribution")
