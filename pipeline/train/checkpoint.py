@@ -20,6 +20,11 @@ from .step import Student
 STATE = Path("checkpoint") / "state.pt"  # in each student's output folder
 
 
+# what "best" means and when a run stops: a resumed run that changed them would compare a restored best value
+# with another metric (or other rows), never save a best model again, or stop at once
+EVALUATION_KEYS = ("early_stopping_metric", "eval_rows", "eval_every", "patience")
+
+
 def resume_identity(spec: StudentConfig, cfg: StudentRunConfig, tasks: dict, world: int) -> dict:
     """What must not change between a run and its resumption, except that a cache may have grown
     (its new manifest descends from the checkpoint's) and max_steps may be raised: see `grown_tasks`.
@@ -28,12 +33,16 @@ def resume_identity(spec: StudentConfig, cfg: StudentRunConfig, tasks: dict, wor
             "cache_digests": {name: c.manifest.digest for name, (c, _) in tasks.items()},
             "micro_batches_per_step": cfg.grad_accum * world,
             **cfg.model_dump(mode="json", include={"batch_size", "max_steps", "seed", "num_workers", "tasks", "cache",
-                                                   "mutual_weight", "mutual_temperature"})}
+                                                   "mutual_weight", "mutual_temperature", *EVALUATION_KEYS})}
 
 
-def upgrade_identity(old: dict, tasks: dict) -> dict:
-    """An identity written by an earlier version, in today's keys."""
+def upgrade_identity(old: dict, tasks: dict, new: dict | None = None) -> dict:
+    """An identity written by an earlier version, in today's keys (the evaluation settings, which identities
+    did not hold before, taken as `new`'s: they cannot be known)."""
     old = dict(old)
+    for key in EVALUATION_KEYS:
+        if key not in old and new is not None and key in new:
+            old[key] = new[key]
     if "cache_digest" in old:  # before multi-cache identities: its first task's digest
         old["cache_digests"] = {next(iter(tasks)): old.pop("cache_digest")}
     if "grad_accum" in old:  # before DDP: one process
@@ -47,7 +56,7 @@ def grown_tasks(old: dict, new: dict, tasks: dict) -> dict[str, bool] | None:
     """{task: whether its train split grew} for the tasks whose cache grew since the checkpoint with
     identity `old`, when that and a raised max_steps are the only differences from `new`; None when
     the run cannot continue from `old`."""
-    old = upgrade_identity(old, tasks)
+    old = upgrade_identity(old, tasks, new)
     if old == new:
         return {}
     if {k: v for k, v in old.items() if k not in ("cache_digests", "max_steps")} != \
@@ -141,11 +150,15 @@ def load_state(st: Student, tasks: dict, ranks: distributed.Ranks) -> tuple[dict
     old, new = state.get("identity") or {}, st.identity
     grew = grown_tasks(old, new, tasks)
     if grew is None:
-        old = upgrade_identity(old, tasks)
-        diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-        raise StudentError(f"{path} was written by a run with other settings ({', '.join(diffs)} differ); "
-                           "resume with the same settings (a cache that grew by appends and a larger max_steps are "
-                           "fine; ranks x grad_accum must stay), or choose another output_dir")
+        old = upgrade_identity(old, tasks, new)
+        diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+                 and not (k == "max_steps" and new[k] >= (old.get(k) or 0))]  # raising it is fine
+        evaluation = [f"{k} = {old.get(k)!r} there, {new.get(k)!r} here" for k in diffs if k in EVALUATION_KEYS]
+        raise StudentError(f"{path} was written by a run with other settings ({', '.join(diffs)} differ"
+                           + (f": {'; '.join(evaluation)}, which decide the best model and when the run stops"
+                              if evaluation else "")
+                           + "); resume with the same settings (a cache that grew by appends and a larger max_steps "
+                           "are fine; ranks x grad_accum must stay), or choose another output_dir")
     try:
         st.model.load_state_dict(state["model"])
     except RuntimeError as e:
