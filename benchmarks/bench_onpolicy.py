@@ -198,7 +198,7 @@ def main() -> None:
                     r: {"seconds": e["seconds"], "samples_teacher_nll": e["samples_teacher_nll"]["teacher_nll"],
                         "held_out_teacher_nll": e["eval"]["teacher_nll"],
                         "completion_tokens": e["samples_statistics"]["completion_tokens"],
-                        "duplicate_samples_merged": e.get("duplicate_samples_merged")}
+                        "identical_samples": e.get("identical_samples")}
                     for r, e in report["rounds"].items()}}
             rec |= {"held_out": held_out(ref, model, f"{FOLDERS[variant]}-{seed}") if variant == "offline"
                     else last["eval"], "validation_nll": validation_nll(model, CACHE)}

@@ -23,6 +23,7 @@ class _Strict(BaseModel):
 
 
 LOCAL_LOADERS = {"text", "json", "parquet", "arrow", "csv"}  # datasets loaders that read data.data_files
+DEFAULT_SHUFFLE_WINDOW = 16  # shards a student's reader shuffles together (stage 2); the capture warns against it
 Task = Literal["causal-lm", "sequence-classification", "token-classification"]
 
 
@@ -80,6 +81,11 @@ class DataConfig(_Strict):
     ids_column: str = Field("input_ids", description="format='tokens': the column of token-id lists")
     completion_column: str = Field("completion_start", description="format='tokens', loss_mask='assistant': the "
                                                                    "column of each row's first completion token index")
+    key_columns: list[str] = Field(
+        default_factory=list, description="format='tokens': columns whose values join the token ids in a row's content "
+                                          "key, so rows of equal tokens but other values stay distinct rows (the "
+                                          "on-policy loop keys each sampled completion by prompt_index and sample: "
+                                          "two identical draws are two rows, trained and evaluated as drawn)")
     messages_column: str = Field("messages", description="format='messages': the conversations column")
     prompt_column: str = Field("prompt", description="format='prompt_response': the prompt (user turn) column")
     response_column: str = Field("response", description="format='prompt_response': the response column")
@@ -111,6 +117,8 @@ class DataConfig(_Strict):
             raise ValueError(f"chat_template is set but data.format is {self.format!r} (nothing is rendered with it)")
         if self.format == "tokens" and self.packing:
             raise ValueError("data.format = 'tokens' keeps each row as given: data.packing must be false")
+        if self.key_columns and self.format != "tokens":
+            raise ValueError("key_columns key rows given as token ids (one per row): it needs data.format = 'tokens'")
         if self.document_mask and not self.packing:
             raise ValueError("document_mask separates the documents of packed rows: it needs packing = true")
         bad = [k for k in self.splits if k not in ("validation", "test")]
@@ -361,6 +369,12 @@ class StudentRunConfig(_Strict):
     patience: int | None = Field(None, gt=0, description="evaluations without improvement before stopping")
     checkpoint_every: int | None = Field(None, gt=0, description="None: at every evaluation")
     num_workers: int = Field(0, ge=0, description="DataLoader workers reading the cache")
+    shuffle_window: int = Field(
+        DEFAULT_SHUFFLE_WINDOW, gt=0,
+        description="shards whose rows are shuffled together (per DataLoader worker): a batch is a sample of this "
+                    "many shards' rows, so a cache whose rows arrive grouped (by source file, label, task) still gives "
+                    "mixed batches once a window spans several groups; the reader holds this many shards of the fields "
+                    "it reads; 1: each shard on its own")
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for remote caches, e.g. {client_kwargs = {endpoint_url = "
         "\"http://minio:9000\"}} for s3://; credentials are better left to the environment (AWS_*, ~/.aws)")

@@ -176,3 +176,86 @@ def test_trls_sft_trainer_takes_the_same_loss_mixed_in(cache, tmp_path):
     assert trainer.train().training_loss == pytest.approx(float(ref["total"]), rel=1e-6)
     for n, p in ref_model.named_parameters():
         torch.testing.assert_close(seen[n], p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_a_model_with_fewer_output_rows_than_the_vocabulary_is_refused(cache, tmp_path, tokenizer_dir):
+    """`distill student` refuses it; so must the loss a Trainer calls: its top-K ids would be gathered out of
+    range (a device-side assert on CUDA), before any step."""
+    from conftest import make_llama
+    from transformers import AutoModelForCausalLM
+
+    small = AutoModelForCausalLM.from_pretrained(make_llama(tokenizer_dir, tmp_path / "small", vocab=450, hidden=16,
+                                                            layers=1, heads=2, kv_heads=1))
+    ds = CacheDataset(str(cache), "train", LOSSES)
+    with pytest.raises(DistillError, match=r"450 rows, fewer than the cache's vocabulary \(512\)"):
+        ds.loss(small, collate([ds[0], ds[1]]))
+    trainer = DistillTrainer(model=small, args=args(tmp_path, max_steps=1), train_dataset=ds, data_collator=collate,
+                             distill=ds.loss)
+    with pytest.raises(DistillError, match="fewer than the cache's vocabulary"):
+        trainer.train()
+
+
+def _source_cache(llama_dir, where, rows: int, n: int = 16, k: int = 4):
+    """An imported cache of `rows` distinct rows of n tokens, their targets aligned (each token its position's top
+    entry), in row groups of 2,048 rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.capture.importer import ImportSettings, run_import
+
+    rng = np.random.default_rng(0)
+    ids = (rng.integers(0, 500, size=(rows, n, 1)) + np.arange(k)) % 512
+    lp = np.log(np.sort(rng.dirichlet(np.ones(k), size=(rows, n)), -1)[..., ::-1] * 0.9)
+    lp[:, 0] = -np.inf
+    tokens = ids[:, :, 0].copy()
+    tokens[:, 0] = rng.integers(0, 512, size=rows)
+    ids[:, 1] = (np.arange(rows)[:, None] + np.arange(k)) % 512
+    ids[:, 2] = (np.arange(rows)[:, None] // 512 + np.arange(k)) % 512
+    tokens[:, 1:3] = ids[:, 1:3, 0]  # rows distinct
+    where.mkdir()
+    pq.write_table(pa.table({"input_ids": tokens.tolist(), "target_token_ids": ids.tolist(),
+                             "target_logprobs": lp.tolist()}), where / "s.parquet")
+    return run_import(ImportSettings(str(where / "s.parquet"), str(where / "c"), str(llama_dir)), log=lambda m: None)
+
+
+def _epoch_peak(c) -> tuple[int, int, list[int]]:
+    """(rows read, peak traced bytes, the sampler's order) of an epoch of a `CacheDataset` read as DistillTrainer
+    reads it: its sampler, batches of 8 through `__getitems__`, the first batch (imports, open files) untraced."""
+    import tracemalloc
+
+    ds = CacheDataset(c, "train", {"kd_forward": 1.0})
+    sampler = ds.sampler(seed=0)
+    batches = iter(torch.utils.data.DataLoader(ds, batch_size=8, sampler=sampler, collate_fn=collate))
+    seen = len(next(batches)["length"])
+    tracemalloc.start()
+    for batch in batches:
+        seen += len(batch["length"])
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return seen, peak, list(sampler), ds
+
+
+@pytest.mark.slow
+def test_the_dataset_streams_the_split_with_bounded_memory(llama_dir, tmp_path, monkeypatch):
+    """Splits of 4,000 and 24,000 rows (2 and 12 row groups): building the dataset reads nothing, and an epoch in
+    the order `DistillTrainer` asks for (`sampler`: a shuffle window of shards at a time) holds as much memory for
+    either (the window's shards, not the split), reads each shard's chunks once, and gives the student reader's
+    rows."""
+    from pipeline.format import Cache
+
+    small, large = _source_cache(llama_dir, tmp_path / "small", 4_000), _source_cache(llama_dir, tmp_path / "l", 24_000)
+    monkeypatch.setattr(Cache, "rows", lambda *a, **kw: pytest.fail("the dataset read the whole split"))
+    peaks = {}
+    for name, c in (("small", small), ("large", large)):
+        seen, peaks[name], order, ds = _epoch_peak(c)
+        assert seen == len(ds) == c.manifest.splits["train"].rows
+        assert sorted(order) == list(range(len(ds))) and order != sorted(order)
+        chunks = sum(-(-(b - a) // 8) for a, b in np.asarray(c.shard_ranges("train")).reshape(-1, 2))
+        assert ds.reader().chunks_read == 3 * chunks  # three fields, each chunk once
+    assert peaks["large"] < 1.5 * peaks["small"], peaks  # 6x the rows; the old dataset held 36 B/token of lists
+    monkeypatch.undo()
+    ds = CacheDataset(large, "train", {"kd_forward": 1.0})
+    want = next(iter(CacheBatches(large, "train", ds.fields, batch_size=8, shuffle=False)))
+    mine = collate(ds.__getitems__(want["row"].tolist()))
+    for key, v in mine.items():  # (NaN: the logsumexp the source did not give)
+        torch.testing.assert_close(v, want[key], rtol=0, atol=0, equal_nan=True, msg=key)

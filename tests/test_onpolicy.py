@@ -117,11 +117,22 @@ def offline(llama_dir, corpus, tmp_path_factory):
     return root
 
 
+def held_out_prompts(corpus, folder):
+    """The corpus's last 40 documents as a file of their own: prompts the loop's training prompts (the first 10)
+    do not hold."""
+    held = folder / "held-out-prompts.jsonl"
+    if not held.exists():
+        held.parent.mkdir(parents=True, exist_ok=True)
+        held.write_text("\n".join(corpus.read_text().splitlines()[-40:]) + "\n")
+    return held
+
+
 def loop_cfg(llama_dir, corpus, base, out, **kw) -> OnPolicyConfig:
     prompts = {"source": "json", "data_files": [str(corpus)], "seq_len": 40, "max_documents": 10}
+    held = held_out_prompts(corpus, base)
     cfg = {"dir": str(out), "rounds": 2, "start": str(base / "students" / "s" / "model"),
            "teacher": {"model": str(llama_dir)}, "prompts": prompts,
-           "eval_prompts": {**prompts, "shuffle_seed": 5, "max_documents": 4},
+           "eval_prompts": {**prompts, "data_files": [str(held)], "shuffle_seed": 5, "max_documents": 4},
            "sampling": {"max_new_tokens": 10, "batch_size": 4, "rows_per_part": 4, "prompt_tokens": 16},
            "offline": [{"name": "offline", "cache": str(base / "cache"), "weight": 1.0}],
            "student": {"name": "op", "losses": {"kd_reverse": 1.0, "kd_forward": 0.5}, "lr": 2e-3, "warmup_steps": 1},
@@ -307,3 +318,45 @@ def test_bad_token_rows_are_refused_by_row(llama_dir, corpus, tmp_path, rows, me
             "source": "parquet", "data_files": [str(tmp_path / "rows.parquet")], "format": "tokens",
             "loss_mask": "assistant", "seq_len": 40, "max_tokens": None}))
     assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_every_draw_is_a_row_and_eval_prompts_must_be_held_out(llama_dir, corpus, offline, tmp_path):
+    """Identical completions of one prompt (short, at a low temperature, several samples per prompt) are each
+    scored, trained on and evaluated, as drawn: the round's cache holds a row per draw, and the teacher NLL is
+    their mean. eval_prompts that repeat a training prompt are refused before any sampling."""
+    from pipeline.onpolicy.loop import run_onpolicy, teacher_nll
+
+    cfg = loop_cfg(llama_dir, corpus, offline, tmp_path / "run", rounds=1,
+                   sampling={"max_new_tokens": 2, "batch_size": 4, "rows_per_part": 8, "prompt_tokens": 16,
+                             "samples_per_prompt": 4, "temperature": 0.01})
+    report = run_onpolicy(cfg, progress=False, log=lambda m: None)
+    drawn = samples(tmp_path / "run" / "round-001" / "samples")
+    c = Cache(str(tmp_path / "run" / "caches" / "round-001"))
+    assert c.manifest.splits["train"].rows == len(drawn) == 40  # 10 prompts x 4 samples: every draw a row
+    assert report["rounds"]["1"]["identical_samples"] > 5  # and many of them the same tokens
+    assert c.manifest.preparation.raw["key_columns"] == ["prompt_index", "sample"]
+    # the teacher NLL of the round is the mean over the draws, repeats counted as often as drawn
+    from transformers import AutoModelForCausalLM
+    teacher = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float64).eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for r in drawn:
+            x = torch.as_tensor(r["input_ids"])[None]
+            lp = torch.log_softmax(teacher(x).logits[0], -1)
+            for t in range(r["completion_start"], r["length"]):
+                total -= float(lp[t - 1, x[0, t]])
+                n += 1
+    got = teacher_nll(c)
+    assert got["tokens"] == n and got["teacher_nll"] == pytest.approx(total / n, rel=1e-5)
+    # a cache of the same rows without key_columns keeps each token sequence once: the bias this removes
+    plain = settings(llama_dir, corpus, tmp_path / "plain", data={
+        "source": "parquet", "data_files": [str(tmp_path / "run" / "round-001" / "samples" / "part-*.parquet")],
+        "format": "tokens", "loss_mask": "assistant", "seq_len": 40, "max_tokens": None, "validation_fraction": 0.0})
+    capture(plain)
+    assert Cache(str(tmp_path / "plain")).manifest.splits["train"].rows == 40 - report["rounds"]["1"]["identical_samples"]
+    # held-out prompts that are training prompts
+    with pytest.raises(DistillError, match=r"eval_prompts share 4 of their 4 prompts with prompts"):
+        run_onpolicy(loop_cfg(llama_dir, corpus, offline, tmp_path / "leak",
+                              eval_prompts={"source": "json", "data_files": [str(corpus)], "seq_len": 40,
+                                            "max_documents": 4}), progress=False, log=lambda m: None)
+    assert not (tmp_path / "leak" / "round-001").exists()

@@ -223,7 +223,8 @@ def data_columns(cfg: DataConfig, task: str = "causal-lm") -> list[tuple[str, st
         return [("prompt", cfg.prompt_column), ("response", cfg.response_column)]
     if cfg.format == "tokens":
         return [("token ids", cfg.ids_column)] + ([("completion start", cfg.completion_column)]
-                                                   if cfg.loss_mask == "assistant" else [])
+                                                   if cfg.loss_mask == "assistant" else []) + \
+            [("key", c) for c in cfg.key_columns]
     return [("text", cfg.text_column)]
 
 
@@ -303,7 +304,8 @@ def _trained_flags(offsets: list[tuple[int, int]], spans: list[tuple[int, int]])
 
 
 def token_documents(ds, tokenizer, cfg: DataConfig, conv: RowConvention, timing: dict | None = None):
-    """Yield (token ids, trained flags or None) per non-empty document (int32 / uint8 arrays), in dataset order,
+    """Yield (token ids, trained flags or None, key salt or None) per non-empty document (int32 / uint8 arrays;
+    the salt: data.key_columns' values, bytes), in dataset order,
     up to the caps. Under torchrun each rank tokenises every W-th block of documents and receives the others'
     (`distributed.split_work`): every rank sees the same documents, for 1/W of the tokenising. `timing`, when
     given, receives this rank's own tokenising: `tokenise_seconds` and `documents_tokenised`.
@@ -330,7 +332,7 @@ def token_documents(ds, tokenizer, cfg: DataConfig, conv: RowConvention, timing:
             for ids in tokenizer(texts, add_special_tokens=cfg.add_special_tokens)["input_ids"]:
                 if bos is not None and (not ids or ids[0] != bos):
                     ids = [bos] + ids
-                docs.append((np.asarray(ids + [eos] if eos is not None else ids, dtype=np.int32), None))
+                docs.append((np.asarray(ids + [eos] if eos is not None else ids, dtype=np.int32), None, None))
             return docs
         rendered = [render_conversation(tokenizer, conv.chat_template, m)
                     for m in conversations(batch, cfg, start) if m]
@@ -344,7 +346,8 @@ def token_documents(ds, tokenizer, cfg: DataConfig, conv: RowConvention, timing:
             if bos is not None and (not ids or ids[0] != bos):
                 ids = [bos] + ids
                 flags = None if flags is None else [0] + flags
-            docs.append((np.asarray(ids, dtype=np.int32), None if flags is None else np.asarray(flags, np.uint8)))
+            docs.append((np.asarray(ids, dtype=np.int32), None if flags is None else np.asarray(flags, np.uint8),
+                         None))
         return docs
 
     def timed(item: tuple[int, dict]):
@@ -361,10 +364,13 @@ def token_documents(ds, tokenizer, cfg: DataConfig, conv: RowConvention, timing:
 
 
 def given_tokens(batch: dict, cfg: DataConfig, first_index: int, vocab: int
-                 ) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """data.format = 'tokens': each row's ids as given, and (loss_mask = 'assistant') flags on its completion,
-    the tokens from its completion start on. Ids outside the tokenizer's vocabulary, rows longer than seq_len
-    and completion starts outside a row are refused by row index."""
+                 ) -> list[tuple[np.ndarray, np.ndarray | None, bytes | None]]:
+    """data.format = 'tokens': each row's ids as given, (loss_mask = 'assistant') flags on its completion, the
+    tokens from its completion start on, and (key_columns) the bytes its key columns add to its content key. Ids
+    outside the tokenizer's vocabulary, rows longer than seq_len and completion starts outside a row are refused
+    by row index."""
+    import json
+
     docs = []
     starts = batch.get(cfg.completion_column) if cfg.loss_mask == "assistant" else None
     for i, ids in enumerate(batch[cfg.ids_column]):
@@ -383,7 +389,8 @@ def given_tokens(batch: dict, cfg: DataConfig, first_index: int, vocab: int
                 raise DataError(f"{where}: {cfg.completion_column} = {s!r} is not a position inside the row's "
                                 f"{len(arr)} tokens (1..{len(arr)}: at least one prompt token comes first)")
             flags = (np.arange(len(arr)) >= s).astype(np.uint8)
-        docs.append((arr, flags))
+        salt = json.dumps([batch[c][i] for c in cfg.key_columns], default=str).encode() if cfg.key_columns else None
+        docs.append((arr, flags, salt))
     return docs
 
 

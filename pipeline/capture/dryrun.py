@@ -15,6 +15,7 @@ from pathlib import Path
 from ..config import TeacherCacheConfig
 from ..errors import CaptureError
 from ..format.storage import Storage
+from .arrival import warn_if_grouped
 from .checks import check_disk, estimate_bytes
 from .plan import append_base, cached_keys
 from .rows import prepare
@@ -35,6 +36,7 @@ class DryRun:
     device_memory: dict = field(default_factory=dict)  # the capture's device working set, estimated (bytes by part)
     ranks: list[dict] = field(default_factory=list)  # each rank's seconds, tokenising seconds, documents, peak RSS
     lines: list[str] = field(default_factory=list)
+    grouped: str | None = None  # the warning for rows that arrive in long runs of one label or file (`arrival`)
 
 
 def dry_run(cfg: TeacherCacheConfig, log=print) -> DryRun:
@@ -56,6 +58,7 @@ def dry_run(cfg: TeacherCacheConfig, log=print) -> DryRun:
                        pad_id=teacher.task.pad_id if teacher.task else None, shard_rows=cfg.capture.rows_per_shard,
                        cached_keys=cached_keys(st) if appending else None)
     try:
+        grouped = warn_if_grouped(cfg.data, prepared, cfg.capture.rows_per_shard, log=lambda m: None)
         splits = {s: {"rows": r.rows, "tokens": r.tokens, "shards": len(r.shard_tokens)}
                   for s, r in prepared.splits.items()}
         statistics = prepared.info.get("statistics", {})
@@ -74,7 +77,8 @@ def dry_run(cfg: TeacherCacheConfig, log=print) -> DryRun:
     every = distributed.all_gather({"seconds": seconds, "peak_rss_mib": peak, **timing})
     res = DryRun(splits, statistics, per_token, need, free, seconds, peak, already,
                  {**teacher.memory.__dict__, "total": teacher.memory.total}, every)
-    res.lines = _report(cfg, res) + teacher.memory.lines()
+    res.grouped = grouped
+    res.lines = _report(cfg, res) + teacher.memory.lines() + ([grouped] if grouped else [])
     for line in res.lines:
         log(line)
     if st.is_local:

@@ -62,6 +62,8 @@ def build_plan(cfg: TeacherCacheConfig, spec: models.TeacherSpec, tokenizer, pre
     split_rows = {s: len(r) for s, r in prepared.splits.items()}
     fields = {s.name: s.to_dict(split_rows, cfg.capture.rows_per_chunk, cfg.capture.rows_per_shard) for s in specs}
     fields |= _row_fields(prepared, split_rows, cfg.data.seq_len)
+    if cfg.data.key_columns:
+        fields["key"]["description"] += f" and the values of {', '.join(cfg.data.key_columns)} (key_columns)"
     plan = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -137,7 +139,9 @@ def _preparation(cfg: TeacherCacheConfig, task: TaskInfo | None) -> dict:
     preparation = cfg.data.model_dump(include={"seq_len", "packing", "add_special_tokens", "max_documents",
                                                "max_tokens", "validation_fraction", "sample_by", "shuffle_seed",
                                                "format", "loss_mask", "document_mask"})
-    if cfg.data.splits:  # recorded only where used, so that earlier caches' plans are unchanged
+    if cfg.data.key_columns:  # recorded only where used, so that earlier caches' plans are unchanged
+        preparation["key_columns"] = list(cfg.data.key_columns)
+    if cfg.data.splits:
         preparation["splits"] = dict(cfg.data.splits)
         if "validation" in cfg.data.splits:
             preparation["validation_fraction"] = None  # the dataset's own validation split

@@ -30,6 +30,7 @@ import numpy as np
 from ..config import DataConfig
 from ..errors import DataError
 from ..models import LabelSet
+from .arrival import Runs
 from .documents import DOC_BATCH, RowConvention, check_generation, load_documents, token_documents
 from .labels import classification_blocks
 from .rowfiles import KeyStore, RowFile, RowFileWriter, Rows
@@ -44,6 +45,8 @@ class Prepared:
     info: dict = field(default_factory=dict)  # dataset identity and preparation statistics
     convention: dict = field(default_factory=dict)  # RowConvention.to_dict(): what position 0 is, the template
     already_cached: int = 0  # an append: rows of these documents the cache holds already (not in `splits`)
+    label_runs: dict | None = None  # sequence classification: runs of one gold label among the training rows
+    #                                 in arrival order (`arrival.Runs.summary`)
     timing: dict = field(default_factory=dict)  # this rank's tokenising seconds and documents
     scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
@@ -52,9 +55,11 @@ class Prepared:
             self.scratch.cleanup()
 
 
-def content_key(ids: np.ndarray) -> str:
-    """blake2b-128 hex digest of the real token ids as little-endian int32."""
-    return hashlib.blake2b(np.ascontiguousarray(ids, dtype="<i4").tobytes(), digest_size=16).hexdigest()
+def content_key(ids: np.ndarray, salt: bytes | None = None) -> str:
+    """blake2b-128 hex digest of the real token ids as little-endian int32 (and, with data.key_columns, a zero byte
+    and those columns' values)."""
+    data = np.ascontiguousarray(ids, dtype="<i4").tobytes()
+    return hashlib.blake2b(data if salt is None else data + b"\0" + salt, digest_size=16).hexdigest()
 
 
 def is_validation(key: str, fraction: float) -> bool:
@@ -80,10 +85,14 @@ class _RowBuilder:
     lengths: list = field(default_factory=list)
     masks: list = field(default_factory=list)
     positions: list = field(default_factory=list)
+    salts: list = field(default_factory=list)
 
-    def add(self, toks: np.ndarray, flags: np.ndarray, starts: np.ndarray, next_flag: int) -> None:
-        """One row of n <= seq_len tokens; flags[t] = token t trains, starts[t] = a document starts at t."""
+    def add(self, toks: np.ndarray, flags: np.ndarray, starts: np.ndarray, next_flag: int,
+            salt: bytes | None = None) -> None:
+        """One row of n <= seq_len tokens; flags[t] = token t trains, starts[t] = a document starts at t; `salt`:
+        what data.key_columns add to its key."""
         L, n = self.seq_len, len(toks)
+        self.salts.append(salt)
         row = np.full(L, self.pad, dtype=np.int32)
         row[:n] = toks
         self.ids.append(row)
@@ -107,8 +116,9 @@ class _RowBuilder:
             return None
         out = {"input_ids": np.stack(self.ids), "lengths": np.asarray(self.lengths, dtype=np.int32),
                "loss_mask": np.stack(self.masks) if self.with_mask else None,
-               "position_ids": np.stack(self.positions) if self.with_positions else None}
-        self.ids, self.lengths, self.masks, self.positions = [], [], [], []
+               "position_ids": np.stack(self.positions) if self.with_positions else None,
+               "salts": self.salts if any(s is not None for s in self.salts) else None}
+        self.ids, self.lengths, self.masks, self.positions, self.salts = [], [], [], [], []
         return out
 
 
@@ -177,7 +187,7 @@ def row_blocks(ds, tokenizer, cfg: DataConfig, conv: RowConvention, stats: dict,
             stats["trained_positions"] += int(b["loss_mask"].sum())
         return b
 
-    for ids, doc_flags in token_documents(ds, tokenizer, cfg, conv, timing):
+    for ids, doc_flags, salt in token_documents(ds, tokenizer, cfg, conv, timing):
         if stats["tokens_read"] >= budget:
             break
         if not len(ids):
@@ -203,7 +213,7 @@ def row_blocks(ds, tokenizer, cfg: DataConfig, conv: RowConvention, stats: dict,
             stats["tokens_read"] += take
             starts = np.zeros(take, bool)
             starts[:1] = True
-            out.add(ids[:take], doc_flags[:take], starts, nxt)
+            out.add(ids[:take], doc_flags[:take], starts, nxt, salt)
         if len(out.ids) >= DOC_BATCH:
             yield block()
     if cfg.packing:
@@ -222,7 +232,8 @@ def tokenize_rows(ds, tokenizer, cfg: DataConfig, conv: RowConvention | None = N
     position_ids}, stats). `prepare` streams them to disk instead."""
     stats: dict = {}
     blocks = list(row_blocks(ds, tokenizer, cfg, conv or RowConvention.resolve(cfg, tokenizer), stats))
-    arrays = {k: None if blocks[0][k] is None else np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+    arrays = {k: None if blocks[0][k] is None else np.concatenate([b[k] for b in blocks]) for k in blocks[0]
+              if k != "salts"}
     return arrays, stats
 
 
@@ -261,7 +272,7 @@ def prepare(cfg: DataConfig, tokenizer, min_validation: bool = True, task: str =
         raise
     store.close()
     return Prepared(splits=splits, info=info, convention=conv if classify else conv.to_dict(),
-                    already_cached=run.cached, timing=run.timing, scratch=tmp)
+                    already_cached=run.cached, timing=run.timing, scratch=tmp, label_runs=run.label_runs.summary())
 
 
 class _Preparation:
@@ -275,6 +286,7 @@ class _Preparation:
         self.scratch, self.store = scratch, store
         self.cached = 0
         self.timing: dict = {}  # this rank's own tokenising (not recorded in the cache: it varies)
+        self.label_runs = Runs()
 
     def blocks(self, split: str | None, where: str, stats: dict):
         """(info, the split's rows as keyed `Rows` blocks)."""
@@ -288,7 +300,8 @@ class _Preparation:
 
         def keyed():
             for b in raw:
-                keys = [content_key(r[:n]) for r, n in zip(b["input_ids"], b["lengths"])]
+                salts = b.get("salts") or [None] * len(b["lengths"])
+                keys = [content_key(r[:n], salt) for r, n, salt in zip(b["input_ids"], b["lengths"], salts)]
                 yield Rows(b["input_ids"], b["lengths"], keys, b["loss_mask"], b["position_ids"], b.get("labels"))
         return info, keyed()
 
@@ -328,6 +341,8 @@ class _Preparation:
         for b in blocks:
             to_train, to_val = route(b)
             train.add(b.take(to_train))
+            if b.labels is not None and b.labels.ndim == 1:  # one gold label per row: how they arrive
+                self.label_runs.add(b.labels[to_train])
             if val is not None:
                 val.add(b.take(to_val))
         self.cached = route.cached

@@ -37,6 +37,7 @@ from ..format.reader import read_manifest
 from ..format.specs import FieldSpec, field_specs
 from ..format.storage import Storage
 from ..format.writer import CacheWriter
+from .arrival import warn_if_grouped
 from .checks import (check_output_dir, check_settings, check_task, check_teacher_document_masking, first_rows_check,
                      row_pad_id, stored_heads)
 from .memory import WorkingSet, check_memory, parameter_count, working_set
@@ -142,6 +143,7 @@ def _locked_capture(cfg: TeacherCacheConfig, st: Storage, teacher: TeacherFacts,
                        pad_id=teacher.task.pad_id if teacher.task else None, shard_rows=cfg.capture.rows_per_shard,
                        cached_keys=cached_keys(st) if appending else None)
     try:
+        warn_if_grouped(cfg.data, prepared, cfg.capture.rows_per_shard, log)
         return _capture_prepared(cfg, st, teacher, prepared, log, progress, model)
     finally:
         prepared.close()

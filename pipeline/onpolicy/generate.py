@@ -36,7 +36,8 @@ from ..capture.documents import (GENERATION_KEY, RowConvention, conversations, d
 from ..errors import DataError, TeacherError
 from ..format.layout import tokenizer_fingerprint
 from .samples import FORMAT, VERSION, finish, part_name, prepare_dir, write_part
-from .settings import GenerateConfig
+from ..config import DataConfig
+from .settings import GenerateConfig, SamplingConfig
 
 
 @dataclass
@@ -96,10 +97,9 @@ def check_same_tokenizer(tokenizer, teacher_tokenizer, what: str, teacher: str) 
                         "caches)")
 
 
-def load_prompts(cfg: GenerateConfig, tokenizer) -> Prompts:
-    """Every prompt as token ids, in dataset order, checked: a chat prompt must end in a user turn (it is rendered
-    with the generation prompt), and each must leave room for max_new_tokens within prompts.seq_len."""
-    pc, sc = cfg.prompts, cfg.sampling
+def load_prompts(pc: DataConfig, sc: SamplingConfig, tokenizer) -> Prompts:
+    """Every prompt of `pc` as token ids, in dataset order, checked: a chat prompt must end in a user turn (it is
+    rendered with the generation prompt), and each must leave room for sc.max_new_tokens within pc.seq_len."""
     conv = RowConvention.resolve(pc, tokenizer)
     ds, info = load_documents(pc)
     room = pc.seq_len - sc.max_new_tokens
@@ -220,7 +220,7 @@ def run_generate(cfg: GenerateConfig, log: Callable[[str], None] = print, progre
         device = distributed.device_for(g.device)
     except ValueError as e:
         raise TeacherError(str(e)) from None
-    prompts = load_prompts(cfg, tokenizer)
+    prompts = load_prompts(cfg.prompts, cfg.sampling, tokenizer)
     eos = eos_ids(tokenizer, _generation_config(g, model_config))
     # one plan for every rank (rank 0's: the weights hashed once), so that every part carries the same record
     plan = distributed.on_main(lambda: generation_plan(cfg, tokenizer, model_config, prompts, device.type, eos))

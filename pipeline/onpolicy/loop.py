@@ -39,7 +39,7 @@ from ..errors import CacheError, ConfigError, DataError, StudentError
 from ..format.layout import row_column, tokenizer_fingerprint
 from ..format.reader import Cache
 from .generate import check_causal_lm, check_same_tokenizer, run_generate
-from .samples import OtherSettings, read_samples
+from .samples import OtherSettings, identical_draws, read_samples
 from .settings import GenerateConfig, GeneratorConfig, OnPolicyConfig, SamplesOutputConfig, dump_toml
 
 REPORT = "report.json"
@@ -145,6 +145,8 @@ def check_before_work(cfg: OnPolicyConfig, log) -> CaptureConfig:
         c = _finished_cache(round_paths(cfg, r).cache, cfg.storage_options)
         if c is not None:
             _check_cache_teacher(c, f"round {r}'s cache", fp, weights, cfg)
+    if cfg.eval_prompts is not None:
+        _check_held_out(cfg, teacher_tok)
     capture = scoring_capture(cfg)
     _check_fields(cfg, capture)
     if cfg.student.get("losses", {}).get("ce", 0) > 0:
@@ -152,6 +154,28 @@ def check_before_work(cfg: OnPolicyConfig, log) -> CaptureConfig:
             "trains the student to repeat itself; the on-policy signal is the teacher's distribution (kd_reverse, "
             "kd_jsd, kd_forward); keep ce for the offline rows only by leaving it out here")
     return capture
+
+
+def _check_held_out(cfg: OnPolicyConfig, tokenizer) -> None:
+    """Refuse eval_prompts that share a prompt (as token ids, rendered as sampled) with the training prompts: the
+    held-out teacher NLL would measure prompts the student trains on."""
+    from ..capture.rows import content_key
+
+    train = {content_key(ids): i for i, ids in zip(*_prompt_ids(cfg.prompts, cfg, tokenizer))}
+    index, ids = _prompt_ids(cfg.eval_prompts, cfg, tokenizer)
+    shared = [(i, train[content_key(x)]) for i, x in zip(index, ids) if content_key(x) in train]
+    if shared:
+        raise ConfigError(f"eval_prompts share {len(shared)} of their {len(ids)} prompts with prompts (eval prompt "
+                          f"{shared[0][0]} is prompt {shared[0][1]}): the held-out teacher NLL would be measured on "
+                          "prompts the student trains on; leave them out of eval_prompts")
+
+
+def _prompt_ids(prompts: DataConfig, cfg: OnPolicyConfig, tokenizer) -> tuple[list[int], list[np.ndarray]]:
+    """(dataset index, token ids) of every prompt `prompts` gives, as the loop samples them."""
+    from .generate import load_prompts
+
+    got = load_prompts(prompts, cfg.sampling, tokenizer)
+    return got.index, got.ids
 
 
 def _check_cache_teacher(c: Cache, what: str, fp: str, weights: str | None, cfg: OnPolicyConfig) -> None:
@@ -241,8 +265,8 @@ class Loop:
         with self._step(r, "score", seconds):
             cache = self.score(p.samples, p.cache, cfg.storage_options)
             entry["samples_teacher_nll"] = teacher_nll(cache)  # of the generator's completions on training prompts
-            # identical completions of one prompt are one row (a cache's keys are unique): how many were merged
-            entry["duplicate_samples_merged"] = cache.manifest.dataset["statistics"].get("duplicate_rows_dropped", 0)
+            # rows are keyed by (prompt, sample): a completion drawn twice is two rows, scored and trained as drawn
+            entry["identical_samples"] = identical_draws(p.samples)
         with self._step(r, "train", seconds):
             entry["student"] = self.train(r, generator, p)
             entry["model"] = str(p.model)
@@ -271,9 +295,10 @@ class Loop:
 
         cfg = self.cfg
         read_samples(samples)  # finished, or refused
+        # every draw its own row: two identical completions of a prompt are both trained on and both evaluated
         data = DataConfig(source="parquet", data_files=[str(samples / "part-*.parquet")], format="tokens",
                           loss_mask="assistant", packing=False, seq_len=cfg.prompts.seq_len, bos=cfg.prompts.bos,
-                          validation_fraction=0.0)
+                          validation_fraction=0.0, key_columns=["prompt_index", "sample"])
         ccfg = TeacherCacheConfig(teacher=cfg.teacher, data=data, capture=self.capture,
                                   output=OutputConfig(dir=where, storage_options=storage_options))
         run_capture(ccfg, log=self.log, progress=self.progress)

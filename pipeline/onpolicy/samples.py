@@ -102,3 +102,21 @@ def read_samples(folder: str | Path) -> dict:
     if doc.get("format") != FORMAT or doc.get("status") != "finished":
         raise DataError(f"{folder}: the samples are not finished (rerun the same distill generate to resume)")
     return doc
+
+
+def identical_draws(folder: str | Path) -> int:
+    """Rows of a finished samples folder whose token ids (prompt and completion) equal an earlier row's: the same
+    completion drawn again for a prompt. Each is scored and trained as its own row (the loop keys rows by prompt
+    and sample); this counts how often the student repeated itself."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    seen, repeats = set(), 0
+    for part in read_samples(folder)["parts"]:
+        table = pq.read_table(Path(folder) / part["path"], columns=["input_ids"])
+        for ids in table.column("input_ids").to_numpy(zero_copy_only=False):
+            digest = hashlib.blake2b(np.asarray(ids, "<i4").tobytes(), digest_size=16).digest()
+            repeats += digest in seen
+            seen.add(digest)
+    return repeats

@@ -33,14 +33,15 @@ def resume_identity(spec: StudentConfig, cfg: StudentRunConfig, tasks: dict, wor
             "cache_digests": {name: c.manifest.digest for name, (c, _) in tasks.items()},
             "micro_batches_per_step": cfg.grad_accum * world,
             **cfg.model_dump(mode="json", include={"batch_size", "max_steps", "seed", "num_workers", "tasks", "cache",
-                                                   "mutual_weight", "mutual_temperature", *EVALUATION_KEYS})}
+                                                   "mutual_weight", "mutual_temperature", "shuffle_window",
+                                                   *EVALUATION_KEYS})}
 
 
 def upgrade_identity(old: dict, tasks: dict, new: dict | None = None) -> dict:
     """An identity written by an earlier version, in today's keys (the evaluation settings, which identities
     did not hold before, taken as `new`'s: they cannot be known)."""
     old = dict(old)
-    for key in EVALUATION_KEYS:
+    for key in (*EVALUATION_KEYS, "shuffle_window"):  # (the data order of such a run is its state's scheme)
         if key not in old and new is not None and key in new:
             old[key] = new[key]
     if "cache_digest" in old:  # before multi-cache identities: its first task's digest

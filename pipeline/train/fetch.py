@@ -1,11 +1,14 @@
 """Reading the rows of batches from a cache split with bounded memory.
 
-Per-row columns come from the parts' rows.parquet a row group at a time (row groups hold whole shards; the
-last two read are kept). Dense fields come from the Zarr arrays a chunk (`rows_per_chunk` rows) at a time:
-the chunks a batch needs that are not held are read in one selection per part and field, and the chunks of
-the last two shards' worth are kept. A reader that will read every row of its shards (`whole_shards`: a
-worker of a single process) reads a shard's chunks all at once, in one call; a DDP rank, which reads only
-its own batches, decompresses only the chunks of its own rows. Either way each chunk is read once.
+Per-row columns come from the parts' rows.parquet, a row group at a time (row groups hold whole shards); the
+rows of the shards asked for are kept, `hold_shards` shards of them, and the last row group read, so a
+shuffle window of shards scattered over the split reads each row group once per shard. Dense fields come from
+the Zarr arrays a chunk (`rows_per_chunk` rows) at a time: the chunks a batch needs that are not held are read
+in one selection per part and field, and `hold_shards` shards' worth of chunks are kept. A reader that will
+read every row of its shards (`whole_shards`: a worker of a single process) reads a shard's chunks all at once,
+in one call; a DDP rank, which reads only its own batches, decompresses only the chunks of its own rows.
+Either way each chunk is read once while its shard is held: the batch plan's shuffle window
+(`batches.EpochPlan`) sets `hold_shards`.
 """
 
 from __future__ import annotations
@@ -18,23 +21,23 @@ import pyarrow.parquet as pq
 from ..format.layout import ROWS_FILE, row_values
 from ..format.reader import Cache, damaged
 
-ROW_GROUPS_HELD = 2
-
-
 class SplitReader:
-    """The rows of one split for batches: `columns(rows, names)` and `dense(rows, fields)`, any rows in any order."""
+    """The rows of one split for batches: `columns(rows, names)` and `dense(rows, fields)`, any rows in any order,
+    `hold_shards` shards of each kept."""
 
-    def __init__(self, cache: Cache, split: str, whole_shards: bool = False):
-        self.cache, self.split, self.whole_shards = cache, split, whole_shards
+    def __init__(self, cache: Cache, split: str, whole_shards: bool = False, hold_shards: int = 2):
+        self.cache, self.split, self.whole_shards, self.hold_shards = cache, split, whole_shards, hold_shards
         self.parts = cache.parts(split)
         self.part_starts = np.asarray([p.row_start for p in self.parts] + [cache.manifest.splits[split].rows])
         capture = cache.manifest.capture
         self.chunk_rows, self.shard_rows = capture.rows_per_chunk, capture.rows_per_shard
         self._files: dict[int, tuple[pq.ParquetFile, np.ndarray]] = {}
-        self._groups: OrderedDict = OrderedDict()  # (part, row group) -> {column: array}
+        self._last_group: tuple | None = None  # ((part, row group, names), {column: array}) of the last read
+        self._shards: OrderedDict = OrderedDict()  # (part, shard, names) -> {column: array} of its rows
         self._arrays: dict[tuple[int, str], object] = {}
         self._chunks: OrderedDict = OrderedDict()  # (part, field, chunk) -> array
         self.chunks_read = 0  # chunks decompressed so far (for tests and benchmarks)
+        self.row_groups_read = 0
 
     def _part_of(self, rows: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.part_starts, rows, side="right") - 1
@@ -51,31 +54,42 @@ class SplitReader:
 
     def _group(self, p: int, g: int, names: list[str], dtypes: dict) -> dict:
         key = (p, g, tuple(names))
-        if key not in self._groups:
+        if self._last_group is None or self._last_group[0] != key:
             with damaged(self.cache, f"{self.parts[p].path}/{ROWS_FILE}"):
                 t = self._file(p)[0].read_row_group(g, columns=names)
-            self._groups[key] = {n: row_values(t, n, dtypes[n]) for n in names}
-            while len(self._groups) > ROW_GROUPS_HELD:
-                self._groups.popitem(last=False)
-        self._groups.move_to_end(key)
-        return self._groups[key]
+            self._last_group = (key, {n: row_values(t, n, dtypes[n]) for n in names})
+            self.row_groups_read += 1
+        return self._last_group[1]
+
+    def _shard(self, p: int, shard: int, names: list[str], dtypes: dict) -> dict:
+        """The per-row columns of shard `shard` of part `p` (its rows, in order)."""
+        key = (p, shard, tuple(names))
+        if key not in self._shards:
+            cum = self._file(p)[1]
+            a = shard * self.shard_rows
+            b = min(a + self.shard_rows, int(cum[-1]))
+            g = int(np.searchsorted(cum, a, side="right") - 1)  # row groups hold whole shards
+            data = self._group(p, g, names, dtypes)
+            self._shards[key] = {n: data[n][a - cum[g]: b - cum[g]].copy() for n in names}  # not a view of the group
+            while len(self._shards) > self.hold_shards:
+                self._shards.popitem(last=False)
+        self._shards.move_to_end(key)
+        return self._shards[key]
 
     def columns(self, rows: np.ndarray, dtypes: dict) -> dict[str, np.ndarray]:
         """Per-row columns ({name: dtype}) of `rows` (split row numbers), in the order given."""
         names = list(dtypes)
         parts = self._part_of(rows)
+        local = rows - self.part_starts[parts]
+        shards = local // self.shard_rows
         gathered = {n: [] for n in names}
         where: list[np.ndarray] = []
-        for p in np.unique(parts):
-            local = rows[parts == p] - self.part_starts[p]
-            cum = self._file(int(p))[1]
-            groups = np.searchsorted(cum, local, side="right") - 1
-            for g in np.unique(groups):
-                sel = groups == g
-                data = self._group(int(p), int(g), names, dtypes)
-                for n in names:
-                    gathered[n].append(data[n][local[sel] - cum[g]])
-                where.append(np.nonzero(parts == p)[0][sel])
+        for p, shard in sorted({(int(p), int(s)) for p, s in zip(parts, shards)}):
+            sel = np.nonzero((parts == p) & (shards == shard))[0]
+            data = self._shard(p, shard, names, dtypes)
+            for n in names:
+                gathered[n].append(data[n][local[sel] - shard * self.shard_rows])
+            where.append(sel)
         order = np.argsort(np.concatenate(where), kind="stable")
         return {n: np.concatenate(gathered[n])[order] for n in names}
 
@@ -96,7 +110,7 @@ class SplitReader:
         wanted = need | ({(p, c // per_shard * per_shard + i) for p, c in need for i in range(per_shard)
                           if (c // per_shard * per_shard + i) * self.chunk_rows < self.parts[p].rows}
                          if self.whole_shards else set())  # (a part's last shard may be short)
-        held = max(2 * per_shard, len(wanted)) * len(fields)
+        held = max(self.hold_shards * per_shard, len(wanted)) * len(fields)
         out = {}
         for f in fields:
             missing = [(p, c) for p, c in sorted(wanted) if (p, f, c) not in self._chunks]

@@ -9,7 +9,9 @@ a cache split's rows, its collator, and a `Trainer` whose loss is any weighted s
     trainer.train()
 
 A row holds what `distill student` reads: `input_ids`, `length`, the loss mask and position ids where the
-cache has them, and the fields the terms read (`terms.fields_for`). `collate` stacks rows into the batch
+cache has them, and the fields the terms read (`terms.fields_for`). Rows are read as they are asked for (memory
+does not grow with the split), and `DistillTrainer` asks for them in `distill student`'s order
+(`CacheDataset.sampler`: batches that sample a shuffle window of shards, each shard read once). `collate` stacks rows into the batch
 `CacheBatches` yields, so the loss is the recipe's own computation (`step.step_losses`), term for term.
 Terms on hidden states or attention maps learn a projection and a layer map, which `distill student` owns:
 they are refused here (train those students with `distill student`).
@@ -18,6 +20,7 @@ they are refused here (train those students with `distill student`).
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 import torch
@@ -26,9 +29,13 @@ from ..config import StudentConfig
 from ..errors import StudentError
 from ..format.reader import Cache
 from . import terms
+from ..config import DEFAULT_SHUFFLE_WINDOW
+from .batches import EpochPlan
+from .fetch import SplitReader
 from .reader import FLOAT_FIELDS, ROW_FIELDS
 from .signal import Wiring
 from .step import step_losses
+from .students import check_output_rows
 
 REPRESENTATION = {"hidden_states", "attentions", "hidden_scale"}
 
@@ -53,9 +60,28 @@ class DistillLoss:
 
             self.head = TeacherHead.from_cache(cache, torch.device("cpu"))
         self._head_device = torch.device("cpu")
+        self._checked: set[int] = set()  # models whose output layer was checked against the cache
+
+    def check(self, model) -> None:
+        """Refuse a model the cache's targets do not fit, as `distill student` does: a causal LM whose output layer
+        has fewer rows than the teacher's vocabulary (its top-K ids would be gathered out of range), a classifier
+        with another number of labels."""
+        m = self.manifest
+        model = getattr(model, "module", model)  # under DDP (accelerate, Trainer): the model it wraps
+        if m.task.classifier:
+            labels = getattr(model.config, "num_labels", None)
+            if labels != len(m.task.labels):
+                raise StudentError(f"the model has {labels} labels, the cache's {m.task.type} teacher "
+                                   f"{len(m.task.labels)} ({', '.join(m.task.labels)})")
+        else:
+            check_output_rows(model, m.teacher.vocab_size, "the model")
+        self._checked.add(id(model))
 
     def __call__(self, model, batch: dict) -> dict[str, torch.Tensor]:
         """Every term and the weighted total (`total`) for `model` on `batch` (from `collate`)."""
+        if id(model) not in self._checked:
+            self.check(model)
+            self._checked.add(id(model))
         device = next(model.parameters()).device
         if self.head is not None and device != self._head_device:
             from .head import TeacherHead
@@ -66,8 +92,13 @@ class DistillLoss:
 
 class CacheDataset(torch.utils.data.Dataset):
     """The rows of one cache split as a map-style dataset (any sampler, any order). `losses` (or `fields`) says
-    which teacher fields each row carries; `self.loss` is the matching `DistillLoss`. Rows are read a Zarr
-    chunk at a time; the chunk last read is kept, so rows in cache order cost one read per chunk."""
+    which teacher fields each row carries; `self.loss` is the matching `DistillLoss`.
+
+    Nothing of the split is held: rows are read as they are asked for, through the student reader's
+    `fetch.SplitReader` (a row group of rows.parquet and the Zarr chunks holding the rows; the last two row
+    groups and two shards' chunks kept), so memory does not grow with the split. A DataLoader asks for a batch's
+    rows at once (`__getitems__`), one read per row group and chunk; rows in cache order cost one read per chunk,
+    rows in random order one per row."""
 
     def __init__(self, cache: str | Cache, split: str, losses: dict[str, float] | None = None,
                  fields: list[str] | None = None, storage_options: dict | None = None, **loss_settings):
@@ -78,32 +109,48 @@ class CacheDataset(torch.utils.data.Dataset):
         self.loss = DistillLoss(self.cache, losses, **loss_settings) if losses is not None else None
         self.fields = list(fields) if fields is not None else (self.loss.fields if self.loss else [])
         m = self.cache.manifest
-        rows = self.cache.rows(split, ["input_ids", "length"] + [c for c in ROW_FIELDS if c in m.fields])
-        self.rows = {c: np.asarray(rows.column(c).to_pylist(), dtype) for c, dtype in
-                     [("input_ids", np.int64), ("length", np.int64)] + [(c, t) for c, t in ROW_FIELDS.items()
-                                                                          if c in rows.column_names]}
-        self.arrays = {f: self.cache.array(split, f) for f in self.fields}
-        self.chunk = int(m.capture.value("rows_per_chunk"))  # rows a reader decompresses together
-        self._held: dict[str, tuple[int, np.ndarray]] = {}
+        missing = [f for f in self.fields if f not in m.dense_fields]
+        if missing:
+            raise StudentError(f"{self.cache.root}: no field {missing} (has: {', '.join(m.dense_fields)})")
+        self.n = m.splits[split].rows
+        self.row_fields = {"input_ids": np.int64, "length": np.int64} | {
+            c: dtype for c, dtype in ROW_FIELDS.items() if c in m.fields}
+        self._reader: tuple[int, SplitReader] | None = None  # (the process it was opened in, the reader)
+        self.hold_shards = DEFAULT_SHUFFLE_WINDOW + 1
 
     def __len__(self) -> int:
-        return len(self.rows["length"])
+        return self.n
 
-    def _field(self, f: str, i: int) -> np.ndarray:
-        c = self.chunk
-        start = i - i % c
-        if f not in self._held or self._held[f][0] != start:
-            self._held[f] = (start, np.asarray(self.arrays[f][start:min(start + c, len(self))]))
-        return self._held[f][1][i - start]
+    def __getstate__(self) -> dict:  # DataLoader workers open readers of their own
+        return {**self.__dict__, "_reader": None}
 
-    def __getitem__(self, i: int) -> dict:
-        row = {c: v[i] for c, v in self.rows.items()}
-        for f in self.fields:
-            a = self._field(f, int(i))
+    def reader(self) -> SplitReader:
+        if self._reader is None or self._reader[0] != os.getpid():  # a shuffle window of shards, and one more
+            self._reader = (os.getpid(), SplitReader(self.cache, self.split, whole_shards=True,
+                                                     hold_shards=self.hold_shards))
+        return self._reader[1]
+
+    def __getitems__(self, indices) -> list[dict]:
+        """The rows at `indices`, read together (what a DataLoader's batch asks for)."""
+        rows = np.asarray(indices, dtype=np.int64)
+        rows = np.where(rows < 0, rows + self.n, rows)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.n):
+            raise IndexError(f"row {int(rows[(rows < 0) | (rows >= self.n)][0])} of a split of {self.n} rows")
+        reader = self.reader()
+        cols = reader.columns(rows, self.row_fields)  # (rows in a random order: a read per row; see `sampler`)
+        for f, a in reader.dense(rows, self.fields).items():
             if a.dtype == np.uint16 and f in ("topk_ids", "sample_ids", "sample_counts"):
                 a = a.astype(np.int32)  # ids of vocabularies <= 65,536 are stored as uint16
-            row[f] = a
-        return row
+            cols[f] = a
+        return [{c: v[i] for c, v in cols.items()} for i in range(len(rows))]
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([int(i)])[0]
+
+    def sampler(self, seed: int = 0, window: int = DEFAULT_SHUFFLE_WINDOW) -> "WindowSampler":
+        """The split's rows in the order `distill student` reads them (`WindowSampler`): a shuffled order in which
+        each batch is a sample of `window` shards and the reader holds those shards only."""
+        return WindowSampler(self, seed, window)
 
     def row_numbers(self):
         """The split's row numbers as a `datasets.Dataset`, for trainers that take nothing else (TRL's); its
@@ -114,7 +161,31 @@ class CacheDataset(torch.utils.data.Dataset):
 
     def collate_rows(self, items: list[dict]) -> dict:
         """`collate` of the rows whose numbers `items` (from `row_numbers`) hold."""
-        return collate([self[int(it["row"])] for it in items])
+        return collate(self.__getitems__([int(it["row"]) for it in items]))
+
+
+class WindowSampler(torch.utils.data.Sampler):
+    """A `CacheDataset`'s row numbers in the order `distill student` reads a split (`batches.EpochPlan` with one
+    worker): shards permuted by (seed, epoch), `window` shards' rows shuffled together, window after window. A
+    batch is then a sample of the window, however grouped the cache's rows are, and the dataset's reader holds
+    the window's shards only (each of their chunks read once), where a plain random order reads a chunk per row.
+    `set_epoch` (which transformers' Trainer calls) reshuffles."""
+
+    def __init__(self, dataset: CacheDataset, seed: int = 0, window: int = DEFAULT_SHUFFLE_WINDOW):
+        self.ranges = np.asarray(dataset.cache.shard_ranges(dataset.split), dtype=np.int64).reshape(-1, 2)
+        self.n, self.seed, self.window, self.epoch = len(dataset), seed, window, 0
+        dataset.hold_shards = max(dataset.hold_shards, window + 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        plan = EpochPlan(1, 0, self.seed, self.epoch, True, False, self.ranges, window=self.window)
+        for rows in plan.rows_in_order(0):
+            yield from rows.tolist()
 
 
 def collate(rows: list[dict]) -> dict:
@@ -135,16 +206,26 @@ def _trainer_class():
         replaces the model's own. Every term is logged with the loss (`distill/<term>`, averaged over the
         logging interval). Set `remove_unused_columns=False`: the rows carry the teacher's fields."""
 
-        def __init__(self, *args, distill: DistillLoss, **kwargs):
+        def __init__(self, *args, distill: DistillLoss, sampler: WindowSampler | None = None, **kwargs):
             super().__init__(*args, **kwargs)
             if self.args.remove_unused_columns:
                 raise StudentError("DistillTrainer needs TrainingArguments(remove_unused_columns=False): the "
                                    "batches carry the teacher's fields, which the model's forward does not take")
-            self.distill = distill
+            self.distill, self.sampler = distill, sampler
             self._terms: dict[str, list[float]] = {}
             # the terms are means over each micro-batch's positions: the Trainer divides by the accumulation
             # steps (as `distill student` does), instead of leaving it to a model-side num_items_in_batch
             self.model_accepts_loss_kwargs = False
+
+        def _get_train_sampler(self, train_dataset=None):
+            """A `CacheDataset` is read in `distill student`'s order (its `sampler`, seeded by args.seed); rows given
+            another way (TRL's row numbers) in `sampler`'s, when one is given."""
+            train_dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if self.sampler is not None:
+                return self.sampler
+            if isinstance(train_dataset, CacheDataset):
+                return train_dataset.sampler(self.args.seed)
+            return super()._get_train_sampler(train_dataset)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             parts = self.distill(model, inputs)

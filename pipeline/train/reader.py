@@ -14,7 +14,8 @@ import torch
 
 from ..errors import CacheError
 from ..format.reader import Cache
-from .batches import PER_SHARD, Batch, EpochPlan, batch_plan
+from ..config import DEFAULT_SHUFFLE_WINDOW
+from .batches import PER_SHARD, Batch, EpochPlan, batch_plan, rows_scheme, window_of
 from .fetch import SplitReader
 
 __all__ = ["Batch", "CacheBatches", "TaskStream", "batch_plan", "make_loader"]
@@ -34,12 +35,15 @@ class CacheBatches(torch.utils.data.IterableDataset):
     give the same batches, with any number of workers as long as it is the same number. Or set
     `indices`, the plan's batches to yield in that order (one rank's share of an epoch under DDP):
     the other batches are never read, and the j-th listed batch is read by worker j % num_workers.
-    `scheme`: the row order (`batches.PER_SHARD`; None: the order of runs checkpointed before it).
+    `scheme`: the row order (`batches.rows_scheme(window)`: the rows of `window` shards shuffled together, "per-shard"
+    for one; None: the order of runs checkpointed before per-shard generators). Memory holds the window's shards
+    of the fields read (and of the rows' columns), per worker.
     """
 
     def __init__(self, root, split: str, fields: list[str], batch_size: int, seed: int = 0, shuffle: bool = True,
                  keys: list[str] | None = None, num_workers: int = 0, drop_last: bool = False,
-                 storage_options: dict | None = None, trim: bool = False, scheme: str | None = PER_SHARD):
+                 storage_options: dict | None = None, trim: bool = False,
+                 scheme: str | None = rows_scheme(DEFAULT_SHUFFLE_WINDOW)):
         self.cache = root if isinstance(root, Cache) else Cache(root, storage_options=storage_options)
         root = self.cache.root
         if split not in self.cache.splits:
@@ -77,10 +81,10 @@ class CacheBatches(torch.utils.data.IterableDataset):
         if epoch not in self._plans:
             if len(self._plans) > 2:
                 self._plans.clear()
-            if self.scheme == PER_SHARD:
+            if self.scheme is not None:
                 self._plans[epoch] = EpochPlan(self.batch_size, self.num_workers, self.seed, epoch, self.shuffle,
                                                self.drop_last, None if self.subsets is not None else self.ranges,
-                                               self.subsets)
+                                               self.subsets, window_of(self.scheme))
             else:
                 shards = self.subsets if self.subsets is not None else [np.arange(a, b) for a, b in self.ranges]
                 self._plans[epoch] = batch_plan(shards, self.batch_size, self.num_workers, self.seed, epoch,
@@ -105,7 +109,9 @@ class CacheBatches(torch.utils.data.IterableDataset):
                 worker = (worker + plan[self.start].worker) % n_workers
             mine = plan.worker_batches(worker, self.start) if isinstance(plan, EpochPlan) else \
                 (b for b in plan if b.worker == worker and b.index >= self.start)
-        reader = SplitReader(self.cache, self.split, whole_shards=self.indices is None)  # see fetch.py
+        window = window_of(self.scheme) if self.scheme is not None and self.shuffle else 1
+        # see fetch.py; a batch straddles two windows at most
+        reader = SplitReader(self.cache, self.split, whole_shards=self.indices is None, hold_shards=window + 1)
         row_fields = {"input_ids": np.int64, "length": np.int64} | {
             name: dtype for name, dtype in ROW_FIELDS.items() if name in self.cache.manifest.fields}
         for b in mine:
@@ -160,8 +166,9 @@ class TaskStream:
         w = np.asarray([tasks[n][1] for n in self.names], dtype=np.float64)
         self.p = w / w.sum()
         self.seed, self.rank, self.world = seed, rank, world
+        first = next((ds for ds, _ in tasks.values() if ds is not None), None)
         self.state = state or {"draws": 0, "tasks": {n: {"epoch": 0, "batch": 0} for n in self.names},
-                               "scheme": "block", "rows": PER_SHARD}
+                               "scheme": "block", "rows": first.scheme if first is not None else PER_SHARD}
         for ds, _ in tasks.values():  # a state from before per-shard row orders continues that run's order
             if ds is not None:
                 ds.scheme = self.state.get("rows")

@@ -45,6 +45,7 @@ from .build import build
 from .caches import open_tasks
 from .evaluate import LOWER_IS_BETTER, entity_scheme, metrics_for
 from .head import TeacherHead
+from .batches import rows_scheme
 from .reader import CacheBatches, TaskStream
 from .report import describe, plot_curves, student_report
 from .signal import TeacherSignal
@@ -143,8 +144,9 @@ class Recipe:
     def _data(self) -> None:
         cfg, r = self.cfg, self.ranks
         trim = self.task != "causal-lm"  # one example per padded row: batches end at their longest row
+        scheme = rows_scheme(cfg.shuffle_window)  # a resumed run keeps the scheme its state recorded
         self.stream = TaskStream({n: (CacheBatches(c, "train", self.fields, cfg.batch_size, seed=cfg.seed, shuffle=True,
-                                                   num_workers=cfg.num_workers, trim=trim), w)
+                                                   num_workers=cfg.num_workers, trim=trim, scheme=scheme), w)
                                   for n, (c, w) in self.tasks.items()},
                                  cfg.seed, self.run["stream"], rank=r.rank, world=r.world)
         self.run["stream"] = self.stream.state

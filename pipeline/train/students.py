@@ -114,12 +114,19 @@ def build_student(spec: StudentConfig, manifest: Manifest, tokenizer, device: to
         model = _from_arch(spec, manifest, tokenizer, vocab)
     if task != "causal-lm":
         return disable_dropout(model).to(device)
-    v_student = model.get_output_embeddings().weight.shape[0]
-    if v_student < vocab:
-        whose, ids = ("its tokenizer's", "its") if cross else ("the cache's", "the teacher's")
-        raise StudentError(f"student {spec.name!r}: its output layer has {v_student} rows, fewer than {whose} "
-                           f"vocabulary ({vocab}); {ids} ids would not exist in it")
+    check_output_rows(model, vocab, f"student {spec.name!r}", "its tokenizer's" if cross else "the cache's")
     return disable_dropout(model).to(device)
+
+
+def check_output_rows(model, vocab: int, who: str, whose: str = "the cache's") -> None:
+    """A causal LM's output layer must have a row for every id of the vocabulary it is compared in (the teacher's
+    top-K ids are gathered from its logits: a missing row is an out-of-range gather, a device-side assert on
+    CUDA)."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < vocab:
+        ids = "its" if whose == "its tokenizer's" else "the teacher's"
+        raise StudentError(f"{who}: its output layer has {rows} rows, fewer than {whose} vocabulary ({vocab}); "
+                           f"{ids} ids would not exist in it")
 
 
 def _pretrained(spec: StudentConfig, manifest: Manifest):
