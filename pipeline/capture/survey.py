@@ -117,12 +117,24 @@ def targets(b: Block) -> Targets:
 
 
 def ranked(t: Targets, b: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The real entries of trained positions, most likely first within each position: (entry indices, their
-    positions, their ranks)."""
-    sel = np.flatnonzero(t.valid & t.target[t.owner])
-    order = sel[np.lexsort((-b.e_lp[sel], t.owner[sel]))]
-    own = t.owner[order]
-    return order, own, np.arange(len(order)) - np.searchsorted(own, own)
+    """The real entries of trained positions, most likely first within each position (ties in the source's order):
+    (entry indices, their positions, their ranks). Sorted a row of a (positions, most entries) grid at a time,
+    which is several times faster than one sort of (position, log-prob) pairs."""
+    T, E = len(b.tokens), len(b.e_lp)
+    width = int(np.diff(b.entry_starts).max(initial=0))
+    if not E or not width:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    chosen = t.valid & t.target[t.owner]
+    col = np.arange(E) - b.entry_starts[t.owner]
+    value = np.full((T, width), np.inf)  # sorted ascending: -log-prob, entries not chosen last
+    value[t.owner, col] = np.where(chosen, -b.e_lp, np.inf)
+    index = np.full((T, width), -1, np.int64)
+    index[t.owner, col] = np.arange(E)
+    by_rank = np.argsort(value, axis=1, kind="stable")
+    keep = np.take_along_axis(value, by_rank, 1) < np.inf
+    order = np.take_along_axis(index, by_rank, 1)[keep]
+    own, rank = np.nonzero(keep)  # row-major: positions in order, ranks 0, 1, ... within each
+    return order, own, rank
 
 
 def alignment_hits(b: Block, t: Targets) -> np.ndarray:
