@@ -85,6 +85,24 @@ def device_for(setting: str) -> torch.device:
     return dev
 
 
+def host_memory_available() -> int | None:
+    """Bytes of this host's available memory (MemAvailable: free plus what the kernel can reclaim, such as the
+    page cache); None: unknown (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def ranks_on_this_host() -> int:
+    """Processes of this launch on this host (torchrun's LOCAL_WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def on_main(fn: Callable[[], Any]) -> Any:
     """Run `fn` on rank 0 only; every rank returns its result or raises its exception."""
     r = ranks()

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +20,7 @@ from pipeline.errors import DataError
 from pipeline.format import Cache, row_column, verify
 from pipeline.format.export import export
 from pipeline.train.terms import TERMS, on_import
-from test_import import sampled_rows
+from test_import import cli, sampled_rows
 
 TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -234,10 +231,7 @@ def test_the_distillkit_export_reads_back_unchanged(assistant_cache, bos_llama_d
         np.testing.assert_array_equal(np.asarray(rec["lps"], np.float32), top_lp[i, : n - 1].astype(np.float32))
         assert rec["loss_mask"] == mask[i, : n - 1].tolist()
     # and our import takes it back (the tiny random teacher does not predict the chat text: no alignment to check)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-m", "stages.cli", "import", str(tmp_path / "x"), str(tmp_path / "back"),
-                          "--teacher", str(bos_llama_dir), "--skip-alignment-check"], env=env, capture_output=True,
-                         text=True)
+    run = cli("import", tmp_path / "x", tmp_path / "back", "--teacher", bos_llama_dir, "--skip-alignment-check")
     assert run.returncode == 0, run.stderr
     assert "compressed ranks 1..8 stored as float32" in run.stdout
     back = Cache(str(tmp_path / "back"))
@@ -248,3 +242,51 @@ def test_the_distillkit_export_reads_back_unchanged(assistant_cache, bos_llama_d
         m_b = row_column(b, "loss_mask", bool)
         for f in ("topk_ids", "topk_logprobs", "logsumexp"):
             np.testing.assert_array_equal(np.asarray(c.array(split, f)[:])[m_b], np.asarray(back.array(split, f)[:])[m_b])
+
+
+def test_a_document_masked_export_packed_by_distillkit_keeps_every_boundary(llama_dir, corpus, tmp_path):
+    """A document_mask cache exported in DistillKit's layout and packed as DistillKit's pack step does (rows cut to
+    their positions and joined, segment ids in attention_mask, every per-position column joined alike): the import
+    keeps the boundaries of both kinds, the segments' and the documents' inside each exported row."""
+    from conftest import capture, settings
+
+    capture(settings(llama_dir, corpus, tmp_path / "c", data={"document_mask": True, "max_tokens": 1500}))
+    c = Cache(str(tmp_path / "c"))
+    export(c, tmp_path / "x", fmt="distillkit", splits=["train"], log=lambda m: None)
+    rows = pq.read_table(tmp_path / "x" / "train" / "data_0.parquet").to_pylist()[:3]
+    cols = ("compressed_logprobs", "bytepacked_indices", "target_logsumexp", "position_ids")  # (no loss mask)
+    assert "loss_mask" not in rows[0]
+    packed = {k: [] for k in ("input_ids", "attention_mask", *cols)}
+    for i, r in enumerate(rows):  # DistillKit's pack_pass, one packed row of three
+        n = len(r["compressed_logprobs"])
+        packed["input_ids"] += r["input_ids"][:n]
+        packed["attention_mask"] += [i + 1] * n
+        for k in cols:
+            packed[k] += r[k]
+    (tmp_path / "packed").mkdir()
+    (tmp_path / "packed" / "compression_config.yaml").write_text(
+        (tmp_path / "x" / "train" / "compression_config.yaml").read_text())
+    pq.write_table(pa.Table.from_pylist([packed], schema=pa.schema(
+        [("input_ids", pa.list_(pa.uint64())), ("attention_mask", pa.list_(pa.int8())),
+         ("compressed_logprobs", pa.list_(pa.list_(pa.uint8()))), ("bytepacked_indices", pa.list_(pa.list_(pa.uint8()))),
+         ("target_logsumexp", pa.list_(pa.float32())),
+         ("position_ids", pa.list_(pa.int32()))])), tmp_path / "packed" / "data_0.parquet")
+    back = run_import(ImportSettings(str(tmp_path / "packed"), str(tmp_path / "back"), str(llama_dir),
+                                     check_alignment=False), log=lambda m: None)  # a random teacher: no signal
+    t = back.rows("train")
+    pos, mask = row_column(t, "position_ids", np.int64)[0], row_column(t, "loss_mask", bool)[0]
+    n = [len(r["compressed_logprobs"]) for r in rows]
+    want = np.concatenate([r["position_ids"] for r in rows])
+    np.testing.assert_array_equal(pos[: sum(n)], want)  # every document of every exported row restarts
+    assert (want[1:] == 0).sum() > len(rows) - 1  # documents inside the exported rows, not only the segments
+    ends = np.cumsum(n)[:-1] - 1  # the position before a later segment predicts a token packing cut: untrained
+    assert not mask[ends].any()
+    assert mask[: n[0] - 1].all() and mask[n[0]: n[0] + n[1] - 1].all()  # the rest of each segment trains
+
+
+def test_a_compression_config_that_is_not_yaml_is_one_error(source, llama_dir, tmp_path):
+    rows, lps = source
+    write_distillkit(tmp_path / "dk", rows[:2], lps[:2], LOSSLESS)
+    (tmp_path / "dk" / "compression_config.yaml").write_text("d: [1, 2\n")
+    with pytest.raises(DataError, match="compression_config.yaml: not YAML"):
+        run_import(ImportSettings(str(tmp_path / "dk"), str(tmp_path / "c"), str(llama_dir)), log=lambda m: None)

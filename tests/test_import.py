@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.capture import importer
 from pipeline.capture.importer import ImportSettings, run_import
-from pipeline.errors import CacheError, DataError, DistillError, StorageError, StudentError
+from pipeline.errors import CacheError, DataError, StorageError, StudentError
 from pipeline.format import Cache, row_column, verify
 from pipeline.format.export import export
 from pipeline.train.terms import TERMS, fields_for, on_import
@@ -105,6 +105,12 @@ def axolotl_table(rows, lps, k: int = K, renormalise: bool = False, **extra) -> 
         lp.append([[float("-inf")] * k] + vals[: len(r) - 1].tolist())
     cols = {"input_ids": rows, "target_token_ids": ids, "target_logprobs": lp}
     return pa.table({**cols, **extra})
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """`distill ARGS` in a process of its own, offline."""
+    return subprocess.run([sys.executable, "-m", "stages.cli", *map(str, args)],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
 
 
 def no_cache(path) -> None:
@@ -369,18 +375,14 @@ def test_an_occupied_output_is_refused_and_a_crash_leaves_no_finished_cache(teac
 
 def test_the_command_imports_splits_and_says_which_terms_are_exact(assistant_cache, bos_llama_dir, tmp_path):
     export(Cache(str(assistant_cache)), tmp_path / "x", log=lambda m: None)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-m", "stages.cli", "import", str(tmp_path / "x"), str(tmp_path / "c"),
-                          "--teacher", str(bos_llama_dir), "--skip-alignment-check"], env=env, capture_output=True,
-                         text=True)
+    run = cli("import", tmp_path / "x", tmp_path / "c", "--teacher", bos_llama_dir, "--skip-alignment-check")
     assert run.returncode == 0, run.stderr
     assert "NOT CHECKED" in run.stdout
     assert "imported     axolotl layout; log-probs normalised over the whole vocabulary" in run.stdout
     exact = next(line for line in run.stdout.splitlines() if line.startswith("exact"))
     assert "kd_forward" in exact and "nll_match" in exact
     assert set(Cache(str(tmp_path / "c")).splits) == set(Cache(str(assistant_cache)).splits)
-    bad = subprocess.run([sys.executable, "-m", "stages.cli", "import", str(tmp_path / "x"), str(tmp_path / "c"),
-                          "--teacher", str(bos_llama_dir)], env=env, capture_output=True, text=True)
+    bad = cli("import", tmp_path / "x", tmp_path / "c", "--teacher", bos_llama_dir)
     assert bad.returncode == 2 and "error:" in bad.stderr and "holds a cache" in bad.stderr
 
 
@@ -520,9 +522,7 @@ def test_the_command_refuses_a_shifted_source_with_exit_2(teacher_model, llama_d
     with torch.no_grad():
         lps = [torch.log_softmax(teacher_model(torch.tensor([r])).logits[0], -1).numpy() for r in rows]
     pq.write_table(shifted(axolotl_table(rows, lps), -1, mask_first=True), tmp_path / "s.parquet")
-    run = subprocess.run([sys.executable, "-m", "stages.cli", "import", str(tmp_path / "s.parquet"),
-                          str(tmp_path / "c"), "--teacher", str(llama_dir)],
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    run = cli("import", tmp_path / "s.parquet", tmp_path / "c", "--teacher", llama_dir)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert [line for line in run.stderr.splitlines() if line.startswith("error:")][0].count("one position later") == 1
     assert not (tmp_path / "c" / "manifest.json").exists()
@@ -560,9 +560,7 @@ def test_a_malformed_source_is_one_error_naming_the_file(kind, teacher_rows, lla
         run_import(ImportSettings(str(src), str(tmp_path / "c"), str(llama_dir)), log=lambda m: None)
     assert where in str(e.value)
     assert not (tmp_path / "c" / "manifest.json").exists()
-    run = subprocess.run([sys.executable, "-m", "stages.cli", "import", str(src), str(tmp_path / "c2"),
-                          "--teacher", str(llama_dir)], env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                         capture_output=True, text=True)
+    run = cli("import", src, tmp_path / "c2", "--teacher", llama_dir)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and where in errors[0], run.stderr

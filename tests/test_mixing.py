@@ -107,3 +107,63 @@ def test_the_dry_run_warns_of_files_read_in_order(llama_dir, corpus, tmp_path):
     assert res.lines[-1] == res.grouped
     cfg["data"]["shuffle_seed"] = 0
     assert dry_run(TeacherCacheConfig.model_validate(cfg), log=lambda m: None).grouped is None
+
+
+def _per_shard_reference(sizes, bs, nw, seed, epoch, drop_last):
+    """The per-shard order as it was before shuffle windows (kept here as the reference): each worker's shards
+    one after the other, each permuted by a generator of its own, cut into batches, taken round robin."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(sizes))
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    per_worker = []
+    for w in range(max(nw, 1)):
+        rows = [np.random.default_rng([seed, epoch, 2, int(s)]).permutation(np.arange(starts[s], starts[s + 1]))
+                for s in order[w::max(nw, 1)]]
+        rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        cut = [rows[a:a + bs] for a in range(0, len(rows), bs)]
+        per_worker.append([c for c in cut if len(c) == bs or not drop_last])
+    out = []
+    for j in range(max(len(b) for b in per_worker)):
+        out += [b[j] for b in per_worker if j < len(b)]
+    return out
+
+
+@pytest.mark.parametrize("workers,drop_last", [(0, False), (2, False), (3, True)])
+def test_a_window_of_one_is_the_per_shard_order_and_wider_windows_cover_each_row_once(workers, drop_last):
+    from pipeline.train.batches import EpochPlan
+
+    rng = np.random.default_rng(1)
+    sizes = rng.integers(1, 9, size=23)
+    ranges = np.stack([np.concatenate([[0], np.cumsum(sizes)[:-1]]), np.cumsum(sizes)], 1)
+    one = EpochPlan(5, workers, 7, 2, True, drop_last, ranges, window=1)
+    want = _per_shard_reference(sizes, 5, workers, 7, 2, drop_last)
+    assert len(one) == len(want) and all(np.array_equal(one[k].rows, w) for k, w in enumerate(want))
+    for window in (2, 3, 16):
+        plan = EpochPlan(5, workers, 7, 2, True, drop_last, ranges, window=window)
+        rows = np.concatenate([plan[k].rows for k in range(len(plan))])
+        assert len(np.unique(rows)) == len(rows)  # no row twice
+        assert drop_last or sorted(rows.tolist()) == list(range(int(sizes.sum())))  # every row once
+        again = EpochPlan(5, workers, 7, 2, True, drop_last, ranges, window=window)
+        assert all(np.array_equal(plan[k].rows, again[k].rows) for k in range(len(plan)))  # deterministic
+        for w in range(max(workers, 1)):  # a worker's batches from k on are the plan's
+            got = list(plan.worker_batches(w, 3))
+            assert all(np.array_equal(b.rows, plan[b.index].rows) for b in got)
+    # a subset by key, with a window: each kept row once
+    subsets = [np.arange(a, b)[::2] for a, b in ranges if len(np.arange(a, b)[::2])]
+    plan = EpochPlan(4, workers, 0, 0, True, False, subsets=subsets, window=3)
+    rows = np.concatenate([plan[k].rows for k in range(len(plan))])
+    assert sorted(rows.tolist()) == sorted(np.concatenate(subsets).tolist())
+
+
+def test_a_window_the_host_cannot_hold_is_refused(by_class, tmp_path, monkeypatch):
+    from pipeline import distributed
+    from pipeline.errors import StudentError
+
+    caches, _, _ = by_class
+    said = []
+    monkeypatch.setattr(distributed, "host_memory_available", lambda: 2**14)  # a host with 16 KiB free
+    with pytest.raises(StudentError, match=r"shuffle_window = 16 holds about .* GiB .* more than half .* lower shuffle_window"):
+        train_students(StudentRunConfig.model_validate({
+            "cache": str(caches["grouped"]), "output_dir": str(tmp_path / "s"), "device": "cpu", "max_steps": 1,
+            "students": [{"name": "s", "arch": {"num_layers": 1, "hidden_size": 16, "num_heads": 2},
+                          "losses": {"ce": 1.0}}]}), log=said.append, progress=False)
+    assert any(line.startswith("reader: shuffle window of 16 shards, about") for line in said)

@@ -65,8 +65,11 @@ def compression_of(st: Storage, rel: str) -> Compression:
     for depth in range(len(parts), -1, -1):
         where = "/".join(parts[:depth] + [distillkit.CONFIG_FILE])
         if st.exists(where):
-            with reading(f"{st.location}/{where}"):
-                raw = yaml.safe_load(st.read_bytes(where))
+            try:
+                with reading(f"{st.location}/{where}"):
+                    raw = yaml.safe_load(st.read_bytes(where))
+            except yaml.YAMLError as e:
+                raise DataError(f"{st.location}/{where}: not YAML ({str(e).splitlines()[0]})") from None
             try:
                 return Compression.from_dict(raw)
             except distillkit.CompressionError as e:

@@ -236,7 +236,9 @@ def _packed_documents(table: pa.Table, file: str, first_row: int, starts, traine
     new_doc[first] = False
     if not new_doc.any():
         return trained, positions
-    doc_start = new_doc.copy()
+    # a document starts where the segment changes, and where given position ids restart inside a segment (a
+    # document_mask cache exported, then packed by DistillKit: its rows' own documents)
+    doc_start = new_doc | (positions == 0 if positions is not None else False)
     doc_start[first] = True
     idx = np.arange(len(seg))
     return trained & ~new_doc, idx - np.maximum.accumulate(np.where(doc_start, idx, 0))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import distributed
 from ..config import TeacherCacheConfig
 from ..errors import CaptureError
 
@@ -87,14 +88,7 @@ def device_memory(device) -> int | None:
         return torch.cuda.get_device_properties(device).total_memory
     if device.type != "cpu":
         return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return distributed.host_memory_available()
 
 
 def check_memory(cfg: TeacherCacheConfig, ws: WorkingSet, device, shards: int = 1) -> None:

@@ -176,10 +176,14 @@ def float_bytes(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def unpack(data: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """(N, bytes) of a most-significant-bit-first stream as (N, count) unsigned integers of `bits` bits."""
+    """(N, bytes) of a most-significant-bit-first stream as (N, count) unsigned integers of `bits` bits (a byte per
+    bit while it works, not a word)."""
     stream = np.unpackbits(np.ascontiguousarray(data, np.uint8), axis=-1, bitorder="big")[:, : count * bits]
-    weights = np.left_shift(np.uint64(1), np.arange(bits - 1, -1, -1, dtype=np.uint64))
-    return (stream.reshape(len(data), count, bits).astype(np.uint64) * weights).sum(-1).astype(np.int64)
+    stream = stream.reshape(len(data), count, bits)
+    out = np.zeros((len(data), count), np.int64)
+    for b in range(bits):
+        out = (out << 1) | stream[:, :, b]
+    return out
 
 
 def pack(values: np.ndarray, bits: int) -> np.ndarray:
@@ -199,13 +203,24 @@ def _grid(c: Compression, m: int) -> np.ndarray:
     return round_to(np.stack(cols, -1), c.term_dtype) if cols else np.zeros((m, 0), dt)
 
 
+SLICE = 4096  # positions decoded together: the working arrays are a few KB per position
+
+
 def decode(c: Compression, logprob_bytes: np.ndarray, index_bytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(P, B_lp) and (P, B_idx) bytes of P positions: their (P, k) ids and (P, k) float64 log-probs (the values
-    DistillKit's decoder gives, most likely first)."""
-    P = len(logprob_bytes)
+    DistillKit's decoder gives, most likely first), SLICE positions at a time."""
     if logprob_bytes.shape[1:] != (c.logprob_bytes,) or index_bytes.shape[1:] != (c.index_bytes,):
         raise CompressionError(f"positions of {logprob_bytes.shape[1:]} log-prob bytes and {index_bytes.shape[1:]} "
                                f"index bytes, where these settings make {c.logprob_bytes} and {c.index_bytes}")
+    if len(logprob_bytes) > SLICE:
+        parts = [_decode(c, logprob_bytes[a:a + SLICE], index_bytes[a:a + SLICE])
+                 for a in range(0, len(logprob_bytes), SLICE)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return _decode(c, logprob_bytes, index_bytes)
+
+
+def _decode(c: Compression, logprob_bytes: np.ndarray, index_bytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    P = len(logprob_bytes)
     ids = unpack(index_bytes, c.bits, c.k)
     at = c.exact_k * WIDTH[c.exact_dtype]
     exact = floats(logprob_bytes[:, :at], c.exact_dtype)  # (P, exact_k)

@@ -57,7 +57,7 @@ class EpochPlan:
     subset of the rows by key), `window` shards shuffled together. Sequence-like: `len(plan)`, `plan[k]`,
     `plan.worker_batches(w, start)`; `windows[w]` lists worker w's windows (arrays of shard numbers)."""
 
-    WINDOWS_KEPT = 4  # permuted windows kept (a batch straddles at most two)
+    WINDOWS_KEPT = 4  # permuted windows kept (a batch no larger than a window's rows straddles two at most)
 
     def __init__(self, batch_size: int, num_workers: int, seed: int, epoch: int, shuffle: bool, drop_last: bool,
                  ranges: np.ndarray | None = None, subsets: list[np.ndarray] | None = None, window: int = 1):

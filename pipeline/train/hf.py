@@ -95,10 +95,11 @@ class CacheDataset(torch.utils.data.Dataset):
     which teacher fields each row carries; `self.loss` is the matching `DistillLoss`.
 
     Nothing of the split is held: rows are read as they are asked for, through the student reader's
-    `fetch.SplitReader` (a row group of rows.parquet and the Zarr chunks holding the rows; the last two row
-    groups and two shards' chunks kept), so memory does not grow with the split. A DataLoader asks for a batch's
-    rows at once (`__getitems__`), one read per row group and chunk; rows in cache order cost one read per chunk,
-    rows in random order one per row."""
+    `fetch.SplitReader` (the rows of a shard from its row group of rows.parquet, and the Zarr chunks holding
+    them; a few shards of each kept), so memory does not grow with the split. A DataLoader asks for a batch's
+    rows at once (`__getitems__`). In `sampler`'s order the reader holds a shuffle window of shards and reads each
+    shard's chunks once, all together; in any other order it reads the chunks of the rows asked for (a chunk, and
+    a row group, per row in a random order)."""
 
     def __init__(self, cache: str | Cache, split: str, losses: dict[str, float] | None = None,
                  fields: list[str] | None = None, storage_options: dict | None = None, **loss_settings):
@@ -115,8 +116,8 @@ class CacheDataset(torch.utils.data.Dataset):
         self.n = m.splits[split].rows
         self.row_fields = {"input_ids": np.int64, "length": np.int64} | {
             c: dtype for c, dtype in ROW_FIELDS.items() if c in m.fields}
-        self._reader: tuple[int, SplitReader] | None = None  # (the process it was opened in, the reader)
-        self.hold_shards = DEFAULT_SHUFFLE_WINDOW + 1
+        self._reader: tuple[tuple, SplitReader] | None = None  # ((process, whole shards, shards held), reader)
+        self.whole_shards, self.hold_shards = False, 2  # (`sampler` sets them for its window)
 
     def __len__(self) -> int:
         return self.n
@@ -125,9 +126,12 @@ class CacheDataset(torch.utils.data.Dataset):
         return {**self.__dict__, "_reader": None}
 
     def reader(self) -> SplitReader:
-        if self._reader is None or self._reader[0] != os.getpid():  # a shuffle window of shards, and one more
-            self._reader = (os.getpid(), SplitReader(self.cache, self.split, whole_shards=True,
-                                                     hold_shards=self.hold_shards))
+        """This process's reader: of whole shards, a shuffle window and one more held, when `sampler` drives the
+        order; else of the chunks asked for."""
+        want = (os.getpid(), self.whole_shards, self.hold_shards)
+        if self._reader is None or self._reader[0] != want:
+            self._reader = (want, SplitReader(self.cache, self.split, whole_shards=self.whole_shards,
+                                              hold_shards=self.hold_shards))
         return self._reader[1]
 
     def __getitems__(self, indices) -> list[dict]:
@@ -174,7 +178,8 @@ class WindowSampler(torch.utils.data.Sampler):
     def __init__(self, dataset: CacheDataset, seed: int = 0, window: int = DEFAULT_SHUFFLE_WINDOW):
         self.ranges = np.asarray(dataset.cache.shard_ranges(dataset.split), dtype=np.int64).reshape(-1, 2)
         self.n, self.seed, self.window, self.epoch = len(dataset), seed, window, 0
-        dataset.hold_shards = max(dataset.hold_shards, window + 1)
+        # a window of shards read whole, and one more (a batch that straddles two windows)
+        dataset.whole_shards, dataset.hold_shards = True, max(dataset.hold_shards, window + 1)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

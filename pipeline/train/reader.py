@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import CacheError
+from .. import distributed
+from ..errors import CacheError, StudentError
 from ..format.reader import Cache
 from ..config import DEFAULT_SHUFFLE_WINDOW
 from .batches import PER_SHARD, Batch, EpochPlan, batch_plan, rows_scheme, window_of
@@ -110,7 +111,7 @@ class CacheBatches(torch.utils.data.IterableDataset):
             mine = plan.worker_batches(worker, self.start) if isinstance(plan, EpochPlan) else \
                 (b for b in plan if b.worker == worker and b.index >= self.start)
         window = window_of(self.scheme) if self.scheme is not None and self.shuffle else 1
-        # see fetch.py; a batch straddles two windows at most
+        # see fetch.py; a batch no larger than a window straddles two windows at most (a larger one reads more)
         reader = SplitReader(self.cache, self.split, whole_shards=self.indices is None, hold_shards=window + 1)
         row_fields = {"input_ids": np.int64, "length": np.int64} | {
             name: dtype for name, dtype in ROW_FIELDS.items() if name in self.cache.manifest.fields}
@@ -137,6 +138,35 @@ class CacheBatches(torch.utils.data.IterableDataset):
                     value = value.narrow(a, 0, n)
                 batch[name] = value.contiguous()
         return batch
+
+
+def window_bytes(cache: Cache, split: str, fields: list[str], window: int) -> int:
+    """Bytes one reader (a DataLoader worker, or a rank without workers) holds for a shuffle window of `window`
+    shards: window + 1 shards' rows of the dense fields it reads (float fields as float32) and of the row columns,
+    uncompressed. An estimate, for `check_window`."""
+    m = cache.manifest
+    per_row = 0
+    for name in list(fields) + ["input_ids", "length"] + [c for c in ROW_FIELDS if c in m.fields]:
+        f = m.fields[name]
+        size = 4 if name in FLOAT_FIELDS else np.dtype(f.dtype).itemsize
+        size = 8 if name in ("input_ids", "length") or name in ROW_FIELDS else size  # read as int64
+        per_row += int(np.prod(f.shape[split][1:], dtype=np.int64)) * size
+    return per_row * m.capture.rows_per_shard * (window + 1)
+
+
+def check_window(stream: "TaskStream", window: int, workers: int, log) -> None:
+    """Say what the readers of `stream`'s caches hold for their shuffle windows on this host, and refuse windows
+    beyond half of its available memory, naming the settings to change."""
+    readers = max(workers, 1) * distributed.ranks_on_this_host()
+    need = readers * sum(window_bytes(ds.cache, ds.split, ds.fields, window_of(ds.scheme) if ds.scheme else 1)
+                         for ds, _ in stream.tasks.values())
+    log(f"reader: shuffle window of {window} shards, about {need / 2**20:,.0f} MiB held by {readers} reader(s) on "
+        "this host")
+    free = distributed.host_memory_available()
+    if free is not None and need > free / 2:
+        raise StudentError(f"shuffle_window = {window} holds about {need / 2**30:,.1f} GiB of cache rows ((window + 1) "
+                           f"shards of the fields read, per reader: {readers} on this host), more than half of the "
+                           f"{free / 2**30:,.1f} GiB this host has available: lower shuffle_window or num_workers")
 
 
 def make_loader(ds: CacheBatches) -> torch.utils.data.DataLoader:

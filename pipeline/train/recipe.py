@@ -46,7 +46,7 @@ from .caches import open_tasks
 from .evaluate import LOWER_IS_BETTER, entity_scheme, metrics_for
 from .head import TeacherHead
 from .batches import rows_scheme
-from .reader import CacheBatches, TaskStream
+from .reader import CacheBatches, TaskStream, check_window
 from .report import describe, plot_curves, student_report
 from .signal import TeacherSignal
 from .step import Student, StudentModule, forward, mutual_terms
@@ -150,6 +150,7 @@ class Recipe:
                                   for n, (c, w) in self.tasks.items()},
                                  cfg.seed, self.run["stream"], rank=r.rank, world=r.world)
         self.run["stream"] = self.stream.state
+        check_window(self.stream, cfg.shuffle_window, cfg.num_workers, self.log)
         self.evaluator.prepare()
 
     def _build(self, spec: StudentConfig) -> Student:
