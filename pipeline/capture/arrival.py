@@ -30,12 +30,20 @@ class Runs:
         self.last, self.current, self.count, self.squares, self.rows, self.longest = None, 0, 0, 0, 0, 0
 
     def add(self, values: np.ndarray) -> None:
-        for v in np.asarray(values).tolist():
-            if v == self.last:
-                self.current += 1
-                continue
+        v = np.asarray(values)
+        if not len(v):
+            return
+        cuts = np.flatnonzero(v[1:] != v[:-1]) + 1  # where a new run starts within the block
+        lengths = np.diff(np.concatenate([[0], cuts, [len(v)]]))
+        if v[0] == self.last:  # the block's first run continues the open one
+            self.current += int(lengths[0])
+            lengths = lengths[1:]
+        if len(lengths):
             self._close()
-            self.last, self.current = v, 1
+            for n in lengths[:-1].tolist():  # runs that end inside the block
+                self.current = n
+                self._close()
+            self.last, self.current = v[-1].item(), int(lengths[-1])
 
     def _close(self) -> None:
         if self.current:

@@ -71,7 +71,7 @@ class Survey:
     alignment: dict = field(default_factory=dict)  # split -> (len(SHIFTS), 2) [hits, positions] (`alignment_hits`)
     empty_at: str | None = None  # the first trained position without a real entry
     documents: bool = False  # some row holds several documents (position ids restart inside it): document_mask
-    compression: dict | None = None  # the distillkit layout: its compression settings (one for the whole source)
+    compression: Compression | None = None  # the distillkit layout: its compression (one for the whole source)
     lse: bool = True
     label: bool = True
 
@@ -212,10 +212,10 @@ def survey(s: ImportSettings, st: Storage, splits: dict[str, list[str]], vocab: 
                                 "import one layout at a time")
             out.layout = b.layout
             if b.compression is not None:
-                if out.compression is not None and out.compression != b.compression.to_dict():
+                if out.compression is not None and out.compression != b.compression:
                     raise DataError(f"{b.file}: compressed with other settings than the files before it "
                                     f"({b.compression.describe()}): import one compression at a time")
-                out.compression = b.compression.to_dict()
+                out.compression = b.compression
             t = targets(b)
             _check_block(s, b, t, vocab)
             out.rows_read += b.rows
@@ -226,7 +226,8 @@ def survey(s: ImportSettings, st: Storage, splits: dict[str, list[str]], vocab: 
             rows, tokens = rows + int(kept.sum()), tokens + int(n[kept].sum())
             out.duplicates += int((~kept).sum())
             # the statistics of the rows the cache keeps (a duplicate row is read, checked, and not counted again)
-            t = replace(t, target=t.target & np.repeat(kept, n))
+            kept_positions = np.repeat(kept, n)
+            t = replace(t, target=t.target & kept_positions)
             k = t.counts[t.target]
             if out.empty_at is None and (k == 0).any():
                 out.empty_at = b.where(int(np.flatnonzero(t.target & (t.counts == 0))[0]))
@@ -247,7 +248,7 @@ def survey(s: ImportSettings, st: Storage, splits: dict[str, list[str]], vocab: 
             if b.positions is not None:
                 restart = b.positions == 0
                 restart[b.starts[:-1][n > 0]] = False  # a row's own start
-                out.documents |= bool((restart & np.repeat(kept, n)).any())
+                out.documents |= bool((restart & kept_positions).any())
             out.lse &= b.lse is not None and bool(np.isfinite(b.lse[t.target]).all())
             out.label &= bool(np.isfinite(t.label_lp[t.target]).all())
         out.rows[split], out.tokens[split] = rows, tokens
@@ -325,14 +326,5 @@ def decide(s: ImportSettings, sv: Survey, vocab: int) -> dict:
             "mean_mass": sv.mean_mass(k), "rows_read": sv.rows_read, "duplicate_rows": sv.duplicates,
             "alignment": {split: shares(hits) for split, hits in sv.alignment.items()},
             "alignment_checked": s.check_alignment,
-            **({"compression": sv.compression,
-                "exact_entries": _exact_entries(Compression.from_dict(sv.compression), k)} if sv.compression else {})}
-
-
-def _exact_entries(c: Compression, k: int) -> int:
-    """Of the k entries kept per position, the leading ones a DistillKit source stored so that the cache's float16
-    holds them as the teacher gave them: ranks up to exact_k in float32 or float64 (deltas summed back in float32
-    err far below float16's step), or in float16 without deltas. bfloat16 keeps 8 bits of mantissa, float16 11:
-    such values are rounded beyond what the cache keeps."""
-    exact = c.exact_dtype in ("float32", "float64") or (c.exact_dtype == "float16" and not c.delta_encoding)
-    return min(k, c.exact_k) if exact else 0
+            **({"compression": sv.compression.to_dict(), "exact_entries": min(k, sv.compression.exact_ranks)}
+               if sv.compression else {})}

@@ -131,6 +131,14 @@ class Compression:
         """Every value stored as itself in float32 or wider: what the cache's float16 keeps, exactly."""
         return self.exact_k == self.k and not self.delta_encoding and self.exact_dtype in ("float32", "float64")
 
+    @property
+    def exact_ranks(self) -> int:
+        """The leading ranks stored so that a float16 cache holds them as the teacher gave them: up to exact_k in
+        float32 or float64 (deltas summed back in float32 err far below float16's step), or in float16 without
+        deltas; none in bfloat16 (8 bits of mantissa against float16's 11) or in float16 deltas."""
+        exact = self.exact_dtype in ("float32", "float64") or (self.exact_dtype == "float16" and not self.delta_encoding)
+        return self.exact_k if exact else 0
+
     def describe(self) -> str:
         tail = self.k - self.exact_k
         return (f"ranks 1..{self.exact_k} stored as {self.exact_dtype}"

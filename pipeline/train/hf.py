@@ -32,7 +32,7 @@ from . import terms
 from ..config import DEFAULT_SHUFFLE_WINDOW
 from .batches import EpochPlan
 from .fetch import SplitReader
-from .reader import FLOAT_FIELDS, ROW_FIELDS
+from .reader import FLOAT_FIELDS, row_dtypes, widened
 from .signal import Wiring
 from .step import step_losses
 from .students import check_output_rows
@@ -114,8 +114,7 @@ class CacheDataset(torch.utils.data.Dataset):
         if missing:
             raise StudentError(f"{self.cache.root}: no field {missing} (has: {', '.join(m.dense_fields)})")
         self.n = m.splits[split].rows
-        self.row_fields = {"input_ids": np.int64, "length": np.int64} | {
-            c: dtype for c, dtype in ROW_FIELDS.items() if c in m.fields}
+        self.row_fields = row_dtypes(m)
         self._reader: tuple[tuple, SplitReader] | None = None  # ((process, whole shards, shards held), reader)
         self.whole_shards, self.hold_shards = False, 2  # (`sampler` sets them for its window)
 
@@ -143,9 +142,7 @@ class CacheDataset(torch.utils.data.Dataset):
         reader = self.reader()
         cols = reader.columns(rows, self.row_fields)  # (rows in a random order: a read per row; see `sampler`)
         for f, a in reader.dense(rows, self.fields).items():
-            if a.dtype == np.uint16 and f in ("topk_ids", "sample_ids", "sample_counts"):
-                a = a.astype(np.int32)  # ids of vocabularies <= 65,536 are stored as uint16
-            cols[f] = a
+            cols[f] = widened(f, a)
         return [{c: v[i] for c, v in cols.items()} for i in range(len(rows))]
 
     def __getitem__(self, i: int) -> dict:

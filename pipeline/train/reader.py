@@ -26,6 +26,18 @@ ROW_FIELDS = {"loss_mask": np.bool_, "position_ids": np.int64, "labels": np.int6
 FLOAT_FIELDS = {"topk_logprobs", "logsumexp", "target_logprob", "logsumexp_tempered", "attentions", "sample_logprobs",
                 "hidden_scale", "class_logprobs", "class_logsumexp", "class_logsumexp_tempered"}
 # to float32 here; hidden_states and final_hidden are decoded on the device
+WIDENED = ("topk_ids", "sample_ids", "sample_counts")  # stored as uint16 for vocabularies <= 65,536: read as int32
+
+
+def row_dtypes(manifest) -> dict:
+    """{rows.parquet column: the dtype a batch holds it in} of the columns a batch carries."""
+    return {"input_ids": np.int64, "length": np.int64} | {
+        name: dtype for name, dtype in ROW_FIELDS.items() if name in manifest.fields}
+
+
+def widened(field: str, arr: np.ndarray) -> np.ndarray:
+    """A dense field as batches hold it: ids (and counts) stored as uint16 widened to int32."""
+    return arr.astype(np.int32) if arr.dtype == np.uint16 and field in WIDENED else arr
 
 
 class CacheBatches(torch.utils.data.IterableDataset):
@@ -113,17 +125,14 @@ class CacheBatches(torch.utils.data.IterableDataset):
         window = window_of(self.scheme) if self.scheme is not None and self.shuffle else 1
         # see fetch.py; a batch no larger than a window straddles two windows at most (a larger one reads more)
         reader = SplitReader(self.cache, self.split, whole_shards=self.indices is None, hold_shards=window + 1)
-        row_fields = {"input_ids": np.int64, "length": np.int64} | {
-            name: dtype for name, dtype in ROW_FIELDS.items() if name in self.cache.manifest.fields}
+        row_fields = row_dtypes(self.cache.manifest)
         for b in mine:
             cols = reader.columns(b.rows, row_fields)
             out = {"input_ids": torch.from_numpy(cols.pop("input_ids")), "length": torch.from_numpy(cols.pop("length")),
                    "row": torch.from_numpy(b.rows.astype(np.int64)), "batch_index": b.index,
                    **{name: torch.from_numpy(a) for name, a in cols.items()}}
             for f, arr in reader.dense(b.rows, self.fields).items():
-                if arr.dtype == np.uint16 and f in ("topk_ids", "sample_ids", "sample_counts"):
-                    arr = arr.astype(np.int32)  # ids of vocabularies <= 65,536 (and counts) are stored as uint16
-                t = torch.from_numpy(np.ascontiguousarray(arr))
+                t = torch.from_numpy(np.ascontiguousarray(widened(f, arr)))
                 out[f] = t.float() if f in FLOAT_FIELDS else t
             yield out if self.position_axes is None else self._trimmed(out)
 
