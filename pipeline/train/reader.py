@@ -154,12 +154,12 @@ def window_bytes(cache: Cache, split: str, fields: list[str], window: int) -> in
     shards: window + 1 shards' rows of the dense fields it reads (float fields as float32) and of the row columns,
     uncompressed. An estimate, for `check_window`."""
     m = cache.manifest
-    per_row = 0
-    for name in list(fields) + ["input_ids", "length"] + [c for c in ROW_FIELDS if c in m.fields]:
-        f = m.fields[name]
-        size = 4 if name in FLOAT_FIELDS else np.dtype(f.dtype).itemsize
-        size = 8 if name in ("input_ids", "length") or name in ROW_FIELDS else size  # read as int64
-        per_row += int(np.prod(f.shape[split][1:], dtype=np.int64)) * size
+    held = {name: np.dtype(dtype) for name, dtype in row_dtypes(m).items()}
+    for name in fields:  # as batches hold them: floats as float32, uint16 ids as int32
+        stored = np.dtype(m.fields[name].dtype)
+        held[name] = np.dtype(np.float32) if name in FLOAT_FIELDS else widened(name, np.zeros(0, stored)).dtype
+    per_row = sum(int(np.prod(m.fields[name].shape[split][1:], dtype=np.int64)) * dtype.itemsize
+                  for name, dtype in held.items())
     return per_row * m.capture.rows_per_shard * (window + 1)
 
 
