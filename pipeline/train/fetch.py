@@ -37,7 +37,6 @@ class SplitReader:
         self._arrays: dict[tuple[int, str], object] = {}
         self._chunks: OrderedDict = OrderedDict()  # (part, field, chunk) -> array
         self.chunks_read = 0  # chunks decompressed so far (for tests and benchmarks)
-        self.row_groups_read = 0
 
     def _part_of(self, rows: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.part_starts, rows, side="right") - 1
@@ -58,7 +57,6 @@ class SplitReader:
             with damaged(self.cache, f"{self.parts[p].path}/{ROWS_FILE}"):
                 t = self._file(p)[0].read_row_group(g, columns=names)
             self._last_group = (key, {n: row_values(t, n, dtypes[n]) for n in names})
-            self.row_groups_read += 1
         return self._last_group[1]
 
     def _shard(self, p: int, shard: int, names: list[str], dtypes: dict) -> dict:
