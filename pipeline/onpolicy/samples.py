@@ -108,15 +108,19 @@ def identical_draws(folder: str | Path) -> int:
     """Rows of a finished samples folder whose token ids (prompt and completion) equal an earlier row's: the same
     completion drawn again for a prompt. Each is scored and trained as its own row (the loop keys rows by prompt
     and sample); this counts how often the student repeated itself."""
-    import hashlib
+    import tempfile
 
     import pyarrow.parquet as pq
 
-    seen, repeats = set(), 0
-    for part in read_samples(folder)["parts"]:
-        table = pq.read_table(Path(folder) / part["path"], columns=["input_ids"])
-        for ids in table.column("input_ids").to_numpy(zero_copy_only=False):
-            digest = hashlib.blake2b(np.asarray(ids, "<i4").tobytes(), digest_size=16).digest()
-            repeats += digest in seen
-            seen.add(digest)
+    from ..capture.rowfiles import KeyStore
+    from ..capture.rows import content_key
+
+    repeats = 0
+    with tempfile.TemporaryDirectory(prefix="distill-draws-") as tmp:
+        seen = KeyStore(Path(tmp) / "keys.sqlite")  # on disk: memory does not grow with the samples
+        for part in read_samples(folder)["parts"]:
+            table = pq.read_table(Path(folder) / part["path"], columns=["input_ids"])
+            for ids in table.column("input_ids").to_numpy(zero_copy_only=False):
+                repeats += not seen.add(content_key(ids), "main")
+        seen.close()
     return repeats
