@@ -485,3 +485,16 @@ def test_refusals_of_students(caches, classifiers, tokenizer_dir, tmp_path):
             "tasks": [{"name": "a", "cache": str(seq_cache)}, {"name": "b", "cache": str(caches[("bert", "token")])}],
             "output_dir": str(tmp_path / "mix"), "device": "cpu", "max_steps": 1,
             "students": [{"name": "s", "arch": ARCH, "losses": {"ce": 1.0}}]}), log=lambda m: None, progress=False)
+
+
+def test_the_trainer_loss_refuses_a_classifier_of_other_labels(caches, tokenizer_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.errors import DistillError
+    from pipeline.train.hf import CacheDataset, collate
+
+    ds = CacheDataset(str(caches[("bert", "sequence")]), "train", {"ce": 1.0})
+    two = AutoModelForSequenceClassification.from_pretrained(
+        make_classifier(tokenizer_dir, tmp_path / "two", "bert", "sequence", ["a", "b"]))
+    with pytest.raises(DistillError, match=r"the model has 2 labels, the cache's sequence-classification teacher 3"):
+        ds.loss(two, collate([ds[0], ds[1]]))

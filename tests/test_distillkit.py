@@ -290,3 +290,20 @@ def test_a_compression_config_that_is_not_yaml_is_one_error(source, llama_dir, t
     (tmp_path / "dk" / "compression_config.yaml").write_text("d: [1, 2\n")
     with pytest.raises(DataError, match="compression_config.yaml: not YAML"):
         run_import(ImportSettings(str(tmp_path / "dk"), str(tmp_path / "c"), str(llama_dir)), log=lambda m: None)
+
+
+def test_distillkit_rows_and_files_that_disagree_are_refused(source, llama_dir, tmp_path):
+    rows, lps = source
+    write_distillkit(tmp_path / "dk", rows[:2], lps[:2], LOSSLESS)
+    t = pq.read_table(tmp_path / "dk" / "data_0.parquet")
+    ids = t.column("input_ids").to_pylist()
+    ids[1] = ids[1] + [5, 6]  # two tokens more than its positions allow
+    pq.write_table(t.set_column(0, "input_ids", pa.array(ids, pa.list_(pa.uint64()))), tmp_path / "dk" / "data_0.parquet")
+    with pytest.raises(DataError, match=r"row 1: \d+ compressed positions for \d+ tokens"):
+        run_import(ImportSettings(str(tmp_path / "dk"), str(tmp_path / "c"), str(llama_dir)), log=lambda m: None)
+    # two split folders of one source, compressed differently
+    write_distillkit(tmp_path / "two" / "train", rows[:2], lps[:2], LOSSLESS)
+    write_distillkit(tmp_path / "two" / "validation", rows[2:4], lps[2:4], LOSSY)
+    with pytest.raises(DataError, match="compressed with other settings than the files before it"):
+        run_import(ImportSettings(str(tmp_path / "two"), str(tmp_path / "c2"), str(llama_dir)), log=lambda m: None)
+    assert not (tmp_path / "c" / "manifest.json").exists() and not (tmp_path / "c2" / "manifest.json").exists()

@@ -585,3 +585,15 @@ def test_the_mean_mass_is_the_k_kept_entries_over_the_trained_positions(teacher_
     m = c.manifest
     assert m.imported.mean_mass == pytest.approx(mass / n, rel=1e-7)  # the source's float32 log-probs
     assert m.stats.mean_topk_mass == pytest.approx(mass / n, rel=1e-7)
+
+
+def test_a_trained_position_without_a_real_entry_is_refused(teacher_rows, llama_dir, tmp_path):
+    rows, lps = teacher_rows
+    t = axolotl_table(rows, lps)
+    lp = t.column("target_logprobs").to_pylist()
+    lp[2][3] = [float("-inf")] * K  # no target, yet trained (no mask, no -100 label)
+    pq.write_table(t.set_column(2, "target_logprobs", pa.array(lp)), tmp_path / "e.parquet")
+    with pytest.raises(DataError, match=r"row 2 position 3: a trained position holds no real target entry"):
+        run_import(ImportSettings(str(tmp_path / "e.parquet"), str(tmp_path / "c"), str(llama_dir)),
+                   log=lambda m: None)
+    assert not (tmp_path / "c" / "manifest.json").exists()

@@ -360,3 +360,10 @@ def test_every_draw_is_a_row_and_eval_prompts_must_be_held_out(llama_dir, corpus
                               eval_prompts={"source": "json", "data_files": [str(corpus)], "seq_len": 40,
                                             "max_documents": 4}), progress=False, log=lambda m: None)
     assert not (tmp_path / "leak" / "round-001").exists()
+
+
+def test_key_columns_need_rows_given_as_tokens(corpus):
+    from pipeline.config import DataConfig
+
+    with pytest.raises(Exception, match="key_columns key rows given as token ids"):
+        DataConfig(source="json", data_files=[str(corpus)], key_columns=["source"])
