@@ -18,7 +18,9 @@ from .errors import ConfigError
 from .overrides import merge_overrides
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """The base of every settings model: unknown keys are refused, values are frozen."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -27,7 +29,7 @@ DEFAULT_SHUFFLE_WINDOW = 16  # shards a student's reader shuffles together (stag
 Task = Literal["causal-lm", "sequence-classification", "token-classification"]
 
 
-class TeacherConfig(_Strict):
+class TeacherConfig(Strict):
     model: str = Field(description="Hugging Face id, local directory (safetensors), or path to a .gguf file")
     gguf_file: str | None = Field(None, description="GGUF file name inside `model` (a folder or hub id)")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
@@ -43,7 +45,7 @@ class TeacherConfig(_Strict):
                                                "(token-classification)")
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     source: str = Field(
         description="a datasets hub id, or a loader for local files: 'text', 'json', 'parquet', 'arrow'"
     )
@@ -137,7 +139,7 @@ class DataConfig(_Strict):
         return self
 
 
-class CaptureConfig(_Strict):
+class CaptureConfig(Strict):
     top_k: int = Field(64, gt=0, description="teacher log-probs kept per position")
     temperatures: list[float] = Field(
         default_factory=list, description="extra temperatures whose logsumexp is stored (T=1 always is)"
@@ -205,7 +207,7 @@ class CaptureConfig(_Strict):
         return self
 
 
-class OutputConfig(_Strict):
+class OutputConfig(Strict):
     dir: str = Field(description="cache directory to write: a local path, or any fsspec URL (s3://bucket/prefix, ...)")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for a URL dir")
     overwrite: bool = Field(False, description="replace a finished cache whose settings differ")
@@ -220,7 +222,7 @@ class OutputConfig(_Strict):
         return self
 
 
-class TeacherCacheConfig(_Strict):
+class TeacherCacheConfig(Strict):
     """All settings of `distill teacher-cache`."""
 
     teacher: TeacherConfig
@@ -258,7 +260,7 @@ class TeacherCacheConfig(_Strict):
 LayerMap = Literal["uniform", "last_k"] | list[tuple[int, int]]
 
 
-class StudentArch(_Strict):
+class StudentArch(Strict):
     """A smaller model of the teacher's family, random-initialised."""
 
     num_layers: int = Field(gt=0, description="decoder layers")
@@ -279,7 +281,7 @@ class StudentArch(_Strict):
         return self
 
 
-class StudentConfig(_Strict):
+class StudentConfig(Strict):
     """One student: its model, its losses, its optimiser."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="also the output folder's name")
@@ -331,7 +333,7 @@ class StudentConfig(_Strict):
         return self
 
 
-class TaskConfig(_Strict):
+class TaskConfig(Strict):
     """One cache of a multi-task run."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="the task's name in metrics and reports")
@@ -339,7 +341,7 @@ class TaskConfig(_Strict):
     weight: float = Field(1.0, gt=0, description="share of training batches drawn from this cache")
 
 
-class StudentRunConfig(_Strict):
+class StudentRunConfig(Strict):
     """All settings of `distill student`: one read of the cache feeds every student."""
 
     cache: str | None = Field(None, description="a finished teacher cache")

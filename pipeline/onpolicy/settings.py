@@ -7,16 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from ..config import CaptureConfig, DataConfig, StudentRunConfig, TaskConfig, TeacherConfig, describe_invalid
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from ..config import (CaptureConfig, DataConfig, Strict, StudentRunConfig, TaskConfig, TeacherConfig,
+                      describe_invalid)
 
 
-class SamplingConfig(_Strict):
+class SamplingConfig(Strict):
     """How `distill generate` samples completions."""
 
     max_new_tokens: int = Field(128, gt=0, description="tokens sampled per completion at most (it ends earlier at "
@@ -50,12 +47,12 @@ class GeneratorConfig(TeacherConfig):
     task: Literal["causal-lm"] = Field("causal-lm", description="only causal LMs sample completions")
 
 
-class SamplesOutputConfig(_Strict):
+class SamplesOutputConfig(Strict):
     dir: str = Field(description="a local folder: Parquet parts of token ids and generation.json")
     overwrite: bool = Field(False, description="replace samples made with other settings")
 
 
-class GenerateConfig(_Strict):
+class GenerateConfig(Strict):
     """All settings of `distill generate`."""
 
     generator: GeneratorConfig = Field(description="the model that samples (its keys are the teacher's)")
@@ -75,7 +72,7 @@ class GenerateConfig(_Strict):
         return self
 
 
-class OnPolicyConfig(_Strict):
+class OnPolicyConfig(Strict):
     """All settings of `distill onpolicy`: rounds of generate -> score -> train."""
 
     dir: str = Field(description="local folder of the run: each round's samples and student, and the loop's state")
