@@ -28,7 +28,9 @@ import torch  # noqa: E402
 
 from pipeline import models  # noqa: E402
 from pipeline.capture.rows import prepare  # noqa: E402
-from pipeline.capture.run import run_capture, teacher_device, writer_threads  # noqa: E402
+from pipeline.capture.run import run_capture  # noqa: E402
+from pipeline.capture.shards import writer_threads  # noqa: E402
+from pipeline.capture.teacher import teacher_device  # noqa: E402
 from pipeline.config import TeacherCacheConfig, load_config  # noqa: E402
 
 

@@ -50,9 +50,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.capture import run as capture_run  # noqa: E402
-from pipeline.capture.run import TeacherFacts, capture_specs, run_shards  # noqa: E402
+from pipeline.capture import shards as capture_shards  # noqa: E402
+from pipeline.capture.shards import run_shards  # noqa: E402
 from pipeline.capture.targets import Done, TeacherTargets  # noqa: E402
+from pipeline.capture.teacher import TeacherFacts, capture_specs  # noqa: E402
 from pipeline.config import TeacherCacheConfig  # noqa: E402
 from pipeline.format import writer as writer_module  # noqa: E402
 from pipeline.format.index import field_of  # noqa: E402
@@ -366,8 +367,8 @@ def timed_pieces(writer: CacheWriter):
                 times[name] = times.get(name, 0.0) + time.perf_counter() - t0
         return wrapped
 
-    saved = (capture_run.shard_stats, writer_module.sync_file, writer_module.write_json, TeacherTargets.concat)
-    capture_run.shard_stats = timed("shard_stats", saved[0])
+    saved = (capture_shards.shard_stats, writer_module.sync_file, writer_module.write_json, TeacherTargets.concat)
+    capture_shards.shard_stats = timed("shard_stats", saved[0])
     writer_module.sync_file = timed("fsync (files, dirs)", saved[1])
     writer_module.write_json = timed("commit record", saved[2])
     TeacherTargets.concat = staticmethod(timed("concat batches", saved[3]))
@@ -376,7 +377,7 @@ def timed_pieces(writer: CacheWriter):
     try:
         yield times
     finally:
-        capture_run.shard_stats, writer_module.sync_file, writer_module.write_json = saved[:3]
+        capture_shards.shard_stats, writer_module.sync_file, writer_module.write_json = saved[:3]
         TeacherTargets.concat = staticmethod(saved[3])
     inside = sum(v for k, v in times.items() if k in ("fsync (files, dirs)", "commit record", "sha256 read-back"))
     times["zarr encode + write"] = times.pop("write_shard") - inside

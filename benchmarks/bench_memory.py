@@ -36,10 +36,11 @@ def student_step(vocab: int, batch: int, seq: int, block_mib: int) -> dict:
     import torch
     import transformers
 
-    from pipeline.config import StudentConfig
+    from pipeline.student_config import StudentConfig
     from pipeline.train import terms
     from pipeline.train.signal import TeacherSignal, Wiring
-    from pipeline.train.step import StudentModule, forward
+    from pipeline.train.students import StudentModule
+    from pipeline.train.step import forward
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=192, intermediate_size=768, num_hidden_layers=4,

@@ -18,7 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import StudentRunConfig, load_config  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.student_config import StudentRunConfig
 from pipeline.train.recipe import train_students  # noqa: E402
 
 
@@ -31,7 +32,7 @@ def main() -> None:
     t0 = time.perf_counter()
     reports = train_students(cfg, progress=False)
     print(f"\n{len(reports)} students, {cfg.max_steps} steps x batch {cfg.batch_size}, one read, "
-          f"{time.perf_counter() - t0:.0f}s in all; validation split of {cfg.cache or [t.cache for t in cfg.tasks]}")
+          f"{time.perf_counter() - t0:.0f}s in all; validation split of {cfg.cache or [t.cache for t in cfg.sources]}")
     print("| student | params | losses | init | val NLL | top-1 agreement | KL |")
     print("|---|---|---|---|---|---|---|")
     for r in reports:

@@ -129,7 +129,7 @@ def onpolicy_settings(args, out: Path, seed: int, mix: bool, exact: bool = False
 
 
 def offline_run(args, out: Path, seed: int):
-    from pipeline.config import StudentRunConfig
+    from pipeline.student_config import StudentRunConfig
 
     steps = args.rounds * args.steps
     return StudentRunConfig.model_validate({

@@ -201,10 +201,14 @@ def build_cache(work: Path, shards: int, writers: int = 2, **shape) -> tuple[Pat
 
 
 def _layout(settings_json: str, plan_file: str) -> None:
+    from dataclasses import replace
+
+    import torch
+
     from pipeline.capture.output import prepare_output
     from pipeline.capture.plan import build_plan
     from pipeline.capture.rows import prepare
-    from pipeline.capture.run import capture_specs, describe_teacher
+    from pipeline.capture.teacher import capture_specs, describe_teacher
     from pipeline.config import TeacherCacheConfig
     from pipeline.format.storage import Storage
 
@@ -212,7 +216,8 @@ def _layout(settings_json: str, plan_file: str) -> None:
     teacher = describe_teacher(cfg)
     prepared = prepare(cfg.data, teacher.tokenizer, shard_rows=cfg.capture.rows_per_shard)
     specs = capture_specs(cfg, teacher)
-    plan = build_plan(cfg, teacher.spec, teacher.tokenizer, prepared, [], [], specs, "cpu", "synthetic")
+    plan = build_plan(cfg, replace(teacher, hidden=[], attention=[], device=torch.device("cpu")), prepared, specs,
+                      "synthetic")
     st = Storage(cfg.output.dir)
     st.local_path().mkdir(parents=True, exist_ok=True)
     outcome = prepare_output(cfg, st, plan, None, prepared, specs, teacher.tokenizer, lambda m: None)
@@ -222,7 +227,7 @@ def _layout(settings_json: str, plan_file: str) -> None:
 
 
 def _writer(plan_file: str):
-    from pipeline.capture.run import capture_specs, describe_teacher
+    from pipeline.capture.teacher import capture_specs, describe_teacher
     from pipeline.config import TeacherCacheConfig
     from pipeline.format import CacheWriter, Manifest
 
@@ -256,11 +261,9 @@ def _write(plan_file: str, k: str, n: str) -> None:
 
 
 def _finalize(plan_file: str) -> None:
-    from pipeline.capture.run import Tally
-
     writer, _ = _writer(plan_file)
     writer.create_arrays()
-    writer.finalize(Tally(writer.plan))
+    writer.finalize()
 
 
 def _op(kind: str, path: str) -> None:
@@ -270,7 +273,7 @@ def _op(kind: str, path: str) -> None:
     from pipeline.format.writer import committed_shards
 
     if kind in ("first_batch", "steady"):
-        from pipeline.train.reader import CacheBatches, make_loader
+        from pipeline.train.dataset import CacheBatches, make_loader
     t0 = time.perf_counter()
     extra = {}
     if kind == "open":

@@ -27,12 +27,14 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from pipeline.config import StudentRunConfig, load_config  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.student_config import StudentRunConfig
 from pipeline.format import Cache  # noqa: E402
 from pipeline.format.share import pull, push  # noqa: E402
-from pipeline.train.reader import CacheBatches, make_loader  # noqa: E402
-from pipeline.train.students import build_student  # noqa: E402
-from pipeline.train.step import make_optimizer, step_losses  # noqa: E402
+from pipeline.train.dataset import CacheBatches, make_loader  # noqa: E402
+from pipeline.train.student_init import build_student  # noqa: E402
+from pipeline.train.students import make_optimizer  # noqa: E402
+from pipeline.train.step import step_losses  # noqa: E402
 from pipeline.train.terms import fields_for  # noqa: E402
 
 

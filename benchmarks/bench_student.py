@@ -31,13 +31,15 @@ import torch  # noqa: E402
 
 from pipeline.train import losses  # noqa: E402
 from pipeline.format import Cache  # noqa: E402
-from pipeline.config import StudentRunConfig, TeacherConfig, load_config  # noqa: E402
-from pipeline.train.reader import CacheBatches, make_loader  # noqa: E402
-from pipeline.train.students import build_student  # noqa: E402
+from pipeline.config import TeacherConfig, load_config  # noqa: E402
+from pipeline.student_config import StudentRunConfig
+from pipeline.train.dataset import CacheBatches, make_loader  # noqa: E402
+from pipeline.train.student_init import build_student  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
-from pipeline.train.evaluate import evaluate  # noqa: E402
+from pipeline.train.metrics import evaluate  # noqa: E402
 from pipeline.train.recipe import train_students  # noqa: E402
-from pipeline.train.step import make_optimizer, step_losses  # noqa: E402
+from pipeline.train.students import make_optimizer  # noqa: E402
+from pipeline.train.step import step_losses  # noqa: E402
 from pipeline.train.signal import batch_masks  # noqa: E402
 from pipeline.train.terms import TOPK_FIELDS  # noqa: E402
 

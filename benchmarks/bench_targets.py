@@ -37,15 +37,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.capture.run import run_capture  # noqa: E402
-from pipeline.config import StudentConfig, StudentRunConfig, TeacherCacheConfig, load_config  # noqa: E402
+from pipeline.config import TeacherCacheConfig, load_config  # noqa: E402
+from pipeline.student_config import StudentConfig, StudentRunConfig
 from pipeline.format import Cache  # noqa: E402
 from pipeline.train import terms  # noqa: E402
-from pipeline.train.evaluate import evaluate  # noqa: E402
+from pipeline.train.metrics import evaluate  # noqa: E402
 from pipeline.train.head import TeacherHead  # noqa: E402
-from pipeline.train.reader import CacheBatches, make_loader  # noqa: E402
+from pipeline.train.dataset import CacheBatches, make_loader  # noqa: E402
 from pipeline.train.recipe import train_students
 from pipeline.train.step import step_losses  # noqa: E402
-from pipeline.train.students import build_student  # noqa: E402
+from pipeline.train.student_init import build_student  # noqa: E402
 
 STUDENT = {"from_teacher": 6, "lr": 1e-3, "warmup_steps": 10}
 

@@ -54,7 +54,7 @@ def make_tokenizer() -> None:
 def run_config(variant: str, seed: int, out: Path, max_steps: int | None = None):
     import tomllib
 
-    from pipeline.config import StudentRunConfig
+    from pipeline.student_config import StudentRunConfig
 
     base = tomllib.loads((ROOT / "data" / "configs" / "student.toml").read_text())
     student = dict(base["students"][0])
@@ -117,9 +117,9 @@ def timing(steps: int = 30, warmup: int = 5) -> None:
     times = {v: [] for v in VARIANTS}
     for i in range(steps + warmup):
         for variant, (r, it) in recipes.items():
-            task, batch = next(it)
+            source, batch = next(it)
             t0 = time.perf_counter()
-            r.micro_step(batch, last=True, task=task)
+            r.micro_step(batch, last=True, source=source)
             r.optimizer_step()
             if i >= warmup:
                 times[variant].append(time.perf_counter() - t0)

@@ -202,7 +202,8 @@ def run_students(seeds: int, steps: int) -> None:
     (best validation accuracy), mean and standard deviation over seeds, and the teacher's own."""
     import statistics
 
-    from pipeline.config import StudentRunConfig, load_config
+    from pipeline.config import load_config
+    from pipeline.student_config import StudentRunConfig
     from pipeline.format import Cache
     from pipeline.train.recipe import train_students
 

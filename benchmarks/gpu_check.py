@@ -56,14 +56,16 @@ import torch  # noqa: E402
 from pipeline import models  # noqa: E402
 from pipeline.capture.rows import prepare  # noqa: E402
 from pipeline.capture.run import run_capture  # noqa: E402
-from pipeline.config import StudentConfig, TeacherCacheConfig, TeacherConfig  # noqa: E402
+from pipeline.config import TeacherCacheConfig, TeacherConfig  # noqa: E402
+from pipeline.student_config import StudentConfig
 from pipeline.errors import TeacherError  # noqa: E402
 from pipeline.format import Cache, verify  # noqa: E402
 from pipeline.train import terms  # noqa: E402
 from pipeline.train.head import TeacherHead  # noqa: E402
-from pipeline.train.reader import CacheBatches, make_loader  # noqa: E402
-from pipeline.train.step import make_optimizer, step_losses  # noqa: E402
-from pipeline.train.students import build_student  # noqa: E402
+from pipeline.train.dataset import CacheBatches, make_loader  # noqa: E402
+from pipeline.train.students import make_optimizer  # noqa: E402
+from pipeline.train.step import step_losses  # noqa: E402
+from pipeline.train.student_init import build_student  # noqa: E402
 
 NO_CUDA = "gpu-check: no CUDA device visible (torch.cuda.is_available() is False); nothing measured"
 SMOLLM2 = REPO / "data/teachers/SmolLM2-135M-Instruct"

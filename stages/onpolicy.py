@@ -13,7 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.config import StudentRunConfig, TeacherCacheConfig, load_config
+from pipeline.config import TeacherCacheConfig, load_config
+from pipeline.student_config import StudentRunConfig
 from pipeline.onpolicy.settings import GenerateConfig, OnPolicyConfig
 from stages.options import ConfigOpt, SetOpt
 

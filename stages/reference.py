@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from pipeline import config
+from pipeline import config, student_config
 from pipeline.onpolicy import settings as onpolicy_settings
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "reference"
@@ -103,10 +103,10 @@ def settings_page() -> str:
                          ("[output]", c.OutputConfig)):
         lines += _section(title, model, "")
     lines += ["# `distill student`", ""]
-    lines += _section("top level", c.StudentRunConfig, "")
-    lines += _section("[[students]]", c.StudentConfig, "")
-    lines += _section("[students.arch]", c.StudentArch, "")
-    lines += _section("[[tasks]]", c.TaskConfig, "")
+    lines += _section("top level", student_config.StudentRunConfig, "")
+    lines += _section("[[students]]", student_config.StudentConfig, "")
+    lines += _section("[students.arch]", student_config.StudentArch, "")
+    lines += _section("[[sources]]", student_config.SourceConfig, "")
     lines += ["# `distill generate`", ""]
     lines += _section("top level", onpolicy_settings.GenerateConfig, "")
     lines += _section("[generator]", onpolicy_settings.GeneratorConfig, "")
@@ -115,7 +115,7 @@ def settings_page() -> str:
     lines += _section("[output]", onpolicy_settings.SamplesOutputConfig, "")
     lines += ["# `distill onpolicy`", "",
               "`[teacher]`, `[prompts]`, `[eval_prompts]` and `[capture]` take the keys of the sections above of the "
-              "same kind; `[sampling]` those of `distill generate`; `[[offline]]` those of `[[tasks]]`; `[student]` "
+              "same kind; `[sampling]` those of `distill generate`; `[[offline]]` those of `[[sources]]`; `[student]` "
               "those of `[[students]]` and `[train]` the top-level keys of `distill student`, less what the loop "
               "sets (see docs: On-policy and continuous distillation).", ""]
     lines += _section("top level", onpolicy_settings.OnPolicyConfig, "")

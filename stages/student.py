@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import typer
 
-from pipeline.config import StudentRunConfig, load_config
+from pipeline.config import load_config
+from pipeline.student_config import StudentRunConfig
 from stages.options import ConfigOpt, SetOpt
 
 

@@ -194,7 +194,7 @@ STUDENT_ARCH = {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_head
 
 def student_run(cache_dir, out, students=None, **kw):
     """A small stage-2 run on a test cache: one 2-layer student (0.5 KD + 0.5 CE) unless given, 6 steps."""
-    from pipeline.config import StudentRunConfig
+    from pipeline.student_config import StudentRunConfig
 
     students = students or [{"name": "s", "arch": STUDENT_ARCH, "losses": {"kd_forward": 0.5, "ce": 0.5},
                              "lr": 3e-3, "warmup_steps": 2}]

@@ -26,13 +26,13 @@ def rich_cache(llama_dir, corpus, tmp_path_factory):
 
 
 def _batch(cache, fields, n=4):
-    from pipeline.train.reader import CacheBatches, make_loader
+    from pipeline.train.dataset import CacheBatches, make_loader
 
     return next(iter(make_loader(CacheBatches(cache, "train", fields, n, shuffle=False))))
 
 
 def _student(cache, spec):
-    from pipeline.train.students import build_student
+    from pipeline.train.student_init import build_student
 
     torch.manual_seed(0)
     return build_student(spec, cache.manifest, cache.tokenizer(), torch.device("cpu")).double()
@@ -53,7 +53,7 @@ def _values_and_grads(cache, model, batch, spec, block_mib):
 def test_every_logit_term_blockwise_equals_the_materialised_computation(rich_cache, temperature):
     """Blocks of 3 positions per row (a row of 48 in 16 blocks, padding and masks falling inside and across
     blocks): every term and the total equal the materialised ones, and so do the gradients of every parameter."""
-    from pipeline.config import StudentConfig
+    from pipeline.student_config import StudentConfig
     from pipeline.train import terms
 
     spec = StudentConfig.model_validate({"name": "s", "arch": STUDENT_ARCH, "losses": LOGIT_TERMS,
@@ -77,7 +77,7 @@ def test_every_logit_term_blockwise_equals_the_materialised_computation(rich_cac
 def test_no_tensor_of_batch_by_length_by_vocabulary_exists(rich_cache):
     """With blocks of 4 positions per row, the autograd graph saves logits (any tensor whose last axis is the
     vocabulary) of at most 4 positions of every row, never the (B, L, V) logits; the materialised run does."""
-    from pipeline.config import StudentConfig
+    from pipeline.student_config import StudentConfig
     from pipeline.train import terms
 
     spec = StudentConfig.model_validate({"name": "s", "arch": STUDENT_ARCH,
@@ -129,11 +129,11 @@ def test_a_student_trains_the_same_with_and_without_blocks(rich_cache, tmp_path)
 def test_evaluation_in_blocks_equals_the_whole_logits(rich_cache, monkeypatch, exact_kl):
     """Every metric of an evaluation made 2 positions of every row at a time equals the one from whole logits
     (the top-K KL, or the exact KL from the cached final hidden states)."""
-    from pipeline.train import evaluate
+    from pipeline.train import metrics
     from pipeline.train.head import TeacherHead
-    from pipeline.train.reader import CacheBatches, make_loader
+    from pipeline.train.dataset import CacheBatches, make_loader
 
-    from pipeline.config import StudentConfig
+    from pipeline.student_config import StudentConfig
 
     spec = StudentConfig.model_validate({"name": "s", "arch": STUDENT_ARCH, "losses": {"ce": 1.0}})
     model = _student(rich_cache, spec)
@@ -141,9 +141,9 @@ def test_evaluation_in_blocks_equals_the_whole_logits(rich_cache, monkeypatch, e
     fields = ["topk_ids", "topk_logprobs", "logsumexp"] + (["final_hidden"] if exact_kl else [])
 
     def run(mib):
-        monkeypatch.setattr(evaluate, "EVAL_BLOCK_MIB", mib)
+        monkeypatch.setattr(metrics, "EVAL_BLOCK_MIB", mib)
         batches = make_loader(CacheBatches(rich_cache, "validation", fields, 4, shuffle=False))
-        return evaluate.evaluate_all({"m": model}, batches, torch.device("cpu"), head)["m"]
+        return metrics.evaluate_all({"m": model}, batches, torch.device("cpu"), head)["m"]
 
     whole = run(2**20)
     blocks = run(2 * 4 * 4 * model.config.vocab_size / 2**20)
@@ -156,9 +156,10 @@ def test_bf16_autocast_on_cpu_follows_the_gpu_semantics(rich_cache):
     """precision = "bf16-autocast" on a CPU: the student's matrix products in bfloat16 (its logits carry bfloat16's
     rounding, relative 2^-8), every loss in float32; the terms stay within bfloat16's error of the float32 run, and
     blocks equal the materialised logits under autocast too."""
-    from pipeline.config import StudentConfig
+    from pipeline.student_config import StudentConfig
     from pipeline.train import terms
-    from pipeline.train.step import StudentModule, forward, step_losses
+    from pipeline.train.students import StudentModule
+    from pipeline.train.step import forward, step_losses
     from pipeline.train.signal import Wiring
 
     spec = StudentConfig.model_validate({"name": "s", "arch": STUDENT_ARCH, "losses": {"ce": 1.0, "kd_forward": 1.0}})

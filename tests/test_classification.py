@@ -18,12 +18,13 @@ from conftest import (SEQ_LABELS, TOKEN_LABELS, capture, classification_settings
 from pipeline.errors import CaptureError
 from pipeline.errors import DataError
 from pipeline.format.layout import IGNORE_INDEX as IGNORE
-from pipeline.config import StudentRunConfig, TeacherCacheConfig
+from pipeline.config import TeacherCacheConfig
+from pipeline.student_config import StudentRunConfig
 from pipeline.format import Cache, row_column, verify
 from pipeline.train import losses
-from pipeline.train.evaluate import entities, evaluate_all
+from pipeline.train.metrics import entities, evaluate_all
 from pipeline.format.layout import row_values
-from pipeline.train.reader import CacheBatches, make_loader
+from pipeline.train.dataset import CacheBatches, make_loader
 from pipeline.train.recipe import train_students
 from pipeline.errors import StudentError
 
@@ -223,7 +224,7 @@ def test_attention_terms_of_an_encoder_cover_every_real_key():
 def test_the_recipe_computes_each_term_on_a_cached_batch_as_the_references_do(caches):
     """step_losses on a real cached batch (float64 student logits from a fixed model) against the loss functions
     applied to the cached fields by hand."""
-    from pipeline.config import StudentConfig
+    from pipeline.student_config import StudentConfig
     from pipeline.train.step import step_losses
 
     cache = Cache(caches[("bert", "token")])
@@ -482,7 +483,7 @@ def test_refusals_of_students(caches, classifiers, tokenizer_dir, tmp_path):
     # two caches of different tasks in one run
     with pytest.raises(StudentError, match="the caches of one run must share the task, its labels and the id"):
         train_students(StudentRunConfig.model_validate({
-            "tasks": [{"name": "a", "cache": str(seq_cache)}, {"name": "b", "cache": str(caches[("bert", "token")])}],
+            "sources": [{"name": "a", "cache": str(seq_cache)}, {"name": "b", "cache": str(caches[("bert", "token")])}],
             "output_dir": str(tmp_path / "mix"), "device": "cpu", "max_steps": 1,
             "students": [{"name": "s", "arch": ARCH, "losses": {"ce": 1.0}}]}), log=lambda m: None, progress=False)
 

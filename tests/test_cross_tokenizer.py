@@ -354,10 +354,10 @@ def test_same_tokenizer_given_explicitly_is_the_same_student(cache_dir, tokenize
 
 
 def test_kd_mapped_on_the_same_tokenizer_equals_kd_forward(cache_dir, tmp_path):
-    from pipeline.config import StudentConfig
-    from pipeline.train.reader import CacheBatches, make_loader
+    from pipeline.student_config import StudentConfig
+    from pipeline.train.dataset import CacheBatches, make_loader
     from pipeline.train.step import step_losses
-    from pipeline.train.students import build_student
+    from pipeline.train.student_init import build_student
 
     c = Cache(cache_dir)
     spec = StudentConfig.model_validate({"name": "s", "arch": STUDENT_ARCH, "losses": {"kd_forward": 1.0,
@@ -405,7 +405,7 @@ def test_corpus_files_are_not_the_student_tokenizers():
 def test_teacher_nll_per_character_against_its_own_forward_pass(cache_dir, llama_dir):
     """The run's reference figure: the teacher's validation NLL per token and per character, checked against a
     float64 forward pass of the teacher and the characters of the decoded rows."""
-    from pipeline.train.evaluate import teacher_metrics
+    from pipeline.train.metrics import teacher_metrics
 
     c = Cache(cache_dir)
     tok = c.tokenizer()
@@ -451,7 +451,7 @@ def test_teacher_targets_land_on_the_aligned_student_positions(cache_dir, studen
     """The signal a cross-tokenizer student's terms read at student position s is the cached teacher's at
     position align[s], on every per-position field: top-K ids (B, L, K), hidden states (B, n, L, d) and attention
     maps on both their query and key axes (B, n, H, L, L)."""
-    from pipeline.train.reader import CacheBatches, make_loader
+    from pipeline.train.dataset import CacheBatches, make_loader
     from pipeline.train.signal import TeacherSignal
 
     c = Cache(cache_dir)

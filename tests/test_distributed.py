@@ -3,7 +3,7 @@
 - capture: 2 ranks write the same bytes as 1 process (every file; the manifest but for its timing),
   also when a rank is killed mid-capture and the job is rerun (on 2 ranks, or on 1);
 - students: 2 DDP ranks reach the weights and metrics of 1 process with the same global batch
-  (two students, mutual learning, a hidden-state term through projections, two tasks), and a
+  (two students, mutual learning, a hidden-state term through projections, two sources), and a
   2-rank run killed after a step resumes on 2 ranks to the same weights.
 """
 
@@ -20,7 +20,7 @@ import torch
 from conftest import STUDENT_ARCH as ARCH
 from conftest import capture, settings, write_toml
 
-from pipeline.config import StudentRunConfig
+from pipeline.student_config import StudentRunConfig
 from pipeline.format import verify
 from pipeline.train.recipe import train_students
 
@@ -128,7 +128,7 @@ def _student_cfg(cache: Path, out: Path, **kw) -> dict:
         {"name": "ce", "arch": {**ARCH, "hidden_size": 16, "intermediate_size": 32}, "losses": {"ce": 1.0},
          "lr": 3e-3, "warmup_steps": 2},
     ]
-    return {"tasks": [{"name": "a", "cache": str(cache), "weight": 2.0}, {"name": "b", "cache": str(cache)}],
+    return {"sources": [{"name": "a", "cache": str(cache), "weight": 2.0}, {"name": "b", "cache": str(cache)}],
             "output_dir": str(out), "students": students, "batch_size": 2, "max_steps": 6, "eval_every": 3,
             "log_every": 2, "checkpoint_every": 2, "mutual_weight": 0.3, "num_workers": 2, "device": "cpu", **kw}
 

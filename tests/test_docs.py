@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from pipeline.config import StudentRunConfig, TeacherCacheConfig, load_config
+from pipeline.config import TeacherCacheConfig, load_config
+from pipeline.student_config import StudentRunConfig
 from pipeline.onpolicy.settings import GenerateConfig, OnPolicyConfig
 from pipeline.train.terms import check_losses
 
@@ -62,10 +63,11 @@ def test_the_generated_reference_is_current():
 
     assert reference.stale() == [], "run: python -m stages.reference"
     settings = (REPO / "docs/reference/settings.md").read_text()
-    from pipeline import config
+    from pipeline import config, student_config
 
     sections = (config.TeacherConfig, config.DataConfig, config.CaptureConfig, config.OutputConfig,
-                config.StudentRunConfig, config.StudentConfig, config.StudentArch, config.TaskConfig)
+                student_config.StudentRunConfig, student_config.StudentConfig, student_config.StudentArch,
+                student_config.SourceConfig)
     for model in sections:  # every key is there, with its description
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no description for the reference"

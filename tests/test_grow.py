@@ -14,10 +14,10 @@ import pytest
 from conftest import all_files, as_legacy, capture, make_llama, settings
 
 from pipeline.errors import CaptureError
-from pipeline.config import StudentRunConfig
+from pipeline.student_config import StudentRunConfig
 from pipeline.format import Cache, CacheError, CacheWriter, verify
 from pipeline.format.share import pull
-from pipeline.train.reader import CacheBatches, make_loader
+from pipeline.train.dataset import CacheBatches, make_loader
 from pipeline.train.recipe import train_students
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,7 +195,7 @@ def test_student_continues_on_the_grown_cache(grown, tmp_path):
     import torch
 
     state = torch.load(tmp_path / "s" / "s" / "checkpoint" / "state.pt", weights_only=True)
-    assert state["run"]["stream"]["tasks"]["default"]["epoch"] >= 1  # a new epoch, over the grown train split
+    assert state["run"]["stream"]["sources"]["default"]["epoch"] >= 1  # a new epoch, over the grown train split
     with pytest.raises(Exception, match="other settings"):  # anything else that changed is still refused
         train_students(cfg(12).model_copy(update={"seed": 5}), log=logs.append, progress=False)
 

@@ -11,7 +11,7 @@ from conftest import capture, settings
 
 from pipeline.errors import DistillError
 from pipeline.train.hf import CacheDataset, DistillTrainer, collate
-from pipeline.train.reader import CacheBatches
+from pipeline.train.dataset import CacheBatches
 from pipeline.train.signal import Wiring
 from pipeline.train.step import step_losses
 
@@ -215,7 +215,8 @@ def _source_cache(llama_dir, where, rows: int, n: int = 16, k: int = 4):
     where.mkdir()
     pq.write_table(pa.table({"input_ids": tokens.tolist(), "target_token_ids": ids.tolist(),
                              "target_logprobs": lp.tolist()}), where / "s.parquet")
-    return run_import(ImportSettings(str(where / "s.parquet"), str(where / "c"), str(llama_dir)), log=lambda m: None)
+    return run_import(ImportSettings(source=str(where / "s.parquet"), out=str(where / "c"),
+                                     teacher=str(llama_dir)), log=lambda m: None)
 
 
 def _epoch_peak(c) -> tuple[int, int, list[int]]:

@@ -217,7 +217,7 @@ def test_vllm_prompt_logprobs_equal_the_teachers_forward_pass(kind, teacher_rows
 
 
 def student(**kw):
-    from pipeline.config import StudentConfig
+    from pipeline.student_config import StudentConfig
 
     return StudentConfig(name="s", arch={"num_layers": 1, "hidden_size": 16, "num_heads": 2}, **kw)
 
@@ -328,9 +328,9 @@ def test_temperature_needs_the_logsumexp_and_is_recorded(teacher_rows, llama_dir
     pq.write_table(axolotl_table(rows, lps, target_logsumexp=lse), tmp_path / "one.parquet")
     one = run_import(ImportSettings(str(tmp_path / "one.parquet"), str(tmp_path / "c1"), str(llama_dir)),
                      log=lambda m: None)
-    from pipeline.train.caches import check_same_tokenizer_and_capture
+    from pipeline.train.sources import check_same_tokenizer_and_capture
 
-    with pytest.raises(StudentError, match="temperature 1.0, task 'a' at 2.0"):
+    with pytest.raises(StudentError, match="temperature 1.0, source 'a' at 2.0"):
         check_same_tokenizer_and_capture({"a": (c, None), "b": (one, None)}, set())
 
 

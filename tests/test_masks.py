@@ -16,10 +16,10 @@ from conftest import STUDENT_ARCH as ARCH
 from transformers import AutoModelForCausalLM
 
 from pipeline.format import Cache, row_column
-from pipeline.config import StudentRunConfig
-from pipeline.train.reader import CacheBatches, make_loader
+from pipeline.student_config import StudentRunConfig
+from pipeline.train.dataset import CacheBatches, make_loader
 from pipeline.errors import StudentError
-from pipeline.train.evaluate import evaluate
+from pipeline.train.metrics import evaluate
 from pipeline.train.recipe import train_students
 from pipeline.train.step import step_losses
 from pipeline.train.signal import batch_masks
@@ -179,8 +179,8 @@ def chat_cache(chat_llama_dir, conversations, tmp_path_factory):
 
 
 def _student(cache_root, **kw):
-    from pipeline.config import StudentConfig
-    from pipeline.train.students import build_student
+    from pipeline.student_config import StudentConfig
+    from pipeline.train.student_init import build_student
 
     c = Cache(cache_root)
     spec = StudentConfig.model_validate({"name": "s", "arch": ARCH, **kw})

@@ -13,10 +13,11 @@ from conftest import classification_settings, make_classifier, settings
 
 from pipeline.capture.dryrun import dry_run
 from pipeline.capture.run import run_capture
-from pipeline.config import StudentRunConfig, TeacherCacheConfig
+from pipeline.config import TeacherCacheConfig
+from pipeline.student_config import StudentRunConfig
 from pipeline.format import Cache
 from pipeline.format.layout import row_values
-from pipeline.train.reader import CacheBatches, make_loader
+from pipeline.train.dataset import CacheBatches, make_loader
 from pipeline.train.recipe import train_students
 
 LABELS = ["def", "import", "class", "return"]
@@ -129,7 +130,7 @@ def _per_shard_reference(sizes, bs, nw, seed, epoch, drop_last):
 
 @pytest.mark.parametrize("workers,drop_last", [(0, False), (2, False), (3, True)])
 def test_a_window_of_one_is_the_per_shard_order_and_wider_windows_cover_each_row_once(workers, drop_last):
-    from pipeline.train.batches import EpochPlan
+    from pipeline.train.batch_order import EpochPlan
 
     rng = np.random.default_rng(1)
     sizes = rng.integers(1, 9, size=23)

@@ -158,7 +158,7 @@ def test_onpolicy_rounds_resume_after_a_kill_at_every_step(llama_dir, corpus, of
     c2 = Cache(str(tmp_path / "whole" / "caches" / "round-002"))
     assert c2.manifest.dataset["generation"]["round"] == 2
     assert c2.manifest.dataset["generation"]["generator"]["model"] == r1["model"]
-    assert set(r2["student"]["tasks"]) == {"offline", "round-001", "round-002"}
+    assert set(r2["student"]["sources"]) == {"offline", "round-001", "round-002"}
 
     # a kill after each step (and one inside each step) resumes to the same students
     kills = [("after", (1, "generate")), ("after", (1, "score")), ("train_step", 2), ("after", (1, "train")),
@@ -184,7 +184,8 @@ def test_onpolicy_rounds_resume_after_a_kill_at_every_step(llama_dir, corpus, of
 
 def test_a_round_is_a_plain_student_run(llama_dir, corpus, offline, tmp_path):
     """Round 2's student equals `distill student` run with the student.toml the round wrote."""
-    from pipeline.config import StudentRunConfig, load_config
+    from pipeline.config import load_config
+    from pipeline.student_config import StudentRunConfig
     from pipeline.onpolicy.loop import run_onpolicy
     from pipeline.train.recipe import train_students
 
@@ -195,7 +196,7 @@ def test_a_round_is_a_plain_student_run(llama_dir, corpus, offline, tmp_path):
     assert any(m.startswith("warning: student.losses has ce") for m in said)
     toml = tmp_path / "run" / "round-002" / "student.toml"
     plain = load_config(StudentRunConfig, toml, [f"output_dir={tmp_path / 'plain'}"])
-    assert [t.name for t in plain.tasks] == ["offline", "round-001", "round-002"]
+    assert [t.name for t in plain.sources] == ["offline", "round-001", "round-002"]
     assert plain.students[0].pretrained.endswith("round-001/students/op/model") and plain.students[0].name == "op"
     train_students(plain, log=lambda m: None, progress=False)
     a, b = weights(tmp_path / "plain" / "op" / "model"), weights(tmp_path / "run" / "round-002" / "students" / "op" /

@@ -91,7 +91,7 @@ def test_redistill_appends_new_documents_and_continues_the_students(llama_dir, c
     m = Cache(str(tmp_path / "cache")).manifest
     assert len(m.grown) == 1 and m.splits["train"].rows > before
     report = json.loads((tmp_path / "v2" / "s" / "report.json").read_text())
-    assert report["tasks"]["default"]["cache_digest"] == m.digest  # trained on the grown cache
+    assert report["sources"]["default"]["cache_digest"] == m.digest  # trained on the grown cache
     ran = tomllib.loads((tmp_path / "v2" / "student.toml").read_text())
     assert ran["students"][0]["pretrained"] == str(tmp_path / "students" / "s" / "model")
     assert "arch" not in ran["students"][0] and ran["output_dir"] == str(tmp_path / "v2")

@@ -17,13 +17,13 @@ from conftest import STUDENT_ARCH as ARCH
 from conftest import student_run as run_cfg
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.config import StudentConfig
+from pipeline.student_config import StudentConfig
 from pipeline.format import Cache, Manifest
 from pipeline.train import checkpoint, recipe
 from pipeline.train import terms
-from pipeline.train.reader import CacheBatches
+from pipeline.train.dataset import CacheBatches
 from pipeline.errors import StudentError
-from pipeline.train.students import build_student
+from pipeline.train.student_init import build_student
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -274,7 +274,7 @@ def test_a_device_that_cannot_be_had_is_refused_clearly(cache_dir, tmp_path, mon
 def test_a_checkpoint_of_another_ffn_width_is_refused_clearly(cache_dir, tmp_path, monkeypatch):
     """A checkpoint written when an arch student without intermediate_size got another FFN width (before
     widths followed the teacher's ratio): a StudentError naming the setting, not a raw shape error."""
-    from pipeline.train import students as students_mod
+    from pipeline.train import student_init as students_mod
 
     arch = {"num_layers": 1, "hidden_size": 32, "num_heads": 4}
     cfg = run_cfg(cache_dir, tmp_path, [{"name": "s", "arch": arch, "losses": {"ce": 1.0}}], max_steps=2,

@@ -11,7 +11,7 @@ from conftest import capture, settings
 from transformers import AutoModelForCausalLM
 
 from pipeline.train import losses
-from pipeline.config import StudentConfig, StudentRunConfig
+from pipeline.student_config import StudentConfig, StudentRunConfig
 from pipeline.train.representation import _resolve, make_projections, map_heads
 from pipeline.errors import StudentError
 from pipeline.train.recipe import train_students
@@ -177,7 +177,7 @@ def test_missing_field_refused_before_training(llama_dir, corpus, tmp_path):
 
 def test_teacher_initialised_student_equals_chosen_layers(rich_cache, sharp_teacher, tmp_path):
     from pipeline.format import Cache
-    from pipeline.train.students import build_student
+    from pipeline.train.student_init import build_student
 
     c = Cache(rich_cache)
     spec = StudentConfig(name="t", from_teacher=[0, 2], losses={"kd_forward": 1.0})
@@ -203,11 +203,11 @@ def test_teacher_initialised_student_equals_chosen_layers(rich_cache, sharp_teac
 # ---------------------------------------------------------------------------------------------- multi-task, mutual
 
 
-def test_task_stream_draws_follow_weights_and_resume_mid_sequence():
-    from pipeline.train.reader import TaskStream
+def test_source_mix_draws_follow_weights_and_resume_mid_sequence():
+    from pipeline.train.mixing import SourceMix
 
     def stream(seed):
-        return TaskStream({"a": (None, 3.0), "b": (None, 1.0)}, seed=seed)
+        return SourceMix({"a": (None, 3.0), "b": (None, 1.0)}, seed=seed)
 
     draws = [stream(5).choose(m) for m in range(20000)]
     assert 0.73 < draws.count("a") / 20000 < 0.77  # weight 3 : 1, within ~5 standard deviations
@@ -219,7 +219,7 @@ def test_task_stream_draws_follow_weights_and_resume_mid_sequence():
     assert runs < 60  # independent draws, not blocks of one task
 
 
-def test_multi_task_run_evaluates_each_task(llama_dir, corpus, tmp_path, rich_cache):
+def test_a_run_of_several_sources_evaluates_each_source(llama_dir, corpus, tmp_path, rich_cache):
     import sysconfig
 
     other = tmp_path / "other-cache"
@@ -227,16 +227,16 @@ def test_multi_task_run_evaluates_each_task(llama_dir, corpus, tmp_path, rich_ca
         sysconfig.get_paths()["stdlib"] + "/textwrap.py"], "max_tokens": 2000, "validation_fraction": 0.2},
         capture={"top_k": 16, "rows_per_shard": 8, "rows_per_chunk": 4}))
     cfg = StudentRunConfig.model_validate({
-        "tasks": [{"name": "code", "cache": str(rich_cache), "weight": 3}, {"name": "wrap", "cache": str(other)}],
+        "sources": [{"name": "code", "cache": str(rich_cache), "weight": 3}, {"name": "wrap", "cache": str(other)}],
         "output_dir": str(tmp_path / "o"), "batch_size": 4, "max_steps": 8, "eval_every": 4, "device": "cpu",
         "students": [{"name": "s", "arch": {"num_layers": 1, "hidden_size": 16, "num_heads": 2},
                       "losses": {"kd_forward": 1.0}}]})
     rep = train_students(cfg, log=lambda m: None, progress=False)[0]
-    assert set(rep["tasks"]) == {"code", "wrap"} and set(rep["final"]["tasks"]) == {"code", "wrap"}
+    assert set(rep["sources"]) == {"code", "wrap"} and set(rep["final"]["sources"]) == {"code", "wrap"}
     recs = [json.loads(x) for x in (tmp_path / "o" / "s" / "metrics.jsonl").read_text().splitlines()]
-    assert {r.get("task") for r in recs if r["split"] == "validation"} == {None, "code", "wrap"}
+    assert {r.get("source") for r in recs if r["split"] == "validation"} == {None, "code", "wrap"}
     state = torch.load(tmp_path / "o" / "s" / "checkpoint" / "state.pt", weights_only=True)["run"]["stream"]
-    assert state["draws"] == 8 and sum(t["batch"] for t in state["tasks"].values()) >= 8 - 2
+    assert state["draws"] == 8 and sum(t["batch"] for t in state["sources"].values()) >= 8 - 2
 
 
 def test_caches_with_other_tokenizers_are_refused_together(rich_cache, corpus, tmp_path):
@@ -253,10 +253,10 @@ def test_caches_with_other_tokenizers_are_refused_together(rich_cache, corpus, t
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(d)
     capture(settings(d, corpus, tmp_path / "c2", data={"max_tokens": 500}))
     cfg = StudentRunConfig.model_validate({
-        "tasks": [{"name": "a", "cache": str(rich_cache)}, {"name": "b", "cache": str(tmp_path / "c2")}],
+        "sources": [{"name": "a", "cache": str(rich_cache)}, {"name": "b", "cache": str(tmp_path / "c2")}],
         "output_dir": str(tmp_path / "o"), "device": "cpu",
         "students": [{"name": "s", "arch": {"num_layers": 1, "hidden_size": 16, "num_heads": 2}}]})
-    with pytest.raises(StudentError, match="task 'b' .* was made with another tokenizer than task 'a'"):
+    with pytest.raises(StudentError, match="source 'b' .* was made with another tokenizer than source 'a'"):
         train_students(cfg, log=lambda m: None, progress=False)
 
 
@@ -265,7 +265,7 @@ def test_mutual_learning_pulls_two_students_together(rich_cache, tmp_path):
     """Same students, seeds and data with and without the mutual term: with it, the two students'
     predictions end closer (KL between them on held-out rows); a zeroed or sign-flipped term fails."""
     from pipeline.format import Cache
-    from pipeline.train.reader import CacheBatches, make_loader
+    from pipeline.train.dataset import CacheBatches, make_loader
     from transformers import AutoModelForCausalLM
 
     arch = {"num_layers": 1, "hidden_size": 16, "num_heads": 2}
@@ -295,16 +295,38 @@ def test_mutual_learning_pulls_two_students_together(rich_cache, tmp_path):
                                          "students": [{"name": "a", "arch": arch}]})
 
 
-def test_tasks_must_capture_a_student_temperature_alike(llama_dir, corpus, tmp_path):
+def test_sources_must_capture_a_student_temperature_alike(llama_dir, corpus, tmp_path):
     for name, temps in (("a", [2.0, 4.0]), ("b", [4.0, 2.0])):
         capture(settings(llama_dir, corpus, tmp_path / name, data={"max_tokens": 600},
                          capture={"temperatures": temps}))
     arch = {"num_layers": 1, "hidden_size": 16, "num_heads": 2}
-    base = {"tasks": [{"name": "a", "cache": str(tmp_path / "a")}, {"name": "b", "cache": str(tmp_path / "b")}],
+    base = {"sources": [{"name": "a", "cache": str(tmp_path / "a")}, {"name": "b", "cache": str(tmp_path / "b")}],
             "output_dir": str(tmp_path / "o"), "device": "cpu", "max_steps": 2, "eval_every": 2}
     hot = StudentRunConfig.model_validate({**base, "students": [{"name": "s", "arch": arch, "temperature": 2.0}]})
-    with pytest.raises(StudentError, match=r"temperature 2.0 is not captured alike by every task .*a: \[2.0, 4.0\]; "
+    with pytest.raises(StudentError, match=r"temperature 2.0 is not captured alike by every source .*a: \[2.0, 4.0\]; "
                                            r"b: \[4.0, 2.0\]"):
         train_students(hot, log=lambda m: None, progress=False)
     cold = StudentRunConfig.model_validate({**base, "students": [{"name": "s", "arch": arch}]})  # T=1 reads neither
     assert train_students(cold, log=lambda m: None, progress=False)[0]["steps"] == 2
+
+
+def test_settings_that_name_the_sources_tasks_are_still_read_with_a_message(tmp_path, rich_cache):
+    """`tasks` was the key of a run's weighted caches before `sources`: an old settings file (and an old
+    checkpoint's identity) still reads, and says the new name; both keys at once is refused."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.train.checkpoint import resume_identity, upgrade_identity
+    from pipeline.train.sources import open_sources
+
+    old = tmp_path / "old.toml"
+    old.write_text(f'output_dir = "{tmp_path / "o"}"\n[[tasks]]\nname = "code"\ncache = "{rich_cache}"\nweight = 2.0\n'
+                   '[[students]]\nname = "s"\nlosses = {ce = 1.0}\n[students.arch]\nnum_layers = 1\nhidden_size = 16\n'
+                   'num_heads = 2\n')
+    with pytest.warns(FutureWarning, match=r"`tasks` \(the weighted caches of a run\) is now `sources`"):
+        cfg = load_config(StudentRunConfig, old)
+    assert [(s.name, s.cache, s.weight) for s in cfg.sources] == [("code", str(rich_cache), 2.0)]
+    with pytest.raises(ConfigError, match="as sources only"):
+        load_config(StudentRunConfig, old, [f'sources=[{{name = "x", cache = "{rich_cache}"}}]'])
+    sources = open_sources(cfg)
+    new = resume_identity(cfg.students[0], cfg, sources, 1)
+    written_before = {("tasks" if k == "sources" else k): v for k, v in new.items()}
+    assert "sources" not in written_before and upgrade_identity(written_before, sources, new) == new

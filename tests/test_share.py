@@ -21,7 +21,7 @@ from conftest import STUDENT_ARCH as ARCH
 from pipeline.format import Cache, CacheError, verify
 from pipeline.format.share import list_caches, pull, push
 from pipeline.format.storage import Storage, StorageError
-from pipeline.config import StudentRunConfig
+from pipeline.student_config import StudentRunConfig
 from pipeline.train.recipe import train_students
 
 pytestmark = pytest.mark.slow  # local S3 and HTTP servers
@@ -106,7 +106,7 @@ def test_push_ls_pull_part_verify_and_train_from_the_bucket(local_cache, s3, tmp
     with pytest.raises(CacheError, match="no dense field 'hidden_states'"):
         part.array("train", "hidden_states")
     # a student reads the bucket directly, through a verified local mirror
-    from pipeline.config import StudentRunConfig
+    from pipeline.student_config import StudentRunConfig
     from pipeline.train.recipe import train_students
 
     monkeypatch.setenv("TEACHER_CACHE_MIRROR", str(tmp_path / "mirror"))

@@ -14,7 +14,7 @@ from conftest import STUDENT_ARCH, capture, make_llama, settings
 from test_targets import _check_logit_targets, _load_split, _reference
 
 from pipeline.capture.targets import draw_samples
-from pipeline.config import StudentConfig
+from pipeline.student_config import StudentConfig
 from pipeline.format import HEAD_FILE, Cache, verify
 from pipeline.train import losses
 from pipeline.train import terms
@@ -295,8 +295,8 @@ def test_full_vocabulary_fp16_storage_error_is_small_and_verify_covers_the_head(
 def test_full_vocabulary_students_train_and_evaluate_exactly(llama_dir, corpus, tmp_path):
     from conftest import student_run
 
-    from pipeline.train.evaluate import evaluate
-    from pipeline.train.reader import CacheBatches, make_loader
+    from pipeline.train.metrics import evaluate
+    from pipeline.train.dataset import CacheBatches, make_loader
     from pipeline.train.recipe import train_students
 
     capture(settings(llama_dir, corpus, tmp_path / "c", capture={"final_hidden": True}))
@@ -341,9 +341,10 @@ def test_int8_hidden_states_stay_within_half_a_step_of_float16(llama_dir, corpus
     rel = (err.pow(2).sum() / ref.pow(2).sum()).sqrt().item()
     assert 0 < rel < 0.02
     # representation terms read it unchanged: the same hidden_mse as on the float16 cache, to int8 precision
-    from pipeline.train.reader import CacheBatches
-    from pipeline.train.step import build_wiring, step_losses
-    from pipeline.train.students import build_student
+    from pipeline.train.dataset import CacheBatches
+    from pipeline.train.students import build_wiring
+    from pipeline.train.step import step_losses
+    from pipeline.train.student_init import build_student
 
     spec = StudentConfig.model_validate({"name": "s", "arch": STUDENT_ARCH, "losses": {"hidden_mse": 1.0}})
     vals = []
@@ -384,17 +385,17 @@ def test_a_checkpoint_from_before_allow_biased_kd_still_resumes(llama_dir, corpu
     cache's), not as another run."""
     from conftest import student_run
 
-    from pipeline.train.caches import open_tasks
-    from pipeline.train.checkpoint import grown_tasks, resume_identity
+    from pipeline.train.sources import open_sources
+    from pipeline.train.checkpoint import grown_sources, resume_identity
 
     capture(settings(llama_dir, corpus, tmp_path / "c"))
     cfg = student_run(tmp_path / "c", tmp_path / "o")
-    tasks = open_tasks(cfg)
-    new = resume_identity(cfg.students[0], cfg, tasks, 1)
+    sources = open_sources(cfg)
+    new = resume_identity(cfg.students[0], cfg, sources, 1)
     old = {**new, "student": {k: v for k, v in new["student"].items() if k not in ("allow_biased_kd", "task")}}
-    assert grown_tasks(old, new, tasks) == {}
+    assert grown_sources(old, new, sources) == {}
     changed = {**old, "student": {**old["student"], "lr": 1.0}}
-    assert grown_tasks(changed, new, tasks) is None
+    assert grown_sources(changed, new, sources) is None
 
 
 def test_a_partial_pull_takes_the_lm_head_only_with_the_final_hidden_states(llama_dir, corpus, tmp_path):

@@ -13,9 +13,10 @@ from conftest import student_run as run_cfg
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.format import Cache, CacheError
-from pipeline.train.reader import CacheBatches, batch_plan, make_loader
+from pipeline.train.dataset import CacheBatches, make_loader
+from pipeline.train.batch_order import batch_plan
 from pipeline.errors import StudentError
-from pipeline.train.evaluate import evaluate
+from pipeline.train.metrics import evaluate
 from pipeline.train.recipe import train_students
 from pipeline.train.terms import fields_for
 
@@ -196,7 +197,7 @@ def test_killed_run_resumes_to_the_same_weights(cache_dir, tmp_path):
 
 @pytest.mark.slow
 def test_validation_loss_falls_and_eval_matches_reference(cache_dir, tmp_path):
-    from pipeline.train.students import build_student
+    from pipeline.train.student_init import build_student
 
     cfg = run_cfg(cache_dir, tmp_path, max_steps=40, eval_every=10)
     cache = Cache(cache_dir)
@@ -233,7 +234,7 @@ def test_early_stopping_keeps_the_best_weights_in_model_dir(cache_dir, tmp_path,
     """Scripted validation NLLs (best at the second evaluation, then worse) drive early stopping; the
     weights are real: model/ must hold the student as it was at the best step, not at the last."""
     import pipeline.train.recipe as recipe
-    import pipeline.train.validation as validation
+    import pipeline.train.heldout as heldout
 
     script = iter([5.0, 4.0, 4.5, 4.6, 4.7, 4.8])
 
@@ -242,7 +243,7 @@ def test_early_stopping_keeps_the_best_weights_in_model_dir(cache_dir, tmp_path,
         return {n: {"nll": nll, "ppl": float(np.exp(nll)), "top1_agreement": 0.1, "kl": 1.0, "ece": 0.1, "tokens": 1}
                 for n in models}
 
-    monkeypatch.setattr(validation, "evaluate_all", scripted)
+    monkeypatch.setattr(heldout, "evaluate_all", scripted)
     weights_at = {}
     cfg = run_cfg(cache_dir, tmp_path, max_steps=30, eval_every=2, patience=2)
     run = recipe.Recipe(cfg, log=lambda m: None, progress=False)

@@ -8,7 +8,7 @@ On-policy round r (of `rounds`):
    round's cache, cache_dir/round-00r: a plain teacher cache whose manifest records the generator and
    the round (dataset.generation).
 3. **train**: the student continues from the generator's weights on the offline caches and the rounds'
-   caches as weighted tasks; dir/round-00r/student.toml is the exact `distill student` settings it ran,
+   caches as weighted sources; dir/round-00r/student.toml is the exact `distill student` settings it ran,
    so the round can be re-run, or inspected, with the ordinary command.
 4. **evaluate** (optional, `eval_prompts`): the new student samples held-out prompts (a fixed seed), the
    teacher scores them, and the teacher's NLL per completion token is recorded: how likely the
@@ -34,7 +34,8 @@ from typing import Callable
 import numpy as np
 
 from .. import distributed, models
-from ..config import CaptureConfig, DataConfig, OutputConfig, StudentRunConfig, TeacherCacheConfig
+from ..config import CaptureConfig, DataConfig, OutputConfig, TeacherCacheConfig
+from ..student_config import StudentRunConfig
 from ..errors import CacheError, ConfigError, DataError, StudentError
 from ..format.layout import row_column, tokenizer_fingerprint
 from ..format.reader import Cache
@@ -304,17 +305,17 @@ class Loop:
         run_capture(ccfg, log=self.log, progress=self.progress)
         return Cache(where, storage_options=storage_options)
 
-    def round_tasks(self, r: int) -> list[tuple[str, str, float]]:
+    def round_sources(self, r: int) -> list[tuple[str, str, float]]:
         cfg = self.cfg
-        tasks = [(t.name, t.cache, t.weight) for t in cfg.offline]
+        sources = [(t.name, t.cache, t.weight) for t in cfg.offline]
         rounds = list(range(1, r + 1)) if cfg.history == "all" else [r]
-        tasks += [(f"round-{k:03d}", round_paths(cfg, k).cache, cfg.onpolicy_weight / len(rounds)) for k in rounds]
-        return tasks
+        sources += [(f"round-{k:03d}", round_paths(cfg, k).cache, cfg.onpolicy_weight / len(rounds)) for k in rounds]
+        return sources
 
     def train(self, r: int, generator: str, p: RoundPaths) -> dict:
         from ..train.recipe import train_students
 
-        scfg = self.cfg.round_student_config(r, self.round_tasks(r), p.student_out, model=generator)
+        scfg = self.cfg.round_student_config(r, self.round_sources(r), p.student_out, model=generator)
         if self.ranks.main:
             write_student_settings(p.folder, scfg, "this round, as the on-policy loop ran them")
         if _report_of(p.student_report) is None:  # none yet (or cut short): the run resumes from its checkpoint
@@ -323,7 +324,7 @@ class Loop:
         report = _report_of(p.student_report)
         if report is None:
             raise StudentError(f"round {r}: the student run finished without a readable {p.student_report}")
-        return {k: report.get(k) for k in ("best_step", "best", "steps", "final", "tasks") if k in report}
+        return {k: report.get(k) for k in ("best_step", "best", "steps", "final", "sources") if k in report}
 
     def evaluate(self, model: str, samples: Path, cache: Path) -> dict:
         cfg = self.cfg
@@ -375,9 +376,9 @@ def redistill(cache_config: TeacherCacheConfig, student_config: StudentRunConfig
         raise StudentError(f"no trained model to continue for {missing} in {previous} (expected "
                            f"{previous}/<name>/model): train them once with distill student, or pass --from")
     grown = cache_config.output.dir
-    if not any(t.cache.rstrip("/") == grown.rstrip("/") for t in student_config.task_list()):
+    if not any(t.cache.rstrip("/") == grown.rstrip("/") for t in student_config.source_list()):
         raise ConfigError(f"the cache the new documents go into ({grown}) is not one the students train on "
-                          f"({', '.join(t.cache for t in student_config.task_list())})")
+                          f"({', '.join(t.cache for t in student_config.source_list())})")
     cache_config = cache_config.model_copy(update={
         "data": cache_config.data.model_copy(update={"data_files": list(data_files)}),
         "output": cache_config.output.model_copy(update={"mode": "append", "overwrite": False})})

@@ -9,8 +9,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from ..config import (CaptureConfig, DataConfig, Strict, StudentRunConfig, TaskConfig, TeacherConfig,
-                      describe_invalid)
+from ..config import CaptureConfig, DataConfig, Strict, TeacherConfig, describe_invalid
+from ..student_config import SourceConfig, StudentRunConfig
 
 
 class SamplingConfig(Strict):
@@ -93,10 +93,10 @@ class OnPolicyConfig(Strict):
                                                     "s3://bucket/run); None: dir/caches")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for cache_dir and "
                                                                                "the offline caches")
-    offline: list[TaskConfig] = Field(default_factory=list, description="offline caches mixed into every round's "
+    offline: list[SourceConfig] = Field(default_factory=list, description="offline caches mixed into every round's "
                                       "training, with their weights ([[offline]] tables: name, cache, weight)")
     onpolicy_weight: float = Field(1.0, gt=0, description="share of training batches from the on-policy caches "
-                                                          "(against the offline tasks' weights)")
+                                                          "(against the offline sources' weights)")
     history: Literal["all", "latest"] = Field(
         "all", description="which rounds' caches a round trains on: all so far (sharing onpolicy_weight equally) or "
                            "only its own")
@@ -106,7 +106,7 @@ class OnPolicyConfig(Strict):
                                           "round's model (round 1: start)")
     train: dict[str, Any] = Field(
         default_factory=dict, description="the run's settings as in `distill student` (max_steps per round, "
-                                          "batch_size, eval_every, ...) without cache, tasks, students, output_dir")
+                                          "batch_size, eval_every, ...) without cache, sources, students, output_dir")
 
     @model_validator(mode="after")
     def _parts(self) -> "OnPolicyConfig":
@@ -122,7 +122,7 @@ class OnPolicyConfig(Strict):
             if key in self.student:
                 raise ValueError(f"student.{key}: an on-policy student starts from `start`, then from each round's "
                                  "model; drop it")
-        for key in ("cache", "tasks", "students", "output_dir"):
+        for key in ("cache", "sources", "tasks", "students", "output_dir"):
             if key in self.train:
                 raise ValueError(f"train.{key} is set by the loop per round; drop it")
         self.round_student_config(1, [("offline", "x", 1.0)], Path(self.dir))  # the student settings, checked now
@@ -132,13 +132,13 @@ class OnPolicyConfig(Strict):
     def student_name(self) -> str:
         return str(self.student.get("name", "student"))
 
-    def round_student_config(self, r: int, tasks: list[tuple[str, str, float]], out: Path,
+    def round_student_config(self, r: int, sources: list[tuple[str, str, float]], out: Path,
                              model: str | None = None) -> "StudentRunConfig":
-        """Round r's `distill student` settings: its tasks (name, cache, weight), the student from `model`
+        """Round r's `distill student` settings: its sources (name, cache, weight), the student from `model`
         (default: start)."""
         try:
             return StudentRunConfig.model_validate({
-                **self.train, "tasks": [{"name": n, "cache": c, "weight": w} for n, c, w in tasks],
+                **self.train, "sources": [{"name": n, "cache": c, "weight": w} for n, c, w in sources],
                 "output_dir": str(out), "storage_options": self.train.get("storage_options", self.storage_options),
                 "students": [{"name": self.student_name, **self.student, "pretrained": model or self.start}]})
         except ValidationError as e:

@@ -1,4 +1,4 @@
-"""A student ready to train: its model (checked against every cache of the run), a cross-tokenizer student's
+"""A student ready to train: its model (checked against every source of the run), a cross-tokenizer student's
 rows and vocabulary map, its wiring to the cached representations, its optimiser, its output folder and the
 identity its checkpoints are resumed against."""
 
@@ -8,35 +8,35 @@ from pathlib import Path
 from typing import Callable
 
 from .. import distributed
-from ..config import StudentConfig, StudentRunConfig
 from ..errors import StudentError
+from ..student_config import StudentConfig, StudentRunConfig
 from . import checkpoint as ckpt
-from .caches import Tasks
 from .crosstok import prepare_student
-from .step import Student, StudentModule, build_wiring, check_student_document_masking, make_optimizer
-from .students import build_student, count_parameters, describe_tokenizer_difference
+from .sources import Sources
+from .student_init import build_student, check_student_document_masking, count_parameters, describe_tokenizer_difference
+from .students import Student, StudentModule, build_wiring, make_optimizer
 
 
-def build(spec: StudentConfig, cfg: StudentRunConfig, tasks: Tasks, cache_tokenizer, tokenizer, cross: bool, device,
+def build(spec: StudentConfig, cfg: StudentRunConfig, sources: Sources, cache_tokenizer, tokenizer, cross: bool, device,
           log: Callable[[str], None]) -> tuple[Student, dict | None]:
     """(the student, its cross-tokenizer statistics or None). `tokenizer`: its own (`cache_tokenizer` unless
-    `cross`); `tasks`: the run's caches, the first one's manifest describing the teacher."""
+    `cross`); `sources`: the run's caches, the first one's manifest describing the teacher."""
     ranks = distributed.ranks()
-    manifest = next(iter(tasks.values()))[0].manifest
+    manifest = next(iter(sources.values()))[0].manifest
     task = manifest.task.type
     model = build_student(spec, manifest, tokenizer, device, cross)
     rows = model.get_output_embeddings().weight.shape[0] if task == "causal-lm" and not cross else None
-    for name, (c, _) in tasks.items():
+    for name, (c, _) in sources.items():
         if rows is not None and rows < c.manifest.teacher.vocab_size:
-            raise StudentError(f"student {spec.name!r}: {rows} output rows < task {name!r}'s vocabulary "
+            raise StudentError(f"student {spec.name!r}: {rows} output rows < source {name!r}'s vocabulary "
                                f"({c.manifest.teacher.vocab_size})")
-    if any(c.manifest.preparation.document_mask for c, _ in tasks.values()):
+    if any(c.manifest.preparation.document_mask for c, _ in sources.values()):
         check_student_document_masking(model, spec.name, device)
     model.train()
     out = Path(cfg.output_dir) / spec.name
     vocab_map, student_rows, stats = None, {}, None
     if cross:  # the teacher's vocabulary mapped into its own; every split it reads re-tokenised (once, kept)
-        vocab_map, student_rows, train = prepare_student(spec.name, tokenizer, model, out / "retokenized", tasks,
+        vocab_map, student_rows, train = prepare_student(spec.name, tokenizer, model, out / "retokenized", sources,
                                                          cache_tokenizer, manifest.teacher.vocab_size)
         log(f"student {spec.name}: its own tokenizer ({describe_tokenizer_difference(cache_tokenizer, tokenizer)}): "
             f"{train.get('aligned_share', 0):.1%} of its train positions aligned with the teacher's, "
@@ -50,7 +50,7 @@ def build(spec: StudentConfig, cfg: StudentRunConfig, tasks: Tasks, cache_tokeni
         out.mkdir(parents=True, exist_ok=True)
         ckpt.recover_model_dir(out / "model")
     st = Student(spec, model, module, module, opt, sched, out, wiring, tokenizer=tokenizer, rows=student_rows)
-    st.identity = ckpt.resume_identity(spec, cfg, tasks, ranks.world)
+    st.identity = ckpt.resume_identity(spec, cfg, sources, ranks.world)
     log(f"student {spec.name}: {count_parameters(model) / 1e6:.2f}M parameters, losses {spec.losses}, "
         f"T={spec.temperature}" + (f", DDP over {ranks.world} ranks" if ranks.active else ""))
     return st, stats

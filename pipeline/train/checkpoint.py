@@ -8,14 +8,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .. import distributed
-from ..config import StudentConfig, StudentRunConfig
+from ..student_config import StudentConfig, StudentRunConfig
 from ..errors import StudentError
-from .step import Student
+from .students import Student
 
 STATE = Path("checkpoint") / "state.pt"  # in each student's output folder
 
@@ -25,27 +26,48 @@ STATE = Path("checkpoint") / "state.pt"  # in each student's output folder
 EVALUATION_KEYS = ("early_stopping_metric", "eval_rows", "eval_every", "patience")
 
 
-def resume_identity(spec: StudentConfig, cfg: StudentRunConfig, tasks: dict, world: int) -> dict:
+@dataclass
+class RunState:
+    """Where a run stands, the same on every rank: optimiser steps done, tokens trained on (all ranks), seconds of
+    training, and the training stream's position (`mixing.SourceMix.state`, shared with it). A checkpoint holds it
+    as a dict."""
+
+    step: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    stream: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunState":
+        return cls(step=d["step"], tokens=d["tokens"], seconds=d["seconds"], stream=d["stream"])
+
+
+def resume_identity(spec: StudentConfig, cfg: StudentRunConfig, sources: dict, world: int) -> dict:
     """What must not change between a run and its resumption, except that a cache may have grown
-    (its new manifest descends from the checkpoint's) and max_steps may be raised: see `grown_tasks`.
+    (its new manifest descends from the checkpoint's) and max_steps may be raised: see `grown_sources`.
     The number of ranks may change when ranks x grad_accum (micro-batches per step) does not."""
     return {"student": spec.model_dump(mode="json"),
-            "cache_digests": {name: c.manifest.digest for name, (c, _) in tasks.items()},
+            "cache_digests": {name: c.manifest.digest for name, (c, _) in sources.items()},
             "micro_batches_per_step": cfg.grad_accum * world,
-            **cfg.model_dump(mode="json", include={"batch_size", "max_steps", "seed", "num_workers", "tasks", "cache",
+            **cfg.model_dump(mode="json", include={"batch_size", "max_steps", "seed", "num_workers", "sources", "cache",
                                                    "mutual_weight", "mutual_temperature", "shuffle_window",
                                                    *EVALUATION_KEYS})}
 
 
-def upgrade_identity(old: dict, tasks: dict, new: dict | None = None) -> dict:
+def upgrade_identity(old: dict, sources: dict, new: dict | None = None) -> dict:
     """An identity written by an earlier version, in today's keys (the evaluation settings, which identities
     did not hold before, taken as `new`'s: they cannot be known)."""
     old = dict(old)
     for key in (*EVALUATION_KEYS, "shuffle_window"):  # (the data order of such a run is its state's scheme)
         if key not in old and new is not None and key in new:
             old[key] = new[key]
-    if "cache_digest" in old:  # before multi-cache identities: its first task's digest
-        old["cache_digests"] = {next(iter(tasks)): old.pop("cache_digest")}
+    if "cache_digest" in old:  # before multi-cache identities: its first source's digest
+        old["cache_digests"] = {next(iter(sources)): old.pop("cache_digest")}
+    if "tasks" in old:  # before the weighted caches were called sources
+        old["sources"] = old.pop("tasks")
     if "grad_accum" in old:  # before DDP: one process
         old["micro_batches_per_step"] = old.pop("grad_accum")
     if isinstance(old.get("student"), dict):  # settings added since, at the value every earlier run had
@@ -53,11 +75,11 @@ def upgrade_identity(old: dict, tasks: dict, new: dict | None = None) -> dict:
     return old
 
 
-def grown_tasks(old: dict, new: dict, tasks: dict) -> dict[str, bool] | None:
-    """{task: whether its train split grew} for the tasks whose cache grew since the checkpoint with
+def grown_sources(old: dict, new: dict, sources: dict) -> dict[str, bool] | None:
+    """{source: whether its train split grew} for the sources whose cache grew since the checkpoint with
     identity `old`, when that and a raised max_steps are the only differences from `new`; None when
     the run cannot continue from `old`."""
-    old = upgrade_identity(old, tasks, new)
+    old = upgrade_identity(old, sources, new)
     if old == new:
         return {}
     if {k: v for k, v in old.items() if k not in ("cache_digests", "max_steps")} != \
@@ -68,7 +90,7 @@ def grown_tasks(old: dict, new: dict, tasks: dict) -> dict[str, bool] | None:
     grew = {}
     for name, digest in old["cache_digests"].items():
         if digest != new["cache_digests"][name]:
-            manifest = tasks[name][0].manifest
+            manifest = sources[name][0].manifest
             since = manifest.descends_from(digest)
             if since is None:
                 return None
@@ -129,13 +151,13 @@ def truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def save_state(st: Student, run: dict, rng: list, world: int) -> None:
+def save_state(st: Student, run: RunState, rng: list, world: int) -> None:
     """A student's whole state, written beside the checkpoint and renamed into place."""
     path = st.out / STATE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"model": st.model.state_dict(), "optimizer": st.opt.state_dict(),
-                "scheduler": st.sched.state_dict(), "run": run, "best": st.best,
+                "scheduler": st.sched.state_dict(), "run": run.to_dict(), "best": st.best,
                 "best_step": st.best_step, "bad_evals": st.bad_evals, "stopped": st.stopped,
                 "last_eval": st.last_eval, "best_eval": st.best_eval, "identity": st.identity,
                 "projections": st.module.projections.state_dict(), "rng": rng,
@@ -143,15 +165,15 @@ def save_state(st: Student, run: dict, rng: list, world: int) -> None:
     os.replace(tmp, path)
 
 
-def load_state(st: Student, tasks: dict, ranks: distributed.Ranks) -> tuple[dict, dict[str, bool]]:
-    """Restore a student from its checkpoint: (the run's position, {task: whether its train split grew} for the
-    tasks whose cache grew since). Refuses a checkpoint of other settings or of another shape."""
+def load_state(st: Student, sources: dict, ranks: distributed.Ranks) -> tuple[RunState, dict[str, bool]]:
+    """Restore a student from its checkpoint: (the run's position, {source: whether its train split grew} for the
+    sources whose cache grew since). Refuses a checkpoint of other settings or of another shape."""
     path = st.out / STATE
     state = torch.load(path, map_location="cpu", weights_only=True)
     old, new = state.get("identity") or {}, st.identity
-    grew = grown_tasks(old, new, tasks)
+    grew = grown_sources(old, new, sources)
     if grew is None:
-        old = upgrade_identity(old, tasks, new)
+        old = upgrade_identity(old, sources, new)
         diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
                  and not (k == "max_steps" and new[k] >= (old.get(k) or 0))]  # raising it is fine
         evaluation = [f"{k} = {old.get(k)!r} there, {new.get(k)!r} here" for k in diffs if k in EVALUATION_KEYS]
@@ -177,4 +199,4 @@ def load_state(st: Student, tasks: dict, ranks: distributed.Ranks) -> tuple[dict
         set_rng_state(rng[ranks.rank])
     if grew:  # the validation split may have grown too: earlier losses are not comparable, early stopping restarts
         st.best, st.best_step, st.bad_evals, st.stopped, st.best_eval = None, None, 0, False, {}
-    return state["run"], grew
+    return RunState.from_dict(state["run"]), grew

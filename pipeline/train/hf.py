@@ -25,17 +25,17 @@ import os
 import numpy as np
 import torch
 
-from ..config import StudentConfig
+from ..student_config import StudentConfig
 from ..errors import StudentError
 from ..format.reader import Cache
 from . import terms
 from ..config import DEFAULT_SHUFFLE_WINDOW
-from .batches import EpochPlan
-from .fetch import SplitReader
-from .reader import FLOAT_FIELDS, row_dtypes, widened
+from .batch_order import EpochPlan
+from .split_reader import SplitReader
+from .dataset import FLOAT_FIELDS, row_dtypes, widened
 from .signal import Wiring
 from .step import step_losses
-from .students import check_output_rows
+from .student_init import check_output_rows
 
 REPRESENTATION = {"hidden_states", "attentions", "hidden_scale"}
 

@@ -1,5 +1,6 @@
-"""One student's step: its module (model + projections), how it is wired to the cache's representations,
-its forward pass, its optimiser and schedule, and the mutual term between several students.
+"""One student's step: its forward pass through its `students.StudentModule` (logits whole, or its head applied
+a block of positions at a time), its terms on a batch (`step_losses`), and the mutual term between several
+students.
 
 The recipe (`recipe.py`) runs these for every student; benchmarks and tests call `step_losses` to get
 the same computation for one batch.
@@ -7,20 +8,15 @@ the same computation for one batch.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from pathlib import Path
-
 import torch
 
-from .. import attention, models
-from ..config import StudentConfig
-from ..errors import StudentError
+from .. import models
+from ..student_config import StudentConfig
 from ..format.manifest import Manifest
 from . import losses
 from . import terms
-from .representation import attention_pairs, hidden_pairs, make_projections
 from .signal import StudentOutput, TeacherSignal, Wiring, aligned_masks, batch_masks
+from .students import StudentModule
 
 
 class StudentHead:
@@ -54,54 +50,6 @@ def block_positions(model, rows: int, block_mib: float) -> int:
     return max(1, int(block_mib * 2**20 // (4 * model.get_output_embeddings().weight.shape[0] * rows)))
 
 
-class StudentModule(torch.nn.Module):
-    """Everything a student trains: the model and its hidden-state projections. Its forward pass
-    returns exactly what the step's loss uses (logits only when a term or the mutual term reads
-    them, the projected hidden states, the recorded attention maps), so that DDP, which finds the
-    parameters that get no gradient by walking back from the outputs, sees the truth.
-
-    `blockwise`: instead of the logits, the last hidden state and a view of the LM head's weight, from which
-    the terms make the logits one block of positions at a time (no (B, L, V) tensor); the weight view is an
-    output so that DDP sees the head as used."""
-
-    def __init__(self, model, wiring: Wiring):
-        super().__init__()
-        self.model, self.projections = model, wiring.projections
-        self.hidden_indices = [s for s, _ in wiring.hidden]
-        self.attention_layers = [s for s, _ in wiring.attention]
-
-    def forward(self, input_ids, want_logits: bool = True, blockwise: bool = False, **kw):
-        recorder = attention.AttentionRecorder(self.attention_layers, None, "none") if self.attention_layers else None
-        blockwise = blockwise and want_logits
-        with attention.recording(recorder):
-            run = self.model.base_model if blockwise else self.model
-            out = run(input_ids=input_ids, output_hidden_states=bool(self.hidden_indices), **kw)
-        hidden = [out.hidden_states[s].float() for s in self.hidden_indices]
-        if len(self.projections):
-            hidden = [p(h) for p, h in zip(self.projections, hidden)]
-        maps = recorder.maps if recorder else {}
-        if blockwise:
-            weight = self.model.get_output_embeddings().weight
-            return None, hidden, maps, out.last_hidden_state, weight.view_as(weight)
-        return (out.logits if want_logits else None), hidden, maps, None, None
-
-
-def build_wiring(spec: StudentConfig, model, manifest: Manifest, device, vocab_map=None, cross: bool = False
-                 ) -> Wiring:
-    needs = terms.student_needs(spec)
-    w = Wiring(cross=cross, vocab_map=vocab_map)
-    n_s = model.config.num_hidden_layers
-    if "hidden_states" in needs:
-        w.hidden = hidden_pairs(spec, manifest, n_s)
-        w.projections = make_projections(w.hidden, model.config.hidden_size, manifest.teacher.hidden_size).to(device)
-        w.hidden_encoding = manifest.fields["hidden_states"].encoding
-    if "attentions" in needs:
-        w.attention = attention_pairs(spec, manifest, n_s)
-        w.bidirectional = manifest.task.bidirectional
-        attention.enable(model)  # eager attention on the mapped layers only, sdpa elsewhere
-    return w
-
-
 def autocast_on(device, precision: str = "auto") -> bool:
     """Whether a student's forward pass runs under bf16 autocast (StudentRunConfig.precision)."""
     return precision == "bf16-autocast" or (precision == "auto" and device.type == "cuda")
@@ -112,7 +60,7 @@ def forward(engine, wiring: Wiring, batch: dict, device, want_logits: bool = Tru
     """A student's forward pass on a batch (through DDP when wrapped), with what its terms need; `view`: a
     cross-tokenizer student's own rows for the batch (`crosstok.StudentRows.batch`). `block_mib` > 0: its
     logits are made by the terms, blocks of positions whose float32 logits take at most that many MiB (where
-    the student's head allows it, see `StudentModule`, and the batch's logits exceed one block); 0: materialised.
+    the student's head allows it, see `students.StudentModule`, and the batch's logits exceed one block); 0: materialised.
     `precision`: see `autocast_on`."""
     src = view if view is not None else batch
     ids = src["input_ids"].to(device, non_blocking=True)
@@ -141,23 +89,6 @@ def step_losses(model, batch: dict, spec: StudentConfig, manifest: Manifest, dev
     return terms.compute(spec, out, sig, wiring)
 
 
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup over `warmup` steps, then cosine from 1 down to `min_ratio` at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(params, spec: StudentConfig, total: int):
-    params = [p for p in params if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": spec.weight_decay},
-                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                            lr=spec.lr, betas=spec.betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, spec.warmup_steps, total, spec.min_lr_ratio))
-    return opt, sched
-
-
 def mutual_terms(logits: dict[str, torch.Tensor], mask: torch.Tensor, vocab: int, temperature: float,
                  classes: bool = False) -> dict[str, torch.Tensor]:
     """Deep mutual learning: for each student, mean over the others of KL(other || self) on the
@@ -173,48 +104,3 @@ def mutual_terms(logits: dict[str, torch.Tensor], mask: torch.Tensor, vocab: int
         others = [kl(o, mine) for n, o in logits.items() if n != name]
         out[name] = torch.stack(others).mean()
     return out
-
-
-def check_student_document_masking(model, name: str, device) -> None:
-    """Refuse a student whose architecture would attend across the documents of a packed row."""
-    def run(ids, pos):
-        return model(input_ids=ids, position_ids=pos, use_cache=False).logits
-
-    was_training = model.training
-    model.eval()
-    try:
-        attention.check_document_masking(run, model.config.vocab_size, device, f"student {name!r}")
-    except attention.DocumentMaskError as e:
-        raise StudentError(str(e)) from None
-    finally:
-        model.train(was_training)
-
-
-@dataclass
-class Student:
-    spec: StudentConfig
-    model: torch.nn.Module  # the transformers model (saved, evaluated)
-    module: StudentModule  # model + projections (trained)
-    engine: torch.nn.Module  # module, or DDP(module)
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LambdaLR
-    out: Path
-    wiring: Wiring
-    identity: dict = field(default_factory=dict)
-    best: float | None = None
-    best_step: int | None = None
-    bad_evals: int = 0
-    stopped: bool = False
-    last_eval: dict = field(default_factory=dict)
-    best_eval: dict = field(default_factory=dict)
-    running: dict = field(default_factory=dict)  # term -> detached tensor sum since the last log
-    tokenizer: object = None  # what its saved model carries: its own, or the cache's
-    rows: dict = field(default_factory=dict)  # a cross-tokenizer student's re-tokenised splits: (task, split) -> rows
-
-    @property
-    def cross(self) -> bool:
-        return self.wiring.cross
-
-    @property
-    def name(self) -> str:
-        return self.spec.name

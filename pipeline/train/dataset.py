@@ -1,9 +1,9 @@
-"""Reading a finished cache as training batches: only the needed fields, deterministic, resumable, and with
-memory and start-up that do not grow with the cache.
+"""One split of a finished cache as a dataset of training batches: only the needed fields, deterministic,
+resumable, and with memory and start-up that do not grow with the cache.
 
-The order of an epoch's batches is `batches.EpochPlan` (computed from one integer per shard, nothing
-read); the rows of a batch are read by `fetch.SplitReader` (a row group of rows.parquet, and the Zarr chunks
-holding those rows). A run resumes at batch b of epoch e by starting the plan there, not by reading what
+The order of an epoch's batches is `batch_order.EpochPlan` (computed from one integer per shard, nothing
+read); the rows of a batch are read by `split_reader.SplitReader` (a row group of rows.parquet, and the Zarr
+chunks holding those rows). Several caches mixed by weight are `mixing.SourceMix`. A run resumes at batch b of epoch e by starting the plan there, not by reading what
 came before. Rows can be restricted to a set of content keys.
 """
 
@@ -16,10 +16,10 @@ from .. import distributed
 from ..errors import CacheError, StudentError
 from ..format.reader import Cache
 from ..config import DEFAULT_SHUFFLE_WINDOW
-from .batches import PER_SHARD, Batch, EpochPlan, batch_plan, rows_scheme, window_of
-from .fetch import SplitReader
+from .batch_order import Batch, EpochPlan, batch_plan, rows_scheme, window_of
+from .split_reader import SplitReader
 
-__all__ = ["Batch", "CacheBatches", "TaskStream", "batch_plan", "make_loader"]
+__all__ = ["Batch", "CacheBatches", "batch_plan", "make_loader"]
 
 # optional rows.parquet columns, in every batch (labels: a classifier's gold class per row, or per position)
 ROW_FIELDS = {"loss_mask": np.bool_, "position_ids": np.int64, "labels": np.int64}
@@ -48,7 +48,7 @@ class CacheBatches(torch.utils.data.IterableDataset):
     give the same batches, with any number of workers as long as it is the same number. Or set
     `indices`, the plan's batches to yield in that order (one rank's share of an epoch under DDP):
     the other batches are never read, and the j-th listed batch is read by worker j % num_workers.
-    `scheme`: the row order (`batches.rows_scheme(window)`: the rows of `window` shards shuffled together, "per-shard"
+    `scheme`: the row order (`batch_order.rows_scheme(window)`: the rows of `window` shards shuffled together, "per-shard"
     for one; None: the order of runs checkpointed before per-shard generators). Memory holds the window's shards
     of the fields read (and of the rows' columns), per worker.
     """
@@ -163,12 +163,12 @@ def window_bytes(cache: Cache, split: str, fields: list[str], window: int) -> in
     return per_row * m.capture.rows_per_shard * (window + 1)
 
 
-def check_window(stream: "TaskStream", window: int, workers: int, log) -> None:
-    """Say what the readers of `stream`'s caches hold for their shuffle windows on this host, and refuse windows
+def check_window(datasets: list[CacheBatches], window: int, workers: int, log) -> None:
+    """Say what the readers of `datasets` (a run's training sources) hold for their shuffle windows on this host, and refuse windows
     beyond half of its available memory, naming the settings to change."""
     readers = max(workers, 1) * distributed.ranks_on_this_host()
     need = readers * sum(window_bytes(ds.cache, ds.split, ds.fields, window_of(ds.scheme) if ds.scheme else 1)
-                         for ds, _ in stream.tasks.values())
+                         for ds in datasets)
     log(f"reader: shuffle window of {window} shards, about {need / 2**20:,.0f} MiB held by {readers} reader(s) on "
         "this host")
     free = distributed.host_memory_available()
@@ -181,122 +181,3 @@ def check_window(stream: "TaskStream", window: int, workers: int, log) -> None:
 def make_loader(ds: CacheBatches) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=ds.num_workers,
                                        persistent_workers=False, prefetch_factor=4 if ds.num_workers else None)
-
-
-class TaskStream:
-    """Training batches from one or more caches ("tasks") mixed by weight, endlessly, resumably, and
-    split over ranks.
-
-    The draws form one global sequence: the task of draw m is a function of (seed, m) alone, and
-    each task walks its own epochs, the k-th draw of a task being batch k of its epoch's plan.
-    Under DDP with W ranks, rank r trains on the draws m with m % W == r and reads only those
-    batches; `skip_to(m)` moves past the other ranks' draws without reading them. So W ranks with
-    a global batch of W x grad_accum micro-batches see exactly the batches one process sees with
-    grad_accum x W. `state` (draws so far, each task's epoch and next batch) is all a checkpoint
-    needs; it is the same on every rank after `skip_to`.
-    """
-
-    BLOCK = 4096  # task choices are drawn in blocks of this many draws
-
-    def __init__(self, tasks: dict[str, tuple[CacheBatches, float]], seed: int, state: dict | None = None,
-                 rank: int = 0, world: int = 1):
-        self.tasks = tasks
-        self.names = list(tasks)
-        w = np.asarray([tasks[n][1] for n in self.names], dtype=np.float64)
-        self.p = w / w.sum()
-        self.seed, self.rank, self.world = seed, rank, world
-        first = next((ds for ds, _ in tasks.values() if ds is not None), None)
-        self.state = state or {"draws": 0, "tasks": {n: {"epoch": 0, "batch": 0} for n in self.names},
-                               "scheme": "block", "rows": first.scheme if first is not None else PER_SHARD}
-        for ds, _ in tasks.values():  # a state from before per-shard row orders continues that run's order
-            if ds is not None:
-                ds.scheme = self.state.get("rows")
-                ds._plans.clear()
-        # a state from before block draws continues that run's sequence: one generator per draw
-        self.per_draw = self.state.get("scheme") != "block"
-        self._iters: dict[str, object] = {}
-        self._blocks: dict[int, np.ndarray] = {}
-        self._sizes: dict[tuple[str, int], int] = {}
-
-    def _block(self, b: int) -> np.ndarray:
-        if b not in self._blocks:
-            if len(self._blocks) > 8:
-                self._blocks.clear()
-            if self.per_draw:
-                self._blocks[b] = np.asarray([np.random.default_rng([self.seed, 1, m]).choice(len(self.names), p=self.p)
-                                              for m in range(b * self.BLOCK, (b + 1) * self.BLOCK)])
-            else:
-                rng = np.random.default_rng([self.seed, 1, b])
-                self._blocks[b] = rng.choice(len(self.names), size=self.BLOCK, p=self.p)
-        return self._blocks[b]
-
-    def choose(self, draw: int) -> str:
-        if len(self.names) == 1:
-            return self.names[0]
-        return self.names[int(self._block(draw // self.BLOCK)[draw % self.BLOCK])]
-
-    def epoch_batches(self, name: str, epoch: int) -> int:
-        """Batches in `name`'s plan for `epoch` (computed from the plan, nothing read)."""
-        if (name, epoch) not in self._sizes:
-            self._sizes[(name, epoch)] = len(self.tasks[name][0].plan(epoch))
-        return self._sizes[(name, epoch)]
-
-    def _mine(self, name: str, draw: int, batch: int, n: int):
-        """The batches of `name`'s epoch from `batch` (drawn at `draw`) on that fall to this rank."""
-        if len(self.names) == 1:  # every draw is this task's: batch k is draw draw + k - batch
-            return range(batch + (self.rank - draw) % self.world, n, self.world)
-        t = self.names.index(name)
-        out, k, m = [], batch, draw
-        while k < n:  # block by block: the draws of this task are its batches k, k + 1, ... in order
-            b = m // self.BLOCK
-            hits = (np.nonzero(self._block(b)[m % self.BLOCK:] == t)[0] + m)[: n - k]
-            out.append(k + np.nonzero(hits % self.world == self.rank)[0])
-            k += len(hits)
-            m = (b + 1) * self.BLOCK
-        return np.concatenate(out).tolist() if out else []
-
-    def _start(self, name: str):
-        ds = self.tasks[name][0]
-        pos = self.state["tasks"][name]
-        ds.epoch = pos["epoch"]
-        if self.world == 1:
-            ds.start, ds.indices = pos["batch"], None
-        else:
-            ds.start, ds.indices = 0, self._mine(name, self.state["draws"], pos["batch"],
-                                                 self.epoch_batches(name, pos["epoch"]))
-        self._iters[name] = iter(make_loader(ds))
-
-    def _advance(self) -> tuple[str, bool]:
-        """The task of the next draw, rolling its epoch over when that epoch is spent; whether this rank reads it."""
-        name = self.choose(self.state["draws"])
-        pos = self.state["tasks"][name]
-        if pos["batch"] >= self.epoch_batches(name, pos["epoch"]):  # that task's epoch is over: the next, reshuffled
-            pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
-            self._iters.pop(name, None)
-            if self.epoch_batches(name, pos["epoch"]) == 0:
-                raise CacheError(f"task {name!r}: its train split yields no batch")
-        return name, self.state["draws"] % self.world == self.rank
-
-    def skip_to(self, draws: int) -> None:
-        """Move past draws (other ranks') up to `draws` without reading them."""
-        while self.state["draws"] < draws:
-            name, mine = self._advance()
-            if mine:
-                raise RuntimeError(f"rank {self.rank} would skip its own draw {self.state['draws']}")
-            self.state["tasks"][name]["batch"] += 1
-            self.state["draws"] += 1
-
-    def __iter__(self):
-        while True:
-            name, mine = self._advance()
-            if mine:
-                if name not in self._iters:
-                    self._start(name)
-                batch = next(self._iters[name])
-                expected = self.state["tasks"][name]["batch"]
-                if batch["batch_index"] != expected:
-                    raise RuntimeError(f"task {name!r}: read batch {batch['batch_index']}, expected {expected}")
-            self.state["tasks"][name]["batch"] += 1
-            self.state["draws"] += 1
-            if mine:
-                yield name, batch
