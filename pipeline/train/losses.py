@@ -11,16 +11,14 @@ Conventions
   1 - sum of its own probabilities at the same ids. `forward_kl_renormalized` drops the tail and
   renormalises both sides over the K ids: biased (over-confident students), an explicit option.
 - Memory: a student's logits are computed block by block of positions (`terms.compute`, one checkpointed
-  block at a time): each loss here sees one block, and its masked mean's count is recorded
-  (`counting_means`) so that the blocks add up to the mean over the whole batch. Where a student's logits
+  block at a time): each loss here sees one block, and its masked mean's count is appended to the loss's
+  `counts` list, when given, so that the blocks add up to the mean over the whole batch. Where a student's logits
   are materialised (mutual learning), its logsumexp is still computed in blocks of positions, forward and
   backward (`logsumexp_t`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 import warnings
 
@@ -132,28 +130,14 @@ def teacher_topk_logprobs(topk_logprobs: torch.Tensor, logsumexp: torch.Tensor, 
 # the losses (each: per-token mean over mask)
 
 
-_COUNTS: contextvars.ContextVar[list | None] = contextvars.ContextVar("masked_mean_counts", default=None)
-
-
-@contextlib.contextmanager
-def counting_means():
-    """Within it, every `masked_mean` appends the number of positions it averaged over to the list yielded: a
-    loss computed on one block of positions is then sum / count for that block, and blocks combine exactly."""
-    counts: list[torch.Tensor] = []
-    token = _COUNTS.set(counts)
-    try:
-        yield counts
-    finally:
-        _COUNTS.reset(token)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, counts: list | None = None) -> torch.Tensor:
     """Mean of `x` where `mask`; masked positions are selected out, not multiplied by 0, so a NaN or
-    inf there (a padded position's garbage) reaches neither the value nor the gradient."""
+    inf there (a padded position's garbage) reaches neither the value nor the gradient. `counts`: a list the
+    number of positions averaged over is appended to (every loss passes its own `counts` on), so that a loss
+    computed on one block of positions is sum / count for that block and blocks combine exactly."""
     mask = mask.expand_as(x) if mask.shape != x.shape else mask
     kept = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
     n = mask.sum()
-    counts = _COUNTS.get()
     if counts is not None:
         counts.append(n)
     return kept.sum() / n.clamp(min=1).to(x.dtype)
@@ -169,26 +153,29 @@ def _kl(lp_p: torch.Tensor, lp_q: torch.Tensor) -> torch.Tensor:
     return (p * (lp_p - lp_q)).masked_fill(p == 0, 0.0).sum(-1)
 
 
-def forward_kl(t_lp, t_log_tail, s_lp, s_log_tail, mask, temperature: float = 1.0) -> torch.Tensor:
+def forward_kl(t_lp, t_log_tail, s_lp, s_log_tail, mask, temperature: float = 1.0,
+               counts: list | None = None) -> torch.Tensor:
     """KL(teacher || student) over the K ids + tail bucket, times T^2."""
     kl = _kl(_with_tail(t_lp, t_log_tail), _with_tail(s_lp, s_log_tail))
-    return masked_mean(kl, mask) * temperature**2
+    return masked_mean(kl, mask, counts) * temperature**2
 
 
-def forward_kl_renormalized(t_lp, s_lp, mask, temperature: float = 1.0) -> torch.Tensor:
+def forward_kl_renormalized(t_lp, s_lp, mask, temperature: float = 1.0, counts: list | None = None) -> torch.Tensor:
     """KL(teacher || student) with both renormalised over the K ids alone (tail ignored), times T^2."""
     t = t_lp - torch.logsumexp(t_lp, -1, keepdim=True)
     s = s_lp - torch.logsumexp(s_lp, -1, keepdim=True)
-    return masked_mean(_kl(t, s), mask) * temperature**2
+    return masked_mean(_kl(t, s), mask, counts) * temperature**2
 
 
-def reverse_kl(t_lp, t_log_tail, s_lp, s_log_tail, mask, temperature: float = 1.0) -> torch.Tensor:
+def reverse_kl(t_lp, t_log_tail, s_lp, s_log_tail, mask, temperature: float = 1.0,
+               counts: list | None = None) -> torch.Tensor:
     """KL(student || teacher) over the K ids + tail bucket, times T^2."""
     kl = _kl(_with_tail(s_lp, s_log_tail), _with_tail(t_lp, t_log_tail))
-    return masked_mean(kl, mask) * temperature**2
+    return masked_mean(kl, mask, counts) * temperature**2
 
 
-def jsd(t_lp, t_log_tail, s_lp, s_log_tail, mask, beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+def jsd(t_lp, t_log_tail, s_lp, s_log_tail, mask, beta: float = 0.5, temperature: float = 1.0,
+        counts: list | None = None) -> torch.Tensor:
     """Generalised JSD: beta KL(t || m) + (1 - beta) KL(s || m), m = beta t + (1 - beta) s; times T^2.
 
     beta = 0.5 is the symmetric JSD; beta -> 0 approaches forward KL's gradient, beta -> 1 reverse.
@@ -197,25 +184,25 @@ def jsd(t_lp, t_log_tail, s_lp, s_log_tail, mask, beta: float = 0.5, temperature
         raise ValueError(f"jsd beta must be in (0, 1), got {beta}")
     t, s = _with_tail(t_lp, t_log_tail), _with_tail(s_lp, s_log_tail)
     m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), dim=0)
-    return masked_mean(beta * _kl(t, m) + (1 - beta) * _kl(s, m), mask) * temperature**2
+    return masked_mean(beta * _kl(t, m) + (1 - beta) * _kl(s, m), mask, counts) * temperature**2
 
 
-def mse_logprobs(t_lp, s_lp, mask) -> torch.Tensor:
+def mse_logprobs(t_lp, s_lp, mask, counts: list | None = None) -> torch.Tensor:
     """Mean over the K ids of (log p_s - log p_t)^2, per token."""
-    return masked_mean(((s_lp - t_lp) ** 2).mean(-1), mask)
+    return masked_mean(((s_lp - t_lp) ** 2).mean(-1), mask, counts)
 
 
-def mse_logits(t_logits, s_logits, mask) -> torch.Tensor:
+def mse_logits(t_logits, s_logits, mask, counts: list | None = None) -> torch.Tensor:
     """Mean over the K ids of (z_s - z_t)^2 with each side centred over the K ids (logits are
     defined up to a constant per position; centring removes it), per token."""
     t = t_logits - t_logits.mean(-1, keepdim=True)
     s = s_logits - s_logits.mean(-1, keepdim=True)
-    return masked_mean(((s - t) ** 2).mean(-1), mask)
+    return masked_mean(((s - t) ** 2).mean(-1), mask, counts)
 
 
-def cross_entropy(s_target_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def cross_entropy(s_target_lp: torch.Tensor, mask: torch.Tensor, counts: list | None = None) -> torch.Tensor:
     """Hard-label next-token cross-entropy: -log p_s(true next token), per token."""
-    return masked_mean(-s_target_lp, mask)
+    return masked_mean(-s_target_lp, mask, counts)
 
 
 def divergence(t_lp: torch.Tensor, s_lp: torch.Tensor, kind: str = "forward", beta: float = 0.5) -> torch.Tensor:
@@ -235,7 +222,7 @@ def divergence(t_lp: torch.Tensor, s_lp: torch.Tensor, kind: str = "forward", be
 
 def full_divergence(teacher_logits, t_inputs: torch.Tensor, s_logits: torch.Tensor, mask: torch.Tensor,
                     temperature: float = 1.0, kind: str = "forward", beta: float = 0.5,
-                    block: int = 512) -> torch.Tensor:
+                    block: int = 512, counts: list | None = None) -> torch.Tensor:
     """A divergence between teacher and student over the whole vocabulary, masked mean over positions, x T^2.
 
     `teacher_logits(x)` maps a block of `t_inputs` (B, L, ...) flattened to (P, ...) to the teacher's
@@ -261,7 +248,7 @@ def full_divergence(teacher_logits, t_inputs: torch.Tensor, s_logits: torch.Tens
     sf, mf = s_logits.reshape(-1, s_logits.shape[-1]), mask.reshape(-1)
     parts = [checkpoint(block_div, xf[i : i + block], sf[i : i + block], use_reentrant=False)
              for i in range(0, xf.shape[0], block)]
-    return masked_mean(torch.cat(parts), mf) * temperature**2
+    return masked_mean(torch.cat(parts), mf, counts) * temperature**2
 
 
 def full_forward_kl(t_logits: torch.Tensor, s_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
@@ -271,7 +258,7 @@ def full_forward_kl(t_logits: torch.Tensor, s_logits: torch.Tensor, mask: torch.
 
 
 def sampled_kl(t_lp: torch.Tensor, s_lp: torch.Tensor, log_w: torch.Tensor, mask: torch.Tensor,
-               temperature: float = 1.0) -> torch.Tensor:
+               temperature: float = 1.0, counts: list | None = None) -> torch.Tensor:
     """Importance-sampled forward KL(teacher || student) at sampled ids, masked mean over positions, x T^2.
 
     Per position, with the distinct drawn ids v, `log_w` = log(c_v / N) + log p_T(v) - log q(v) (-inf in
@@ -281,21 +268,21 @@ def sampled_kl(t_lp: torch.Tensor, s_lp: torch.Tensor, log_w: torch.Tensor, mask
     """
     w = log_w.exp()
     per = (w * (t_lp - s_lp)).masked_fill(w == 0, 0.0).sum(-1)
-    return masked_mean(per, mask) * temperature**2
+    return masked_mean(per, mask, counts) * temperature**2
 
 
 # ---------------------------------------------------------------------------------------------
 # representation, attention and self-supervised terms (issue: intermediate-layer distillation)
 
 
-def hidden_mse(h_s: torch.Tensor, h_t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def hidden_mse(h_s: torch.Tensor, h_t: torch.Tensor, mask: torch.Tensor, counts: list | None = None) -> torch.Tensor:
     """(B, L, d) projected student vs teacher hidden states: mean over d of the squared error, per token."""
-    return masked_mean(((upcast(h_s) - upcast(h_t)) ** 2).mean(-1), mask)
+    return masked_mean(((upcast(h_s) - upcast(h_t)) ** 2).mean(-1), mask, counts)
 
 
-def hidden_cosine(h_s: torch.Tensor, h_t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def hidden_cosine(h_s: torch.Tensor, h_t: torch.Tensor, mask: torch.Tensor, counts: list | None = None) -> torch.Tensor:
     """1 - cosine similarity of (B, L, d) student (projected) and teacher hidden states, per token."""
-    return masked_mean(1 - F.cosine_similarity(upcast(h_s), upcast(h_t), dim=-1, eps=1e-8), mask)
+    return masked_mean(1 - F.cosine_similarity(upcast(h_s), upcast(h_t), dim=-1, eps=1e-8), mask, counts)
 
 
 def _attention_mask(mask: torch.Tensor, causal: bool = True) -> torch.Tensor:
@@ -309,7 +296,7 @@ def _attention_mask(mask: torch.Tensor, causal: bool = True) -> torch.Tensor:
 
 
 def attention_kl(a_t: torch.Tensor, a_s: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8,
-                 causal: bool = True) -> torch.Tensor:
+                 causal: bool = True, counts: list | None = None) -> torch.Tensor:
     """KL(teacher || student) between attention distributions of each query row (MiniLM).
 
     a_t, a_s (B, H, L, L) probabilities over keys; mask (B, L). Padding keys (and, `causal`, keys above
@@ -320,32 +307,35 @@ def attention_kl(a_t: torch.Tensor, a_s: torch.Tensor, mask: torch.Tensor, eps: 
     kl = torch.where(pair & (t > 0), t * (torch.log(t.clamp(min=eps)) - torch.log(s.clamp(min=eps))),
                      torch.zeros_like(t)).sum(-1)  # (B, H, L)
     q = mask[:, None, :].expand_as(kl)
-    return masked_mean(kl, q)
+    return masked_mean(kl, q, counts)
 
 
-def attention_mse(a_t: torch.Tensor, a_s: torch.Tensor, mask: torch.Tensor, causal: bool = True) -> torch.Tensor:
+def attention_mse(a_t: torch.Tensor, a_s: torch.Tensor, mask: torch.Tensor, causal: bool = True,
+                  counts: list | None = None) -> torch.Tensor:
     """Mean squared error of attention probabilities over valid (query, key [<= query when `causal`]) pairs
     (TinyBERT)."""
     pair = _attention_mask(mask, causal).expand(a_t.shape)
-    return masked_mean((upcast(a_s) - upcast(a_t)) ** 2, pair)
+    return masked_mean((upcast(a_s) - upcast(a_t)) ** 2, pair, counts)
 
 
-def nll_match(s_target_lp: torch.Tensor, t_target_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def nll_match(s_target_lp: torch.Tensor, t_target_lp: torch.Tensor, mask: torch.Tensor,
+              counts: list | None = None) -> torch.Tensor:
     """Self-supervised matching: squared difference of the student's and the teacher's per-token
     negative log-likelihood of the true next token (both (B, L)); NaN teacher values must be masked."""
-    return masked_mean((upcast(s_target_lp) - torch.nan_to_num(upcast(t_target_lp))) ** 2, mask)
+    return masked_mean((upcast(s_target_lp) - torch.nan_to_num(upcast(t_target_lp))) ** 2, mask, counts)
 
 
 # ---------------------------------------------------------------------------------------------
 # classification: the teacher's whole class distribution is cached, so every term is exact
 
 
-def class_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def class_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                        counts: list | None = None) -> torch.Tensor:
     """-log p_s(gold class), mean over `mask`; logits (..., C), labels (...) (entries outside `mask` may be
     any value, e.g. -100)."""
     lp = torch.log_softmax(upcast(logits), dim=-1)
     gold = lp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    return masked_mean(-gold, mask)
+    return masked_mean(-gold, mask, counts)
 
 
 def teacher_class_logprobs(class_logprobs: torch.Tensor, class_logsumexp: torch.Tensor, temperature: float = 1.0,
@@ -361,11 +351,11 @@ def teacher_class_logprobs(class_logprobs: torch.Tensor, class_logsumexp: torch.
 
 
 def class_divergence(t_lp: torch.Tensor, s_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
-                     kind: str = "forward", beta: float = 0.5) -> torch.Tensor:
+                     kind: str = "forward", beta: float = 0.5, counts: list | None = None) -> torch.Tensor:
     """KL(teacher || student), KL(student || teacher) or the generalised JSD over the classes at temperature T,
     times T^2; t_lp (..., C) the teacher's log-probs at T, s_logits (..., C) the student's logits."""
     s_lp = torch.log_softmax(upcast(s_logits) / temperature, dim=-1)
-    return masked_mean(divergence(t_lp, s_lp, kind, beta), mask) * temperature**2
+    return masked_mean(divergence(t_lp, s_lp, kind, beta), mask, counts) * temperature**2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,7 +363,7 @@ def class_divergence(t_lp: torch.Tensor, s_logits: torch.Tensor, mask: torch.Ten
 
 
 def uld(t_lp: torch.Tensor, t_log_tail: torch.Tensor, s_lp: torch.Tensor, s_log_tail: torch.Tensor,
-        mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        mask: torch.Tensor, temperature: float = 1.0, counts: list | None = None) -> torch.Tensor:
     """Universal Logit Distillation (Boizard et al., 2024): the Wasserstein-1 distance between the teacher's
     and the student's probability vectors, each sorted in decreasing order (vocabulary-agnostic), x T^2.
 
@@ -390,11 +380,11 @@ def uld(t_lp: torch.Tensor, t_log_tail: torch.Tensor, s_lp: torch.Tensor, s_log_
     k = max(t.shape[-1], s.shape[-1])
     t, s = F.pad(t, (0, k - t.shape[-1])), F.pad(s, (0, k - s.shape[-1]))
     w = (t - s).abs().sum(-1) + (upcast(t_log_tail).exp() - upcast(s_log_tail).exp()).abs()
-    return masked_mean(w, mask) * temperature**2
+    return masked_mean(w, mask, counts) * temperature**2
 
 
 def mapped_forward_kl(t_lp: torch.Tensor, t_log_tail: torch.Tensor, mapped: torch.Tensor, s_lp: torch.Tensor,
-                      mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+                      mask: torch.Tensor, temperature: float = 1.0, counts: list | None = None) -> torch.Tensor:
     """KL(teacher || student) with the teacher's top-K carried into the student's vocabulary, x T^2.
 
     t_lp (..., K) the teacher's log-probs at its ids, t_log_tail (...) its exact tail, mapped (..., K) the student
@@ -415,4 +405,4 @@ def mapped_forward_kl(t_lp: torch.Tensor, t_log_tail: torch.Tensor, mapped: torc
     s = upcast(s_lp)
     s_tail = log1mexp(torch.logsumexp(torch.where(first, s, torch.full_like(s, -torch.inf)), dim=-1))
     kl = _kl(_with_tail(q.log(), t_tail.clamp(min=0).log()), _with_tail(s, s_tail))
-    return masked_mean(kl, mask) * temperature**2
+    return masked_mean(kl, mask, counts) * temperature**2

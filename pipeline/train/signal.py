@@ -304,7 +304,10 @@ class Wiring:
 
 @dataclass(frozen=True)
 class Context:
-    """What a term may know besides the two signals: the student's settings and its wiring."""
+    """What a term may know besides the two signals: the student's settings and its wiring; `counts`, when a term
+    is computed on one block of positions (`terms.blockwise`): the list its loss appends the number of positions it
+    averaged over to (`losses.masked_mean`)."""
 
     spec: object  # StudentConfig
     wiring: Wiring
+    counts: list | None = None

@@ -7,7 +7,7 @@ defined across tokenizers; and whether it ignores the teacher's tail (`tail_free
 whole distribution (`anchors`). Everything else is derived from `TERMS`: the names a config may use
 (`check_losses`), the fields a run reads (`fields_for`), whether a student's forward pass records
 hidden states or attention maps, which capture settings several caches of one run must share.
-Adding a loss is one function and one `Term(...)` entry here.
+Adding a loss is one function in `computations.py` and one `Term(...)` entry here.
 
 Terms with weight 0 are not computed and their fields not read.
 """
@@ -23,7 +23,9 @@ import torch
 from ..errors import StudentError
 from ..format.manifest import Manifest
 from . import losses
-from .representation import decode_hidden, map_heads
+from .computations import (Compute, attention_term, ce, ce_classes, class_divergence, full_divergence,
+                           hidden_scale_fields, hidden_term, kd_mapped, kd_sampled, mse_logits, mse_logits_classes,
+                           nll_match, sampled_fields, topk_divergence, uld)
 from .signal import Context, StudentOutput, TeacherSignal, Wiring
 
 TOPK_FIELDS = ("topk_ids", "topk_logprobs", "logsumexp")
@@ -32,7 +34,6 @@ FULL_FIELDS = ("final_hidden",)
 HIDDEN_KEYS = ("hidden_layers", "hidden_dtype")
 ATTENTION_KEYS = ("attention_layers", "attention_heads_stored")
 
-Compute = Callable[[StudentOutput, TeacherSignal, Context], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -67,151 +68,6 @@ class Term:
 
 
 # ---------------------------------------------------------------------------------------------
-# the computations
-
-
-def _ce(out, sig, ctx):
-    return losses.cross_entropy(out.next_logprobs(), out.masks.ce)
-
-
-def _ce_classes(out, sig, ctx):
-    return losses.class_cross_entropy(out.logits, sig.field("labels"), out.masks.ce)
-
-
-def _topk_divergence(kind: str) -> Compute:
-    """A divergence over the teacher's top-K ids + exact tail bucket, at the student's temperature."""
-    def compute(out, sig, ctx):
-        T = ctx.spec.temperature
-        t, s = sig.topk(T), out.topk(sig.topk_ids, T)
-        if kind == "forward":
-            return losses.forward_kl(t.logprobs, t.log_tail, s.logprobs, s.log_tail, out.masks.kd, T)
-        if kind == "reverse":
-            return losses.reverse_kl(t.logprobs, t.log_tail, s.logprobs, s.log_tail, out.masks.kd, T)
-        if kind == "jsd":
-            return losses.jsd(t.logprobs, t.log_tail, s.logprobs, s.log_tail, out.masks.kd, ctx.spec.jsd_beta, T)
-        if kind == "renorm":
-            return losses.forward_kl_renormalized(t.logprobs, s.logprobs, out.masks.kd, T)
-        return losses.mse_logprobs(t.logprobs, s.logprobs, out.masks.kd)
-
-    if kind not in ("forward", "reverse", "jsd", "renorm", "mse"):
-        raise ValueError(f"unknown top-K divergence {kind!r}")
-    return compute
-
-
-def _class_divergence(kind: str) -> Compute:
-    """A divergence over every class (a classifier's distribution is stored whole: exact at any T)."""
-    def compute(out, sig, ctx):
-        T = ctx.spec.temperature
-        return losses.class_divergence(sig.classes(T), out.logits, out.masks.kd, T, kind, ctx.spec.jsd_beta)
-    return compute
-
-
-def _uld(out, sig, ctx):
-    T = ctx.spec.temperature
-    t = sig.topk(T)
-    s = out.largest(t.logprobs.shape[-1], T)
-    return losses.uld(t.logprobs, t.log_tail, s.logprobs, s.log_tail, out.masks.kd, T)
-
-
-def mapped_ids(sig: TeacherSignal, ctx: Context) -> torch.Tensor:
-    """The student id of each of the teacher's top-K ids (-1: none): the ids themselves for the same vocabulary."""
-    vmap = ctx.wiring.vocab_map
-    return sig.topk_ids if vmap is None else vmap.ids.to(sig.device)[sig.topk_ids]
-
-
-def _kd_mapped(out, sig, ctx):
-    T = ctx.spec.temperature
-    t = sig.topk(T)
-    mapped = mapped_ids(sig, ctx)
-    return losses.mapped_forward_kl(t.logprobs, t.log_tail, mapped, out.at(mapped, T), out.masks.kd, T)
-
-
-def _mse_logits(out, sig, ctx):
-    t_logits = sig.field("topk_logprobs") + sig.field("logsumexp")[..., None]
-    return losses.mse_logits(t_logits, losses.upcast(out.logits.gather(-1, sig.topk_ids)), out.masks.kd)
-
-
-def _mse_logits_classes(out, sig, ctx):
-    t_logits = sig.field("class_logprobs") + sig.field("class_logsumexp")[..., None]
-    return losses.mse_logits(t_logits, out.logits.float(), out.masks.kd)
-
-
-def _sampled_fields(spec, manifest: Manifest) -> list[str]:
-    """The importance weights need logsumexp at the student's T and the proposal's: both exact, never
-    approximated, so T must be 1 or captured; the proposal's was captured by construction."""
-    cap = manifest.capture
-    if spec.temperature != 1.0 and spec.temperature not in cap.temperatures:
-        raise StudentError(f"student {spec.name!r}: kd_sampled at temperature {spec.temperature} needs that "
-                           f"temperature's logsumexp, which the cache did not capture (captured: "
-                           f"{list(cap.temperatures_all)}); use one of those")
-    return ["logsumexp_tempered"] if cap.sample_temperature != 1.0 else []
-
-
-def _kd_sampled(out, sig, ctx):
-    T = ctx.spec.temperature
-    s = sig.sampled(T)
-    s_lp = losses.upcast(out.logits.gather(-1, s.ids)) / T - out.lse(T)[..., None]
-    return losses.sampled_kl(s.logprobs, s_lp, s.log_weights, out.masks.kd, T)
-
-
-def _full_divergence(kind: str) -> Compute:
-    """A divergence over the whole vocabulary, the teacher's logits recomputed from its cached final hidden
-    state and LM head."""
-    def compute(out, sig, ctx):
-        if sig.head is None:
-            raise StudentError(f"student {ctx.spec.name!r}: full-vocabulary terms need the cache's LM head "
-                               "(not loaded)")
-        h = sig.head.decode(sig.field("final_hidden"))  # (B, L, d) float32
-        return losses.full_divergence(sig.head, h, out.logits, out.masks.kd, ctx.spec.temperature, kind,
-                                      ctx.spec.jsd_beta)
-    return compute
-
-
-def _nll_match(out, sig, ctx):
-    t_tgt = sig.field("target_logprob")
-    return losses.nll_match(out.next_logprobs(), t_tgt, out.masks.ce & torch.isfinite(t_tgt))
-
-
-def _hidden_scale(spec, manifest: Manifest) -> list[str]:
-    """int8 hidden states come with their per-position scale."""
-    field = manifest.fields.get("hidden_states")
-    return ["hidden_scale"] if field is not None and field.encoding == "int8-scaled" else []
-
-
-def _hidden(fn) -> Compute:
-    """`fn` over each mapped pair of (projected) student and cached teacher hidden states, averaged."""
-    def compute(out, sig, ctx):
-        cached = sig.field("hidden_states")  # (B, n_cached, L, d_t) in its stored dtype
-        scale = sig.field("hidden_scale") if ctx.wiring.hidden_encoding == "int8-scaled" else None  # (B, n, L)
-        parts = [fn(out.hidden[i], decode_hidden(cached[:, j], ctx.wiring.hidden_encoding,
-                                                 None if scale is None else scale[:, j]), out.masks.rep)
-                 for i, (_, j) in enumerate(ctx.wiring.hidden)]
-        return torch.stack(parts).mean()
-    return compute
-
-
-def _attention(fn) -> Compute:
-    """`fn` over each mapped pair of student and cached teacher attention maps (heads grouped), averaged."""
-    def compute(out, sig, ctx):
-        cached = sig.field("attentions")  # (B, n_cached, H_t, L, L)
-        parts = []
-        for s, j in ctx.wiring.attention:
-            a_t, a_s = map_heads(cached[:, j].float(), out.attentions[s].float(), ctx.spec.attention_heads,
-                                 ctx.spec.name)
-            if ctx.wiring.cross:  # each row as a distribution over the aligned keys, on both sides
-                a_t, a_s = over_keys(a_t, out.masks.rep), over_keys(a_s, out.masks.rep)
-            parts.append(fn(a_t, a_s, out.masks.rep, causal=not ctx.wiring.bidirectional))
-        return torch.stack(parts).mean()
-    return compute
-
-
-def over_keys(a: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Attention rows (B, H, L, L) restricted to the keys where `keys` (B, L) and renormalised over them."""
-    a = a * keys[:, None, None, :].to(a.dtype)
-    return a / a.sum(-1, keepdim=True).clamp(min=1e-12)
-
-
-# ---------------------------------------------------------------------------------------------
 # the registry
 
 
@@ -231,51 +87,51 @@ def _representation(name: str, description: str, compute: Compute, field: str, n
 
 TERMS: dict[str, Term] = registry(
     Term("ce", "cross-entropy on the true next token (hard labels); classification: on the gold labels",
-         Computation((), _ce), classes=Computation((), _ce_classes), cross_tokenizer=True, anchors=True),
+         Computation((), ce), classes=Computation((), ce_classes), cross_tokenizer=True, anchors=True),
     Term("kd_forward", "KL(teacher || student) over the top-K ids + exact tail bucket, x T^2",
-         Computation(TOPK_FIELDS, _topk_divergence("forward")), classes=Computation(CLASS_FIELDS, _class_divergence("forward")),
+         Computation(TOPK_FIELDS, topk_divergence("forward")), classes=Computation(CLASS_FIELDS, class_divergence("forward")),
          tempered=True, anchors=True),
     Term("kd_forward_renorm", "KL over the top-K ids renormalised, tail ignored (biased), x T^2",
-         Computation(TOPK_FIELDS, _topk_divergence("renorm")), tempered=True, tail_free=True),
+         Computation(TOPK_FIELDS, topk_divergence("renorm")), tempered=True, tail_free=True),
     Term("kd_reverse", "KL(student || teacher) over the top-K ids + tail bucket, x T^2",
-         Computation(TOPK_FIELDS, _topk_divergence("reverse")), classes=Computation(CLASS_FIELDS, _class_divergence("reverse")),
+         Computation(TOPK_FIELDS, topk_divergence("reverse")), classes=Computation(CLASS_FIELDS, class_divergence("reverse")),
          tempered=True, anchors=True),
     Term("kd_jsd", "generalised Jensen-Shannon (jsd_beta) over the top-K ids + tail bucket, x T^2",
-         Computation(TOPK_FIELDS, _topk_divergence("jsd")), classes=Computation(CLASS_FIELDS, _class_divergence("jsd")),
+         Computation(TOPK_FIELDS, topk_divergence("jsd")), classes=Computation(CLASS_FIELDS, class_divergence("jsd")),
          tempered=True, anchors=True),
     Term("uld", "Universal Logit Distillation: Wasserstein-1 between the sorted teacher (top-K + exact tail) and "
-         "student probability vectors, vocabulary-agnostic (any tokenizer), x T^2", Computation(TOPK_FIELDS, _uld),
+         "student probability vectors, vocabulary-agnostic (any tokenizer), x T^2", Computation(TOPK_FIELDS, uld),
          tempered=True, cross_tokenizer=True, anchors=True),
     Term("kd_mapped", "KL(teacher || student) with the teacher's top-K mapped into the student's vocabulary through "
          "the tokens' text (GOLD's first-piece rule), unmapped mass in the tail bucket, x T^2",
-         Computation(TOPK_FIELDS, _kd_mapped), tempered=True, cross_tokenizer=True, anchors=True),
-    Term("mse_logprobs", "squared error of log-probs at the top-K ids", Computation(TOPK_FIELDS, _topk_divergence("mse")),
+         Computation(TOPK_FIELDS, kd_mapped), tempered=True, cross_tokenizer=True, anchors=True),
+    Term("mse_logprobs", "squared error of log-probs at the top-K ids", Computation(TOPK_FIELDS, topk_divergence("mse")),
          tempered=True, tail_free=True),
-    Term("mse_logits", "squared error of centred logits at the top-K ids", Computation(TOPK_FIELDS, _mse_logits),
-         classes=Computation(CLASS_FIELDS, _mse_logits_classes), tail_free=True),
+    Term("mse_logits", "squared error of centred logits at the top-K ids", Computation(TOPK_FIELDS, mse_logits),
+         classes=Computation(CLASS_FIELDS, mse_logits_classes), tail_free=True),
     Term("kd_sampled", "KL(teacher || student) estimated from the sampled targets by importance sampling "
          "(unbiased, full-vocabulary student softmax), x T^2",
-         Computation(("sample_ids", "sample_counts", "sample_logprobs", "logsumexp"), _kd_sampled), tempered=True,
-         capture_keys=("samples", "sample_temperature"), cache_fields=_sampled_fields, anchors=True),
+         Computation(("sample_ids", "sample_counts", "sample_logprobs", "logsumexp"), kd_sampled), tempered=True,
+         capture_keys=("samples", "sample_temperature"), cache_fields=sampled_fields, anchors=True),
     Term("kd_full_forward", "KL(teacher || student) over the whole vocabulary, the teacher's distribution recomputed "
          "from its cached final hidden state and LM head (exact), x T^2",
-         Computation(FULL_FIELDS, _full_divergence("forward")), anchors=True),
+         Computation(FULL_FIELDS, full_divergence("forward")), anchors=True),
     Term("kd_full_reverse", "KL(student || teacher) over the whole vocabulary (exact, from the cached final hidden "
-         "state and LM head), x T^2", Computation(FULL_FIELDS, _full_divergence("reverse")), anchors=True),
+         "state and LM head), x T^2", Computation(FULL_FIELDS, full_divergence("reverse")), anchors=True),
     Term("kd_full_jsd", "generalised Jensen-Shannon (jsd_beta) over the whole vocabulary (exact, from the cached "
-         "final hidden state and LM head), x T^2", Computation(FULL_FIELDS, _full_divergence("jsd")), anchors=True),
+         "final hidden state and LM head), x T^2", Computation(FULL_FIELDS, full_divergence("jsd")), anchors=True),
     Term("nll_match", "squared difference of student and teacher NLL of the true next token",
-         Computation(("target_logprob",), _nll_match)),
+         Computation(("target_logprob",), nll_match)),
     _representation("hidden_mse", "MSE of (projected) student and cached teacher hidden states, mapped layers",
-                    _hidden(losses.hidden_mse), "hidden_states", "hidden_states", HIDDEN_KEYS,
-                    cache_fields=_hidden_scale),
+                    hidden_term(losses.hidden_mse), "hidden_states", "hidden_states", HIDDEN_KEYS,
+                    cache_fields=hidden_scale_fields),
     _representation("hidden_cosine", "1 - cosine of (projected) student and cached teacher hidden states, mapped "
-                    "layers", _hidden(losses.hidden_cosine), "hidden_states", "hidden_states", HIDDEN_KEYS,
-                    cache_fields=_hidden_scale),
+                    "layers", hidden_term(losses.hidden_cosine), "hidden_states", "hidden_states", HIDDEN_KEYS,
+                    cache_fields=hidden_scale_fields),
     _representation("attn_kl", "KL(teacher || student) of attention rows (MiniLM), mapped layers and head groups",
-                    _attention(losses.attention_kl), "attentions", "attentions", ATTENTION_KEYS),
+                    attention_term(losses.attention_kl), "attentions", "attentions", ATTENTION_KEYS),
     _representation("attn_mse", "MSE of attention probabilities (TinyBERT), mapped layers and head groups",
-                    _attention(losses.attention_mse), "attentions", "attentions", ATTENTION_KEYS),
+                    attention_term(losses.attention_mse), "attentions", "attentions", ATTENTION_KEYS),
 )
 
 
@@ -419,16 +275,16 @@ def blockwise(on: list[Term], out: StudentOutput, sig: TeacherSignal, ctx: Conte
     logits come from the student's last hidden state through its head, every term reads the block's logits
     and targets, and the block is checkpointed, so one block's (B, P, V) logits and their intermediates are
     alive at a time, in the forward and in the backward pass. Each term is a masked mean over its positions;
-    a block's value times its count (`losses.counting_means`) summed over the blocks, over the total count,
-    is that mean over the whole batch, the same value and gradient as with materialised logits."""
+    a block's value times its count (appended to `Context.counts` by the term's loss) summed over the blocks,
+    over the total count, is that mean over the whole batch, the same value and gradient as with materialised logits."""
     from torch.utils.checkpoint import checkpoint
 
     def block(last: torch.Tensor, weight: torch.Tensor, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         bout, bsig = out.block(a, b, last, weight), sig.block(a, b)
         sums, counts = [], []
         for t in on:
-            with losses.counting_means() as n:
-                v = t.on(sig.task).compute(bout, bsig, ctx)
+            n: list[torch.Tensor] = []
+            v = t.on(sig.task).compute(bout, bsig, Context(ctx.spec, ctx.wiring, counts=n))
             if len(n) != 1:
                 raise RuntimeError(f"term {t.name} took {len(n)} masked means; a blockwise term takes one")
             sums.append(v * n[0].to(v.dtype))
