@@ -4,6 +4,7 @@ exits (one `error:` line, exit 2, no traceback)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,11 +124,31 @@ def test_student_from_the_cli(config_file, tmp_path):
     assert bad.returncode == 2 and "unknown loss terms ['kd_sideways']" in bad.stderr
 
 
-@pytest.mark.parametrize("cmd", [[], ["teacher-cache"], ["inspect"], ["verify"], ["convert-teacher"], ["student"],
-                                 ["push"], ["pull"], ["ls"]])
-def test_help_for_every_command(cmd):
-    res = distill(*cmd, "--help")
+def _commands():
+    from stages.cli import app
+
+    return [(c.name, c.callback) for c in app.registered_commands]
+
+
+def test_the_top_level_help_lists_every_command():
+    res = distill("--help")
     assert res.returncode == 0 and "Usage" in res.stdout
+    listed = set(re.findall(r"^│ (\S+) ", res.stdout, flags=re.M))
+    assert {name for name, _ in _commands()} <= listed and len(_commands()) == 13
+
+
+@pytest.mark.parametrize("name,callback", _commands(), ids=[name for name, _ in _commands()])
+def test_help_for_every_command(name, callback):
+    """Every registered command (none left out: the list is the app's) prints its usage and its own description."""
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    res = CliRunner().invoke(app, [name, "--help"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "Usage: " in res.output and f" {name} [OPTIONS]" in res.output
+    first = " ".join(callback.__doc__.split("\n\n")[0].split())  # the docstring's first paragraph
+    assert " ".join(first.split()[:6]) in " ".join(res.output.split())
 
 
 def test_push_ls_pull_from_the_cli(config_file, tmp_path):
