@@ -13,7 +13,7 @@ from conftest import student_run as run_cfg
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.format import Cache, row_column, tokenizer_fingerprint
-from pipeline.train import crosstok
+from pipeline.train import crosstok, retokenized, vocab_map
 from pipeline.train import losses
 from pipeline.train.recipe import train_students
 from pipeline.errors import StudentError
@@ -147,7 +147,7 @@ def test_loss_mask_and_documents_follow_the_text():
 def test_a_split_is_retokenised_once_and_kept(cache_dir, student_tok_dir, tmp_path, monkeypatch):
     c = Cache(cache_dir)
     s_tok = AutoTokenizer.from_pretrained(student_tok_dir)
-    rows = crosstok.stored_rows(c, "train", s_tok, tmp_path, "s")
+    rows = retokenized.stored_rows(c, "train", s_tok, tmp_path, "s")
     stats = rows.stats()
     assert 0.5 < stats["aligned_share"] < 1 and stats["lossless_rows"] > 0.9
     table = c.rows("train")
@@ -157,8 +157,8 @@ def test_a_split_is_retokenised_once_and_kept(cache_dir, student_tok_dir, tmp_pa
         s_ids, t_ids = rows.input_ids[i, : rows.length[i]].tolist(), ids[i, : lengths[i]].tolist()
         assert s_tok.decode(s_ids, skip_special_tokens=True) == t_tok.decode(t_ids, skip_special_tokens=True)
         assert s_ids.count(s_tok.eos_token_id) == t_ids.count(t_tok.eos_token_id)
-    monkeypatch.setattr(crosstok, "retokenize_split", lambda *a, **k: pytest.fail("recomputed"))
-    again = crosstok.stored_rows(c, "train", s_tok, tmp_path, "s")
+    monkeypatch.setattr(retokenized, "retokenize_split", lambda *a, **k: pytest.fail("recomputed"))
+    again = retokenized.stored_rows(c, "train", s_tok, tmp_path, "s")
     assert np.array_equal(again.align, rows.align) and np.array_equal(again.input_ids, rows.input_ids)
 
 
@@ -282,8 +282,8 @@ def test_mapped_kl_with_the_identity_map_is_kd_forward():
 
 def test_vocab_map_follows_the_tokens_text(tokenizer_dir, student_tok_dir):
     t_tok, s_tok = _toks(tokenizer_dir, student_tok_dir)
-    vmap = crosstok.VocabMap.build(t_tok, s_tok, len(t_tok))
-    t_text, s_text = crosstok.surfaces(t_tok), crosstok.surfaces(s_tok)
+    vmap = vocab_map.VocabMap.build(t_tok, s_tok, len(t_tok))
+    t_text, s_text = vocab_map.surfaces(t_tok), vocab_map.surfaces(s_tok)
     s_plain = s_tok.backend_tokenizer
     n_first = 0
     for v in range(len(t_tok)):
@@ -411,7 +411,7 @@ def test_teacher_nll_per_character_against_its_own_forward_pass(cache_dir, llama
     tok = c.tokenizer()
     table = c.rows("validation")
     ids, lengths = row_column(table, "input_ids", np.int64), table.column("length").to_numpy()
-    m = teacher_metrics(c, "validation", crosstok.teacher_chars(tok, ids, lengths))
+    m = teacher_metrics(c, "validation", retokenized.teacher_chars(tok, ids, lengths))
     teacher = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float64).eval()
     nll, n, chars = 0.0, 0, 0
     with torch.no_grad():
@@ -455,7 +455,7 @@ def test_teacher_targets_land_on_the_aligned_student_positions(cache_dir, studen
     from pipeline.train.signal import TeacherSignal
 
     c = Cache(cache_dir)
-    rows = crosstok.stored_rows(c, "train", AutoTokenizer.from_pretrained(student_tok_dir), tmp_path, "s")
+    rows = retokenized.stored_rows(c, "train", AutoTokenizer.from_pretrained(student_tok_dir), tmp_path, "s")
     batch = next(iter(make_loader(CacheBatches(c, "train", ["topk_ids", "hidden_states", "attentions"], 3))))
     view = rows.batch(batch["row"])
     dims = {f: list(spec.dims) for f, spec in c.manifest.fields.items()}

@@ -11,7 +11,7 @@ from .. import distributed
 from ..errors import StudentError
 from ..student_config import StudentConfig, StudentRunConfig
 from . import checkpoint as ckpt
-from .crosstok import prepare_student
+from .retokenized import prepare_student
 from .sources import Sources
 from .student_init import build_student, check_student_document_masking, count_parameters, describe_tokenizer_difference
 from .students import Student, StudentModule, build_wiring, make_optimizer

@@ -15,7 +15,7 @@ from ..student_config import StudentRunConfig
 from ..format.layout import row_column
 from ..format.reader import Cache
 from .sources import Sources
-from .crosstok import teacher_chars
+from .retokenized import teacher_chars
 from .metrics import Reading, evaluate_all, teacher_metrics
 from .dataset import CacheBatches, make_loader
 from .terms import FULL_FIELDS, TOPK_FIELDS

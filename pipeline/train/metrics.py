@@ -42,8 +42,8 @@ class Reading:
     cached token, (N, L), for NLL per character), or its re-tokenised rows and vocabulary map."""
 
     chars: np.ndarray | None = None
-    rows: object = None  # crosstok.StudentRows
-    vocab_map: object = None  # crosstok.VocabMap
+    rows: object = None  # retokenized.StudentRows
+    vocab_map: object = None  # vocab_map.VocabMap
     dims: dict | None = None  # the cache's field dims (manifest), to take its fields at aligned positions
 
 

@@ -299,7 +299,7 @@ class Wiring:
     hidden_encoding: str | None = None
     bidirectional: bool = False  # an encoder cache: attention maps cover every real key, not only key <= query
     cross: bool = False  # the student has another tokenizer: its positions are aligned with the teacher's
-    vocab_map: object = None  # crosstok.VocabMap, teacher id -> student id (None: the same vocabulary)
+    vocab_map: object = None  # vocab_map.VocabMap, teacher id -> student id (None: the same vocabulary)
 
 
 @dataclass(frozen=True)

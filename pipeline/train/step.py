@@ -58,7 +58,7 @@ def autocast_on(device, precision: str = "auto") -> bool:
 def forward(engine, wiring: Wiring, batch: dict, device, want_logits: bool = True,
             view: dict | None = None, block_mib: float = 0, precision: str = "auto") -> StudentOutput:
     """A student's forward pass on a batch (through DDP when wrapped), with what its terms need; `view`: a
-    cross-tokenizer student's own rows for the batch (`crosstok.StudentRows.batch`). `block_mib` > 0: its
+    cross-tokenizer student's own rows for the batch (`retokenized.StudentRows.batch`). `block_mib` > 0: its
     logits are made by the terms, blocks of positions whose float32 logits take at most that many MiB (where
     the student's head allows it, see `students.StudentModule`, and the batch's logits exceed one block); 0: materialised.
     `precision`: see `autocast_on`."""
