@@ -17,7 +17,7 @@ gives every rank the same metrics, so early-stopping decisions agree.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -72,15 +72,33 @@ def _accumulate(model, batch: dict, device, head=None, reading: Reading | None =
     mapped = reading.vocab_map.ids.to(device)[topk_ids] if reading.rows is not None else None  # -1: none
     t_hidden = head.decode(batch["final_hidden"].to(device)) \
         if head is not None and mapped is None and "final_hidden" in batch else None
-    nxt = torch.roll(ids, -1, dims=1)
-    n_chars = torch.roll(chars, -1, dims=1) if chars is not None else None
+    targets = Targets(next_ids=torch.roll(ids, -1, dims=1), topk_ids=topk_ids, logprobs=t_lp, log_tail=t_tail,
+                      mapped=mapped, hidden=t_hidden,
+                      next_chars=torch.roll(chars, -1, dims=1) if chars is not None else None)
     total = None
     for a, b, logits in _logit_blocks(model, ids, masks.forward, device, autocast):
-        blk = _block_sums(logits, nxt[:, a:b], masks.block(a, b), topk_ids[:, a:b], t_lp[:, a:b], t_tail[:, a:b],
-                          None if mapped is None else mapped[:, a:b], head, None if t_hidden is None else t_hidden[:, a:b],
-                          None if n_chars is None else n_chars[:, a:b])
+        blk = _block_sums(logits, masks.block(a, b), targets.block(a, b), head)
         total = blk if total is None else total + blk
     return total.cpu()  # one device-to-host copy per batch
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What a batch's positions are scored against, each (B, L, ...) with positions on axis 1: the next token, the
+    teacher's top-K ids, log-probs and tail, a cross-tokenizer student's ids for them (`mapped`, -1: none), the
+    teacher's final hidden state (exact KL through its head), and the characters of the next token."""
+
+    next_ids: torch.Tensor
+    topk_ids: torch.Tensor
+    logprobs: torch.Tensor
+    log_tail: torch.Tensor
+    mapped: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    next_chars: torch.Tensor | None = None
+
+    def block(self, a: int, b: int) -> "Targets":
+        """Positions a..b of every row."""
+        return Targets(**{f.name: None if (v := getattr(self, f.name)) is None else v[:, a:b] for f in fields(self)})
 
 
 def _logit_blocks(model, ids: torch.Tensor, forward: dict, device, autocast: bool):
@@ -104,9 +122,11 @@ def _logit_blocks(model, ids: torch.Tensor, forward: dict, device, autocast: boo
         yield a, min(L, a + P), head(last[:, a : a + P], weight)
 
 
-def _block_sums(logits, nxt, masks, topk_ids, t_lp, t_tail, mapped, head, t_hidden, n_chars) -> torch.Tensor:
+def _block_sums(logits, masks, targets: Targets, head) -> torch.Tensor:
     """The evaluation sums (`_SUMS`, then the ECE bins) over one block of positions."""
     valid, has_next = masks.kd, masks.ce
+    nxt, topk_ids, t_lp, t_tail = targets.next_ids, targets.topk_ids, targets.logprobs, targets.log_tail
+    mapped, t_hidden, n_chars = targets.mapped, targets.hidden, targets.next_chars
     lse = losses.logsumexp_t(logits)
     tgt_lp = losses.next_token_logprobs(logits, None, lse, next_ids=nxt)
     top_val, top_id = logits.max(-1)
