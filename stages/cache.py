@@ -237,13 +237,22 @@ def import_cache(
              "(a teacher that does not predict these rows); the shares are still measured and recorded")] = False,
 ) -> None:
     """Turn another tool's top-K log-prob dataset into a verified cache, and say which loss terms are exact on it."""
-    from pipeline.capture.importer import ImportSettings, run_import
-    from pipeline.train.terms import TERMS, on_import
+    from pipeline.capture.importer import ImportSettings
 
     if layout not in (None, "axolotl", "vllm", "distillkit"):
         raise DistillError(f"--layout {layout!r}: axolotl, vllm or distillkit")
-    s = ImportSettings(source, out, teacher, tokenizer, layout, split, temperature, top_k, seq_len, vocab_size,
-                       rows_per_shard, overwrite=overwrite, check_alignment=not skip_alignment_check)
+    s = ImportSettings(source=source, out=out, teacher=teacher, tokenizer=tokenizer, layout=layout, split=split,
+                       temperature=temperature, top_k=top_k, seq_len=seq_len, vocab_size=vocab_size,
+                       rows_per_shard=rows_per_shard, overwrite=overwrite, check_alignment=not skip_alignment_check)
+    import_and_report(s)
+
+
+def import_and_report(s) -> None:
+    """Import with the settings `s` (`ImportSettings`), verify the new cache, describe it, and print which loss
+    terms are exact on it."""
+    from pipeline.capture.importer import run_import
+    from pipeline.train.terms import TERMS, on_import
+
     c = run_import(s, log=lambda m: typer.echo(m, err=True))
     problems = verify_cache(c.root)
     if problems:

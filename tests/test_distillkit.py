@@ -149,7 +149,8 @@ def test_a_distillkit_capture_imports_to_the_teachers_top_k(settings, source, ll
     cfg = LOSSLESS if settings == "lossless" else LOSSY
     write_distillkit(tmp_path / "dk", rows, lps, cfg)
     logs = []
-    c = run_import(ImportSettings(str(tmp_path / "dk"), str(tmp_path / "c"), str(llama_dir)), log=logs.append)
+    c = run_import(ImportSettings(source=str(tmp_path / "dk"), out=str(tmp_path / "c"),
+                                  teacher=str(llama_dir)), log=logs.append)
     assert verify(str(tmp_path / "c")) == []
     i = c.manifest.imported
     assert i.layout == "distillkit" and i.top_k == 16 and i.normalised == "vocabulary" and not i.logsumexp
@@ -180,7 +181,8 @@ def test_a_distillkit_capture_imports_to_the_teachers_top_k(settings, source, ll
 def test_a_packed_distillkit_dataset_keeps_its_documents_apart(source, llama_dir, tmp_path):
     rows, lps = source
     write_distillkit(tmp_path / "dk", rows[:3], lps[:3], LOSSLESS, packed=True)
-    c = run_import(ImportSettings(str(tmp_path / "dk"), str(tmp_path / "c"), str(llama_dir)), log=lambda m: None)
+    c = run_import(ImportSettings(source=str(tmp_path / "dk"), out=str(tmp_path / "c"),
+                                  teacher=str(llama_dir)), log=lambda m: None)
     m = c.manifest
     assert m.preparation.document_mask and m.splits["train"].rows == 1
     t = c.rows("train")
@@ -203,13 +205,16 @@ def test_distillkit_sources_that_do_not_fit_are_refused(source, llama_dir, tmp_p
     write_distillkit(tmp_path / "dk", rows[:2], lps[:2], LOSSLESS)
     (tmp_path / "dk" / "compression_config.yaml").unlink()
     with pytest.raises(DataError, match="no record of their compression"):
-        run_import(ImportSettings(str(tmp_path / "dk"), str(tmp_path / "c"), str(llama_dir)), log=lambda m: None)
+        run_import(ImportSettings(source=str(tmp_path / "dk"), out=str(tmp_path / "c"),
+                                  teacher=str(llama_dir)), log=lambda m: None)
     (tmp_path / "dk" / "compression_config.yaml").write_text(yaml.safe_dump({**LOSSLESS, "k": 12, "exact_k": 12}))
     with pytest.raises(DataError, match=r"row 0 position 0: 64 log-prob and 18 index bytes, .* make 48 and 14"):
-        run_import(ImportSettings(str(tmp_path / "dk"), str(tmp_path / "c"), str(llama_dir)), log=lambda m: None)
+        run_import(ImportSettings(source=str(tmp_path / "dk"), out=str(tmp_path / "c"),
+                                  teacher=str(llama_dir)), log=lambda m: None)
     (tmp_path / "dk" / "compression_config.yaml").write_text(yaml.safe_dump({**LOSSLESS, "exact_dtype": "int8"}))
     with pytest.raises(DataError, match="exact_dtype 'int8'"):
-        run_import(ImportSettings(str(tmp_path / "dk"), str(tmp_path / "c"), str(llama_dir)), log=lambda m: None)
+        run_import(ImportSettings(source=str(tmp_path / "dk"), out=str(tmp_path / "c"),
+                                  teacher=str(llama_dir)), log=lambda m: None)
     assert not (tmp_path / "c" / "manifest.json").exists()
 
 
@@ -271,7 +276,8 @@ def test_a_document_masked_export_packed_by_distillkit_keeps_every_boundary(llam
          ("compressed_logprobs", pa.list_(pa.list_(pa.uint8()))), ("bytepacked_indices", pa.list_(pa.list_(pa.uint8()))),
          ("target_logsumexp", pa.list_(pa.float32())),
          ("position_ids", pa.list_(pa.int32()))])), tmp_path / "packed" / "data_0.parquet")
-    back = run_import(ImportSettings(str(tmp_path / "packed"), str(tmp_path / "back"), str(llama_dir),
+    back = run_import(ImportSettings(source=str(tmp_path / "packed"), out=str(tmp_path / "back"),
+                                     teacher=str(llama_dir),
                                      check_alignment=False), log=lambda m: None)  # a random teacher: no signal
     t = back.rows("train")
     pos, mask = row_column(t, "position_ids", np.int64)[0], row_column(t, "loss_mask", bool)[0]
@@ -289,7 +295,8 @@ def test_a_compression_config_that_is_not_yaml_is_one_error(source, llama_dir, t
     write_distillkit(tmp_path / "dk", rows[:2], lps[:2], LOSSLESS)
     (tmp_path / "dk" / "compression_config.yaml").write_text("d: [1, 2\n")
     with pytest.raises(DataError, match="compression_config.yaml: not YAML"):
-        run_import(ImportSettings(str(tmp_path / "dk"), str(tmp_path / "c"), str(llama_dir)), log=lambda m: None)
+        run_import(ImportSettings(source=str(tmp_path / "dk"), out=str(tmp_path / "c"),
+                                  teacher=str(llama_dir)), log=lambda m: None)
 
 
 def test_distillkit_rows_and_files_that_disagree_are_refused(source, llama_dir, tmp_path):
@@ -300,10 +307,12 @@ def test_distillkit_rows_and_files_that_disagree_are_refused(source, llama_dir, 
     ids[1] = ids[1] + [5, 6]  # two tokens more than its positions allow
     pq.write_table(t.set_column(0, "input_ids", pa.array(ids, pa.list_(pa.uint64()))), tmp_path / "dk" / "data_0.parquet")
     with pytest.raises(DataError, match=r"row 1: \d+ compressed positions for \d+ tokens"):
-        run_import(ImportSettings(str(tmp_path / "dk"), str(tmp_path / "c"), str(llama_dir)), log=lambda m: None)
+        run_import(ImportSettings(source=str(tmp_path / "dk"), out=str(tmp_path / "c"),
+                                  teacher=str(llama_dir)), log=lambda m: None)
     # two split folders of one source, compressed differently
     write_distillkit(tmp_path / "two" / "train", rows[:2], lps[:2], LOSSLESS)
     write_distillkit(tmp_path / "two" / "validation", rows[2:4], lps[2:4], LOSSY)
     with pytest.raises(DataError, match="compressed with other settings than the files before it"):
-        run_import(ImportSettings(str(tmp_path / "two"), str(tmp_path / "c2"), str(llama_dir)), log=lambda m: None)
+        run_import(ImportSettings(source=str(tmp_path / "two"), out=str(tmp_path / "c2"),
+                                  teacher=str(llama_dir)), log=lambda m: None)
     assert not (tmp_path / "c" / "manifest.json").exists() and not (tmp_path / "c2" / "manifest.json").exists()

@@ -115,7 +115,7 @@ def test_document_boundaries_travel_through_export_import_and_the_dataset_views(
     for i, row in enumerate(ds):
         assert row["position_ids"] == pos[i, : lengths[i]].tolist()
     # the random teacher does not predict the text: the alignment check has nothing to go on (tested in test_import)
-    back = run_import(ImportSettings(str(tmp_path / "x"), str(tmp_path / "back"), str(llama_dir),
+    back = run_import(ImportSettings(source=str(tmp_path / "x"), out=str(tmp_path / "back"), teacher=str(llama_dir),
                                      check_alignment=False), log=lambda m: None)
     m = back.manifest
     assert m.preparation.document_mask is True and "position_ids" in m.fields
@@ -142,5 +142,5 @@ def test_position_ids_that_do_not_count_up_are_refused(llama_dir, tmp_path):
                       "target_logprobs": [[[float("-inf")] * K] + [[-2.0] * K] * (len(r) - 1) for r in rows]})
     pq.write_table(table, tmp_path / "p.parquet")
     with pytest.raises(DistillError, match=r"row 0 position 4: position id 3"):
-        run_import(ImportSettings(str(tmp_path / "p.parquet"), str(tmp_path / "c"), str(llama_dir),
+        run_import(ImportSettings(source=str(tmp_path / "p.parquet"), out=str(tmp_path / "c"), teacher=str(llama_dir),
                                   check_alignment=False), log=lambda m: None)

@@ -126,7 +126,7 @@ def test_our_export_imports_back_equal(assistant_cache, bos_llama_dir, tmp_path)
     c = Cache(str(assistant_cache))
     export(c, tmp_path / "x", log=lambda m: None)
     # the tiny random teacher does not predict the chat text: its alignment cannot be told (tested apart, below)
-    out = run_import(ImportSettings(str(tmp_path / "x"), str(tmp_path / "back"), str(bos_llama_dir),
+    out = run_import(ImportSettings(source=str(tmp_path / "x"), out=str(tmp_path / "back"), teacher=str(bos_llama_dir),
                                     check_alignment=False), log=lambda m: None)
     m = out.manifest
     assert verify(str(tmp_path / "back")) == []
@@ -184,7 +184,7 @@ def test_vllm_prompt_logprobs_equal_the_teachers_forward_pass(kind, teacher_rows
     src = tmp_path / "src" / ("part.jsonl" if kind == "jsonl" else "part.parquet")
     write_vllm(rows, lps, src, kind)
     logs = []
-    c = run_import(ImportSettings(str(src), str(tmp_path / "c"), str(llama_dir)), log=logs.append)
+    c = run_import(ImportSettings(source=str(src), out=str(tmp_path / "c"), teacher=str(llama_dir)), log=logs.append)
     m = c.manifest
     assert verify(str(tmp_path / "c")) == []
     i = m.imported
@@ -225,7 +225,8 @@ def student(**kw):
 def test_renormalised_log_probs_are_flagged_and_decide_the_terms(teacher_rows, llama_dir, tmp_path):
     rows, lps = teacher_rows
     pq.write_table(axolotl_table(rows, lps, renormalise=True), tmp_path / "renorm.parquet")
-    c = run_import(ImportSettings(str(tmp_path / "renorm.parquet"), str(tmp_path / "c"), str(llama_dir)),
+    c = run_import(ImportSettings(source=str(tmp_path / "renorm.parquet"), out=str(tmp_path / "c"),
+                                  teacher=str(llama_dir)),
                    log=lambda m: None)
     m = c.manifest
     assert m.imported.normalised == "top-k" and not m.imported.target_logprob and "target_logprob" not in m.fields
@@ -251,7 +252,8 @@ def test_a_mask_makes_ragged_entries_importable_and_the_rest_goes_to_the_tail(te
     lp[1][4][0], lp[1][5][K + 1] = -1e9, float("-inf")  # a masked logit's value: probability 0, dropped
     t = t.set_column(2, "target_logprobs", pa.array(lp))
     pq.write_table(t.append_column("target_mask", pa.array(masks, pa.list_(pa.list_(pa.int8())))), tmp_path / "a.parquet")
-    c = run_import(ImportSettings(str(tmp_path / "a.parquet"), str(tmp_path / "c"), str(llama_dir)), log=lambda m: None)
+    c = run_import(ImportSettings(source=str(tmp_path / "a.parquet"), out=str(tmp_path / "c"),
+                                  teacher=str(llama_dir)), log=lambda m: None)
     assert c.manifest.capture.top_k == K and c.manifest.imported.entries == (K, K + 2)
     mask = row_column(c.rows("train"), "loss_mask", bool)
     assert np.isfinite(c.array("train", "topk_logprobs")[:][mask]).all()
@@ -268,7 +270,8 @@ def test_bad_sources_are_refused_before_anything_is_written(teacher_rows, llama_
         pq.write_table(table, tmp_path / f"{name}.parquet")
         out = tmp_path / f"{name}-out"
         with pytest.raises(exc, match=match):
-            run_import(ImportSettings(str(tmp_path / f"{name}.parquet"), str(out), str(llama_dir), **kw),
+            run_import(ImportSettings(source=str(tmp_path / f"{name}.parquet"), out=str(out),
+                                      teacher=str(llama_dir), **kw),
                        log=lambda m: None)
         assert not out.exists() or not any(out.iterdir())
 
@@ -316,7 +319,8 @@ def test_temperature_needs_the_logsumexp_and_is_recorded(teacher_rows, llama_dir
     rows, lps = teacher_rows
     lse = [[float("nan")] + [0.0] * (len(r) - 1) for r in rows]
     pq.write_table(axolotl_table(rows, lps, target_logsumexp=lse), tmp_path / "t.parquet")
-    c = run_import(ImportSettings(str(tmp_path / "t.parquet"), str(tmp_path / "c"), str(llama_dir), temperature=2.0),
+    c = run_import(ImportSettings(source=str(tmp_path / "t.parquet"), out=str(tmp_path / "c"),
+                                  teacher=str(llama_dir), temperature=2.0),
                    log=lambda m: None)
     m = c.manifest
     assert m.imported.temperature == 2.0 and m.imported.logsumexp
@@ -326,7 +330,8 @@ def test_temperature_needs_the_logsumexp_and_is_recorded(teacher_rows, llama_dir
     assert on_import(TERMS["ce"], m)[0] == "exact"
     # a run may not mix it with a temperature-1 cache
     pq.write_table(axolotl_table(rows, lps, target_logsumexp=lse), tmp_path / "one.parquet")
-    one = run_import(ImportSettings(str(tmp_path / "one.parquet"), str(tmp_path / "c1"), str(llama_dir)),
+    one = run_import(ImportSettings(source=str(tmp_path / "one.parquet"), out=str(tmp_path / "c1"),
+                                    teacher=str(llama_dir)),
                      log=lambda m: None)
     from pipeline.train.sources import check_same_tokenizer_and_capture
 
@@ -341,7 +346,8 @@ def test_an_occupied_output_is_refused_and_a_crash_leaves_no_finished_cache(teac
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(StorageError, match="not empty"):
-        run_import(ImportSettings(str(tmp_path / "a.parquet"), str(tmp_path / "busy"), str(llama_dir)))
+        run_import(ImportSettings(source=str(tmp_path / "a.parquet"), out=str(tmp_path / "busy"),
+                                  teacher=str(llama_dir)))
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
 
     many = [r + [7] * i for i in range(1, 9) for r in rows[:3]]  # 24 distinct rows, 3 shards of 8
@@ -360,14 +366,17 @@ def test_an_occupied_output_is_refused_and_a_crash_leaves_no_finished_cache(teac
 
     monkeypatch.setattr(importer.CacheWriter, "write_shard", crash)
     with pytest.raises(KeyboardInterrupt):
-        run_import(ImportSettings(str(tmp_path / "many.parquet"), str(tmp_path / "cut"), str(llama_dir),
+        run_import(ImportSettings(source=str(tmp_path / "many.parquet"), out=str(tmp_path / "cut"),
+                                  teacher=str(llama_dir),
                                   rows_per_shard=8), log=lambda m: None)
     assert calls == [0, 1]
     no_cache(tmp_path / "cut")
     monkeypatch.setattr(importer.CacheWriter, "write_shard", real)
     with pytest.raises(StorageError, match="not empty"):
-        run_import(ImportSettings(str(tmp_path / "many.parquet"), str(tmp_path / "cut"), str(llama_dir)))
-    c = run_import(ImportSettings(str(tmp_path / "many.parquet"), str(tmp_path / "cut"), str(llama_dir),
+        run_import(ImportSettings(source=str(tmp_path / "many.parquet"), out=str(tmp_path / "cut"),
+                                  teacher=str(llama_dir)))
+    c = run_import(ImportSettings(source=str(tmp_path / "many.parquet"), out=str(tmp_path / "cut"),
+                                  teacher=str(llama_dir),
                                   rows_per_shard=8, overwrite=True), log=lambda m: None)
     assert c.manifest.splits["train"].rows == 24 and c.manifest.splits["train"].shards == 3
     assert verify(str(tmp_path / "cut")) == []
@@ -397,9 +406,10 @@ def test_a_source_and_a_cache_in_a_bucket(assistant_cache, bos_llama_dir, s3, tm
         fs.mkdir("imports")
     export(Cache(str(assistant_cache)), tmp_path / "x", log=lambda m: None)
     fs.put(str(tmp_path / "x"), "imports/src", recursive=True)
-    remote = run_import(ImportSettings("s3://imports/src", "s3://imports/cache", str(bos_llama_dir),
+    remote = run_import(ImportSettings(source="s3://imports/src", out="s3://imports/cache", teacher=str(bos_llama_dir),
                                        check_alignment=False), log=lambda m: None)
-    local = run_import(ImportSettings(str(tmp_path / "x"), str(tmp_path / "local"), str(bos_llama_dir),
+    local = run_import(ImportSettings(source=str(tmp_path / "x"), out=str(tmp_path / "local"),
+                                      teacher=str(bos_llama_dir),
                                       check_alignment=False), log=lambda m: None)
     assert verify("s3://imports/cache") == []
     assert remote.manifest.splits == local.manifest.splits
@@ -422,7 +432,8 @@ def test_ids_beyond_65535_keep_their_values(bigvocab_dir, tmp_path):
         ids.append(top.tolist())
         lps.append(np.log(p).tolist())
     pq.write_table(pa.table({"input_ids": rows, "target_token_ids": ids, "target_logprobs": lps}), tmp_path / "b.parquet")
-    c = run_import(ImportSettings(str(tmp_path / "b.parquet"), str(tmp_path / "c"), str(bigvocab_dir),
+    c = run_import(ImportSettings(source=str(tmp_path / "b.parquet"), out=str(tmp_path / "c"),
+                                  teacher=str(bigvocab_dir),
                                   check_alignment=False), log=lambda m: None)  # random ids: nothing to align
     assert c.manifest.fields["topk_ids"].dtype == "int32" and c.manifest.teacher.vocab_size == 70_000
     t = c.rows("train")
@@ -437,11 +448,13 @@ def test_a_row_in_two_splits_is_kept_in_the_held_out_one(teacher_rows, llama_dir
     (tmp_path / "src" / "validation").mkdir()
     pq.write_table(axolotl_table(rows, lps), tmp_path / "src" / "train" / "a.parquet")  # 4 distinct rows
     pq.write_table(axolotl_table(rows[:1], lps[:1]), tmp_path / "src" / "validation" / "a.parquet")
-    c = run_import(ImportSettings(str(tmp_path / "src"), str(tmp_path / "c"), str(llama_dir)), log=lambda m: None)
+    c = run_import(ImportSettings(source=str(tmp_path / "src"), out=str(tmp_path / "c"),
+                                  teacher=str(llama_dir)), log=lambda m: None)
     assert c.manifest.splits["validation"].rows == 1 and c.manifest.splits["train"].rows == 3
     assert not set(c.rows("train").column("key").to_pylist()) & set(c.rows("validation").column("key").to_pylist())
     with pytest.raises(StorageError, match="overlap"):
-        run_import(ImportSettings(str(tmp_path / "src"), str(tmp_path / "src" / "cache"), str(llama_dir),
+        run_import(ImportSettings(source=str(tmp_path / "src"), out=str(tmp_path / "src" / "cache"),
+                                  teacher=str(llama_dir),
                                   overwrite=True))
     assert (tmp_path / "src" / "train" / "a.parquet").exists()
 
@@ -453,7 +466,8 @@ def test_the_on_policy_loop_takes_an_imported_cache_of_its_own_teacher_only(teac
 
     rows, lps = teacher_rows
     pq.write_table(axolotl_table(rows, lps), tmp_path / "a.parquet")
-    c = run_import(ImportSettings(str(tmp_path / "a.parquet"), str(tmp_path / "c"), str(llama_dir)), log=lambda m: None)
+    c = run_import(ImportSettings(source=str(tmp_path / "a.parquet"), out=str(tmp_path / "c"),
+                                  teacher=str(llama_dir)), log=lambda m: None)
     fp = c.manifest.tokenizer.fingerprint
     _check_cache_teacher(c, "offline cache", fp, "ab" * 32, SimpleNamespace(teacher=SimpleNamespace(model=str(llama_dir))))
     with pytest.raises(CacheError, match="imported with the teacher named"):
@@ -491,7 +505,8 @@ def test_a_source_shifted_by_one_position_is_refused_and_the_aligned_one_recorde
     good = axolotl_table(rows, lps)
     pq.write_table(good, tmp_path / "good.parquet")
     logs = []
-    c = run_import(ImportSettings(str(tmp_path / "good.parquet"), str(tmp_path / "c"), str(llama_dir)), log=logs.append)
+    c = run_import(ImportSettings(source=str(tmp_path / "good.parquet"), out=str(tmp_path / "c"),
+                                  teacher=str(llama_dir)), log=logs.append)
     share = c.manifest.imported.alignment["train"]
     assert share["0"] > 0.6 and share["-1"] < 0.25 and share["+1"] < 0.25, share
     assert c.manifest.imported.alignment_checked is True
@@ -500,8 +515,8 @@ def test_a_source_shifted_by_one_position_is_refused_and_the_aligned_one_recorde
     def refused(table, match, name):
         pq.write_table(table, tmp_path / f"{name}.parquet")
         with pytest.raises(DataError, match=match):
-            run_import(ImportSettings(str(tmp_path / f"{name}.parquet"), str(tmp_path / f"{name}-out"),
-                                      str(llama_dir)), log=lambda m: None)
+            run_import(ImportSettings(source=str(tmp_path / f"{name}.parquet"), out=str(tmp_path / f"{name}-out"),
+                                      teacher=str(llama_dir)), log=lambda m: None)
         assert not (tmp_path / f"{name}-out" / "manifest.json").exists()
 
     # one position early with position 0 masked (the export, shifted): the shares name the shift
@@ -512,7 +527,8 @@ def test_a_source_shifted_by_one_position_is_refused_and_the_aligned_one_recorde
     refused(shifted(good, +1), r"shift -1: [6-9]\d\.\d%.*predict token t - 1", "late")
     # the statistics are measured and recorded even when the check is skipped
     pq.write_table(shifted(good, +1, mask_first=True), tmp_path / "late2.parquet")
-    c = run_import(ImportSettings(str(tmp_path / "late2.parquet"), str(tmp_path / "late2-out"), str(llama_dir),
+    c = run_import(ImportSettings(source=str(tmp_path / "late2.parquet"), out=str(tmp_path / "late2-out"),
+                                  teacher=str(llama_dir),
                                   check_alignment=False), log=lambda m: None)
     assert c.manifest.imported.alignment_checked is False and c.manifest.imported.alignment["train"]["-1"] > 0.6
 
@@ -557,7 +573,7 @@ def test_a_malformed_source_is_one_error_naming_the_file(kind, teacher_rows, lla
         pq.write_table(table, src)
         where = "part.parquet"
     with pytest.raises(DataError) as e:
-        run_import(ImportSettings(str(src), str(tmp_path / "c"), str(llama_dir)), log=lambda m: None)
+        run_import(ImportSettings(source=str(src), out=str(tmp_path / "c"), teacher=str(llama_dir)), log=lambda m: None)
     assert where in str(e.value)
     assert not (tmp_path / "c" / "manifest.json").exists()
     run = cli("import", src, tmp_path / "c2", "--teacher", llama_dir)
@@ -574,7 +590,8 @@ def test_the_mean_mass_is_the_k_kept_entries_over_the_trained_positions(teacher_
     t = pq.read_table(tmp_path / "src" / "a.parquet")
     labels = [[-100 if p % 4 == 1 else tok for p, tok in enumerate(r)] for r in rows]
     pq.write_table(t.append_column("labels", pa.array(labels)), tmp_path / "src" / "a.parquet")
-    c = run_import(ImportSettings(str(tmp_path / "src" / "a.parquet"), str(tmp_path / "c"), str(llama_dir)),
+    c = run_import(ImportSettings(source=str(tmp_path / "src" / "a.parquet"), out=str(tmp_path / "c"),
+                                  teacher=str(llama_dir)),
                    log=lambda m: None)
     mass, n = 0.0, 0
     for r, lp, lab in list(zip(rows, lps, labels))[:3] + [(rows[4], lps[4], labels[4])]:  # the duplicate once
@@ -594,6 +611,6 @@ def test_a_trained_position_without_a_real_entry_is_refused(teacher_rows, llama_
     lp[2][3] = [float("-inf")] * K  # no target, yet trained (no mask, no -100 label)
     pq.write_table(t.set_column(2, "target_logprobs", pa.array(lp)), tmp_path / "e.parquet")
     with pytest.raises(DataError, match=r"row 2 position 3: a trained position holds no real target entry"):
-        run_import(ImportSettings(str(tmp_path / "e.parquet"), str(tmp_path / "c"), str(llama_dir)),
+        run_import(ImportSettings(source=str(tmp_path / "e.parquet"), out=str(tmp_path / "c"), teacher=str(llama_dir)),
                    log=lambda m: None)
     assert not (tmp_path / "c" / "manifest.json").exists()

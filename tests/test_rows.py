@@ -10,8 +10,10 @@ from conftest import CHATML
 from transformers import AutoTokenizer
 
 from pipeline.config import DataConfig
-from pipeline.capture.documents import RowConvention, load_documents, render_conversation
-from pipeline.capture.rows import prepare, tokenize_rows
+from pipeline.capture.chat import render_conversation
+from pipeline.capture.documents import RowConvention, load_documents
+from pipeline.capture.packing import tokenize_rows
+from pipeline.capture.rows import prepare
 from pipeline.errors import DataError
 
 

@@ -1,11 +1,20 @@
 """Stage 1: the teacher run once over a dataset, its targets written into a cache.
 
-    documents.py  datasets, chat templates, what the teacher expects of its rows
-    rows.py       documents -> fixed-length token rows with keys and splits (`prepare`)
-    labels.py     a classifier's rows: one labelled example each
+    run.py        the capture on one or many ranks (`run_capture`): calls the modules below, top to bottom
+    teacher.py    what is known of the teacher before its weights load, its settings checked (`describe_teacher`)
     checks.py     settings against the teacher, the output location, the disk; first-rows check
+    memory.py     the device memory the capture will take, checked
+    documents.py  datasets, what the teacher expects of its rows, documents -> token lists
+    chat.py       chat templates: rendering conversations, the assistant's tokens
+    lineage.py    rows given as token ids: the `distill generate` run that sampled them
+    packing.py    token lists -> fixed-length rows
+    labels.py     a classifier (`Classifier`) and its rows: one labelled example each
+    rows.py       rows keyed, deduplicated and split into scratch files (`prepare`)
     plan.py       everything that determines the cache's bytes; comparing and growing plans
     output.py     the output location: resume, refuse, overwrite; the files written before shards
     targets.py    one teacher forward pass -> top-K, logsumexp, samples, hidden states, attention maps
-    run.py        the capture on one or many ranks (`run_capture`)
+    shards.py     the shard loop: targets computed, written by writer threads, committed; progress
+
+`distill import` (another tool's top-K log-probs as a cache): importer.py, with survey.py (pass 1),
+imported.py and layouts.py (reading the sources), rowfiles.py (scratch row files, shared with `prepare`).
 """

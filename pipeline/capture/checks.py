@@ -15,7 +15,6 @@ from ..config import TeacherCacheConfig
 from ..errors import CaptureError
 from ..format.specs import FieldSpec
 from ..format.storage import Storage, StorageError
-from .rows import tokenizer_pad_id
 
 DISK_MARGIN_BYTES = 64 << 20
 
@@ -58,13 +57,6 @@ def check_task(cfg: TeacherCacheConfig, model_config) -> models.LabelSet | None:
     return labels
 
 
-def row_pad_id(model_config, tokenizer) -> int:
-    """What a classifier's rows are padded with: its config's pad_token_id (a decoder classifier pools at the
-    last token that is not it), else the tokenizer's."""
-    pad = models.config_pad_id(model_config)
-    return pad if pad is not None else tokenizer_pad_id(tokenizer)
-
-
 def check_settings(cfg: TeacherCacheConfig, spec: models.TeacherSpec, tokenizer) -> tuple[list[int], list[int]]:
     """Settings against the teacher's architecture; returns resolved (hidden, attention) layers."""
     c = cfg.capture
@@ -93,13 +85,6 @@ def check_settings(cfg: TeacherCacheConfig, spec: models.TeacherSpec, tokenizer)
             raise CaptureError("capture.topk_codec='pcodec' needs the pcodec package (pip install 'numcodecs[pcodec]'),"
                                " which is not installed; install it or set capture.topk_codec='zstd'") from None
     return hidden, attn
-
-
-def stored_heads(capture, spec: models.TeacherSpec) -> int:
-    """Attention heads stored per captured layer: the kept heads, or 1 when they are averaged."""
-    if capture.attention_head_reduce == "mean":
-        return 1
-    return len(capture.attention_heads or range(spec.num_heads))
 
 
 def check_output_dir(st: Storage) -> None:

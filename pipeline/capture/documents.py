@@ -2,8 +2,8 @@
 
 Documents come through `datasets` (a hub id, or local txt/jsonl/parquet/arrow files): a text
 column, or chat data (a `messages` column of [{role, content}] conversations, or prompt/response
-columns) rendered with the teacher's chat template (`render_conversation`, which also finds the
-assistant turns' characters for the loss mask). `token_documents` turns them into token lists.
+columns) rendered with the teacher's chat template (`chat.py`, which also finds the assistant
+turns' characters for the loss mask). `token_documents` turns them into token lists.
 
 Rows are what the teacher expects (`RowConvention`): when its tokenizer adds a BOS token (as
 `tokenizer("x")` does), every document starts with it. Text documents end with EOS; chat documents
@@ -12,8 +12,8 @@ end where their template ends them.
 Pre-tokenised rows (data.format = "tokens": a column of token-id lists, e.g. `distill generate`'s
 samples) are taken exactly as given, one per row: on-policy targets must sit at exactly the positions
 the student produced, which re-tokenising text would not keep. Parquet files written by `distill
-generate` carry their generator's identity in their schema metadata (`GENERATION_KEY`); it is
-checked (one generator, the teacher's tokenizer) and recorded in the cache's manifest.
+generate` carry their generator's identity in their schema metadata; it is checked (one generator,
+the teacher's tokenizer: `lineage.py`) and recorded in the cache's manifest.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ import numpy as np
 from .. import distributed
 from ..config import LOCAL_LOADERS, DataConfig
 from ..errors import DataError
+from .chat import render_conversation, template_of, trained_flags
+from .lineage import generation_of
 
 DOC_BATCH = 256  # documents tokenised together
-GENERATION_KEY = b"distill.generation"  # Parquet schema metadata of `distill generate` output: who sampled the rows
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
@@ -74,7 +75,7 @@ class RowConvention:
         want = adds if cfg.bos == "auto" else bool(cfg.bos)
         if want and tokenizer.bos_token_id is None:
             raise DataError("data.bos = true, but the teacher's tokenizer has no BOS token (bos_token_id is None)")
-        template, source = (None, None) if cfg.format in ("text", "tokens") else _chat_template(cfg, tokenizer)
+        template, source = (None, None) if cfg.format in ("text", "tokens") else template_of(cfg, tokenizer)
         return cls(cfg.bos, adds, int(tokenizer.bos_token_id) if want else None, template, source)
 
     def to_dict(self) -> dict:
@@ -84,23 +85,6 @@ class RowConvention:
             d["chat_template"] = {"source": self.chat_template_source, "text": self.chat_template,
                                   "sha256": hashlib.sha256(self.chat_template.encode()).hexdigest()}
         return d
-
-
-def _chat_template(cfg: DataConfig, tokenizer) -> tuple[str, str]:
-    if cfg.chat_template is not None:
-        t = cfg.chat_template
-        if "{" not in t:  # not a template: a file holding one
-            if not Path(t).is_file():
-                raise DataError(f"data.chat_template {t!r} is neither a Jinja template nor an existing file")
-            t = Path(t).read_text()
-        return t, "config"
-    t = tokenizer.chat_template
-    if isinstance(t, dict):
-        t = t.get("default")
-    if not t:
-        raise DataError(f"data.format = {cfg.format!r} renders conversations with the chat template, but the "
-                        "teacher's tokenizer has none: set data.chat_template")
-    return t, "tokenizer"
 
 
 def expand_data_files(cfg: DataConfig, split: str | None = None) -> list[str]:
@@ -170,49 +154,6 @@ def load_documents(cfg: DataConfig, split: str | None = None, task: str = "causa
     return ds, info
 
 
-def generation_of(files: list[str]) -> dict | None:
-    """What `distill generate` recorded in the schema metadata of these Parquet files (its generator, tokenizer,
-    sampling settings, round): one record for all of them; None when none carries one. Files of several
-    generations, or a mix of generated and other files, are refused: the manifest records one lineage."""
-    import json
-
-    import pyarrow.parquet as pq
-
-    seen: dict[str, list[str]] = {}
-    for f in files:
-        if not f.endswith(".parquet"):
-            seen.setdefault("", []).append(f)
-            continue
-        meta = pq.read_schema(f).metadata or {}
-        seen.setdefault(meta.get(GENERATION_KEY, b"").decode(), []).append(f)
-    records = [k for k in seen if k]
-    if not records:
-        return None
-    if len(seen) > 1:
-        groups = "; ".join(f"{len(v)} file(s) like {Path(v[0]).name}" + (" from no generation" if not k else "")
-                           for k, v in seen.items())
-        raise DataError(f"data.format = 'tokens': the data files come from {len(seen)} different generations "
-                        f"({groups}); score one generation per cache (or append them one at a time)")
-    return json.loads(records[0])
-
-
-def check_generation(generation: dict | None, tokenizer) -> None:
-    """Rows sampled by a model must be scored by a teacher with the same tokenizer: the ids are the targets'
-    positions. (Cross-tokenizer on-policy distillation, re-aligning the ids by text, is out of scope.)"""
-    from ..format.layout import tokenizer_fingerprint
-
-    if generation is None:
-        return
-    theirs = (generation.get("tokenizer") or {}).get("fingerprint")
-    ours = tokenizer_fingerprint(tokenizer)
-    if theirs != ours:
-        who = (generation.get("generator") or {}).get("model", "?")
-        raise DataError(f"the rows were sampled by {who!r}, whose tokenizer (fingerprint {str(theirs)[:16]}...) is not "
-                        f"the teacher's ({ours[:16]}...): on-policy targets must be the teacher's distribution at "
-                        "exactly the student's token ids, so generator and teacher must share a tokenizer "
-                        "(cross-tokenizer on-policy distillation is not supported)")
-
-
 def data_columns(cfg: DataConfig, task: str = "causal-lm") -> list[tuple[str, str]]:
     if task != "causal-lm":
         return [("words" if task == "token-classification" else "text", cfg.text_column),
@@ -255,54 +196,6 @@ def conversations(batch: dict, cfg: DataConfig, first_index: int) -> list[list[d
     return convs
 
 
-def render_conversation(tokenizer, template: str, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The conversation as the template renders it, and the character spans of its assistant turns.
-
-    An assistant turn spans from the end of the prompt the template renders before it (with the
-    generation prompt) to the end of the rendering that includes it, so it covers the template's
-    end-of-turn tokens too. A template that renders earlier turns differently once later ones
-    exist falls back to locating the message's content.
-    """
-    def render(msgs, gen=False) -> str:
-        try:
-            return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
-                                                 add_generation_prompt=gen)
-        except Exception as e:  # jinja's TemplateError, raise_exception(...) in the template, ValueError
-            raise DataError(f"the chat template cannot render this conversation ({type(e).__name__}: {e}); "
-                            f"roles: {[m['role'] for m in messages]}") from e
-
-    full = render(messages)
-    spans, cursor = [], 0
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = render(messages[:i], gen=True) if i else None  # nothing to render before a first turn
-        through = render(messages[: i + 1])
-        if before is not None and through.startswith(before) and full.startswith(through) and len(before) >= cursor:
-            span = (len(before), len(through))
-        else:
-            at = full.find(m["content"], cursor)
-            if at < 0:
-                raise DataError(f"cannot find assistant message {i} in the rendered conversation (the chat "
-                                "template changes it): its loss mask cannot be built")
-            span = (at, at + len(m["content"]))
-        spans.append(span)
-        cursor = span[1]
-    return full, spans
-
-
-def _trained_flags(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
-    """1 for each token whose characters overlap an assistant span."""
-    flags = [0] * len(offsets)
-    j = 0
-    for t, (a, b) in enumerate(offsets):
-        while j < len(spans) and spans[j][1] <= a:
-            j += 1
-        if j < len(spans) and a < spans[j][1] and (b > spans[j][0] or (a == b and a >= spans[j][0])):
-            flags[t] = 1  # overlaps the span; a token with trimmed (empty) offsets counts where it starts
-    return flags
-
-
 def token_documents(ds, tokenizer, cfg: DataConfig, conv: RowConvention, timing: dict | None = None):
     """Yield (token ids, trained flags or None, key salt or None) per non-empty document (int32 / uint8 arrays;
     the salt: data.key_columns' values, bytes), in dataset order,
@@ -342,7 +235,7 @@ def token_documents(ds, tokenizer, cfg: DataConfig, conv: RowConvention, timing:
                         return_offsets_mapping=want_flags)
         docs = []
         for i, ids in enumerate(enc["input_ids"]):
-            flags = _trained_flags(enc["offset_mapping"][i], rendered[i][1]) if want_flags else None
+            flags = trained_flags(enc["offset_mapping"][i], rendered[i][1]) if want_flags else None
             if bos is not None and (not ids or ids[0] != bos):
                 ids = [bos] + ids
                 flags = None if flags is None else [0] + flags

@@ -42,7 +42,7 @@ class DryRun:
 def dry_run(cfg: TeacherCacheConfig, log=print) -> DryRun:
     """Prepare the rows of `cfg` and report (module docstring); refuses a cache the disk cannot hold."""
     from .. import distributed
-    from .run import capture_specs, describe_teacher
+    from .teacher import capture_specs, describe_teacher
 
     main = distributed.setup().main
     if not main:  # under torchrun every rank prepares (each tokenising 1/W); rank 0 reports
@@ -53,10 +53,8 @@ def dry_run(cfg: TeacherCacheConfig, log=print) -> DryRun:
     appending = cfg.output.mode == "append"
     if appending:
         append_base(st)
-    prepared = prepare(cfg.data, teacher.tokenizer, min_validation=not appending, task=cfg.teacher.task,
-                       labels=teacher.task.labels if teacher.task else None,
-                       pad_id=teacher.task.pad_id if teacher.task else None, shard_rows=cfg.capture.rows_per_shard,
-                       cached_keys=cached_keys(st) if appending else None)
+    prepared = prepare(cfg.data, teacher.tokenizer, teacher.classifier, min_validation=not appending,
+                       shard_rows=cfg.capture.rows_per_shard, cached_keys=cached_keys(st) if appending else None)
     try:
         grouped = warn_if_grouped(cfg.data, prepared, cfg.capture.rows_per_shard, log=lambda m: None)
         splits = {s: {"rows": r.rows, "tokens": r.tokens, "shards": len(r.shard_tokens)}

@@ -27,19 +27,22 @@ import numpy as np
 
 from ..config import TeacherConfig
 from ..errors import DataError, StorageError, TeacherError
-from ..format.layout import MANIFEST, PLAN_FILE, ROWS_FILE, shard_ranges, write_json
-from ..format.manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
+from ..format.columns import row_fields
+from ..format.layout import MANIFEST, PLAN_FILE, ROWS_FILE, write_json
+from ..format.manifest import Manifest
+from ..format.plans import part_record, plan_document, tokenizer_record
 from ..format.reader import Cache
+from ..format.records import Split
 from ..format.specs import field_specs
 from ..format.storage import Storage
 from ..format.writer import CacheWriter
 from .imported import EXTENSIONS, blocks, source_splits
 from .layouts import Block
 from .output import store_tokenizer, wipe
-from .plan import row_fields, software, tokenizer_entry
+from .packing import tokenizer_pad_id
+from .plan import software
 from .rowfiles import KeyStore, RowFileWriter, Rows
-from .rows import content_key, tokenizer_pad_id
-from .run import Tally
+from .rows import content_key
 from .survey import ImportSettings, Survey, Targets, decide, in_order, ranked, survey, targets
 from .targets import TeacherTargets
 
@@ -69,31 +72,28 @@ def teacher_facts(s: ImportSettings):
 
 def build_plan(s: ImportSettings, sv: Survey, imported: dict, teacher: dict, tok, L: int, specs) -> dict:
     split_rows = sv.rows
-    shards = {sp: len(shard_ranges(n, s.rows_per_shard)) for sp, n in split_rows.items()}
     fields = {f.name: f.to_dict(split_rows, s.rows_per_chunk, s.rows_per_shard) for f in specs}
     fields |= row_fields(["key", "input_ids", "length", "loss_mask"] + (["position_ids"] if sv.documents else []),
                          split_rows, L)
     column = "prompt_token_ids" if imported["layout"] == "vllm" else "input_ids"
-    return {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "teacher": teacher,
-        "tokenizer": tokenizer_entry(tok),
-        "dataset": {"source": s.source, "split": None, "columns": {"token ids": column}, "text_column": None,
-                    "data_files": [f for files in sv.files.values() for f in files],
-                    "statistics": {"documents": sv.rows_read, "duplicate_rows": sv.duplicates}},
-        "preparation": {"seq_len": L, "packing": sv.documents, "format": "imported", "loss_mask": "imported",
-                        "document_mask": sv.documents, "add_special_tokens": False},
-        "capture": {"top_k": imported["top_k"], "temperatures": [], "temperatures_all": [1.0], "hidden_layers": [],
-                    "hidden_dtype": "float16", "attention_layers": [], "attention_heads_stored": None,
-                    "rows_per_shard": s.rows_per_shard, "rows_per_chunk": s.rows_per_chunk, "compression_level": 3,
-                    "samples": 0, "sample_temperature": 1.0, "sample_seed": 0, "final_hidden": False,
-                    "final_hidden_dtype": "float16", "topk_codec": "pcodec", "hidden_codec": "zstd"},
-        "imported": imported,
-        "splits": {sp: {"rows": n, "tokens": sv.tokens[sp], "shards": shards[sp],
-                        "parts": [{"path": sp, "row_start": 0, "rows": n, "tokens": sv.tokens[sp],
-                                   "shards": shards[sp]}]} for sp, n in split_rows.items()},
-        "fields": fields,
-        "software": software(),
-    }
+    return plan_document(
+        teacher=teacher, tokenizer=tokenizer_record(tok),
+        dataset={"source": s.source, "split": None, "columns": {"token ids": column}, "text_column": None,
+                 "data_files": [f for files in sv.files.values() for f in files],
+                 "statistics": {"documents": sv.rows_read, "duplicate_rows": sv.duplicates}},
+        preparation={"seq_len": L, "packing": sv.documents, "format": "imported", "loss_mask": "imported",
+                     "document_mask": sv.documents, "add_special_tokens": False},
+        capture={"top_k": imported["top_k"], "temperatures": [], "temperatures_all": [1.0], "hidden_layers": [],
+                 "hidden_dtype": "float16", "attention_layers": [], "attention_heads_stored": None,
+                 "rows_per_shard": s.rows_per_shard, "rows_per_chunk": s.rows_per_chunk, "compression_level": 3,
+                 "samples": 0, "sample_temperature": 1.0, "sample_seed": 0, "final_hidden": False,
+                 "final_hidden_dtype": "float16", "topk_codec": "pcodec", "hidden_codec": "zstd"},
+        imported=imported,
+        splits=[Split.of(sp, (part_record(sp, 0, n, sv.tokens[sp], s.rows_per_shard),))
+                for sp, n in split_rows.items()],
+        fields=fields,
+        software=software(),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,5 +246,5 @@ def run_import(s: ImportSettings, log=print) -> Cache:
             write_split(s, st, writer, split, splits[split], imported, L, tokenizer_pad_id(tok), keys, Path(tmp),
                         sv.documents)
         keys.close()
-        writer.finalize(Tally(manifest))
+        writer.finalize()
     return Cache(s.out)

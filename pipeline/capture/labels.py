@@ -1,18 +1,42 @@
 """Step 1b for classifiers: one labelled example per row, as the classifier reads it.
 
-Gold labels (class names, ids in the teacher's numbering, or a `datasets` ClassLabel's ids mapped by
-name) become the teacher's class ids; labels the teacher does not know are refused together.
+A classification teacher is described by a `Classifier` (its task, labels, padding id, attention); the manifest
+records it as its `task` (`Classifier.record`). Gold labels (class names, ids in the teacher's numbering, or a
+`datasets` ClassLabel's ids mapped by name) become the teacher's class ids; labels the teacher does not know are
+refused together.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..config import DataConfig
 from ..errors import DataError
 from ..format.layout import IGNORE_INDEX
+from ..format.records import Task
 from ..models import LabelSet
 from .documents import DOC_BATCH
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A classification teacher: its task (what it predicts), its labels, the id its rows are padded with."""
+
+    task: str
+    labels: LabelSet
+    pad_id: int
+    bidirectional: bool = False  # an encoder: every token attends to every real token (attention maps are full)
+
+    @property
+    def per_token(self) -> bool:
+        return self.task == "token-classification"
+
+    def record(self, label_column: str) -> Task:
+        """The manifest's `task` of this teacher, its gold labels read from `label_column`."""
+        return Task(self.task, tuple(self.labels.names), label_column, self.pad_id,
+                    IGNORE_INDEX if self.per_token else None, self.bidirectional)
 
 
 def _label_feature_names(ds, column: str) -> list[str] | None:
@@ -84,10 +108,9 @@ def _examples(batch: dict, cfg: DataConfig, words: bool, start: int, where: str,
     return texts, golds
 
 
-def classification_blocks(ds, tokenizer, cfg: DataConfig, task: str, labels: LabelSet, pad_id: int, where: str,
-                          stats: dict):
+def classification_blocks(ds, tokenizer, cfg: DataConfig, classifier: Classifier, where: str, stats: dict):
     """One example per row, as the classifier reads it: tokenizer(text) with its special tokens, truncated to
-    seq_len and right-padded with `pad_id`. Sequence classification: one label per row; token classification:
+    seq_len and right-padded with the classifier's `pad_id`. Sequence classification: one label per row; token classification:
     `text_column` holds words, the label of each word goes to its first token, IGNORE_INDEX elsewhere. Yields the
     rows a block of documents at a time ({input_ids, lengths, labels, loss_mask: None, position_ids: None});
     `stats` is filled as they go; unknown labels are refused together once every document is read."""
@@ -95,8 +118,8 @@ def classification_blocks(ds, tokenizer, cfg: DataConfig, task: str, labels: Lab
     if cfg.shuffle_seed is not None:
         ds = ds.shuffle(seed=cfg.shuffle_seed)
     n_docs = len(ds) if cfg.max_documents is None else min(len(ds), cfg.max_documents)
-    mapper = _LabelMapper(labels, _label_feature_names(ds, cfg.label_column))
-    words = task == "token-classification"
+    mapper = _LabelMapper(classifier.labels, _label_feature_names(ds, cfg.label_column))
+    words = classifier.per_token
     if words and not getattr(tokenizer, "is_fast", False):
         raise DataError("token-classification needs a fast tokenizer (which word each token comes from)")
     stats.update({"documents": 0, "documents_truncated": 0, "tokens_read": 0, "documents_empty": 0})
@@ -133,7 +156,7 @@ def classification_blocks(ds, tokenizer, cfg: DataConfig, task: str, labels: Lab
                 lab = mapper(golds[i])
                 full = tokenizer(texts[i], add_special_tokens=True)["input_ids"] if len(row) == L else row
                 stats["documents_truncated"] += int(len(full) > L)
-            padded = np.full(L, pad_id, dtype=np.int32)
+            padded = np.full(L, classifier.pad_id, dtype=np.int32)
             padded[: len(row)] = row
             ids_out.append(padded)
             lens.append(len(row))

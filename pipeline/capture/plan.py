@@ -1,12 +1,11 @@
 """The plan of a capture: everything that determines a cache's bytes, i.e. its manifest less shards,
-metadata files, statistics and digest. Built from the settings, the teacher and the prepared rows
-(`build_plan`); compared with what an output location holds (`diff`, `described`); grown by the rows
-of new documents for an append (`plan_append`, `grown_plan`).
+metadata files, statistics and digest. Built from the settings, the teacher's facts and the prepared rows
+through the format's records (`build_plan`, with `format.plans`); compared with what an output location
+holds (`diff`, `described`); grown by the rows of new documents for an append (`plan_append`, `grown_plan`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import sys
 from dataclasses import dataclass
@@ -16,32 +15,17 @@ import pyarrow as pa
 from .. import distributed, models
 from ..config import TeacherCacheConfig
 from ..errors import CaptureError
-from ..format.layout import IGNORE_INDEX, MANIFEST, part_path, shard_ranges, tokenizer_fingerprint
-from ..format.manifest import FORMAT_NAME, FORMAT_VERSION, Manifest, canonical, migrate
+from ..format.columns import row_fields
+from ..format.layout import MANIFEST, part_path
+from ..format.manifest import FORMAT_VERSION, Manifest, canonical, migrate
+from ..format.plans import part_record, plan_document, tokenizer_record
 from ..format.reader import Cache, read_manifest
+from ..format.records import Part, Split
 from ..format.specs import FieldSpec
 from ..format.storage import Storage
-from .checks import stored_heads
+from .labels import Classifier
 from .rows import Prepared
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    """A classification capture: the task, the teacher's labels, the id rows are padded with."""
-
-    task: str
-    labels: models.LabelSet
-    pad_id: int
-    bidirectional: bool = False  # an encoder: every token attends to every real token (attention maps are full)
-
-    @property
-    def per_token(self) -> bool:
-        return self.task == "token-classification"
-
-    def to_dict(self, label_column: str) -> dict:
-        return {"type": self.task, "labels": self.labels.names, "label2id": self.labels.ids,
-                "label_column": label_column, "pad_token_id": self.pad_id,
-                "ignore_index": IGNORE_INDEX if self.per_token else None, "bidirectional": self.bidirectional}
+from .teacher import TeacherFacts, stored_heads
 
 
 def software() -> dict:
@@ -55,50 +39,36 @@ def software() -> dict:
             "datasets": datasets.__version__, "pyarrow": pyarrow.__version__, "python": sys.version.split()[0]}
 
 
-def build_plan(cfg: TeacherCacheConfig, spec: models.TeacherSpec, tokenizer, prepared: Prepared, hidden: list[int],
-               attn: list[int], specs: list[FieldSpec], device: str, weights_sha256: str | None = None,
-               task: TaskInfo | None = None) -> dict:
-    """Everything that determines the cache's bytes; the manifest minus shards and stats."""
+def build_plan(cfg: TeacherCacheConfig, teacher: TeacherFacts, prepared: Prepared, specs: list[FieldSpec],
+               weights_sha256: str | None = None) -> dict:
+    """Everything that determines the cache's bytes; the manifest minus shards and stats. `weights_sha256`: the
+    teacher's weights fingerprint, when already computed."""
     split_rows = {s: len(r) for s, r in prepared.splits.items()}
     fields = {s.name: s.to_dict(split_rows, cfg.capture.rows_per_chunk, cfg.capture.rows_per_shard) for s in specs}
     fields |= _row_fields(prepared, split_rows, cfg.data.seq_len)
     if cfg.data.key_columns:
         fields["key"]["description"] += f" and the values of {', '.join(cfg.data.key_columns)} (key_columns)"
-    plan = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "teacher": {
-            "model": cfg.teacher.model, "gguf_file": cfg.teacher.gguf_file, "revision": cfg.teacher.revision,
-            "weights_sha256": weights_sha256 if weights_sha256 is not None else
-            models.weights_fingerprint(cfg.teacher), "dtype": cfg.teacher.dtype,
-            "device_type": device, **spec.to_dict(),
-        },
-        "tokenizer": tokenizer_entry(tokenizer),
-        "dataset": prepared.info,
-        "preparation": {**_preparation(cfg, task), **prepared.convention},
-        "capture": {
-            **cfg.capture.model_dump(exclude={"batch_size", "position_chunk", "hidden_layers", "attention_layers",
-                                               "writers", "attention_budget_gib"}),
-            "hidden_layers": hidden, "attention_layers": attn, "attention_heads_stored": stored_heads(cfg.capture, spec),
-            "temperatures_all": [1.0, *cfg.capture.temperatures],
-            "batch_size": cfg.capture.batch_size, "position_chunk": cfg.capture.position_chunk,
-        },
-        "splits": {s: part_counts(prepared.splits[s], cfg.capture.rows_per_shard) | {"parts": [
-                       {"path": s, "row_start": 0, **part_counts(prepared.splits[s], cfg.capture.rows_per_shard)}]}
-                   for s in split_rows},
-        "fields": fields,
-        "software": software(),
-    }
-    if task is not None:  # a classification teacher: its task and labels (a causal LM's plan has no such key)
-        plan["task"] = task.to_dict(cfg.data.label_column)
-    return plan
-
-
-def tokenizer_entry(tokenizer) -> dict:
-    """The manifest's `tokenizer`: its fingerprint, class, size and special ids."""
-    return {"fingerprint": tokenizer_fingerprint(tokenizer), "class": type(tokenizer).__name__, "size": len(tokenizer),
-            "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
-            "pad_token_id": tokenizer.pad_token_id}
+    classifier, shard_rows = teacher.classifier, cfg.capture.rows_per_shard
+    return plan_document(
+        teacher={"model": cfg.teacher.model, "gguf_file": cfg.teacher.gguf_file, "revision": cfg.teacher.revision,
+                 "weights_sha256": weights_sha256 if weights_sha256 is not None else
+                 models.weights_fingerprint(cfg.teacher), "dtype": cfg.teacher.dtype,
+                 "device_type": teacher.device.type, **teacher.spec.to_dict()},
+        tokenizer=tokenizer_record(teacher.tokenizer),
+        dataset=prepared.info,
+        preparation={**_preparation(cfg, classifier), **prepared.convention},
+        capture={**cfg.capture.model_dump(exclude={"batch_size", "position_chunk", "hidden_layers", "attention_layers",
+                                                   "writers", "attention_budget_gib"}),
+                 "hidden_layers": teacher.hidden, "attention_layers": teacher.attention,
+                 "attention_heads_stored": stored_heads(cfg.capture, teacher.spec),
+                 "temperatures_all": [1.0, *cfg.capture.temperatures],
+                 "batch_size": cfg.capture.batch_size, "position_chunk": cfg.capture.position_chunk},
+        splits=[Split.of(s, (new_part(s, 0, prepared.splits[s], shard_rows),)) for s in split_rows],
+        fields=fields,
+        software=software(),
+        # a classification teacher: its task and labels (a causal LM's plan has no such key)
+        task=classifier.record(cfg.data.label_column) if classifier is not None else None,
+    )
 
 
 def _row_fields(prepared: Prepared, split_rows: dict[str, int], L: int) -> dict:
@@ -109,33 +79,7 @@ def _row_fields(prepared: Prepared, split_rows: dict[str, int], L: int) -> dict:
     return row_fields(columns, split_rows, L, labels)
 
 
-def row_fields(columns: list[str], split_rows: dict[str, int], L: int, labels: bool | None = None) -> dict:
-    """The manifest entries of rows.parquet's columns: key, input_ids, length, and those of `columns` among
-    loss_mask, labels (per position when `labels` is true, else per row) and position_ids."""
-    def row_field(column: str, dtype: str, per_position: bool, description: str) -> dict:
-        return {"path": "{part}/rows.parquet", "format": "parquet", "column": column, "dtype": dtype,
-                "dims": ["row", "position"] if per_position else ["row"],
-                "shape": {s: [n, L] if per_position else [n] for s, n in split_rows.items()},
-                "description": description}
-
-    fields = {"input_ids": row_field("input_ids", "int32", True, "token ids; positions >= length are padding"),
-              "length": row_field("length", "int32", False, "real tokens in the row (the mask is position < length)"),
-              "key": row_field("key", "string", False, "blake2b-128 hex of the row's real token ids as little-endian "
-                                                       "int32")}
-    if "loss_mask" in columns:
-        fields["loss_mask"] = row_field("loss_mask", "uint8", True, "1 where the targets at position t train (the "
-                                        "token t+1 they predict is an assistant/response token); 0 elsewhere")
-    if "labels" in columns:
-        fields["labels"] = row_field("labels", "int32", labels, f"gold class id of each word's first token; "
-                                     f"{IGNORE_INDEX} elsewhere" if labels else "gold class id per row")
-    if "position_ids" in columns:
-        fields["position_ids"] = row_field("position_ids", "int32", True, "0 where a document starts, +1 per token "
-                                           "within it; padding is a segment of its own. Attention is causal "
-                                           "within a segment only")
-    return fields
-
-
-def _preparation(cfg: TeacherCacheConfig, task: TaskInfo | None) -> dict:
+def _preparation(cfg: TeacherCacheConfig, classifier: Classifier | None) -> dict:
     preparation = cfg.data.model_dump(include={"seq_len", "packing", "add_special_tokens", "max_documents",
                                                "max_tokens", "validation_fraction", "sample_by", "shuffle_seed",
                                                "format", "loss_mask", "document_mask"})
@@ -145,13 +89,14 @@ def _preparation(cfg: TeacherCacheConfig, task: TaskInfo | None) -> dict:
         preparation["splits"] = dict(cfg.data.splits)
         if "validation" in cfg.data.splits:
             preparation["validation_fraction"] = None  # the dataset's own validation split
-    if task is not None:
+    if classifier is not None:
         preparation["add_special_tokens"] = True  # a classifier's rows carry its tokenizer's special tokens
     return preparation
 
 
-def part_counts(rows, shard_rows: int) -> dict:
-    return {"rows": len(rows), "tokens": rows.n_tokens, "shards": len(shard_ranges(len(rows), shard_rows))}
+def new_part(path: str, row_start: int, rows, shard_rows: int) -> Part:
+    """The part at `path` that prepared `rows` fill, from row `row_start` of its split."""
+    return part_record(path, row_start, len(rows), rows.n_tokens, shard_rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,14 +235,14 @@ def grown_plan(base: Manifest, plan: dict, prepared: Prepared, shard_rows: int, 
     g = base.plan()
     g["format_version"] = FORMAT_VERSION
     g["fields"] = {}
-    g["splits"] = {}
+    splits = []
     for split in list(base.splits) + [s for s in prepared.splits if s not in base.splits]:
-        parts = [dataclasses.asdict(p) for p in base.parts(split)] if split in base.splits else []
+        parts = list(base.parts(split)) if split in base.splits else []
         if split in prepared.splits:
-            start = sum(p["rows"] for p in parts)
-            parts.append({"path": part_path(split, number), "row_start": start,
-                          **part_counts(prepared.splits[split], shard_rows)})
-        g["splits"][split] = {k: sum(p[k] for p in parts) for k in ("rows", "tokens", "shards")} | {"parts": parts}
+            parts.append(new_part(part_path(split, number), sum(p.rows for p in parts), prepared.splits[split],
+                                  shard_rows))
+        splits.append(Split.of(split, tuple(parts)))
+    g["splits"] = {s.name: s.to_dict() for s in splits}
     for name, f in plan["fields"].items():
         tail = next(iter(f["shape"].values()))[1:]
         g["fields"][name] = {**f, "shape": {s: [v["rows"], *tail] for s, v in g["splits"].items()}}

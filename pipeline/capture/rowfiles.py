@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..format.layout import row_column, row_values
-from ..format.writer import rows_table
+from ..format.columns import rows_table
 
 ROW_GROUP_ROWS = 2048  # about; rounded to a whole number of shards
 

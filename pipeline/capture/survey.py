@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import Strict
 from ..errors import DataError
 from ..format.distillkit import Compression
 from ..format.storage import Storage
@@ -31,8 +32,9 @@ RENORM_TOL = 1e-3  # every position within this of 1: the log-probs were renorma
 FLOAT16_LOWEST = float(np.finfo(np.float16).min)  # below it (-inf, masked logits' -1e9): probability 0
 
 
-@dataclass(frozen=True)
-class ImportSettings:
+class ImportSettings(Strict):
+    """What the user asked of `distill import` (its command line, by keyword)."""
+
     source: str
     out: str
     teacher: str  # named by the user: a hub id or folder whose config and tokenizer can be read (no weights)

@@ -1,6 +1,7 @@
-"""The frozen records a manifest is made of: what `Manifest`'s typed accessors return. Most are built from
-their part of the manifest document by `record`, which takes the keys the record declares (absent ones take
-their defaults: keys older layouts lack) and ignores the others; all of them pickle (ranks pass them).
+"""The frozen records a manifest is made of: what `Manifest`'s typed accessors return, and what a plan is built
+from (`plans.py`). Most are read from their part of the manifest document by `record`, which takes the keys the
+record declares (absent ones take their defaults: keys older layouts lack) and ignores the others; those a plan
+is built from are written back by their `to_dict`. All of them pickle (ranks pass them).
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class Tokenizer:
     bos_token_id: int | None = None
     pad_token_id: int | None = None
 
+    def to_dict(self) -> dict:
+        return {"fingerprint": self.fingerprint, "class": self.class_name, "size": self.size,
+                "eos_token_id": self.eos_token_id, "bos_token_id": self.bos_token_id, "pad_token_id": self.pad_token_id}
+
 
 @dataclass(frozen=True)
 class Task:
@@ -78,6 +83,11 @@ class Task:
     @property
     def per_token(self) -> bool:
         return self.type == "token-classification"
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "labels": list(self.labels), "label2id": {n: i for i, n in enumerate(self.labels)},
+                "label_column": self.label_column, "pad_token_id": self.pad_token_id,
+                "ignore_index": self.ignore_index, "bidirectional": self.bidirectional}
 
 
 @dataclass(frozen=True)
@@ -174,6 +184,10 @@ class Part:
     tokens: int
     shards: int
 
+    def to_dict(self) -> dict:
+        return {"path": self.path, "row_start": self.row_start, "rows": self.rows, "tokens": self.tokens,
+                "shards": self.shards}
+
 
 @dataclass(frozen=True)
 class Split:
@@ -182,6 +196,16 @@ class Split:
     tokens: int
     shards: int
     parts: tuple[Part, ...]
+
+    @classmethod
+    def of(cls, name: str, parts: tuple[Part, ...]) -> "Split":
+        """A split of `parts`, its counts their sums."""
+        return cls(name, sum(p.rows for p in parts), sum(p.tokens for p in parts), sum(p.shards for p in parts),
+                   tuple(parts))
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "tokens": self.tokens, "shards": self.shards,
+                "parts": [p.to_dict() for p in self.parts]}
 
 
 @dataclass(frozen=True)

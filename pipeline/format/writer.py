@@ -3,7 +3,8 @@
 A shard (`rows_per_shard` rows of every field) is written at once, checksummed (on object storage:
 read back) and then committed by writing its record (on local disk: renamed into place); a shard
 without a record is redone. `finalize` streams the records into each written part's shard index
-(`index.py`) and writes `manifest.json` last: a cache without it is unfinished.
+(`index.py`) and its statistics (`tally.py`), and writes `manifest.json` last: a cache without it is
+unfinished.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from ..errors import CacheError
 from .index import INDEX_FILE, IndexWriter, field_of, index_path, legacy_part
@@ -23,6 +23,7 @@ from .manifest import FORMAT_NAME, Manifest, manifest_digest
 from .shards import ShardEncoder
 from .specs import FieldSpec, numcodecs_quiet
 from .storage import Storage
+from .tally import Tally
 
 
 COMMITS = f"{WORK_DIR}/commits"
@@ -50,28 +51,6 @@ def zarr_store(st: Storage, rel: str):
     if st.is_local:
         return LocalStore(st.local_path(rel))
     return FsspecStore.from_url(st.location + "/" + rel, storage_options=st.options or None)
-
-
-def rows_table(rows) -> pa.Table:
-    """Rows as `rows.parquet` holds them: key, input_ids, length, and loss_mask / position_ids / labels when present."""
-    L = rows.input_ids.shape[1]
-
-    def fixed(a: np.ndarray, typ) -> pa.Array:
-        return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), type=typ), L)
-
-    cols = {
-        "key": pa.array(rows.keys, type=pa.string()),
-        "input_ids": fixed(rows.input_ids, pa.int32()),
-        "length": pa.array(rows.lengths, type=pa.int32()),
-    }
-    if rows.loss_mask is not None:
-        cols["loss_mask"] = fixed(rows.loss_mask, pa.uint8())
-    if rows.position_ids is not None:
-        cols["position_ids"] = fixed(rows.position_ids, pa.int32())
-    if getattr(rows, "labels", None) is not None:  # classification: a class id per row, or per position (-100: none)
-        labels = rows.labels.astype(np.int32)
-        cols["labels"] = fixed(labels, pa.int32()) if labels.ndim == 2 else pa.array(labels, type=pa.int32())
-    return pa.table(cols)
 
 
 def _digest(parts: list) -> dict:
@@ -214,16 +193,17 @@ class CacheWriter:
         return data.astype(spec.dtype)
 
     # -- the end ----------------------------------------------------------------------------
-    def finalize(self, tally) -> Manifest:
+    def finalize(self) -> Manifest:
         """Check every shard is committed, write each written part's shard index (and, for a base written before
-        3.0, its parts' indexes), then manifest.json (replacing `base`'s), and drop the work folder. `tally` is
-        given each commit record as it is read for the index (`tally.add(record)`), then asked for the
-        manifest's statistics (`tally.result(writer)`): the records are read once."""
+        3.0, its parts' indexes), then manifest.json (replacing `base`'s), and drop the work folder. The
+        statistics are tallied from the commit records as they are read for the index (`Tally`), and from the
+        sizes of the files written beside the shards: the records are read once."""
         commits = self.committed()
         missing = [(s, i) for s, n in self.split_rows.items()
                    for i in range(len(shard_ranges(n, self.shard_rows))) if (s, i) not in commits]
         if missing:
             raise CacheError(f"cannot finalize {self.root}: shards not committed: {missing[:20]}")
+        tally = Tally(self.plan, self.base)
         index = {part: e.to_dict() for part, e in self.base.shard_index.items()} if self.base else {}
         if self.base is not None and self.base.legacy_shards is not None:
             for split, parts in ((s, self.base.parts(s)) for s in self.base.splits):
@@ -235,11 +215,17 @@ class CacheWriter:
         for rel in self._metadata_written():
             meta[rel] = self.st.digest(rel)
         document = {**self.plan.to_dict(), "shard_index": dict(sorted(index.items())), "metadata_files": meta,
-                    "stats": tally.result(self)}
+                    "stats": tally.result(*self._sizes())}
         document["digest"] = manifest_digest(document)
         write_json(self.st, MANIFEST, document)
         self.st.remove_tree(WORK_DIR)
         return Manifest.from_dict(document)
+
+    def _sizes(self) -> tuple[list[int], int | None]:
+        """The bytes of each written part's rows.parquet, and of the LM head file when this (new) cache stores one."""
+        rows = [self.st.size(f"{part['path']}/{ROWS_FILE}") for part in self.parts.values()]
+        head = self.st.size(HEAD_FILE) if self.base is None and self.st.exists(HEAD_FILE) else None
+        return rows, head
 
     def _write_index(self, split: str, part: str, records, seen=None) -> dict:
         """A part's shard index from its shards' commit records (in shard order, each also handed to `seen`),

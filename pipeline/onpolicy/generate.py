@@ -31,9 +31,10 @@ from typing import Callable
 import numpy as np
 
 from .. import distributed, models
-from ..capture.documents import (GENERATION_KEY, RowConvention, conversations, data_columns, document_batches,
-                                 load_documents, token_ids)
+from ..capture.documents import (RowConvention, conversations, data_columns, document_batches, load_documents,
+                                 token_ids)
 from ..errors import DataError, TeacherError
+from ..format.columns import GENERATION_KEY
 from ..format.layout import tokenizer_fingerprint
 from .samples import FORMAT, VERSION, finish, part_name, prepare_dir, write_part
 from ..config import DataConfig
