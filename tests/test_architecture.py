@@ -199,3 +199,28 @@ def test_every_benchmark_still_imports(script):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # module level only: main() runs under __main__
     assert callable(getattr(module, "main", None)), f"{script} has no main()"
+
+
+def _diagram_arrows(subgraph: str) -> tuple[set[str], set[tuple[str, str]]]:
+    """(nodes, arrows) of one subgraph of the architecture page's package diagram; `a --> b --> c` is two arrows."""
+    page = (REPO / "docs/architecture.md").read_text()
+    block = page[page.index(f'subgraph {subgraph}['):]
+    block = block[: block.index("\n  end")]
+    nodes, arrows = set(), set()
+    for line in block.splitlines()[1:]:
+        chain = [part.strip() for part in line.split("-->")]
+        nodes |= set(chain)
+        arrows |= set(zip(chain, chain[1:]))
+    return nodes, arrows
+
+
+@pytest.mark.parametrize("stage,package", [("stage1", "capture"), ("stage2", "train")])
+def test_the_architecture_diagram_shows_every_module_and_only_real_arrows(stage, package, graph):
+    """docs/architecture.md draws each stage's modules: none is missing, and every arrow a --> b is an import of
+    a by b (the diagram may leave arrows out, never draw one the code does not have)."""
+    nodes, arrows = _diagram_arrows(stage)
+    modules = {p.stem for p in (REPO / "pipeline" / package).glob("*.py") if p.stem != "__init__"}
+    assert modules - nodes == set(), f"modules missing from the {stage} diagram"
+    assert nodes - modules == set(), f"nodes of the {stage} diagram that are no module"
+    false = [(a, b) for a, b in arrows if f"pipeline.{package}.{a}" not in graph[f"pipeline.{package}.{b}"]]
+    assert not false, f"arrows the code does not have: {false}"

@@ -9,11 +9,14 @@ only reads, checks or moves caches does not need the training stack:
     c.manifest.splits["train"].rows, c.manifest.capture.top_k
     c.array("train", "topk_ids")[:8]
 
-    storage.py   where a cache lives (any fsspec URL), checksums      manifest.py  the Manifest type
-    layout.py    paths and small file helpers                         specs.py     fields and codecs
-    writer.py    arrays, shards, commits, the manifest written last   reader.py    Cache, read_manifest
+    storage.py   where a cache lives (any fsspec URL), checksums      layout.py    paths and small file helpers
+    records.py   the manifest's typed parts, read and written         manifest.py  the Manifest type (reads every layout)
+    plans.py     a cache's plan built from the records                specs.py     fields and codecs
+    columns.py   rows.parquet's columns                               shards.py    a shard's arrays encoded
+    writer.py    arrays, shards, commits, the manifest written last   tally.py     statistics from the commit records
+    index.py     each part's shard index (shards.parquet)             reader.py    Cache, read_manifest
     verify.py    every checksum, streamed                             share.py     push, pull, ls
-    index.py     each part's shard index (shards.parquet): files, sizes, sha256
+    export.py    Parquet for other tools                              distillkit.py  DistillKit's compressed columns
 """
 
 from ..errors import CacheError, StorageError

@@ -1,17 +1,22 @@
-"""Stage 2: students trained from finished caches, the teacher never loaded.
+"""Stage 2: students trained from finished caches, the teacher never loaded. In the order data flows:
 
-    reader.py          batches from the cache: deterministic, resumable, split over ranks (CacheBatches, TaskStream)
-    signal.py          what the terms read: Masks, TeacherSignal, StudentOutput
-    terms.py           the registry of loss terms (TERMS); losses.py the pure functions behind them
+    split_reader.py    a split's rows read from a row group and a few Zarr chunks (SplitReader)
+    batch_order.py     the order of an epoch's batches, from one integer per shard (EpochPlan)
+    dataset.py         one split as a dataset of batches: deterministic, resumable (CacheBatches)
+    mixing.py          a run's sources mixed by weight into one stream, split over ranks (SourceMix)
+    sources.py         a run's caches opened and checked against each other; what the run is built from (Inputs)
+    signal.py          what the terms read: Masks, TeacherSignal, StudentOutput, Context
+    losses.py          the pure functions; computations.py what each term computes; terms.py the registry (TERMS)
     representation.py  layer maps and projections for hidden-state and attention terms
-    students.py        building students (arch, pretrained, from_teacher), tokenizer and task checks
-    crosstok.py        students with another tokenizer: re-tokenised rows, alignment, the vocabulary map
     head.py            the teacher's LM head from a final_hidden cache (exact full-vocabulary KD)
-    caches.py          a run's caches opened and checked against each other
-    build.py           a student ready to train: model, checks, wiring, optimiser, output folder
-    step.py            one student's module, forward pass, optimiser; the mutual term
-    checkpoint.py      identity, state, atomic saves, metrics truncation
-    evaluate.py        metrics against the cached teacher (and gold labels); validation.py the held-out sets
-    report.py          reports and curves
+    crosstok.py        students with another tokenizer: positions aligned by text (Retokenizer)
+    retokenized.py     a split re-tokenised once and kept; vocab_map.py the teacher's vocabulary in the student's
+    student_init.py    a student's model: a shape, a checkpoint, the teacher's layers; tokenizer and task checks
+    students.py        StudentModule, wiring, optimiser, Student; build.py a student ready to train
+    step.py            a student's forward pass and terms on a batch; the mutual term
+    metrics.py         metrics against the cached teacher (and gold labels); heldout.py the held-out sets
+    checkpoint.py      run state, identity, atomic saves, metrics truncation
+    report.py          reports and curves; tracking.py TensorBoard and W&B
     recipe.py          the run: setup, train, finish, on one process or under DDP (train_students)
+    hf.py              the same terms inside a transformers Trainer
 """
