@@ -14,6 +14,8 @@
     output.py     the output location: resume, refuse, overwrite; the files written before shards
     targets.py    one teacher forward pass -> top-K, logsumexp, samples, hidden states, attention maps
     shards.py     the shard loop: targets computed, written by writer threads, committed; progress
+    arrival.py    rows that arrive in long runs of one label or source file: a warning, a dry run's figure
+    dryrun.py     `--dry-run`: what a capture would do, before any weight is loaded
 
 `distill import` (another tool's top-K log-probs as a cache): importer.py, with survey.py (pass 1),
 imported.py and layouts.py (reading the sources), rowfiles.py (scratch row files, shared with `prepare`).
