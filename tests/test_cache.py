@@ -162,12 +162,13 @@ def test_verify_catches_edited_manifest_and_metadata(llama_dir, corpus, tmp_path
     m["capture"]["top_k"] = 9
     mpath.write_text(json.dumps(m))
     problems = verify(root)
-    assert any("digest" in p for p in problems)
+    assert "manifest.json: contents do not match its digest (the manifest was edited or damaged)" in problems
     assert any("metadata" in p and "train/topk_ids/zarr.json" in p for p in problems)
+    assert len(problems) == 2, problems  # the edited manifest and the edited array metadata, nothing else
 
 
 def test_second_writer_is_refused(llama_dir, corpus, tmp_path):
-    from pipeline.capture.run import writer_lock
+    from pipeline.capture.output import writer_lock
 
     out = tmp_path / "c"
     out.mkdir()

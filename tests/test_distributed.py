@@ -106,7 +106,7 @@ def test_killed_rank_loses_only_its_uncommitted_shards(one_rank, llama_dir, corp
 
 
 def test_a_second_launch_on_the_same_cache_is_refused(one_rank, llama_dir, corpus, tmp_path):
-    from pipeline.capture.run import writer_lock
+    from pipeline.capture.output import writer_lock
 
     out = tmp_path / "locked"
     out.mkdir()

@@ -96,7 +96,7 @@ class _Bar:
 
 
 def _run(writer, writers, shards=8):
-    from pipeline.capture.run import run_shards
+    from pipeline.capture.shards import run_shards
 
     todo = [("train", i, 2 * i, 2 * i + 2) for i in range(shards)]
     run_shards(_Computer(), _Prepared(2 * shards), todo, writer, 2, _Bar(), writers)

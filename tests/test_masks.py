@@ -121,7 +121,7 @@ class _FakeComputer:
 
 
 def test_first_rows_check_warns_when_the_other_bos_choice_is_better():
-    from pipeline.capture.run import first_rows_check
+    from pipeline.capture.checks import first_rows_check
     from pipeline.capture.rows import Rows
     from pipeline.models import TeacherSpec
 
