@@ -197,11 +197,12 @@ def test_chunked_head_matches_full_logits_and_bounds_blocks(llama_dir):
 
 
 def test_fp16_overflow_is_an_error_not_inf():
-    from pipeline.capture.targets import CaptureOverflowError, HostBatch, _to_storage
+    from pipeline.capture.representations import to_storage
+    from pipeline.capture.targets import CaptureOverflowError, HostBatch
 
     def stored(x, dtype):  # through the host pipeline: the check is raised when the batch is handed over
         host = HostBatch(torch.device("cpu"))
-        _to_storage(host, "hidden_states", x, dtype, "hidden state")
+        to_storage(host, "hidden_states", x, dtype, "hidden state")
         return host.close().result().hidden_states
 
     x = torch.tensor([1.0, 7.0e4])

@@ -12,7 +12,8 @@
     rows.py       rows keyed, deduplicated and split into scratch files (`prepare`)
     plan.py       everything that determines the cache's bytes; comparing and growing plans
     output.py     the output location: resume, refuse, overwrite; the files written before shards
-    targets.py    one teacher forward pass -> top-K, logsumexp, samples, hidden states, attention maps
+    targets.py    one teacher forward pass -> top-K, logsumexp, samples; on its way to the host (HostBatch)
+    representations.py  hidden states (recorded by hooks) and attention maps, in their storage dtypes
     shards.py     the shard loop: targets computed, written by writer threads, committed; progress
     arrival.py    rows that arrive in long runs of one label or source file: a warning, a dry run's figure
     dryrun.py     `--dry-run`: what a capture would do, before any weight is loaded

@@ -5,7 +5,7 @@ The estimate is an upper bound of what the capture holds at once on the teacher'
 - weights: the parameters (counted on the meta device: nothing is allocated) in the teacher's dtype;
 - layer: one decoder layer's transient activations for the batch: the residual stream, the normed input,
   q/k/v/o and the MLP's up, gate and activation, B x L x (6 d + 3 ff) values;
-- hidden_states: the selected layers' outputs, recorded by hooks (`targets.HiddenStates`), and their stack;
+- hidden_states: the selected layers' outputs, recorded by hooks (`representations.HiddenStates`), and their stack;
 - attention: with attention maps captured, the mapped layers run eager attention: B x H x L^2 scores in
   float32 and their probabilities in the teacher's dtype, for one layer at a time; the recorded maps of every
   mapped layer (float16, B x n x H_kept x L^2) are held until the batch is written;

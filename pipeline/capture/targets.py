@@ -5,11 +5,12 @@ through the LM head in blocks of `position_chunk` positions, and each block yiel
 top-K, logsumexp (T=1 and any extra temperatures) and the log-prob of the true next
 token in one go (and, with `samples`, the draws of the sampled targets: a second block, the
 proposal's probabilities). Peak memory is one or two (position_chunk, V) float32 blocks plus the model.
+Hidden states and attention maps are recorded by `representations.py`; each batch goes to the host through a
+`HostBatch`.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,10 +19,7 @@ import torch
 from .. import attention
 from ..errors import CaptureOverflowError
 from ..models import TeacherSpec, output_logits
-
-HIDDEN_DTYPES = {"float16": (torch.float16, np.float16), "bfloat16": (torch.bfloat16, None),
-                 "float32": (torch.float32, np.float32)}
-
+from .representations import HiddenStates, add_representations, to_storage
 
 @dataclass
 class TeacherTargets:
@@ -193,92 +191,6 @@ def _numpy(x: torch.Tensor) -> np.ndarray:
     return x.view(torch.int16).numpy().view(np.uint16) if x.dtype == torch.bfloat16 else x.numpy()
 
 
-def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per vector of the last axis: (q int8, scale float32) with x ~ q * scale, scale =
-    max |x| / 127 (0 for an all-zero vector); the error of an element is at most scale / 2."""
-    x = x.float()
-    scale = x.abs().amax(dim=-1) / 127.0
-    q = torch.where(scale[..., None] > 0, x / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None], 0.0)
-    return q.round_().clamp_(-127, 127).to(torch.int8), scale
-
-
-def _to_storage(host: HostBatch, name: str, x: torch.Tensor, dtype_name: str, what: str,
-                setting: str = "hidden_dtype") -> None:
-    """`x` in a storage dtype onto `host`, with the check that it did not overflow that dtype."""
-    tdt, _ = HIDDEN_DTYPES[dtype_name]
-    y = x.to(tdt)
-    if tdt != torch.float32:
-        host.check(torch.isinf(y).any() & ~torch.isinf(x).any(), x.abs().amax(),
-                   f"{what}: a value of magnitude {{:.4g}} overflows {dtype_name}; capture with {setting}='bfloat16'")
-    host.put(name, y)
-
-
-class HiddenStates:
-    """The hidden states of the selected indices (as in transformers' `output_hidden_states`: 0 = the first layer's
-    input, i = layer i - 1's output, n_layers = the last hidden state, after the final norm), recorded by hooks on
-    the decoder layers: `output_hidden_states` would keep all n_layers + 1 states of the batch alive (80 layers of a
-    70B teacher: 27 times the three a capture typically keeps). Models whose decoder layers are not found (one
-    ModuleList of n_layers modules) use `output_hidden_states`."""
-
-    def __init__(self, model, n_layers: int, indices: list[int], hooks: bool = True):
-        self.indices, self.n = indices, n_layers
-        self.layers = None
-        if hooks and indices:
-            stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers]
-            self.layers = stacks[0] if len(stacks) == 1 else None
-        self.states: dict[int, torch.Tensor] = {}
-
-    @property
-    def hooked(self) -> bool:
-        return self.layers is not None
-
-    @contextlib.contextmanager
-    def recording(self):
-        self.states = {}
-        handles = []
-        if self.hooked:
-            for i in self.indices:
-                if i == 0:
-                    handles.append(self.layers[0].register_forward_pre_hook(self._input, with_kwargs=True))
-                elif i < self.n:
-                    handles.append(self.layers[i - 1].register_forward_hook(
-                        lambda m, a, out, i=i: self.states.__setitem__(i, out[0] if isinstance(out, tuple) else out)))
-        try:
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
-
-    def _input(self, module, args, kwargs):
-        self.states[0] = args[0] if args else kwargs["hidden_states"]
-
-    def stacked(self, out) -> torch.Tensor:
-        """(B, n, L, d) of the selected states, from the hooks (and the last hidden state), or from `out`."""
-        if not self.hooked:
-            return torch.stack([out.hidden_states[i] for i in self.indices], dim=1)
-        return torch.stack([out.last_hidden_state if i == self.n else self.states[i] for i in self.indices], dim=1)
-
-
-def add_representations(host: HostBatch, out, valid: torch.Tensor, recorder, cfg, hidden: HiddenStates,
-                        attention_layers: list[int]) -> HostBatch:
-    """The selected hidden states (B, n, L, d) and attention maps (B, n, H, L, L) of a forward pass `out` onto
-    `host`, zero at padding, in their storage dtypes."""
-    if hidden.indices:
-        hs = hidden.stacked(out)  # (B, n, L, d)
-        hs = torch.where(valid[:, None, :, None], hs, 0)
-        if cfg.hidden_dtype == "int8":
-            q, scale = quantize_int8(hs)
-            host.put("hidden_states", q)
-            host.put("hidden_scale", scale)
-        else:
-            _to_storage(host, "hidden_states", hs, cfg.hidden_dtype, "hidden state")
-    if recorder is not None:
-        att = recorder.stacked(attention_layers)  # (B, n, H, L, L)
-        vv = valid[:, None, None, :, None] & valid[:, None, None, None, :]
-        host.put("attentions", torch.where(vv, att, 0).to(torch.float16))
-    return host
-
-
 class TargetComputer:
     """Runs the teacher on a batch of rows: `submit` returns its `HostBatch` (the copies to the host under way),
     calling it returns the `TeacherTargets` (numpy, on the CPU)."""
@@ -351,7 +263,7 @@ class TargetComputer:
             host.put("sample_counts", torch.where(v3, t["sample_counts"], 0))
             host.put("sample_logprobs", torch.where(v3, t["sample_logprobs"], 0).to(torch.float16))
         if self.cfg.final_hidden:
-            _to_storage(host, "final_hidden", torch.where(v3, out.last_hidden_state, 0), self.cfg.final_hidden_dtype,
+            to_storage(host, "final_hidden", torch.where(v3, out.last_hidden_state, 0), self.cfg.final_hidden_dtype,
                         "final hidden state", "final_hidden_dtype")
         add_representations(host, out, valid, recorder, self.cfg, self.hidden, self.attention_layers)
         return host.close()
