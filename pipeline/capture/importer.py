@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -163,8 +164,27 @@ def top_k(t: Targets, b: Block, K: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     return ids, lp, np.bincount(own[keep], weights=np.exp(b.e_lp[order[keep]]), minlength=T)
 
 
-def write_split(s: ImportSettings, src: Storage, writer: CacheWriter, split: str, files: list[str], imported: dict,
-                L: int, pad: int, keys: KeyStore, scratch: Path, documents: bool) -> None:
+@dataclass(frozen=True)
+class Pass2:
+    """What writing every split of an import shares: its settings, the source, the writer, what pass 1 decided
+    (`imported`), the rows' length and padding id, the duplicate check across splits, a scratch folder, and
+    whether rows carry document positions."""
+
+    settings: ImportSettings
+    src: Storage
+    writer: CacheWriter
+    imported: dict
+    seq_len: int
+    pad: int
+    keys: KeyStore
+    scratch: Path
+    documents: bool
+
+
+def write_split(job: Pass2, split: str, files: list[str]) -> None:
+    """One split of the source, its rows kept once across the cache, written shard by shard, then its rows file."""
+    s, src, writer, imported, keys = job.settings, job.src, job.writer, job.imported, job.keys
+    L, pad, scratch, documents = job.seq_len, job.pad, job.scratch, job.documents
     K = imported["top_k"]
     rows_file = RowFileWriter(scratch / f"{split}-{ROWS_FILE}", s.rows_per_shard)
 
@@ -241,10 +261,10 @@ def run_import(s: ImportSettings, log=print) -> Cache:
         writer = CacheWriter(out, manifest, specs, sv.rows)
         store_tokenizer(out, tok)
         writer.create_arrays()
-        keys = KeyStore(Path(tmp) / "write.sqlite")
+        job = Pass2(settings=s, src=st, writer=writer, imported=imported, seq_len=L, pad=tokenizer_pad_id(tok),
+                    keys=KeyStore(Path(tmp) / "write.sqlite"), scratch=Path(tmp), documents=sv.documents)
         for split in in_order(splits):
-            write_split(s, st, writer, split, splits[split], imported, L, tokenizer_pad_id(tok), keys, Path(tmp),
-                        sv.documents)
-        keys.close()
+            write_split(job, split, splits[split])
+        job.keys.close()
         writer.finalize()
     return Cache(s.out)
