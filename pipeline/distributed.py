@@ -195,10 +195,20 @@ def store():
     return distributed_c10d._get_default_store()
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing on one process)."""
+    if ranks().active:
+        dist.barrier()
+
+
 @contextmanager
 def maybe_no_sync(module, skip: bool):
-    """DDP's no_sync() when `skip` (a micro-batch that is not the last of its step), else nothing."""
-    if skip and hasattr(module, "no_sync"):
+    """No gradient reduction when `skip` (a micro-batch that is not the last of its step): DDP's no_sync(), or an
+    FSDP2 module's set_requires_gradient_sync(False); else nothing."""
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2: gradients accumulate unsharded until the last
+        module.set_requires_gradient_sync(not skip)
+        yield
+    elif skip and hasattr(module, "no_sync"):
         with module.no_sync():
             yield
     else:

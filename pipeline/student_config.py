@@ -115,6 +115,15 @@ class StudentRunConfig(Strict):
         "auto", description="students' forward passes: auto = bf16 autocast on a GPU, float32 on a CPU; bf16-autocast "
                             "on any device (on a CPU: matrix products in bfloat16, as on a GPU); the losses are "
                             "computed in float32 either way")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="how each student is spread over the ranks of a torchrun launch: ddp (a whole replica per "
+                           "rank, gradients averaged) or fsdp (torch's FSDP2: each decoder layer and the rest of the "
+                           "student sharded, so parameters, gradients and optimizer state are divided over the ranks; "
+                           "checkpoints sharded, resumable on another number of ranks); one process trains either "
+                           "alike")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in the backward pass instead of keeping them "
+                           "(less memory, about one more forward pass of compute)")
     logit_block_mib: float = Field(
         256, ge=0, description="a student's logits and every term that reads them are computed a block of positions "
                                "at a time, each block's float32 logits at most this size (forward and backward: no "

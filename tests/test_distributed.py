@@ -2,9 +2,9 @@
 
 - capture: 2 ranks write the same bytes as 1 process (every file; the manifest but for its timing),
   also when a rank is killed mid-capture and the job is rerun (on 2 ranks, or on 1);
-- students: 2 DDP ranks reach the weights and metrics of 1 process with the same global batch
-  (two students, mutual learning, a hidden-state term through projections, two sources), and a
-  2-rank run killed after a step resumes on 2 ranks to the same weights.
+- students: 2 DDP ranks, and 2 FSDP ranks (sharded students, sharded checkpoints), reach the weights and metrics
+  of 1 process with the same global batch (two students, mutual learning, a hidden-state term through projections,
+  two sources), and a 2-rank run killed after a step resumes (DDP on 2 ranks or 1; FSDP on 1) to the same weights.
 """
 
 from __future__ import annotations
@@ -194,6 +194,70 @@ def test_ddp_run_killed_after_a_step_resumes(one_process, one_rank, tmp_path, re
         train_students(StudentRunConfig.model_validate(_student_cfg(one_rank, out, grad_accum=2)),
                        log=lambda m: None, progress=False)
     _same_students(one_process, out)
+
+
+def _sharded_weights(out: Path, name: str, tmp: Path) -> dict:
+    """A parallel = fsdp student's checkpoint as state.pt's keys of a ddp one: its sharded state read back whole."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    state = _weights(out, name)
+    assert len(list((out / name / "checkpoint" / state["sharded"]).glob("*.distcp"))) == state["world_size"]
+    whole = tmp / f"{name}-whole.pt"
+    dcp_to_torch_save(out / name / "checkpoint" / state["sharded"], whole)
+    module = torch.load(whole, weights_only=False)["model"]
+    state["model"] = {k.removeprefix("model."): v for k, v in module.items() if k.startswith("model.")}
+    state["projections"] = {k.removeprefix("projections."): v for k, v in module.items()
+                            if k.startswith("projections.")}
+    return state
+
+
+def _same_sharded_students(reference: Path, out: Path, tmp: Path) -> None:
+    """The fsdp run's students equal the one-process ones: weights (tied head and embeddings once), metrics, and the
+    model/ folder written from the shards loads as a plain transformers model with the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    for name in ("kd", "ce"):
+        a, b = _weights(reference, name), _sharded_weights(out, name, tmp)
+        assert {k: v for k, v in a["run"].items() if k != "seconds"} == \
+            {k: v for k, v in b["run"].items() if k != "seconds"} and "model" not in _weights(out, name)
+        for part in ("model", "projections"):
+            assert set(a[part]) <= set(b[part])
+            for k in a[part]:
+                torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-4, atol=1e-5)
+        ma, mb = _metrics(reference, name), _metrics(out, name)
+        assert len(ma) == len(mb)
+        for ra, rb in zip(ma, mb):
+            assert ra.keys() == rb.keys() and all(ra[k] == pytest.approx(rb[k], abs=1.5e-4) for k in ra)
+        saved = AutoModelForCausalLM.from_pretrained(out / name / "model").state_dict()
+        best = AutoModelForCausalLM.from_pretrained(reference / name / "model").state_dict()
+        for k in best:
+            torch.testing.assert_close(saved[k], best[k], rtol=1e-4, atol=1e-5)
+        assert not (out / name / "model" / "sharded").exists()
+
+
+def test_fsdp_students_match_one_process_and_resume_on_one(one_process, one_rank, tmp_path):
+    """parallel = fsdp on 2 ranks (every decoder layer and the rest of each student sharded: two students, mutual
+    learning, a hidden-state term through projections, blockwise logit terms, two sources) reaches the weights and
+    metrics of one process with the same global batch; killed after step 3, its sharded checkpoint of step 2
+    resumes on one process (the shards of 2 ranks read back whole) to the same result."""
+    out = tmp_path / "fsdp"
+    cfg = write_toml(tmp_path / "s.toml", _student_cfg(one_rank, out, grad_accum=1, parallel="fsdp"))
+    res = torchrun(2, "--no-python", DISTILL, "student", "-c", str(cfg))
+    assert res.stdout.strip().splitlines() == [f"{out}/kd/model", f"{out}/ce/model"]
+    _same_sharded_students(one_process, out, tmp_path)
+    killed = tmp_path / "fsdp-killed"
+    cfg = write_toml(tmp_path / "k.toml", _student_cfg(one_rank, killed, grad_accum=1, parallel="fsdp"))
+    res = torchrun(2, ENTRY, "student", "-c", str(cfg), expect_ok=False,
+                   env={"DISTILL_TEST_KILL_RANK": "0", "DISTILL_TEST_KILL_AFTER_STEP": "3"})
+    assert res.returncode != 0 and _weights(killed, "kd")["run"]["step"] == 2
+    logs = []
+    train_students(StudentRunConfig.model_validate(_student_cfg(one_rank, killed, grad_accum=2, parallel="fsdp")),
+                   log=logs.append, progress=False)
+    assert "resuming at step 2" in logs
+    _same_sharded_students(one_process, killed, tmp_path)
+    with pytest.raises(Exception, match=r"other settings \(parallel differ\)"):  # a ddp run cannot take it over
+        train_students(StudentRunConfig.model_validate(_student_cfg(one_rank, killed, grad_accum=2, max_steps=8)),
+                       log=lambda m: None, progress=False)
 
 
 def test_ddp_students_with_representation_terms_only(one_rank, tmp_path):

@@ -330,3 +330,17 @@ def test_settings_that_name_the_sources_tasks_are_still_read_with_a_message(tmp_
     new = resume_identity(cfg.students[0], cfg, sources, 1)
     written_before = {("tasks" if k == "sources" else k): v for k, v in new.items()}
     assert "sources" not in written_before and upgrade_identity(written_before, sources, new) == new
+
+
+def test_activation_checkpointing_keeps_hidden_state_terms_and_refuses_attention_terms(rich_cache, tmp_path):
+    """Hidden-state terms read the states of the recomputed layers alike; a student whose attention maps are recorded
+    in its forward pass would record them again in the backward pass, and is refused before training."""
+    hid = [{"name": "h", "arch": {"num_layers": 2, "hidden_size": 16, "num_heads": 2},
+            "losses": {"ce": 1.0, "hidden_mse": 0.5}}]
+    a = _run(rich_cache, tmp_path / "kept", hid, max_steps=2)[0]
+    b = _run(rich_cache, tmp_path / "recomputed", hid, max_steps=2, activation_checkpointing=True)[0]
+    assert a["final"]["nll"] == pytest.approx(b["final"]["nll"], abs=1e-5)
+    attn = [{"name": "a", "arch": {"num_layers": 2, "hidden_size": 16, "num_heads": 2},
+             "losses": {"ce": 1.0, "attn_kl": 0.1}}]
+    with pytest.raises(StudentError, match="activation_checkpointing would record its attention maps again"):
+        _run(rich_cache, tmp_path / "attn", attn, max_steps=1, activation_checkpointing=True)

@@ -195,6 +195,17 @@ def test_killed_run_resumes_to_the_same_weights(cache_dir, tmp_path):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
 
 
+def test_activation_checkpointing_trains_the_same_weights(cache_dir, tmp_path):
+    """Each decoder layer recomputed in the backward pass: the same gradients, so the same weights."""
+    _train(run_cfg(cache_dir, tmp_path / "kept", max_steps=3))
+    _train(run_cfg(cache_dir, tmp_path / "recomputed", max_steps=3, activation_checkpointing=True))
+    a = torch.load(tmp_path / "kept" / "s" / "checkpoint" / "state.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "recomputed" / "s" / "checkpoint" / "state.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and any(not torch.equal(v, torch.zeros_like(v)) for v in a.values())
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_validation_loss_falls_and_eval_matches_reference(cache_dir, tmp_path):
     from pipeline.train.student_init import build_student

@@ -11,6 +11,7 @@ from .. import distributed
 from ..errors import StudentError
 from ..student_config import StudentConfig, StudentRunConfig
 from . import checkpoint as ckpt
+from . import terms
 from .retokenized import prepare_student
 from .sources import Sources
 from .student_init import build_student, check_student_document_masking, count_parameters, describe_tokenizer_difference
@@ -32,6 +33,11 @@ def build(spec: StudentConfig, cfg: StudentRunConfig, sources: Sources, cache_to
                                f"({c.manifest.teacher.vocab_size})")
     if any(c.manifest.preparation.document_mask for c, _ in sources.values()):
         check_student_document_masking(model, spec.name, device)
+    if cfg.activation_checkpointing:  # each decoder layer recomputed in the backward pass
+        if "attentions" in terms.student_needs(spec):
+            raise StudentError(f"student {spec.name!r}: activation_checkpointing would record its attention maps again "
+                               "in the backward pass; train its attention terms without it")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     out = Path(cfg.output_dir) / spec.name
     vocab_map, student_rows, stats = None, {}, None

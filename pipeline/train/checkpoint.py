@@ -19,6 +19,7 @@ from ..errors import StudentError
 from .students import Student
 
 STATE = Path("checkpoint") / "state.pt"  # in each student's output folder
+SHARDED = "sharded-"  # parallel = fsdp: checkpoint/sharded-<step>/ holds the module's and optimiser's shards
 
 
 # what "best" means and when a run stops: a resumed run that changed them would compare a restored best value
@@ -53,7 +54,7 @@ def resume_identity(spec: StudentConfig, cfg: StudentRunConfig, sources: dict, w
             "cache_digests": {name: c.manifest.digest for name, (c, _) in sources.items()},
             "micro_batches_per_step": cfg.grad_accum * world,
             **cfg.model_dump(mode="json", include={"batch_size", "max_steps", "seed", "num_workers", "sources", "cache",
-                                                   "mutual_weight", "mutual_temperature", "shuffle_window",
+                                                   "parallel", "mutual_weight", "mutual_temperature", "shuffle_window",
                                                    *EVALUATION_KEYS})}
 
 
@@ -68,6 +69,7 @@ def upgrade_identity(old: dict, sources: dict, new: dict | None = None) -> dict:
         old["cache_digests"] = {next(iter(sources)): old.pop("cache_digest")}
     if "tasks" in old:  # before the weighted caches were called sources
         old["sources"] = old.pop("tasks")
+    old.setdefault("parallel", "ddp")  # before sharded students: every student was a whole replica
     if "grad_accum" in old:  # before DDP: one process
         old["micro_batches_per_step"] = old.pop("grad_accum")
     if isinstance(old.get("student"), dict):  # settings added since, at the value every earlier run had
@@ -151,23 +153,37 @@ def truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def save_state(st: Student, run: RunState, rng: list, world: int) -> None:
-    """A student's whole state, written beside the checkpoint and renamed into place."""
+def sharded_folder(step: int) -> Path:
+    """Where a sharded student's state of `step` goes, relative to its output folder."""
+    return STATE.parent / f"{SHARDED}{step:08d}"
+
+
+def save_state(st: Student, run: RunState, rng: list, world: int, sharded: Path | None = None) -> None:
+    """A student's whole state, written beside the checkpoint and renamed into place. `sharded`: the folder (relative
+    to its output folder) that already holds its module's and optimiser's shards, which state.pt then names instead
+    of holding them; older such folders are removed once state.pt names the new one."""
     path = st.out / STATE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": st.model.state_dict(), "optimizer": st.opt.state_dict(),
-                "scheduler": st.sched.state_dict(), "run": run.to_dict(), "best": st.best,
+    weights = {"sharded": sharded.name} if sharded is not None else {
+        "model": st.model.state_dict(), "optimizer": st.opt.state_dict(),
+        "projections": st.module.projections.state_dict()}
+    torch.save({**weights, "scheduler": st.sched.state_dict(), "run": run.to_dict(), "best": st.best,
                 "best_step": st.best_step, "bad_evals": st.bad_evals, "stopped": st.stopped,
-                "last_eval": st.last_eval, "best_eval": st.best_eval, "identity": st.identity,
-                "projections": st.module.projections.state_dict(), "rng": rng,
+                "last_eval": st.last_eval, "best_eval": st.best_eval, "identity": st.identity, "rng": rng,
                 "world_size": world}, tmp)
     os.replace(tmp, path)
+    for old in path.parent.glob(f"{SHARDED}*"):
+        if sharded is None or old.name != sharded.name:
+            shutil.rmtree(old, ignore_errors=True)
 
 
-def load_state(st: Student, sources: dict, ranks: distributed.Ranks) -> tuple[RunState, dict[str, bool]]:
+def load_state(st: Student, sources: dict, ranks: distributed.Ranks
+               ) -> tuple[RunState, dict[str, bool], Path | None]:
     """Restore a student from its checkpoint: (the run's position, {source: whether its train split grew} for the
-    sources whose cache grew since). Refuses a checkpoint of other settings or of another shape."""
+    sources whose cache grew since, the folder of its sharded state or None). A sharded state (parallel = fsdp) is
+    read by every rank afterwards (`parallel.load_sharded_state`). Refuses a checkpoint of other settings or of
+    another shape."""
     path = st.out / STATE
     state = torch.load(path, map_location="cpu", weights_only=True)
     old, new = state.get("identity") or {}, st.identity
@@ -182,15 +198,18 @@ def load_state(st: Student, sources: dict, ranks: distributed.Ranks) -> tuple[Ru
                               if evaluation else "")
                            + "); resume with the same settings (a cache that grew by appends and a larger max_steps "
                            "are fine; ranks x grad_accum must stay), or choose another output_dir")
+    sharded = path.parent / state["sharded"] if "sharded" in state else None
     try:
-        st.model.load_state_dict(state["model"])
+        if sharded is None:
+            st.model.load_state_dict(state["model"])
     except RuntimeError as e:
         raise StudentError(
             f"{path} holds weights of another shape than student {st.name!r} ({str(e).splitlines()[-1].strip()}). "
             "A checkpoint written before FFN widths followed the teacher's ratio: set "
             "students[].arch.intermediate_size to its width (Llama's default was 11008)") from None
-    st.module.projections.load_state_dict(state["projections"])
-    st.opt.load_state_dict(state["optimizer"])
+    if sharded is None:
+        st.module.projections.load_state_dict(state["projections"])
+        st.opt.load_state_dict(state["optimizer"])
     st.sched.load_state_dict(state["scheduler"])
     st.best, st.best_step, st.bad_evals = state["best"], state["best_step"], state["bad_evals"]
     st.stopped, st.last_eval, st.best_eval = state["stopped"], state["last_eval"], state["best_eval"]
@@ -199,4 +218,4 @@ def load_state(st: Student, sources: dict, ranks: distributed.Ranks) -> tuple[Ru
         set_rng_state(rng[ranks.rank])
     if grew:  # the validation split may have grown too: earlier losses are not comparable, early stopping restarts
         st.best, st.best_step, st.bad_evals, st.stopped, st.best_eval = None, None, 0, False, {}
-    return RunState.from_dict(state["run"]), grew
+    return RunState.from_dict(state["run"]), grew, sharded

@@ -37,9 +37,9 @@ import torch
 
 from .. import distributed
 from ..errors import StudentError
-from ..student_config import StudentConfig, StudentRunConfig
+from ..student_config import StudentRunConfig
 from . import checkpoint as ckpt
-from . import terms
+from . import parallel, terms
 from .batch_order import rows_scheme
 from .dataset import CacheBatches, check_window
 from .heldout import HeldOut
@@ -48,9 +48,9 @@ from .mixing import SourceMix
 from .report import student_report, write_report
 from .signal import TeacherSignal
 from .sources import Inputs, open_inputs
-from .step import forward, mutual_terms
+from .step import autocast_on, forward, mutual_terms
 from .build import build
-from .students import Student, StudentModule
+from .students import Student, make_optimizer
 from .tracking import Trackers
 
 
@@ -80,16 +80,18 @@ class Recipe:
         """Each phase runs on every rank with no collective inside; an error on any rank is raised on all
         of them (`all_agree`), so no rank is left waiting in a collective the others never reach."""
         distributed.all_agree(self._build)
+        for st in self.students:  # DDP broadcasts rank 0's weights (identical: same seed); FSDP shards them
+            self._parallelize(st)
         have = distributed.all_gather([(st.out / ckpt.STATE).exists() for st in self.students])
         if any(h != have[0] for h in have):
             raise StudentError(f"the ranks see different checkpoints under {self.cfg.output_dir} ({have}): "
                                "output_dir must be on storage every rank shares")
-        distributed.all_agree(lambda: self._resume(have[0]))
+        shards = distributed.all_agree(lambda: self._resume(have[0]))
+        for st, folder in zip(self.students, shards or []):  # collective: every rank reads its shards
+            parallel.load_sharded_state(st.module, st.opt, folder)
         if self.main and self.cfg.report_to:
             self.trackers = Trackers(self.cfg.report_to, {st.name: st.out for st in self.students},
                                      self.cfg.model_dump(mode="json"), self.cfg.wandb_project, self.state.step)
-        for st in self.students:  # DDP broadcasts rank 0's weights: after resuming, identical anyway
-            st.engine = self._wrap(st.module, st.spec)
         distributed.all_agree(self._data)
 
     def _build(self) -> None:
@@ -120,29 +122,37 @@ class Recipe:
         check_window([ds for ds, _ in self.stream.sources.values()], cfg.shuffle_window, cfg.num_workers, self.log)
         self.heldout.prepare()
 
-    def _wrap(self, module: StudentModule, spec: StudentConfig) -> torch.nn.Module:
-        """The one place that knows about DDP: a student trained on several ranks averages its gradients."""
-        if not self.ranks.active:
-            return module
-        from torch.nn.parallel import DistributedDataParallel
-
+    def _parallelize(self, st: Student) -> None:
+        """The one place that knows how a student is spread over ranks (`parallel.parallelize`); a sharded student's
+        optimiser is made over its sharded parameters."""
         dev = self.inputs.device
         # a student whose terms never read its logits leaves the head (and layers past the mapped ones) unused
-        unused = "logits" not in terms.student_needs(spec)
-        return DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                       broadcast_buffers=False, find_unused_parameters=unused)
+        unused = "logits" not in terms.student_needs(st.spec)
+        st.engine = parallel.parallelize(st.module, self.cfg.parallel, dev, autocast_on(dev, self.cfg.precision),
+                                         unused)
+        if parallel.sharded(st.engine):
+            st.opt, st.sched = make_optimizer(st.module.parameters(), st.spec, self.cfg.max_steps)
 
-    def _resume(self, have: list[bool]) -> None:
+    def _save_model(self, st: Student) -> None:
+        """The student's model/ folder (rank 0 writes it; under fsdp every rank writes its shards)."""
+        if parallel.sharded(st.engine):
+            parallel.save_model_sharded(st.model, st.tokenizer, st.out / "model", self.main)
+        elif self.main:
+            ckpt.save_model_atomically(st.model, st.tokenizer, st.out / "model")
+
+    def _resume(self, have: list[bool]) -> list[Path] | None:
+        """Each student's checkpoint, when there are: the run state and what state.pt holds, and (parallel = fsdp)
+        the folders of their sharded state, which every rank then reads."""
         if not any(have):
             if self.main:
                 for st in self.students:
                     (st.out / "metrics.jsonl").unlink(missing_ok=True)
-            return
+            return None
         if not all(have):
             raise StudentError("some students of this run have checkpoints and others do not: "
                                f"{[st.name for st, h in zip(self.students, have) if not h]} lack one")
         loaded = [ckpt.load_state(st, self.inputs.sources, self.ranks) for st in self.students]
-        states = [s for s, _ in loaded]
+        states = [s for s, _, _ in loaded]
         if any(s != states[0] for s in states):
             raise StudentError("the students' checkpoints are at different steps; cannot resume them together")
         self.state = states[0]
@@ -159,6 +169,8 @@ class Recipe:
         if self.main:
             for st in self.students:
                 ckpt.truncate_metrics(st.out / "metrics.jsonl", self.state.step)
+        shards = [folder for _, _, folder in loaded]
+        return shards if all(f is not None for f in shards) else None
 
     # -- train ------------------------------------------------------------------------------
     def train(self) -> list[dict]:
@@ -300,7 +312,8 @@ class Recipe:
         active = [st for st in self.students if not st.stopped]
         if not active or not self.heldout.val_sets:
             return
-        results = self.heldout.validate(active, self._by_name())
+        with parallel.gathered([st.engine for st in active]):
+            results = self.heldout.validate(active, self._by_name())
         key = cfg.early_stopping_metric
         for st in active:
             m, per_source = results[st.name]
@@ -311,8 +324,7 @@ class Recipe:
                 self.record(st, {"split": "validation", "step": step,
                                  **{k: v for k, v in m.items() if k != "sources"}})
             if st.observe(m, step, key, LOWER_IS_BETTER[key], cfg.patience):
-                if self.main:
-                    ckpt.save_model_atomically(st.model, st.tokenizer, st.out / "model")
+                self._save_model(st)
             elif st.stopped:
                 self.log(f"student {st.name}: early stop at step {step} (best {key} {st.best:.4f} at step "
                          f"{st.best_step})")
@@ -324,10 +336,16 @@ class Recipe:
         """Rank 0 writes each student's state; every rank's RNG state goes with it."""
         self._sync_tokens()
         rng = distributed.all_gather(ckpt.rng_state())
+        folders = {}
+        if self.cfg.parallel == "fsdp":  # every rank writes its shards, before state.pt names them
+            for st in self.students:
+                folders[st.name] = ckpt.sharded_folder(self.state.step)
+                parallel.save_sharded_state(st.module, st.opt, st.out / folders[st.name])
+            distributed.barrier()
         if not self.main:
             return
         for st in self.students:
-            ckpt.save_state(st, self.state, rng, self.ranks.world)
+            ckpt.save_state(st, self.state, rng, self.ranks.world, folders.get(st.name))
 
     # -- finish -----------------------------------------------------------------------------
     def finish(self) -> list[dict]:
@@ -336,11 +354,12 @@ class Recipe:
         run, has_val = self.state, bool(self.heldout.val_sets)
         if any(has_val and st.last_eval.get("step") != run.step and not st.stopped for st in self.students):
             self.validate(run.step)
-        if not has_val and self.main:
+        if not has_val:
             for st in self.students:
-                ckpt.save_model_atomically(st.model, st.tokenizer, st.out / "model")
+                self._save_model(st)
         self.checkpoint()
-        tested = self.heldout.test_best(self.students, self._by_name())
+        with parallel.gathered([st.engine for st in self.students]):  # a student without a saved model: its own
+            tested = self.heldout.test_best(self.students, self._by_name())
         reports = []
         for st in self.students:
             if st.name in tested and self.main:
