@@ -305,3 +305,26 @@ def test_an_output_folder_that_is_a_file_is_refused_before_any_work(cache_dir, t
     (tmp_path / "out" / "s").write_text("a file where the student's folder goes")
     with pytest.raises(StudentError, match=r"out/s is a file, not a directory"):
         _train(run_cfg(cache_dir, tmp_path / "out", max_steps=1))
+
+
+def test_a_model_written_from_shards_is_split_into_files_and_loads_back(tokenizer_dir, tmp_path, monkeypatch):
+    """parallel = fsdp writes model/ from each rank's shards (here one process's): safetensors files of at most
+    MODEL_FILE_BYTES each, an index, the config, the tokenizer; the tied head stored once; plain transformers loads
+    it back to the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.train import parallel
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    monkeypatch.setattr(parallel, "MODEL_FILE_BYTES", 20_000)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    parallel.save_model_sharded(model, tokenizer, tmp_path / "model", main=True)
+    files = sorted((tmp_path / "model").glob("*.safetensors"))
+    assert len(files) > 2 and all(f.stat().st_size <= 20_000 + 4096 for f in files)  # + each file's header
+    index = json.loads((tmp_path / "model" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "lm_head.weight" not in index and "model.embed_tokens.weight" in index
+    assert not (tmp_path / "model" / "sharded").exists() and (tmp_path / "model" / "tokenizer_config.json").exists()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k

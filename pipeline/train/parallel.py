@@ -28,6 +28,8 @@ from .. import distributed
 from ..errors import StudentError
 from .students import StudentModule
 
+MODEL_FILE_BYTES = 5 * 10**9  # a saved model's safetensors files hold at most this much each (as Hugging Face's)
+
 
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The model's stack of decoder layers: the one ModuleList of config.num_hidden_layers modules."""
@@ -87,6 +89,18 @@ def _unique_params(model, sd: dict) -> dict:
     return {k: v for k, v in sd.items() if k in keep}
 
 
+def file_of(sd: dict) -> dict[str, int]:
+    """{tensor name: the safetensors file (1, 2, ...) it goes to}: in order, a new file when the next tensor would
+    take a file past MODEL_FILE_BYTES (sizes of the whole tensors, not of this rank's shards)."""
+    out, index, used = {}, 1, 0
+    for name, t in sd.items():
+        size = t.numel() * t.element_size()
+        if used and used + size > MODEL_FILE_BYTES:
+            index, used = index + 1, 0
+        out[name], used = index, used + size
+    return out
+
+
 def save_sharded_state(module: torch.nn.Module, opt: torch.optim.Optimizer, folder: Path) -> None:
     """Every rank writes its shards of the module's and the optimiser's state into `folder` (collective)."""
     import torch.distributed.checkpoint as dcp
@@ -119,8 +133,8 @@ def save_model_sharded(model, tokenizer, d: Path, main: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     distributed.barrier()
     sd = _unique_params(model, get_model_state_dict(model))
-    dcp.save(sd, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp), save_distributed=True,
-                                                             enable_consolidation=True))
+    dcp.save(sd, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp), fqn_to_index_mapping=file_of(sd),
+                                                             save_distributed=True, enable_consolidation=True))
     distributed.barrier()
     if main:
         shutil.rmtree(tmp / "sharded", ignore_errors=True)
