@@ -260,6 +260,28 @@ def test_fsdp_students_match_one_process_and_resume_on_one(one_process, one_rank
                        log=lambda m: None, progress=False)
 
 
+def test_an_fsdp_checkpoint_of_one_process_resumes_sharded_on_two_ranks(one_process, one_rank, tmp_path):
+    """parallel = fsdp on one process writes the same sharded checkpoint layout (one shard); stopped after step 3,
+    its checkpoint of step 2 is read by 2 ranks, each taking its half, and the run ends at the uninterrupted
+    weights."""
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(step):
+        if step == 3:
+            raise Stop
+
+    out = tmp_path / "fsdp-grown"
+    with pytest.raises(Stop):
+        train_students(StudentRunConfig.model_validate(_student_cfg(one_rank, out, grad_accum=2, parallel="fsdp")),
+                       log=lambda m: None, progress=False, after_step=stop_at_3)
+    assert _weights(out, "kd")["run"]["step"] == 2 and _weights(out, "kd")["world_size"] == 1
+    cfg = write_toml(tmp_path / "s.toml", _student_cfg(one_rank, out, grad_accum=1, parallel="fsdp"))
+    res = torchrun(2, "--no-python", DISTILL, "student", "-c", str(cfg))
+    assert "resuming at step 2" in res.stderr
+    _same_sharded_students(one_process, out, tmp_path)
+
+
 def test_ddp_students_with_representation_terms_only(one_rank, tmp_path):
     """A student whose loss never reads its logits (the head and the layers past the mapped one get
     no gradient) trains under DDP as in one process."""
