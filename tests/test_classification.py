@@ -499,3 +499,31 @@ def test_the_trainer_loss_refuses_a_classifier_of_other_labels(caches, tokenizer
         make_classifier(tokenizer_dir, tmp_path / "two", "bert", "sequence", ["a", "b"]))
     with pytest.raises(DistillError, match=r"the model has 2 labels, the cache's sequence-classification teacher 3"):
         ds.loss(two, collate([ds[0], ds[1]]))
+
+
+@pytest.mark.slow
+def test_an_encoder_classifier_sharded_with_fsdp_matches_one_process(caches, tmp_path):
+    """parallel = fsdp on 2 ranks shards a token-classification student (each encoder layer, then the embeddings
+    and the classification head): with the same global batch it ends at the weights and metrics of one process,
+    and its model/ loads as a plain token classifier with the same weights."""
+    import transformers
+    from conftest import write_toml
+    from test_distributed import DISTILL, torchrun
+
+    cache = Cache(caches[("bert", "token")])
+    students = [{"name": "kd", "arch": ARCH, "losses": {"kd_forward": 1.0, "ce": 0.5, "hidden_mse": 0.1},
+                 "temperature": 2.0, "lr": 5e-3, "warmup_steps": 2}]
+    base = {"cache": str(cache.root), "students": students, "batch_size": 2, "max_steps": 4, "eval_every": 2,
+            "log_every": 1, "device": "cpu", "early_stopping_metric": "accuracy"}
+    train_students(StudentRunConfig.model_validate({**base, "output_dir": str(tmp_path / "one"), "grad_accum": 2}),
+                   log=lambda m: None, progress=False)
+    toml = write_toml(tmp_path / "s.toml", {**base, "output_dir": str(tmp_path / "two"), "parallel": "fsdp"})
+    torchrun(2, "--no-python", DISTILL, "student", "-c", str(toml))
+    one, two = (json.loads((tmp_path / d / "kd" / "report.json").read_text()) for d in ("one", "two"))
+    assert two["ranks"] == 2 and one["best_step"] == two["best_step"]
+    for k in ("accuracy", "macro_f1", "entity_f1", "kl", "nll"):
+        assert one["final"][k] == pytest.approx(two["final"][k], abs=1.5e-4), k
+    a, b = (transformers.AutoModelForTokenClassification.from_pretrained(tmp_path / d / "kd" / "model").state_dict()
+            for d in ("one", "two"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
