@@ -478,3 +478,29 @@ def test_teacher_targets_land_on_the_aligned_student_positions(cache_dir, studen
     got = gather_positions(bits, al.clamp(min=0), [2])
     t0 = int(al[0, 0].clamp(min=0))
     assert got.dtype == torch.uint16 and torch.equal(got.view(torch.int16)[0, :, 0], bits.view(torch.int16)[0, :, t0])
+
+
+@pytest.mark.slow
+def test_a_cross_tokenizer_student_sharded_with_fsdp_matches_one_process(cache_dir, student_tok_dir, tmp_path):
+    """parallel = fsdp on 2 ranks: a student with its own tokenizer (its re-tokenised rows, the vocabulary-mapped
+    and ULD terms, hidden-state and attention terms) ends at the weights and metrics of one process with the same
+    global batch."""
+    from conftest import write_toml
+    from test_distributed import DISTILL, torchrun
+
+    students = [{"name": "x", "arch": STUDENT_ARCH, "tokenizer": str(student_tok_dir), "lr": 3e-3, "warmup_steps": 2,
+                 "losses": {"ce": 0.5, "uld": 0.5, "kd_mapped": 0.5, "hidden_mse": 0.01, "attn_kl": 0.1},
+                 "attention_heads": "mean"}]
+    base = {"cache": str(cache_dir), "students": students, "batch_size": 2, "max_steps": 4, "eval_every": 2,
+            "log_every": 1, "device": "cpu"}
+    _train(run_cfg(cache_dir, tmp_path / "one", students, batch_size=2, max_steps=4, eval_every=2, log_every=1,
+                   grad_accum=2))
+    toml = write_toml(tmp_path / "s.toml", {**base, "output_dir": str(tmp_path / "two"), "parallel": "fsdp"})
+    torchrun(2, "--no-python", DISTILL, "student", "-c", str(toml))
+    one, two = (json.loads((tmp_path / d / "x" / "report.json").read_text()) for d in ("one", "two"))
+    assert two["ranks"] == 2
+    for k in ("nll", "nll_per_char", "kl", "aligned_share", "mapped_mass"):
+        assert one["final"][k] == pytest.approx(two["final"][k], abs=1.5e-4), k
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / d / "x" / "model").state_dict() for d in ("one", "two"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

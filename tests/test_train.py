@@ -249,7 +249,7 @@ def test_early_stopping_keeps_the_best_weights_in_model_dir(cache_dir, tmp_path,
 
     script = iter([5.0, 4.0, 4.5, 4.6, 4.7, 4.8])
 
-    def scripted(models, batches, device, head=None, task=None, readings=None, precision="auto"):
+    def scripted(models, batches, device, head=None, task=None, readings=None, precision="auto", counted=None):
         nll = next(script)
         return {n: {"nll": nll, "ppl": float(np.exp(nll)), "top1_agreement": 0.1, "kl": 1.0, "ece": 0.1, "tokens": 1}
                 for n in models}
@@ -328,3 +328,29 @@ def test_a_model_written_from_shards_is_split_into_files_and_loads_back(tokenize
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_sharded_students_evaluate_as_many_batches_on_every_rank(cache_dir, parallel, monkeypatch):
+    """Each rank evaluates its share of the validation batches. A sharded student's every forward gathers its layers
+    with every rank, so under fsdp each rank runs as many batches (a short share is padded with a batch that is run
+    and not counted; an uneven count would leave one rank waiting for the others forever); under ddp nothing is
+    padded."""
+    from pipeline import distributed
+    from pipeline.train.heldout import HeldOut
+    from pipeline.train.sources import open_sources
+
+    cfg = run_cfg(cache_dir, "x", batch_size=1, parallel=parallel)
+    sources = open_sources(cfg)
+    c = sources["default"][0]
+    n = len(CacheBatches(c, "validation", ["logsumexp"], 1, shuffle=False))
+    world = next(w for w in (3, 4, 5, 7) if n % w)  # ranks that cannot share these batches evenly
+    shares = []
+    for rank in range(world):
+        monkeypatch.setattr(distributed, "ranks", lambda rank=rank: distributed.Ranks(rank=rank, world=world))
+        shares.append(HeldOut(cfg, sources, {}, {}, torch.device("cpu"), None, print).eval_set("default", c,
+                                                                                             "validation"))
+    assert sum(ds.counted for ds in shares) == n
+    assert sorted(j for ds in shares for j in ds.indices[: ds.counted]) == list(range(n))
+    lengths = {len(ds.indices) for ds in shares}
+    assert lengths == ({-(-n // world)} if parallel == "fsdp" else {n // world, n // world + 1})

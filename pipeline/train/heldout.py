@@ -59,8 +59,13 @@ class HeldOut:
         else:
             fields = list(TOPK_FIELDS) + (list(FULL_FIELDS) if name in self.heads else [])
         ds = CacheBatches(c, split, fields, self.cfg.batch_size, shuffle=False, keys=keys, trim=self.task.classifier)
+        ds.counted = len(ds)
         if r.active:  # this rank's share of the batches
             ds.indices = [j for j in range(len(ds)) if j % r.world == r.rank]
+            ds.counted = len(ds.indices)
+            if self.cfg.parallel == "fsdp":  # every forward gathers layers with every rank: all run as many
+                per_rank = -(-len(ds) // r.world)
+                ds.indices += [ds.indices[0] if ds.indices else 0] * (per_rank - len(ds.indices))
         return ds
 
     def test_sets(self) -> Sets:
@@ -70,7 +75,7 @@ class HeldOut:
         """{source: {student: metrics}} over the given evaluation sets (of `split`); `students`: name -> Student."""
         return {n: evaluate_all(models, make_loader(ds), self.device, self.heads.get(n),
                                 self.sources[n][0].manifest.task, self.readings(n, split, models, students),
-                                self.cfg.precision)
+                                self.cfg.precision, counted=ds.counted)
                 for n, (ds, _) in sets.items()}
 
     def readings(self, source: str, split: str, models: dict, students: dict) -> dict[str, Reading] | None:

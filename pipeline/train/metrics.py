@@ -176,34 +176,38 @@ def _metrics(acc: torch.Tensor) -> dict[str, float]:
 
 
 def evaluate_all(models: dict[str, torch.nn.Module], batches, device, head=None, task: Task | None = None,
-                 readings: dict[str, Reading] | None = None, precision: str = "auto") -> dict[str, dict[str, float]]:
+                 readings: dict[str, Reading] | None = None, precision: str = "auto", counted: int | None = None
+                 ) -> dict[str, dict[str, float]]:
     """{name: metrics} for every model, reading `batches` once (this rank's share of them); the sums
     are added over ranks when run under torch.distributed. `head`: the cache's TeacherHead, for an
     exact KL from batches that hold final_hidden. `task`: the cache's task (a classifier's labels).
     `readings`: per model, how it reads the batches (default: the cache's tokens, no NLL per character).
-    `precision`: as the students train (StudentRunConfig.precision)."""
+    `precision`: as the students train (StudentRunConfig.precision). `counted`: how many of the batches count; those
+    after them are run and not counted (sharded models: every rank runs as many forward passes)."""
     from .step import autocast_on
 
     autocast = autocast_on(device, precision)
     if task is not None and task.classifier:
-        return _evaluate_classes(models, batches, device, task, autocast)
+        return _evaluate_classes(models, batches, device, task, autocast, counted)
     readings = readings or {}
     stacked = _sweep(models, batches, len(_SUMS) + 3 * ECE_BINS,
-                     lambda name, m, b: _accumulate(m, b, device, head, readings.get(name), autocast))
+                     lambda name, m, b: _accumulate(m, b, device, head, readings.get(name), autocast), counted)
     return {name: _metrics(stacked[i]) for i, name in enumerate(models)}
 
 
-def _sweep(models: dict, batches, size: int, sums) -> torch.Tensor:
-    """(models, size) float64: each model's `sums(name, model, batch)` added over the batches, in eval mode, then over
-    ranks (one collective per evaluation)."""
+def _sweep(models: dict, batches, size: int, sums, counted: int | None = None) -> torch.Tensor:
+    """(models, size) float64: each model's `sums(name, model, batch)` added over the batches (the first `counted`
+    of them; the rest are computed and dropped), in eval mode, then over ranks (one collective per evaluation)."""
     acc = torch.zeros(len(models), size, dtype=torch.float64)
     was = {name: m.training for name, m in models.items()}
     for m in models.values():
         m.eval()
     try:
-        for batch in batches:
+        for k, batch in enumerate(batches):
             for i, (name, m) in enumerate(models.items()):
-                acc[i] += sums(name, m, batch)
+                value = sums(name, m, batch)
+                if counted is None or k < counted:
+                    acc[i] += value
     finally:
         for name, m in models.items():
             m.train(was[name])
@@ -267,12 +271,13 @@ def entity_scheme(labels: list[str]) -> bool:
 _CSUMS = ("nll", "n_labelled", "correct", "agree", "kl", "n_kd", "ent_tp", "ent_pred", "ent_gold")
 
 
-def _evaluate_classes(models, batches, device, task: Task, autocast: bool = False) -> dict[str, dict[str, float]]:
+def _evaluate_classes(models, batches, device, task: Task, autocast: bool = False, counted: int | None = None
+                      ) -> dict[str, dict[str, float]]:
     names = list(task.labels)
     C = len(names)
     tagged = task.per_token and entity_scheme(names)
     stacked = _sweep(models, batches, len(_CSUMS) + 3 * ECE_BINS + C * C,
-                     lambda name, m, b: _class_sums(m, b, device, C, names if tagged else None, autocast))
+                     lambda name, m, b: _class_sums(m, b, device, C, names if tagged else None, autocast), counted)
     return {name: _class_metrics(stacked[i], C, tagged) for i, name in enumerate(models)}
 
 
