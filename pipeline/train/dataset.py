@@ -123,7 +123,7 @@ class CacheBatches(torch.utils.data.IterableDataset):
             mine = plan.worker_batches(worker, self.start) if isinstance(plan, EpochPlan) else \
                 (b for b in plan if b.worker == worker and b.index >= self.start)
         window = window_of(self.scheme) if self.scheme is not None and self.shuffle else 1
-        # see fetch.py; a batch no larger than a window straddles two windows at most (a larger one reads more)
+        # see split_reader.py; a batch no larger than a window straddles two windows at most (a larger one reads more)
         reader = SplitReader(self.cache, self.split, whole_shards=self.indices is None, hold_shards=window + 1)
         row_fields = row_dtypes(self.cache.manifest)
         for b in mine:

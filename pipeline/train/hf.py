@@ -95,7 +95,7 @@ class CacheDataset(torch.utils.data.Dataset):
     which teacher fields each row carries; `self.loss` is the matching `DistillLoss`.
 
     Nothing of the split is held: rows are read as they are asked for, through the student reader's
-    `fetch.SplitReader` (the rows of a shard from its row group of rows.parquet, and the Zarr chunks holding
+    `split_reader.SplitReader` (the rows of a shard from its row group of rows.parquet, and the Zarr chunks holding
     them; a few shards of each kept), so memory does not grow with the split. A DataLoader asks for a batch's
     rows at once (`__getitems__`). In `sampler`'s order the reader holds a shuffle window of shards and reads each
     shard's chunks once, all together; in any other order it reads the chunks of the rows asked for (a chunk, and
@@ -166,7 +166,7 @@ class CacheDataset(torch.utils.data.Dataset):
 
 
 class WindowSampler(torch.utils.data.Sampler):
-    """A `CacheDataset`'s row numbers in the order `distill student` reads a split (`batches.EpochPlan` with one
+    """A `CacheDataset`'s row numbers in the order `distill student` reads a split (`batch_order.EpochPlan` with one
     worker): shards permuted by (seed, epoch), `window` shards' rows shuffled together, window after window. A
     batch is then a sample of the window, however grouped the cache's rows are, and the dataset's reader holds
     the window's shards only (each of their chunks read once), where a plain random order reads a chunk per row.

@@ -8,7 +8,7 @@ in one selection per part and field, and `hold_shards` shards' worth of chunks a
 read every row of its shards (`whole_shards`: a worker of a single process) reads a shard's chunks all at once,
 in one call; a DDP rank, which reads only its own batches, decompresses only the chunks of its own rows.
 Either way each chunk is read once while its shard is held: the batch plan's shuffle window
-(`batches.EpochPlan`) sets `hold_shards`.
+(`batch_order.EpochPlan`) sets `hold_shards`.
 """
 
 from __future__ import annotations
