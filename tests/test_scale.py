@@ -22,7 +22,7 @@ from pipeline.format import Cache
 from pipeline.train.batch_order import EpochPlan, batch_plan
 from pipeline.train.split_reader import SplitReader
 from pipeline.train.dataset import CacheBatches, make_loader
-from pipeline.train.mixing import SourceMix
+from pipeline.train.mixing import SourceMix, upgrade_state
 
 
 def data_cfg(path, **kw) -> DataConfig:
@@ -255,7 +255,7 @@ def test_a_checkpoint_of_the_earlier_row_order_resumes_in_it(cache_dir):
     """A stream state saved before per-shard row orders (no "rows" key) keeps that run's batch sequence."""
     ds = CacheBatches(cache_dir, "train", ["logsumexp"], 4, seed=3)
     old_state = {"draws": 0, "tasks": {"a": {"epoch": 0, "batch": 0}}, "scheme": "block"}
-    SourceMix({"a": (ds, 1.0)}, seed=3, state=old_state)
+    SourceMix({"a": (ds, 1.0)}, seed=3, state=upgrade_state(old_state))  # as a checkpoint's state is read
     shards = [np.arange(a, b) for a, b in Cache(cache_dir).shard_ranges("train")]
     want = [b.rows.tolist() for b in batch_plan(shards, 4, 0, 3, 0, True)]
     assert [b["row"].tolist() for b in make_loader(ds)] == want

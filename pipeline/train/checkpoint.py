@@ -16,6 +16,7 @@ import torch
 from .. import distributed
 from ..student_config import StudentConfig, StudentRunConfig
 from ..errors import StudentError
+from .mixing import upgrade_state
 from .students import Student
 
 STATE = Path("checkpoint") / "state.pt"  # in each student's output folder
@@ -43,7 +44,7 @@ class RunState:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunState":
-        return cls(step=d["step"], tokens=d["tokens"], seconds=d["seconds"], stream=d["stream"])
+        return cls(step=d["step"], tokens=d["tokens"], seconds=d["seconds"], stream=upgrade_state(d["stream"]))
 
 
 def resume_identity(spec: StudentConfig, cfg: StudentRunConfig, sources: dict, world: int) -> dict:
@@ -112,14 +113,26 @@ def set_rng_state(state: dict) -> None:
 
 def save_model_atomically(model, tokenizer, d: Path) -> None:
     """`d` holds a complete model at every moment: written beside it, then swapped in by renames."""
-    tmp, old = d.with_name(d.name + ".tmp"), d.with_name(d.name + ".old")
+    tmp = model_tmp(d)
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    swap_in(d)
+
+
+def model_tmp(d: Path) -> Path:
+    """Where the next model of `d` is written before `swap_in`."""
+    return d.with_name(d.name + ".tmp")
+
+
+def swap_in(d: Path) -> None:
+    """The complete model written at `model_tmp(d)` takes the place of `d` by two renames (`recover_model_dir` puts
+    the previous one back if a run stops between them)."""
+    old = d.with_name(d.name + ".old")
     if d.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(d, old)
-    os.replace(tmp, d)
+    os.replace(model_tmp(d), d)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -128,7 +141,7 @@ def recover_model_dir(d: Path) -> None:
     old = d.with_name(d.name + ".old")
     if not d.exists() and old.exists():
         os.replace(old, d)
-    shutil.rmtree(d.with_name(d.name + ".tmp"), ignore_errors=True)
+    shutil.rmtree(model_tmp(d), ignore_errors=True)
 
 
 def append_jsonl(path: Path, rec: dict) -> None:

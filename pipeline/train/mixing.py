@@ -10,6 +10,13 @@ from .batch_order import PER_SHARD
 from .dataset import CacheBatches, make_loader
 
 
+def upgrade_state(state: dict | None) -> dict | None:
+    """A stream state written by an earlier version, in today's keys."""
+    if state is not None and "tasks" in state:  # checkpointed before the weighted caches were called sources
+        state = {("sources" if k == "tasks" else k): v for k, v in state.items()}
+    return state
+
+
 class SourceMix:
     """Training batches from one or more caches (a run's sources) mixed by weight, endlessly, resumably, and
     split over ranks.
@@ -33,8 +40,6 @@ class SourceMix:
         self.p = w / w.sum()
         self.seed, self.rank, self.world = seed, rank, world
         first = next((ds for ds, _ in sources.values() if ds is not None), None)
-        if state is not None and "tasks" in state:  # checkpointed before the weighted caches were called sources
-            state["sources"] = state.pop("tasks")
         self.state = state or {"draws": 0, "sources": {n: {"epoch": 0, "batch": 0} for n in self.names},
                                "scheme": "block", "rows": first.scheme if first is not None else PER_SHARD}
         for ds, _ in sources.values():  # a state from before per-shard row orders continues that run's order

@@ -26,6 +26,7 @@ import torch
 
 from .. import distributed
 from ..errors import StudentError
+from . import checkpoint
 from .students import StudentModule
 
 MODEL_FILE_BYTES = 5 * 10**9  # a saved model's safetensors files hold at most this much each (as Hugging Face's)
@@ -65,7 +66,10 @@ def parallelize(module: StudentModule, parallel: str, device: torch.device, auto
 
 
 def sharded(engine) -> bool:
-    return hasattr(engine, "unshard") and hasattr(engine, "reshard")
+    """Whether `engine` is a student sharded by `parallelize` (an FSDP2 module)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(engine, FSDPModule)
 
 
 @contextlib.contextmanager
@@ -128,7 +132,7 @@ def save_model_sharded(model, tokenizer, d: Path, main: bool) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    tmp, old = d.with_name(d.name + ".tmp"), d.with_name(d.name + ".old")
+    tmp = checkpoint.model_tmp(d)
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
     distributed.barrier()
@@ -142,9 +146,5 @@ def save_model_sharded(model, tokenizer, d: Path, main: bool) -> None:
         if getattr(model, "generation_config", None) is not None and model.can_generate():
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if d.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            d.rename(old)
-        tmp.rename(d)
-        shutil.rmtree(old, ignore_errors=True)
+        checkpoint.swap_in(d)
     distributed.barrier()

@@ -161,8 +161,7 @@ class Recipe:
             self.log(f"source {name!r}: the cache grew since the checkpoint; the best model and early stopping start "
                      "over")
             if train_grew:  # its next epoch, whose order covers the new shards, starts now
-                stream = self.state.stream
-                pos = stream["sources" if "sources" in stream else "tasks"][name]
+                pos = self.state.stream["sources"][name]
                 pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
                 self.log(f"source {name!r}: training goes on with epoch {pos['epoch']} over all "
                          f"{self.inputs.sources[name][0].manifest.splits['train'].rows} train rows")
