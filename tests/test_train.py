@@ -354,3 +354,19 @@ def test_sharded_students_evaluate_as_many_batches_on_every_rank(cache_dir, para
     assert sorted(j for ds in shares for j in ds.indices[: ds.counted]) == list(range(n))
     lengths = {len(ds.indices) for ds in shares}
     assert lengths == ({-(-n // world)} if parallel == "fsdp" else {n // world, n // world + 1})
+
+
+def test_fsdp_refuses_a_student_whose_decoder_layers_it_cannot_find():
+    """parallel = fsdp shards by decoder layer: a model without exactly one list of num_hidden_layers modules is
+    refused by name, with the setting to use instead."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.train.parallel import decoder_layers
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2))
+    assert decoder_layers(model) is model.model.layers
+    model.config.num_hidden_layers = 3  # no list of 3 modules
+    with pytest.raises(StudentError, match=r"LlamaForCausalLM has 0 lists of 3 modules, not one: train it with "
+                                           r"parallel = 'ddp'"):
+        decoder_layers(model)
