@@ -115,12 +115,13 @@ class StudentRunConfig(Strict):
         "auto", description="students' forward passes: auto = bf16 autocast on a GPU, float32 on a CPU; bf16-autocast "
                             "on any device (on a CPU: matrix products in bfloat16, as on a GPU); the losses are "
                             "computed in float32 either way")
-    parallel: Literal["ddp", "fsdp"] = Field(
+    parallel: Literal["ddp", "fsdp", "auto"] = Field(
         "ddp", description="how each student is spread over the ranks of a torchrun launch: ddp (a whole replica per "
-                           "rank, gradients averaged) or fsdp (torch's FSDP2: each decoder layer and the rest of the "
+                           "rank, gradients averaged), fsdp (torch's FSDP2: each decoder layer and the rest of the "
                            "student sharded, so parameters, gradients and optimizer state are divided over the ranks; "
-                           "checkpoints sharded, resumable on another number of ranks); one process trains either "
-                           "alike")
+                           "checkpoints sharded, resumable on another number of ranks), or auto (fsdp when the memory "
+                           "plan says a whole replica does not fit a rank's device, else ddp; distill student "
+                           "--dry-run prints the plan); one process trains either alike")
     activation_checkpointing: bool = Field(
         False, description="recompute each decoder layer's activations in the backward pass instead of keeping them "
                            "(less memory, about one more forward pass of compute)")

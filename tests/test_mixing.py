@@ -162,6 +162,7 @@ def test_a_window_the_host_cannot_hold_is_refused(by_class, tmp_path, monkeypatc
     caches, _, _ = by_class
     said = []
     monkeypatch.setattr(distributed, "host_memory_available", lambda: 2**14)  # a host with 16 KiB free
+    monkeypatch.setattr("pipeline.train.memory_plan.device_capacity", lambda device: None)  # the students' own plan
     with pytest.raises(StudentError, match=r"shuffle_window = 16 holds about .* GiB .* more than half .* lower shuffle_window"):
         train_students(StudentRunConfig.model_validate({
             "cache": str(caches["grouped"]), "output_dir": str(tmp_path / "s"), "device": "cpu", "max_steps": 1,

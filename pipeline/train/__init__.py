@@ -12,6 +12,7 @@
     crosstok.py        students with another tokenizer: positions aligned by text (Retokenizer)
     retokenized.py     a split re-tokenised once and kept; vocab_map.py the teacher's vocabulary in the student's
     student_init.py    a student's model: a shape, a checkpoint, the teacher's layers; tokenizer and task checks
+    memory_plan.py     each rank's memory planned from the students' shapes on the meta device (--dry-run, "auto")
     students.py        StudentModule, wiring, optimiser, Student; build.py a student ready to train
     step.py            a student's forward pass and terms on a batch; the mutual term
     metrics.py         metrics against the cached teacher (and gold labels); heldout.py the held-out sets

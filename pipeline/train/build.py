@@ -58,5 +58,5 @@ def build(spec: StudentConfig, cfg: StudentRunConfig, sources: Sources, cache_to
     st = Student(spec, model, module, module, opt, sched, out, wiring, tokenizer=tokenizer, rows=student_rows)
     st.identity = ckpt.resume_identity(spec, cfg, sources, ranks.world)
     log(f"student {spec.name}: {count_parameters(model) / 1e6:.2f}M parameters, losses {spec.losses}, "
-        f"T={spec.temperature}" + (f", DDP over {ranks.world} ranks" if ranks.active else ""))
+        f"T={spec.temperature}" + (f", {cfg.parallel} over {ranks.world} ranks" if ranks.active else ""))
     return st, stats

@@ -44,6 +44,7 @@ from .batch_order import rows_scheme
 from .dataset import CacheBatches, check_window
 from .heldout import HeldOut
 from .metrics import LOWER_IS_BETTER
+from .memory_plan import Plan, plan_run
 from .mixing import SourceMix
 from .report import student_report, write_report
 from .signal import TeacherSignal
@@ -67,6 +68,7 @@ class Recipe:
         self.state = ckpt.RunState()
         # built by setup, before the loop
         self.inputs: Inputs | None = None
+        self.plan: Plan | None = None  # the memory plan, before any weight loads
         self.heldout: HeldOut | None = None
         self.students: list[Student] = []
         self.cross_stats: dict[str, dict] = {}  # student -> its cross-tokenizer statistics
@@ -79,6 +81,8 @@ class Recipe:
     def setup(self) -> None:
         """Each phase runs on every rank with no collective inside; an error on any rank is raised on all
         of them (`all_agree`), so no rank is left waiting in a collective the others never reach."""
+        distributed.all_agree(self._open)
+        self._choose_layout()  # collective: every rank the same
         distributed.all_agree(self._build)
         for st in self.students:  # DDP broadcasts rank 0's weights (identical: same seed); FSDP shards them
             self._parallelize(st)
@@ -94,12 +98,30 @@ class Recipe:
                                      self.cfg.model_dump(mode="json"), self.cfg.wandb_project, self.state.step)
         distributed.all_agree(self._data)
 
-    def _build(self) -> None:
+    def _open(self) -> None:
+        """The settings checked, the caches' manifests and tokenizers read, the memory planned: no weight, no
+        batch."""
         cfg = self.cfg
         for s in cfg.students:  # before any cache is opened: a misspelt loss fails at once
             terms.check_losses(s)
         check_student_folders(Path(cfg.output_dir), [s.name for s in cfg.students])
         self.inputs = i = open_inputs(cfg)
+        self.plan = plan_run(cfg, i.first.manifest, i.student_tokenizers, i.device)
+
+    def _choose_layout(self) -> None:
+        """parallel = "auto" resolved by the memory plan (fsdp when any rank's device cannot hold a replica), and
+        the run refused when its layout cannot fit (`memory.Plan.check`)."""
+        chosen = self.plan.resolve(self.cfg.parallel)
+        if self.ranks.active and self.cfg.parallel == "auto":
+            chosen = "fsdp" if "fsdp" in distributed.all_gather(chosen) else chosen
+        if chosen != self.cfg.parallel:
+            self.log(f"parallel = 'auto': {chosen} (the memory plan: {self.plan.total('ddp') / 2**30:,.1f} GiB per "
+                     f"rank for a replica, {self.plan.total('fsdp') / 2**30:,.1f} GiB sharded)")
+            self.cfg = self.cfg.model_copy(update={"parallel": chosen})
+        distributed.all_agree(lambda: self.plan.check(chosen))
+
+    def _build(self) -> None:
+        cfg, i = self.cfg, self.inputs
         self.heldout = HeldOut(cfg, i.sources, i.heads, i.dims, i.device, i.tokenizer, self.log)
         if not self.heldout.val_sources:
             self.log("no cache of this run has a validation split: no evaluation, no early stopping")

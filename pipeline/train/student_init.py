@@ -113,7 +113,7 @@ def build_student(spec: StudentConfig, manifest: Manifest, tokenizer, device: to
     if spec.pretrained is not None:
         model = _pretrained(spec, manifest)
     else:
-        model = _from_arch(spec, manifest, tokenizer, vocab)
+        model = from_arch(spec, manifest, tokenizer, vocab)
     if task != "causal-lm":
         return disable_dropout(model).to(device)
     check_output_rows(model, vocab, f"student {spec.name!r}", "its tokenizer's" if cross else "the cache's")
@@ -151,7 +151,7 @@ def _pretrained(spec: StudentConfig, manifest: Manifest):
         raise StudentError(f"student {spec.name!r}: cannot load {src}: {e}") from e
 
 
-def _from_arch(spec: StudentConfig, manifest: Manifest, tokenizer, vocab: int):
+def from_arch(spec: StudentConfig, manifest: Manifest, tokenizer, vocab: int):
     """A random-initialised model of the teacher's family with the shape `spec.arch`."""
     from transformers import AutoConfig
 
