@@ -22,14 +22,15 @@ _ACTIVE: contextvars.ContextVar["AttentionRecorder | None"] = contextvars.Contex
 class AttentionRecorder:
     """Collects (B, H_kept, L, L) maps for `layers` during one forward pass."""
 
-    def __init__(self, layers: list[int], heads: list[int] | None, reduce: str):
+    def __init__(self, layers: list[int], heads: list[int] | None, reduce: str, gather=None):
         self.layers = set(layers)
         self.heads = heads
         self.reduce = reduce
+        self.gather = gather  # a tensor-parallel teacher: its group's heads joined to this rank's (B, H, Q, K)
         self.maps: dict[int, torch.Tensor] = {}
 
     def keep(self, layer: int, weights: torch.Tensor) -> None:
-        w = weights  # (B, H, Q, K)
+        w = weights if self.gather is None else self.gather(weights)  # (B, H, Q, K)
         if self.heads is not None:
             w = w[:, self.heads]
         if self.reduce == "mean":

@@ -39,6 +39,11 @@ class TeacherConfig(Strict):
     device_map: str | dict[str, int | str] | None = Field(
         None, description="place one teacher over several devices (accelerate): 'auto', 'balanced', "
                           "'sequential' or an explicit {module: device} map; one rank per node")
+    tp_size: int = Field(
+        1, ge=1, description="tensor parallelism under torchrun: the ranks form groups of tp_size, each group loads "
+                             "one teacher split over its devices (transformers' tp_plan) and computes its share of "
+                             "the shards; world size = groups x tp_size. For teachers larger than one device that "
+                             "have a tensor-parallel plan; device_map covers the others")
     trust_remote_code: bool = Field(False, description="run model code from the hub; off unless asked for")
     task: Task = Field("causal-lm", description="what the teacher predicts: the next token (causal-lm), one class per "
                                                "row (sequence-classification) or one class per word "

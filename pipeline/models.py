@@ -117,9 +117,23 @@ def bidirectional(config, task: str) -> bool:
     return bool(flags) and not any(flags)
 
 
-def load_model(cfg: TeacherConfig, device: torch.device):
+def load_model(cfg: TeacherConfig, device: torch.device, groups: int | None = None):
+    """The teacher on `device`, or over accelerate's device_map, or split over a group of cfg.tp_size ranks by
+    transformers' tensor-parallel plan (`groups`: the launch's groups of tp_size ranks, each loading one teacher and
+    running its own batches; consecutive ranks form a group)."""
     auto = auto_class(cfg.task)
     extra = {} if _gguf_location(cfg) else {"use_safetensors": True}
+    if groups is not None:
+        from transformers.distributed import DistributedConfig
+
+        layout = DistributedConfig(tp_plan="auto", tp_size=cfg.tp_size, dp_replicate_size=groups)
+        model = _from_pretrained(auto, cfg, dtype=getattr(torch, cfg.dtype), distributed_config=layout, **extra).eval()
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(model, FSDPModule):  # the groups are FSDP2 replicas: one call of the whole model sets FSDP's
+            with torch.no_grad():  # root, after which its parts (the decoder, the head) are called on their own
+                model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+        return model
     if cfg.device_map is not None:  # accelerate places the layers; inputs go to the first device
         model = _from_pretrained(auto, cfg, dtype=getattr(torch, cfg.dtype), device_map=cfg.device_map, **extra)
         return model.eval()

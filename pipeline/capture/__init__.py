@@ -4,6 +4,7 @@
     teacher.py    what is known of the teacher before its weights load, its settings checked (`describe_teacher`)
     checks.py     settings against the teacher, the output location, the disk; first-rows check
     memory.py     the device memory the capture will take, checked
+    tensor_parallel.py  a teacher split over a group of ranks (teacher.tp_size): the mesh, its checks
     documents.py  datasets, what the teacher expects of its rows, documents -> token lists
     chat.py       chat templates: rendering conversations, the assistant's tokens
     lineage.py    rows given as token ids: the `distill generate` run that sampled them

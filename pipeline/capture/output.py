@@ -230,18 +230,25 @@ def wipe(st: Storage) -> None:
             st.remove(rel)
 
 
-def store_head(st: Storage, cfg: TeacherCacheConfig, model=None) -> None:
+def store_head(st: Storage, cfg: TeacherCacheConfig, model=None, write: bool = True) -> None:
     """The teacher's LM head (weight, and bias where it has one) in safetensors, in the dtype the teacher
-    computes with; the logit scale, divisor and softcap are in the manifest's `teacher`."""
+    computes with; the logit scale, divisor and softcap are in the manifest's `teacher`. A tensor-parallel
+    teacher's group all call this (its slices are joined); the one with `write` stores it."""
     import torch
     from safetensors.torch import save_file
 
     if model is None:
         model = models.load_model(cfg.teacher, torch.device("cpu"))
     head = model.get_output_embeddings()
-    tensors = {"weight": head.weight.detach().cpu().contiguous()}
+
+    def whole(t):  # a tensor-parallel teacher's slices joined (collective: every rank of its group calls this)
+        return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().contiguous()
+
+    tensors = {"weight": whole(head.weight)}
     if getattr(head, "bias", None) is not None:
-        tensors["bias"] = head.bias.detach().cpu().contiguous()
+        tensors["bias"] = whole(head.bias)
+    if not write:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         save_file(tensors, str(Path(tmp) / HEAD_FILE), metadata={"format": "pt"})
         st.upload(Path(tmp) / HEAD_FILE, HEAD_FILE)

@@ -9,7 +9,8 @@ shard. What every step reads travels as one `CaptureJob`.
 
 On several ranks (torchrun), every rank loads the teacher and computes its share of the shards;
 rank 0 alone prepares the output (`output.prepare_output`) and writes the manifest once every
-shard is committed.
+shard is committed. Under tensor parallelism (`teacher.tp_size`, `tensor_parallel.py`) a group of ranks
+loads one teacher and computes its group's share, and the group's first rank writes it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .rows import Prepared, prepare
 from .shards import Progress, run_shards, writer_threads
 from .targets import ClassTargetComputer, TargetComputer
 from .teacher import TeacherFacts, capture_specs, describe_teacher
+from .tensor_parallel import Layout, head_gatherer, layout
 
 
 @dataclass
@@ -57,6 +59,7 @@ class CaptureJob:
     log: Callable[[str], None]
     progress: bool
     model: object = None  # the teacher already loaded on its device, when given (it is then not loaded again)
+    layout: Layout = Layout()  # this rank's place among the ranks (tensor parallelism: its group, and whether it writes)
 
 
 def run_capture(cfg: TeacherCacheConfig, log: Callable[[str], None] = print, progress: bool = True,
@@ -69,7 +72,8 @@ def run_capture(cfg: TeacherCacheConfig, log: Callable[[str], None] = print, pro
     if not ranks.main:
         log, progress = (lambda m: None), False
     st = Storage(cfg.output.dir, cfg.output.storage_options)
-    job = CaptureJob(cfg, st, describe_teacher(cfg), log, progress, model)
+    teacher = describe_teacher(cfg)
+    job = CaptureJob(cfg, st, teacher, log, progress, model, layout(cfg, teacher.device))
     distributed.on_main(lambda: check_output_dir(st))
     with ExitStack() as held:
         if st.is_local:  # object stores have no lock: one capture per URL is the user's to ensure
@@ -108,7 +112,8 @@ def _capture_prepared(job: CaptureJob, prepared: Prepared) -> CaptureResult:
                                                                  teacher.tokenizer, job.log))
     if outcome.finished is not None:
         return CaptureResult(st.where, outcome.finished, resumed_shards=outcome.committed, computed_shards=0)
-    writer = CacheWriter(st, Manifest.from_dict(plan), specs, {s: len(r) for s, r in prepared.splits.items()}, base)
+    writer = CacheWriter(st, Manifest.from_dict(plan), specs, {s: len(r) for s, r in prepared.splits.items()}, base,
+                         layout=job.layout.record())
     writer.create_arrays()  # opens what rank 0 created
     loaded, seconds = _compute(job, prepared, outcome.todo, writer)
     manifest = distributed.on_main(lambda: _finish(job, writer, loaded))
@@ -136,36 +141,38 @@ def _compute(job: CaptureJob, prepared: Prepared, todo, writer: CacheWriter):
     if not todo:
         return job.model, 0.0
     cfg, teacher, log = job.cfg, job.teacher, job.log
-    ranks = distributed.ranks()
-    mine = todo[ranks.rank::ranks.world]
+    ranks, lay = distributed.ranks(), job.layout
+    mine = lay.share(todo)  # every rank of a tensor-parallel group computes its group's shards
     computer, model = None, job.model
     if mine:
         if model is None:
             t0 = time.perf_counter()
-            model = models.load_model(cfg.teacher, teacher.device)
+            model = models.load_model(cfg.teacher, teacher.device, lay.dp if lay.tp > 1 else None)
             log(f"teacher loaded on {teacher.device} in {time.perf_counter() - t0:.1f}s"
-                + (f"; {ranks.world} ranks share {len(todo)} shards" if ranks.active else ""))
-        computer = (TargetComputer(model, teacher.spec, cfg.capture, teacher.hidden, teacher.attention)
+                + (f", split over {lay.tp} ranks" if lay.tp > 1 else "")
+                + (f"; {lay.dp} {'groups' if lay.tp > 1 else 'ranks'} share {len(todo)} shards" if lay.dp > 1 else ""))
+        computer = (TargetComputer(model, teacher.spec, cfg.capture, teacher.hidden, teacher.attention,
+                                   head_gatherer(lay))
                     if teacher.classifier is None else
                     ClassTargetComputer(model, cfg.capture, teacher.hidden, teacher.attention,
                                         teacher.classifier.per_token))
         if cfg.data.document_mask:
             check_teacher_document_masking(computer, teacher.spec, cfg.teacher.dtype)
-        if ranks.main and teacher.classifier is None:
+        if lay.leads and teacher.classifier is None:  # rank 0 (with its tensor-parallel group, which computes along)
             if cfg.capture.final_hidden and writer.base is None and not job.st.exists(HEAD_FILE):
-                store_head(job.st, cfg, model)  # now, from the loaded model: a resume need not load it for this
+                store_head(job.st, cfg, model, ranks.main)  # now, from the loaded model: a resume need not load it
             first = prepared.splits.get("train") or next(iter(prepared.splits.values()))
             for line in first_rows_check(computer, first.read(0, min(2, len(first))), teacher.tokenizer,
                                          prepared.convention, teacher.spec):
                 log(line)
     total = sum(int(prepared.splits[s].shard_tokens[i]) for s, i, _, _ in todo)
     seconds = 0.0
-    with Progress(total, job.progress) as bar:
+    with Progress(total, job.progress, counting=lay.writes) as bar:
         if mine:
             t0 = time.perf_counter()
             writers = writer_threads(teacher.device, cfg.capture.writers)
             log(f"{writers} writer thread{'s' if writers != 1 else ''}" if writers else "shards written in line")
-            run_shards(computer, prepared, mine, writer, cfg.capture.batch_size, bar, writers)
+            run_shards(computer, prepared, mine, writer, cfg.capture.batch_size, bar, writers, write=lay.writes)
             seconds = time.perf_counter() - t0
         bar.wait_for_ranks()
     return model, seconds

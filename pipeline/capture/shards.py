@@ -48,9 +48,10 @@ class Progress:
 
     runs = 0  # captures run in this process group so far: each counts under its own keys
 
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self, total: int, enabled: bool, counting: bool = True):
         from tqdm.auto import tqdm
 
+        self.counting = counting  # False: a rank whose tensor-parallel group's tokens another rank counts
         Progress.runs += 1
         self.KEY, self.DONE = f"distill/capture/{Progress.runs}/tokens", f"distill/capture/{Progress.runs}/done"
         self.ranks = distributed.ranks()
@@ -58,6 +59,7 @@ class Progress:
         self.bar = tqdm(total=total, unit="tok", unit_scale=True, desc="capture", disable=not enabled, smoothing=0.1)
 
     def update(self, n: int) -> None:
+        n = n if self.counting else 0
         if self.store is None:
             self.bar.update(n)
             return
@@ -83,12 +85,13 @@ class Progress:
 
 
 def run_shards(computer, prepared: Prepared, todo, writer: CacheWriter, batch_size: int, bar: Progress,
-               writers: int) -> None:
+               writers: int, write: bool = True) -> None:
     """Compute and commit the shards `todo`. With `writers` threads, each computed shard is handed to the pool
     (its device-to-host copies still under way) and the loop goes on with the next; at most `writers` shards are
     in flight, so host memory holds at most writers + 1 shards. The seconds the loop waits for a free writer are
     recorded with the next shard it hands over (the manifest's timing.writer_wait_seconds). With 0, each shard is
-    written in line."""
+    written in line. `write` False: a tensor-parallel rank that computes along with its group's writer (every
+    forward pass is collective) and writes nothing."""
     in_flight: deque[Future] = deque()
     wait = 0.0
     with ThreadPoolExecutor(max_workers=max(1, writers), thread_name_prefix="cache-writer") as pool:
@@ -98,6 +101,10 @@ def run_shards(computer, prepared: Prepared, todo, writer: CacheWriter, batch_si
                 rows, batches = shard_batches(computer, prepared, split, a, b, writer.parts[split]["row_start"],
                                               batch_size, bar)
                 seconds = time.perf_counter() - t0
+                if not write:
+                    for part in batches:
+                        part.result()
+                    continue
                 if not writers:
                     write_shard(writer, split, index, rows, batches, seconds, 0.0)
                     continue

@@ -195,8 +195,10 @@ class TargetComputer:
     """Runs the teacher on a batch of rows: `submit` returns its `HostBatch` (the copies to the host under way),
     calling it returns the `TeacherTargets` (numpy, on the CPU)."""
 
-    def __init__(self, model, spec: TeacherSpec, capture, hidden_layers: list[int], attention_layers: list[int]):
+    def __init__(self, model, spec: TeacherSpec, capture, hidden_layers: list[int], attention_layers: list[int],
+                 gather_heads=None):
         self.model = model
+        self.gather_heads = gather_heads  # tensor parallelism: joins a layer's maps of the group's heads
         self.spec = spec
         self.cfg = capture
         self.hidden_layers = hidden_layers  # resolved, non-negative, as in output_hidden_states
@@ -212,12 +214,16 @@ class TargetComputer:
                  position_ids: np.ndarray | None = None, seed: list[int] | None = None) -> TeacherTargets:
         return self.submit(input_ids, lengths, position_ids, seed).result()
 
-    @torch.inference_mode()
     def submit(self, input_ids: np.ndarray, lengths: np.ndarray,
                position_ids: np.ndarray | None = None, seed: list[int] | None = None) -> HostBatch:
         """`position_ids` (B, L): documents kept apart (restarting positions, padding a segment of its own).
         `seed` seeds the sampled targets' draws (with capture.samples): the same seed, rows and settings give
         the same draws on the same device type. Nothing here waits for the device."""
+        with no_grad_for(self.model):
+            return self._submit(input_ids, lengths, position_ids, seed)
+
+    def _submit(self, input_ids: np.ndarray, lengths: np.ndarray, position_ids: np.ndarray | None,
+                seed: list[int] | None) -> HostBatch:
         B, L = input_ids.shape
         ids = torch.from_numpy(input_ids).to(self.device, torch.long)  # (B, L)
         lens = torch.from_numpy(lengths).to(self.device, torch.long)
@@ -229,7 +235,8 @@ class TargetComputer:
             mask = None
             extra["position_ids"] = torch.from_numpy(position_ids).to(self.device, torch.long)
         recorder = (
-            attention.AttentionRecorder(self.attention_layers, self.cfg.attention_heads, self.cfg.attention_head_reduce)
+            attention.AttentionRecorder(self.attention_layers, self.cfg.attention_heads, self.cfg.attention_head_reduce,
+                                        self.gather_heads)
             if self.attention_layers
             else None
         )
@@ -267,6 +274,14 @@ class TargetComputer:
                         "final hidden state", "final_hidden_dtype")
         add_representations(host, out, valid, recorder, self.cfg, self.hidden, self.attention_layers)
         return host.close()
+
+
+def no_grad_for(model):
+    """Inference mode, or plain no_grad for a teacher that transformers wrapped in FSDP2 (a tensor-parallel teacher
+    in several groups: the groups are its replicas), whose parameter gathering tracks tensor versions."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return torch.no_grad() if isinstance(model, FSDPModule) else torch.inference_mode()
 
 
 def class_targets(logits: torch.Tensor, temperatures: list[float]) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from .checks import check_settings, check_task
 from .labels import Classifier
 from .memory import WorkingSet, check_memory, parameter_count, working_set
 from .rows import row_pad_id
+from .tensor_parallel import check_tensor_parallel
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ def describe_teacher(cfg: TeacherCacheConfig) -> TeacherFacts:
     spec = models.TeacherSpec.from_config(model_config)
     labels = check_task(cfg, model_config)
     hidden, attn = check_settings(cfg, spec, tokenizer)
+    check_tensor_parallel(cfg, model_config, spec)
     device = teacher_device(cfg)
     classifier = None if labels is None else Classifier(cfg.teacher.task, labels, row_pad_id(model_config, tokenizer),
                                                         models.bidirectional(model_config, cfg.teacher.task))
@@ -74,9 +76,12 @@ def capture_specs(cfg: TeacherCacheConfig, teacher: TeacherFacts) -> list[FieldS
 
 
 def weight_shards(cfg: TeacherCacheConfig) -> int:
-    """Over how many devices a teacher.device_map spreads the weights (1 without one)."""
+    """Over how many devices the weights are spread: teacher.tp_size, or a teacher.device_map's devices (1
+    without either)."""
     import torch
 
+    if cfg.teacher.tp_size > 1:
+        return cfg.teacher.tp_size
     dm = cfg.teacher.device_map
     if isinstance(dm, dict):
         return len(set(dm.values()))

@@ -41,9 +41,9 @@ class Tally:
             self.mass += c["topk_mass_sum"]
             self.positions += c.get("target_positions", c["tokens"])
 
-    def result(self, rows_bytes: list[int], head_bytes: int | None = None) -> dict:
+    def result(self, rows_bytes: list[int], head_bytes: int | None = None, layout: dict | None = None) -> dict:
         """The manifest's `stats`, given the bytes of each written part's rows.parquet and (a new cache that
-        stores one) of the LM head file."""
+        stores one) of the LM head file; `layout`: the writing ranks' layout, kept with the timing."""
         per_field, tokens, right = dict(self.per_field), self.tokens, self.right
         for size in rows_bytes:
             per_field["rows.parquet"] = per_field.get("rows.parquet", 0) + size
@@ -60,5 +60,6 @@ class Tally:
             "bytes_per_token": {k: v / max(tokens, 1) for k, v in per_field.items()},
             "timing": {"seconds": self.seconds, "tokens_per_second": tokens / self.seconds if self.seconds else 0.0,
                        "writer_wait_seconds": self.wait,
-                       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            | ({"layout": layout} if layout else {}),
         }

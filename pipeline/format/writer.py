@@ -73,8 +73,9 @@ class CacheWriter:
     """
 
     def __init__(self, root: Path | Storage, plan: Manifest, specs: list[FieldSpec], split_rows: dict[str, int],
-                 base: Manifest | None = None):
+                 base: Manifest | None = None, layout: dict | None = None):
         self.st = root if isinstance(root, Storage) else Storage(root)
+        self.layout = layout  # how the ranks that wrote it were laid out, recorded with the timing (not the data)
         self.root = self.st.location
         self.plan = plan
         self.specs = specs
@@ -215,7 +216,7 @@ class CacheWriter:
         for rel in self._metadata_written():
             meta[rel] = self.st.digest(rel)
         document = {**self.plan.to_dict(), "shard_index": dict(sorted(index.items())), "metadata_files": meta,
-                    "stats": tally.result(*self._sizes())}
+                    "stats": tally.result(*self._sizes(), layout=self.layout)}
         document["digest"] = manifest_digest(document)
         write_json(self.st, MANIFEST, document)
         self.st.remove_tree(WORK_DIR)
