@@ -9,9 +9,10 @@ Each measurement runs in its own process (peak RSS: ru_maxrss of that process), 
 (--limit-gib) so that a materialised run too large for the machine reports "over the limit" instead of swapping.
 
 Student: a Llama of 4 layers x 192 with Gemma 3's 262,144-token vocabulary (tied embeddings: 55M parameters),
-AdamW, two steps of kd_forward + ce from synthetic top-64 targets. Capture: a reduced-depth teacher of real width
-and vocabulary (1 layer, d = 2048, ff = 8192, V = 128,256, random init) capturing top-64 over one row of L tokens
-with the pipeline's own TargetComputer (the LM head in blocks of capture.position_chunk positions).
+AdamW, two steps of kd_forward + ce from synthetic top-64 targets, then an evaluation of the batch. Capture: a
+reduced-depth teacher of real width and vocabulary (1 layer, d = 2048, ff = 8192, V = 128,256, random init)
+capturing top-64 over one row of L tokens with the pipeline's own TargetComputer (the LM head in blocks of
+capture.position_chunk positions).
 """
 
 from __future__ import annotations
@@ -69,8 +70,13 @@ def student_step(vocab: int, batch: int, seq: int, block_mib: int) -> dict:
         values["total"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return {"params": params, "peak_rss_mib": _peak_mib(), "before_steps_mib": base,
-            "seconds_per_step": (time.perf_counter() - t0) / 2, "loss": float(values["total"])}
+    seconds = (time.perf_counter() - t0) / 2
+    from pipeline.train.metrics import evaluate
+
+    t1 = time.perf_counter()
+    metrics = evaluate(model, [b], dev)  # an evaluation of the batch, as a run's validation makes
+    return {"params": params, "peak_rss_mib": _peak_mib(), "before_steps_mib": base, "seconds_per_step": seconds,
+            "evaluation_seconds": time.perf_counter() - t1, "loss": float(values["total"]), "nll": metrics["nll"]}
 
 
 def capture_row(seq: int, width: int, vocab: int, chunk: int) -> dict:
@@ -121,10 +127,12 @@ def main() -> None:
     out = {}
     print(f"python benchmarks/bench_memory.py {args.which} --limit-gib {args.limit_gib:g}")
     if args.which in ("student", "both"):
-        print("\nstudent: 4 layers x 192, V = 262,144 (tied), AdamW, 2 steps of kd_forward + ce (top-64)\n")
+        print("\nstudent: 4 layers x 192, V = 262,144 (tied), AdamW, 2 steps of kd_forward + ce (top-64), an "
+              "evaluation\n")
         print("| batch x seq | logits | peak RSS (MiB) | s/step |\n|---|---|---|---|")
         for batch, seq in ((4, 256), (1, 4096)):
-            for mib, name in ((0, "materialised"), (256, "blocks of 256 MiB (default)"), (64, "blocks of 64 MiB")):
+            for mib, name in ((0, "materialised"), (256, "fused, blocks of 256 MiB"),
+                              (64, "fused, blocks of 64 MiB (the default)"), (16, "fused, blocks of 16 MiB")):
                 r = _child("student_step", {"vocab": 262144, "batch": batch, "seq": seq, "block_mib": mib},
                            args.limit_gib)
                 out[f"student {batch}x{seq} {name}"] = r

@@ -126,9 +126,10 @@ class StudentRunConfig(Strict):
         False, description="recompute each decoder layer's activations in the backward pass instead of keeping them "
                            "(less memory, about one more forward pass of compute)")
     logit_block_mib: float = Field(
-        256, ge=0, description="a student's logits and every term that reads them are computed a block of positions "
-                               "at a time, each block's float32 logits at most this size (forward and backward: no "
-                               "(batch, seq_len, vocab) tensor); 0: materialised whole (mutual learning always is)")
+        64, ge=0, description="a student's logits and every term that reads them are computed a block of positions "
+                              "at a time, fused with its LM head (each block's gradients made in the forward pass, "
+                              "nothing made twice), each block's float32 logits at most this size: no (batch, "
+                              "seq_len, vocab) tensor; 0: materialised whole (mutual learning always is)")
     max_steps: int = Field(200, gt=0, description="optimiser steps")
     eval_every: int = Field(50, gt=0, description="optimiser steps between evaluations (and the best model's save)")
     eval_rows: int | None = Field(None, gt=0, description="validation rows per evaluation (None: all)")

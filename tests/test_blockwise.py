@@ -1,5 +1,6 @@
-"""A student's logits made block by block of positions (`logit_block_mib`): every term that reads them has the
-value and the gradient of the materialised computation, in float64, and no (B, L, V) tensor is ever made."""
+"""A student's logits made block by block of positions (`logit_block_mib`), fused with its head (`fused.py`): every
+term that reads them has the value and the gradient of the materialised computation, in float64 (and in bf16
+autocast, within its rounding), the gradient follows the total's scale, and no (B, L, V) tensor is ever made."""
 
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def test_no_tensor_of_batch_by_length_by_vocabulary_exists(rich_cache):
         return biggest[0]
 
     assert largest(0) >= B * L
-    assert largest(4 * 4 * V * B / 2**20) <= B * 4  # checkpointed blocks: their logits are recomputed, not saved
+    assert largest(4 * 4 * V * B / 2**20) <= B * 4  # fused blocks: a block's logits, gone after the block
 
 
 def test_a_student_trains_the_same_with_and_without_blocks(rich_cache, tmp_path):
@@ -176,3 +177,48 @@ def test_bf16_autocast_on_cpu_follows_the_gpu_semantics(rich_cache):
         assert bf16[k].item() != f32[k].item()  # autocast did run
         assert bf16[k].item() == pytest.approx(f32[k].item(), rel=2e-2), k
         assert bf16_blocks[k].item() == pytest.approx(bf16[k].item(), rel=1e-2), k
+
+
+def test_fused_gradients_follow_the_scale_of_the_total_and_the_values_carry_none(rich_cache):
+    """The gradients a fused block computes in the forward pass are those of the weighted total: backpropagating
+    0.37 x total (grad_accum, a loss scale) gives 0.37 x the gradients; the terms' own values are detached."""
+    from pipeline.student_config import StudentConfig
+    from pipeline.train import terms
+    from pipeline.train.step import step_losses
+
+    spec = StudentConfig.model_validate({"name": "s", "arch": STUDENT_ARCH,
+                                         "losses": {"ce": 1.0, "kd_forward": 0.5, "kd_reverse": 0.25}})
+    batch = _batch(rich_cache, terms.fields_for(spec, rich_cache.manifest))
+    model = _student(rich_cache, spec)
+    mib = 3 * 4 * model.config.vocab_size * 4 / 2**20
+    grads = []
+    for scale in (1.0, 0.37):
+        model.zero_grad(set_to_none=True)
+        values = step_losses(model, batch, spec, rich_cache.manifest, torch.device("cpu"), block_mib=mib)
+        assert all(not values[k].requires_grad for k in spec.losses) and values["total"].requires_grad
+        (scale * values["total"]).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for n, g in grads[0].items():  # within the float32 a float64 Llama's RMSNorm computes in (as materialised)
+        assert (grads[1][n] - 0.37 * g).abs().max().item() <= 1e-6 * g.abs().max().item(), n
+
+
+def test_bf16_autocast_fused_gradients_match_the_materialised_ones(rich_cache):
+    """Under bf16 autocast the fused head's gradients are made with bfloat16 products, as autograd's are for the
+    materialised head: every parameter's gradient within bfloat16's rounding of the materialised one."""
+    from pipeline.student_config import StudentConfig
+    from pipeline.train import terms
+    from pipeline.train.step import step_losses
+
+    spec = StudentConfig.model_validate({"name": "s", "arch": STUDENT_ARCH, "losses": {"ce": 1.0, "kd_forward": 1.0}})
+    batch = _batch(rich_cache, terms.fields_for(spec, rich_cache.manifest))
+    model = _student(rich_cache, spec).float()
+    grads = []
+    for mib in (0, 0.01):
+        model.zero_grad(set_to_none=True)
+        step_losses(model, batch, spec, rich_cache.manifest, torch.device("cpu"), block_mib=mib,
+                    precision="bf16-autocast")["total"].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n, g in grads[0].items():
+        scale = g.abs().max().item()
+        assert (grads[1][n] - g).abs().max().item() <= 2e-2 * scale + 1e-7, n

@@ -7,6 +7,7 @@
     sources.py         a run's caches opened and checked against each other; what the run is built from (Inputs)
     signal.py          what the terms read: Masks, TeacherSignal, StudentOutput, Context
     losses.py          the pure functions; computations.py what each term computes; terms.py the registry (TERMS)
+    fused.py           the logit terms a block of positions at a time, fused with the LM head (gradients in the forward)
     representation.py  layer maps and projections for hidden-state and attention terms
     head.py            the teacher's LM head from a final_hidden cache (exact full-vocabulary KD)
     crosstok.py        students with another tokenizer: positions aligned by text (Retokenizer)

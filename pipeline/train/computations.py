@@ -19,6 +19,21 @@ Compute = Callable[[StudentOutput, TeacherSignal, Context], torch.Tensor]
 
 
 
+def kd_positions(out, sig) -> torch.Tensor:
+    """The positions a term over the teacher's distribution averages over: every position with targets."""
+    return out.masks.kd
+
+
+def next_token_positions(out, sig) -> torch.Tensor:
+    """The positions a next-token term averages over: those with a next token."""
+    return out.masks.ce
+
+
+def matched_positions(out, sig) -> torch.Tensor:
+    """nll_match's positions: a next token and the teacher's log-prob of it."""
+    return out.masks.ce & torch.isfinite(sig.field("target_logprob"))
+
+
 def ce(out, sig, ctx):
     return losses.cross_entropy(out.next_logprobs(), out.masks.ce, counts=ctx.counts)
 
@@ -121,8 +136,8 @@ def full_divergence(kind: str) -> Compute:
 
 
 def nll_match(out, sig, ctx):
-    t_tgt = sig.field("target_logprob")
-    return losses.nll_match(out.next_logprobs(), t_tgt, out.masks.ce & torch.isfinite(t_tgt), counts=ctx.counts)
+    return losses.nll_match(out.next_logprobs(), sig.field("target_logprob"), matched_positions(out, sig),
+                            counts=ctx.counts)
 
 
 def hidden_scale_fields(spec, manifest: Manifest) -> list[str]:

@@ -10,9 +10,9 @@ Conventions
   cached logsumexp makes exact at T=1 and at every captured temperature. The student's tail is
   1 - sum of its own probabilities at the same ids. `forward_kl_renormalized` drops the tail and
   renormalises both sides over the K ids: biased (over-confident students), an explicit option.
-- Memory: a student's logits are computed block by block of positions (`terms.compute`, one checkpointed
-  block at a time): each loss here sees one block, and its masked mean's count is appended to the loss's
-  `counts` list, when given, so that the blocks add up to the mean over the whole batch. Where a student's logits
+- Memory: a student's logits are computed block by block of positions (`fused.fused_terms`, each block's
+  gradients made in the forward pass): each loss here sees one block, and its masked mean's count is appended to
+  the loss's `counts` list, when given, so that the blocks add up to the mean over the whole batch. Where a student's logits
   are materialised (mutual learning), its logsumexp is still computed in blocks of positions, forward and
   backward (`logsumexp_t`).
 """

@@ -47,7 +47,7 @@ class Reading:
     dims: dict | None = None  # the cache's field dims (manifest), to take its fields at aligned positions
 
 
-EVAL_BLOCK_MIB = 256  # float32 logits of one block of positions during evaluation (see `_logit_blocks`)
+EVAL_BLOCK_MIB = 64  # float32 logits of one block of positions during evaluation (see `_logit_blocks`)
 
 
 @torch.no_grad()

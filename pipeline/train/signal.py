@@ -228,8 +228,8 @@ class StudentOutput:
     """A student's forward pass on one batch and the quantities the terms derive from it.
 
     `logits` (B, L, V) when materialised; else `last` (B, L, d), the state its LM head reads, `head`
-    (`step.StudentHead`) and the head's `weight` (as the forward pass returned it), from which `terms.compute`
-    makes the logits `block_positions` positions of every row at a time (`block`).
+    (`step.StudentHead`) and the head's `weight` (as the forward pass returned it), from which the logit terms
+    are computed `block_positions` positions of every row at a time, fused with the head (`fused.py`).
     """
 
     def __init__(self, logits: torch.Tensor | None, input_ids: torch.Tensor, masks: Masks,
@@ -262,12 +262,10 @@ class StudentOutput:
         """Whether the logits are made block by block from `last` and `head` (not materialised)."""
         return self.logits is None and self.head is not None
 
-    def block(self, a: int, b: int, last: torch.Tensor, weight: torch.Tensor) -> "StudentOutput":
-        """Positions a..b of every row, with their logits from `last` (B, b - a, d) through the head (its
-        weight passed in, so that a checkpointed block's recomputation reaches it)."""
+    def block(self, a: int, b: int, logits: torch.Tensor) -> "StudentOutput":
+        """Positions a..b of every row, with their `logits` (B, b - a, V), made by `fused.fused_terms`."""
         nxt = torch.roll(self.input_ids, -1, dims=1)[:, a:b]  # the next token of a block's last position too
-        return StudentOutput(self.head(last, weight), self.input_ids[:, a:b], self.masks.block(a, b),
-                             next_ids=nxt)
+        return StudentOutput(logits, self.input_ids[:, a:b], self.masks.block(a, b), next_ids=nxt)
 
     def topk(self, ids: torch.Tensor, T: float = 1.0) -> TopK:
         """Log-probs at the teacher's ids and the student's tail bucket, at temperature T (one set of ids per
@@ -305,8 +303,8 @@ class Wiring:
 @dataclass(frozen=True)
 class Context:
     """What a term may know besides the two signals: the student's settings and its wiring; `counts`, when a term
-    is computed on one block of positions (`terms.blockwise`): the list its loss appends the number of positions it
-    averaged over to (`losses.masked_mean`)."""
+    is computed on one block of positions (`fused.fused_terms`): the list its loss appends the number of positions
+    it averaged over to (`losses.masked_mean`)."""
 
     spec: object  # StudentConfig
     wiring: Wiring

@@ -24,8 +24,10 @@ from ..errors import StudentError
 from ..format.manifest import Manifest
 from . import losses
 from .computations import (Compute, attention_term, ce, ce_classes, class_divergence, full_divergence,
-                           hidden_scale_fields, hidden_term, kd_mapped, kd_sampled, mse_logits, mse_logits_classes,
-                           nll_match, sampled_fields, topk_divergence, uld)
+                           hidden_scale_fields, hidden_term, kd_mapped, kd_positions, kd_sampled, matched_positions,
+                           mse_logits, mse_logits_classes, next_token_positions, nll_match, sampled_fields,
+                           topk_divergence, uld)
+from .fused import fused_terms
 from .signal import Context, StudentOutput, TeacherSignal, Wiring
 
 TOPK_FIELDS = ("topk_ids", "topk_logprobs", "logsumexp")
@@ -38,10 +40,13 @@ ATTENTION_KEYS = ("attention_layers", "attention_heads_stored")
 
 @dataclass(frozen=True)
 class Computation:
-    """How a term is computed on one kind of cache: the cache fields it reads and the function."""
+    """How a term is computed on one kind of cache: the cache fields it reads, the function, and the positions its
+    masked mean is over (a function of the student's output and the signal that never reads the logits: a term
+    fused with the head needs its batch's count before its first block)."""
 
     fields: tuple[str, ...]
     compute: Compute
+    positions: Callable = kd_positions
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,7 @@ def _representation(name: str, description: str, compute: Compute, field: str, n
 
 TERMS: dict[str, Term] = registry(
     Term("ce", "cross-entropy on the true next token (hard labels); classification: on the gold labels",
-         Computation((), ce), classes=Computation((), ce_classes), cross_tokenizer=True, anchors=True),
+         Computation((), ce, next_token_positions), classes=Computation((), ce_classes), cross_tokenizer=True, anchors=True),
     Term("kd_forward", "KL(teacher || student) over the top-K ids + exact tail bucket, x T^2",
          Computation(TOPK_FIELDS, topk_divergence("forward")), classes=Computation(CLASS_FIELDS, class_divergence("forward")),
          tempered=True, anchors=True),
@@ -121,7 +126,7 @@ TERMS: dict[str, Term] = registry(
     Term("kd_full_jsd", "generalised Jensen-Shannon (jsd_beta) over the whole vocabulary (exact, from the cached "
          "final hidden state and LM head), x T^2", Computation(FULL_FIELDS, full_divergence("jsd")), anchors=True),
     Term("nll_match", "squared difference of student and teacher NLL of the true next token",
-         Computation(("target_logprob",), nll_match)),
+         Computation(("target_logprob",), nll_match, matched_positions)),
     _representation("hidden_mse", "MSE of (projected) student and cached teacher hidden states, mapped layers",
                     hidden_term(losses.hidden_mse), "hidden_states", "hidden_states", HIDDEN_KEYS,
                     cache_fields=hidden_scale_fields),
@@ -258,44 +263,17 @@ def _check_defined(spec, task: str, cross: bool) -> None:
 
 def compute(spec, out: StudentOutput, sig: TeacherSignal, wiring: Wiring) -> dict[str, torch.Tensor]:
     """Named values of the student's active terms (unweighted) and 'total', their weighted sum. A student whose
-    logits are not materialised (`out.blockwise`) has its logit terms computed in blocks (`blockwise`)."""
+    logits are not materialised (`out.blockwise`) has its logit terms computed in blocks fused with its head
+    (`fused.fused_terms`): their values are detached there, and their weighted sum carries the gradient."""
     ctx = Context(spec, wiring)
     on = active(spec)
     reads_logits = [t for t in on if "logits" in t.student] if out.blockwise else []
     values = {t.name: t.on(sig.task).compute(out, sig, ctx) for t in on if t not in reads_logits}
+    total = sum(spec.losses[k] * v for k, v in values.items())
     if reads_logits:
-        values |= blockwise(reads_logits, out, sig, ctx)
+        fused, fused_total = fused_terms(reads_logits, [spec.losses[t.name] for t in reads_logits], out, sig, ctx)
+        values |= fused
+        total = total + fused_total
     values = {t.name: values[t.name] for t in on}  # the config's order
-    values["total"] = sum(spec.losses[k] * v for k, v in values.items())
+    values["total"] = total
     return values
-
-
-def blockwise(on: list[Term], out: StudentOutput, sig: TeacherSignal, ctx: Context) -> dict[str, torch.Tensor]:
-    """The logit terms `on`, computed on `out.block_positions` positions of every row at a time: each block's
-    logits come from the student's last hidden state through its head, every term reads the block's logits
-    and targets, and the block is checkpointed, so one block's (B, P, V) logits and their intermediates are
-    alive at a time, in the forward and in the backward pass. Each term is a masked mean over its positions;
-    a block's value times its count (appended to `Context.counts` by the term's loss) summed over the blocks,
-    over the total count, is that mean over the whole batch, the same value and gradient as with materialised logits."""
-    from torch.utils.checkpoint import checkpoint
-
-    def block(last: torch.Tensor, weight: torch.Tensor, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        bout, bsig = out.block(a, b, last, weight), sig.block(a, b)
-        sums, counts = [], []
-        for t in on:
-            n: list[torch.Tensor] = []
-            v = t.on(sig.task).compute(bout, bsig, Context(ctx.spec, ctx.wiring, counts=n))
-            if len(n) != 1:
-                raise RuntimeError(f"term {t.name} took {len(n)} masked means; a blockwise term takes one")
-            sums.append(v * n[0].to(v.dtype))
-            counts.append(n[0].to(v.dtype))
-        return torch.stack(sums), torch.stack(counts).detach()
-
-    L, P = out.input_ids.shape[1], out.block_positions
-    total = count = None
-    for a in range(0, L, P):
-        b = min(L, a + P)
-        s, n = checkpoint(block, out.last[:, a:b], out.weight, a, b, use_reentrant=False)
-        total, count = (s, n) if total is None else (total + s, count + n)
-    means = total / count.clamp(min=1)
-    return {t.name: means[i] for i, t in enumerate(on)}
