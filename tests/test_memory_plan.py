@@ -187,3 +187,26 @@ def test_a_run_that_cannot_fit_is_refused_before_any_weight_loads(cache_dir, tmp
                    progress=False)
     state = torch.load(out / "s" / "checkpoint" / "state.pt", weights_only=False)
     assert state["identity"]["parallel"] == "ddp"
+
+
+def test_auto_resumes_in_the_layout_of_its_checkpoints(cache_dir, tmp_path):
+    """A run stopped under fsdp (its state in sharded folders) resumes under parallel = "auto" as fsdp, whatever the
+    plan would pick now (one process: ddp), instead of refusing a checkpoint of another layout."""
+    from pipeline.train import checkpoint
+    from pipeline.train.recipe import train_students
+
+    out = tmp_path / "out"
+    assert checkpoint.saved_layout(out / "s") is None
+    train_students(student_run(cache_dir, out, parallel="fsdp", max_steps=2, eval_every=2), log=lambda m: None,
+                   progress=False)
+    assert checkpoint.saved_layout(out / "s") == "fsdp"
+    said = []
+    train_students(student_run(cache_dir, out, parallel="auto", max_steps=4, eval_every=2), log=said.append,
+                   progress=False)
+    assert any("parallel = 'auto': fsdp, the layout of the checkpoints it resumes" in m for m in said), said
+    assert any(m.startswith("resuming at step 2") for m in said)
+    state = torch.load(out / "s" / "checkpoint" / "state.pt", weights_only=False)
+    assert state["identity"]["parallel"] == "fsdp" and state["run"]["step"] == 4
+    ddp = tmp_path / "ddp"
+    train_students(student_run(cache_dir, ddp, max_steps=2, eval_every=2), log=lambda m: None, progress=False)
+    assert checkpoint.saved_layout(ddp / "s") == "ddp"

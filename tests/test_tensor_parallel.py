@@ -148,3 +148,15 @@ def test_a_classification_teacher_is_refused_under_tensor_parallelism(tokenizer_
                                                  task="sequence-classification"))
     with pytest.raises(CaptureError, match=r"tensor-parallel capture is for causal-LM teachers"):
         describe_teacher(cfg)
+
+
+def test_a_group_with_no_shard_loads_with_the_others_and_waits(teachers, corpus, tmp_path):
+    """4 ranks as 2 groups of 2 on a cache of one shard: loading the teacher is collective over every group, so the
+    group with nothing to compute loads it too (and then waits), instead of leaving the other hanging."""
+    out = tmp_path / "one-shard"
+    cfg = settings(teachers["llama"], corpus, out, teacher={"tp_size": 2},
+                   data={"max_tokens": 200, "validation_fraction": 0.0},
+                   capture={"top_k": 8, "rows_per_shard": 64, "rows_per_chunk": 2})
+    res = torchrun(4, ENTRY, "teacher-cache", "-c", str(write_toml(tmp_path / "c.toml", cfg)))
+    assert "2 groups share 1 shards" in res.stderr
+    assert verify(out) == [] and json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"] == 1

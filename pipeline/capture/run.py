@@ -136,21 +136,22 @@ def _append_codec(cfg: TeacherCacheConfig, st: Storage, log) -> TeacherCacheConf
 
 
 def _compute(job: CaptureJob, prepared: Prepared, todo, writer: CacheWriter):
-    """This rank's share of the shards `todo`, with the teacher loaded only when it has one (unless given): (the
-    teacher's model, loaded or given, None when neither; the seconds of its shard loop)."""
+    """This rank's share of the shards `todo`, with the teacher loaded only when it has one (unless given; under
+    tensor parallelism by every rank, since loading is collective): (the teacher's model, loaded or given, None when
+    neither; the seconds of its shard loop)."""
     if not todo:
         return job.model, 0.0
     cfg, teacher, log = job.cfg, job.teacher, job.log
     ranks, lay = distributed.ranks(), job.layout
     mine = lay.share(todo)  # every rank of a tensor-parallel group computes its group's shards
     computer, model = None, job.model
+    if model is None and (mine or lay.tp > 1):  # tensor parallel: loading is collective over every group
+        t0 = time.perf_counter()
+        model = models.load_model(cfg.teacher, teacher.device, lay.dp if lay.tp > 1 else None)
+        log(f"teacher loaded on {teacher.device} in {time.perf_counter() - t0:.1f}s"
+            + (f", split over {lay.tp} ranks" if lay.tp > 1 else "")
+            + (f"; {lay.dp} {'groups' if lay.tp > 1 else 'ranks'} share {len(todo)} shards" if lay.dp > 1 else ""))
     if mine:
-        if model is None:
-            t0 = time.perf_counter()
-            model = models.load_model(cfg.teacher, teacher.device, lay.dp if lay.tp > 1 else None)
-            log(f"teacher loaded on {teacher.device} in {time.perf_counter() - t0:.1f}s"
-                + (f", split over {lay.tp} ranks" if lay.tp > 1 else "")
-                + (f"; {lay.dp} {'groups' if lay.tp > 1 else 'ranks'} share {len(todo)} shards" if lay.dp > 1 else ""))
         computer = (TargetComputer(model, teacher.spec, cfg.capture, teacher.hidden, teacher.attention,
                                    head_gatherer(lay))
                     if teacher.classifier is None else

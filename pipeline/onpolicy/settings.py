@@ -45,6 +45,8 @@ class GeneratorConfig(TeacherConfig):
     """The model that samples: a student's saved `model/` folder or any causal LM the teacher loader accepts."""
 
     task: Literal["causal-lm"] = Field("causal-lm", description="only causal LMs sample completions")
+    tp_size: Literal[1] = Field(1, description="the generator runs whole on each rank (data parallel); tensor "
+                                               "parallelism is the capture's (teacher.tp_size)")
 
 
 class SamplesOutputConfig(Strict):

@@ -166,6 +166,14 @@ def truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def saved_layout(out: Path) -> str | None:
+    """The `parallel` layout of the checkpoint in a student's output folder `out` (fsdp: its state is in a sharded
+    folder beside state.pt), without reading it; None when there is none."""
+    if not (out / STATE).exists():
+        return None
+    return "fsdp" if any((out / STATE.parent).glob(f"{SHARDED}*")) else "ddp"
+
+
 def sharded_folder(step: int) -> Path:
     """Where a sharded student's state of `step` goes, relative to its output folder."""
     return STATE.parent / f"{SHARDED}{step:08d}"

@@ -7,10 +7,11 @@ What a rank holds for one student (bytes; P its parameters, projections included
 - weights, gradients, optimizer: float32 parameters, their gradients and AdamW's two moments, 4 + 4 + 8 bytes
   per parameter: whole on every rank under ddp, divided by W under fsdp;
 - buffers: ddp over W > 1 ranks: DistributedDataParallel's gradient buckets (4 P). fsdp over W > 1: the units
-  gathered at once (the root unit, which stays gathered from its forward to its backward, and two decoder layers:
-  the one running and the one prefetched), their unsharded gradients, and float32 reduce-scatter buffers. Under
-  bf16 autocast a ddp student also keeps the bfloat16 copies of its weight matrices from its forward pass to its
-  backward (autocast's cast cache);
+  gathered at once, in the dtype they compute in (the root unit, which stays gathered from its forward to its
+  backward, and two decoder layers: the one running and the one prefetched); their unsharded gradients come
+  later in the backward pass, as the activations are freed. Under
+  bf16 autocast a ddp student also keeps the bfloat16 copies autocast makes of its weight matrices (not the input
+  embeddings, a lookup; not a fused head) from its forward pass to its backward, saved by autograd;
 - activations, what autograd keeps for the backward pass: per decoder layer and token, 32 d + 8 kv + 16 ff bytes
   in float32 and 30 d + 4 kv + 8 ff under bf16 autocast (d the width, kv the key/value width, ff the FFN width;
   counted from the tensors a Llama decoder layer saves, attention through sdpa, whose scores are never
@@ -19,8 +20,11 @@ What a rank holds for one student (bytes; P its parameters, projections included
   and one layer's activations are rebuilt at a time. The root keeps 16 d bytes per token (embeddings, final norm);
 - logits: materialised, the float32 logits of the batch, kept for the backward pass, and their gradient and the
   terms' work on them at once: 20 bytes per logit (22 under autocast, whose bfloat16 logits are kept too). Made a
-  block of positions at a time (`logit_block_mib`), one block's logits and gradient (8 bytes per logit) and the
-  head's weight gradient as the blocks add into it (three V x d float32 matrices at once);
+  block of positions at a time (`logit_block_mib`, fused with the head: `fused.py`), one block's logits, the
+  terms' work on them and their gradients, 28 bytes per logit (30 under autocast), the head's weight gradient
+  gathered over the blocks (a V x d float32 matrix) and the last hidden states' (B x L x d float32) from the
+  forward pass to the backward, and under autocast the head's weight in bfloat16 and a block's bfloat16 product
+  for its gradient (2 + 2 bytes per weight). A head that cannot be split off (`step.can_block`) is materialised;
 - evaluation: a block of at most `metrics.EVAL_BLOCK_MIB` of float32 logits (or the batch's, when smaller) and what
   the metrics derive from it, 8 bytes per logit, beside the weights and optimizer state (no gradients then).
 
@@ -51,7 +55,7 @@ from . import terms
 from .metrics import EVAL_BLOCK_MIB
 from .representation import attention_pairs, hidden_pairs
 from .sources import open_inputs
-from .step import autocast_on
+from .step import autocast_on, can_block
 from .student_init import from_arch, label_settings
 
 HEADROOM = 0.9  # of a device's memory a run may plan to take (the capture's margin)
@@ -72,8 +76,10 @@ class StudentShape:
     ffn: int
     heads: int
     vocab: int  # LM head rows; 0 for a classifier
-    matrices: int  # parameters in weight matrices (cast to bfloat16 under autocast)
+    matrices: int  # parameters in weight matrices autocast casts to bfloat16 (all but the input embeddings')
+    head: int  # the LM head's weight's parameters (cast by autocast only when the logits are materialised)
     recorded_layers: int  # layers whose attention maps a term records (eager attention)
+    blockable: bool = True  # its logits can be made in blocks from its last hidden state (`step.can_block`)
 
     @classmethod
     def from_model(cls, name: str, model, classifier: bool, projections: int = 0,
@@ -87,9 +93,14 @@ class StudentShape:
         stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == c.num_hidden_layers]
         layer = max(sum(p.numel() for p in m.parameters()) for m in stacks[0]) if len(stacks) == 1 \
             else params // c.num_hidden_layers
-        vocab = 0 if classifier else model.get_output_embeddings().weight.shape[0]
-        return cls(name, params + projections, layer, c.num_hidden_layers, d, kv, ffn, heads, vocab,
-                   sum(p.numel() for p in unique if p.dim() >= 2) + projections, recorded_layers)
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head = out.weight if isinstance(out, torch.nn.Linear) else None
+        vocab = 0 if classifier or head is None else head.shape[0]
+        embed = model.get_input_embeddings().weight
+        lookup = 0 if head is not None and embed is head else embed.numel()  # a tied table is the head's matrix
+        matrices = sum(p.numel() for p in unique if p.dim() >= 2) - lookup + projections
+        return cls(name, params + projections, layer, c.num_hidden_layers, d, kv, ffn, heads, vocab, matrices,
+                   0 if head is None else head.numel(), recorded_layers, can_block(model))
 
 
 @dataclass(frozen=True)
@@ -149,11 +160,13 @@ def logit_bytes(s: StudentShape, b: Batch) -> tuple[int, int]:
     """(bytes, positions per block) of a step's logits; positions 0: materialised."""
     if not s.vocab:
         return 0, 0
-    block = 0 if b.mutual or not b.block_mib else max(1, int(b.block_mib * MIB // (4 * s.vocab * b.rows)))
+    blocks = s.blockable and not b.mutual and b.block_mib
+    block = max(1, int(b.block_mib * MIB // (4 * s.vocab * b.rows))) if blocks else 0
     block = block if block < b.positions else 0  # one block would hold every position: materialised
     if not block:
         return b.rows * b.positions * s.vocab * (22 if b.autocast else 20), 0
-    return b.rows * block * s.vocab * 8 + 3 * s.vocab * s.hidden * 4, block
+    head_grads = s.vocab * s.hidden * (8 if b.autocast else 4) + b.rows * b.positions * s.hidden * 4
+    return b.rows * block * s.vocab * (30 if b.autocast else 28) + head_grads, block
 
 
 def evaluation_bytes(s: StudentShape, b: Batch) -> int:
@@ -174,10 +187,11 @@ def footprint(s: StudentShape, b: Batch, parallel: str, world: int, checkpointin
     if parallel == "fsdp" and world > 1:
         root = s.params - s.layers * s.layer_params
         gathered = root + 2 * s.layer_params
-        buffers = gathered * 2 * param_bytes + 4 * max(root, s.layer_params)  # params, grads, a reduce buffer
-    else:
-        buffers = (4 * s.params if world > 1 else 0) + (2 * s.matrices if b.autocast else 0)
+        buffers = gathered * param_bytes  # at the step's peak (its backward's start) no unsharded gradient yet
     logits, block = logit_bytes(s, b)
+    if not (parallel == "fsdp" and world > 1):
+        copies = s.matrices - (s.head if block else 0)  # a fused head is cast once per step, counted with it
+        buffers = (4 * s.params if world > 1 else 0) + (2 * copies if b.autocast else 0)
     return Footprint(4 * state, 4 * state, 8 * state, buffers, activations(s, b, checkpointing), logits,
                      evaluation_bytes(s, b), block)
 
@@ -285,7 +299,7 @@ def meta_model(spec: StudentConfig, manifest: Manifest, tokenizer, cross: bool):
     from transformers import AutoConfig
 
     task = manifest.task.type
-    with torch.device("meta"):
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # an arch student seeds torch: not the run's RNG
         if spec.arch is not None:
             return from_arch(spec, manifest, tokenizer, len(tokenizer) if cross else manifest.teacher.vocab_size)
         if spec.pretrained is not None:
@@ -330,7 +344,10 @@ def dry_run(cfg: StudentRunConfig, world: int | None = None, device_gib: float |
     """(the plan of `cfg`, the layout it would use): its caches' manifests and tokenizers read, no weight or batch;
     `world` and `device_gib` plan another launch than this one (ranks, memory per rank)."""
     inputs = open_inputs(cfg)
-    world = world or int(os.environ.get("WORLD_SIZE", "1"))  # a dry run under torchrun plans that launch
-    plan = plan_run(cfg, inputs.first.manifest, inputs.student_tokenizers, inputs.device, world,
-                    None if device_gib is None else int(device_gib * GIB))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))  # a dry run under torchrun plans that launch
+    capacity = None if device_gib is None else int(device_gib * GIB)
+    if capacity is None and world and world != launched and inputs.device.type == "cpu":
+        have = distributed.host_memory_available()  # another number of CPU ranks on this host share its memory
+        capacity = None if have is None else have // world
+    plan = plan_run(cfg, inputs.first.manifest, inputs.student_tokenizers, inputs.device, world or launched, capacity)
     return plan, plan.resolve(cfg.parallel)

@@ -110,13 +110,19 @@ class Recipe:
 
     def _choose_layout(self) -> None:
         """parallel = "auto" resolved by the memory plan (fsdp when any rank's device cannot hold a replica), and
-        the run refused when its layout cannot fit (`memory.Plan.check`)."""
+        the run refused when its layout cannot fit (`memory_plan.Plan.check`); a resumed run keeps the layout of its
+        checkpoints."""
         chosen = self.plan.resolve(self.cfg.parallel)
-        if self.ranks.active and self.cfg.parallel == "auto":
-            chosen = "fsdp" if "fsdp" in distributed.all_gather(chosen) else chosen
-        if chosen != self.cfg.parallel:
+        saved = {ckpt.saved_layout(Path(self.cfg.output_dir) / s.name) for s in self.cfg.students} - {None}
+        if self.cfg.parallel == "auto" and len(saved) == 1:  # a resumed run keeps the layout its checkpoints have
+            chosen = saved.pop()
+            self.log(f"parallel = 'auto': {chosen}, the layout of the checkpoints it resumes")
+        elif self.cfg.parallel == "auto":
+            if self.ranks.active:
+                chosen = "fsdp" if "fsdp" in distributed.all_gather(chosen) else chosen
             self.log(f"parallel = 'auto': {chosen} (the memory plan: {self.plan.total('ddp') / 2**30:,.1f} GiB per "
                      f"rank for a replica, {self.plan.total('fsdp') / 2**30:,.1f} GiB sharded)")
+        if chosen != self.cfg.parallel:
             self.cfg = self.cfg.model_copy(update={"parallel": chosen})
         distributed.all_agree(lambda: self.plan.check(chosen))
 
