@@ -17,8 +17,10 @@ does when absent; its rows say "not run" with the reason when that is impossible
   float64 check      a few rows of that top-K capture against the teacher recomputed in float64 on the CPU from the
                      weights it ran with: max |error| of the stored top-K log-probs and logsumexp, top-1 agreement
 then a small student's step (forward, backward, AdamW) on the random teacher's cache: plain CE, cached top-K KD
-(kd_forward) and exact full-vocabulary KD (kd_full_forward, from a capture with final_hidden); and a
-`torchrun --nproc_per_node 1` run of the real command line capturing a tiny teacher, then verified.
+(kd_forward) and exact full-vocabulary KD (kd_full_forward, from a capture with final_hidden); with two or more
+GPUs, the multi-GPU part on all of them (`gpu_check_multi.py`: that student under ddp and fsdp, step time and peak
+memory per rank; the random teacher's capture tensor-parallel and over a device map, tokens/s), said to be skipped
+with one; and a `torchrun --nproc_per_node 1` run of the real command line capturing a tiny teacher, then verified.
 
 MFU follows FLOP_MODEL below (2 x parameters x tokens for a forward, printed under the table) against the device's
 dense bf16 peak (a table of known GPUs, or --peak-tflops). Full size: 128 rows x 1,024 tokens per timed run, median of
@@ -33,6 +35,7 @@ import argparse
 import gc
 import importlib.util
 import json
+import math
 import os
 import re
 import statistics
@@ -66,6 +69,9 @@ from pipeline.train.dataset import CacheBatches, make_loader  # noqa: E402
 from pipeline.train.students import make_optimizer  # noqa: E402
 from pipeline.train.step import step_losses  # noqa: E402
 from pipeline.train.student_init import build_student  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_check_multi as multi  # noqa: E402
 
 NO_CUDA = "gpu-check: no CUDA device visible (torch.cuda.is_available() is False); nothing measured"
 SMOLLM2 = REPO / "data/teachers/SmolLM2-135M-Instruct"
@@ -499,12 +505,57 @@ def student_step(sb: StudentBench, losses: dict) -> Outcome:
                    f"parameters, {len(times) - 1} steps)", {"ms_per_step": ms, "vs_ce": vs_ce, "parameters": n})
 
 
-def student_stages(report: Report, teacher: Outcome | None, bench: Bench | None, sizes: Sizes, work: Path) -> None:
+def student_stages(report: Report, teacher: Outcome | None, bench: Bench | None, sizes: Sizes,
+                   work: Path) -> Outcome | None:
+    """The student steps of every loss; the cache they read (its outcome)."""
     model = bench.model if bench is not None else None
     made = report.run("student: cache with final hidden",
                       lambda: student_cache(teacher.value, sizes, work, model), after=teacher)
     for name, losses in STUDENT_LOSSES.items():
         report.run(f"student step: {name}", lambda losses=losses: student_step(made.value, losses), after=made)
+    return made
+
+
+# --------------------------------------------------------------------------------------------- several GPUs
+
+
+def multi_stages(report: Report, teacher: Outcome | None, made: Outcome | None, sizes: Sizes, work: Path) -> None:
+    """The multi-GPU part (`gpu_check_multi.py`): students under ddp and fsdp, and the capture tensor-parallel and
+    over a device map, on every visible GPU; skipped, and said so, with fewer than 2."""
+    n = multi.ranks_for(sizes.device)
+    if n < 2:
+        def skip() -> Outcome:
+            raise NotRun(f"{n} GPU visible: the multi-GPU part (students under ddp and fsdp, tensor-parallel "
+                         "capture) needs 2 or more")
+
+        report.run("multi-GPU", skip)
+        return
+    steps = sizes.student_steps + 1
+
+    def students(parallel: str, ddp: Outcome | None = None) -> Outcome:
+        text, figures = multi.student_layout(parallel, made.value.cache.root, sizes.student, sizes.student_batch,
+                                             steps, sizes.device, work, ddp.figures if ddp else None)
+        return Outcome(text, figures)
+
+    ddp = report.run(f"students x{n}: ddp", lambda: students("ddp"), after=made)
+    report.run(f"students x{n}: fsdp", lambda: students("fsdp", ddp), after=ddp)
+    cfg = capture_config(Path("unused"), sizes, Path("unused"), sizes.rows)
+    settings = {"teacher.dtype": sizes.dtype, "teacher.device": "auto" if sizes.device == "cuda" else "cpu",
+                **{f"data.{k}": v for k, v in cfg.data.model_dump(include={
+                    "source", "data_files", "sample_by", "seq_len", "shuffle_seed", "max_tokens",
+                    "validation_fraction"}).items()},
+                **{f"capture.{k}": v for k, v in cfg.capture.model_dump(include={
+                    "top_k", "batch_size", "rows_per_shard", "rows_per_chunk"}).items()}}
+
+    def capture(tp: int | None, ranks: int, versus: Outcome | None = None) -> Outcome:
+        text, figures = multi.capture_layout(teacher.value, settings, tp, ranks, work)
+        if versus is not None:
+            text += f"; tensor parallel: {versus.figures['tokens_per_second'] / figures['tokens_per_second']:.2f}x this"
+        return Outcome(text, figures)
+
+    t = math.gcd(n, sizes.teacher["num_attention_heads"], sizes.teacher["num_key_value_heads"])  # tp_size must divide
+    tp = report.run(f"capture x{n}: tensor parallel (tp_size {t})", lambda: capture(t, n), after=teacher)
+    report.run(f"capture: device_map over {n}", lambda: capture(None, n, tp), after=tp)
 
 
 # --------------------------------------------------------------------------------------------- torchrun
@@ -547,9 +598,10 @@ def check(report: Report, sizes: Sizes, work: Path, peak: float | None) -> None:
     teacher = report.run("random teacher: build", lambda: build_teacher(sizes.teacher, sizes.dtype, sizes.device,
                                                                         tokenizer, work / "random-teacher"))
     bench = teacher_stages(report, "random teacher", teacher, sizes, work, peak)
-    student_stages(report, teacher, bench, sizes, work)
+    made = student_stages(report, teacher, bench, sizes, work)
     if bench is not None:
         bench.release()
+    multi_stages(report, teacher, made, sizes, work)
     smol = report.run("SmolLM2: teacher", lambda: smollm2(convert=sizes.device == "cuda"))
     bench = teacher_stages(report, "SmolLM2", smol, sizes, work, peak)
     if bench is not None:

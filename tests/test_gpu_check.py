@@ -1,5 +1,5 @@
-"""`make gpu-check` (benchmarks/gpu_check.py): its whole flow at tiny shapes on the CPU (--cpu-smoke), every stage in
-one table and the float64 comparison passed; that comparison failing targets one position off; and, with no CUDA
+"""`make gpu-check` (benchmarks/gpu_check.py): its whole flow at tiny shapes on the CPU (--cpu-smoke; its multi-GPU
+part on 2 CPU ranks), every stage in one table and the float64 comparison passed; that comparison failing targets one position off; and, with no CUDA
 device, nothing measured and exit status 3."""
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ NO_CUDA = "gpu-check: no CUDA device visible (torch.cuda.is_available() is False
 STAGES = ["device", "random teacher: build", "random teacher: bare forward", "random teacher: capture top-K",
           "random teacher: capture top-K + 3 hidden", "random teacher: float64 check",
           "student: cache with final hidden", "student step: CE", "student step: cached KD (kd_forward)",
-          "student step: full-vocabulary KD (kd_full_forward)", "SmolLM2: teacher", "SmolLM2: bare forward",
+          "student step: full-vocabulary KD (kd_full_forward)", "students x2: ddp", "students x2: fsdp",
+          "capture x2: tensor parallel (tp_size 2)", "capture: device_map over 2", "SmolLM2: teacher",
+          "SmolLM2: bare forward",
           "SmolLM2: capture top-K", "SmolLM2: capture top-K + 3 hidden", "SmolLM2: float64 check", "torchrun smoke"]
 
 
@@ -48,6 +50,9 @@ def test_cpu_smoke_reports_every_stage_and_passes_the_float64_check(tmp_path):
     assert smollm2 == ("PASS" if (ROOT / "data/teachers/SmolLM2-135M-Instruct/model.safetensors").is_file()
                        else "not run"), rows["SmolLM2: float64 check"]
     assert rows["torchrun smoke"][0] == "PASS"
+    assert "MiB per rank over 2 ranks" in rows["students x2: fsdp"][1] and "x ddp's memory" in rows["students x2: fsdp"][1]
+    assert "tokens/s" in rows["capture x2: tensor parallel (tp_size 2)"][1]
+    assert "tensor parallel:" in rows["capture: device_map over 2"][1]
     assert all(status in ("ok", "PASS", "not run") for status, _ in rows.values()), rows
     report = json.loads(out.read_text())["gpu_check"]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == {"gpu_check": report}  # the JSON line, as written
@@ -87,3 +92,15 @@ def test_the_float64_check_fails_targets_one_position_off(tmp_path):
         stored[:] = np.roll(stored[:], 1, axis=1)  # each position holds its predecessor's targets
     shifted = check.float64_check(bench, root)
     assert not shifted.passed and shifted.figures["top1_agreement"] < 0.5, shifted.result
+
+
+def test_the_multi_gpu_part_says_it_is_skipped_with_one_gpu(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    monkeypatch.setattr(check.multi, "ranks_for", lambda device: 1)
+    report = check.Report()
+    check.multi_stages(report, None, None, check.GPU, tmp_path)
+    assert [(r.stage, r.status) for r in report.rows] == [("multi-GPU", "not run")]
+    assert "1 GPU visible" in report.rows[0].result and "needs 2 or more" in report.rows[0].result
+    assert not report.failed
