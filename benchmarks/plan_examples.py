@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from pipeline.student_config import StudentRunConfig  # noqa: E402
 from pipeline.train.memory_plan import GIB, Batch, Plan, StudentShape  # noqa: E402
 
 LLAMA3 = {  # the published shapes (config.json of meta-llama/Llama-3.2-1B, -3.2-3B, -3.1-8B)
@@ -74,7 +75,8 @@ def main() -> None:
     p.add_argument("--positions", type=int, default=4096)
     p.add_argument("--gib", type=float, default=80)
     args = p.parse_args()
-    batch = Batch(args.rows, args.positions, True, 256, False)
+    default_blocks = StudentRunConfig.model_fields["logit_block_mib"].default
+    batch = Batch(args.rows, args.positions, True, default_blocks, False)
     s8 = shape("8B")
     print("\n".join(Plan([s8], batch, 8, False, int(args.gib * GIB), "cuda").lines("fsdp")))
     print()
