@@ -44,9 +44,11 @@ def fused_terms(on: list, weights: list[float], out: StudentOutput, sig: Teacher
     counts = torch.stack([c.positions(out, sig).sum() for c in comps]).to(exact)
     coef = torch.tensor(weights, dtype=exact, device=out.last.device) / counts.clamp(min=1)
     means = {}
+    # read here: inside an autograd Function's forward, grad mode is off
+    grad = torch.is_grad_enabled() and (out.last.requires_grad or out.weight.requires_grad)
 
     def run(last: torch.Tensor, weight: torch.Tensor):
-        sums, seen, g_last, g_weight = _blocks(on, comps, coef, out, sig, ctx, last, weight)
+        sums, seen, g_last, g_weight = _blocks(on, comps, coef, out, sig, ctx, last, weight, grad)
         if not torch.equal(seen, counts):
             bad = [t.name for t, a, b in zip(on, seen.tolist(), counts.tolist()) if a != b]
             raise RuntimeError(f"terms {bad} averaged over other positions than their Computation.positions name")
@@ -57,9 +59,9 @@ def fused_terms(on: list, weights: list[float], out: StudentOutput, sig: Teacher
     return means, total
 
 
-def _blocks(on, comps, coef, out: StudentOutput, sig: TeacherSignal, ctx: Context, last, weight):
-    """(each term's sum over the batch, its count, d total / d last, d total / d weight): block by block."""
-    grad = torch.is_grad_enabled() or last.requires_grad or weight.requires_grad
+def _blocks(on, comps, coef, out: StudentOutput, sig: TeacherSignal, ctx: Context, last, weight, grad: bool):
+    """(each term's sum over the batch, its count, d total / d last, d total / d weight; the gradients None when
+    `grad` is False): block by block."""
     B, L, _ = last.shape
     P = out.block_positions
     spec = out.head.spec
