@@ -573,9 +573,7 @@ def torchrun_smoke(sizes: Sizes, tokenizer: Path, work: Path) -> Outcome:
                 "data.max_tokens": 256, "data.validation_fraction": 0.0, "capture.top_k": 8, "capture.batch_size": 4,
                 "capture.rows_per_shard": 4, "capture.rows_per_chunk": 2, "output.dir": str(out)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-           "-m", "stages.cli", "teacher-cache"]
-    for key, value in settings.items():
-        cmd += ["-s", f"{key}={json.dumps(value)}"]  # JSON scalars and lists of strings are TOML literals
+           "-m", "stages.cli", "teacher-cache", *multi.settings_args(settings)]
     res = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
                          capture_output=True, text=True, timeout=300)
     if res.returncode != 0:

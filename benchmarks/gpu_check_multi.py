@@ -32,6 +32,11 @@ def ranks_for(device: str) -> int:
     return torch.cuda.device_count() if device == "cuda" else 2
 
 
+def settings_args(settings: dict) -> list[str]:
+    """`-s key=value` options of the command line for `settings` (JSON scalars and lists of strings are TOML)."""
+    return [a for key, value in settings.items() for a in ("-s", f"{key}={json.dumps(value)}")]
+
+
 def torchrun(n: int, args: list[str], timeout: int = 1200) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -93,9 +98,8 @@ def capture_layout(teacher: Path, settings: dict, tp: int | None, ranks: int, wo
     (tensor parallel), or (tp None) one rank with a device map over every device."""
     out = Path(tempfile.mkdtemp(prefix="capture-tp-" if tp else "capture-map-", dir=work)) / "cache"
     extra = {"teacher.tp_size": tp} if tp else {"teacher.device_map": "auto"}
-    args = ["-m", "stages.cli", "teacher-cache"]
-    for key, value in {**settings, "teacher.model": str(teacher), "output.dir": str(out), **extra}.items():
-        args += ["-s", f"{key}={json.dumps(value)}"]
+    args = ["-m", "stages.cli", "teacher-cache",
+            *settings_args({**settings, "teacher.model": str(teacher), "output.dir": str(out), **extra})]
     torchrun(ranks if tp else 1, args)
     manifest = json.loads((out / "manifest.json").read_text())
     rate = manifest["stats"]["timing"]["tokens_per_second"]

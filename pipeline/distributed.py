@@ -36,9 +36,14 @@ class Ranks:
         return self.world > 1
 
 
+def launch_world() -> int:
+    """The ranks of this launch (torchrun's WORLD_SIZE; 1 without torchrun), known before the process group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched() -> bool:
     """Whether this process was started by torchrun (or another launcher speaking its protocol)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launch_world() > 1
 
 
 def setup() -> Ranks:

@@ -162,6 +162,9 @@ def test_dry_run_prints_the_plan_and_exits_non_zero_when_it_cannot_fit(cache_dir
                  "evaluation", "peak", "4 ranks", "40.0 GiB", "parallel = 'ddp'"):
         assert part in res.output, part
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+    res = CliRunner().invoke(app, ["student", "-c", str(toml), "--ranks", "4"])  # a plan's option, no --dry-run
+    assert res.exit_code == 2 and "--ranks and --device-gib plan another launch" in res.output
+    assert not (tmp_path / "out").exists()
     res = subprocess.run([sys.executable, "-m", "stages.cli", "student", "-c", str(toml), "--dry-run",
                           "--device-gib", "0.001"], capture_output=True, text=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})

@@ -2,8 +2,8 @@
 data-parallel x tensor-parallel mesh, groups of `tp_size` consecutive ranks (one node's GPUs), each group loading
 one teacher through transformers' tensor-parallel plan (`DistributedConfig(tp_plan="auto", tp_size,
 dp_replicate_size=groups)`: its layers' matrices split over the group's devices, their outputs all-reduced, the LM
-head's logits gathered; the groups hold replicas, each running its own batches). Every rank of a group runs the same batches in lockstep; the group
-computes its data-parallel share of the shards and its first rank writes them. The cache does not depend on the
+head's logits gathered; the groups hold replicas, each running its own batches). Every rank of a group runs the
+same batches in lockstep; the group computes its data-parallel share of the shards and its first rank writes them. The cache does not depend on the
 layout (the targets are the model's, up to summation order); the manifest records it beside the timing.
 
 Checked before any weight loads (`check_tensor_parallel`): tp_size divides the launch and the model's attention
@@ -13,7 +13,6 @@ a causal-LM teacher.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from .. import distributed
@@ -49,11 +48,6 @@ class Layout:
         return {"ranks": self.tp * self.dp, "tensor_parallel": self.tp}
 
 
-def launch_world() -> int:
-    """The ranks of this launch (torchrun's WORLD_SIZE; 1 without torchrun), known before the process group."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def check_tensor_parallel(cfg: TeacherCacheConfig, model_config, spec) -> None:
     """Refuse a tp_size the launch or the model cannot take, naming the numbers (see the module docstring)."""
     t, tp = cfg.teacher, cfg.teacher.tp_size
@@ -65,7 +59,7 @@ def check_tensor_parallel(cfg: TeacherCacheConfig, model_config, spec) -> None:
     if t.task != "causal-lm":
         raise CaptureError(f"teacher.tp_size={tp}: tensor-parallel capture is for causal-LM teachers; a {t.task} "
                            "teacher runs data-parallel (tp_size = 1) or over a device_map")
-    world = launch_world()
+    world = distributed.launch_world()
     if world % tp:
         raise CaptureError(f"teacher.tp_size={tp} does not divide the launch's {world} rank{'s' * (world > 1)} "
                            "(torchrun --nproc_per_node x nodes): the ranks form groups of tp_size")

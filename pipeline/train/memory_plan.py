@@ -41,7 +41,6 @@ with the students: the Python, torch and CUDA runtimes, the cache reader and its
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -133,22 +132,21 @@ class Footprint:
         """What the student holds across steps: its weights, optimizer state and buffers."""
         return self.weights + self.optimizer + self.buffers
 
-    def step(self, accumulating: bool) -> int:
-        """A step's own peak: its activations and logits, and its gradients (filled as the activations are freed,
-        or held from micro-batch to micro-batch when `accumulating`)."""
-        if accumulating:
-            return self.gradients + self.activations + self.logits
+    @property
+    def step(self) -> int:
+        """A step's own peak with one micro-batch: its gradients fill as its activations and logits are freed."""
         return max(self.gradients, self.activations + self.logits)
 
-    def total(self, accumulating: bool = False) -> int:
-        return self.held + max(self.step(accumulating), self.evaluation)
+
+def layer_bytes(s: StudentShape, tokens: int, autocast: bool) -> int:
+    """Bytes one decoder layer keeps for its backward pass over `tokens` tokens (see the module docstring)."""
+    return tokens * ((30 * s.hidden + 4 * s.kv + 8 * s.ffn) if autocast else (32 * s.hidden + 8 * s.kv + 16 * s.ffn))
 
 
 def activations(s: StudentShape, b: Batch, checkpointing: bool) -> int:
     """Bytes autograd keeps for one forward pass of the student on a batch."""
     tokens = b.rows * b.positions
-    per_layer = (30 * s.hidden + 4 * s.kv + 8 * s.ffn) if b.autocast else (32 * s.hidden + 8 * s.kv + 16 * s.ffn)
-    layer = tokens * per_layer
+    layer = layer_bytes(s, tokens, b.autocast)
     scores = b.rows * s.heads * b.positions**2 * 8  # one recorded layer's eager attention scores and probabilities
     root = tokens * 16 * s.hidden
     if checkpointing:
@@ -173,7 +171,7 @@ def evaluation_bytes(s: StudentShape, b: Batch) -> int:
     """An evaluation's logits: a block of at most EVAL_BLOCK_MIB of float32 logits, or the batch's, and what the
     metrics derive from them; and one layer's working set (no gradients, nothing kept)."""
     tokens = b.rows * b.positions
-    layer = tokens * (32 * s.hidden + 8 * s.kv + 16 * s.ffn)
+    layer = layer_bytes(s, tokens, False)
     if not s.vocab:
         return layer
     return layer + 2 * min(tokens * s.vocab * 4, int(EVAL_BLOCK_MIB * MIB))
@@ -183,13 +181,11 @@ def footprint(s: StudentShape, b: Batch, parallel: str, world: int, checkpointin
     """One rank's bytes for student `s` trained under `parallel` over `world` ranks (see the module docstring)."""
     shards = world if parallel == "fsdp" else 1
     state = -(-s.params // shards)
-    param_bytes = 2 if b.autocast else 4
-    if parallel == "fsdp" and world > 1:
-        root = s.params - s.layers * s.layer_params
-        gathered = root + 2 * s.layer_params
-        buffers = gathered * param_bytes  # at the step's peak (its backward's start) no unsharded gradient yet
     logits, block = logit_bytes(s, b)
-    if not (parallel == "fsdp" and world > 1):
+    if parallel == "fsdp" and world > 1:
+        gathered = s.params - s.layers * s.layer_params + 2 * s.layer_params  # the root unit and two layers
+        buffers = gathered * (2 if b.autocast else 4)  # at the step's peak (its backward's start) no gradient yet
+    else:
         copies = s.matrices - (s.head if block else 0)  # a fused head is cast once per step, counted with it
         buffers = (4 * s.params if world > 1 else 0) + (2 * copies if b.autocast else 0)
     return Footprint(4 * state, 4 * state, 8 * state, buffers, activations(s, b, checkpointing), logits,
@@ -219,7 +215,7 @@ class Plan:
             steps = [f.activations + f.logits for f in fps]
         else:
             held = sum(f.held for f in fps)
-            steps = [f.step(False) for f in fps]
+            steps = [f.step for f in fps]
         mutual = sum(f.logits for f in fps) if self.batch.mutual else 0
         return held + max(max(steps) + mutual, max(f.evaluation for f in fps))
 
@@ -284,14 +280,15 @@ class Plan:
             f"{self.device} memory; use " + ", or ".join(ways) + " (distill student --dry-run prints the plan)")
 
 
-def device_capacity(device: torch.device) -> int | None:
-    """Bytes of one rank's device memory: a GPU's total; a CPU's available memory shared by this host's ranks."""
+def device_capacity(device: torch.device, host_ranks: int | None = None) -> int | None:
+    """Bytes of one rank's device memory: a GPU's total; a CPU's available memory shared by `host_ranks` ranks
+    (default: this launch's ranks on this host)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     if device.type != "cpu":
         return None
     have = distributed.host_memory_available()
-    return None if have is None else have // distributed.ranks_on_this_host()
+    return None if have is None else have // (host_ranks or distributed.ranks_on_this_host())
 
 
 def meta_model(spec: StudentConfig, manifest: Manifest, tokenizer, cross: bool):
@@ -339,15 +336,16 @@ def plan_run(cfg: StudentRunConfig, manifest: Manifest, tokenizers: dict[str, tu
     return Plan(shapes, batch, world, cfg.activation_checkpointing, cap, f"{device.type}")
 
 
-
 def dry_run(cfg: StudentRunConfig, world: int | None = None, device_gib: float | None = None) -> tuple[Plan, str]:
     """(the plan of `cfg`, the layout it would use): its caches' manifests and tokenizers read, no weight or batch;
     `world` and `device_gib` plan another launch than this one (ranks, memory per rank)."""
     inputs = open_inputs(cfg)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))  # a dry run under torchrun plans that launch
-    capacity = None if device_gib is None else int(device_gib * GIB)
-    if capacity is None and world and world != launched and inputs.device.type == "cpu":
-        have = distributed.host_memory_available()  # another number of CPU ranks on this host share its memory
-        capacity = None if have is None else have // world
+    launched = distributed.launch_world()  # a dry run under torchrun plans that launch
+    if device_gib is not None:
+        capacity = int(device_gib * GIB)
+    elif world and world != launched:  # another number of ranks (on a CPU, sharing this host's memory)
+        capacity = device_capacity(inputs.device, world)
+    else:
+        capacity = None  # this launch's device
     plan = plan_run(cfg, inputs.first.manifest, inputs.student_tokenizers, inputs.device, world or launched, capacity)
     return plan, plan.resolve(cfg.parallel)
