@@ -160,3 +160,15 @@ def test_a_group_with_no_shard_loads_with_the_others_and_waits(teachers, corpus,
     res = torchrun(4, ENTRY, "teacher-cache", "-c", str(write_toml(tmp_path / "c.toml", cfg)))
     assert "2 groups share 1 shards" in res.stderr
     assert verify(out) == [] and json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"] == 1
+
+
+def test_the_generator_refuses_tp_size():
+    """On-policy generation runs the whole model on each rank: a generator's tp_size other than 1 is refused by its
+    settings, not ignored."""
+    import pydantic
+
+    from pipeline.onpolicy.settings import GeneratorConfig
+
+    with pytest.raises(pydantic.ValidationError, match="tp_size"):
+        GeneratorConfig.model_validate({"model": "some/model", "tp_size": 2})
+    assert GeneratorConfig.model_validate({"model": "some/model"}).tp_size == 1
