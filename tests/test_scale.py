@@ -342,6 +342,26 @@ def test_a_damaged_shard_index_is_named_by_verify_and_refused_by_readers(llama_d
     assert verify(root, splits=["validation"]) == []  # the other split's index and files are intact
 
 
+def test_one_shard_index_answers_lookups_from_many_threads(tmp_path, monkeypatch):
+    """zarr reads a remote cache's chunks from several threads, each looking its file up in the same index."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.format import index as shard_index
+
+    monkeypatch.setattr(shard_index, "GROUP_ROWS", 4)  # many row groups: lookups move between them
+    writer = shard_index.IndexWriter(tmp_path / "shards.parquet")
+    for n in range(64):
+        writer.add("train", "train", n, 8 * n, 8 * n + 8,
+                   {f: (f"train/{f}/c/{n}/0", n + len(f), f"{n:064x}") for f in ("a", "b")})
+    writer.close()
+    index = shard_index.ShardIndex("train", 0, tmp_path / "shards.parquet")
+    asked = [f"train/{f}/c/{n}/0" for _ in range(20) for n in np.random.default_rng(0).permutation(64) for f in "ab"]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(index.lookup, asked))
+    assert [(d.bytes, d.sha256) for d in got] == [(int(p.split("/")[3]) + 1, f"{int(p.split('/')[3]):064x}")
+                                                  for p in asked]
+
+
 @pytest.mark.parametrize("data,kw,columns", [("corpus", {}, ["text"]), ("corpus", {"max_documents": 300}, ["text"]),
                                               ("conversations", {"format": "messages"}, ["messages", "prompt"])])
 def test_documents_are_read_from_the_arrow_files_in_dataset_order(request, data, kw, columns):

@@ -11,6 +11,7 @@ manifest (`shards`); `ShardIndex.legacy` serves those through the same interface
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -104,6 +105,7 @@ class ShardIndex:
         self._legacy = legacy
         self._file: pq.ParquetFile | None = None
         self._group: tuple[int, dict[str, FileDigest]] | None = None  # the last row group looked up
+        self._lock = threading.Lock()  # the reader looks files up from threads; a ParquetFile is not thread-safe
 
     @classmethod
     def legacy(cls, part: str, shard_start: int, shards: Iterable[dict]) -> "ShardIndex":
@@ -157,7 +159,11 @@ class ShardIndex:
         return any(st.min <= s <= st.max for s in shards)
 
     def lookup(self, rel: str) -> FileDigest | None:
-        """The size and sha256 the index records for a shard file (None: it lists no such file)."""
+        """The size and sha256 the index records for a shard file (None: it lists no such file). Thread-safe."""
+        with self._lock:
+            return self._lookup(rel)
+
+    def _lookup(self, rel: str) -> FileDigest | None:
         local = shard_of(rel, self.part)
         if local is None:
             return None

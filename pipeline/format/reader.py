@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -136,6 +137,7 @@ class Cache:
         self.root: Path | str = self.storage.where
         self.manifest = read_manifest(self.storage)
         self._indexes: dict[str, ShardIndex] = {}
+        self._index_lock = threading.RLock()  # zarr's reads look files up from several threads at once
         self.mirror = Path(mirror) if mirror else default_mirror(self.storage.location, self.manifest.digest)
 
     @property
@@ -147,13 +149,14 @@ class Cache:
         return self._storage
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_storage", "_indexes")} | {
+        return {k: v for k, v in self.__dict__.items() if k not in ("_storage", "_indexes", "_index_lock")} | {
             "location": self._storage.location, "storage_options": self._storage.options, "_pid": None}
 
     def __setstate__(self, state):
         self._storage = Storage(state.pop("location"), state.pop("storage_options"), fresh=True)
         self.__dict__.update(state)
         self._indexes = {}
+        self._index_lock = threading.RLock()
         self._pid = os.getpid()
 
     def local_file(self, rel: str, missing_ok: bool = False) -> Path | None:
@@ -173,6 +176,10 @@ class Cache:
     # -- the files and their checksums ---------------------------------------------------------
     def index(self, split: str, part: str) -> ShardIndex:
         """A part's shard index (opened once; for a remote cache fetched into the mirror and verified)."""
+        with self._index_lock:
+            return self._open_index(split, part)
+
+    def _open_index(self, split: str, part: str) -> ShardIndex:
         if part not in self._indexes:
             m = self.manifest
             start = m.shard_start(split, part)
