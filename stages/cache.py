@@ -111,7 +111,17 @@ def _captured(m: Manifest) -> str:
             + (f"; sampled targets: {cap.samples} draws at T={cap.sample_temperature}" if cap.samples else "")
             + (f"; final hidden state ({cap.value('final_hidden_dtype')}) + LM head: exact full-vocabulary KD"
                if cap.final_hidden else "")
-            + f"; top-K codec {cap.topk_codec}")
+            + f"; top-K codec {cap.topk_codec}" + _precision(m))
+
+
+def _precision(m: Manifest) -> str:
+    """The log-probs' error bound and what it cost, for a bounded-error cache."""
+    bound, kl = m.capture.logprob_precision, m.stats.logprob_kl
+    if bound is None:
+        return ""
+    return (f"; log-probs rounded within {bound:g}/sqrt(p) nats, KL(exact || stored) per position mean "
+            f"{kl['mean']:.2e}, max {kl['max']:.2e} over {kl['positions']:,} positions" if kl else
+            f"; log-probs rounded within {bound:g}/sqrt(p) nats")
 
 
 def _fields(m: Manifest) -> list[str]:

@@ -75,6 +75,8 @@ def test_build_inspect_verify(config_file, tmp_path):
     ("capture.top_k=100000", "error: capture.top_k=100000 is larger than the teacher's vocabulary"),
     ("capture.nonsense=1", "capture.nonsense: unknown key"),
     ("data.text_column=body", "error: text column 'body' not in"),
+    ("capture.logprob_precision=0.2", "capture.logprob_precision: Input should be less than or equal to 0.05"),
+    ("capture.logprob_precision=0", "capture.logprob_precision: Input should be greater than 0"),
 ])
 def test_bad_input_exits_2_with_message(config_file, override, message):
     res = distill("teacher-cache", "--config", str(config_file), "-s", override)

@@ -155,4 +155,8 @@ def shard_stats(t: TeacherTargets, lengths: np.ndarray, seconds: float, labels: 
     L = t.logsumexp.shape[1]
     valid = np.arange(L)[None, :] < lengths[:, None]
     mass = np.exp(t.topk_logprobs.astype(np.float32)).sum(-1, dtype=np.float64)  # (B, L)
-    return {"tokens": int(lengths.sum()), "seconds": seconds, "topk_mass_sum": float(mass[valid].sum())}
+    out = {"tokens": int(lengths.sum()), "seconds": seconds, "topk_mass_sum": float(mass[valid].sum())}
+    if t.logprob_kl is not None:  # bounded-error log-probs: what the rounding cost, per position
+        kl = t.logprob_kl[valid]
+        out |= {"logprob_kl_sum": float(kl.sum(dtype=np.float64)), "logprob_kl_max": float(kl.max(initial=0.0))}
+    return out

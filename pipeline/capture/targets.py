@@ -19,6 +19,7 @@ import torch
 from .. import attention
 from ..errors import CaptureOverflowError
 from ..models import TeacherSpec, output_logits
+from . import precision
 from .representations import HiddenStates, add_representations, to_storage
 
 @dataclass
@@ -41,6 +42,7 @@ class TeacherTargets:
     sample_counts: np.ndarray | None = None  # (B, L, N) draws of each id; 0 marks an empty slot
     sample_logprobs: np.ndarray | None = None  # (B, L, N) float16 teacher log p at T=1 of sample_ids
     final_hidden: np.ndarray | None = None  # (B, L, d) the LM head's input (float16/float32, or bfloat16 bits)
+    logprob_kl: np.ndarray | None = None  # (B, L) float32 KL(exact || stored) of rounded log-probs; a statistic
     # classification teachers: every class, (B, C) per row or (B, L, C) per token (zeros at padding)
     class_logprobs: np.ndarray | None = None  # float32 log p at T=1
     class_logsumexp: np.ndarray | None = None  # (B,) or (B, L) float32 logsumexp of the logits at T=1
@@ -260,7 +262,11 @@ class TargetComputer:
         v3 = valid[:, :, None]
         host = HostBatch(self.device)
         host.put("topk_ids", torch.where(v3, t["topk_ids"], 0))
-        host.put("topk_logprobs", torch.where(v3, t["topk_logprobs"], 0).to(torch.float16))
+        lp = t["topk_logprobs"]
+        if self.cfg.logprob_precision is not None:  # bounded error: rounded, with the KL of the rounding measured
+            lp, exact = precision.round_logprobs(lp, self.cfg.logprob_precision), lp
+            host.put("logprob_kl", torch.where(valid, precision.stored_kl(exact, lp), 0))
+        host.put("topk_logprobs", torch.where(v3, lp, 0).to(torch.float16))
         host.put("logsumexp", torch.where(valid, t["logsumexp"], 0))
         host.put("target_logprob", t["target_logprob"])
         if "logsumexp_tempered" in t:

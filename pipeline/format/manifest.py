@@ -27,13 +27,15 @@ from .records import (Capture, Field, FileDigest, Growth, Imported, IndexFile, P
                       Subset, Task, Teacher, Tokenizer, record)
 
 FORMAT_NAME = "teacher-cache"
-FORMAT_VERSION = "3.0"  # the shard index (a 2.x reader would find no shards: it must refuse)
+FORMAT_VERSION = "3.1"  # 3.0: the shard index (a 2.x reader would find no shards: it must refuse); 3.1: bounded-error
+# log-probs (capture.logprob_precision, stats.logprob_kl), which a 3.0 reader reads as the float16 values they are
 READABLE_MAJORS = ("1", "2", "3")
 FINISHED_ONLY = ("shards", "shard_index", "metadata_files", "stats", "digest")  # what a plan lacks
 
 # capture settings added since 1.3, as every earlier cache was made
 LEGACY_CAPTURE = {"samples": 0, "sample_temperature": 1.0, "sample_seed": 0, "final_hidden": False,
-                  "final_hidden_dtype": "float16", "topk_codec": "zstd", "hidden_codec": "zstd"}
+                  "final_hidden_dtype": "float16", "topk_codec": "zstd", "hidden_codec": "zstd",
+                  "logprob_precision": None}
 
 
 def canonical(obj) -> str:
@@ -270,7 +272,7 @@ class Manifest:
         return Stats(s["tokens"], s["rows"], s["bytes_on_disk"], s.get("bytes_per_token", {}),
                      timing.get("seconds", 0.0), timing.get("tokens_per_second", 0.0), timing.get("finished_at"),
                      s.get("mean_topk_mass"), s.get("teacher_accuracy"), s.get("teacher_correct_labelled"),
-                     timing.get("writer_wait_seconds", 0.0))
+                     timing.get("writer_wait_seconds", 0.0), s.get("logprob_kl"))
 
 
 def _restored(document: dict, recorded_version: str) -> Manifest:

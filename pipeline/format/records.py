@@ -107,6 +107,7 @@ class Capture:
     final_hidden: bool = False
     topk_codec: str = "zstd"
     hidden_codec: str = "zstd"
+    logprob_precision: float | None = None  # bounded-error top-K log-probs (None: exact float16)
     attention_heads_stored: int | None = None
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # every recorded capture setting
 
@@ -289,3 +290,5 @@ class Stats:
     teacher_accuracy: Mapping[str, float] | None = None  # a classifier's, per split
     teacher_correct_labelled: Mapping[str, list[int]] | None = None  # its counts behind teacher_accuracy
     writer_wait_seconds: float = 0.0  # of `seconds`, how long the teacher's loop waited for a free writer
+    logprob_kl: Mapping[str, float] | None = None  # bounded-error log-probs: KL(exact || stored) per position
+    # ({"mean", "max", "positions"})

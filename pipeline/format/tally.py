@@ -26,6 +26,8 @@ class Tally:
         self.wait = old.writer_wait_seconds
         self.per_field = {k: v * old.tokens for k, v in old.bytes_per_token.items()}
         self.right = {s: list(v) for s, v in (old.teacher_correct_labelled or {}).items()}
+        kl = old.logprob_kl or {}  # bounded-error log-probs: [sum, max, positions] of KL(exact || stored)
+        self.kl = [kl.get("mean", 0.0) * kl.get("positions", 0), kl.get("max", 0.0), kl.get("positions", 0)]
 
     def add(self, c: dict) -> None:
         self.tokens += c["tokens"]
@@ -40,6 +42,9 @@ class Tally:
         else:
             self.mass += c["topk_mass_sum"]
             self.positions += c.get("target_positions", c["tokens"])
+            if "logprob_kl_sum" in c:
+                self.kl = [self.kl[0] + c["logprob_kl_sum"], max(self.kl[1], c["logprob_kl_max"]),
+                           self.kl[2] + c["tokens"]]
 
     def result(self, rows_bytes: list[int], head_bytes: int | None = None, layout: dict | None = None) -> dict:
         """The manifest's `stats`, given the bytes of each written part's rows.parquet and (a new cache that
@@ -53,6 +58,8 @@ class Tally:
         quality = {"teacher_correct_labelled": right,
                    "teacher_accuracy": {s: a / max(n, 1) for s, (a, n) in right.items()}} \
             if self.plan.task.classifier else {"mean_topk_mass": self.mass / max(self.positions, 1)}
+        if self.kl[2]:
+            quality["logprob_kl"] = {"mean": self.kl[0] / self.kl[2], "max": self.kl[1], "positions": self.kl[2]}
         return quality | {
             "tokens": tokens,
             "rows": sum(s.rows for s in self.plan.splits.values()),
