@@ -166,7 +166,7 @@ def topk_candidates(cache_path: str, split: str) -> None:
     from pipeline.format import Cache
 
     cache = Cache(cache_path)
-    ids = np.asarray(cache.array(split, "topk_ids")[:])
+    ids = np.asarray(cache.array(split, "topk_ids")[:])  # the ids (a cache of frequency codes decoded)
     lp = np.asarray(cache.array(split, "topk_logprobs")[:])
     rows = cache.rows(split, ["input_ids", "length"])
     N, L, K = ids.shape
@@ -174,6 +174,7 @@ def topk_candidates(cache_path: str, split: str) -> None:
     inputs = np.zeros((N, L), np.int64)
     for n, r in enumerate(rows.column("input_ids").to_pylist()):
         inputs[n, :len(r)] = r
+    real = inputs[np.arange(L)[None, :] < np.asarray(rows.column("length"))[:, None]]  # what 4.0's order counts
     nxt = np.full((N, L), -1, np.int64)
     nxt[:, :-1] = inputs[:, 1:]
     first = slice(0, cache.manifest.capture.rows_per_shard)  # a writer's first shard: what a table is fitted on
@@ -196,7 +197,9 @@ def topk_candidates(cache_path: str, split: str) -> None:
         ("ids", "rank order (today)", "pcodec-8", ids, p8.encode),
         ("ids", "rank order", "pcodec-12", ids, p12.encode),
         ("ids", "rank order", "zstd-19", ids, z19.encode),
-        ("ids", "frequency codes (table of the first shard), rank order", "pcodec-8", ids,
+        ("ids", "frequency codes by the rows' tokens (format 4.0), rank order", "pcodec-8", ids,
+         lambda x: p8.encode(_frequency_codes(x, real, vocab))),
+        ("ids", "frequency codes by the first shard's top-K ids, rank order", "pcodec-8", ids,
          lambda x: p8.encode(_frequency_codes(x, x[first], vocab))),
         ("ids", "frequency codes, rank order", "zstd-19", freq, z19.encode),
         ("ids", "top-1 as a flag when it is the next token, rank order", "pcodec-8", flagged, p8.encode),

@@ -176,6 +176,9 @@ class CaptureConfig(Strict):
     topk_codec: Literal["pcodec", "zstd"] = Field(
         "pcodec", description="codec of the top-K and sampled fields: pcodec (lossless, 30% smaller, needs "
                               "numcodecs[pcodec] to read) or zstd (int32 ids, the 1.2 layout)")
+    topk_ids_encoding: Literal["frequency-codes", "ids"] = Field(
+        "frequency-codes", description="how topk_ids are stored: frequency-codes (each id's place in the part's "
+        "tokens by frequency: about 8% fewer bytes at pcodec's speed; format 4.0) or ids (as before 4.0)")
     logprob_precision: float | None = Field(
         None, gt=0, le=0.05, description="bounded-error top-K log-probs (unset: exact float16): an entry of "
         "probability p is stored within this / sqrt(p) nats, the most likely one carrying the others' change of mass; "

@@ -210,8 +210,8 @@ def test_unfinished_capture_with_other_settings_is_refused(llama_dir, corpus, tm
 def test_reader_refuses_foreign_and_newer_caches(tmp_path):
     with pytest.raises(CacheError, match="not a teacher cache"):
         Cache(tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": "teacher-cache", "format_version": "4.0"}))
-    with pytest.raises(CacheError, match=r"format version 4.0 is not readable by this version \(reads 1.x, 2.x, 3.x\)"):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "teacher-cache", "format_version": "5.0"}))
+    with pytest.raises(CacheError, match=r"format version 5.0 is not readable by this version \(reads 1.x, 2.x, 3.x, 4.x\)"):
         Cache(tmp_path)
 
 

@@ -15,7 +15,7 @@ from conftest import all_files, as_legacy, capture, make_llama, settings
 
 from pipeline.errors import CaptureError
 from pipeline.student_config import StudentRunConfig
-from pipeline.format import Cache, CacheError, CacheWriter, verify
+from pipeline.format import FORMAT_VERSION, Cache, CacheError, CacheWriter, verify
 from pipeline.format.share import pull
 from pipeline.train.dataset import CacheBatches, make_loader
 from pipeline.train.recipe import train_students
@@ -265,7 +265,7 @@ def test_push_of_a_grown_cache_over_its_parent_sends_only_the_growth(grown, tmp_
     new = set(all_files(grown / "grown")) - set(all_files(grown / "base"))
     assert res["sent"] == len(new) and verify(dest) == []
     assert Cache(dest).manifest.digest == Cache(grown / "grown").manifest.digest
-    assert Cache(dest).manifest.format_version == "3.0"
+    assert Cache(dest).manifest.format_version == FORMAT_VERSION
     with pytest.raises(CacheError, match="holds another cache"):  # the other way round is a different cache
         push(str(grown / "base"), str(dest), log=lambda m: None)
 
@@ -291,7 +291,7 @@ def test_a_cache_of_the_previous_format_is_done_and_grows(llama_dir, corpora, gr
     assert res.computed_shards == 0 and json.loads((out / "manifest.json").read_text()) == m
     capture(grow_cfg(llama_dir, corpora["new"], out, mode="append"))
     g = Cache(out)
-    assert verify(out) == [] and g.manifest.format_version == "3.0" and "shards" not in g.manifest.document
+    assert verify(out) == [] and g.manifest.format_version == FORMAT_VERSION and "shards" not in g.manifest.document
     assert set(g.manifest.shard_index) == {p.path for s in g.splits for p in g.parts(s)}  # the old parts indexed
     assert all_files(g) == all_files(grown / "grown")
 
@@ -320,7 +320,7 @@ def test_inspect_json_prints_the_manifest_as_stored(grown, tmp_path, capsys):
 
     m["digest"] = manifest_digest(m)
     (out / "manifest.json").write_text(json.dumps(m))
-    assert Cache(out).manifest.capture.topk_codec == "zstd" and Cache(out).manifest.format_version == "3.0"
+    assert Cache(out).manifest.capture.topk_codec == "zstd" and Cache(out).manifest.format_version == FORMAT_VERSION
     assert verify(out) == [] and Cache(out).manifest.recorded_version == "1.2"  # its shards read from the manifest
     capsys.readouterr()
     inspect(str(out), as_json=True)

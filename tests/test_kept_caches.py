@@ -23,7 +23,7 @@ def test_a_3_0_cache_reads_and_verifies():
 
     c = Cache(KEPT)
     m = c.manifest
-    assert m.recorded_version == "3.0" and m.format_version == "3.1"  # read as today's version describes it
+    assert m.recorded_version == "3.0" and m.format_version == "4.0"  # read as today's version describes it
     assert m.capture.logprob_precision is None and m.stats.logprob_kl is None
     assert verify(KEPT) == []
     for split in c.splits:
@@ -43,8 +43,9 @@ def test_an_append_to_a_3_0_cache_keeps_its_settings(llama_dir, corpus, tmp_path
                    capture={"top_k": 8, "batch_size": 4, "rows_per_shard": 4, "rows_per_chunk": 2},
                    output={"mode": "append"})
     grown = capture(cfg).manifest
-    assert grown.format_version == "3.1" and len(grown.grown) == 1 and grown.stats.tokens > 400
+    assert grown.format_version == "4.0" and len(grown.grown) == 1 and grown.stats.tokens > 400
     assert grown.capture.logprob_precision is None and grown.capture.topk_codec == "pcodec"
+    assert grown.capture.topk_ids_encoding == "ids" and grown.fields["topk_ids"].encoding is None  # kept
     assert verify(root) == []
     old, new = Cache(KEPT), Cache(root)
     for split in old.splits:  # the old part's values are where they were

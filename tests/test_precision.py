@@ -73,7 +73,7 @@ def test_a_bounded_capture_against_the_exact_one(llama_dir, corpus, tmp_path):
     exact = capture(settings(llama_dir, corpus, tmp_path / "exact", capture={"top_k": 32}))
     cfg = settings(llama_dir, corpus, tmp_path / "bounded", capture={"top_k": 32, "logprob_precision": bound})
     m = capture(cfg).manifest
-    assert m.format_version == "3.1" and m.capture.logprob_precision == bound
+    assert m.format_version == "4.0" and m.capture.logprob_precision == bound
     assert exact.manifest.capture.logprob_precision is None and exact.manifest.stats.logprob_kl is None
     a, b = Cache(tmp_path / "exact"), Cache(tmp_path / "bounded")
     kls = []

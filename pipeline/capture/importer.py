@@ -88,7 +88,8 @@ def build_plan(s: ImportSettings, sv: Survey, imported: dict, teacher: dict, tok
                  "hidden_dtype": "float16", "attention_layers": [], "attention_heads_stored": None,
                  "rows_per_shard": s.rows_per_shard, "rows_per_chunk": s.rows_per_chunk, "compression_level": 3,
                  "samples": 0, "sample_temperature": 1.0, "sample_seed": 0, "final_hidden": False,
-                 "final_hidden_dtype": "float16", "topk_codec": "pcodec", "hidden_codec": "zstd"},
+                 "final_hidden_dtype": "float16", "topk_codec": "pcodec", "hidden_codec": "zstd",
+                 "topk_ids_encoding": "ids"},
         imported=imported,
         splits=[Split.of(sp, (part_record(sp, 0, n, sv.tokens[sp], s.rows_per_shard),))
                 for sp, n in split_rows.items()],

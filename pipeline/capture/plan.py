@@ -139,7 +139,8 @@ def finished_changes(old: Manifest, plan: dict) -> list[str]:
 
 
 ENCODINGS = ("capture.topk_codec:", "fields.topk_ids.dtype:", "fields.topk_ids.codec:", "fields.topk_logprobs.codec:",
-             "capture.hidden_codec:", "fields.hidden_states.codec:", "fields.final_hidden.codec:")
+             "capture.hidden_codec:", "fields.hidden_states.codec:", "fields.final_hidden.codec:",
+             "capture.topk_ids_encoding:", "fields.topk_ids.encoding:", "fields.topk_ids.description:")
 
 # What an append may change: which documents, and where and with what software it ran. Everything
 # else that determines the cache's bytes must be what the cache was made with.

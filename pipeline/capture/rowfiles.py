@@ -41,6 +41,10 @@ class Rows:
     def n_tokens(self) -> int:
         return int(self.lengths.sum())
 
+    def real_tokens(self) -> np.ndarray:
+        """The ids of every row's real positions, row after row (1-D)."""
+        return self.input_ids[np.arange(self.input_ids.shape[1])[None, :] < self.lengths[:, None]]
+
     def take(self, idx) -> "Rows":
         idx = np.asarray(idx, dtype=np.int64)
         return Rows(self.input_ids[idx], self.lengths[idx], [self.keys[i] for i in idx],

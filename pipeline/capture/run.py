@@ -127,7 +127,8 @@ def _append_codec(cfg: TeacherCacheConfig, st: Storage, log) -> TeacherCacheConf
     if cfg.output.mode != "append" or not st.exists(MANIFEST):
         return cfg
     base = read_manifest(st).capture
-    update = {k: getattr(base, k) for k in ("topk_codec", "hidden_codec") if getattr(base, k) != getattr(cfg.capture, k)}
+    update = {k: getattr(base, k) for k in ("topk_codec", "hidden_codec", "topk_ids_encoding")
+              if getattr(base, k) != getattr(cfg.capture, k)}
     if not update:
         return cfg
     log("appending with " + ", ".join(f"capture.{k}={v!r}" for k, v in update.items())

@@ -72,7 +72,8 @@ def capture_specs(cfg: TeacherCacheConfig, teacher: TeacherFacts) -> list[FieldS
         topk_codec=c.topk_codec, hidden_codec=c.hidden_codec, samples=c.samples,
         final_hidden=(spec.hidden_size, c.final_hidden_dtype) if c.final_hidden else None,
         classes=len(classifier.labels.names) if classifier else None,
-        per_token=bool(classifier and classifier.per_token))
+        per_token=bool(classifier and classifier.per_token),
+        id_codes=c.topk_ids_encoding == "frequency-codes" and classifier is None)
 
 
 def weight_shards(cfg: TeacherCacheConfig) -> int:

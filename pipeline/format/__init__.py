@@ -17,6 +17,7 @@ only reads, checks or moves caches does not need the training stack:
     index.py     each part's shard index (shards.parquet)             reader.py    Cache, read_manifest
     verify.py    every checksum, streamed                             share.py     push, pull, ls
     export.py    Parquet for other tools                              distillkit.py  DistillKit's compressed columns
+    idcodes.py   topk_ids as frequency codes (4.0)
 """
 
 from ..errors import CacheError, StorageError

@@ -27,15 +27,15 @@ from .records import (Capture, Field, FileDigest, Growth, Imported, IndexFile, P
                       Subset, Task, Teacher, Tokenizer, record)
 
 FORMAT_NAME = "teacher-cache"
-FORMAT_VERSION = "3.1"  # 3.0: the shard index (a 2.x reader would find no shards: it must refuse); 3.1: bounded-error
-# log-probs (capture.logprob_precision, stats.logprob_kl), which a 3.0 reader reads as the float16 values they are
-READABLE_MAJORS = ("1", "2", "3")
+FORMAT_VERSION = "4.0"  # 4.0: topk_ids as frequency codes (a 3.x reader would read codes as ids: it must refuse),
+# and bounded-error log-probs (capture.logprob_precision, stats.logprob_kl); 3.0: the shard index
+READABLE_MAJORS = ("1", "2", "3", "4")
 FINISHED_ONLY = ("shards", "shard_index", "metadata_files", "stats", "digest")  # what a plan lacks
 
 # capture settings added since 1.3, as every earlier cache was made
 LEGACY_CAPTURE = {"samples": 0, "sample_temperature": 1.0, "sample_seed": 0, "final_hidden": False,
                   "final_hidden_dtype": "float16", "topk_codec": "zstd", "hidden_codec": "zstd",
-                  "logprob_precision": None}
+                  "logprob_precision": None, "topk_ids_encoding": "ids"}
 
 
 def canonical(obj) -> str:

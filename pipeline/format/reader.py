@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import CacheError
+from . import idcodes
 from .index import ShardIndex
 from .layout import MANIFEST, ROWS_FILE, TOKENIZER_DIR, WORK_DIR, file_digest, tokenizer_fingerprint
 from .manifest import Manifest, Part
@@ -138,6 +139,7 @@ class Cache:
         self.manifest = read_manifest(self.storage)
         self._indexes: dict[str, ShardIndex] = {}
         self._index_lock = threading.RLock()  # zarr's reads look files up from several threads at once
+        self._orders: dict[str, np.ndarray] = {}  # frequency codes: each part's id order, read once
         self.mirror = Path(mirror) if mirror else default_mirror(self.storage.location, self.manifest.digest)
 
     @property
@@ -149,7 +151,7 @@ class Cache:
         return self._storage
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_storage", "_indexes", "_index_lock")} | {
+        return {k: v for k, v in self.__dict__.items() if k not in ("_storage", "_indexes", "_index_lock", "_orders")} | {
             "location": self._storage.location, "storage_options": self._storage.options, "_pid": None}
 
     def __setstate__(self, state):
@@ -157,6 +159,7 @@ class Cache:
         self.__dict__.update(state)
         self._indexes = {}
         self._index_lock = threading.RLock()
+        self._orders = {}
         self._pid = os.getpid()
 
     def local_file(self, rel: str, missing_ok: bool = False) -> Path | None:
@@ -302,15 +305,24 @@ class Cache:
         return arrays[0] if len(arrays) == 1 else PartsArray(arrays)
 
     def array_part(self, split: str, part: str, field: str):
-        """A dense field of one part of a split: a zarr array (opened lazily: nothing is read until sliced)."""
+        """A dense field of one part of a split: a zarr array (opened lazily: nothing is read until sliced); a field
+        of frequency codes reads as the ids (`idcodes.CodedIds`)."""
         import zarr
 
         if field not in self.manifest.dense_fields:
             raise CacheError(f"{self.root}: no dense field {field!r} (has: {', '.join(self.dense_fields)})")
         with numcodecs_quiet():
             if not self.remote:
-                return zarr.open_array(str(self.storage.local_path(f"{part}/{field}")), mode="r")
-            return zarr.open_array(store=_mirror_store(self), path=f"{part}/{field}", mode="r")
+                arr = zarr.open_array(str(self.storage.local_path(f"{part}/{field}")), mode="r")
+            else:
+                arr = zarr.open_array(store=_mirror_store(self), path=f"{part}/{field}", mode="r")
+        if self.manifest.fields[field].encoding != idcodes.ENCODING:
+            return arr
+        rel = idcodes.order_path(part, field)
+        if rel not in self._orders:  # read once per part
+            self._orders[rel] = idcodes.read_order(self.local_file(rel).read_bytes(),
+                                                   self.manifest.teacher.vocab_size, f"{self.root}/{rel}")
+        return idcodes.CodedIds(arr, self._orders[rel])
 
     @property
     def dense_fields(self) -> list[str]:

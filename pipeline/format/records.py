@@ -108,6 +108,7 @@ class Capture:
     topk_codec: str = "zstd"
     hidden_codec: str = "zstd"
     logprob_precision: float | None = None  # bounded-error top-K log-probs (None: exact float16)
+    topk_ids_encoding: str = "ids"  # "frequency-codes": topk_ids hold codes, mapped through each part's id order
     attention_heads_stored: int | None = None
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # every recorded capture setting
 

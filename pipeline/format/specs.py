@@ -100,20 +100,21 @@ def id_dtype(vocab_size: int) -> str:
 def field_specs(*, seq_len: int, top_k: int, n_temperatures: int, hidden: tuple[int, int] | None,
                 hidden_dtype: str, attention: tuple[int, int] | None, vocab_size: int | None = None,
                 topk_codec: str = "zstd", samples: int = 0, final_hidden: tuple[int, str] | None = None,
-                classes: int | None = None, per_token: bool = False, hidden_codec: str = "zstd") -> list[FieldSpec]:
+                classes: int | None = None, per_token: bool = False, hidden_codec: str = "zstd",
+                id_codes: bool = False) -> list[FieldSpec]:
     """The dense fields a capture writes; `hidden` = (n_layers, width), `attention` = (n_layers, heads kept),
     `final_hidden` = (width, dtype). `topk_codec` "zstd" with `vocab_size` None writes the 1.2 layout
     (int32 ids, zstd); "pcodec" writes ids in the narrowest type and the K-wide fields with pcodec.
     `classes` C: a classification teacher's fields instead of the next-token ones, per row or (`per_token`)
     per position. `hidden_codec` is the codec of hidden_states and final_hidden ("zstd" at the capture's level:
-    the layout before 3.0's codec choice)."""
+    the layout before 3.0's codec choice). `id_codes`: topk_ids hold frequency codes (`idcodes`)."""
     L, K = seq_len, top_k
     pc = topk_codec == "pcodec"
     ids = id_dtype(vocab_size) if (pc and vocab_size) else "int32"
 
-    def wide(name, dtype, desc, n):
+    def wide(name, dtype, desc, n, encoding=None):
         return FieldSpec(name, ("row", "position", "k" if name.startswith("topk") else "slot"), (L, n), dtype, desc,
-                         codec="pcodec" if pc else "zstd", level=TOPK_LEVELS[name] if pc else None)
+                         encoding, codec="pcodec" if pc else "zstd", level=TOPK_LEVELS[name] if pc else None)
 
     if classes:
         pos_dims, pos_tail, where = (("position",), (L,), "per position") if per_token else ((), (), "per row")
@@ -130,7 +131,9 @@ def field_specs(*, seq_len: int, top_k: int, n_temperatures: int, hidden: tuple[
         return specs + _representation_specs(L, hidden, hidden_dtype, attention, hidden_codec)
 
     specs = [
-        wide("topk_ids", ids, "ids of the K most likely next tokens, most likely first", K),
+        wide("topk_ids", ids, "ids of the K most likely next tokens, most likely first"
+             + ("; stored as codes: id = the part's id_order[code]" if id_codes else ""), K,
+             "frequency-codes" if id_codes else None),
         wide("topk_logprobs", "float16", "teacher log-probabilities of topk_ids at T=1", K),
         FieldSpec("logsumexp", ("row", "position"), (L,), "float32",
                   "logsumexp of the teacher logits at T=1: log p(i) = z_i - logsumexp"),

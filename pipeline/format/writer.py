@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CacheError
+from . import idcodes
 from .index import INDEX_FILE, IndexWriter, field_of, index_path, legacy_part
 from .layout import HEAD_FILE, MANIFEST, ROWS_FILE, TOKENIZER_DIR, WORK_DIR, shard_ranges, sync_file, write_json
 from .manifest import FORMAT_NAME, Manifest, manifest_digest
@@ -73,7 +74,7 @@ class CacheWriter:
     """
 
     def __init__(self, root: Path | Storage, plan: Manifest, specs: list[FieldSpec], split_rows: dict[str, int],
-                 base: Manifest | None = None, layout: dict | None = None):
+                 base: Manifest | None = None, layout: dict | None = None, id_orders: dict | None = None):
         self.st = root if isinstance(root, Storage) else Storage(root)
         self.layout = layout  # how the ranks that wrote it were laid out, recorded with the timing (not the data)
         self.root = self.st.location
@@ -91,6 +92,10 @@ class CacheWriter:
                                  "shard_start": sum(p.shards for p in parts[:-1])}
         self._arrays: dict[tuple[str, str], object] = {}
         self._encoders: dict[tuple[str, str], ShardEncoder | None] = {}
+        # frequency codes (idcodes): each written part's id order, given to the writer that lays the cache out
+        # (fitted on the prepared rows) and read back from the cache by every writer; the code of each id
+        self.id_orders = id_orders or {}
+        self._codes: dict[str, np.ndarray] = {}
 
     # -- setup ------------------------------------------------------------------------------
     def create_arrays(self) -> None:
@@ -108,6 +113,18 @@ class CacheWriter:
                 for spec in self.specs:
                     exists = self.st.exists(f"{part}/{spec.name}/zarr.json")
                     self._arrays[(split, spec.name)] = group[spec.name] if exists else self._create(group, spec, n)
+                    if spec.encoding == idcodes.ENCODING:
+                        self._codes[split] = self._id_codes(split, part, spec)
+
+    def _id_codes(self, split: str, part: str, spec: FieldSpec) -> np.ndarray:
+        """The code of each id in a part: its id order written (once, by the writer given it) and read back."""
+        rel = idcodes.order_path(part, spec.name)
+        if not self.st.exists(rel):
+            if split not in self.id_orders:
+                raise CacheError(f"{self.root}: {rel} is missing (the capture that laid the cache out writes it)")
+            self.st.write_bytes(rel, [idcodes.order_bytes(self.id_orders[split])])
+        order = idcodes.read_order(self.st.read_bytes(rel), self.plan.teacher.vocab_size, f"{self.root}/{rel}")
+        return idcodes.codes_of(order, np.dtype(spec.dtype))
 
     def _create(self, group, spec: FieldSpec, n: int):
         return group.create_array(
@@ -150,6 +167,8 @@ class CacheWriter:
         files = {}
         for spec in self.specs:
             data = self._checked(spec, fields[spec.name], split, index, end - start)
+            if spec.encoding == idcodes.ENCODING:
+                data = self._codes[split][data]
             rel = self.shard_file(split, spec.name, index)
             encoder = self._encoder(split, spec.name)
             if encoder is not None:
@@ -259,6 +278,7 @@ class CacheWriter:
             folder = self.parts[split]["path"]
             written += [f"{folder}/zarr.json", f"{folder}/{ROWS_FILE}"] + [f"{folder}/{spec.name}/zarr.json"
                                                                            for spec in self.specs]
+            written += [idcodes.order_path(folder, s.name) for s in self.specs if s.encoding == idcodes.ENCODING]
         if self.st.is_local:
             for rel in written:
                 sync_file(self.st.local_path(rel))

@@ -99,7 +99,8 @@ def scoring_capture(cfg: OnPolicyConfig) -> CaptureConfig:
     m = Cache(cfg.offline[0].cache, storage_options=cfg.storage_options).manifest
     c = m.capture
     keys = ("top_k", "samples", "sample_temperature", "sample_seed", "final_hidden", "final_hidden_dtype",
-            "topk_codec", "compression_level", "logprob_precision")
+            "topk_codec", "compression_level", "logprob_precision",
+            "topk_ids_encoding")
     taken = {k: c.value(k) for k in keys}
     taken["temperatures"] = [t for t in c.value("temperatures_all") if t != 1.0]
     return CaptureConfig.model_validate({k: list(v) if isinstance(v, tuple) else v for k, v in taken.items()})
