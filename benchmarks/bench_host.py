@@ -55,6 +55,7 @@ from pipeline.capture.shards import run_shards  # noqa: E402
 from pipeline.capture.targets import Done, TeacherTargets  # noqa: E402
 from pipeline.capture.teacher import TeacherFacts, capture_specs  # noqa: E402
 from pipeline.config import TeacherCacheConfig  # noqa: E402
+from pipeline.format import Cache, idcodes  # noqa: E402
 from pipeline.format import writer as writer_module  # noqa: E402
 from pipeline.format.index import field_of  # noqa: E402
 from pipeline.format.layout import shard_ranges  # noqa: E402
@@ -336,7 +337,10 @@ def write_cache(work: Path, cfg, specs, teacher: ReplayTeacher, shards: int, wri
     c, L = cfg.capture, cfg.data.seq_len
     rows = shards * c.rows_per_shard
     folder = Path(tempfile.mkdtemp(dir=work))
-    writer = CacheWriter(folder, plan_of(cfg, specs, rows), specs, {"train": rows})
+    orders = None  # frequency codes: an order fitted on the synthetic top-1 ids (the rows' tokens, as it were)
+    if any(s.encoding == idcodes.ENCODING for s in specs):
+        orders = {"train": idcodes.fit_order([t.topk_ids[..., 0].ravel() for t in teacher.pool], VOCAB)}
+    writer = CacheWriter(folder, plan_of(cfg, specs, rows), specs, {"train": rows}, id_orders=orders)
     writer.create_arrays()
     todo = [("train", i, a, b) for i, (a, b) in enumerate(shard_ranges(rows, c.rows_per_shard))]
     with (timed_pieces(writer) if pieces else nullcontext({})) as times:
@@ -529,7 +533,7 @@ def calibration(gen_seed: int = 0) -> list[dict]:
         return []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        real_ids = zarr.open_array(str(part / "topk_ids"))[:].reshape(-1, TOP_K)
+        real_ids = np.asarray(Cache(DEFAULT_CACHE).array("train", "topk_ids")[:]).reshape(-1, TOP_K)  # ids, not codes
         real_lp = zarr.open_array(str(part / "topk_logprobs"))[:].reshape(-1, TOP_K)
         real_h = zarr.open_array(str(part / "hidden_states"))[:8]  # (8, 3, 256, 576)
     gen = TargetGenerator(Calibration().vocab, gen_seed)

@@ -42,7 +42,8 @@ def fit_order(token_blocks: Iterable[np.ndarray], vocab: int) -> np.ndarray:
 def order_bytes(order: np.ndarray) -> bytes:
     """The Parquet file of an id order."""
     buf = io.BytesIO()
-    pq.write_table(pa.table({"id": pa.array(order, pa.int32())}), buf, compression="zstd", use_dictionary=False)
+    pq.write_table(pa.table({"id": pa.array(order, pa.int32())}), buf, compression="zstd", use_dictionary=False,
+                   column_encoding={"id": "DELTA_BINARY_PACKED"})  # the unseen ids ascend: 10 KB, not 118 (V = 49,152)
     return buf.getvalue()
 
 

@@ -46,10 +46,14 @@ class Tally:
                 self.kl = [self.kl[0] + c["logprob_kl_sum"], max(self.kl[1], c["logprob_kl_max"]),
                            self.kl[2] + c["tokens"]]
 
-    def result(self, rows_bytes: list[int], head_bytes: int | None = None, layout: dict | None = None) -> dict:
+    def result(self, rows_bytes: list[int], head_bytes: int | None = None, layout: dict | None = None,
+               field_files: dict[str, int] | None = None) -> dict:
         """The manifest's `stats`, given the bytes of each written part's rows.parquet and (a new cache that
-        stores one) of the LM head file; `layout`: the writing ranks' layout, kept with the timing."""
+        stores one) of the LM head file; `layout`: the writing ranks' layout, kept with the timing; `field_files`:
+        bytes of files beside a field's shards that count as the field's (the parts' id orders)."""
         per_field, tokens, right = dict(self.per_field), self.tokens, self.right
+        for name, size in (field_files or {}).items():
+            per_field[name] = per_field.get(name, 0) + size
         for size in rows_bytes:
             per_field["rows.parquet"] = per_field.get("rows.parquet", 0) + size
         if head_bytes is not None:

@@ -123,7 +123,8 @@ class CacheWriter:
             if split not in self.id_orders:
                 raise CacheError(f"{self.root}: {rel} is missing (the capture that laid the cache out writes it)")
             self.st.write_bytes(rel, [idcodes.order_bytes(self.id_orders[split])])
-        order = idcodes.read_order(self.st.read_bytes(rel), self.plan.teacher.vocab_size, f"{self.root}/{rel}")
+        vocab = len(self.id_orders[split]) if split in self.id_orders else self.plan.teacher.vocab_size
+        order = idcodes.read_order(self.st.read_bytes(rel), vocab, f"{self.root}/{rel}")
         return idcodes.codes_of(order, np.dtype(spec.dtype))
 
     def _create(self, group, spec: FieldSpec, n: int):
@@ -235,7 +236,7 @@ class CacheWriter:
         for rel in self._metadata_written():
             meta[rel] = self.st.digest(rel)
         document = {**self.plan.to_dict(), "shard_index": dict(sorted(index.items())), "metadata_files": meta,
-                    "stats": tally.result(*self._sizes(), layout=self.layout)}
+                    "stats": tally.result(*self._sizes(), layout=self.layout, field_files=self._order_sizes())}
         document["digest"] = manifest_digest(document)
         write_json(self.st, MANIFEST, document)
         self.st.remove_tree(WORK_DIR)
@@ -246,6 +247,14 @@ class CacheWriter:
         rows = [self.st.size(f"{part['path']}/{ROWS_FILE}") for part in self.parts.values()]
         head = self.st.size(HEAD_FILE) if self.base is None and self.st.exists(HEAD_FILE) else None
         return rows, head
+
+    def _order_sizes(self) -> dict[str, int]:
+        """The bytes of the id orders this capture wrote, per field (counted with the field's shards)."""
+        out: dict[str, int] = {}
+        for spec in (s for s in self.specs if s.encoding == idcodes.ENCODING):
+            for part in self.parts.values():
+                out[spec.name] = out.get(spec.name, 0) + self.st.size(idcodes.order_path(part["path"], spec.name))
+        return out
 
     def _write_index(self, split: str, part: str, records, seen=None) -> dict:
         """A part's shard index from its shards' commit records (in shard order, each also handed to `seen`),
