@@ -194,7 +194,7 @@ def topk_candidates(cache_path: str, split: str) -> None:
           f"{(ids == nxt[..., None]).any(-1).mean():.1%}")
     print("\n| values | layout | codec | B/token | tokens per CPU-s |\n|---|---|---|---|---|")
     cases = [
-        ("ids", "rank order (today)", "pcodec-8", ids, p8.encode),
+        ("ids", "rank order (before 4.0)", "pcodec-8", ids, p8.encode),
         ("ids", "rank order", "pcodec-12", ids, p12.encode),
         ("ids", "rank order", "zstd-19", ids, z19.encode),
         ("ids", "frequency codes by the rows' tokens (format 4.0), rank order", "pcodec-8", ids,
@@ -209,7 +209,7 @@ def topk_candidates(cache_path: str, split: str) -> None:
         ("ids", "the order of a sorted set: each rank's place in it (uint8)", "zstd-19", order, z19.encode),
         ("ids", "frequency codes sorted, deltas (the set without its order)", "pcodec-8", freq,
          lambda x: p8.encode(np.diff(np.sort(x.astype(np.int32), -1), axis=-1, prepend=0).astype(x.dtype))),
-        ("log-probs", "float16, rank order (today)", "pcodec-8", lp, p8.encode),
+        ("log-probs", "float16, rank order (the default)", "pcodec-8", lp, p8.encode),
         ("log-probs", "float16, rank order", "zstd-19", lp, z19.encode),
         ("log-probs", "float16 bits, deltas down the ranks", "pcodec-8", bits, lambda x: p8.encode(
             np.diff(x, axis=-1, prepend=0).astype(np.uint16))),
