@@ -23,13 +23,13 @@ def _topk_logprobs(seed: int, positions: int = 400, vocab: int = 5000, k: int = 
 
 
 def _reference_kl(x: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """KL over the K entries and the tail bucket (each tail at least 1e-7), one position at a time in float64."""
+    """KL over the K entries and the tail bucket (each tail at least 1e-7, each side normalised with it), one
+    position at a time in float64."""
     out = []
     for xi, qi in zip(x.astype(np.float64), q.astype(np.float64)):
-        tp = max(1 - math.fsum(np.exp(xi)), 1e-7)
-        tq = max(1 - math.fsum(np.exp(qi)), 1e-7)
-        z = math.fsum(np.exp(qi)) + tq  # 1 unless the stored entries hold more than all the mass
-        out.append(math.fsum(np.exp(xi) * (xi - qi + math.log(z))) + tp * math.log(tp * z / tq))
+        p, r = (np.append(np.exp(v), max(1 - math.fsum(np.exp(v)), 1e-7)) for v in (xi, qi))
+        p, r = p / math.fsum(p), r / math.fsum(r)
+        out.append(math.fsum(p[i] * math.log(p[i] / r[i]) for i in range(len(p)) if p[i] > 0))
     return np.array(out)
 
 
@@ -53,6 +53,13 @@ def test_rounding_keeps_each_entry_within_its_bound_and_the_tail(bound):
     kl = stored_kl(x, q)
     assert np.allclose(kl.numpy(), _reference_kl(x.numpy(), q.numpy()), rtol=1e-4, atol=1e-9)
     assert (kl >= -1e-9).all() and kl.mean() <= 64 * bound**2 / 2
+
+
+def test_the_kl_of_equal_values_is_zero_and_an_impossible_entry_adds_nothing():
+    confident = torch.tensor([[0.0, -30.0, -31.0], [-0.1, -3.0, float("-inf")]])
+    assert stored_kl(confident, confident).tolist() == [0.0, 0.0]
+    q = round_logprobs(confident, 0.01)
+    assert torch.isfinite(stored_kl(confident, q)).all() and q[1, 2] == float("-inf")
 
 
 def test_coarser_bounds_store_fewer_bytes_and_cost_more_kl():

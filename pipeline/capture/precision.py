@@ -12,9 +12,10 @@ positions, and one bad position outweighs the rest. The stored values are ordina
 needs nothing to read them.
 
 The KL is the losses' own view: the K entries plus the tail bucket, each tail at least 1e-7 (as
-`losses.log1mexp` clamps it), in float64 from the exact float32 log-probs. Where the first entry could not carry the
-change (it would have gone below the second) and the stored entries hold more than all the mass, the stored side is
-normalised with its clamped tail, so that the figure is a KL between distributions.
+`losses.log1mexp` clamps it), in float64 from the exact float32 log-probs. Each side is normalised with its clamped
+tail (nothing changes unless its entries hold more than 1 - 1e-7 of the mass, as they can where the first entry
+could not carry the change), so that the figure is a KL between distributions and 0 for equal ones; an entry of
+probability 0 adds nothing.
 """
 
 from __future__ import annotations
@@ -45,11 +46,11 @@ def round_logprobs(lp: torch.Tensor, bound: float) -> torch.Tensor:
 
 def stored_kl(exact: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
     """KL(exact || stored) per position (...,) float32 over the K entries and the tail bucket (see the module)."""
-    x, q = exact.double(), stored.double()
-    p = x.exp()
-    tail_p = (1 - p.sum(-1)).clamp(min=TAIL_FLOOR)
-    mass_q = q.exp().sum(-1)
-    tail_q = (1 - mass_q).clamp(min=TAIL_FLOOR)
-    log_z = (mass_q + tail_q).log()[..., None]  # 0 unless the stored entries hold more than all the mass
-    kl = (p * (x - q + log_z)).sum(-1) + tail_p * (tail_p.log() - tail_q.log() + log_z[..., 0])
-    return kl.float()
+    sides = []
+    for v in (exact.double(), stored.double()):
+        tail = (1 - v.exp().sum(-1)).clamp(min=TAIL_FLOOR)
+        full = torch.cat([v, tail.log()[..., None]], -1)
+        sides.append(full - torch.logsumexp(full, -1, keepdim=True))
+    a, b = sides
+    p = a.exp()
+    return torch.where(p > 0, p * (a - b), 0.0).sum(-1).float()
