@@ -337,10 +337,9 @@ def write_cache(work: Path, cfg, specs, teacher: ReplayTeacher, shards: int, wri
     c, L = cfg.capture, cfg.data.seq_len
     rows = shards * c.rows_per_shard
     folder = Path(tempfile.mkdtemp(dir=work))
-    orders = None  # frequency codes: an order fitted on the synthetic top-1 ids (the rows' tokens, as it were)
-    if any(s.encoding == idcodes.ENCODING for s in specs):
-        orders = {"train": idcodes.fit_order([t.topk_ids[..., 0].ravel() for t in teacher.pool], VOCAB)}
-    writer = CacheWriter(folder, plan_of(cfg, specs, rows), specs, {"train": rows}, id_orders=orders)
+    # frequency codes: an order fitted on the synthetic top-1 ids (the rows' tokens, as it were)
+    writer = CacheWriter(folder, plan_of(cfg, specs, rows), specs, {"train": rows}, fit_order=lambda split:
+                         idcodes.fit_order([t.topk_ids[..., 0].ravel() for t in teacher.pool], VOCAB))
     writer.create_arrays()
     todo = [("train", i, a, b) for i, (a, b) in enumerate(shard_ranges(rows, c.rows_per_shard))]
     with (timed_pieces(writer) if pieces else nullcontext({})) as times:

@@ -28,7 +28,7 @@ from ..errors import CaptureError
 from ..format.layout import GROW_DIR, HEAD_FILE, MANIFEST, PLAN_FILE, ROWS_FILE, TOKENIZER_DIR, WORK_DIR, \
     shard_ranges, write_json
 from ..format.manifest import Manifest, migrate
-from ..format.idcodes import ENCODING, fit_order
+from ..format.idcodes import fit_order
 from ..format.reader import read_manifest
 from ..format.specs import FieldSpec
 from ..format.storage import Storage
@@ -159,9 +159,8 @@ def _lay_out(cfg: TeacherCacheConfig, st: Storage, plan: dict, base: Manifest | 
         write_json(st, PLAN_FILE, plan)
     split_rows = {s: len(r) for s, r in prepared.splits.items()}
     m = Manifest.from_dict(plan)
-    orders = {s: fit_order((b.real_tokens() for b in rows.iter_blocks()), m.teacher.vocab_size)
-              for s, rows in prepared.splits.items()} if any(f.encoding == ENCODING for f in specs) else None
-    writer = CacheWriter(st, m, specs, split_rows, base, id_orders=orders)
+    writer = CacheWriter(st, m, specs, split_rows, base, fit_order=lambda split: fit_order(
+        (b.real_tokens() for b in prepared.splits[split].iter_blocks()), m.teacher.vocab_size))
     for split, rows in prepared.splits.items():
         rel = f"{writer.parts[split]['path']}/{ROWS_FILE}"
         if not st.exists(rel):  # the prepared file, put in place at once

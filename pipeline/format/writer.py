@@ -13,6 +13,7 @@ import hashlib
 import json
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -74,7 +75,8 @@ class CacheWriter:
     """
 
     def __init__(self, root: Path | Storage, plan: Manifest, specs: list[FieldSpec], split_rows: dict[str, int],
-                 base: Manifest | None = None, layout: dict | None = None, id_orders: dict | None = None):
+                 base: Manifest | None = None, layout: dict | None = None,
+                 fit_order: Callable[[str], np.ndarray] | None = None):
         self.st = root if isinstance(root, Storage) else Storage(root)
         self.layout = layout  # how the ranks that wrote it were laid out, recorded with the timing (not the data)
         self.root = self.st.location
@@ -92,9 +94,9 @@ class CacheWriter:
                                  "shard_start": sum(p.shards for p in parts[:-1])}
         self._arrays: dict[tuple[str, str], object] = {}
         self._encoders: dict[tuple[str, str], ShardEncoder | None] = {}
-        # frequency codes (idcodes): each written part's id order, given to the writer that lays the cache out
-        # (fitted on the prepared rows) and read back from the cache by every writer; the code of each id
-        self.id_orders = id_orders or {}
+        # frequency codes (idcodes): the writer that lays the cache out fits a split's id order (`fit_order`, on the
+        # prepared rows) when the part has none yet; every writer reads it back from the cache: the code of each id
+        self.fit_order = fit_order
         self._codes: dict[str, np.ndarray] = {}
 
     # -- setup ------------------------------------------------------------------------------
@@ -119,12 +121,14 @@ class CacheWriter:
     def _id_codes(self, split: str, part: str, spec: FieldSpec) -> np.ndarray:
         """The code of each id in a part: its id order written (once, by the writer given it) and read back."""
         rel = idcodes.order_path(part, spec.name)
-        if not self.st.exists(rel):
-            if split not in self.id_orders:
+        vocab = None
+        if not self.st.exists(rel):  # fitted once: a resumed capture reads the order it wrote
+            if self.fit_order is None:
                 raise CacheError(f"{self.root}: {rel} is missing (the capture that laid the cache out writes it)")
-            self.st.write_bytes(rel, [idcodes.order_bytes(self.id_orders[split])])
-        vocab = len(self.id_orders[split]) if split in self.id_orders else self.plan.teacher.vocab_size
-        order = idcodes.read_order(self.st.read_bytes(rel), vocab, f"{self.root}/{rel}")
+            order = self.fit_order(split)
+            vocab = len(order)
+            self.st.write_bytes(rel, [idcodes.order_bytes(order)])
+        order = idcodes.read_order(self.st.read_bytes(rel), vocab or self.plan.teacher.vocab_size, f"{self.root}/{rel}")
         return idcodes.codes_of(order, np.dtype(spec.dtype))
 
     def _create(self, group, spec: FieldSpec, n: int):
