@@ -69,6 +69,9 @@ def test_a_damaged_order_is_named_by_verify(two_caches, tmp_path):
     order[[0, 1]] = order[[1, 0]]  # still every id once: only the checksum can tell
     (copy / rel).write_bytes(idcodes.order_bytes(order))
     assert any(f"{rel} checksum mismatch" in p for p in verify(copy))
+    (copy / rel).unlink()
+    with pytest.raises(CacheError, match="the id order of topk_ids is missing"):
+        Cache(copy).array("train", "topk_ids")
 
 
 def test_a_pull_of_the_ids_brings_the_order_and_one_without_them_does_not(two_caches, tmp_path):

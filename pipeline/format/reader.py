@@ -320,8 +320,11 @@ class Cache:
             return arr
         rel = idcodes.order_path(part, field)
         if rel not in self._orders:  # read once per part
-            self._orders[rel] = idcodes.read_order(self.local_file(rel).read_bytes(),
-                                                   self.manifest.teacher.vocab_size, f"{self.root}/{rel}")
+            path = self.local_file(rel)
+            if not path.is_file():
+                raise CacheError(f"{self.root}/{rel}: the id order of {field} is missing (run `distill verify`)")
+            self._orders[rel] = idcodes.read_order(path.read_bytes(), self.manifest.teacher.vocab_size,
+                                                   f"{self.root}/{rel}")
         return idcodes.CodedIds(arr, self._orders[rel])
 
     @property
